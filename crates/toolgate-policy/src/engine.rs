@@ -1,0 +1,684 @@
+//! The policy engine: one immutable snapshot of schema, policies and entities, indexed by
+//! action, that turns a tool call into a Cedar request and a fail-closed decision.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
+    PolicyId, PolicySet, Request, Schema,
+};
+use chrono::{DateTime, Timelike, Utc};
+use serde_json::{json, Map, Value};
+
+use crate::load::{error_chain, load_dir, LoadError, Loaded, PolicySource};
+use crate::schema_info::{AttrType, Record, SchemaInfo};
+
+pub const NAMESPACE: &str = "Toolgate";
+
+/// Who is calling, as authentication established it.
+#[derive(Debug, Clone)]
+pub struct Principal<'a> {
+    pub id: &'a str,
+    /// Claims that may fill the entity's schema-declared attributes.
+    pub claims: &'a Map<String, Value>,
+}
+
+/// What the call is on.
+#[derive(Debug, Clone)]
+pub enum Resource<'a> {
+    Tool { upstream: &'a str, tool: &'a str },
+    Task { id: &'a str },
+}
+
+/// Environment attributes of a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Env {
+    pub source_ip: IpAddr,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskContext {
+    pub id: String,
+    pub intent: String,
+}
+
+/// One authorization question, before it is typed by the schema.
+#[derive(Debug, Clone)]
+pub struct AuthzRequest<'a> {
+    pub agent: Principal<'a>,
+    pub user: Option<Principal<'a>>,
+    /// The action id: `"<upstream>/<tool>"`, `"list"`, `"start_task"`, ...
+    pub action: &'a str,
+    pub resource: Resource<'a>,
+    /// Raw arguments: strings from paths and queries, JSON from bodies; typed here.
+    pub args: Map<String, Value>,
+    pub env: Env,
+    pub task: Option<TaskContext>,
+}
+
+/// The verdict. `allowed` is true only when Cedar allowed and nothing erred.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The determining policies: permits on allow, forbids on an explicit deny.
+    pub policies: Vec<String>,
+    pub errors: Vec<String>,
+    /// `@grants` of the determining permit policies (empty on deny).
+    pub grants: Vec<String>,
+}
+
+impl Decision {
+    fn deny_with(error: String) -> Self {
+        Decision {
+            allowed: false,
+            policies: Vec::new(),
+            errors: vec![error],
+            grants: Vec::new(),
+        }
+    }
+}
+
+/// An immutable, validated policy snapshot.
+pub struct PolicyEngine {
+    schema: Schema,
+    info: SchemaInfo,
+    all: PolicySet,
+    by_action: HashMap<EntityUid, PolicySet>,
+    empty: PolicySet,
+    sources: HashMap<PolicyId, PolicySource>,
+    /// Static entities (entities.json + the schema's action entities), transitively closed.
+    entities: Entities,
+    /// entities.json by uid, to merge with claims per request.
+    entity_json: HashMap<EntityUid, Value>,
+    authorizer: Authorizer,
+}
+
+impl PolicyEngine {
+    /// Loads and strictly validates a policy directory.
+    pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        Self::from_loaded(load_dir(dir)?)
+    }
+
+    pub fn from_loaded(loaded: Loaded) -> Result<Self, LoadError> {
+        let Loaded {
+            schema,
+            schema_json,
+            policies,
+            sources,
+            entities_json,
+            entities_path,
+        } = loaded;
+        let entities_value = entities_json.unwrap_or_else(|| json!([]));
+        let entities = Entities::from_json_value(entities_value.clone(), Some(&schema)).map_err(|e| {
+            LoadError {
+                problems: vec![crate::Problem {
+                    file: entities_path.clone(),
+                    line: 1,
+                    message: error_chain(&e),
+                }],
+            }
+        })?;
+        let mut entity_json = HashMap::new();
+        for entry in entities_value.as_array().into_iter().flatten() {
+            if let Some(uid) = entry.get("uid").and_then(|u| EntityUid::from_json(u.clone()).ok()) {
+                entity_json.insert(uid, entry.clone());
+            }
+        }
+        let by_action = index_by_action(&schema, &entities, &policies);
+        Ok(PolicyEngine {
+            info: SchemaInfo::from_fragment_json(&schema_json),
+            schema,
+            all: policies,
+            by_action,
+            empty: PolicySet::new(),
+            sources,
+            entities,
+            entity_json,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.all.num_of_policies()
+    }
+
+    pub fn source(&self, policy_id: &str) -> Option<&PolicySource> {
+        self.sources.get(&PolicyId::new(policy_id))
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn schema_info(&self) -> &SchemaInfo {
+        &self.info
+    }
+
+    /// Whether the schema declares this action (e.g. `"billing/get_invoice"`).
+    pub fn has_action(&self, action: &str) -> bool {
+        self.info.actions.contains_key(action)
+    }
+
+    /// Decides with only the policies that can apply to the action.
+    pub fn authorize(&self, req: &AuthzRequest<'_>) -> Decision {
+        self.decide(req, true)
+    }
+
+    /// Decides with the whole policy set (for checking the index and for benchmarks).
+    pub fn authorize_unindexed(&self, req: &AuthzRequest<'_>) -> Decision {
+        self.decide(req, false)
+    }
+
+    fn decide(&self, req: &AuthzRequest<'_>, indexed: bool) -> Decision {
+        let (action, request, entities) = match self.build(req) {
+            Ok(built) => built,
+            Err(error) => return Decision::deny_with(error),
+        };
+        let policies = if indexed {
+            self.by_action.get(&action).unwrap_or(&self.empty)
+        } else {
+            &self.all
+        };
+        let response = self.authorizer.is_authorized(&request, policies, &entities);
+        let diagnostics = response.diagnostics();
+        // Cedar skips a policy that errs; an erring forbid would let the call through. Deny.
+        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        let mut determining: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        determining.sort();
+        let allowed = response.decision() == CedarDecision::Allow && errors.is_empty();
+        let grants = if allowed {
+            let mut grants: Vec<String> = determining
+                .iter()
+                .filter_map(|id| self.source(id))
+                .flat_map(|s| s.grants.iter().cloned())
+                .collect();
+            grants.sort();
+            grants.dedup();
+            grants
+        } else {
+            Vec::new()
+        };
+        Decision {
+            allowed,
+            policies: determining,
+            errors,
+            grants,
+        }
+    }
+
+    /// Builds the Cedar request and its small entity slice. Any error here denies.
+    fn build(&self, req: &AuthzRequest<'_>) -> Result<(EntityUid, Request, Entities), String> {
+        let action = uid("Action", req.action)?;
+        let ctx_type = self
+            .info
+            .actions
+            .get(req.action)
+            .ok_or_else(|| format!("action `{}` is not declared in the schema", req.action))?;
+
+        let mut slice: HashMap<EntityUid, Entity> = HashMap::new();
+        let principal = self.principal_entity("Agent", &req.agent, &mut slice)?;
+        let user = match &req.user {
+            Some(user) => Some(self.principal_entity("User", user, &mut slice)?),
+            None => None,
+        };
+        let resource = self.resource_entity(&req.resource, &mut slice)?;
+        self.add_with_ancestors(&action, &mut slice);
+
+        let raw = raw_context(req, user.as_ref());
+        let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
+        let context = Context::from_json_value(Value::Object(typed), Some((&self.schema, &action)))
+            .map_err(|e| format!("context: {}", error_chain(&e)))?;
+        let request = Request::new(principal, action.clone(), resource, context, Some(&self.schema))
+            .map_err(|e| format!("request: {}", error_chain(&e)))?;
+        let entities = Entities::from_entities(slice.into_values(), None)
+            .map_err(|e| format!("entities: {}", error_chain(&e)))?;
+        Ok((action, request, entities))
+    }
+
+    /// The Agent or User entity: entities.json data, with schema-declared attributes it does
+    /// not set filled from claims (the operator's data wins over the token's).
+    fn principal_entity(
+        &self,
+        kind: &str,
+        who: &Principal<'_>,
+        slice: &mut HashMap<EntityUid, Entity>,
+    ) -> Result<EntityUid, String> {
+        let id = uid(kind, who.id)?;
+        let type_name = format!("{NAMESPACE}::{kind}");
+        let mut entry = self
+            .entity_json
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| json!({"uid": {"type": type_name, "id": who.id}, "attrs": {}, "parents": []}));
+        if let Some(declared) = self.info.entity_attrs.get(&type_name) {
+            let attrs = entry
+                .as_object_mut()
+                .and_then(|e| e.entry("attrs").or_insert_with(|| json!({})).as_object_mut())
+                .ok_or_else(|| format!("{type_name} `{}`: attrs is not an object", who.id))?;
+            for (name, (ty, _)) in declared {
+                if attrs.contains_key(name) {
+                    continue;
+                }
+                if let Some(claim) = who.claims.get(name) {
+                    let value = coerce(claim, ty, &format!("claim `{name}`"))?;
+                    attrs.insert(name.clone(), value);
+                }
+            }
+        }
+        let entity = Entity::from_json_value(entry, Some(&self.schema))
+            .map_err(|e| format!("{type_name} `{}`: {}", who.id, error_chain(&e)))?;
+        self.insert_with_parents(entity, slice);
+        Ok(id)
+    }
+
+    fn resource_entity(
+        &self,
+        resource: &Resource<'_>,
+        slice: &mut HashMap<EntityUid, Entity>,
+    ) -> Result<EntityUid, String> {
+        match resource {
+            Resource::Tool { upstream, tool } => {
+                let upstream_uid = uid("Upstream", upstream)?;
+                let tool_uid = uid("Tool", &format!("{upstream}/{tool}"))?;
+                let entity = match self.entities.get(&tool_uid) {
+                    Some(known) => known.clone(),
+                    None => Entity::new_no_attrs(tool_uid.clone(), HashSet::from([upstream_uid.clone()])),
+                };
+                self.insert_with_parents(entity, slice);
+                if !slice.contains_key(&upstream_uid) {
+                    slice.insert(
+                        upstream_uid.clone(),
+                        Entity::new_no_attrs(upstream_uid, HashSet::new()),
+                    );
+                }
+                Ok(tool_uid)
+            }
+            Resource::Task { id } => {
+                let task_uid = uid("Task", id)?;
+                slice.insert(task_uid.clone(), Entity::new_no_attrs(task_uid.clone(), HashSet::new()));
+                Ok(task_uid)
+            }
+        }
+    }
+
+    fn insert_with_parents(&self, entity: Entity, slice: &mut HashMap<EntityUid, Entity>) {
+        let uid = entity.uid();
+        let (_, _, parents) = entity.clone().into_inner();
+        slice.insert(uid, entity);
+        for parent in parents {
+            self.add_with_ancestors(&parent, slice);
+        }
+    }
+
+    /// Adds a static entity and everything above it (all known already closed transitively).
+    fn add_with_ancestors(&self, uid: &EntityUid, slice: &mut HashMap<EntityUid, Entity>) {
+        let ancestors: Vec<EntityUid> = self
+            .entities
+            .ancestors(uid)
+            .map(|a| a.cloned().collect())
+            .unwrap_or_default();
+        for id in std::iter::once(uid.clone()).chain(ancestors) {
+            if slice.contains_key(&id) {
+                continue;
+            }
+            let entity = match self.entities.get(&id) {
+                Some(e) => e.clone(),
+                None => Entity::new_no_attrs(id.clone(), HashSet::new()),
+            };
+            slice.insert(id, entity);
+        }
+    }
+}
+
+/// `Toolgate::<kind>::"<id>"`, with the id escaped as a Cedar string.
+pub fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
+    let quoted = serde_json::to_string(id).map_err(|e| e.to_string())?;
+    EntityUid::from_str(&format!("{NAMESPACE}::{kind}::{quoted}"))
+        .map_err(|e| format!("invalid {kind} id {quoted}: {e}"))
+}
+
+/// The whole context before typing; the action's declared context decides what is kept.
+fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, Value> {
+    let source_ip = match req.env.source_ip {
+        // Cedar's ip() rejects IPv4-mapped IPv6, which dual-stack listeners report.
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let mut ctx = Map::new();
+    if let Some(user) = user {
+        ctx.insert("user".into(), json!({"__entity": {"type": format!("{NAMESPACE}::User"), "id": user.id().unescaped()}}));
+    }
+    ctx.insert("args".into(), Value::Object(req.args.clone()));
+    ctx.insert(
+        "env".into(),
+        json!({
+            "source_ip": source_ip.to_string(),
+            "hour": req.env.time.hour(),
+            "time": req.env.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        }),
+    );
+    if let Some(task) = &req.task {
+        ctx.insert("task".into(), json!({"id": task.id, "intent": task.intent}));
+    }
+    ctx
+}
+
+/// Keeps the declared attributes of `raw`, each coerced to its declared type. Undeclared
+/// attributes are dropped (no policy can name them); a missing required one is left for
+/// Cedar to report, which denies.
+pub fn coerce_record(raw: &Map<String, Value>, declared: &Record, at: &str) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for (name, (ty, _required)) in declared {
+        if let Some(value) = raw.get(name) {
+            out.insert(name.clone(), coerce(value, ty, &format!("{at}.{name}"))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Turns a JSON value (often a string from a path or query) into the declared type.
+pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<Value, String> {
+    let mismatch = |want: &str| format!("{at}: expected {want}, got {value}");
+    match (ty, value) {
+        (AttrType::Long, Value::Number(n)) if n.is_i64() => Ok(value.clone()),
+        (AttrType::Long, Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map(Value::from)
+            .map_err(|_| mismatch("Long")),
+        (AttrType::Long, _) => Err(mismatch("Long")),
+        (AttrType::Bool, Value::Bool(_)) => Ok(value.clone()),
+        (AttrType::Bool, Value::String(s)) => match s.as_str() {
+            "true" => Ok(Value::Bool(true)),
+            "false" => Ok(Value::Bool(false)),
+            _ => Err(mismatch("Bool")),
+        },
+        (AttrType::Bool, _) => Err(mismatch("Bool")),
+        (AttrType::String, Value::String(_)) => Ok(value.clone()),
+        (AttrType::String, _) => Err(mismatch("String")),
+        (AttrType::Set(element), Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| coerce(item, element, &format!("{at}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        // One query value where a set is declared: a set of one.
+        (AttrType::Set(element), single) => Ok(Value::Array(vec![coerce(single, element, at)?])),
+        (AttrType::Record(declared), Value::Object(raw)) => coerce_record(raw, declared, at).map(Value::Object),
+        (AttrType::Record(_), _) => Err(mismatch("Record")),
+        (AttrType::Entity(type_name), Value::String(id)) => {
+            Ok(json!({"__entity": {"type": type_name, "id": id}}))
+        }
+        (AttrType::Entity(_), Value::Object(_)) => Ok(value.clone()),
+        (AttrType::Entity(type_name), _) => Err(mismatch(type_name)),
+        // Cedar's schema-based parsing turns strings into ipaddr, decimal, datetime, duration.
+        (AttrType::Extension(_), Value::String(_) | Value::Object(_)) => Ok(value.clone()),
+        (AttrType::Extension(name), _) => Err(mismatch(name)),
+    }
+}
+
+/// For each action in the schema, the policies whose action scope can match it.
+fn index_by_action(schema: &Schema, entities: &Entities, policies: &PolicySet) -> HashMap<EntityUid, PolicySet> {
+    let actions: Vec<EntityUid> = schema.actions().cloned().collect();
+    let ancestors: HashMap<&EntityUid, HashSet<EntityUid>> = actions
+        .iter()
+        .map(|a| {
+            let up = entities.ancestors(a).map(|it| it.cloned().collect()).unwrap_or_default();
+            (a, up)
+        })
+        .collect();
+    let mut index: HashMap<EntityUid, PolicySet> =
+        actions.iter().map(|a| (a.clone(), PolicySet::new())).collect();
+    for policy in policies.policies() {
+        let targets: Vec<&EntityUid> = match policy.action_constraint() {
+            ActionConstraint::Any => actions.iter().collect(),
+            ActionConstraint::Eq(a) => actions.iter().filter(|action| **action == a).collect(),
+            ActionConstraint::In(groups) => actions
+                .iter()
+                .filter(|action| {
+                    groups
+                        .iter()
+                        .any(|g| g == *action || ancestors.get(action).is_some_and(|up| up.contains(g)))
+                })
+                .collect(),
+        };
+        for action in targets {
+            if let Some(set) = index.get_mut(action) {
+                // Ids are unique in `policies`, so adding cannot clash.
+                let _ = set.add(policy.clone());
+            }
+        }
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn example() -> PolicyEngine {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        PolicyEngine::load(&dir).unwrap_or_else(|e| panic!("example policies load: {e}"))
+    }
+
+    fn env() -> Env {
+        Env {
+            source_ip: "::ffff:127.0.0.1".parse().unwrap(),
+            time: "2026-11-23T10:15:00Z".parse().unwrap(),
+        }
+    }
+
+    fn call<'a>(
+        agent: &'a Map<String, Value>,
+        user: Option<&'a Map<String, Value>>,
+        action: &'a str,
+        args: Value,
+    ) -> AuthzRequest<'a> {
+        let (upstream, tool) = action.split_once('/').unwrap();
+        AuthzRequest {
+            agent: Principal { id: "assistant", claims: agent },
+            user: user.map(|claims| Principal { id: "alice", claims }),
+            action,
+            resource: Resource::Tool { upstream, tool },
+            args: args.as_object().cloned().unwrap_or_default(),
+            env: env(),
+            task: None,
+        }
+    }
+
+    fn claims(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn path_parameter_declared_long_arrives_as_long() {
+        let engine = example();
+        let (agent, user) = (claims(json!({})), claims(json!({})));
+        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": "42"})));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policies, vec!["billing-read"]);
+        assert_eq!(d.grants, vec!["invoices:read"]);
+
+        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": "4x"})));
+        assert!(!d.allowed);
+        assert!(d.errors[0].contains("expected Long"), "{d:?}");
+    }
+
+    #[test]
+    fn permit_needs_a_delegating_user() {
+        let engine = example();
+        let agent = claims(json!({}));
+        let d = engine.authorize(&call(&agent, None, "billing/get_invoice", json!({"invoice_id": 7})));
+        assert!(!d.allowed);
+        assert!(d.policies.is_empty() && d.errors.is_empty(), "plain default deny: {d:?}");
+    }
+
+    #[test]
+    fn forbid_overrides_permit() {
+        let engine = example();
+        let (agent, user) = (claims(json!({})), claims(json!({})));
+        let small = engine.authorize(&call(&agent, Some(&user), "billing/refund", json!({"invoice_id": 1, "amount": 20})));
+        assert!(small.allowed, "{small:?}");
+        let large = engine.authorize(&call(&agent, Some(&user), "billing/refund", json!({"invoice_id": 1, "amount": 900})));
+        assert!(!large.allowed);
+        assert_eq!(large.policies, vec!["refund-limit"]);
+    }
+
+    #[test]
+    fn user_attribute_comes_from_claims() {
+        let engine = example();
+        let agent = claims(json!({}));
+        let user = claims(json!({"patient_id": "p-100", "unrelated": [1, 2]}));
+        let own = engine.authorize(&call(&agent, Some(&user), "records/get_patient_record", json!({"patient_id": "p-100"})));
+        assert!(own.allowed, "{own:?}");
+        let other = engine.authorize(&call(&agent, Some(&user), "records/get_patient_record", json!({"patient_id": "p-200"})));
+        assert!(!other.allowed);
+        let mistyped = claims(json!({"patient_id": 100}));
+        let d = engine.authorize(&call(&agent, Some(&mistyped), "records/get_patient_record", json!({"patient_id": "100"})));
+        assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn unknown_action_and_unknown_agent_deny() {
+        let engine = example();
+        let (agent, user) = (claims(json!({})), claims(json!({})));
+        let d = engine.authorize(&call(&agent, Some(&user), "billing/nope", json!({})));
+        assert!(!d.allowed && d.errors[0].contains("not declared"), "{d:?}");
+
+        let mut req = call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": 1}));
+        req.agent.id = "stranger";
+        assert!(!engine.authorize(&req).allowed);
+    }
+
+    #[test]
+    fn undeclared_args_are_dropped_and_missing_required_ones_deny() {
+        let engine = example();
+        let (agent, user) = (claims(json!({})), claims(json!({})));
+        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": 3, "debug": "x"})));
+        assert!(d.allowed, "{d:?}");
+        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({})));
+        assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn indexed_and_whole_set_agree_on_examples() {
+        let engine = example();
+        let (agent, user) = (claims(json!({})), claims(json!({"patient_id": "p-1"})));
+        for (action, args) in [
+            ("billing/get_invoice", json!({"invoice_id": 1})),
+            ("billing/list_invoices", json!({"limit": "5"})),
+            ("billing/refund", json!({"invoice_id": 1, "amount": 501})),
+            ("records/get_patient_record", json!({"patient_id": "p-1"})),
+            ("records/delete_patient_record", json!({"patient_id": "p-1"})),
+        ] {
+            for u in [None, Some(&user)] {
+                let req = call(&agent, u, action, args.clone());
+                assert_eq!(engine.authorize(&req), engine.authorize_unindexed(&req), "{action}");
+            }
+        }
+    }
+
+    #[test]
+    fn policy_sources_have_file_and_line() {
+        let engine = example();
+        let src = engine.source("refund-limit").unwrap();
+        assert!(src.file.ends_with("billing.cedar"));
+        let text = std::fs::read_to_string(&src.file).unwrap();
+        assert!(text.lines().nth(src.line - 1).unwrap().contains("@id(\"refund-limit\")"));
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    /// A copy of the example policies plus `extra` files, in a fresh directory.
+    fn dir_with(extra: &[(&str, &str)]) -> tempdir::Dir {
+        let dir = tempdir::Dir::new();
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
+        }
+        for (name, text) in extra {
+            std::fs::write(dir.0.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let path = std::env::temp_dir().join(format!("toolgate-policy-{}", uuid()));
+                std::fs::create_dir_all(&path).unwrap();
+                Dir(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        fn uuid() -> String {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+
+    #[test]
+    fn invalid_policy_is_reported_with_file_and_line() {
+        let dir = dir_with(&[(
+            "bad.cedar",
+            "permit(principal, action, resource);\n\npermit(principal, action == Toolgate::Action::\"billing/refund\", resource)\nwhen { context.args.amout > 1 };\n",
+        )]);
+        let err = PolicyEngine::load(&dir.0).err().expect("must be rejected");
+        let text = err.to_string();
+        assert!(err.problems.iter().all(|p| p.file.ends_with("bad.cedar")), "{text}");
+        assert!(text.contains("bad.cedar:4:"), "{text}");
+        assert!(text.contains("bad.1"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_and_duplicate_ids_are_reported() {
+        let dir = dir_with(&[
+            ("syntax.cedar", "permit(principal, action, resource);\nforbid(principal,, resource);\n"),
+            ("dup.cedar", "@id(\"refund-limit\")\npermit(principal, action == Toolgate::Action::\"list\", resource);\n"),
+        ]);
+        let err = PolicyEngine::load(&dir.0).err().expect("must be rejected");
+        let text = err.to_string();
+        assert!(text.contains("syntax.cedar:2:"), "{text}");
+        assert!(text.contains("duplicate policy id `refund-limit`"), "{text}");
+    }
+
+    #[test]
+    fn erroring_forbid_denies() {
+        // Passes strict validation; overflows (an evaluation error) for any positive amount.
+        let dir = dir_with(&[(
+            "overflow.cedar",
+            "@id(\"overflowing-forbid\")\nforbid(principal, action == Toolgate::Action::\"billing/refund\", resource)\nwhen { context.args.amount + 9223372036854775807 < 0 };\n",
+        )]);
+        let engine = PolicyEngine::load(&dir.0).unwrap();
+        let empty = Map::new();
+        let req = AuthzRequest {
+            agent: Principal { id: "assistant", claims: &empty },
+            user: Some(Principal { id: "alice", claims: &empty }),
+            action: "billing/refund",
+            resource: Resource::Tool { upstream: "billing", tool: "refund" },
+            args: json!({"invoice_id": 1, "amount": 10}).as_object().unwrap().clone(),
+            env: Env { source_ip: "127.0.0.1".parse().unwrap(), time: Utc::now() },
+            task: None,
+        };
+        let d = engine.authorize(&req);
+        assert!(!d.allowed, "an erroring forbid must deny: {d:?}");
+        assert!(d.errors.iter().any(|e| e.contains("overflowing-forbid")), "{d:?}");
+        // Cedar alone would have allowed: the permit holds and the forbid was skipped.
+        assert_eq!(d.policies, vec!["billing-refund"]);
+    }
+}

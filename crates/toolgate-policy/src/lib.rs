@@ -1,0 +1,14 @@
+//! Cedar for toolgate: load a policy directory, validate it strictly, index policies by
+//! action, and evaluate tool calls fail-closed (any error denies). No I/O beyond reading files.
+#![forbid(unsafe_code)]
+
+mod engine;
+mod load;
+mod schema_info;
+
+pub use engine::{
+    coerce, coerce_record, uid, AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
+    NAMESPACE,
+};
+pub use load::{load_dir, parse_policy_file, parse_schema, LoadError, Loaded, PolicySource, Problem};
+pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};

@@ -1,0 +1,150 @@
+//! What toolgate needs to know of the schema beyond what `cedar_policy::Schema` exposes:
+//! the declared attribute types of entities and of each action's `context.args`, so that
+//! claims and untyped request values (path and query strings) can be typed before Cedar sees them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+/// A declared Cedar type, as far as toolgate needs to coerce values into it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrType {
+    Long,
+    Bool,
+    String,
+    Set(Box<AttrType>),
+    Record(Record),
+    Entity(String),
+    Extension(String),
+}
+
+/// A record type: attribute name → (type, required).
+pub type Record = BTreeMap<String, (AttrType, bool)>;
+
+/// The context of one action: which top-level keys it declares, and the `args` record.
+#[derive(Debug, Clone, Default)]
+pub struct ActionContext {
+    pub keys: Record,
+    pub args: Record,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SchemaInfo {
+    /// Fully qualified entity type name → declared attributes.
+    pub entity_attrs: HashMap<String, Record>,
+    /// Action id (the `id` part of `NS::Action::"id"`) → its context.
+    pub actions: HashMap<String, ActionContext>,
+}
+
+const EXTENSIONS: [&str; 4] = ["ipaddr", "decimal", "datetime", "duration"];
+
+impl SchemaInfo {
+    /// Reads the JSON form of a schema fragment (as `SchemaFragment::to_json_value` gives it).
+    pub fn from_fragment_json(fragment: &Value) -> Self {
+        let mut info = SchemaInfo::default();
+        let Some(namespaces) = fragment.as_object() else {
+            return info;
+        };
+        for (ns, body) in namespaces {
+            let resolver = Resolver {
+                ns,
+                common: body.get("commonTypes").and_then(Value::as_object),
+            };
+            if let Some(types) = body.get("entityTypes").and_then(Value::as_object) {
+                for (name, def) in types {
+                    let attrs = def
+                        .get("shape")
+                        .map(|shape| resolver.record(shape))
+                        .unwrap_or_default();
+                    info.entity_attrs.insert(qualify(ns, name), attrs);
+                }
+            }
+            if let Some(actions) = body.get("actions").and_then(Value::as_object) {
+                for (name, def) in actions {
+                    let keys = def
+                        .pointer("/appliesTo/context")
+                        .map(|ctx| resolver.record(ctx))
+                        .unwrap_or_default();
+                    let args = match keys.get("args") {
+                        Some((AttrType::Record(args), _)) => args.clone(),
+                        _ => Record::new(),
+                    };
+                    info.actions
+                        .insert(name.clone(), ActionContext { keys, args });
+                }
+            }
+        }
+        info
+    }
+}
+
+fn qualify(ns: &str, name: &str) -> String {
+    if ns.is_empty() || name.contains("::") {
+        name.to_string()
+    } else {
+        format!("{ns}::{name}")
+    }
+}
+
+struct Resolver<'a> {
+    ns: &'a str,
+    common: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl Resolver<'_> {
+    /// The attributes of a record type (or of a common type naming one); empty otherwise.
+    fn record(&self, ty: &Value) -> Record {
+        match self.resolve(ty, 0) {
+            Some(AttrType::Record(r)) => r,
+            _ => Record::new(),
+        }
+    }
+
+    fn resolve(&self, ty: &Value, depth: usize) -> Option<AttrType> {
+        // Common types may refer to each other; a cycle is a schema error Cedar reports anyway.
+        if depth > 32 {
+            return None;
+        }
+        let kind = ty.get("type")?.as_str()?;
+        Some(match kind {
+            "Long" => AttrType::Long,
+            "String" => AttrType::String,
+            "Boolean" | "Bool" => AttrType::Bool,
+            "Set" => AttrType::Set(Box::new(self.resolve(ty.get("element")?, depth + 1)?)),
+            "Record" => {
+                let mut record = Record::new();
+                if let Some(attrs) = ty.get("attributes").and_then(Value::as_object) {
+                    for (name, attr) in attrs {
+                        let required = attr.get("required").and_then(Value::as_bool).unwrap_or(true);
+                        if let Some(t) = self.resolve(attr, depth + 1) {
+                            record.insert(name.clone(), (t, required));
+                        }
+                    }
+                }
+                AttrType::Record(record)
+            }
+            "Entity" => AttrType::Entity(qualify(self.ns, ty.get("name")?.as_str()?)),
+            "Extension" => AttrType::Extension(ty.get("name")?.as_str()?.to_string()),
+            "EntityOrCommon" => self.named(ty.get("name")?.as_str()?, depth)?,
+            other => self.named(other, depth)?,
+        })
+    }
+
+    /// A bare type name: a common type, a primitive, an extension, or else an entity type.
+    fn named(&self, name: &str, depth: usize) -> Option<AttrType> {
+        let local = name
+            .strip_prefix(self.ns)
+            .and_then(|rest| rest.strip_prefix("::"))
+            .unwrap_or(name);
+        if let Some(def) = self.common.and_then(|c| c.get(local)) {
+            return self.resolve(def, depth + 1);
+        }
+        Some(match local {
+            "Long" => AttrType::Long,
+            "String" => AttrType::String,
+            "Bool" | "Boolean" => AttrType::Bool,
+            ext if EXTENSIONS.contains(&ext) => AttrType::Extension(ext.to_string()),
+            _ => AttrType::Entity(qualify(self.ns, name)),
+        })
+    }
+}
