@@ -1,1 +1,241 @@
+//! Outbound credentials: one narrow ES256 token per forwarded call, and the JWKS that lets
+//! upstreams verify them.
 #![forbid(unsafe_code)]
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("signing key: {0}")]
+    Key(String),
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// A P-256 private key with its public JWK; `kid` is the RFC 7638 thumbprint.
+#[derive(Clone)]
+pub struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    public_jwk: Value,
+}
+
+impl SigningKey {
+    /// From a PKCS#8 PEM ("BEGIN PRIVATE KEY") P-256 key.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, CredentialError> {
+        let secret = p256::SecretKey::from_pkcs8_pem(pem)
+            .map_err(|e| CredentialError::Key(format!("not a PKCS#8 P-256 private key: {e}")))?;
+        Self::from_secret(&secret)
+    }
+
+    /// A fresh random key, with its PKCS#8 PEM (for the demo and tests).
+    pub fn generate() -> Result<(Self, String), CredentialError> {
+        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+        let pem = secret
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        Ok((Self::from_secret(&secret)?, pem.to_string()))
+    }
+
+    fn from_secret(secret: &p256::SecretKey) -> Result<Self, CredentialError> {
+        let der = secret.to_pkcs8_der().map_err(|e| CredentialError::Key(e.to_string()))?;
+        let point = p256::EncodedPoint::from(secret.public_key());
+        let (x, y) = match (point.x(), point.y()) {
+            (Some(x), Some(y)) => (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y)),
+            _ => return Err(CredentialError::Key("public key has no coordinates".into())),
+        };
+        // RFC 7638: the required members in lexicographic order, no whitespace.
+        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
+        let public_jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"});
+        Ok(SigningKey {
+            kid,
+            encoding: EncodingKey::from_ec_der(der.as_bytes()),
+            public_jwk,
+        })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn public_jwk(&self) -> &Value {
+        &self.public_jwk
+    }
+
+    /// Signs any claims as an ES256 JWT with this key's `kid` and the given `typ`.
+    pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, CredentialError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.to_string());
+        encode(&header, claims, &self.encoding).map_err(|e| CredentialError::Sign(e.to_string()))
+    }
+}
+
+/// What one minted credential is for.
+#[derive(Debug, Clone)]
+pub struct Grant<'a> {
+    /// The delegating user, if any; else the agent is the subject.
+    pub user: Option<&'a str>,
+    pub agent: &'a str,
+    pub audience: &'a str,
+    /// The tool action first, then any `@grants` of the determining permits.
+    pub scope: Vec<String>,
+    pub decision_id: &'a str,
+    pub task_id: Option<&'a str>,
+    /// An absolute upper bound on `exp` (e.g. a task's deadline).
+    pub not_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+    pub aud: String,
+    pub scope: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    pub decision_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Actor {
+    pub sub: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Minted {
+    pub token: String,
+    pub claims: Claims,
+}
+
+/// Mints per-call credentials.
+pub struct Minter {
+    key: SigningKey,
+    issuer: String,
+    ttl_seconds: u64,
+}
+
+impl Minter {
+    pub fn new(key: SigningKey, issuer: impl Into<String>, ttl_seconds: u64) -> Self {
+        Minter {
+            key,
+            issuer: issuer.into(),
+            ttl_seconds,
+        }
+    }
+
+    pub fn ttl_seconds(&self) -> u64 {
+        self.ttl_seconds
+    }
+
+    /// A token for exactly this call: `typ: at+jwt`, unique `jti`, `exp` within ttl and `not_after`.
+    pub fn mint(&self, grant: &Grant<'_>, now: u64) -> Result<Minted, CredentialError> {
+        let mut exp = now + self.ttl_seconds;
+        if let Some(limit) = grant.not_after {
+            exp = exp.min(limit);
+        }
+        let mut scope: Vec<&str> = Vec::with_capacity(grant.scope.len());
+        for s in &grant.scope {
+            if !scope.contains(&s.as_str()) {
+                scope.push(s);
+            }
+        }
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: grant.user.unwrap_or(grant.agent).to_string(),
+            act: grant.user.map(|_| Actor { sub: grant.agent.to_string() }),
+            aud: grant.audience.to_string(),
+            scope: scope.join(" "),
+            iat: now,
+            nbf: now,
+            exp,
+            jti: uuid::Uuid::new_v4().to_string(),
+            task_id: grant.task_id.map(String::from),
+            decision_id: grant.decision_id.to_string(),
+        };
+        let token = self.key.sign("at+jwt", &claims)?;
+        Ok(Minted { token, claims })
+    }
+
+    /// The JWKS document upstreams use to verify minted tokens.
+    pub fn jwks(&self) -> Value {
+        json!({"keys": [self.key.public_jwk()]})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+
+    #[test]
+    fn minted_token_verifies_against_the_published_jwks() {
+        let (key, pem) = SigningKey::generate().unwrap();
+        assert_eq!(SigningKey::from_pkcs8_pem(&pem).unwrap().kid(), key.kid());
+        let minter = Minter::new(key, "https://toolgate.test", 60);
+        let grant = Grant {
+            user: Some("alice"),
+            agent: "assistant",
+            audience: "https://billing.internal",
+            scope: vec!["billing/get_invoice".into(), "invoices:read".into(), "billing/get_invoice".into()],
+            decision_id: "d-1",
+            task_id: Some("t-1"),
+            not_after: Some(1_000_030),
+        };
+        let minted = minter.mint(&grant, 1_000_000).unwrap();
+
+        let header = decode_header(&minted.token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        let jwks: JwkSet = serde_json::from_value(minter.jwks()).unwrap();
+        let jwk = jwks.find(header.kid.as_deref().unwrap()).unwrap();
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_audience(&["https://billing.internal"]);
+        validation.validate_exp = false;
+        let claims = decode::<Claims>(&minted.token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+            .unwrap()
+            .claims;
+        assert_eq!(claims, minted.claims);
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.act, Some(Actor { sub: "assistant".into() }));
+        assert_eq!(claims.scope, "billing/get_invoice invoices:read");
+        assert_eq!(claims.exp, 1_000_030, "exp is capped by not_after");
+        assert_eq!(claims.task_id.as_deref(), Some("t-1"));
+    }
+
+    #[test]
+    fn every_mint_has_a_fresh_jti_and_agent_is_subject_without_user() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let minter = Minter::new(key, "iss", 60);
+        let grant = Grant {
+            user: None,
+            agent: "bot",
+            audience: "aud",
+            scope: vec!["a/b".into()],
+            decision_id: "d",
+            task_id: None,
+            not_after: None,
+        };
+        let a = minter.mint(&grant, 10).unwrap().claims;
+        let b = minter.mint(&grant, 10).unwrap().claims;
+        assert_ne!(a.jti, b.jti);
+        assert_eq!((a.sub.as_str(), a.act.as_ref(), a.exp), ("bot", None, 70));
+    }
+
+    #[test]
+    fn a_non_p256_key_is_refused() {
+        assert!(SigningKey::from_pkcs8_pem("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n").is_err());
+    }
+}

@@ -1,1 +1,361 @@
+//! Inbound authentication: verify an agent's JWT against its issuer's JWKS and say who is
+//! calling: the agent, and the user it acts for (RFC 8693 `act`).
 #![forbid(unsafe_code)]
+
+mod fetch;
+mod keys;
+
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use dashmap::DashMap;
+use jsonwebtoken::{decode, decode_header, Validation};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+pub use keys::{KeySet, VerifyingKey};
+
+/// Allowed clock skew for `exp` and `nbf`.
+pub const LEEWAY_SECONDS: u64 = 30;
+/// An unknown `kid` triggers at most one JWKS refetch per issuer in this interval.
+pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+const CACHE_CAPACITY: usize = 65_536;
+
+/// Where an issuer's verification keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    File(PathBuf),
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub keys: KeySource,
+}
+
+/// Who is calling, as a verified token says.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `act.sub` when delegated, else `sub`.
+    pub agent: String,
+    /// `sub` when delegated.
+    pub user: Option<String>,
+    pub issuer: String,
+    pub claims: Arc<Map<String, Value>>,
+    pub exp: u64,
+}
+
+static NO_CLAIMS: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
+
+impl Caller {
+    /// The claims that describe the agent: the `act` object when delegated, else the token's.
+    pub fn agent_claims(&self) -> &Map<String, Value> {
+        match self.user {
+            Some(_) => self.claims.get("act").and_then(Value::as_object).unwrap_or(&NO_CLAIMS),
+            None => &self.claims,
+        }
+    }
+
+    /// The claims that describe the delegating user: the token's own.
+    pub fn user_claims(&self) -> Option<&Map<String, Value>> {
+        self.user.as_ref().map(|_| &*self.claims)
+    }
+}
+
+/// Why a token was refused. Every variant means 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token issuer is not trusted")]
+    UnknownIssuer,
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    #[error("token algorithm does not match its key")]
+    AlgorithmMismatch,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not yet valid")]
+    NotYetValid,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token claims are invalid: {0}")]
+    InvalidClaims(String),
+}
+
+struct Issuer {
+    config: IssuerConfig,
+    keys: ArcSwap<KeySet>,
+    /// When keys were last (re)fetched; held while fetching so concurrent misses wait for one fetch.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// Verifies inbound tokens. Cheap to share behind an `Arc`.
+pub struct Authenticator {
+    issuers: Vec<Issuer>,
+    cache: DashMap<[u8; 32], Caller>,
+    fetcher: fetch::Fetcher,
+}
+
+impl Authenticator {
+    /// Loads every issuer's keys. A URL that cannot be fetched now is retried on first use;
+    /// a key file that cannot be read is an error.
+    pub async fn new(configs: Vec<IssuerConfig>) -> Result<Self, String> {
+        let fetcher = fetch::Fetcher::new();
+        let mut issuers = Vec::with_capacity(configs.len());
+        for config in configs {
+            let keys = match load_keys(&fetcher, &config.keys).await {
+                Ok(keys) => keys,
+                Err(e) => match config.keys {
+                    KeySource::File(_) => return Err(format!("issuer {}: {e}", config.issuer)),
+                    KeySource::Url(_) => {
+                        tracing::warn!(issuer = %config.issuer, error = %e, "JWKS not available yet; will retry");
+                        KeySet::default()
+                    }
+                },
+            };
+            issuers.push(Issuer {
+                config,
+                keys: ArcSwap::from_pointee(keys),
+                last_fetch: tokio::sync::Mutex::new(Some(Instant::now())),
+            });
+        }
+        Ok(Authenticator {
+            issuers,
+            cache: DashMap::new(),
+            fetcher,
+        })
+    }
+
+    /// Re-reads every issuer's keys (files and URLs); keeps the old set where a read fails.
+    pub async fn reload_keys(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for issuer in &self.issuers {
+            match load_keys(&self.fetcher, &issuer.config.keys).await {
+                Ok(keys) => issuer.keys.store(Arc::new(keys)),
+                Err(e) => errors.push(format!("issuer {}: {e}", issuer.config.issuer)),
+            }
+        }
+        self.cache.clear();
+        errors
+    }
+
+    /// Authenticates an `Authorization` header value.
+    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Caller, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let (scheme, token) = header.split_once(' ').ok_or(AuthError::Missing)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Missing);
+        }
+        self.authenticate(token.trim()).await
+    }
+
+    /// Verifies a token, or answers from the cache of tokens verified before.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        if let Some(hit) = self.cache.get(&digest) {
+            if hit.exp > now {
+                return Ok(hit.clone());
+            }
+        }
+        let caller = self.verify(token, now).await?;
+        if self.cache.len() >= CACHE_CAPACITY {
+            self.cache.retain(|_, c| c.exp > now);
+            if self.cache.len() >= CACHE_CAPACITY {
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(digest, caller.clone());
+        Ok(caller)
+    }
+
+    async fn verify(&self, token: &str, now: u64) -> Result<Caller, AuthError> {
+        let header = decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let issuer = self.issuer_of(token)?;
+        let key = match issuer.keys.load().find(header.kid.as_deref()).cloned() {
+            Some(key) => key,
+            None => self.refetch(issuer, header.kid.as_deref()).await?,
+        };
+        if header.alg != key.alg {
+            return Err(AuthError::AlgorithmMismatch);
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&issuer.config.issuer]);
+        validation.set_audience(&issuer.config.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = decode::<Map<String, Value>>(token, &key.key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => AuthError::Expired,
+                K::ImmatureSignature => AuthError::NotYetValid,
+                K::InvalidAudience => AuthError::WrongAudience,
+                K::InvalidIssuer => AuthError::UnknownIssuer,
+                K::InvalidSignature => AuthError::BadSignature,
+                K::InvalidAlgorithm => AuthError::AlgorithmMismatch,
+                K::MissingRequiredClaim(c) => AuthError::InvalidClaims(format!("missing `{c}`")),
+                _ => AuthError::Malformed(e.to_string()),
+            }
+        })?;
+        caller_from_claims(data.claims, &issuer.config.issuer, now)
+    }
+
+    /// Picks the issuer by the token's (not yet verified) `iss`; verification then binds it.
+    fn issuer_of(&self, token: &str) -> Result<&Issuer, AuthError> {
+        let payload = token.split('.').nth(1).ok_or_else(|| AuthError::Malformed("not a JWT".into()))?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| AuthError::Malformed("payload is not base64url".into()))?;
+        let claims: Value =
+            serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed("payload is not JSON".into()))?;
+        let iss = claims.get("iss").and_then(Value::as_str).ok_or(AuthError::UnknownIssuer)?;
+        self.issuers
+            .iter()
+            .find(|i| i.config.issuer == iss)
+            .ok_or(AuthError::UnknownIssuer)
+    }
+
+    /// Unknown `kid`: refetch a URL-sourced JWKS, at most once per `REFETCH_INTERVAL`.
+    async fn refetch(&self, issuer: &Issuer, kid: Option<&str>) -> Result<VerifyingKey, AuthError> {
+        let KeySource::Url(_) = issuer.config.keys else {
+            return Err(AuthError::UnknownKey);
+        };
+        let mut last = issuer.last_fetch.lock().await;
+        // Someone may have fetched while we waited for the lock.
+        if let Some(key) = issuer.keys.load().find(kid) {
+            return Ok(key.clone());
+        }
+        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) && !issuer.keys.load().is_empty() {
+            return Err(AuthError::UnknownKey);
+        }
+        *last = Some(Instant::now());
+        match load_keys(&self.fetcher, &issuer.config.keys).await {
+            Ok(keys) => issuer.keys.store(Arc::new(keys)),
+            Err(e) => tracing::warn!(issuer = %issuer.config.issuer, error = %e, "JWKS refetch failed"),
+        }
+        issuer.keys.load().find(kid).cloned().ok_or(AuthError::UnknownKey)
+    }
+}
+
+/// Maps verified claims to a caller: with `act`, the agent is `act.sub` and the user `sub`.
+pub fn caller_from_claims(claims: Map<String, Value>, issuer: &str, now: u64) -> Result<Caller, AuthError> {
+    let non_empty = |v: Option<&Value>, name: &str| -> Result<String, AuthError> {
+        match v.and_then(Value::as_str) {
+            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            _ => Err(AuthError::InvalidClaims(format!("`{name}` must be a non-empty string"))),
+        }
+    };
+    let sub = non_empty(claims.get("sub"), "sub")?;
+    let (agent, user) = match claims.get("act") {
+        None => (sub, None),
+        Some(Value::Object(act)) => (non_empty(act.get("sub"), "act.sub")?, Some(sub)),
+        Some(_) => return Err(AuthError::InvalidClaims("`act` must be an object".into())),
+    };
+    let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now);
+    Ok(Caller {
+        agent,
+        user,
+        issuer: issuer.to_string(),
+        claims: Arc::new(claims),
+        exp,
+    })
+}
+
+async fn load_keys(fetcher: &fetch::Fetcher, source: &KeySource) -> Result<KeySet, String> {
+    let doc = match source {
+        KeySource::File(path) => {
+            tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        }
+        KeySource::Url(url) => fetcher.get(url).await?,
+    };
+    let (keys, warnings) = KeySet::from_jwks(&doc)?;
+    for w in warnings {
+        tracing::warn!("JWKS: {w}");
+    }
+    Ok(keys)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn delegated_token_names_agent_and_user() {
+        let c = caller_from_claims(
+            claims(json!({"sub": "alice", "act": {"sub": "assistant", "team": "x"}, "patient_id": "p-1"})),
+            "idp",
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.agent, "assistant");
+        assert_eq!(c.user.as_deref(), Some("alice"));
+        assert_eq!(c.agent_claims().get("team"), Some(&json!("x")));
+        assert_eq!(c.user_claims().unwrap().get("patient_id"), Some(&json!("p-1")));
+    }
+
+    #[test]
+    fn plain_token_names_only_the_agent() {
+        let c = caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", 0).unwrap();
+        assert_eq!(c.agent, "bot");
+        assert!(c.user.is_none() && c.user_claims().is_none());
+        assert_eq!(c.agent_claims().get("team"), Some(&json!("y")));
+    }
+
+    #[test]
+    fn malformed_subjects_are_refused() {
+        for bad in [
+            json!({"sub": ""}),
+            json!({"sub": 5}),
+            json!({"sub": "u", "act": "agent"}),
+            json!({"sub": "u", "act": {"sub": ""}}),
+            json!({"sub": "u", "act": {}}),
+        ] {
+            assert!(caller_from_claims(claims(bad.clone()), "idp", 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn symmetric_and_unknown_keys_are_never_used() {
+        let doc = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]});
+        assert!(KeySet::from_jwks(doc.to_string().as_bytes()).is_err());
+        let doc = json!({"keys": [
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "h"},
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "ed"}
+        ]});
+        let (set, warnings) = KeySet::from_jwks(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.len(), 1);
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(set.find(Some("ed")).unwrap().alg, jsonwebtoken::Algorithm::EdDSA);
+        assert!(set.find(Some("h")).is_none());
+        // Without a kid, the only key is used.
+        assert!(set.find(None).is_some());
+    }
+
+    #[test]
+    fn declared_alg_must_fit_the_key() {
+        let doc = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "alg": "ES256", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "ed"}
+        ]});
+        assert!(KeySet::from_jwks(doc.to_string().as_bytes()).is_err());
+    }
+}
