@@ -1,0 +1,104 @@
+//! Refusals and the JSON answers they become. Each says where it came from: the agent's
+//! request (4xx), the upstream (502/504), or the gateway itself (500). None carries a credential.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use toolgate_identity::AuthError;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Unauthenticated(#[from] AuthError),
+    #[error("forbidden")]
+    Forbidden,
+    #[error("tool_not_found")]
+    ToolNotFound,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("body too large")]
+    PayloadTooLarge,
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+            Refusal::ToolNotFound => StatusCode::NOT_FOUND,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The answer to the agent. Upstream and internal details stay in the audit log.
+    pub fn into_response(self, decision_id: &str, resource_metadata: Option<&str>) -> Response<Body> {
+        let status = self.status();
+        let body = match &self {
+            Refusal::Unauthenticated(AuthError::Missing) => json!({"error": "unauthorized", "decision_id": decision_id}),
+            Refusal::Unauthenticated(e) => {
+                json!({"error": "invalid_token", "error_description": e.to_string(), "decision_id": decision_id})
+            }
+            Refusal::Forbidden => json!({"error": "forbidden", "decision_id": decision_id}),
+            Refusal::ToolNotFound => json!({"error": "tool_not_found"}),
+            Refusal::BadRequest(why) => json!({"error": "bad_request", "error_description": why}),
+            Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
+            Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
+            Refusal::UpstreamUnreachable(_) => json!({"error": "upstream_unreachable", "decision_id": decision_id}),
+            Refusal::UpstreamTimeout => json!({"error": "upstream_timeout", "decision_id": decision_id}),
+            Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
+        };
+        let mut response = json_response(status, &body);
+        if let Refusal::Unauthenticated(e) = &self {
+            let mut challenge = String::from("Bearer realm=\"toolgate\"");
+            if !matches!(e, AuthError::Missing) {
+                challenge.push_str(", error=\"invalid_token\"");
+            }
+            if let Some(url) = resource_metadata {
+                challenge.push_str(&format!(", resource_metadata=\"{url}\""));
+            }
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        response
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut response = Response::new(full(serde_json::to_vec(body).unwrap_or_default()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+pub fn text_response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}

@@ -1,0 +1,94 @@
+//! The audit log: one JSON object per line per decision. Records go through a bounded
+//! channel to a writer task, so the request path never waits on the disk.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct AuditRecord {
+    pub decision_id: String,
+    pub time: String,
+    pub agent: Option<String>,
+    pub user: Option<String>,
+    pub action: Option<String>,
+    pub resource: Option<String>,
+    /// "allow" or "deny".
+    pub decision: &'static str,
+    pub policies: Vec<String>,
+    pub errors: Vec<String>,
+    pub task_id: Option<String>,
+    pub jti: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub eval_us: Option<u64>,
+    pub source_ip: String,
+    pub method: String,
+    pub path: String,
+    /// The status the agent received.
+    pub status: u16,
+}
+
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<AuditRecord>,
+    metrics: Arc<Metrics>,
+}
+
+impl AuditSink {
+    /// Starts the writer task. `path` is a file to append to, or "-" for stdout.
+    pub async fn start(path: &str, buffer: usize, metrics: Arc<Metrics>) -> std::io::Result<(AuditSink, AuditWriter)> {
+        let out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if path == "-" {
+            Box::new(tokio::io::stdout())
+        } else {
+            Box::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await?,
+            )
+        };
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let handle = tokio::spawn(write_loop(rx, out));
+        Ok((AuditSink { tx, metrics }, AuditWriter { handle }))
+    }
+
+    /// Queues a record; when the writer is behind, drops it and counts the drop.
+    pub fn record(&self, record: AuditRecord) {
+        if self.tx.try_send(record).is_err() {
+            self.metrics.audit_dropped.inc();
+            tracing::warn!("audit writer is behind; record dropped");
+        }
+    }
+}
+
+/// The writer task; finishes once every sink is dropped and the queue is written out.
+pub struct AuditWriter {
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl AuditWriter {
+    pub async fn finish(self) {
+        let _ = self.handle.await;
+    }
+}
+
+async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>) {
+    let mut batch = Vec::with_capacity(64);
+    let mut buf = Vec::with_capacity(64 << 10);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        buf.clear();
+        for record in batch.drain(..) {
+            if serde_json::to_writer(&mut buf, &record).is_ok() {
+                buf.push(b'\n');
+            }
+        }
+        if let Err(e) = out.write_all(&buf).await.and(out.flush().await) {
+            tracing::error!(error = %e, "audit write failed");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The YAML configuration (see CONTRACT.md). Unknown keys are errors; relative paths are
+//! resolved against the config file's directory.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub issuer: String,
+    #[serde(default = "default_policies")]
+    pub policies: PathBuf,
+    pub inbound: Inbound,
+    pub credentials: Credentials,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub tasks: Tasks,
+    #[serde(default)]
+    pub audit: Audit,
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    #[serde(default)]
+    pub jwt: Vec<JwtIssuer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    pub issuer: String,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    pub audiences: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub signing_key: PathBuf,
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    Rest,
+    Mcp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: String,
+    pub audience: String,
+    #[serde(default = "default_kind")]
+    pub kind: UpstreamKind,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Time allowed for connecting and for the upstream's response headers.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub tool: String,
+    pub method: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tasks {
+    #[serde(default = "default_task_store")]
+    pub store: String,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Tasks {
+            store: default_task_store(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// A file to append to, or "-" for stdout.
+    #[serde(default = "default_audit_path")]
+    pub path: String,
+    /// Records waiting for the writer; beyond this they are dropped and counted, never waited for.
+    #[serde(default = "default_audit_buffer")]
+    pub buffer: usize,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            path: default_audit_path(),
+            buffer: default_audit_buffer(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The largest body read to find arguments (413 beyond).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// The largest total size of request headers (431 beyond).
+    #[serde(default = "default_max_header")]
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: default_max_body(),
+            max_header_bytes: default_max_header(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_policies() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_ttl() -> u64 {
+    60
+}
+fn default_kind() -> UpstreamKind {
+    UpstreamKind::Rest
+}
+fn default_upstream_timeout() -> u64 {
+    30
+}
+fn default_task_store() -> String {
+    "memory".into()
+}
+fn default_audit_path() -> String {
+    "-".into()
+}
+fn default_audit_buffer() -> usize {
+    8192
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_max_header() -> usize {
+    16 << 10
+}
+
+/// The longest a minted credential may live.
+pub const MAX_TTL_SECONDS: u64 = 3600;
+
+impl Config {
+    /// Reads, parses, checks and resolves a config file.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+            let line = e.location().map_or(1, |l| l.line());
+            format!("{}:{line}: {e}", path.display())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .check()
+            .map_err(|errors| errors.iter().map(|e| format!("{}:1: {e}", path.display())).collect::<Vec<_>>().join("\n"))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.policies);
+        resolve(&mut self.credentials.signing_key);
+        for jwt in &mut self.inbound.jwt {
+            if let Some(f) = jwt.jwks_file.as_mut() {
+                resolve(f);
+            }
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+        }
+        if self.audit.path != "-" {
+            let mut p = PathBuf::from(&self.audit.path);
+            resolve(&mut p);
+            self.audit.path = p.to_string_lossy().into_owned();
+        }
+    }
+
+    /// Everything wrong with the config that the types cannot say.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if self.inbound.jwt.is_empty() {
+            errors.push("inbound.jwt: no issuer configured, every call would be refused".to_string());
+        }
+        for jwt in &self.inbound.jwt {
+            if jwt.jwks_file.is_some() == jwt.jwks_url.is_some() {
+                errors.push(format!("inbound.jwt {}: set exactly one of jwks_file, jwks_url", jwt.issuer));
+            }
+            if jwt.audiences.is_empty() {
+                errors.push(format!("inbound.jwt {}: audiences must not be empty", jwt.issuer));
+            }
+        }
+        if self.credentials.ttl_seconds == 0 || self.credentials.ttl_seconds > MAX_TTL_SECONDS {
+            errors.push(format!("credentials.ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"));
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            errors.push("admin_listen must differ from listen".to_string());
+        }
+        if self.tasks.store != "memory" && !self.tasks.store.starts_with("redis://") {
+            errors.push(format!("tasks.store: `{}` is neither memory nor redis://host:port", self.tasks.store));
+        }
+        let mut names = HashSet::new();
+        for up in &self.upstreams {
+            let at = format!("upstream {}", up.name);
+            if !valid_name(&up.name) {
+                errors.push(format!("{at}: name must be non-empty [A-Za-z0-9_-]"));
+            }
+            if !names.insert(up.name.as_str()) {
+                errors.push(format!("{at}: duplicate name"));
+            }
+            if !(up.url.starts_with("http://") || up.url.starts_with("https://")) || up.url.parse::<http::Uri>().is_err() {
+                errors.push(format!("{at}: url must be an http:// or https:// URL"));
+            }
+            if up.timeout_seconds == 0 {
+                errors.push(format!("{at}: timeout_seconds must be positive"));
+            }
+            if up.kind == UpstreamKind::Mcp && !up.routes.is_empty() {
+                errors.push(format!("{at}: routes are for rest upstreams only"));
+            }
+            for route in &up.routes {
+                if !valid_name(&route.tool) {
+                    errors.push(format!("{at}: tool `{}`: name must be [A-Za-z0-9_-]", route.tool));
+                }
+                if route.method.parse::<http::Method>().is_err() {
+                    errors.push(format!("{at}: tool {}: invalid method `{}`", route.tool, route.method));
+                }
+                if let Err(e) = crate::routes::Template::parse(&route.path) {
+                    errors.push(format!("{at}: tool {}: {e}", route.tool));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}

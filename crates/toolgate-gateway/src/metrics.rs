@@ -1,0 +1,117 @@
+//! Prometheus metrics named in CONTRACT.md, on one registry served by the admin listener.
+
+use prometheus::{
+    register_histogram_vec_with_registry, register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_with_registry, Encoder, Histogram, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub authz_duration: Histogram,
+    pub upstream_duration: HistogramVec,
+    pub minted: IntCounter,
+    pub reloads: IntCounterVec,
+    pub reload_duration: Histogram,
+    pub policies_loaded: IntGauge,
+    pub tasks_active: IntGauge,
+    pub audit_dropped: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Metrics {
+            requests: register_int_counter_vec_with_registry!(
+                "toolgate_requests_total",
+                "Requests on the agent listener, by upstream and answer status.",
+                &["upstream", "code"],
+                r
+            )
+            .expect("metric"),
+            decisions: register_int_counter_vec_with_registry!(
+                "toolgate_authz_decisions_total",
+                "Authorization decisions, by outcome.",
+                &["decision"],
+                r
+            )
+            .expect("metric"),
+            authz_duration: register_histogram_with_registry!(
+                "toolgate_authz_duration_seconds",
+                "Time to build the Cedar request and decide.",
+                vec![0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05],
+                r
+            )
+            .expect("metric"),
+            upstream_duration: register_histogram_vec_with_registry!(
+                "toolgate_upstream_duration_seconds",
+                "Time from forwarding a call to the upstream's response headers.",
+                &["upstream"],
+                vec![0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                r
+            )
+            .expect("metric"),
+            minted: register_int_counter_with_registry!(
+                "toolgate_credentials_minted_total",
+                "Per-call credentials minted.",
+                r
+            )
+            .expect("metric"),
+            reloads: register_int_counter_vec_with_registry!(
+                "toolgate_policy_reloads_total",
+                "Policy reloads, by result.",
+                &["result"],
+                r
+            )
+            .expect("metric"),
+            reload_duration: register_histogram_with_registry!(
+                "toolgate_policy_reload_duration_seconds",
+                "Time to load and validate a policy set.",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                r
+            )
+            .expect("metric"),
+            policies_loaded: register_int_gauge_with_registry!(
+                "toolgate_policies_loaded",
+                "Policies in the active set.",
+                r
+            )
+            .expect("metric"),
+            tasks_active: register_int_gauge_with_registry!(
+                "toolgate_tasks_active",
+                "Tasks started and not yet ended.",
+                r
+            )
+            .expect("metric"),
+            audit_dropped: register_int_counter_with_registry!(
+                "toolgate_audit_dropped_total",
+                "Audit records dropped because the writer fell behind.",
+                r
+            )
+            .expect("metric"),
+            registry: r,
+        };
+        // Make both outcomes visible from the start, so rate() queries have a series.
+        for d in ["allow", "deny"] {
+            m.decisions.with_label_values(&[d]);
+        }
+        for r in ["success", "error"] {
+            m.reloads.with_label_values(&[r]);
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

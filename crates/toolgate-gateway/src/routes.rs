@@ -1,0 +1,246 @@
+//! Classification of REST calls: `/<upstream>/<path>` + method → the upstream's tool and
+//! its path parameters.
+
+use std::collections::HashMap;
+
+use percent_encoding::percent_decode_str;
+
+use crate::config::UpstreamConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// A path template such as `/invoices/{invoice_id}`: each `{name}` is one whole segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    segments: Vec<Segment>,
+}
+
+impl Template {
+    pub fn parse(path: &str) -> Result<Template, String> {
+        let rest = path
+            .strip_prefix('/')
+            .ok_or_else(|| format!("path `{path}` must start with /"))?;
+        let mut segments = Vec::new();
+        let mut seen = Vec::new();
+        for seg in rest.split('/').filter(|s| !s.is_empty()) {
+            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(format!("path `{path}`: bad parameter `{seg}`"));
+                }
+                if seen.contains(&name) {
+                    return Err(format!("path `{path}`: parameter `{name}` appears twice"));
+                }
+                seen.push(name);
+                segments.push(Segment::Param(name.to_string()));
+            } else if seg.contains(['{', '}']) {
+                return Err(format!("path `{path}`: a parameter must be a whole segment"));
+            } else {
+                segments.push(Segment::Literal(seg.to_string()));
+            }
+        }
+        Ok(Template { segments })
+    }
+
+    /// Matches decoded segments; returns the parameters.
+    fn matches(&self, segments: &[String]) -> Option<HashMap<String, String>> {
+        if segments.len() != self.segments.len() {
+            return None;
+        }
+        let mut params = HashMap::new();
+        for (template, actual) in self.segments.iter().zip(segments) {
+            match template {
+                Segment::Literal(lit) if lit == actual => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(name) => {
+                    params.insert(name.clone(), actual.clone());
+                }
+            }
+        }
+        Some(params)
+    }
+
+    fn literal_count(&self) -> usize {
+        self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    tool: String,
+    method: http::Method,
+    template: Template,
+}
+
+/// A classified REST call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub upstream: usize,
+    pub tool: String,
+    pub params: HashMap<String, String>,
+    /// The request path below `/<upstream>`, as received (still percent-encoded).
+    pub rest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("tool_not_found")]
+    NotFound,
+    #[error("bad path: {0}")]
+    BadPath(&'static str),
+}
+
+/// All routes, by upstream name.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    upstreams: HashMap<String, (usize, Vec<Route>)>,
+}
+
+impl RouteTable {
+    /// Built from already checked config.
+    pub fn new(upstreams: &[UpstreamConfig]) -> RouteTable {
+        let mut table = RouteTable::default();
+        for (index, up) in upstreams.iter().enumerate() {
+            let mut routes: Vec<Route> = up
+                .routes
+                .iter()
+                .filter_map(|r| {
+                    Some(Route {
+                        tool: r.tool.clone(),
+                        method: r.method.parse().ok()?,
+                        template: Template::parse(&r.path).ok()?,
+                    })
+                })
+                .collect();
+            // Most literal segments first: `/invoices/summary` wins over `/invoices/{id}`.
+            routes.sort_by_key(|r| std::cmp::Reverse(r.template.literal_count()));
+            table.upstreams.insert(up.name.clone(), (index, routes));
+        }
+        table
+    }
+
+    /// The upstream named by the first path segment, and the path below it.
+    pub fn upstream<'p>(&self, path: &'p str) -> Option<(usize, &'p str)> {
+        let rest = path.strip_prefix('/')?;
+        let (name, below) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        self.upstreams.get(name).map(|(index, _)| (*index, below))
+    }
+
+    /// Finds the tool for a REST call. Dot segments, empty segments and parameters that
+    /// decode to a `/` are refused: the upstream could read them as a different path.
+    pub fn classify(&self, method: &http::Method, path: &str) -> Result<Classified, ClassifyError> {
+        let (index, rest) = self.upstream(path).ok_or(ClassifyError::NotFound)?;
+        let name = path[1..].split('/').next().unwrap_or_default();
+        let (_, routes) = &self.upstreams[name];
+        let mut segments = Vec::new();
+        for raw in rest.split('/').skip(1) {
+            let decoded = percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| ClassifyError::BadPath("segment is not UTF-8"))?;
+            if decoded.is_empty() || decoded == "." || decoded == ".." {
+                return Err(ClassifyError::BadPath("empty or dot segment"));
+            }
+            if decoded.contains('/') || decoded.contains('\\') {
+                return Err(ClassifyError::BadPath("encoded slash in segment"));
+            }
+            segments.push(decoded.into_owned());
+        }
+        routes
+            .iter()
+            .filter(|r| r.method == method)
+            .find_map(|r| {
+                r.template.matches(&segments).map(|params| Classified {
+                    upstream: index,
+                    tool: r.tool.clone(),
+                    params,
+                    rest: rest.to_string(),
+                })
+            })
+            .ok_or(ClassifyError::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RouteConfig, UpstreamKind};
+
+    fn table() -> RouteTable {
+        let route = |tool: &str, method: &str, path: &str| RouteConfig {
+            tool: tool.into(),
+            method: method.into(),
+            path: path.into(),
+        };
+        RouteTable::new(&[UpstreamConfig {
+            name: "billing".into(),
+            url: "http://127.0.0.1:1".into(),
+            audience: "a".into(),
+            kind: UpstreamKind::Rest,
+            routes: vec![
+                route("get_invoice", "GET", "/invoices/{invoice_id}"),
+                route("summary", "GET", "/invoices/summary"),
+                route("refund", "POST", "/refunds"),
+                route("line", "GET", "/invoices/{invoice_id}/lines/{line}"),
+            ],
+            timeout_seconds: 1,
+        }])
+    }
+
+    #[test]
+    fn matches_method_and_template() {
+        let t = table();
+        let c = t.classify(&http::Method::GET, "/billing/invoices/42").unwrap();
+        assert_eq!((c.upstream, c.tool.as_str(), c.rest.as_str()), (0, "get_invoice", "/invoices/42"));
+        assert_eq!(c.params["invoice_id"], "42");
+        let c = t.classify(&http::Method::GET, "/billing/invoices/7/lines/a%20b").unwrap();
+        assert_eq!((c.tool.as_str(), c.params["line"].as_str()), ("line", "a b"));
+        assert_eq!(t.classify(&http::Method::POST, "/billing/refunds").unwrap().tool, "refund");
+    }
+
+    #[test]
+    fn literal_beats_parameter() {
+        assert_eq!(table().classify(&http::Method::GET, "/billing/invoices/summary").unwrap().tool, "summary");
+    }
+
+    #[test]
+    fn unmatched_is_not_found() {
+        let t = table();
+        for (m, p) in [
+            (http::Method::POST, "/billing/invoices/42"),
+            (http::Method::GET, "/billing/invoices"),
+            (http::Method::GET, "/billing/invoices/42/extra/x/y"),
+            (http::Method::GET, "/other/invoices/42"),
+            (http::Method::GET, "/"),
+            (http::Method::GET, "/billing"),
+        ] {
+            assert_eq!(t.classify(&m, p), Err(ClassifyError::NotFound), "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn confusing_paths_are_refused() {
+        let t = table();
+        for p in [
+            "/billing/invoices/..",
+            "/billing/invoices/%2e%2e",
+            "/billing/invoices/a%2Fb",
+            "/billing/invoices//",
+            "/billing/invoices/%ff",
+        ] {
+            assert!(matches!(t.classify(&http::Method::GET, p), Err(ClassifyError::BadPath(_))), "{p}");
+        }
+    }
+
+    #[test]
+    fn bad_templates_are_rejected() {
+        for p in ["invoices", "/a/{}", "/a/x{id}", "/a/{id}/{id}", "/a/{i-d}"] {
+            assert!(Template::parse(p).is_err(), "{p}");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Listeners: HTTP/1.1 and HTTP/2 (auto-detected), optional TLS, graceful drain on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::answer::Body;
+use crate::Gateway;
+
+/// How long open connections may take to finish after shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tells the listeners to stop accepting and drain.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// A started gateway.
+pub struct Running {
+    pub agent_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shutdown: Shutdown,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until both listeners have stopped and drained.
+    pub async fn wait(self) {
+        for listener in self.listeners {
+            let _ = listener.await;
+        }
+    }
+}
+
+impl Gateway {
+    /// Binds both listeners and serves until `Running::shutdown` is triggered.
+    pub async fn start(self: &Arc<Self>) -> Result<Running, String> {
+        let tls = match &self.config.tls {
+            Some(tls) => Some(tls_acceptor(&tls.cert, &tls.key)?),
+            None => None,
+        };
+        let agent = TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|e| format!("listen {}: {e}", self.config.listen))?;
+        let admin = TcpListener::bind(self.config.admin_listen)
+            .await
+            .map_err(|e| format!("admin_listen {}: {e}", self.config.admin_listen))?;
+        let agent_addr = agent.local_addr().map_err(|e| e.to_string())?;
+        let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let builder = self.connection_builder();
+
+        let gateway = self.clone();
+        let agent_loop = tokio::spawn(accept_loop(agent, tls, builder.clone(), stop_rx.clone(), move |peer| {
+            let gateway = gateway.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
+            })
+        }));
+        let gateway = self.clone();
+        let admin_loop = tokio::spawn(accept_loop(admin, None, builder, stop_rx, move |_peer| {
+            let gateway = gateway.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, std::convert::Infallible>(gateway.admin(req).await) }
+            })
+        }));
+        self.ready.store(true, Ordering::SeqCst);
+        Ok(Running {
+            agent_addr,
+            admin_addr,
+            shutdown: Shutdown(stop_tx),
+            listeners: vec![agent_loop, admin_loop],
+        })
+    }
+
+    fn connection_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's own limit sits above ours, so oversized headers get our JSON 431 first.
+        let header_room = (self.config.limits.max_header_bytes * 2).max(16 << 10);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(header_room + (64 << 10));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(header_room as u32)
+            .max_concurrent_streams(1024);
+        builder
+    }
+}
+
+async fn accept_loop<F, S, Fut>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+    make_service: F,
+) where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible, Future = Fut>
+        + Send
+        + 'static,
+    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
+{
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let result = match tls {
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        watcher.watch(conn).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?,
+    ))
+    .map_err(|e| format!("{}: {e}", key.display()))?
+    .ok_or_else(|| format!("{}: no private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,200 @@
+//! Forwarding to upstreams: a shared connection pool, the credential swap on the way out,
+//! hop-by-hop header hygiene both ways, and bounded waiting.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use crate::answer::{Body, Refusal};
+use crate::config::UpstreamConfig;
+
+/// Headers never forwarded upstream: hop-by-hop ones (RFC 9110 §7.6.1), the agent's own
+/// credentials, and toolgate's own control headers.
+const STRIPPED_TO_UPSTREAM: [&str; 13] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "toolgate-task",
+    "forwarded",
+];
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+pub fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// An upstream, ready to take calls.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    base: String,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Self {
+        let base = config.url.trim_end_matches('/').to_string();
+        Upstream { config, base }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// `base + rest + ?query`: the path below `/<upstream>` is passed as received.
+    pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+        let mut uri = format!("{}{}", self.base, if rest.is_empty() { "/" } else { rest });
+        if let Some(q) = query {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        uri.parse()
+            .map_err(|e| Refusal::BadRequest(format!("cannot form upstream URI: {e}")))
+    }
+
+    /// Sends the call with the minted credential in place of whatever the agent sent.
+    pub async fn forward(
+        &self,
+        client: &HttpClient,
+        mut request: Request<Body>,
+        credential: &str,
+        client_ip: IpAddr,
+    ) -> Result<Response<Body>, Refusal> {
+        let headers = request.headers_mut();
+        strip(headers, &STRIPPED_TO_UPSTREAM);
+        let bearer = HeaderValue::from_str(&format!("Bearer {credential}"))
+            .map_err(|e| Refusal::Internal(format!("credential is not a header value: {e}")))?;
+        headers.insert(header::AUTHORIZATION, bearer);
+        append_forwarded_for(headers, client_ip);
+        *request.version_mut() = http::Version::HTTP_11;
+
+        let timeout = Duration::from_secs(self.config.timeout_seconds);
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+            Err(_) => return Err(Refusal::UpstreamTimeout),
+            Ok(Err(e)) => return Err(Refusal::UpstreamUnreachable(error_text(&e))),
+            Ok(Ok(response)) => response,
+        };
+        Ok(into_downstream(response))
+    }
+}
+
+fn into_downstream(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip(&mut parts.headers, &HOP_BY_HOP);
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+/// Removes the listed headers and any the `Connection` header names.
+fn strip(headers: &mut HeaderMap, names: &[&str]) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in names {
+        headers.remove(*name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer inbound"),
+            ("cookie", "session=1"),
+            ("proxy-authorization", "Basic x"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("toolgate-task", "t"),
+            ("accept", "application/json"),
+        ] {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        strip(&mut h, &STRIPPED_TO_UPSTREAM);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn uri_keeps_base_path_and_query() {
+        let mut config = crate::config::UpstreamConfig {
+            name: "b".into(),
+            url: "http://127.0.0.1:9/api/".into(),
+            audience: "a".into(),
+            kind: crate::config::UpstreamKind::Rest,
+            routes: vec![],
+            timeout_seconds: 1,
+        };
+        let up = Upstream::new(config.clone());
+        assert_eq!(up.uri("/invoices/4%202", Some("x=1")).unwrap(), "http://127.0.0.1:9/api/invoices/4%202?x=1");
+        config.url = "http://127.0.0.1:9".into();
+        assert_eq!(Upstream::new(config).uri("", None).unwrap(), "http://127.0.0.1:9/");
+    }
+}
