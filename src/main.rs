@@ -1,1 +1,262 @@
-fn main() {}
+//! The `toolgate` command: serve, demo, check, test, authorize, token.
+#![forbid(unsafe_code)]
+
+mod authorize;
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use toolgate_credential::SigningKey;
+use toolgate_gateway::{Config, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "toolgate",
+    version,
+    about = "A gateway between AI agents and their tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM/SIGINT, then drain.
+    Serve {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// Gateway + demo tool API + demo keys + the example policies, with ready curl lines.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: std::net::SocketAddr,
+    },
+    /// Validate config, schema, policies and entities (strict); exit 1 with file:line errors.
+    Check {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// One offline decision; prints {decision, policies, errors}.
+    Authorize {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        /// A JSON or YAML request file (see docs/policy-guide.md).
+        #[arg(long)]
+        request: PathBuf,
+    },
+    /// Dev helper: mint an inbound test token with a local key (never used by serve).
+    Token {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        /// PKCS#8 PEM P-256 private key of a test identity provider.
+        #[arg(long)]
+        key: PathBuf,
+        /// The token's subject: the agent, or the user when --act is given.
+        #[arg(long)]
+        sub: String,
+        /// The agent acting for --sub (RFC 8693 `act`).
+        #[arg(long)]
+        act: Option<String>,
+        /// Audience (default: the first audience of the issuer in the config).
+        #[arg(long)]
+        aud: Option<String>,
+        /// Issuer (default: the first inbound issuer in the config).
+        #[arg(long)]
+        iss: Option<String>,
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Extra claims, NAME=VALUE (VALUE parsed as JSON when it is JSON).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+    /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
+    Keygen {
+        #[arg(long)]
+        private: PathBuf,
+        #[arg(long)]
+        jwks: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match cli.command {
+        Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(&config))),
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => runtime().and_then(|rt| rt.block_on(demo::run(listen, admin_listen))),
+        Command::Check { config } => return check(&config),
+        Command::Authorize { config, request } => authorize::run(&config, &request),
+        Command::Token {
+            config,
+            key,
+            sub,
+            act,
+            aud,
+            iss,
+            ttl,
+            claims,
+        } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
+        Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("toolgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    init_tracing();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(config_path: &Path) -> Result<ExitCode, String> {
+    let config = Config::load(config_path)?;
+    let gateway = Gateway::new(config).await?;
+    let running = gateway.start().await?;
+    announce(&running);
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining connections");
+    running.shutdown.trigger();
+    running.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One JSON line on stdout with the bound addresses (useful with port 0).
+fn announce(running: &toolgate_gateway::Running) {
+    println!(
+        "{}",
+        json!({"event": "listening", "listen": running.agent_addr.to_string(), "admin": running.admin_addr.to_string()})
+    );
+    tracing::info!(listen = %running.agent_addr, admin = %running.admin_addr, "toolgate serving");
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match toolgate_gateway::check(&config) {
+        Ok(engine) => {
+            println!("ok: {} policies valid", engine.policy_count());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn token(
+    config_path: &Path,
+    key_path: &Path,
+    sub: String,
+    act: Option<String>,
+    aud: Option<String>,
+    iss: Option<String>,
+    ttl: u64,
+    extra: &[String],
+) -> Result<ExitCode, String> {
+    let config = Config::load(config_path)?;
+    let first = config.inbound.jwt.first();
+    let iss = iss
+        .or_else(|| first.map(|j| j.issuer.clone()))
+        .ok_or("no --iss and no inbound issuer in the config")?;
+    let aud = aud
+        .or_else(|| first.and_then(|j| j.audiences.first().cloned()))
+        .ok_or("no --aud and no inbound audience in the config")?;
+    let pem =
+        std::fs::read_to_string(key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string())?;
+    let now = toolgate_identity::unix_now();
+    let mut claims = Map::new();
+    for pair in extra {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--claim {pair}: expected NAME=VALUE"))?;
+        let value =
+            serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        claims.insert(name.to_string(), value);
+    }
+    claims.insert("iss".into(), json!(iss));
+    claims.insert("sub".into(), json!(sub));
+    claims.insert("aud".into(), json!(aud));
+    claims.insert("iat".into(), json!(now));
+    claims.insert("exp".into(), json!(now + ttl));
+    if let Some(agent) = act {
+        claims.insert("act".into(), json!({"sub": agent}));
+    }
+    println!("{}", key.sign("JWT", &claims).map_err(|e| e.to_string())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keygen(private: &Path, jwks: Option<&Path>) -> Result<ExitCode, String> {
+    let (key, pem) = SigningKey::generate().map_err(|e| e.to_string())?;
+    write_private(private, &pem)?;
+    if let Some(path) = jwks {
+        let doc = json!({"keys": [key.public_jwk()]});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!("kid {}", key.kid());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a private key readable by its owner only.
+pub fn write_private(path: &Path, pem: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}

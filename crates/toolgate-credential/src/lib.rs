@@ -44,7 +44,9 @@ impl SigningKey {
     }
 
     fn from_secret(secret: &p256::SecretKey) -> Result<Self, CredentialError> {
-        let der = secret.to_pkcs8_der().map_err(|e| CredentialError::Key(e.to_string()))?;
+        let der = secret
+            .to_pkcs8_der()
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
         let point = p256::EncodedPoint::from(secret.public_key());
         let (x, y) = match (point.x(), point.y()) {
             (Some(x), Some(y)) => (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y)),
@@ -156,7 +158,9 @@ impl Minter {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: grant.user.unwrap_or(grant.agent).to_string(),
-            act: grant.user.map(|_| Actor { sub: grant.agent.to_string() }),
+            act: grant.user.map(|_| Actor {
+                sub: grant.agent.to_string(),
+            }),
             aud: grant.audience.to_string(),
             scope: scope.join(" "),
             iat: now,
@@ -190,7 +194,11 @@ mod tests {
             user: Some("alice"),
             agent: "assistant",
             audience: "https://billing.internal",
-            scope: vec!["billing/get_invoice".into(), "invoices:read".into(), "billing/get_invoice".into()],
+            scope: vec![
+                "billing/get_invoice".into(),
+                "invoices:read".into(),
+                "billing/get_invoice".into(),
+            ],
             decision_id: "d-1",
             task_id: Some("t-1"),
             not_after: Some(1_000_030),
@@ -204,12 +212,21 @@ mod tests {
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_audience(&["https://billing.internal"]);
         validation.validate_exp = false;
-        let claims = decode::<Claims>(&minted.token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
-            .unwrap()
-            .claims;
+        let claims = decode::<Claims>(
+            &minted.token,
+            &DecodingKey::from_jwk(jwk).unwrap(),
+            &validation,
+        )
+        .unwrap()
+        .claims;
         assert_eq!(claims, minted.claims);
         assert_eq!(claims.sub, "alice");
-        assert_eq!(claims.act, Some(Actor { sub: "assistant".into() }));
+        assert_eq!(
+            claims.act,
+            Some(Actor {
+                sub: "assistant".into()
+            })
+        );
         assert_eq!(claims.scope, "billing/get_invoice invoices:read");
         assert_eq!(claims.exp, 1_000_030, "exp is capped by not_after");
         assert_eq!(claims.task_id.as_deref(), Some("t-1"));
@@ -236,6 +253,9 @@ mod tests {
 
     #[test]
     fn a_non_p256_key_is_refused() {
-        assert!(SigningKey::from_pkcs8_pem("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n").is_err());
+        assert!(SigningKey::from_pkcs8_pem(
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+        )
+        .is_err());
     }
 }

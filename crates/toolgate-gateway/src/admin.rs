@@ -23,15 +23,24 @@ impl Gateway {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 if self.ready.load(Ordering::SeqCst) {
-                    json_response(StatusCode::OK, &json!({"status": "ready", "policies": self.policy.load().policy_count()}))
+                    json_response(
+                        StatusCode::OK,
+                        &json!({"status": "ready", "policies": self.policy.load().policy_count()}),
+                    )
                 } else {
-                    json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "not ready"}))
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "not ready"}),
+                    )
                 }
             }
             (&Method::POST, "/admin/reload") => {
                 let (status, body) = match self.reload_policies().await {
                     Ok(count) => (StatusCode::OK, json!({"reloaded": true, "policies": count})),
-                    Err(errors) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"reloaded": false, "errors": errors})),
+                    Err(errors) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"reloaded": false, "errors": errors}),
+                    ),
                 };
                 json_response(status, &body)
             }
@@ -48,7 +57,9 @@ impl Gateway {
         let loaded = tokio::task::spawn_blocking(move || PolicyEngine::load(&dir))
             .await
             .map_err(|e| vec![format!("reload task failed: {e}")])?;
-        self.metrics.reload_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .reload_duration
+            .observe(started.elapsed().as_secs_f64());
         match loaded {
             Ok(engine) => {
                 let count = engine.policy_count();

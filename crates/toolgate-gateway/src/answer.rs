@@ -48,10 +48,16 @@ impl Refusal {
     }
 
     /// The answer to the agent. Upstream and internal details stay in the audit log.
-    pub fn into_response(self, decision_id: &str, resource_metadata: Option<&str>) -> Response<Body> {
+    pub fn into_response(
+        self,
+        decision_id: &str,
+        resource_metadata: Option<&str>,
+    ) -> Response<Body> {
         let status = self.status();
         let body = match &self {
-            Refusal::Unauthenticated(AuthError::Missing) => json!({"error": "unauthorized", "decision_id": decision_id}),
+            Refusal::Unauthenticated(AuthError::Missing) => {
+                json!({"error": "unauthorized", "decision_id": decision_id})
+            }
             Refusal::Unauthenticated(e) => {
                 json!({"error": "invalid_token", "error_description": e.to_string(), "decision_id": decision_id})
             }
@@ -60,8 +66,12 @@ impl Refusal {
             Refusal::BadRequest(why) => json!({"error": "bad_request", "error_description": why}),
             Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
-            Refusal::UpstreamUnreachable(_) => json!({"error": "upstream_unreachable", "decision_id": decision_id}),
-            Refusal::UpstreamTimeout => json!({"error": "upstream_timeout", "decision_id": decision_id}),
+            Refusal::UpstreamUnreachable(_) => {
+                json!({"error": "upstream_unreachable", "decision_id": decision_id})
+            }
+            Refusal::UpstreamTimeout => {
+                json!({"error": "upstream_timeout", "decision_id": decision_id})
+            }
             Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
         };
         let mut response = json_response(status, &body);
@@ -84,13 +94,18 @@ impl Refusal {
 pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut response = Response::new(full(serde_json::to_vec(body).unwrap_or_default()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
-pub fn text_response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+pub fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
@@ -100,5 +115,7 @@ pub fn text_response(status: StatusCode, content_type: &'static str, body: impl 
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }

@@ -40,7 +40,11 @@ pub struct AuditSink {
 
 impl AuditSink {
     /// Starts the writer task. `path` is a file to append to, or "-" for stdout.
-    pub async fn start(path: &str, buffer: usize, metrics: Arc<Metrics>) -> std::io::Result<(AuditSink, AuditWriter)> {
+    pub async fn start(
+        path: &str,
+        buffer: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(AuditSink, AuditWriter)> {
         let out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if path == "-" {
             Box::new(tokio::io::stdout())
         } else {
@@ -77,7 +81,10 @@ impl AuditWriter {
     }
 }
 
-async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>) {
+async fn write_loop(
+    mut rx: mpsc::Receiver<AuditRecord>,
+    mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+) {
     let mut batch = Vec::with_capacity(64);
     let mut buf = Vec::with_capacity(64 << 10);
     while rx.recv_many(&mut batch, 256).await > 0 {

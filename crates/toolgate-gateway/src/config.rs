@@ -189,16 +189,21 @@ pub const MAX_TTL_SECONDS: u64 = 3600;
 impl Config {
     /// Reads, parses, checks and resolves a config file.
     pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
             let line = e.location().map_or(1, |l| l.line());
             format!("{}:{line}: {e}", path.display())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        config
-            .check()
-            .map_err(|errors| errors.iter().map(|e| format!("{}:1: {e}", path.display())).collect::<Vec<_>>().join("\n"))?;
+        config.check().map_err(|errors| {
+            errors
+                .iter()
+                .map(|e| format!("{}:1: {e}", path.display()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
         Ok(config)
     }
 
@@ -230,24 +235,36 @@ impl Config {
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         if self.inbound.jwt.is_empty() {
-            errors.push("inbound.jwt: no issuer configured, every call would be refused".to_string());
+            errors
+                .push("inbound.jwt: no issuer configured, every call would be refused".to_string());
         }
         for jwt in &self.inbound.jwt {
             if jwt.jwks_file.is_some() == jwt.jwks_url.is_some() {
-                errors.push(format!("inbound.jwt {}: set exactly one of jwks_file, jwks_url", jwt.issuer));
+                errors.push(format!(
+                    "inbound.jwt {}: set exactly one of jwks_file, jwks_url",
+                    jwt.issuer
+                ));
             }
             if jwt.audiences.is_empty() {
-                errors.push(format!("inbound.jwt {}: audiences must not be empty", jwt.issuer));
+                errors.push(format!(
+                    "inbound.jwt {}: audiences must not be empty",
+                    jwt.issuer
+                ));
             }
         }
         if self.credentials.ttl_seconds == 0 || self.credentials.ttl_seconds > MAX_TTL_SECONDS {
-            errors.push(format!("credentials.ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"));
+            errors.push(format!(
+                "credentials.ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
+            ));
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             errors.push("admin_listen must differ from listen".to_string());
         }
         if self.tasks.store != "memory" && !self.tasks.store.starts_with("redis://") {
-            errors.push(format!("tasks.store: `{}` is neither memory nor redis://host:port", self.tasks.store));
+            errors.push(format!(
+                "tasks.store: `{}` is neither memory nor redis://host:port",
+                self.tasks.store
+            ));
         }
         let mut names = HashSet::new();
         for up in &self.upstreams {
@@ -258,7 +275,9 @@ impl Config {
             if !names.insert(up.name.as_str()) {
                 errors.push(format!("{at}: duplicate name"));
             }
-            if !(up.url.starts_with("http://") || up.url.starts_with("https://")) || up.url.parse::<http::Uri>().is_err() {
+            if !(up.url.starts_with("http://") || up.url.starts_with("https://"))
+                || up.url.parse::<http::Uri>().is_err()
+            {
                 errors.push(format!("{at}: url must be an http:// or https:// URL"));
             }
             if up.timeout_seconds == 0 {
@@ -269,10 +288,16 @@ impl Config {
             }
             for route in &up.routes {
                 if !valid_name(&route.tool) {
-                    errors.push(format!("{at}: tool `{}`: name must be [A-Za-z0-9_-]", route.tool));
+                    errors.push(format!(
+                        "{at}: tool `{}`: name must be [A-Za-z0-9_-]",
+                        route.tool
+                    ));
                 }
                 if route.method.parse::<http::Method>().is_err() {
-                    errors.push(format!("{at}: tool {}: invalid method `{}`", route.tool, route.method));
+                    errors.push(format!(
+                        "{at}: tool {}: invalid method `{}`",
+                        route.tool, route.method
+                    ));
                 }
                 if let Err(e) = crate::routes::Template::parse(&route.path) {
                     errors.push(format!("{at}: tool {}: {e}", route.tool));
@@ -288,5 +313,8 @@ impl Config {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

@@ -49,8 +49,12 @@ pub struct Gateway {
 /// Loads what the config names and checks that it fits together: policies valid, keys
 /// readable, every route's action declared in the schema.
 pub fn check(config: &Config) -> Result<PolicyEngine, Vec<String>> {
-    let engine = PolicyEngine::load(&config.policies)
-        .map_err(|e| e.problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let engine = PolicyEngine::load(&config.policies).map_err(|e| {
+        e.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    })?;
     let mut errors = Vec::new();
     for up in &config.upstreams {
         for route in &up.routes {
@@ -70,7 +74,10 @@ pub fn check(config: &Config) -> Result<PolicyEngine, Vec<String>> {
         .map_err(|e| e.to_string())
         .and_then(|pem| SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string()))
     {
-        errors.push(format!("{}:1: {e}", config.credentials.signing_key.display()));
+        errors.push(format!(
+            "{}:1: {e}",
+            config.credentials.signing_key.display()
+        ));
     }
     if errors.is_empty() {
         Ok(engine)
@@ -104,12 +111,18 @@ impl Gateway {
         let auth = Authenticator::new(issuers).await?;
         let metrics = Arc::new(Metrics::new());
         metrics.policies_loaded.set(engine.policy_count() as i64);
-        let (audit, writer) = AuditSink::start(&config.audit.path, config.audit.buffer, metrics.clone())
-            .await
-            .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
+        let (audit, writer) =
+            AuditSink::start(&config.audit.path, config.audit.buffer, metrics.clone())
+                .await
+                .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
         // The writer ends by itself once the last sink (the gateway's) is dropped.
         tokio::spawn(writer.finish());
-        let upstreams: Vec<Upstream> = config.upstreams.iter().cloned().map(Upstream::new).collect();
+        let upstreams: Vec<Upstream> = config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(Upstream::new)
+            .collect();
         Ok(Arc::new(Gateway {
             policy_dir: config.policies.clone(),
             routes: RouteTable::new(&config.upstreams),

@@ -1,9 +1,10 @@
 //! Prometheus metrics named in CONTRACT.md, on one registry served by the admin listener.
 
 use prometheus::{
-    register_histogram_vec_with_registry, register_histogram_with_registry, register_int_counter_vec_with_registry,
-    register_int_counter_with_registry, register_int_gauge_with_registry, Encoder, Histogram, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+    register_histogram_vec_with_registry, register_histogram_with_registry,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
+    register_int_gauge_with_registry, Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -41,7 +42,10 @@ impl Metrics {
             authz_duration: register_histogram_with_registry!(
                 "toolgate_authz_duration_seconds",
                 "Time to build the Cedar request and decide.",
-                vec![0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05],
+                vec![
+                    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+                    0.005, 0.01, 0.05
+                ],
                 r
             )
             .expect("metric"),
@@ -49,7 +53,10 @@ impl Metrics {
                 "toolgate_upstream_duration_seconds",
                 "Time from forwarding a call to the upstream's response headers.",
                 &["upstream"],
-                vec![0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                vec![
+                    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0
+                ],
                 r
             )
             .expect("metric"),

@@ -17,7 +17,7 @@ use toolgate_policy::{AuthzRequest, Decision, Env, PolicyEngine, Principal, Reso
 
 use crate::answer::{full, json_response, Body, Refusal};
 use crate::audit::AuditRecord;
-use crate::routes::{ClassifyError, Classified};
+use crate::routes::{Classified, ClassifyError};
 use crate::Gateway;
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -26,7 +26,11 @@ pub const TASK_HEADER: &str = "toolgate-task";
 impl Gateway {
     /// Serves one request on the agent listener. Never panics on input; every outcome is
     /// answered, counted and (for calls) recorded.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         if request.method() == Method::GET && request.uri().path() == JWKS_PATH {
             return json_response(StatusCode::OK, &self.minter.jwks());
         }
@@ -40,7 +44,10 @@ impl Gateway {
             ..AuditRecord::default()
         };
         let mut upstream = None;
-        let response = match self.call(request, peer.ip(), &mut record, &mut upstream).await {
+        let response = match self
+            .call(request, peer.ip(), &mut record, &mut upstream)
+            .await
+        {
             Ok(response) => response,
             Err(refusal) => {
                 if !matches!(refusal, Refusal::Forbidden) {
@@ -53,7 +60,10 @@ impl Gateway {
         record.status = response.status().as_u16();
         self.metrics
             .requests
-            .with_label_values(&[upstream.map_or("none", |i| self.upstreams[i].name()), response.status().as_str()])
+            .with_label_values(&[
+                upstream.map_or("none", |i| self.upstreams[i].name()),
+                response.status().as_str(),
+            ])
             .inc();
         self.audit.record(record);
         response
@@ -69,16 +79,22 @@ impl Gateway {
         check_header_size(&request, self.config.limits.max_header_bytes)?;
 
         // authenticate
-        let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let caller = self.auth.authenticate_header(authorization).await?;
         record.agent = Some(caller.agent.clone());
         record.user = caller.user.clone();
 
         // classify
-        let call = self.routes.classify(request.method(), request.uri().path()).map_err(|e| match e {
-            ClassifyError::NotFound => Refusal::ToolNotFound,
-            ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
-        })?;
+        let call = self
+            .routes
+            .classify(request.method(), request.uri().path())
+            .map_err(|e| match e {
+                ClassifyError::NotFound => Refusal::ToolNotFound,
+                ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
+            })?;
         let upstream = &self.upstreams[call.upstream];
         *upstream_index = Some(call.upstream);
         let action = format!("{}/{}", upstream.name(), call.tool);
@@ -87,7 +103,14 @@ impl Gateway {
 
         // One policy snapshot for the whole call, even if a reload lands meanwhile.
         let engine = self.policy.load_full();
-        let (request, args) = read_args(request, &call, &engine, &action, self.config.limits.max_body_bytes).await?;
+        let (request, args) = read_args(
+            request,
+            &call,
+            &engine,
+            &action,
+            self.config.limits.max_body_bytes,
+        )
+        .await?;
 
         // authorize
         if let Some(task) = request.headers().get(TASK_HEADER) {
@@ -116,7 +139,12 @@ impl Gateway {
         parts.uri = upstream.uri(&call.rest, parts.uri.query())?;
         let started = Instant::now();
         let result = upstream
-            .forward(&self.client, Request::from_parts(parts, body), &minted.token, client_ip)
+            .forward(
+                &self.client,
+                Request::from_parts(parts, body),
+                &minted.token,
+                client_ip,
+            )
             .await;
         self.metrics
             .upstream_duration
@@ -245,7 +273,10 @@ async fn read_args(
         .is_some_and(|ctx| !ctx.args.is_empty());
     let (parts, body) = request.into_parts();
     if !(declares_args && is_json(&parts.headers)) {
-        return Ok((Request::from_parts(parts, body.map_err(Into::into).boxed()), args));
+        return Ok((
+            Request::from_parts(parts, body.map_err(Into::into).boxed()),
+            args,
+        ));
     }
     let declared_length = parts
         .headers
@@ -266,8 +297,8 @@ async fn read_args(
         })?
         .to_bytes();
     if !bytes.is_empty() {
-        let value: Value =
-            serde_json::from_slice(&bytes).map_err(|e| Refusal::BadRequest(format!("body is not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Refusal::BadRequest(format!("body is not valid JSON: {e}")))?;
         if let Value::Object(fields) = value {
             merge_args(&mut args, fields)?;
         }
@@ -316,10 +347,25 @@ mod tests {
     #[test]
     fn same_argument_with_the_same_value_merges_and_a_conflict_is_refused() {
         let mut args = json!({"invoice_id": "42"}).as_object().unwrap().clone();
-        merge_args(&mut args, json!({"invoice_id": 42, "amount": 5}).as_object().unwrap().clone()).unwrap();
+        merge_args(
+            &mut args,
+            json!({"invoice_id": 42, "amount": 5})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .unwrap();
         assert_eq!(args.get("amount"), Some(&json!(5)));
-        assert_eq!(args.get("invoice_id"), Some(&json!("42")), "the first source stays");
-        let err = merge_args(&mut args, json!({"invoice_id": 43}).as_object().unwrap().clone()).unwrap_err();
+        assert_eq!(
+            args.get("invoice_id"),
+            Some(&json!("42")),
+            "the first source stays"
+        );
+        let err = merge_args(
+            &mut args,
+            json!({"invoice_id": 43}).as_object().unwrap().clone(),
+        )
+        .unwrap_err();
         assert!(matches!(err, Refusal::BadRequest(_)));
     }
 

@@ -28,7 +28,8 @@ impl Template {
         let mut seen = Vec::new();
         for seg in rest.split('/').filter(|s| !s.is_empty()) {
             if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
                     return Err(format!("path `{path}`: bad parameter `{seg}`"));
                 }
                 if seen.contains(&name) {
@@ -37,7 +38,9 @@ impl Template {
                 seen.push(name);
                 segments.push(Segment::Param(name.to_string()));
             } else if seg.contains(['{', '}']) {
-                return Err(format!("path `{path}`: a parameter must be a whole segment"));
+                return Err(format!(
+                    "path `{path}`: a parameter must be a whole segment"
+                ));
             } else {
                 segments.push(Segment::Literal(seg.to_string()));
             }
@@ -64,7 +67,10 @@ impl Template {
     }
 
     fn literal_count(&self) -> usize {
-        self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count()
+        self.segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count()
     }
 }
 
@@ -195,17 +201,38 @@ mod tests {
     #[test]
     fn matches_method_and_template() {
         let t = table();
-        let c = t.classify(&http::Method::GET, "/billing/invoices/42").unwrap();
-        assert_eq!((c.upstream, c.tool.as_str(), c.rest.as_str()), (0, "get_invoice", "/invoices/42"));
+        let c = t
+            .classify(&http::Method::GET, "/billing/invoices/42")
+            .unwrap();
+        assert_eq!(
+            (c.upstream, c.tool.as_str(), c.rest.as_str()),
+            (0, "get_invoice", "/invoices/42")
+        );
         assert_eq!(c.params["invoice_id"], "42");
-        let c = t.classify(&http::Method::GET, "/billing/invoices/7/lines/a%20b").unwrap();
-        assert_eq!((c.tool.as_str(), c.params["line"].as_str()), ("line", "a b"));
-        assert_eq!(t.classify(&http::Method::POST, "/billing/refunds").unwrap().tool, "refund");
+        let c = t
+            .classify(&http::Method::GET, "/billing/invoices/7/lines/a%20b")
+            .unwrap();
+        assert_eq!(
+            (c.tool.as_str(), c.params["line"].as_str()),
+            ("line", "a b")
+        );
+        assert_eq!(
+            t.classify(&http::Method::POST, "/billing/refunds")
+                .unwrap()
+                .tool,
+            "refund"
+        );
     }
 
     #[test]
     fn literal_beats_parameter() {
-        assert_eq!(table().classify(&http::Method::GET, "/billing/invoices/summary").unwrap().tool, "summary");
+        assert_eq!(
+            table()
+                .classify(&http::Method::GET, "/billing/invoices/summary")
+                .unwrap()
+                .tool,
+            "summary"
+        );
     }
 
     #[test]
@@ -233,7 +260,13 @@ mod tests {
             "/billing/invoices//",
             "/billing/invoices/%ff",
         ] {
-            assert!(matches!(t.classify(&http::Method::GET, p), Err(ClassifyError::BadPath(_))), "{p}");
+            assert!(
+                matches!(
+                    t.classify(&http::Method::GET, p),
+                    Err(ClassifyError::BadPath(_))
+                ),
+                "{p}"
+            );
         }
     }
 

@@ -71,13 +71,19 @@ impl Gateway {
         let builder = self.connection_builder();
 
         let gateway = self.clone();
-        let agent_loop = tokio::spawn(accept_loop(agent, tls, builder.clone(), stop_rx.clone(), move |peer| {
-            let gateway = gateway.clone();
-            service_fn(move |req: Request<Incoming>| {
+        let agent_loop = tokio::spawn(accept_loop(
+            agent,
+            tls,
+            builder.clone(),
+            stop_rx.clone(),
+            move |peer| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
-            })
-        }));
+                service_fn(move |req: Request<Incoming>| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
+                })
+            },
+        ));
         let gateway = self.clone();
         let admin_loop = tokio::spawn(accept_loop(admin, None, builder, stop_rx, move |_peer| {
             let gateway = gateway.clone();
@@ -121,8 +127,12 @@ async fn accept_loop<F, S, Fut>(
     make_service: F,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible, Future = Fut>
-        + Send
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+            Future = Fut,
+        > + Send
         + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
@@ -148,19 +158,26 @@ async fn accept_loop<F, S, Fut>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        watcher.watch(conn).await
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                },
+                }
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
                     watcher.watch(conn).await
                 }
             };
@@ -170,7 +187,10 @@ async fn accept_loop<F, S, Fut>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timed out; closing remaining connections");
     }
 }
@@ -186,12 +206,14 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcce
     ))
     .map_err(|e| format!("{}: {e}", key.display()))?
     .ok_or_else(|| format!("{}: no private key", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("TLS: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -193,8 +193,14 @@ mod tests {
             timeout_seconds: 1,
         };
         let up = Upstream::new(config.clone());
-        assert_eq!(up.uri("/invoices/4%202", Some("x=1")).unwrap(), "http://127.0.0.1:9/api/invoices/4%202?x=1");
+        assert_eq!(
+            up.uri("/invoices/4%202", Some("x=1")).unwrap(),
+            "http://127.0.0.1:9/api/invoices/4%202?x=1"
+        );
         config.url = "http://127.0.0.1:9".into();
-        assert_eq!(Upstream::new(config).uri("", None).unwrap(), "http://127.0.0.1:9/");
+        assert_eq!(
+            Upstream::new(config).uri("", None).unwrap(),
+            "http://127.0.0.1:9/"
+        );
     }
 }

@@ -28,7 +28,9 @@ impl Fetcher {
     }
 
     pub async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("invalid JWKS URL {url}: {e}"))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid JWKS URL {url}: {e}"))?;
         let fetch = async {
             let response = self
                 .client

@@ -26,7 +26,8 @@ impl KeySet {
     /// curves) are skipped and named in the returned warnings; a document with no usable key
     /// is an error.
     pub fn from_jwks(doc: &[u8]) -> Result<(KeySet, Vec<String>), String> {
-        let value: Value = serde_json::from_slice(doc).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_slice(doc).map_err(|e| format!("JWKS is not JSON: {e}"))?;
         let keys = value
             .get("keys")
             .and_then(Value::as_array)
@@ -34,8 +35,15 @@ impl KeySet {
         let mut set = KeySet::default();
         let mut warnings = Vec::new();
         for (i, raw) in keys.iter().enumerate() {
-            let name = raw.get("kid").and_then(Value::as_str).map_or(format!("#{i}"), String::from);
-            if raw.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
+            let name = raw
+                .get("kid")
+                .and_then(Value::as_str)
+                .map_or(format!("#{i}"), String::from);
+            if raw
+                .get("use")
+                .and_then(Value::as_str)
+                .is_some_and(|u| u != "sig")
+            {
                 warnings.push(format!("key {name}: not a signing key, skipped"));
                 continue;
             }
@@ -49,8 +57,11 @@ impl KeySet {
                 Err(e) => warnings.push(format!("key {name}: {e}, skipped")),
             }
         }
-        if set.len() == 0 {
-            return Err(format!("JWKS has no usable signing key ({})", warnings.join("; ")));
+        if set.is_empty() {
+            return Err(format!(
+                "JWKS has no usable signing key ({})",
+                warnings.join("; ")
+            ));
         }
         Ok((set, warnings))
     }
@@ -82,7 +93,9 @@ fn parse_key(raw: &Value) -> Result<(Option<String>, VerifyingKey), String> {
             _ => return Err("unsupported curve".into()),
         },
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
-        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            Algorithm::EdDSA
+        }
         AlgorithmParameters::OctetKeyPair(_) => return Err("unsupported curve".into()),
         AlgorithmParameters::OctetKey(_) => return Err("symmetric keys are never accepted".into()),
     };

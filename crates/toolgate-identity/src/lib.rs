@@ -56,7 +56,11 @@ impl Caller {
     /// The claims that describe the agent: the `act` object when delegated, else the token's.
     pub fn agent_claims(&self) -> &Map<String, Value> {
         match self.user {
-            Some(_) => self.claims.get("act").and_then(Value::as_object).unwrap_or(&NO_CLAIMS),
+            Some(_) => self
+                .claims
+                .get("act")
+                .and_then(Value::as_object)
+                .unwrap_or(&NO_CLAIMS),
             None => &self.claims,
         }
     }
@@ -95,7 +99,9 @@ pub enum AuthError {
 struct Issuer {
     config: IssuerConfig,
     keys: ArcSwap<KeySet>,
-    /// When keys were last (re)fetched; held while fetching so concurrent misses wait for one fetch.
+    /// When an unknown kid last caused a refetch; held while fetching so concurrent misses
+    /// wait for one fetch. The load at start does not count: a rotation right after start
+    /// must still be picked up.
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -126,7 +132,7 @@ impl Authenticator {
             issuers.push(Issuer {
                 config,
                 keys: ArcSwap::from_pointee(keys),
-                last_fetch: tokio::sync::Mutex::new(Some(Instant::now())),
+                last_fetch: tokio::sync::Mutex::new(None),
             });
         }
         Ok(Authenticator {
@@ -213,13 +219,19 @@ impl Authenticator {
 
     /// Picks the issuer by the token's (not yet verified) `iss`; verification then binds it.
     fn issuer_of(&self, token: &str) -> Result<&Issuer, AuthError> {
-        let payload = token.split('.').nth(1).ok_or_else(|| AuthError::Malformed("not a JWT".into()))?;
+        let payload = token
+            .split('.')
+            .nth(1)
+            .ok_or_else(|| AuthError::Malformed("not a JWT".into()))?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| AuthError::Malformed("payload is not base64url".into()))?;
-        let claims: Value =
-            serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed("payload is not JSON".into()))?;
-        let iss = claims.get("iss").and_then(Value::as_str).ok_or(AuthError::UnknownIssuer)?;
+        let claims: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| AuthError::Malformed("payload is not JSON".into()))?;
+        let iss = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(AuthError::UnknownIssuer)?;
         self.issuers
             .iter()
             .find(|i| i.config.issuer == iss)
@@ -236,24 +248,38 @@ impl Authenticator {
         if let Some(key) = issuer.keys.load().find(kid) {
             return Ok(key.clone());
         }
-        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) && !issuer.keys.load().is_empty() {
+        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) && !issuer.keys.load().is_empty()
+        {
             return Err(AuthError::UnknownKey);
         }
         *last = Some(Instant::now());
         match load_keys(&self.fetcher, &issuer.config.keys).await {
             Ok(keys) => issuer.keys.store(Arc::new(keys)),
-            Err(e) => tracing::warn!(issuer = %issuer.config.issuer, error = %e, "JWKS refetch failed"),
+            Err(e) => {
+                tracing::warn!(issuer = %issuer.config.issuer, error = %e, "JWKS refetch failed")
+            }
         }
-        issuer.keys.load().find(kid).cloned().ok_or(AuthError::UnknownKey)
+        issuer
+            .keys
+            .load()
+            .find(kid)
+            .cloned()
+            .ok_or(AuthError::UnknownKey)
     }
 }
 
 /// Maps verified claims to a caller: with `act`, the agent is `act.sub` and the user `sub`.
-pub fn caller_from_claims(claims: Map<String, Value>, issuer: &str, now: u64) -> Result<Caller, AuthError> {
+pub fn caller_from_claims(
+    claims: Map<String, Value>,
+    issuer: &str,
+    now: u64,
+) -> Result<Caller, AuthError> {
     let non_empty = |v: Option<&Value>, name: &str| -> Result<String, AuthError> {
         match v.and_then(Value::as_str) {
             Some(s) if !s.is_empty() => Ok(s.to_string()),
-            _ => Err(AuthError::InvalidClaims(format!("`{name}` must be a non-empty string"))),
+            _ => Err(AuthError::InvalidClaims(format!(
+                "`{name}` must be a non-empty string"
+            ))),
         }
     };
     let sub = non_empty(claims.get("sub"), "sub")?;
@@ -274,9 +300,9 @@ pub fn caller_from_claims(claims: Map<String, Value>, issuer: &str, now: u64) ->
 
 async fn load_keys(fetcher: &fetch::Fetcher, source: &KeySource) -> Result<KeySet, String> {
     let doc = match source {
-        KeySource::File(path) => {
-            tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        }
+        KeySource::File(path) => tokio::fs::read(path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
         KeySource::Url(url) => fetcher.get(url).await?,
     };
     let (keys, warnings) = KeySet::from_jwks(&doc)?;
@@ -287,7 +313,9 @@ async fn load_keys(fetcher: &fetch::Fetcher, source: &KeySource) -> Result<KeySe
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -310,7 +338,10 @@ mod tests {
         assert_eq!(c.agent, "assistant");
         assert_eq!(c.user.as_deref(), Some("alice"));
         assert_eq!(c.agent_claims().get("team"), Some(&json!("x")));
-        assert_eq!(c.user_claims().unwrap().get("patient_id"), Some(&json!("p-1")));
+        assert_eq!(
+            c.user_claims().unwrap().get("patient_id"),
+            Some(&json!("p-1"))
+        );
     }
 
     #[test]
@@ -330,7 +361,10 @@ mod tests {
             json!({"sub": "u", "act": {"sub": ""}}),
             json!({"sub": "u", "act": {}}),
         ] {
-            assert!(caller_from_claims(claims(bad.clone()), "idp", 0).is_err(), "{bad}");
+            assert!(
+                caller_from_claims(claims(bad.clone()), "idp", 0).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -345,7 +379,10 @@ mod tests {
         let (set, warnings) = KeySet::from_jwks(doc.to_string().as_bytes()).unwrap();
         assert_eq!(set.len(), 1);
         assert_eq!(warnings.len(), 1);
-        assert_eq!(set.find(Some("ed")).unwrap().alg, jsonwebtoken::Algorithm::EdDSA);
+        assert_eq!(
+            set.find(Some("ed")).unwrap().alg,
+            jsonwebtoken::Algorithm::EdDSA
+        );
         assert!(set.find(Some("h")).is_none());
         // Without a kid, the only key is used.
         assert!(set.find(None).is_some());

@@ -113,18 +113,22 @@ impl PolicyEngine {
             entities_path,
         } = loaded;
         let entities_value = entities_json.unwrap_or_else(|| json!([]));
-        let entities = Entities::from_json_value(entities_value.clone(), Some(&schema)).map_err(|e| {
-            LoadError {
-                problems: vec![crate::Problem {
-                    file: entities_path.clone(),
-                    line: 1,
-                    message: error_chain(&e),
-                }],
-            }
-        })?;
+        let entities =
+            Entities::from_json_value(entities_value.clone(), Some(&schema)).map_err(|e| {
+                LoadError {
+                    problems: vec![crate::Problem {
+                        file: entities_path.clone(),
+                        line: 1,
+                        message: error_chain(&e),
+                    }],
+                }
+            })?;
         let mut entity_json = HashMap::new();
         for entry in entities_value.as_array().into_iter().flatten() {
-            if let Some(uid) = entry.get("uid").and_then(|u| EntityUid::from_json(u.clone()).ok()) {
+            if let Some(uid) = entry
+                .get("uid")
+                .and_then(|u| EntityUid::from_json(u.clone()).ok())
+            {
                 entity_json.insert(uid, entry.clone());
             }
         }
@@ -232,8 +236,14 @@ impl PolicyEngine {
         let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
         let context = Context::from_json_value(Value::Object(typed), Some((&self.schema, &action)))
             .map_err(|e| format!("context: {}", error_chain(&e)))?;
-        let request = Request::new(principal, action.clone(), resource, context, Some(&self.schema))
-            .map_err(|e| format!("request: {}", error_chain(&e)))?;
+        let request = Request::new(
+            principal,
+            action.clone(),
+            resource,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| format!("request: {}", error_chain(&e)))?;
         let entities = Entities::from_entities(slice.into_values(), None)
             .map_err(|e| format!("entities: {}", error_chain(&e)))?;
         Ok((action, request, entities))
@@ -249,15 +259,17 @@ impl PolicyEngine {
     ) -> Result<EntityUid, String> {
         let id = uid(kind, who.id)?;
         let type_name = format!("{NAMESPACE}::{kind}");
-        let mut entry = self
-            .entity_json
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| json!({"uid": {"type": type_name, "id": who.id}, "attrs": {}, "parents": []}));
+        let mut entry = self.entity_json.get(&id).cloned().unwrap_or_else(
+            || json!({"uid": {"type": type_name, "id": who.id}, "attrs": {}, "parents": []}),
+        );
         if let Some(declared) = self.info.entity_attrs.get(&type_name) {
             let attrs = entry
                 .as_object_mut()
-                .and_then(|e| e.entry("attrs").or_insert_with(|| json!({})).as_object_mut())
+                .and_then(|e| {
+                    e.entry("attrs")
+                        .or_insert_with(|| json!({}))
+                        .as_object_mut()
+                })
                 .ok_or_else(|| format!("{type_name} `{}`: attrs is not an object", who.id))?;
             for (name, (ty, _)) in declared {
                 if attrs.contains_key(name) {
@@ -286,7 +298,10 @@ impl PolicyEngine {
                 let tool_uid = uid("Tool", &format!("{upstream}/{tool}"))?;
                 let entity = match self.entities.get(&tool_uid) {
                     Some(known) => known.clone(),
-                    None => Entity::new_no_attrs(tool_uid.clone(), HashSet::from([upstream_uid.clone()])),
+                    None => Entity::new_no_attrs(
+                        tool_uid.clone(),
+                        HashSet::from([upstream_uid.clone()]),
+                    ),
                 };
                 self.insert_with_parents(entity, slice);
                 if !slice.contains_key(&upstream_uid) {
@@ -299,7 +314,10 @@ impl PolicyEngine {
             }
             Resource::Task { id } => {
                 let task_uid = uid("Task", id)?;
-                slice.insert(task_uid.clone(), Entity::new_no_attrs(task_uid.clone(), HashSet::new()));
+                slice.insert(
+                    task_uid.clone(),
+                    Entity::new_no_attrs(task_uid.clone(), HashSet::new()),
+                );
                 Ok(task_uid)
             }
         }
@@ -370,7 +388,11 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
 /// Keeps the declared attributes of `raw`, each coerced to its declared type. Undeclared
 /// attributes are dropped (no policy can name them); a missing required one is left for
 /// Cedar to report, which denies.
-pub fn coerce_record(raw: &Map<String, Value>, declared: &Record, at: &str) -> Result<Map<String, Value>, String> {
+pub fn coerce_record(
+    raw: &Map<String, Value>,
+    declared: &Record,
+    at: &str,
+) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     for (name, (ty, _required)) in declared {
         if let Some(value) = raw.get(name) {
@@ -408,7 +430,9 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<Value, String> {
             .map(Value::Array),
         // One query value where a set is declared: a set of one.
         (AttrType::Set(element), single) => Ok(Value::Array(vec![coerce(single, element, at)?])),
-        (AttrType::Record(declared), Value::Object(raw)) => coerce_record(raw, declared, at).map(Value::Object),
+        (AttrType::Record(declared), Value::Object(raw)) => {
+            coerce_record(raw, declared, at).map(Value::Object)
+        }
         (AttrType::Record(_), _) => Err(mismatch("Record")),
         (AttrType::Entity(type_name), Value::String(id)) => {
             Ok(json!({"__entity": {"type": type_name, "id": id}}))
@@ -422,17 +446,26 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<Value, String> {
 }
 
 /// For each action in the schema, the policies whose action scope can match it.
-fn index_by_action(schema: &Schema, entities: &Entities, policies: &PolicySet) -> HashMap<EntityUid, PolicySet> {
+fn index_by_action(
+    schema: &Schema,
+    entities: &Entities,
+    policies: &PolicySet,
+) -> HashMap<EntityUid, PolicySet> {
     let actions: Vec<EntityUid> = schema.actions().cloned().collect();
     let ancestors: HashMap<&EntityUid, HashSet<EntityUid>> = actions
         .iter()
         .map(|a| {
-            let up = entities.ancestors(a).map(|it| it.cloned().collect()).unwrap_or_default();
+            let up = entities
+                .ancestors(a)
+                .map(|it| it.cloned().collect())
+                .unwrap_or_default();
             (a, up)
         })
         .collect();
-    let mut index: HashMap<EntityUid, PolicySet> =
-        actions.iter().map(|a| (a.clone(), PolicySet::new())).collect();
+    let mut index: HashMap<EntityUid, PolicySet> = actions
+        .iter()
+        .map(|a| (a.clone(), PolicySet::new()))
+        .collect();
     for policy in policies.policies() {
         let targets: Vec<&EntityUid> = match policy.action_constraint() {
             ActionConstraint::Any => actions.iter().collect(),
@@ -440,9 +473,9 @@ fn index_by_action(schema: &Schema, entities: &Entities, policies: &PolicySet) -
             ActionConstraint::In(groups) => actions
                 .iter()
                 .filter(|action| {
-                    groups
-                        .iter()
-                        .any(|g| g == *action || ancestors.get(action).is_some_and(|up| up.contains(g)))
+                    groups.iter().any(|g| {
+                        g == *action || ancestors.get(action).is_some_and(|up| up.contains(g))
+                    })
                 })
                 .collect(),
         };
@@ -481,8 +514,14 @@ mod tests {
     ) -> AuthzRequest<'a> {
         let (upstream, tool) = action.split_once('/').unwrap();
         AuthzRequest {
-            agent: Principal { id: "assistant", claims: agent },
-            user: user.map(|claims| Principal { id: "alice", claims }),
+            agent: Principal {
+                id: "assistant",
+                claims: agent,
+            },
+            user: user.map(|claims| Principal {
+                id: "alice",
+                claims,
+            }),
             action,
             resource: Resource::Tool { upstream, tool },
             args: args.as_object().cloned().unwrap_or_default(),
@@ -499,12 +538,22 @@ mod tests {
     fn path_parameter_declared_long_arrives_as_long() {
         let engine = example();
         let (agent, user) = (claims(json!({})), claims(json!({})));
-        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": "42"})));
+        let d = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "billing/get_invoice",
+            json!({"invoice_id": "42"}),
+        ));
         assert!(d.allowed, "{d:?}");
         assert_eq!(d.policies, vec!["billing-read"]);
         assert_eq!(d.grants, vec!["invoices:read"]);
 
-        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": "4x"})));
+        let d = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "billing/get_invoice",
+            json!({"invoice_id": "4x"}),
+        ));
         assert!(!d.allowed);
         assert!(d.errors[0].contains("expected Long"), "{d:?}");
     }
@@ -513,18 +562,36 @@ mod tests {
     fn permit_needs_a_delegating_user() {
         let engine = example();
         let agent = claims(json!({}));
-        let d = engine.authorize(&call(&agent, None, "billing/get_invoice", json!({"invoice_id": 7})));
+        let d = engine.authorize(&call(
+            &agent,
+            None,
+            "billing/get_invoice",
+            json!({"invoice_id": 7}),
+        ));
         assert!(!d.allowed);
-        assert!(d.policies.is_empty() && d.errors.is_empty(), "plain default deny: {d:?}");
+        assert!(
+            d.policies.is_empty() && d.errors.is_empty(),
+            "plain default deny: {d:?}"
+        );
     }
 
     #[test]
     fn forbid_overrides_permit() {
         let engine = example();
         let (agent, user) = (claims(json!({})), claims(json!({})));
-        let small = engine.authorize(&call(&agent, Some(&user), "billing/refund", json!({"invoice_id": 1, "amount": 20})));
+        let small = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "billing/refund",
+            json!({"invoice_id": 1, "amount": 20}),
+        ));
         assert!(small.allowed, "{small:?}");
-        let large = engine.authorize(&call(&agent, Some(&user), "billing/refund", json!({"invoice_id": 1, "amount": 900})));
+        let large = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "billing/refund",
+            json!({"invoice_id": 1, "amount": 900}),
+        ));
         assert!(!large.allowed);
         assert_eq!(large.policies, vec!["refund-limit"]);
     }
@@ -534,12 +601,27 @@ mod tests {
         let engine = example();
         let agent = claims(json!({}));
         let user = claims(json!({"patient_id": "p-100", "unrelated": [1, 2]}));
-        let own = engine.authorize(&call(&agent, Some(&user), "records/get_patient_record", json!({"patient_id": "p-100"})));
+        let own = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "records/get_patient_record",
+            json!({"patient_id": "p-100"}),
+        ));
         assert!(own.allowed, "{own:?}");
-        let other = engine.authorize(&call(&agent, Some(&user), "records/get_patient_record", json!({"patient_id": "p-200"})));
+        let other = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "records/get_patient_record",
+            json!({"patient_id": "p-200"}),
+        ));
         assert!(!other.allowed);
         let mistyped = claims(json!({"patient_id": 100}));
-        let d = engine.authorize(&call(&agent, Some(&mistyped), "records/get_patient_record", json!({"patient_id": "100"})));
+        let d = engine.authorize(&call(
+            &agent,
+            Some(&mistyped),
+            "records/get_patient_record",
+            json!({"patient_id": "100"}),
+        ));
         assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
     }
 
@@ -550,7 +632,12 @@ mod tests {
         let d = engine.authorize(&call(&agent, Some(&user), "billing/nope", json!({})));
         assert!(!d.allowed && d.errors[0].contains("not declared"), "{d:?}");
 
-        let mut req = call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": 1}));
+        let mut req = call(
+            &agent,
+            Some(&user),
+            "billing/get_invoice",
+            json!({"invoice_id": 1}),
+        );
         req.agent.id = "stranger";
         assert!(!engine.authorize(&req).allowed);
     }
@@ -559,7 +646,12 @@ mod tests {
     fn undeclared_args_are_dropped_and_missing_required_ones_deny() {
         let engine = example();
         let (agent, user) = (claims(json!({})), claims(json!({})));
-        let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({"invoice_id": 3, "debug": "x"})));
+        let d = engine.authorize(&call(
+            &agent,
+            Some(&user),
+            "billing/get_invoice",
+            json!({"invoice_id": 3, "debug": "x"}),
+        ));
         assert!(d.allowed, "{d:?}");
         let d = engine.authorize(&call(&agent, Some(&user), "billing/get_invoice", json!({})));
         assert!(!d.allowed && !d.errors.is_empty(), "{d:?}");
@@ -574,11 +666,18 @@ mod tests {
             ("billing/list_invoices", json!({"limit": "5"})),
             ("billing/refund", json!({"invoice_id": 1, "amount": 501})),
             ("records/get_patient_record", json!({"patient_id": "p-1"})),
-            ("records/delete_patient_record", json!({"patient_id": "p-1"})),
+            (
+                "records/delete_patient_record",
+                json!({"patient_id": "p-1"}),
+            ),
         ] {
             for u in [None, Some(&user)] {
                 let req = call(&agent, u, action, args.clone());
-                assert_eq!(engine.authorize(&req), engine.authorize_unindexed(&req), "{action}");
+                assert_eq!(
+                    engine.authorize(&req),
+                    engine.authorize_unindexed(&req),
+                    "{action}"
+                );
             }
         }
     }
@@ -589,7 +688,11 @@ mod tests {
         let src = engine.source("refund-limit").unwrap();
         assert!(src.file.ends_with("billing.cedar"));
         let text = std::fs::read_to_string(&src.file).unwrap();
-        assert!(text.lines().nth(src.line - 1).unwrap().contains("@id(\"refund-limit\")"));
+        assert!(text
+            .lines()
+            .nth(src.line - 1)
+            .unwrap()
+            .contains("@id(\"refund-limit\")"));
     }
 }
 
@@ -628,7 +731,11 @@ mod load_tests {
         fn uuid() -> String {
             use std::sync::atomic::{AtomicUsize, Ordering};
             static N: AtomicUsize = AtomicUsize::new(0);
-            format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+            format!(
+                "{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            )
         }
     }
 
@@ -640,7 +747,10 @@ mod load_tests {
         )]);
         let err = PolicyEngine::load(&dir.0).err().expect("must be rejected");
         let text = err.to_string();
-        assert!(err.problems.iter().all(|p| p.file.ends_with("bad.cedar")), "{text}");
+        assert!(
+            err.problems.iter().all(|p| p.file.ends_with("bad.cedar")),
+            "{text}"
+        );
         assert!(text.contains("bad.cedar:4:"), "{text}");
         assert!(text.contains("bad.1"), "{text}");
     }
@@ -654,7 +764,10 @@ mod load_tests {
         let err = PolicyEngine::load(&dir.0).err().expect("must be rejected");
         let text = err.to_string();
         assert!(text.contains("syntax.cedar:2:"), "{text}");
-        assert!(text.contains("duplicate policy id `refund-limit`"), "{text}");
+        assert!(
+            text.contains("duplicate policy id `refund-limit`"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -667,17 +780,35 @@ mod load_tests {
         let engine = PolicyEngine::load(&dir.0).unwrap();
         let empty = Map::new();
         let req = AuthzRequest {
-            agent: Principal { id: "assistant", claims: &empty },
-            user: Some(Principal { id: "alice", claims: &empty }),
+            agent: Principal {
+                id: "assistant",
+                claims: &empty,
+            },
+            user: Some(Principal {
+                id: "alice",
+                claims: &empty,
+            }),
             action: "billing/refund",
-            resource: Resource::Tool { upstream: "billing", tool: "refund" },
-            args: json!({"invoice_id": 1, "amount": 10}).as_object().unwrap().clone(),
-            env: Env { source_ip: "127.0.0.1".parse().unwrap(), time: Utc::now() },
+            resource: Resource::Tool {
+                upstream: "billing",
+                tool: "refund",
+            },
+            args: json!({"invoice_id": 1, "amount": 10})
+                .as_object()
+                .unwrap()
+                .clone(),
+            env: Env {
+                source_ip: "127.0.0.1".parse().unwrap(),
+                time: Utc::now(),
+            },
             task: None,
         };
         let d = engine.authorize(&req);
         assert!(!d.allowed, "an erroring forbid must deny: {d:?}");
-        assert!(d.errors.iter().any(|e| e.contains("overflowing-forbid")), "{d:?}");
+        assert!(
+            d.errors.iter().any(|e| e.contains("overflowing-forbid")),
+            "{d:?}"
+        );
         // Cedar alone would have allowed: the permit holds and the forbid was skipped.
         assert_eq!(d.policies, vec!["billing-refund"]);
     }

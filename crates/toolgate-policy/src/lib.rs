@@ -7,8 +7,11 @@ mod load;
 mod schema_info;
 
 pub use engine::{
-    coerce, coerce_record, uid, AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
-    NAMESPACE,
+    coerce, coerce_record, uid, AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource,
+    TaskContext, NAMESPACE,
 };
-pub use load::{load_dir, ENTITIES_FILE, SCHEMA_FILE, parse_policy_file, parse_schema, LoadError, Loaded, PolicySource, Problem};
+pub use load::{
+    load_dir, parse_policy_file, parse_schema, LoadError, Loaded, PolicySource, Problem,
+    ENTITIES_FILE, SCHEMA_FILE,
+};
 pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};

@@ -6,7 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use cedar_policy::{Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator};
+use cedar_policy::{
+    Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
+};
 use miette::Diagnostic;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
@@ -180,29 +182,46 @@ pub fn parse_schema(path: &Path, text: &str) -> Result<(Schema, serde_json::Valu
         .clone()
         .to_json_value()
         .map_err(|e| LoadError::one(path, 1, e.to_string()))?;
-    let schema = Schema::from_schema_fragments([fragment])
-        .map_err(|e| diagnostic_error(path, text, &e))?;
+    let schema =
+        Schema::from_schema_fragments([fragment]).map_err(|e| diagnostic_error(path, text, &e))?;
     Ok((schema, json))
 }
 
 /// Splits one file into policies with stable ids: `@id("...")` or `<file stem>.<n>` (n from 0).
-pub fn parse_policy_file(path: &Path, text: &str) -> Result<Vec<(Policy, PolicySource)>, LoadError> {
+pub fn parse_policy_file(
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(Policy, PolicySource)>, LoadError> {
     let set = PolicySet::from_str(text).map_err(|e| diagnostic_error(path, text, &e))?;
     if let Some(template) = set.templates().next() {
-        let line = text.find(&template.to_cedar()).map_or(1, |offset| line_of(text, offset));
-        return Err(LoadError::one(path, line, "policy templates are not supported"));
+        let line = text
+            .find(&template.to_cedar())
+            .map_or(1, |offset| line_of(text, offset));
+        return Err(LoadError::one(
+            path,
+            line,
+            "policy templates are not supported",
+        ));
     }
     // `from_str` names policies policy0, policy1, ... in source order.
     let mut parsed: Vec<(usize, &Policy)> = set
         .policies()
         .map(|p| {
-            let n = p.id().to_string().trim_start_matches("policy").parse().unwrap_or(usize::MAX);
+            let n = p
+                .id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse()
+                .unwrap_or(usize::MAX);
             (n, p)
         })
         .collect();
     parsed.sort_by_key(|(n, _)| *n);
 
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut cursor = 0;
     let mut out = Vec::with_capacity(parsed.len());
     for (index, (_, policy)) in parsed.into_iter().enumerate() {
@@ -246,8 +265,17 @@ pub fn validate_file(
         let _ = set.add(policy.clone());
     }
     let result = validator.validate(&set, ValidationMode::Strict);
+    // Cedar reports one error per request environment (action); one per kind and place reads better.
+    let mut seen = std::collections::HashSet::new();
     result
         .validation_errors()
+        .filter(|e| {
+            seen.insert((
+                e.policy_id().clone(),
+                std::mem::discriminant(*e),
+                first_label_offset(*e),
+            ))
+        })
         .map(|e| Problem {
             file: path.to_path_buf(),
             line: first_label_offset(e)
@@ -260,7 +288,11 @@ pub fn validate_file(
         .collect()
 }
 
-fn diagnostic_error(path: &Path, text: &str, e: &(dyn Diagnostic + Send + Sync + 'static)) -> LoadError {
+fn diagnostic_error(
+    path: &Path,
+    text: &str,
+    e: &(dyn Diagnostic + Send + Sync + 'static),
+) -> LoadError {
     let mut problems: Vec<Problem> = Vec::new();
     let mut push = |d: &dyn Diagnostic, fallback: String| {
         let line = first_label_offset(d).map_or(1, |o| line_of(text, o.min(text.len())));
@@ -310,5 +342,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
-    text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }

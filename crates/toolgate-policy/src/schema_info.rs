@@ -115,7 +115,10 @@ impl Resolver<'_> {
                 let mut record = Record::new();
                 if let Some(attrs) = ty.get("attributes").and_then(Value::as_object) {
                     for (name, attr) in attrs {
-                        let required = attr.get("required").and_then(Value::as_bool).unwrap_or(true);
+                        let required = attr
+                            .get("required")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(true);
                         if let Some(t) = self.resolve(attr, depth + 1) {
                             record.insert(name.clone(), (t, required));
                         }

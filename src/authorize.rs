@@ -1,0 +1,108 @@
+//! `toolgate authorize`: one offline decision from a request file, through the same
+//! engine (and index) that `serve` uses.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use toolgate_gateway::Config;
+use toolgate_policy::{
+    AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
+};
+
+/// A decision request as written by people: JSON or YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFile {
+    pub agent: String,
+    #[serde(default)]
+    pub agent_claims: Map<String, Value>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub user_claims: Map<String, Value>,
+    /// `<upstream>/<tool>`, `list` or `start_task`.
+    pub action: String,
+    /// `<upstream>/<tool>` or `task:<id>`; by default the tool the action names.
+    #[serde(default)]
+    pub resource: Option<String>,
+    #[serde(default)]
+    pub args: Map<String, Value>,
+    #[serde(default)]
+    pub env: EnvFile,
+    #[serde(default)]
+    pub task: Option<TaskFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvFile {
+    #[serde(default)]
+    pub source_ip: Option<std::net::IpAddr>,
+    #[serde(default)]
+    pub time: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFile {
+    pub id: String,
+    #[serde(default)]
+    pub intent: String,
+}
+
+impl RequestFile {
+    pub fn decide(&self, engine: &PolicyEngine) -> Result<Decision, String> {
+        let resource_name = self.resource.clone().unwrap_or_else(|| self.action.clone());
+        let resource = match resource_name.strip_prefix("task:") {
+            Some(id) => Resource::Task { id },
+            None => {
+                let (upstream, tool) = resource_name.split_once('/').ok_or_else(|| {
+                    format!("resource `{resource_name}`: expected <upstream>/<tool> or task:<id>")
+                })?;
+                Resource::Tool { upstream, tool }
+            }
+        };
+        let request = AuthzRequest {
+            agent: Principal {
+                id: &self.agent,
+                claims: &self.agent_claims,
+            },
+            user: self.user.as_deref().map(|id| Principal {
+                id,
+                claims: &self.user_claims,
+            }),
+            action: &self.action,
+            resource,
+            args: self.args.clone(),
+            env: Env {
+                source_ip: self.env.source_ip.unwrap_or([127, 0, 0, 1].into()),
+                time: self.env.time.unwrap_or_else(Utc::now),
+            },
+            task: self.task.as_ref().map(|t| TaskContext {
+                id: t.id.clone(),
+                intent: t.intent.clone(),
+            }),
+        };
+        Ok(engine.authorize(&request))
+    }
+}
+
+pub fn run(config_path: &Path, request_path: &Path) -> Result<ExitCode, String> {
+    let config = Config::load(config_path)?;
+    let engine = PolicyEngine::load(&config.policies).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(request_path)
+        .map_err(|e| format!("{}: {e}", request_path.display()))?;
+    let request: RequestFile =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", request_path.display()))?;
+    let decision = request.decide(&engine)?;
+    let out = json!({
+        "decision": if decision.allowed { "allow" } else { "deny" },
+        "policies": decision.policies,
+        "errors": decision.errors,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}

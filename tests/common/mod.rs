@@ -1,0 +1,398 @@
+//! Test harness: a real `toolgate serve` process on ephemeral loopback ports, a real HTTP
+//! upstream that records what it receives, an HTTP client, and token helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use toolgate_credential::SigningKey;
+
+pub const IDP: &str = "https://idp.test";
+pub const AUDIENCE: &str = "toolgate";
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "toolgate-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies the example policies into `dir/policies`, plus `extra` files.
+pub fn write_policies(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for entry in std::fs::read_dir(repo().join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+    }
+    for (name, text) in extra {
+        std::fs::write(policies.join(name), text).unwrap();
+    }
+    policies
+}
+
+// ---------------------------------------------------------------- recording upstream
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A real HTTP server that records every request. A URI containing `slow` waits 3 s.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let slow = parts.uri.to_string().contains("slow");
+                            log.lock().unwrap().push(Recorded {
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers: parts.headers,
+                                body,
+                            });
+                            if slow {
+                                tokio::time::sleep(Duration::from_secs(3)).await;
+                            }
+                            let mut response =
+                                Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            response
+                                .headers_mut()
+                                .insert("x-upstream", "recorder".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------- keys and tokens
+
+/// The test identity provider's ES256 key, and its JWKS (with the committed RSA/EdDSA keys).
+pub struct Idp {
+    pub key: SigningKey,
+    pub jwks_path: PathBuf,
+}
+
+impl Idp {
+    pub fn new(dir: &Path) -> Idp {
+        let (key, _) = SigningKey::generate().unwrap();
+        let extra: Value = serde_json::from_slice(
+            &std::fs::read(repo().join("tests/fixtures/idp-extra.jwks.json")).unwrap(),
+        )
+        .unwrap();
+        let mut keys = vec![key.public_jwk().clone()];
+        keys.extend(extra["keys"].as_array().unwrap().iter().cloned());
+        let jwks_path = dir.join("idp.jwks.json");
+        std::fs::write(&jwks_path, json!({"keys": keys}).to_string()).unwrap();
+        Idp { key, jwks_path }
+    }
+
+    /// alice's assistant: agent `assistant` acting for user `alice` (patient p-100).
+    pub fn delegated(&self) -> String {
+        self.sign(json!({"sub": "alice", "act": {"sub": "assistant"}, "patient_id": "p-100"}))
+    }
+
+    /// Standard claims (iss, aud, iat, exp) merged under `claims`, signed ES256.
+    pub fn sign(&self, claims: Value) -> String {
+        self.key.sign("JWT", &with_defaults(claims)).unwrap()
+    }
+}
+
+pub fn with_defaults(claims: Value) -> Value {
+    let now = now();
+    let mut all = json!({"iss": IDP, "aud": AUDIENCE, "iat": now, "exp": now + 600});
+    for (k, v) in claims.as_object().unwrap() {
+        all[k] = v.clone();
+    }
+    all
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+// ---------------------------------------------------------------- the gateway process
+
+pub struct GatewayOptions<'a> {
+    pub upstream: SocketAddr,
+    pub extra_policies: &'a [(&'a str, &'a str)],
+    /// Replaces the `inbound:` section (default: the Idp's JWKS file).
+    pub inbound: Option<String>,
+}
+
+/// A running `toolgate serve` child process, killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: TempDir,
+    pub idp: Idp,
+    pub audit_path: PathBuf,
+}
+
+impl Gateway {
+    pub async fn start(options: GatewayOptions<'_>) -> Gateway {
+        let dir = TempDir::new("e2e");
+        let idp = Idp::new(&dir.0);
+        write_policies(&dir.0, options.extra_policies);
+        let (_, signing_pem) = SigningKey::generate().unwrap();
+        std::fs::write(dir.0.join("signing.pem"), signing_pem).unwrap();
+        let inbound = options.inbound.unwrap_or_else(|| {
+            format!(
+                "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n"
+            )
+        });
+        let up = options.upstream;
+        let config = format!(
+            r#"listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+issuer: https://toolgate.test
+policies: policies/
+{inbound}credentials:
+  signing_key: signing.pem
+  ttl_seconds: 60
+upstreams:
+  - name: billing
+    url: http://{up}/api
+    audience: https://billing.internal
+    kind: rest
+    timeout_seconds: 1
+    routes:
+      - {{ tool: get_invoice, method: GET, path: "/invoices/{{invoice_id}}" }}
+      - {{ tool: list_invoices, method: GET, path: /invoices }}
+      - {{ tool: refund, method: POST, path: /refunds }}
+  - name: records
+    url: http://{up}
+    audience: https://records.internal
+    kind: rest
+    routes:
+      - {{ tool: get_patient_record, method: GET, path: "/patients/{{patient_id}}/record" }}
+      - {{ tool: delete_patient_record, method: DELETE, path: "/patients/{{patient_id}}/record" }}
+limits:
+  max_body_bytes: 4096
+  max_header_bytes: 8192
+audit:
+  path: audit.jsonl
+"#,
+        );
+        std::fs::write(dir.0.join("toolgate.yaml"), config).unwrap();
+        let audit_path = dir.0.join("audit.jsonl");
+        let (child, addr, admin) = spawn_serve(&dir.0.join("toolgate.yaml")).await;
+        Gateway {
+            child,
+            addr,
+            admin,
+            dir,
+            idp,
+            audit_path,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The audit lines written so far; waits (bounded) until at least `at_least` are there.
+    pub async fn audit(&self, at_least: usize) -> Vec<Value> {
+        for _ in 0..100 {
+            let lines: Vec<Value> = std::fs::read_to_string(&self.audit_path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+                .collect();
+            if lines.len() >= at_least {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {at_least} audit lines after 2 s");
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("gateway did not exit within 5 s of SIGTERM");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `toolgate serve` and reads the bound addresses from its first stdout line.
+pub async fn spawn_serve(config: &Path) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn toolgate");
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("gateway announced itself in time")
+        .unwrap()
+        .unwrap();
+    let announced: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not an announcement: {line:?}"));
+    (
+        child,
+        announced["listen"].as_str().unwrap().parse().unwrap(),
+        announced["admin"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+/// Runs the toolgate binary to completion.
+pub fn toolgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(args)
+        .output()
+        .expect("run toolgate")
+}
+
+// ---------------------------------------------------------------- HTTP client
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+}
+
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut request = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("answer within 10 s")
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+pub async fn get(url: &str, token: &str) -> Answer {
+    send(
+        "GET",
+        url,
+        &[("authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .await
+}

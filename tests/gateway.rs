@@ -1,0 +1,803 @@
+//! End-to-end: a real `toolgate serve` process between a real HTTP client and a real
+//! recording upstream, all on loopback ephemeral ports.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{json, Value};
+use toolgate_credential::Claims;
+
+/// Forbids refunds whose reason is "boom" with a policy that errs (Long overflow) exactly then.
+const ERRING_FORBID: &str = r#"
+@id("erring-forbid")
+forbid (principal, action == Toolgate::Action::"billing/refund", resource)
+when {
+  context.args has reason && context.args.reason == "boom" &&
+  context.args.amount + 9223372036854775807 < 0
+};
+"#;
+
+async fn gateway(upstream: &Upstream) -> Gateway {
+    Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("erring.cedar", ERRING_FORBID)],
+        inbound: None,
+    })
+    .await
+}
+
+/// Verifies a minted credential against the gateway's published JWKS.
+async fn verify_minted(gw: &Gateway, token: &str, audience: &str) -> Claims {
+    let jwks: JwkSet = serde_json::from_slice(
+        &send("GET", &gw.url("/.well-known/jwks.json"), &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, Algorithm::ES256);
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid set"))
+        .expect("kid published");
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&["https://toolgate.test"]);
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+        .expect("minted token verifies")
+        .claims
+}
+
+fn bearer(recorded: &Recorded) -> String {
+    recorded.headers["authorization"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("Bearer ")
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn allowed_call_is_forwarded_with_a_narrow_minted_credential() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let inbound = gw.idp.delegated();
+    let headers = [
+        ("authorization", format!("Bearer {inbound}")),
+        ("cookie", "session=secret-cookie".to_string()),
+        ("proxy-authorization", "Basic c2VjcmV0".to_string()),
+        ("x-request-id", "r-1".to_string()),
+    ];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let first = send(
+        "GET",
+        &gw.url("/billing/invoices/42?expand=lines"),
+        &headers,
+        b"",
+    )
+    .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.headers["x-upstream"], "recorder");
+    let second = get(&gw.url("/billing/invoices/43"), &inbound).await;
+    assert_eq!(second.status, 200);
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].uri, "/api/invoices/42?expand=lines");
+    assert_eq!(seen[0].headers["x-request-id"], "r-1");
+    for r in &seen {
+        assert!(
+            r.headers.get("cookie").is_none() && r.headers.get("proxy-authorization").is_none()
+        );
+        for (name, value) in &r.headers {
+            assert!(
+                !value.to_str().unwrap_or("").contains(&inbound),
+                "inbound token leaked in {name}"
+            );
+        }
+    }
+
+    let a = verify_minted(&gw, &bearer(&seen[0]), "https://billing.internal").await;
+    let b = verify_minted(&gw, &bearer(&seen[1]), "https://billing.internal").await;
+    assert_eq!(a.sub, "alice");
+    assert_eq!(a.act.as_ref().unwrap().sub, "assistant");
+    assert_eq!(a.aud, "https://billing.internal");
+    assert_eq!(a.scope, "billing/get_invoice invoices:read");
+    assert!(a.exp > a.iat && a.exp - a.iat <= 60, "exp within ttl");
+    assert!(a.nbf <= a.iat);
+    assert_ne!(a.jti, b.jti, "jti is unique per call");
+    assert!(a.task_id.is_none());
+
+    // Each decision has one audit line, and its decision_id and jti match the credential.
+    let audit = gw.audit(2).await;
+    for claims in [&a, &b] {
+        let lines: Vec<&Value> = audit
+            .iter()
+            .filter(|l| l["decision_id"] == claims.decision_id.as_str())
+            .collect();
+        assert_eq!(lines.len(), 1);
+        let line = lines[0];
+        assert_eq!(line["jti"], claims.jti.as_str());
+        assert_eq!(line["decision"], "allow");
+        assert_eq!(line["agent"], "assistant");
+        assert_eq!(line["user"], "alice");
+        assert_eq!(line["action"], "billing/get_invoice");
+        assert_eq!(line["policies"], json!(["billing-read"]));
+        assert_eq!(line["upstream_status"], 200);
+        assert!(line["eval_us"].as_u64().is_some());
+    }
+    let text = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(
+        !text.contains(&bearer(&seen[0])) && !text.contains(&inbound),
+        "no token in the audit log"
+    );
+}
+
+#[tokio::test]
+async fn policy_decisions_deny_with_decision_ids_and_forward_nothing() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    let auth = format!("Bearer {token}");
+    let json_post = |body: &'static str| {
+        let auth = auth.clone();
+        let url = gw.url("/billing/refunds");
+        async move {
+            send(
+                "POST",
+                &url,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+
+    // No policy permits it: default deny.
+    let no_policy = send(
+        "DELETE",
+        &gw.url("/records/patients/p-100/record"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    // A permit matches, a forbid too: forbid wins.
+    let forbidden = json_post(r#"{"invoice_id": 42, "amount": 900}"#).await;
+    // The forbid errs: Cedar would skip it and allow; toolgate denies.
+    let erring = json_post(r#"{"invoice_id": 42, "amount": 10, "reason": "boom"}"#).await;
+    // patient_id must equal the user's patient_id claim.
+    let other_patient = get(&gw.url("/records/patients/p-200/record"), &token).await;
+    let denied = [&no_policy, &forbidden, &erring, &other_patient];
+    for answer in denied {
+        assert_eq!(answer.status, 403, "{:?}", answer.body);
+        assert_eq!(answer.json()["error"], "forbidden");
+        assert!(answer.json()["decision_id"].as_str().is_some());
+    }
+    assert!(
+        upstream.requests().is_empty(),
+        "nothing denied reaches the upstream"
+    );
+
+    // The same calls within policy pass.
+    assert_eq!(
+        json_post(r#"{"invoice_id": 42, "amount": 90}"#)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        json_post(r#"{"invoice_id": 42, "amount": 10, "reason": "ok"}"#)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&gw.url("/records/patients/p-100/record"), &token)
+            .await
+            .status,
+        200
+    );
+    let refund = &upstream.requests()[0];
+    assert_eq!(
+        refund.body, r#"{"invoice_id": 42, "amount": 90}"#,
+        "body forwarded unchanged"
+    );
+
+    let audit = gw.audit(7).await;
+    let line = |answer: &Answer| {
+        let id = answer.json()["decision_id"].as_str().unwrap().to_string();
+        audit
+            .iter()
+            .find(|l| l["decision_id"] == id.as_str())
+            .cloned()
+            .expect("audit line")
+    };
+    assert_eq!(line(&no_policy)["policies"], json!([]));
+    assert_eq!(line(&forbidden)["policies"], json!(["refund-limit"]));
+    let erring_line = line(&erring);
+    assert_eq!(erring_line["decision"], "deny");
+    assert!(
+        erring_line["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("erring-forbid"),
+        "{erring_line}"
+    );
+    assert!(
+        line(&other_patient)["jti"].is_null(),
+        "no credential minted on deny"
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let now = now();
+    let idp = &gw.idp;
+    let rsa = EncodingKey::from_rsa_pem(
+        &std::fs::read(repo().join("tests/fixtures/idp-rsa.pem")).unwrap(),
+    )
+    .unwrap();
+    let ed = EncodingKey::from_ed_pem(
+        &std::fs::read(repo().join("tests/fixtures/idp-ed25519.pem")).unwrap(),
+    )
+    .unwrap();
+    let signed = |alg: Algorithm, kid: &str, key: &EncodingKey, claims: Value| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &with_defaults(claims), key).unwrap()
+    };
+    let agent = json!({"sub": "alice", "act": {"sub": "assistant"}});
+
+    // RS256 and EdDSA keys from the JWKS work like ES256.
+    for token in [
+        signed(Algorithm::RS256, "test-rsa", &rsa, agent.clone()),
+        signed(Algorithm::EdDSA, "test-ed25519", &ed, agent.clone()),
+    ] {
+        assert_eq!(
+            get(&gw.url("/billing/invoices/1"), &token).await.status,
+            200
+        );
+    }
+
+    // alg: none, and HS256 "signed" with the public key of a real kid.
+    let none_header = b64(br#"{"alg":"none","typ":"JWT","kid":"test-rsa"}"#);
+    let payload = b64(with_defaults(agent.clone()).to_string().as_bytes());
+    let alg_none = format!("{none_header}.{payload}.");
+    let public_jwk = idp.key.public_jwk().to_string();
+    let mut hs_header = Header::new(Algorithm::HS256);
+    hs_header.kid = Some(idp.key.kid().to_string());
+    let hs256 = jsonwebtoken::encode(
+        &hs_header,
+        &with_defaults(agent.clone()),
+        &EncodingKey::from_secret(public_jwk.as_bytes()),
+    )
+    .unwrap();
+    // A token claiming RS256 over an ES256 key.
+    let mut mixed = Header::new(Algorithm::RS256);
+    mixed.kid = Some(idp.key.kid().to_string());
+    let alg_mismatch = jsonwebtoken::encode(&mixed, &with_defaults(agent.clone()), &rsa).unwrap();
+    // A valid signature over a tampered payload.
+    let good = idp.delegated();
+    let parts: Vec<&str> = good.split('.').collect();
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(
+            with_defaults(json!({"sub": "mallory", "act": {"sub": "assistant"}}))
+                .to_string()
+                .as_bytes()
+        ),
+        parts[2]
+    );
+
+    let bad = [
+        (
+            "expired",
+            idp.sign(json!({"sub": "alice", "act": {"sub": "assistant"}, "exp": now - 120})),
+        ),
+        (
+            "not yet valid",
+            idp.sign(json!({"sub": "alice", "nbf": now + 600})),
+        ),
+        (
+            "wrong issuer",
+            idp.sign(json!({"sub": "alice", "iss": "https://evil.test"})),
+        ),
+        (
+            "wrong audience",
+            idp.sign(json!({"sub": "alice", "aud": "someone-else"})),
+        ),
+        (
+            "unknown kid",
+            signed(Algorithm::RS256, "no-such-kid", &rsa, agent.clone()),
+        ),
+        ("alg none", alg_none),
+        ("hs256 with public key", hs256),
+        ("alg mismatch", alg_mismatch),
+        ("tampered", tampered),
+        ("no sub", idp.sign(json!({"act": {"sub": "assistant"}}))),
+        ("garbage", "not-a-jwt".to_string()),
+        ("garbage dots", "a.b.c".to_string()),
+    ];
+    for (why, token) in &bad {
+        let answer = get(&gw.url("/billing/invoices/1"), token).await;
+        assert_eq!(answer.status, 401, "{why}: {:?}", answer.body);
+        let challenge = answer.headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer "), "{why}: {challenge}");
+        assert_eq!(answer.json()["error"], "invalid_token", "{why}");
+    }
+    let missing = send("GET", &gw.url("/billing/invoices/1"), &[], b"").await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(
+        missing.headers["www-authenticate"],
+        "Bearer realm=\"toolgate\""
+    );
+    let basic = send(
+        "GET",
+        &gw.url("/billing/invoices/1"),
+        &[("authorization", "Basic YTpi")],
+        b"",
+    )
+    .await;
+    assert_eq!(basic.status, 401);
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "only the two valid tokens got through"
+    );
+}
+
+#[tokio::test]
+async fn framing_errors_and_upstream_failures() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    let auth = format!("Bearer {token}");
+
+    assert_eq!(
+        get(&gw.url("/billing/nowhere"), &token).await.json(),
+        json!({"error": "tool_not_found"})
+    );
+    assert_eq!(get(&gw.url("/nosuchupstream/x"), &token).await.status, 404);
+    assert_eq!(
+        send(
+            "PUT",
+            &gw.url("/billing/invoices/1"),
+            &[("authorization", &auth)],
+            b""
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        get(&gw.url("/billing/invoices/..%2f..%2fadmin"), &token)
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        get(&gw.url("/billing/invoices/not-a-number"), &token)
+            .await
+            .status,
+        403
+    );
+    // The same argument twice with different values.
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1?invoice_id=2"), &token)
+            .await
+            .status,
+        400
+    );
+
+    let big = vec![b' '; 5000];
+    let too_large = send(
+        "POST",
+        &gw.url("/billing/refunds"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        &big,
+    )
+    .await;
+    assert_eq!(too_large.status, 413);
+    assert_eq!(too_large.json()["error"], "payload_too_large");
+    let not_json = send(
+        "POST",
+        &gw.url("/billing/refunds"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        b"{oops",
+    )
+    .await;
+    assert_eq!(not_json.status, 400);
+    let huge = "x".repeat(9000);
+    let headers_too_large = send(
+        "GET",
+        &gw.url("/billing/invoices/1"),
+        &[("authorization", &auth), ("x-big", &huge)],
+        b"",
+    )
+    .await;
+    assert_eq!(headers_too_large.status, 431);
+    assert_eq!(headers_too_large.json()["error"], "headers_too_large");
+
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_upstream_answers_502_without_a_credential() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        upstream: closed,
+        extra_policies: &[],
+        inbound: None,
+    })
+    .await;
+    let down = get(&gw.url("/billing/invoices/1"), &gw.idp.delegated()).await;
+    assert_eq!(down.status, 502, "{:?}", down.body);
+    assert_eq!(down.json()["error"], "upstream_unreachable");
+    assert!(
+        !String::from_utf8_lossy(&down.body).contains("eyJ"),
+        "no credential in error answers"
+    );
+    let audit = gw.audit(1).await;
+    assert_eq!(
+        (audit[0]["decision"].as_str(), audit[0]["status"].as_u64()),
+        (Some("allow"), Some(502))
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_times_out_with_504() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    // billing's timeout is 1 s; the recorder answers anything mentioning "slow" after 3 s.
+    let started = std::time::Instant::now();
+    let answer = get(
+        &gw.url("/billing/invoices?customer=slow"),
+        &gw.idp.delegated(),
+    )
+    .await;
+    assert_eq!(answer.status, 504, "{:?}", answer.body);
+    assert_eq!(answer.json()["error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "did not wait for the upstream"
+    );
+    let audit = gw.audit(1).await;
+    assert_eq!(audit[0]["decision"], "allow");
+    assert_eq!(audit[0]["status"], 504);
+    assert!(audit[0]["upstream_status"].is_null());
+}
+
+#[tokio::test]
+async fn metrics_move_and_admin_endpoints_answer() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    assert_eq!(
+        send("GET", &gw.admin_url("/healthz"), &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send("GET", &gw.admin_url("/readyz"), &[], b"").await.status,
+        200
+    );
+    assert_eq!(
+        send("GET", &gw.url("/metrics"), &[], b"").await.status,
+        401,
+        "no metrics on the agent listener"
+    );
+
+    get(&gw.url("/billing/invoices/1"), &token).await;
+    get(&gw.url("/billing/invoices/2"), &token).await;
+    send(
+        "DELETE",
+        &gw.url("/records/patients/p-1/record"),
+        &[("authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .await;
+    let metrics = String::from_utf8(
+        send("GET", &gw.admin_url("/metrics"), &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value("toolgate_authz_decisions_total{decision=\"allow\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("toolgate_authz_decisions_total{decision=\"deny\"}"),
+        1.0
+    );
+    assert_eq!(value("toolgate_credentials_minted_total"), 2.0);
+    assert_eq!(
+        value("toolgate_requests_total{code=\"200\",upstream=\"billing\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("toolgate_requests_total{code=\"403\",upstream=\"records\"}"),
+        1.0
+    );
+    assert_eq!(value("toolgate_authz_duration_seconds_count"), 3.0);
+    assert_eq!(
+        value("toolgate_upstream_duration_seconds_count{upstream=\"billing\"}"),
+        2.0
+    );
+    assert!(value("toolgate_policies_loaded") >= 5.0);
+    for name in ["toolgate_policy_reloads_total", "toolgate_tasks_active"] {
+        assert!(metrics.contains(name), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn reload_takes_a_valid_set_and_keeps_the_old_one_on_error() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    let (url, auth) = (
+        gw.url("/records/patients/p-100/record"),
+        format!("Bearer {token}"),
+    );
+    let headers = [("authorization", auth.as_str())];
+    let delete = || send("DELETE", &url, &headers, b"");
+    assert_eq!(delete().await.status, 403);
+
+    let policies = gw.dir.0.join("policies");
+    std::fs::write(policies.join("extra.cedar"), "permit(principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);").unwrap();
+    let reload = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(reload.status, 200, "{:?}", reload.body);
+    assert_eq!(delete().await.status, 200);
+
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "permit(principal, action, resource) when { context.nope };",
+    )
+    .unwrap();
+    let reload = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(reload.status, 422);
+    assert!(
+        reload.json()["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("broken.cedar:1:"),
+        "{:?}",
+        reload.json()
+    );
+    assert_eq!(
+        delete().await.status,
+        200,
+        "the previous valid set stays active"
+    );
+    let metrics = String::from_utf8(
+        send("GET", &gw.admin_url("/metrics"), &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(metrics.contains("toolgate_policy_reloads_total{result=\"error\"} 1"));
+    assert!(metrics.contains("toolgate_policy_reloads_total{result=\"success\"} 1"));
+}
+
+#[tokio::test]
+async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    // A JWKS server whose key set can be rotated, counting fetches.
+    let first = toolgate_credential::SigningKey::generate().unwrap().0;
+    let second = toolgate_credential::SigningKey::generate().unwrap().0;
+    let served = Arc::new(Mutex::new(json!({"keys": [first.public_jwk()]})));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    {
+        let (served, fetches) = (served.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (served, fetches) = (served.clone(), fetches.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        let body = served.lock().unwrap().to_string();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+    }
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: Some(format!(
+            "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks_addr}/jwks.json\n      audiences: [{AUDIENCE}]\n"
+        )),
+    })
+    .await;
+    let claims = json!({"sub": "alice", "act": {"sub": "assistant"}});
+    let url = gw.url("/billing/invoices/1");
+    assert_eq!(
+        get(
+            &url,
+            &first.sign("JWT", &with_defaults(claims.clone())).unwrap()
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched once at start");
+
+    // The IdP rotates; a token with the new kid triggers one refetch.
+    *served.lock().unwrap() = json!({"keys": [first.public_jwk(), second.public_jwk()]});
+    assert_eq!(
+        get(
+            &url,
+            &second.sign("JWT", &with_defaults(claims.clone())).unwrap()
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+
+    // Unknown kids right after do not hammer the IdP.
+    let stranger = toolgate_credential::SigningKey::generate().unwrap().0;
+    for _ in 0..5 {
+        assert_eq!(
+            get(
+                &url,
+                &stranger
+                    .sign("JWT", &with_defaults(claims.clone()))
+                    .unwrap()
+            )
+            .await
+            .status,
+            401
+        );
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "refetch is debounced");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let upstream = Upstream::start().await;
+    let mut gw = gateway(&upstream).await;
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1"), &gw.idp.delegated())
+            .await
+            .status,
+        200
+    );
+    let status = gw.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(gw.audit(1).await.len(), 1, "audit written out before exit");
+}
+
+#[tokio::test]
+async fn check_authorize_and_token_commands() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let config = gw.dir.0.join("toolgate.yaml");
+    let config = config.to_str().unwrap();
+
+    let ok = toolgate(&["check", "--config", config]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let request = gw.dir.0.join("request.yaml");
+    std::fs::write(
+        &request,
+        "agent: assistant\nuser: alice\nuser_claims: {patient_id: p-100}\naction: records/get_patient_record\nargs: {patient_id: p-100}\n",
+    )
+    .unwrap();
+    let out = toolgate(&[
+        "authorize",
+        "--config",
+        config,
+        "--request",
+        request.to_str().unwrap(),
+    ]);
+    let decision: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        decision,
+        json!({"decision": "allow", "policies": ["own-record-only"], "errors": []})
+    );
+
+    // `toolgate token` mints inbound tokens the gateway accepts.
+    let key = gw.dir.0.join("dev-idp.pem");
+    let jwks = gw.dir.0.join("idp.jwks.json");
+    let keygen = toolgate(&[
+        "keygen",
+        "--private",
+        key.to_str().unwrap(),
+        "--jwks",
+        gw.dir.0.join("dev.jwks.json").to_str().unwrap(),
+    ]);
+    assert!(keygen.status.success());
+    let dev_jwk: Value =
+        serde_json::from_slice(&std::fs::read(gw.dir.0.join("dev.jwks.json")).unwrap()).unwrap();
+    let mut all: Value = serde_json::from_slice(&std::fs::read(&jwks).unwrap()).unwrap();
+    all["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(dev_jwk["keys"][0].clone());
+    std::fs::write(&jwks, all.to_string()).unwrap();
+    // The gateway read its JWKS file at start; a fresh one reads the new key.
+    let (mut child, addr, _) = spawn_serve(&gw.dir.0.join("toolgate.yaml")).await;
+    let token = toolgate(&[
+        "token",
+        "--config",
+        config,
+        "--key",
+        key.to_str().unwrap(),
+        "--sub",
+        "alice",
+        "--act",
+        "assistant",
+        "--claim",
+        "patient_id=p-100",
+    ]);
+    let token = String::from_utf8(token.stdout).unwrap();
+    let answer = get(
+        &format!("http://{addr}/records/patients/p-100/record"),
+        token.trim(),
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+
+    // A broken policy fails `check` with file:line.
+    std::fs::write(
+        gw.dir.0.join("policies/bad.cedar"),
+        "permit(principal, action, resource)\nwhen { context.args.nope == 1 };",
+    )
+    .unwrap();
+    let bad = toolgate(&["check", "--config", config]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("bad.cedar:2:"), "{stderr}");
+}
