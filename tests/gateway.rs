@@ -801,3 +801,31 @@ async fn check_authorize_and_token_commands() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("bad.cedar:2:"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    get(&gw.url("/billing/invoices/1"), &gw.idp.delegated()).await;
+    let metrics = send("GET", &gw.admin_url("/metrics"), &[], b"").await.body;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (scripts/test-deps.sh installs it)");
+    promtool.stdin.take().unwrap().write_all(&metrics).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+}

@@ -4,8 +4,11 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use std::sync::Arc;
+
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -19,10 +22,12 @@ pub enum CredentialError {
 }
 
 /// A P-256 private key with its public JWK; `kid` is the RFC 7638 thumbprint.
+/// The key pair is parsed once: jsonwebtoken's `encode` re-parses a PKCS#8 key (a base-point
+/// multiplication) on every call, which was most of the cost of a mint.
 #[derive(Clone)]
 pub struct SigningKey {
     kid: String,
-    encoding: EncodingKey,
+    pair: Arc<EcdsaKeyPair>,
     public_jwk: Value,
 }
 
@@ -56,9 +61,15 @@ impl SigningKey {
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
         let public_jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"});
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            der.as_bytes(),
+            &SystemRandom::new(),
+        )
+        .map_err(|e| CredentialError::Key(format!("ring refused the key: {e}")))?;
         Ok(SigningKey {
             kid,
-            encoding: EncodingKey::from_ec_der(der.as_bytes()),
+            pair: Arc::new(pair),
             public_jwk,
         })
     }
@@ -71,12 +82,21 @@ impl SigningKey {
         &self.public_jwk
     }
 
-    /// Signs any claims as an ES256 JWT with this key's `kid` and the given `typ`.
+    /// Signs any claims as an ES256 JWT (JWS compact form) with this key's `kid` and `typ`.
     pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, CredentialError> {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid.clone());
-        header.typ = Some(typ.to_string());
-        encode(&header, claims, &self.encoding).map_err(|e| CredentialError::Sign(e.to_string()))
+        let header = json!({"alg": "ES256", "typ": typ, "kid": self.kid});
+        let claims =
+            serde_json::to_vec(claims).map_err(|e| CredentialError::Sign(e.to_string()))?;
+        let mut jws = URL_SAFE_NO_PAD.encode(header.to_string());
+        jws.push('.');
+        URL_SAFE_NO_PAD.encode_string(claims, &mut jws);
+        let signature = self
+            .pair
+            .sign(&SystemRandom::new(), jws.as_bytes())
+            .map_err(|e| CredentialError::Sign(e.to_string()))?;
+        jws.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jws);
+        Ok(jws)
     }
 }
 
@@ -183,7 +203,7 @@ impl Minter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, DecodingKey, Validation};
+    use jsonwebtoken::{decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, Validation};
 
     #[test]
     fn minted_token_verifies_against_the_published_jwks() {

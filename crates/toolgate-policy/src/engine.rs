@@ -7,8 +7,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid,
-    PolicyId, PolicySet, Request, Schema,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
 };
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::{json, Map, Value};
@@ -92,8 +92,6 @@ pub struct PolicyEngine {
     sources: HashMap<PolicyId, PolicySource>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
-    /// entities.json by uid, to merge with claims per request.
-    entity_json: HashMap<EntityUid, Value>,
     authorizer: Authorizer,
 }
 
@@ -141,7 +139,6 @@ impl PolicyEngine {
             empty: PolicySet::new(),
             sources,
             entities,
-            entity_json,
             authorizer: Authorizer::new(),
         })
     }
@@ -234,8 +231,9 @@ impl PolicyEngine {
 
         let raw = raw_context(req, user.as_ref());
         let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
-        let context = Context::from_json_value(Value::Object(typed), Some((&self.schema, &action)))
-            .map_err(|e| format!("context: {}", error_chain(&e)))?;
+        // Typed by us; `Request::new` below checks it against the action's declared context.
+        let context =
+            Context::from_pairs(typed).map_err(|e| format!("context: {}", error_chain(&e)))?;
         let request = Request::new(
             principal,
             action.clone(),
@@ -259,30 +257,39 @@ impl PolicyEngine {
     ) -> Result<EntityUid, String> {
         let id = uid(kind, who.id)?;
         let type_name = format!("{NAMESPACE}::{kind}");
-        let mut entry = self.entity_json.get(&id).cloned().unwrap_or_else(
-            || json!({"uid": {"type": type_name, "id": who.id}, "attrs": {}, "parents": []}),
-        );
+        let known = self.entities.get(&id);
+        let mut from_claims = Vec::new();
         if let Some(declared) = self.info.entity_attrs.get(&type_name) {
-            let attrs = entry
-                .as_object_mut()
-                .and_then(|e| {
-                    e.entry("attrs")
-                        .or_insert_with(|| json!({}))
-                        .as_object_mut()
-                })
-                .ok_or_else(|| format!("{type_name} `{}`: attrs is not an object", who.id))?;
-            for (name, (ty, _)) in declared {
-                if attrs.contains_key(name) {
+            for (name, (ty, required)) in declared {
+                if known.is_some_and(|e| e.attr(name).is_some()) {
                     continue;
                 }
-                if let Some(claim) = who.claims.get(name) {
-                    let value = coerce(claim, ty, &format!("claim `{name}`"))?;
-                    attrs.insert(name.clone(), value);
+                match who.claims.get(name) {
+                    Some(claim) => from_claims
+                        .push((name.clone(), coerce(claim, ty, &format!("claim `{name}`"))?)),
+                    None if *required => {
+                        return Err(format!(
+                            "{type_name} `{}`: required attribute `{name}` is missing",
+                            who.id
+                        ))
+                    }
+                    None => {}
                 }
             }
         }
-        let entity = Entity::from_json_value(entry, Some(&self.schema))
-            .map_err(|e| format!("{type_name} `{}`: {}", who.id, error_chain(&e)))?;
+        let entity = match (known, from_claims.is_empty()) {
+            (Some(known), true) => known.clone(),
+            (None, true) => Entity::new_no_attrs(id.clone(), HashSet::new()),
+            (known, false) => {
+                let (_, mut attrs, parents) = match known {
+                    Some(k) => k.clone().into_inner(),
+                    None => (id.clone(), HashMap::new(), HashSet::new()),
+                };
+                attrs.extend(from_claims);
+                Entity::new(id.clone(), attrs, parents)
+                    .map_err(|e| format!("{type_name} `{}`: {}", who.id, error_chain(&e)))?
+            }
+        };
         self.insert_with_parents(entity, slice);
         Ok(id)
     }
@@ -352,12 +359,50 @@ impl PolicyEngine {
     }
 }
 
-/// `Toolgate::<kind>::"<id>"`, with the id escaped as a Cedar string.
+/// `Toolgate::<kind>::"<id>"`. Builds from a parsed type name: parsing a whole uid runs
+/// Cedar's parser, which costs microseconds on every call.
 pub fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
-    let quoted = serde_json::to_string(id).map_err(|e| e.to_string())?;
-    EntityUid::from_str(&format!("{NAMESPACE}::{kind}::{quoted}"))
-        .map_err(|e| format!("invalid {kind} id {quoted}: {e}"))
+    let type_name = match kind {
+        "Agent" => &TYPES.agent,
+        "User" => &TYPES.user,
+        "Tool" => &TYPES.tool,
+        "Upstream" => &TYPES.upstream,
+        "Task" => &TYPES.task,
+        "Action" => &TYPES.action,
+        other => {
+            return EntityTypeName::from_str(&format!("{NAMESPACE}::{other}"))
+                .map(|t| EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+                .map_err(|e| format!("invalid entity type {other}: {e}"))
+        }
+    };
+    Ok(EntityUid::from_type_name_and_id(
+        type_name.clone(),
+        EntityId::new(id),
+    ))
 }
+
+struct Types {
+    agent: EntityTypeName,
+    user: EntityTypeName,
+    tool: EntityTypeName,
+    upstream: EntityTypeName,
+    task: EntityTypeName,
+    action: EntityTypeName,
+}
+
+static TYPES: std::sync::LazyLock<Types> = std::sync::LazyLock::new(|| {
+    let parse = |kind: &str| {
+        EntityTypeName::from_str(&format!("{NAMESPACE}::{kind}")).expect("valid type name")
+    };
+    Types {
+        agent: parse("Agent"),
+        user: parse("User"),
+        tool: parse("Tool"),
+        upstream: parse("Upstream"),
+        task: parse("Task"),
+        action: parse("Action"),
+    }
+});
 
 /// The whole context before typing; the action's declared context decides what is kept.
 fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, Value> {
@@ -368,7 +413,10 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
     };
     let mut ctx = Map::new();
     if let Some(user) = user {
-        ctx.insert("user".into(), json!({"__entity": {"type": format!("{NAMESPACE}::User"), "id": user.id().unescaped()}}));
+        ctx.insert(
+            "user".into(),
+            Value::String(user.id().unescaped().to_string()),
+        );
     }
     ctx.insert("args".into(), Value::Object(req.args.clone()));
     ctx.insert(
@@ -392,57 +440,69 @@ pub fn coerce_record(
     raw: &Map<String, Value>,
     declared: &Record,
     at: &str,
-) -> Result<Map<String, Value>, String> {
-    let mut out = Map::new();
+) -> Result<Vec<(String, RestrictedExpression)>, String> {
+    let mut out = Vec::with_capacity(declared.len());
     for (name, (ty, _required)) in declared {
         if let Some(value) = raw.get(name) {
-            out.insert(name.clone(), coerce(value, ty, &format!("{at}.{name}"))?);
+            out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?));
         }
     }
     Ok(out)
 }
 
-/// Turns a JSON value (often a string from a path or query) into the declared type.
-pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<Value, String> {
+/// Turns a JSON value (often a string from a path or query) into a Cedar value of the
+/// declared type, or says why it cannot.
+pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpression, String> {
     let mismatch = |want: &str| format!("{at}: expected {want}, got {value}");
-    match (ty, value) {
-        (AttrType::Long, Value::Number(n)) if n.is_i64() => Ok(value.clone()),
-        (AttrType::Long, Value::String(s)) => s
-            .trim()
-            .parse::<i64>()
-            .map(Value::from)
-            .map_err(|_| mismatch("Long")),
-        (AttrType::Long, _) => Err(mismatch("Long")),
-        (AttrType::Bool, Value::Bool(_)) => Ok(value.clone()),
-        (AttrType::Bool, Value::String(s)) => match s.as_str() {
-            "true" => Ok(Value::Bool(true)),
-            "false" => Ok(Value::Bool(false)),
-            _ => Err(mismatch("Bool")),
-        },
-        (AttrType::Bool, _) => Err(mismatch("Bool")),
-        (AttrType::String, Value::String(_)) => Ok(value.clone()),
-        (AttrType::String, _) => Err(mismatch("String")),
-        (AttrType::Set(element), Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| coerce(item, element, &format!("{at}[{i}]")))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Value::Array),
+    Ok(match (ty, value) {
+        (AttrType::Long, Value::Number(n)) => {
+            RestrictedExpression::new_long(n.as_i64().ok_or_else(|| mismatch("Long"))?)
+        }
+        (AttrType::Long, Value::String(s)) => {
+            RestrictedExpression::new_long(s.trim().parse::<i64>().map_err(|_| mismatch("Long"))?)
+        }
+        (AttrType::Bool, Value::Bool(b)) => RestrictedExpression::new_bool(*b),
+        (AttrType::Bool, Value::String(s)) if s == "true" || s == "false" => {
+            RestrictedExpression::new_bool(s == "true")
+        }
+        (AttrType::String, Value::String(s)) => RestrictedExpression::new_string(s.clone()),
+        (AttrType::Set(element), Value::Array(items)) => RestrictedExpression::new_set(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| coerce(item, element, &format!("{at}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
         // One query value where a set is declared: a set of one.
-        (AttrType::Set(element), single) => Ok(Value::Array(vec![coerce(single, element, at)?])),
+        (AttrType::Set(element), single) => {
+            RestrictedExpression::new_set([coerce(single, element, at)?])
+        }
         (AttrType::Record(declared), Value::Object(raw)) => {
-            coerce_record(raw, declared, at).map(Value::Object)
+            RestrictedExpression::new_record(coerce_record(raw, declared, at)?)
+                .map_err(|e| format!("{at}: {e}"))?
         }
-        (AttrType::Record(_), _) => Err(mismatch("Record")),
         (AttrType::Entity(type_name), Value::String(id)) => {
-            Ok(json!({"__entity": {"type": type_name, "id": id}}))
+            let type_name =
+                EntityTypeName::from_str(type_name).map_err(|e| format!("{at}: {e}"))?;
+            RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
+                type_name,
+                EntityId::new(id),
+            ))
         }
-        (AttrType::Entity(_), Value::Object(_)) => Ok(value.clone()),
-        (AttrType::Entity(type_name), _) => Err(mismatch(type_name)),
-        // Cedar's schema-based parsing turns strings into ipaddr, decimal, datetime, duration.
-        (AttrType::Extension(_), Value::String(_) | Value::Object(_)) => Ok(value.clone()),
-        (AttrType::Extension(name), _) => Err(mismatch(name)),
-    }
+        (AttrType::Extension(name), Value::String(s)) => match name.as_str() {
+            "ipaddr" => RestrictedExpression::new_ip(s),
+            "decimal" => RestrictedExpression::new_decimal(s),
+            "datetime" => RestrictedExpression::new_datetime(s),
+            "duration" => RestrictedExpression::new_duration(s),
+            other => return Err(format!("{at}: unsupported extension type {other}")),
+        },
+        (AttrType::Long, _) => return Err(mismatch("Long")),
+        (AttrType::Bool, _) => return Err(mismatch("Bool")),
+        (AttrType::String, _) => return Err(mismatch("String")),
+        (AttrType::Record(_), _) => return Err(mismatch("Record")),
+        (AttrType::Entity(type_name), _) => return Err(mismatch(&format!("{type_name} id"))),
+        (AttrType::Extension(name), _) => return Err(mismatch(name)),
+    })
 }
 
 /// For each action in the schema, the policies whose action scope can match it.

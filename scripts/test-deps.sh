@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus).
+# Idempotent; needs root (or sudo) and the Debian package registry.
+set -euo pipefail
+
+need_apt=()
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "test-deps: installing ${need_apt[*]}"
+  $sudo apt-get update -qq
+  # The package's service cannot (and need not) start here; promtool is all the tests use.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null \
+    || command -v promtool >/dev/null 2>&1
+fi
+command -v promtool >/dev/null 2>&1 || { echo "test-deps: promtool is still missing" >&2; exit 1; }
