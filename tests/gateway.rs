@@ -829,3 +829,50 @@ async fn metrics_pass_promtool() {
         "promtool: {said}"
     );
 }
+
+#[tokio::test]
+async fn http2_and_streamed_bodies_pass() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let token = gw.idp.delegated();
+
+    // HTTP/2 with prior knowledge on the plain-text agent listener.
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let request = http::Request::get(gw.url("/billing/invoices/7"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = h2.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        r#"{"ok":true}"#
+    );
+
+    // A body the policy does not need is streamed through, whatever max_body_bytes says (4096 here).
+    let blob = vec![b'z'; 200_000];
+    let answer = send(
+        "GET",
+        &gw.url("/billing/invoices"),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/octet-stream"),
+        ],
+        &blob,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].body.len(),
+        blob.len(),
+        "streamed body arrives whole"
+    );
+}
