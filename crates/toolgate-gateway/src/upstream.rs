@@ -15,24 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::answer::{Body, Refusal};
 use crate::config::UpstreamConfig;
 
-/// Headers never forwarded upstream: hop-by-hop ones (RFC 9110 §7.6.1), the agent's own
-/// credentials, and toolgate's own control headers.
-const STRIPPED_TO_UPSTREAM: [&str; 13] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "toolgate-task",
-    "forwarded",
-];
-
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
@@ -41,6 +24,16 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+];
+
+/// Also never sent upstream: the agent's own credentials, its Host, and toolgate's control headers.
+const AGENT_ONLY: [&str; 6] = [
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "toolgate-task",
+    "forwarded",
 ];
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -98,7 +91,8 @@ impl Upstream {
         client_ip: IpAddr,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
-        strip(headers, &STRIPPED_TO_UPSTREAM);
+        strip(headers, &HOP_BY_HOP);
+        strip(headers, &AGENT_ONLY);
         let bearer = HeaderValue::from_str(&format!("Bearer {credential}"))
             .map_err(|e| Refusal::Internal(format!("credential is not a header value: {e}")))?;
         headers.insert(header::AUTHORIZATION, bearer);
@@ -177,7 +171,8 @@ mod tests {
         ] {
             h.insert(k, HeaderValue::from_static(v));
         }
-        strip(&mut h, &STRIPPED_TO_UPSTREAM);
+        strip(&mut h, &HOP_BY_HOP);
+        strip(&mut h, &AGENT_ONLY);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
     }
