@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus).
+# Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus)
+# and the official MCP Python SDK (PyPI's mcp, in .toolgate-test/venv).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
@@ -16,3 +17,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     || command -v promtool >/dev/null 2>&1
 fi
 command -v promtool >/dev/null 2>&1 || { echo "test-deps: promtool is still missing" >&2; exit 1; }
+
+# The official MCP Python SDK, in a virtualenv of the project's own (tests/mcp.rs uses it).
+venv=".toolgate-test/venv"
+mcp_version="1.30.0"
+if ! "$venv/bin/python" -c "import mcp, importlib.metadata as m; assert m.version('mcp') == '$mcp_version'" 2>/dev/null; then
+  echo "test-deps: installing mcp==$mcp_version into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$mcp_version"
+fi

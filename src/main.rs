@@ -3,6 +3,7 @@
 
 mod authorize;
 mod demo;
+mod schema_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,12 +76,36 @@ enum Command {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
+    /// Generate a Cedar schema fragment (print it to stdout).
+    Schema {
+        #[command(subcommand)]
+        source: SchemaSource,
+    },
     /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
     Keygen {
         #[arg(long)]
         private: PathBuf,
         #[arg(long)]
         jwks: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaSource {
+    /// One action per tool of an MCP server, `args` typed from each tool's inputSchema.
+    Mcp {
+        /// The upstream name the tools are served under (actions are `<upstream>/<tool>`).
+        #[arg(long)]
+        upstream: String,
+        /// The MCP endpoint (streamable HTTP) to ask with initialize + tools/list.
+        #[arg(long)]
+        url: Option<String>,
+        /// A saved tools/list answer instead of --url.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Extra request headers for --url, `NAME: VALUE`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
 }
 
@@ -106,6 +131,22 @@ fn main() -> ExitCode {
             claims,
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
+        Command::Schema {
+            source:
+                SchemaSource::Mcp {
+                    upstream,
+                    url,
+                    from,
+                    headers,
+                },
+        } => runtime().and_then(|rt| {
+            rt.block_on(schema_cmd::run(
+                &upstream,
+                url.as_deref(),
+                from.as_deref(),
+                &headers,
+            ))
+        }),
     };
     match result {
         Ok(code) => code,

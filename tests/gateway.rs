@@ -23,6 +23,7 @@ async fn gateway(upstream: &Upstream) -> Gateway {
         upstream: upstream.addr,
         extra_policies: &[("erring.cedar", ERRING_FORBID)],
         inbound: None,
+        mcp: None,
     })
     .await
 }
@@ -445,6 +446,7 @@ async fn unreachable_upstream_answers_502_without_a_credential() {
         upstream: closed,
         extra_policies: &[],
         inbound: None,
+        mcp: None,
     })
     .await;
     let down = get(&gw.url("/billing/invoices/1"), &gw.idp.delegated()).await;
@@ -652,6 +654,7 @@ async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
         inbound: Some(format!(
             "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks_addr}/jwks.json\n      audiences: [{AUDIENCE}]\n"
         )),
+        mcp: None,
     })
     .await;
     let claims = json!({"sub": "alice", "act": {"sub": "assistant"}});

@@ -108,8 +108,14 @@ impl Upstream {
                             if slow {
                                 tokio::time::sleep(Duration::from_secs(3)).await;
                             }
+                            let answer = serde_json::from_slice::<Value>(
+                                &log.lock().unwrap().last().unwrap().body,
+                            )
+                            .ok()
+                            .and_then(|m| jsonrpc_echo(&m))
+                            .unwrap_or_else(|| json!({"ok": true}));
                             let mut response =
-                                Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
+                                Response::new(Full::new(Bytes::from(answer.to_string())));
                             response
                                 .headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
@@ -131,6 +137,25 @@ impl Upstream {
     pub fn requests(&self) -> Vec<Recorded> {
         self.seen.lock().unwrap().clone()
     }
+}
+
+/// Answers JSON-RPC like a small MCP server: `tools/list` lists add, pay and admin_reset;
+/// any other request gets `{"method": ...}` back. `None` when the body is not JSON-RPC.
+fn jsonrpc_echo(message: &Value) -> Option<Value> {
+    if let Value::Array(batch) = message {
+        return Some(Value::Array(
+            batch.iter().filter_map(jsonrpc_echo).collect(),
+        ));
+    }
+    let id = message.get("id")?;
+    let method = message.get("method")?.as_str()?;
+    let result = match method {
+        "tools/list" => {
+            json!({"tools": [{"name": "add"}, {"name": "pay"}, {"name": "admin_reset"}]})
+        }
+        other => json!({"method": other}),
+    };
+    Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
 }
 
 // ---------------------------------------------------------------- keys and tokens
@@ -194,6 +219,8 @@ pub struct GatewayOptions<'a> {
     pub extra_policies: &'a [(&'a str, &'a str)],
     /// Replaces the `inbound:` section (default: the Idp's JWKS file).
     pub inbound: Option<String>,
+    /// An MCP server's URL, served as upstream `tools` (kind: mcp).
+    pub mcp: Option<String>,
 }
 
 /// A running `toolgate serve` child process, killed on drop.
@@ -219,6 +246,10 @@ impl Gateway {
             )
         });
         let up = options.upstream;
+        let mcp = options
+            .mcp
+            .map(|url| format!("  - name: tools\n    url: {url}\n    audience: https://tools.internal\n    kind: mcp\n"))
+            .unwrap_or_default();
         let config = format!(
             r#"listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
@@ -244,7 +275,7 @@ upstreams:
     routes:
       - {{ tool: get_patient_record, method: GET, path: "/patients/{{patient_id}}/record" }}
       - {{ tool: delete_patient_record, method: DELETE, path: "/patients/{{patient_id}}/record" }}
-limits:
+{mcp}limits:
   max_body_bytes: 4096
   max_header_bytes: 8192
 audit:

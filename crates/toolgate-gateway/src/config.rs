@@ -29,6 +29,9 @@ pub struct Config {
     pub tls: Option<Tls>,
     #[serde(default)]
     pub limits: Limits,
+    /// The gateway's external URL (for RFC 9728 metadata); by default taken from `Host`.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,11 +17,15 @@ use toolgate_policy::{AuthzRequest, Decision, Env, PolicyEngine, Principal, Reso
 
 use crate::answer::{full, json_response, Body, Refusal};
 use crate::audit::AuditRecord;
+use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
+use crate::upstream::Upstream;
 use crate::Gateway;
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const TASK_HEADER: &str = "toolgate-task";
+/// RFC 9728 protected resource metadata, for MCP clients discovering how to authenticate.
+pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
 impl Gateway {
     /// Serves one request on the agent listener. Never panics on input; every outcome is
@@ -31,9 +35,16 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
-        if request.method() == Method::GET && request.uri().path() == JWKS_PATH {
-            return json_response(StatusCode::OK, &self.minter.jwks());
+        if request.method() == Method::GET {
+            let path = request.uri().path();
+            if path == JWKS_PATH {
+                return json_response(StatusCode::OK, &self.minter.jwks());
+            }
+            if let Some(resource) = path.strip_prefix(RESOURCE_METADATA_PATH) {
+                return self.resource_metadata(&request, resource);
+            }
         }
+        let metadata_url = self.metadata_url(&request);
         let mut record = AuditRecord {
             decision_id: uuid::Uuid::now_v7().to_string(),
             time: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -53,7 +64,7 @@ impl Gateway {
                 if !matches!(refusal, Refusal::Forbidden) {
                     record.errors.push(refusal.to_string());
                 }
-                refusal.into_response(&record.decision_id, None)
+                refusal.into_response(&record.decision_id, Some(&metadata_url))
             }
         };
         // record
@@ -88,6 +99,16 @@ impl Gateway {
         record.user = caller.user.clone();
 
         // classify
+        if let Some((index, rest)) = self.routes.upstream(request.uri().path()) {
+            let upstream = &self.upstreams[index];
+            if upstream.config.kind == UpstreamKind::Mcp {
+                *upstream_index = Some(index);
+                let rest = rest.to_string();
+                return self
+                    .mcp_call(request, &caller, upstream, &rest, client_ip, record)
+                    .await;
+            }
+        }
         let call = self
             .routes
             .classify(request.method(), request.uri().path())
@@ -137,14 +158,28 @@ impl Gateway {
         // forward
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri(&call.rest, parts.uri.query())?;
+        self.send(
+            upstream,
+            Request::from_parts(parts, body),
+            &minted.token,
+            client_ip,
+            record,
+        )
+        .await
+    }
+
+    /// Forwards with the minted credential, timing the upstream and noting its status.
+    pub(crate) async fn send(
+        &self,
+        upstream: &Upstream,
+        request: Request<Body>,
+        credential: &str,
+        client_ip: IpAddr,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
         let started = Instant::now();
         let result = upstream
-            .forward(
-                &self.client,
-                Request::from_parts(parts, body),
-                &minted.token,
-                client_ip,
-            )
+            .forward(&self.client, request, credential, client_ip)
             .await;
         self.metrics
             .upstream_duration
@@ -221,6 +256,66 @@ impl Gateway {
         self.metrics.minted.inc();
         record.jti = Some(minted.claims.jti.clone());
         Ok(minted)
+    }
+}
+
+impl Gateway {
+    /// The gateway's external base URL: `public_url`, else from the request's Host.
+    fn base_url<B>(&self, request: &Request<B>) -> String {
+        if let Some(url) = &self.config.public_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| self.config.listen.to_string());
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{host}")
+    }
+
+    /// Where the metadata for the resource a request addresses lives (path-suffixed, RFC 9728).
+    fn metadata_url<B>(&self, request: &Request<B>) -> String {
+        let upstream = self
+            .routes
+            .upstream(request.uri().path())
+            .map(|(index, _)| format!("/{}", self.upstreams[index].name()))
+            .unwrap_or_default();
+        format!(
+            "{}{RESOURCE_METADATA_PATH}{upstream}",
+            self.base_url(request)
+        )
+    }
+
+    fn resource_metadata<B>(&self, request: &Request<B>, resource_path: &str) -> Response<Body> {
+        if !resource_path.is_empty() && self.routes.upstream(resource_path).is_none() {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "not_found"}),
+            );
+        }
+        let issuers: Vec<&str> = self
+            .config
+            .inbound
+            .jwt
+            .iter()
+            .map(|j| j.issuer.as_str())
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "resource": format!("{}{resource_path}", self.base_url(request)),
+                "authorization_servers": issuers,
+                "bearer_methods_supported": ["header"],
+                "resource_name": "toolgate",
+            }),
+        )
     }
 }
 

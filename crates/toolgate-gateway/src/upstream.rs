@@ -73,7 +73,8 @@ impl Upstream {
 
     /// `base + rest + ?query`: the path below `/<upstream>` is passed as received.
     pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, Refusal> {
-        let mut uri = format!("{}{}", self.base, if rest.is_empty() { "/" } else { rest });
+        // Nothing after `/<upstream>` means the upstream URL itself (`/mcp`, not `/mcp/`).
+        let mut uri = format!("{}{rest}", self.base);
         if let Some(q) = query {
             uri.push('?');
             uri.push_str(q);

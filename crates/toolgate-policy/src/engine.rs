@@ -489,6 +489,14 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
                 EntityId::new(id),
             ))
         }
+        (AttrType::Extension(name), Value::Number(n)) if name == "decimal" => {
+            let text = n.to_string();
+            RestrictedExpression::new_decimal(if text.contains('.') {
+                text
+            } else {
+                format!("{text}.0")
+            })
+        }
         (AttrType::Extension(name), Value::String(s)) => match name.as_str() {
             "ipaddr" => RestrictedExpression::new_ip(s),
             "decimal" => RestrictedExpression::new_decimal(s),

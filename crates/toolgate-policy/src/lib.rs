@@ -11,7 +11,7 @@ pub use engine::{
     TaskContext, NAMESPACE,
 };
 pub use load::{
-    load_dir, parse_policy_file, parse_schema, LoadError, Loaded, PolicySource, Problem,
-    ENTITIES_FILE, SCHEMA_FILE,
+    load_dir, load_schema, parse_fragment, parse_policy_file, LoadError, Loaded, PolicySource,
+    Problem, ENTITIES_FILE, SCHEMA_FILE,
 };
 pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};

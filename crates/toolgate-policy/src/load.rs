@@ -79,16 +79,8 @@ pub struct Loaded {
 
 /// Reads and strictly validates `dir`. Nothing partial is returned: any problem fails the load.
 pub fn load_dir(dir: &Path) -> Result<Loaded, LoadError> {
-    let schema_path = dir.join(SCHEMA_FILE);
-    let schema_text = read(&schema_path)?;
-    let (schema, schema_json) = parse_schema(&schema_path, &schema_text)?;
-
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| LoadError::one(dir, 0, format!("cannot read directory: {e}")))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == "cedar"))
-        .collect();
-    files.sort();
+    let (schema, schema_json) = load_schema(dir)?;
+    let files = files_with_extension(dir, "cedar")?;
 
     let mut problems = Vec::new();
     let mut policies = PolicySet::new();
@@ -173,8 +165,58 @@ fn read(path: &Path) -> Result<String, LoadError> {
     std::fs::read_to_string(path).map_err(|e| LoadError::one(path, 0, format!("cannot read: {e}")))
 }
 
-/// Parses the Cedar schema syntax; also returns its JSON form for `SchemaInfo`.
-pub fn parse_schema(path: &Path, text: &str) -> Result<(Schema, serde_json::Value), LoadError> {
+fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>, LoadError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::one(dir, 0, format!("cannot read directory: {e}")))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == extension))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Every `*.cedarschema` in the directory (`schema.cedarschema` and, say, fragments generated
+/// by `toolgate schema mcp`), merged into one schema. Also returns the merged JSON form.
+pub fn load_schema(dir: &Path) -> Result<(Schema, serde_json::Value), LoadError> {
+    let files = files_with_extension(dir, "cedarschema")?;
+    if files.is_empty() {
+        return Err(LoadError::one(
+            &dir.join(SCHEMA_FILE),
+            0,
+            "no schema: a policy directory needs *.cedarschema",
+        ));
+    }
+    let mut fragments = Vec::new();
+    let mut merged = serde_json::Map::new();
+    let mut problems = Vec::new();
+    for path in &files {
+        let parsed = read(path).and_then(|text| parse_fragment(path, &text));
+        match parsed {
+            Ok((fragment, json)) => {
+                merge_namespaces(&mut merged, json);
+                fragments.push(fragment);
+            }
+            Err(e) => problems.extend(e.problems),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(LoadError { problems });
+    }
+    let schema = Schema::from_schema_fragments(fragments).map_err(|e| {
+        LoadError::one(
+            &files[0],
+            1,
+            format!("schema files do not fit together: {}", error_chain(&e)),
+        )
+    })?;
+    Ok((schema, serde_json::Value::Object(merged)))
+}
+
+/// Parses one file of the Cedar schema syntax, with its JSON form.
+pub fn parse_fragment(
+    path: &Path,
+    text: &str,
+) -> Result<(SchemaFragment, serde_json::Value), LoadError> {
     let fragment = SchemaFragment::from_cedarschema_str(text)
         .map(|(fragment, _warnings)| fragment)
         .map_err(|e| diagnostic_error(path, text, &e))?;
@@ -182,9 +224,34 @@ pub fn parse_schema(path: &Path, text: &str) -> Result<(Schema, serde_json::Valu
         .clone()
         .to_json_value()
         .map_err(|e| LoadError::one(path, 1, e.to_string()))?;
-    let schema =
-        Schema::from_schema_fragments([fragment]).map_err(|e| diagnostic_error(path, text, &e))?;
-    Ok((schema, json))
+    Ok((fragment, json))
+}
+
+/// Adds one fragment's namespaces to `into`: entity types, actions and common types of the
+/// same namespace go together, as Cedar merges them.
+fn merge_namespaces(
+    into: &mut serde_json::Map<String, serde_json::Value>,
+    fragment: serde_json::Value,
+) {
+    let serde_json::Value::Object(namespaces) = fragment else {
+        return;
+    };
+    for (ns, body) in namespaces {
+        let target = into.entry(ns).or_insert_with(|| serde_json::json!({}));
+        let (Some(target), serde_json::Value::Object(body)) = (target.as_object_mut(), body) else {
+            continue;
+        };
+        for (section, items) in body {
+            match (target.get_mut(&section), items) {
+                (Some(serde_json::Value::Object(existing)), serde_json::Value::Object(items)) => {
+                    existing.extend(items)
+                }
+                (_, items) => {
+                    target.insert(section, items);
+                }
+            }
+        }
+    }
 }
 
 /// Splits one file into policies with stable ids: `@id("...")` or `<file stem>.<n>` (n from 0).

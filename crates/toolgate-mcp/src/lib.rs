@@ -1,0 +1,369 @@
+//! MCP (JSON-RPC 2.0 over streamable HTTP) as toolgate needs it: parse and bound what agents
+//! send, say what each message asks for, rewrite what servers answer. No I/O.
+#![forbid(unsafe_code)]
+
+mod schema;
+mod sse;
+
+use serde_json::{json, Map, Value};
+
+pub use schema::cedar_schema_for_tools;
+pub use sse::{rewrite_event_data, SseSplitter};
+
+/// JSON-RPC error codes toolgate answers with.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// MCP answers an unknown tool with "invalid params".
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Denied by policy (implementation-defined server error range).
+    pub const FORBIDDEN: i64 = -32003;
+}
+
+/// Nesting allowed in one message (objects and arrays).
+pub const MAX_DEPTH: usize = 32;
+/// Messages allowed in one batch.
+pub const MAX_BATCH: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What an agent POSTed: one message or a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Single(Value),
+    Batch(Vec<Value>),
+}
+
+impl Payload {
+    pub fn messages(&self) -> &[Value] {
+        match self {
+            Payload::Single(m) => std::slice::from_ref(m),
+            Payload::Batch(ms) => ms,
+        }
+    }
+}
+
+/// Parses a POST body as JSON-RPC. Refuses what is not JSON, too deeply nested, not a
+/// JSON-RPC 2.0 message, or an empty or oversized batch.
+pub fn parse(body: &[u8]) -> Result<Payload, RpcError> {
+    // serde_json's own recursion limit (128) keeps parsing itself safe; ours is tighter.
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("parse error: {e}")))?;
+    if depth(&value) > MAX_DEPTH {
+        return Err(RpcError::new(
+            code::INVALID_REQUEST,
+            format!("message nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() || items.len() > MAX_BATCH {
+                return Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    format!("a batch holds 1 to {MAX_BATCH} messages"),
+                ));
+            }
+            for item in &items {
+                check_message(item)?;
+            }
+            Ok(Payload::Batch(items))
+        }
+        single => {
+            check_message(&single)?;
+            Ok(Payload::Single(single))
+        }
+    }
+}
+
+fn check_message(m: &Value) -> Result<(), RpcError> {
+    let obj = m
+        .as_object()
+        .ok_or_else(|| RpcError::new(code::INVALID_REQUEST, "a JSON-RPC message is an object"))?;
+    if obj.get("jsonrpc") != Some(&json!("2.0")) {
+        return Err(RpcError::new(
+            code::INVALID_REQUEST,
+            "jsonrpc must be \"2.0\"",
+        ));
+    }
+    if let Some(id) = obj.get("id") {
+        if !(id.is_string() || id.is_i64() || id.is_u64()) {
+            return Err(RpcError::new(
+                code::INVALID_REQUEST,
+                "id must be a string or an integer",
+            ));
+        }
+    }
+    match obj.get("method") {
+        Some(Value::String(_)) => {
+            if obj
+                .get("params")
+                .is_some_and(|p| !(p.is_object() || p.is_array()))
+            {
+                return Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    "params must be an object or an array",
+                ));
+            }
+            Ok(())
+        }
+        Some(_) => Err(RpcError::new(
+            code::INVALID_REQUEST,
+            "method must be a string",
+        )),
+        // A response to a server's request: carries an id and a result or an error.
+        None if obj.contains_key("id")
+            && (obj.contains_key("result") || obj.contains_key("error")) =>
+        {
+            Ok(())
+        }
+        None => Err(RpcError::new(
+            code::INVALID_REQUEST,
+            "neither a request, a notification nor a response",
+        )),
+    }
+}
+
+fn depth(v: &Value) -> usize {
+    // Iterative, so a hostile document cannot exhaust the stack here either.
+    let mut deepest = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// What a message asks for, as far as authorization is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Intent {
+    /// `tools/call`: authorized as `<upstream>/<name>` with the arguments.
+    CallTool {
+        name: String,
+        arguments: Map<String, Value>,
+    },
+    /// `tools/list`: forwarded; the answer is filtered.
+    ListTools,
+    /// `resources/read`, `prompts/get`: authorized as `<upstream>/<method>` with the params.
+    Guarded {
+        method: String,
+        params: Map<String, Value>,
+    },
+    /// Authentication is enough: initialize, ping, notifications, listings, responses.
+    Pass,
+    /// A request method toolgate does not know: refused.
+    Unknown(String),
+}
+
+/// Requests that need nothing beyond authentication.
+const PASS_METHODS: [&str; 8] = [
+    "initialize",
+    "ping",
+    "resources/list",
+    "resources/templates/list",
+    "prompts/list",
+    "completion/complete",
+    "logging/setLevel",
+    "resources/subscribe",
+];
+
+pub fn intent(message: &Value) -> Result<Intent, RpcError> {
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        return Ok(Intent::Pass);
+    };
+    let params = || match message.get("params") {
+        Some(Value::Object(p)) => Ok(p.clone()),
+        None => Ok(Map::new()),
+        Some(_) => Err(RpcError::new(
+            code::INVALID_PARAMS,
+            "params must be an object",
+        )),
+    };
+    if message.get("id").is_none() {
+        return Ok(Intent::Pass); // notifications
+    }
+    Ok(match method {
+        "tools/call" => {
+            let params = params()?;
+            let name = params
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| RpcError::new(code::INVALID_PARAMS, "tools/call needs a tool name"))?
+                .to_string();
+            let arguments = match params.get("arguments") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(a)) => a.clone(),
+                Some(_) => {
+                    return Err(RpcError::new(
+                        code::INVALID_PARAMS,
+                        "arguments must be an object",
+                    ))
+                }
+            };
+            Intent::CallTool { name, arguments }
+        }
+        "tools/list" => Intent::ListTools,
+        "resources/read" | "prompts/get" => Intent::Guarded {
+            method: method.to_string(),
+            params: params()?,
+        },
+        m if PASS_METHODS.contains(&m) => Intent::Pass,
+        other => Intent::Unknown(other.to_string()),
+    })
+}
+
+/// A JSON-RPC error response for the message's id (null when it has none).
+pub fn error_response(id: Option<&Value>, code: i64, message: &str, data: Option<Value>) -> Value {
+    let mut error = json!({"code": code, "message": message});
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    json!({"jsonrpc": "2.0", "id": id.cloned().unwrap_or(Value::Null), "error": error})
+}
+
+/// Removes from a `tools/list` result every tool `keep` refuses. Returns how many were removed.
+pub fn filter_tools(response: &mut Value, keep: &dyn Fn(&str) -> bool) -> usize {
+    let Some(tools) = response
+        .pointer_mut("/result/tools")
+        .and_then(Value::as_array_mut)
+    else {
+        return 0;
+    };
+    let before = tools.len();
+    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(keep));
+    before - tools.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_single_and_batch() {
+        let single = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#;
+        let Payload::Single(m) = parse(single).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            intent(&m).unwrap(),
+            Intent::CallTool {
+                name: "add".into(),
+                arguments: json!({"a": 1}).as_object().unwrap().clone()
+            }
+        );
+        let batch = br#"[{"jsonrpc":"2.0","id":"a","method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+        assert_eq!(parse(batch).unwrap().messages().len(), 2);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let cases: [(&[u8], i64); 9] = [
+            (b"{not json", code::PARSE_ERROR),
+            (b"[]", code::INVALID_REQUEST),
+            (b"42", code::INVALID_REQUEST),
+            (br#"{"id":1,"method":"ping"}"#, code::INVALID_REQUEST),
+            (
+                br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":{"x":1},"method":"ping"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":7}"#,
+                code::INVALID_REQUEST,
+            ),
+            (br#"{"jsonrpc":"2.0","id":1}"#, code::INVALID_REQUEST),
+            (
+                br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}, 5]"#,
+                code::INVALID_REQUEST,
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                parse(body).unwrap_err().code,
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"x","arguments":{{"a":{}1{}}}}}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        assert_eq!(
+            parse(deep.as_bytes()).unwrap_err().code,
+            code::INVALID_REQUEST
+        );
+        let hostile = "[".repeat(100_000);
+        assert_eq!(
+            parse(hostile.as_bytes()).unwrap_err().code,
+            code::PARSE_ERROR
+        );
+    }
+
+    #[test]
+    fn intents() {
+        let m = |v: Value| intent(&v).unwrap();
+        assert_eq!(
+            m(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})),
+            Intent::ListTools
+        );
+        assert_eq!(
+            m(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}})),
+            Intent::Pass
+        );
+        assert_eq!(
+            m(json!({"jsonrpc":"2.0","method":"notifications/whatever"})),
+            Intent::Pass
+        );
+        assert_eq!(m(json!({"jsonrpc":"2.0","id":1,"result":{}})), Intent::Pass);
+        assert_eq!(
+            m(json!({"jsonrpc":"2.0","id":1,"method":"sampling/createMessage"})),
+            Intent::Unknown("sampling/createMessage".into())
+        );
+        assert!(matches!(
+            m(
+                json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}})
+            ),
+            Intent::Guarded { .. }
+        ));
+        assert!(
+            intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}})).is_err()
+        );
+        assert!(intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":[1]}})).is_err());
+    }
+
+    #[test]
+    fn tools_are_filtered() {
+        let mut r = json!({"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"},{"name":"pay"},{"nameless":true}]}});
+        assert_eq!(filter_tools(&mut r, &|n| n == "add"), 2);
+        assert_eq!(r["result"]["tools"], json!([{"name": "add"}]));
+    }
+}

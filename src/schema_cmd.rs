@@ -1,0 +1,190 @@
+//! `toolgate schema mcp`: the Cedar schema fragment for an MCP server's tools, from the server
+//! itself (`--url`: initialize, then `tools/list` with every page) or a saved answer (`--from`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use toolgate_mcp::{cedar_schema_for_tools, SseSplitter};
+
+const PROTOCOL_VERSION: &str = "2025-06-18";
+
+pub async fn run(
+    upstream: &str,
+    url: Option<&str>,
+    from: Option<&Path>,
+    headers: &[String],
+) -> Result<ExitCode, String> {
+    let tools = match (url, from) {
+        (Some(url), None) => fetch_tools(url, headers).await?,
+        (None, Some(path)) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let answer: Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            // A whole JSON-RPC answer, its result, or just the tools array.
+            let tools = answer
+                .pointer("/result/tools")
+                .or_else(|| answer.get("tools"))
+                .unwrap_or(&answer);
+            tools
+                .as_array()
+                .cloned()
+                .ok_or("no tools array in the file")?
+        }
+        _ => return Err("give exactly one of --url and --from".into()),
+    };
+    print!("{}", cedar_schema_for_tools(upstream, &tools));
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Session {
+    client: Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+    url: String,
+    headers: Vec<(String, String)>,
+    session_id: Option<String>,
+}
+
+impl Session {
+    /// POSTs one message; returns the response with `id` (from JSON or SSE), if one is expected.
+    async fn post(&mut self, message: Value) -> Result<Option<Value>, String> {
+        let mut request = http::Request::post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", PROTOCOL_VERSION);
+        for (k, v) in &self.headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        if let Some(id) = &self.session_id {
+            request = request.header("mcp-session-id", id.as_str());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(message.to_string())))
+            .map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
+            .await
+            .map_err(|_| format!("{}: timed out", self.url))?
+            .map_err(|e| format!("{}: {e}", self.url))?;
+        if let Some(id) = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            self.session_id = Some(id.to_string());
+        }
+        let status = response.status();
+        let sse = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("text/event-stream"));
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "{}: HTTP {status}: {}",
+                self.url,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let Some(id) = message.get("id") else {
+            return Ok(None);
+        };
+        let candidates: Vec<Value> = if sse {
+            let mut splitter = SseSplitter::new(usize::MAX);
+            let mut events = splitter.push(&body)?;
+            events.push(splitter.finish());
+            events.iter().filter_map(|e| event_json(e)).collect()
+        } else {
+            vec![serde_json::from_slice(&body).map_err(|e| format!("answer is not JSON: {e}"))?]
+        };
+        let answer = candidates
+            .into_iter()
+            .find(|m| m.get("id") == Some(id))
+            .ok_or("no answer to the request")?;
+        if let Some(error) = answer.get("error") {
+            return Err(format!("server error: {error}"));
+        }
+        Ok(Some(answer))
+    }
+}
+
+fn event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
+        .collect();
+    serde_json::from_str(&data.join("\n")).ok()
+}
+
+async fn fetch_tools(url: &str, headers: &[String]) -> Result<Vec<Value>, String> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let mut session = Session {
+        client: Client::builder(TokioExecutor::new()).build(https),
+        url: url.to_string(),
+        headers: headers
+            .iter()
+            .map(|h| {
+                let (k, v) = h
+                    .split_once(':')
+                    .ok_or_else(|| format!("--header {h}: expected NAME: VALUE"))?;
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            })
+            .collect::<Result<_, String>>()?,
+        session_id: None,
+    };
+    session
+        .post(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+            "clientInfo": {"name": "toolgate-schema", "version": env!("CARGO_PKG_VERSION")}}}),
+        )
+        .await?;
+    session
+        .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await?;
+    let mut tools = Vec::new();
+    let mut cursor: Option<Value> = None;
+    for page in 2..1000 {
+        let params = match &cursor {
+            Some(c) => json!({"cursor": c}),
+            None => json!({}),
+        };
+        let answer = session
+            .post(json!({"jsonrpc": "2.0", "id": page, "method": "tools/list", "params": params}))
+            .await?
+            .ok_or("no tools/list answer")?;
+        tools.extend(
+            answer
+                .pointer("/result/tools")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+        );
+        cursor = answer
+            .pointer("/result/nextCursor")
+            .filter(|c| !c.is_null())
+            .cloned();
+        if cursor.is_none() {
+            break;
+        }
+    }
+    Ok(tools)
+}

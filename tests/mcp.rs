@@ -1,0 +1,398 @@
+//! MCP end to end: the official MCP Python SDK (installed by scripts/test-deps.sh) as both
+//! server (FastMCP, SSE answers) and client, with a real `toolgate serve` between them; and
+//! the JSON-RPC edge cases against the recording upstream acting as an MCP server.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Per-call policies for the MCP tools (the example `list-tools` policy shows every tool).
+const MCP_POLICIES: &str = r#"
+@id("mcp-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
+@id("mcp-whoami") permit (principal, action == Toolgate::Action::"tools/whoami", resource);
+@id("mcp-count") permit (principal, action == Toolgate::Action::"tools/count", resource);
+@id("mcp-pay-small") permit (principal, action == Toolgate::Action::"tools/pay", resource)
+when { context.args.amount < 100 };
+@id("mcp-hide-admin") forbid (principal, action == Toolgate::Action::"list", resource == Toolgate::Tool::"tools/admin_reset");
+"#;
+
+fn python() -> std::path::PathBuf {
+    let python = repo().join(".toolgate-test/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the MCP SDK venv is missing: run scripts/test-deps.sh"
+    );
+    python
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the FastMCP test server and waits (bounded) until it accepts connections.
+async fn start_fastmcp() -> (Killed, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(python())
+        .arg(repo().join("tests/mcp/server.py"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        // FastMCP logs a traceback whenever a client ends its session; nothing to read there.
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the FastMCP server");
+    let server = Killed(child);
+    for _ in 0..150 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return (server, format!("http://127.0.0.1:{port}/mcp"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("FastMCP server did not listen within 15 s");
+}
+
+#[tokio::test]
+async fn official_sdk_client_and_server_through_the_gateway() {
+    let (_server, url) = start_fastmcp().await;
+    // The schema fragment comes from the server itself.
+    let schema = toolgate(&["schema", "mcp", "--upstream", "tools", "--url", &url]);
+    assert!(
+        schema.status.success(),
+        "{}",
+        String::from_utf8_lossy(&schema.stderr)
+    );
+    let schema = String::from_utf8(schema.stdout).unwrap();
+    assert!(
+        schema.contains("action \"tools/pay\" in [call]") && schema.contains("amount: Long"),
+        "{schema}"
+    );
+
+    let rest = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: rest.addr,
+        extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
+        inbound: None,
+        mcp: Some(url),
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let client = Command::new(python())
+        .arg(repo().join("tests/mcp/client.py"))
+        .arg(gw.url("/tools"))
+        .arg(&token)
+        .output()
+        .expect("run the MCP client");
+    assert!(
+        client.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let out: Value = serde_json::from_slice(&client.stdout).unwrap();
+
+    assert_eq!(out["server"], "toolgate-test");
+    assert_eq!(
+        out["tools"],
+        json!(["add", "count", "pay", "whoami"]),
+        "admin_reset is hidden"
+    );
+    assert_eq!(out["add"]["text"], json!(["5"]));
+    assert_eq!(out["pay_small"]["text"], json!(["paid 50 to bob"]));
+    assert_eq!(
+        out["count"]["text"],
+        json!(["counted to 3"]),
+        "a streamed (progress) answer passes"
+    );
+    for denied in ["pay_large", "admin_reset"] {
+        let d = &out[denied];
+        assert_eq!(d["ok"], false, "{denied}: {d}");
+        assert_eq!(d["code"], -32003);
+        assert!(d["data"]["decision_id"].as_str().is_some(), "{denied}: {d}");
+    }
+    assert_eq!(out["unknown"]["code"], -32602);
+
+    // The server saw a credential minted for the whoami call, never the agent's token.
+    let seen = out["whoami"]["text"][0].as_str().unwrap();
+    let minted = seen.strip_prefix("Bearer ").expect("a bearer credential");
+    assert_ne!(minted, token);
+    let claims = jsonwebtoken::dangerous_insecure_decode_claims(minted);
+    assert_eq!(claims["aud"], "https://tools.internal");
+    assert_eq!(claims["scope"], "tools/whoami");
+    assert_eq!(claims["act"]["sub"], "assistant");
+
+    // The denial's decision id is the audit line's.
+    let pay_id = out["pay_large"]["data"]["decision_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let audit = gw.audit(1).await;
+    let line = audit
+        .iter()
+        .find(|l| l["decision_id"] == pay_id.as_str())
+        .expect("audit line for the denial");
+    assert_eq!(
+        (line["action"].as_str(), line["decision"].as_str()),
+        (Some("tools/pay"), Some("deny"))
+    );
+}
+
+/// jsonwebtoken has no public "decode without verifying" for arbitrary claims in v9; the
+/// payload is plain base64url JSON.
+mod jsonwebtoken {
+    pub fn dangerous_insecure_decode_claims(token: &str) -> serde_json::Value {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+async fn raw_gateway(upstream: &Upstream) -> Gateway {
+    // The fragment from a saved tools/list answer (`--from`).
+    let dir = TempDir::new("mcp-schema");
+    let saved = dir.0.join("tools.json");
+    std::fs::write(
+        &saved,
+        json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+            {"name": "add", "inputSchema": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}},
+            {"name": "pay", "inputSchema": {"type": "object", "properties": {"amount": {"type": "integer"}, "to": {"type": "string"}}, "required": ["amount", "to"]}},
+            {"name": "admin_reset", "inputSchema": {"type": "object", "properties": {}}},
+            {"name": "whoami", "inputSchema": {"type": "object"}},
+            {"name": "count", "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+        ]}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = toolgate(&[
+        "schema",
+        "mcp",
+        "--upstream",
+        "tools",
+        "--from",
+        saved.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let schema = String::from_utf8(out.stdout).unwrap();
+    Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
+        inbound: None,
+        mcp: Some(format!("http://{}/mcp", upstream.addr)),
+    })
+    .await
+}
+
+async fn post(gw: &Gateway, token: &str, body: &[u8]) -> Answer {
+    send(
+        "POST",
+        &gw.url("/tools"),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-session-id", "session-1"),
+            ("mcp-protocol-version", "2025-06-18"),
+        ],
+        body,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn json_rpc_edge_cases() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway(&upstream).await;
+    let token = gw.idp.delegated();
+
+    // Not JSON, not JSON-RPC, too deep, too large: refused, never forwarded.
+    let parse_error = post(&gw, &token, b"{oops").await;
+    assert_eq!(parse_error.status, 400);
+    assert_eq!(parse_error.json()["error"]["code"], -32700);
+    assert_eq!(parse_error.json()["id"], Value::Null);
+    let not_rpc = post(&gw, &token, br#"{"id": 1, "method": "tools/call"}"#).await;
+    assert_eq!(not_rpc.json()["error"]["code"], -32600);
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"add","arguments":{{"a":{}1{}}}}}}}"#,
+        "[".repeat(50),
+        "]".repeat(50)
+    );
+    let deep = post(&gw, &token, deep.as_bytes()).await;
+    assert_eq!(
+        (deep.status.as_u16(), deep.json()["error"]["code"].as_i64()),
+        (400, Some(-32600))
+    );
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(5000)
+    );
+    assert_eq!(post(&gw, &token, big.as_bytes()).await.status, 413);
+    let unknown_method = post(
+        &gw,
+        &token,
+        br#"{"jsonrpc":"2.0","id":9,"method":"sampling/createMessage"}"#,
+    )
+    .await;
+    assert_eq!(unknown_method.json()["error"]["code"], -32601);
+    assert!(
+        upstream.requests().is_empty(),
+        "nothing refused was forwarded"
+    );
+
+    // A batch mixing allowed and denied calls: only the allowed ones reach the server, and
+    // the answer holds every id.
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 900, "to": "x"}}},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 9, "to": "x"}}},
+        {"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    ]);
+    let answer = post(&gw, &token, batch.to_string().as_bytes()).await;
+    assert_eq!(answer.status, 200);
+    let answers = answer.json();
+    let by_id = |id: i64| {
+        answers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_id(1)["result"]["method"], "tools/call");
+    assert_eq!(by_id(2)["error"]["code"], -32003);
+    assert!(by_id(2)["error"]["data"]["decision_id"].is_string());
+    assert_eq!(by_id(3)["result"]["method"], "tools/call");
+    let list = by_id(4);
+    let listed: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["add", "pay"],
+        "admin_reset filtered out of the JSON answer"
+    );
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    let forwarded: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    let ids: Vec<&Value> = forwarded
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    assert_eq!(
+        ids,
+        vec![&json!(1), &json!(3), &json!(4), &Value::Null],
+        "the denied call was not forwarded"
+    );
+    assert_eq!(seen[0].headers["mcp-session-id"], "session-1");
+    assert_eq!(seen[0].headers["mcp-protocol-version"], "2025-06-18");
+    let credential = seen[0].headers["authorization"].to_str().unwrap();
+    assert!(!credential.contains(&token));
+    let scope =
+        jsonwebtoken::dangerous_insecure_decode_claims(credential.strip_prefix("Bearer ").unwrap())
+            ["scope"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert!(
+        scope.contains("tools/add") && scope.contains("tools/pay"),
+        "{scope}"
+    );
+
+    // One audit line per decision in the batch, plus the request's own.
+    let audit = gw.audit(4).await;
+    let decisions: Vec<&Value> = audit
+        .iter()
+        .filter(|l| {
+            l["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("tools/"))
+        })
+        .collect();
+    assert_eq!(decisions.len(), 3, "{audit:?}");
+}
+
+#[tokio::test]
+async fn discovery_and_authentication_for_mcp_clients() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway(&upstream).await;
+
+    let unauthenticated = send(
+        "POST",
+        &gw.url("/tools"),
+        &[("content-type", "application/json")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(unauthenticated.status, 401);
+    let challenge = unauthenticated.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let metadata_url = format!(
+        "http://{}/.well-known/oauth-protected-resource/tools",
+        gw.addr
+    );
+    assert!(
+        challenge.contains(&format!("resource_metadata=\"{metadata_url}\"")),
+        "{challenge}"
+    );
+
+    let metadata = send("GET", &metadata_url, &[], b"").await;
+    assert_eq!(metadata.status, 200);
+    let metadata = metadata.json();
+    assert_eq!(metadata["resource"], format!("http://{}/tools", gw.addr));
+    assert_eq!(metadata["authorization_servers"], json!([IDP]));
+    assert_eq!(
+        send(
+            "GET",
+            &gw.url("/.well-known/oauth-protected-resource/nope"),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        404
+    );
+
+    // GET (the server's event stream) passes with authentication only, with a minted credential.
+    let token = gw.idp.delegated();
+    let stream = get(&gw.url("/tools"), &token).await;
+    assert_eq!(stream.status, 200);
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].uri, "/mcp");
+    assert!(!seen[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .contains(&token));
+}
