@@ -101,6 +101,11 @@ impl PolicyEngine {
         Self::from_loaded(load_dir(dir)?)
     }
 
+    /// Loads with a cache of what the previous load parsed and validated.
+    pub fn load_cached(dir: &Path, cache: &mut crate::LoadCache) -> Result<Self, LoadError> {
+        Self::from_loaded(crate::load_dir_cached(dir, cache)?)
+    }
+
     pub fn from_loaded(loaded: Loaded) -> Result<Self, LoadError> {
         let Loaded {
             schema,
@@ -535,9 +540,9 @@ fn index_by_action(
         .map(|a| (a.clone(), PolicySet::new()))
         .collect();
     for policy in policies.policies() {
-        let targets: Vec<&EntityUid> = match policy.action_constraint() {
-            ActionConstraint::Any => actions.iter().collect(),
-            ActionConstraint::Eq(a) => actions.iter().filter(|action| **action == a).collect(),
+        let targets: Vec<EntityUid> = match policy.action_constraint() {
+            ActionConstraint::Any => actions.clone(),
+            ActionConstraint::Eq(a) => vec![a],
             ActionConstraint::In(groups) => actions
                 .iter()
                 .filter(|action| {
@@ -545,9 +550,10 @@ fn index_by_action(
                         g == *action || ancestors.get(action).is_some_and(|up| up.contains(g))
                     })
                 })
+                .cloned()
                 .collect(),
         };
-        for action in targets {
+        for action in &targets {
             if let Some(set) = index.get_mut(action) {
                 // Ids are unique in `policies`, so adding cannot clash.
                 let _ = set.add(policy.clone());

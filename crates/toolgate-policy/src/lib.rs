@@ -5,13 +5,17 @@
 mod engine;
 mod load;
 mod schema_info;
+#[doc(hidden)]
+pub mod testing;
+mod validate;
 
 pub use engine::{
     coerce, coerce_record, uid, AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource,
     TaskContext, NAMESPACE,
 };
 pub use load::{
-    load_dir, load_schema, parse_fragment, parse_policy_file, LoadError, Loaded, PolicySource,
-    Problem, ENTITIES_FILE, SCHEMA_FILE,
+    load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file, LoadCache,
+    LoadError, Loaded, PolicySource, Problem, ENTITIES_FILE, SCHEMA_FILE,
 };
 pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};
+pub use validate::{validate_whole, SlicedValidator};

@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
-use cedar_policy::{
-    Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
-};
+use cedar_policy::{Policy, PolicyId, PolicySet, Schema, SchemaFragment, ValidationError};
 use miette::Diagnostic;
+
+use crate::validate::SlicedValidator;
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 pub const ENTITIES_FILE: &str = "entities.json";
@@ -79,45 +80,105 @@ pub struct Loaded {
 
 /// Reads and strictly validates `dir`. Nothing partial is returned: any problem fails the load.
 pub fn load_dir(dir: &Path) -> Result<Loaded, LoadError> {
-    let (schema, schema_json) = load_schema(dir)?;
-    let files = files_with_extension(dir, "cedar")?;
+    load_dir_cached(dir, &mut LoadCache::default())
+}
+
+/// What a previous load learned, so the next one only parses and validates what changed:
+/// the schema (and its validation slices) by the hash of the schema files, each policy file
+/// by the hash of its text. A schema change drops every cached file verdict.
+#[derive(Default)]
+pub struct LoadCache {
+    schema: Option<CachedSchema>,
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+struct CachedSchema {
+    hash: u64,
+    schema: Schema,
+    json: serde_json::Value,
+    validator: Arc<SlicedValidator>,
+}
+
+#[derive(Clone)]
+struct CachedFile {
+    hash: u64,
+    parsed: Vec<(Policy, PolicySource)>,
+    problems: Vec<Problem>,
+}
+
+impl LoadCache {
+    /// How many policy files the cache holds (for tests and metrics).
+    pub fn cached_files(&self) -> usize {
+        self.files.len()
+    }
+}
+
+/// `load_dir`, reusing and refreshing `cache`.
+pub fn load_dir_cached(dir: &Path, cache: &mut LoadCache) -> Result<Loaded, LoadError> {
+    let schema_files = files_with_extension(dir, "cedarschema")?;
+    let schema_texts: Vec<(PathBuf, String)> = schema_files
+        .iter()
+        .map(|p| read(p).map(|t| (p.clone(), t)))
+        .collect::<Result<_, _>>()?;
+    let schema_hash = hash_of(&schema_texts);
+    if cache.schema.as_ref().map(|c| c.hash) != Some(schema_hash) {
+        let (schema, json) = load_schema_texts(dir, &schema_texts)?;
+        let validator = Arc::new(SlicedValidator::new(&schema, &json));
+        cache.schema = Some(CachedSchema {
+            hash: schema_hash,
+            schema,
+            json,
+            validator,
+        });
+        cache.files.clear();
+    }
+    let cached_schema = cache.schema.as_ref().expect("set above");
+    let (schema, schema_json) = (cached_schema.schema.clone(), cached_schema.json.clone());
+    let validator = cached_schema.validator.clone();
 
     let mut problems = Vec::new();
+    let mut texts = Vec::new();
+    for path in files_with_extension(dir, "cedar")? {
+        match read(&path) {
+            Ok(text) => texts.push((path, text)),
+            Err(e) => problems.extend(e.problems),
+        }
+    }
+    let stale: Vec<&(PathBuf, String)> = texts
+        .iter()
+        .filter(|(path, text)| cache.files.get(path).map(|c| c.hash) != Some(hash_of(text)))
+        .collect();
+    for (path, file) in check_files(&validator, &stale) {
+        cache.files.insert(path, file);
+    }
+    cache
+        .files
+        .retain(|path, _| texts.iter().any(|(p, _)| p == path));
+
     let mut policies = PolicySet::new();
     let mut sources = HashMap::new();
-    let validator = Validator::new(schema.clone());
-    for path in &files {
-        let text = match read(path) {
-            Ok(t) => t,
-            Err(e) => {
-                problems.extend(e.problems);
+    for (path, _) in &texts {
+        let Some(file) = cache.files.get(path) else {
+            continue;
+        };
+        problems.extend(file.problems.iter().cloned());
+        for (policy, source) in &file.parsed {
+            if sources.contains_key(policy.id()) {
+                problems.push(Problem {
+                    file: path.clone(),
+                    line: source.line,
+                    message: format!("duplicate policy id `{}`", policy.id()),
+                });
                 continue;
             }
-        };
-        match parse_policy_file(path, &text) {
-            Ok(parsed) => {
-                problems.extend(validate_file(&validator, path, &text, &parsed));
-                for (policy, source) in parsed {
-                    let line = source.line;
-                    if sources.contains_key(policy.id()) {
-                        problems.push(Problem {
-                            file: path.clone(),
-                            line,
-                            message: format!("duplicate policy id `{}`", policy.id()),
-                        });
-                        continue;
-                    }
-                    sources.insert(policy.id().clone(), source);
-                    if let Err(e) = policies.add(policy) {
-                        problems.push(Problem {
-                            file: path.clone(),
-                            line,
-                            message: e.to_string(),
-                        });
-                    }
-                }
+            sources.insert(policy.id().clone(), source.clone());
+            if let Err(e) = policies.add(policy.clone()) {
+                problems.push(Problem {
+                    file: path.clone(),
+                    line: source.line,
+                    message: e.to_string(),
+                });
             }
-            Err(e) => problems.extend(e.problems),
         }
     }
 
@@ -178,7 +239,17 @@ fn files_with_extension(dir: &Path, extension: &str) -> Result<Vec<PathBuf>, Loa
 /// Every `*.cedarschema` in the directory (`schema.cedarschema` and, say, fragments generated
 /// by `toolgate schema mcp`), merged into one schema. Also returns the merged JSON form.
 pub fn load_schema(dir: &Path) -> Result<(Schema, serde_json::Value), LoadError> {
-    let files = files_with_extension(dir, "cedarschema")?;
+    let texts: Vec<(PathBuf, String)> = files_with_extension(dir, "cedarschema")?
+        .into_iter()
+        .map(|p| read(&p).map(|t| (p, t)))
+        .collect::<Result<_, _>>()?;
+    load_schema_texts(dir, &texts)
+}
+
+fn load_schema_texts(
+    dir: &Path,
+    files: &[(PathBuf, String)],
+) -> Result<(Schema, serde_json::Value), LoadError> {
     if files.is_empty() {
         return Err(LoadError::one(
             &dir.join(SCHEMA_FILE),
@@ -189,9 +260,8 @@ pub fn load_schema(dir: &Path) -> Result<(Schema, serde_json::Value), LoadError>
     let mut fragments = Vec::new();
     let mut merged = serde_json::Map::new();
     let mut problems = Vec::new();
-    for path in &files {
-        let parsed = read(path).and_then(|text| parse_fragment(path, &text));
-        match parsed {
+    for (path, text) in files {
+        match parse_fragment(path, text) {
             Ok((fragment, json)) => {
                 merge_namespaces(&mut merged, json);
                 fragments.push(fragment);
@@ -204,12 +274,77 @@ pub fn load_schema(dir: &Path) -> Result<(Schema, serde_json::Value), LoadError>
     }
     let schema = Schema::from_schema_fragments(fragments).map_err(|e| {
         LoadError::one(
-            &files[0],
+            &files[0].0,
             1,
             format!("schema files do not fit together: {}", error_chain(&e)),
         )
     })?;
     Ok((schema, serde_json::Value::Object(merged)))
+}
+
+/// Parses and validates policy files on all cores; each file's verdict stands on its own
+/// (validation is per policy), which is what makes it cacheable.
+fn check_files(
+    validator: &SlicedValidator,
+    files: &[&(PathBuf, String)],
+) -> Vec<(PathBuf, CachedFile)> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len().max(1));
+    let chunk = files.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(path, text)| (path.clone(), check_file(validator, path, text)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+fn check_file(validator: &SlicedValidator, path: &Path, text: &str) -> CachedFile {
+    let hash = hash_of(text);
+    let parsed = match parse_policy_file(path, text) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return CachedFile {
+                hash,
+                parsed: Vec::new(),
+                problems: e.problems,
+            }
+        }
+    };
+    let mut set = PolicySet::new();
+    let mut sources = HashMap::new();
+    for (policy, source) in &parsed {
+        // A duplicate id inside the file is reported when the files are put together.
+        if set.add(policy.clone()).is_ok() {
+            sources.insert(policy.id().clone(), source.clone());
+        }
+    }
+    let errors = validator.validate_serial(&set);
+    let texts = HashMap::from([(path.to_path_buf(), text.to_string())]);
+    CachedFile {
+        hash,
+        problems: validation_problems(&errors, &sources, &texts),
+        parsed,
+    }
+}
+
+fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Parses one file of the Cedar schema syntax, with its JSON form.
@@ -289,27 +424,35 @@ pub fn parse_policy_file(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut cursor = 0;
+    // Walk the file once: each policy's text is found after the previous one, and lines are
+    // counted only over the stretch between them.
+    let (mut cursor, mut line) = (0, 1);
     let mut out = Vec::with_capacity(parsed.len());
     for (index, (_, policy)) in parsed.into_iter().enumerate() {
         let offset = policy
             .to_cedar()
             .and_then(|src| text[cursor..].find(&src).map(|at| cursor + at))
             .unwrap_or(cursor);
+        line += text.as_bytes()[cursor..offset]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         cursor = offset;
-        let id = match policy.annotation("id") {
-            Some(id) => id.to_string(),
-            None => format!("{stem}.{index}"),
-        };
-        let grants = policy
-            .annotation("grants")
-            .map(|g| g.split_whitespace().map(String::from).collect())
-            .unwrap_or_default();
+        // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
+        let (mut id, mut grants) = (None, Vec::new());
+        for (key, value) in policy.annotations() {
+            match key {
+                "id" => id = Some(value.to_string()),
+                "grants" => grants = value.split_whitespace().map(String::from).collect(),
+                _ => {}
+            }
+        }
+        let id = id.unwrap_or_else(|| format!("{stem}.{index}"));
         out.push((
             policy.new_id(PolicyId::new(id)),
             PolicySource {
                 file: path.to_path_buf(),
-                line: line_of(text, offset),
+                line,
                 grants,
             },
         ));
@@ -317,25 +460,16 @@ pub fn parse_policy_file(
     Ok(out)
 }
 
-/// Strict validation of one file's policies against the schema.
-pub fn validate_file(
-    validator: &Validator,
-    path: &Path,
-    text: &str,
-    parsed: &[(Policy, PolicySource)],
+/// Validation errors as `file:line: message`, one per policy, kind and place: Cedar reports
+/// one error per request environment (action), which reads as noise.
+pub fn validation_problems(
+    errors: &[ValidationError],
+    sources: &HashMap<PolicyId, PolicySource>,
+    texts: &HashMap<PathBuf, String>,
 ) -> Vec<Problem> {
-    let mut set = PolicySet::new();
-    let mut lines = HashMap::new();
-    for (policy, source) in parsed {
-        lines.insert(policy.id().clone(), source.line);
-        // A duplicate id is reported by the caller; validate the first one.
-        let _ = set.add(policy.clone());
-    }
-    let result = validator.validate(&set, ValidationMode::Strict);
-    // Cedar reports one error per request environment (action); one per kind and place reads better.
     let mut seen = std::collections::HashSet::new();
-    result
-        .validation_errors()
+    let mut problems: Vec<Problem> = errors
+        .iter()
         .filter(|e| {
             seen.insert((
                 e.policy_id().clone(),
@@ -343,16 +477,24 @@ pub fn validate_file(
                 first_label_offset(*e),
             ))
         })
-        .map(|e| Problem {
-            file: path.to_path_buf(),
-            line: first_label_offset(e)
-                .filter(|&o| o <= text.len())
-                .map(|o| line_of(text, o))
-                .or_else(|| lines.get(e.policy_id()).copied())
-                .unwrap_or(1),
-            message: format!("policy `{}`: {}", e.policy_id(), error_chain(e)),
+        .map(|e| {
+            let source = sources.get(e.policy_id());
+            let text = source
+                .and_then(|s| texts.get(&s.file))
+                .map_or("", String::as_str);
+            Problem {
+                file: source.map(|s| s.file.clone()).unwrap_or_default(),
+                line: first_label_offset(e)
+                    .filter(|&o| o <= text.len() && !text.is_empty())
+                    .map(|o| line_of(text, o))
+                    .or_else(|| source.map(|s| s.line))
+                    .unwrap_or(1),
+                message: format!("policy `{}`: {}", e.policy_id(), error_chain(e)),
+            }
         })
-        .collect()
+        .collect();
+    problems.sort_by(|a, b| (&a.file, a.line, &a.message).cmp(&(&b.file, b.line, &b.message)));
+    problems
 }
 
 fn diagnostic_error(
