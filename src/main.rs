@@ -219,7 +219,7 @@ fn check(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match toolgate_gateway::check(&config) {
+    match toolgate_gateway::check(&config, &mut Default::default()) {
         Ok(engine) => {
             println!("ok: {} policies valid", engine.policy_count());
             ExitCode::SUCCESS

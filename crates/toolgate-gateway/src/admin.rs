@@ -51,12 +51,15 @@ impl Gateway {
     /// Loads and validates the policy directory off the request path, then swaps it in whole.
     /// An invalid set is refused and the active one stays.
     pub async fn reload_policies(&self) -> Result<usize, Vec<String>> {
-        let _one_at_a_time = self.reload_lock.lock().await;
+        let mut cache = self.load_cache.lock().await;
         let started = Instant::now();
         let dir = self.policy_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || PolicyEngine::load(&dir))
-            .await
-            .map_err(|e| vec![format!("reload task failed: {e}")])?;
+        let mut work = std::mem::take(&mut *cache);
+        let (loaded, work) =
+            tokio::task::spawn_blocking(move || (PolicyEngine::load_cached(&dir, &mut work), work))
+                .await
+                .map_err(|e| vec![format!("reload task failed: {e}")])?;
+        *cache = work;
         self.metrics
             .reload_duration
             .observe(started.elapsed().as_secs_f64());

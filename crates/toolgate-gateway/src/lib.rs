@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use toolgate_credential::{Minter, SigningKey};
 use toolgate_identity::{Authenticator, IssuerConfig, KeySource};
-use toolgate_policy::PolicyEngine;
+use toolgate_policy::{LoadCache, PolicyEngine};
 
 pub use config::Config;
 pub use pipeline::{JWKS_PATH, TASK_HEADER};
@@ -36,7 +36,8 @@ pub struct Gateway {
     config: Config,
     policy: ArcSwap<PolicyEngine>,
     policy_dir: PathBuf,
-    reload_lock: tokio::sync::Mutex<()>,
+    /// What the last load parsed and validated; held during a reload, so reloads run one at a time.
+    load_cache: tokio::sync::Mutex<LoadCache>,
     auth: Authenticator,
     minter: Minter,
     routes: RouteTable,
@@ -49,8 +50,8 @@ pub struct Gateway {
 
 /// Loads what the config names and checks that it fits together: policies valid, keys
 /// readable, every route's action declared in the schema.
-pub fn check(config: &Config) -> Result<PolicyEngine, Vec<String>> {
-    let engine = PolicyEngine::load(&config.policies).map_err(|e| {
+pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec<String>> {
+    let engine = PolicyEngine::load_cached(&config.policies, cache).map_err(|e| {
         e.problems
             .iter()
             .map(ToString::to_string)
@@ -90,7 +91,8 @@ pub fn check(config: &Config) -> Result<PolicyEngine, Vec<String>> {
 impl Gateway {
     /// Builds the gateway; refuses to start on an invalid policy set, config or key.
     pub async fn new(config: Config) -> Result<Arc<Gateway>, String> {
-        let engine = check(&config).map_err(|e| e.join("\n"))?;
+        let mut load_cache = LoadCache::default();
+        let engine = check(&config, &mut load_cache).map_err(|e| e.join("\n"))?;
         let pem = std::fs::read_to_string(&config.credentials.signing_key)
             .map_err(|e| format!("{}: {e}", config.credentials.signing_key.display()))?;
         let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string())?;
@@ -128,7 +130,7 @@ impl Gateway {
             policy_dir: config.policies.clone(),
             routes: RouteTable::new(&config.upstreams),
             policy: ArcSwap::from_pointee(engine),
-            reload_lock: tokio::sync::Mutex::new(()),
+            load_cache: tokio::sync::Mutex::new(load_cache),
             auth,
             minter,
             upstreams,

@@ -887,3 +887,70 @@ mod load_tests {
         assert_eq!(d.policies, vec!["billing-refund"]);
     }
 }
+
+#[cfg(test)]
+mod cache_tests {
+    use crate::LoadCache;
+
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn cached_reloads_see_every_change() {
+        let dir = std::env::temp_dir().join(format!("toolgate-cache-{}", std::process::id()));
+        crate::testing::write_scale_dir(&dir, 20, 2, 4).unwrap();
+        let mut cache = LoadCache::default();
+        let first = PolicyEngine::load_cached(&dir, &mut cache).unwrap();
+        assert_eq!(first.policy_count(), 40);
+        assert_eq!(cache.cached_files(), 4);
+
+        // A new valid file, then a broken one: the broken one is refused with file:line.
+        write(
+            &dir,
+            "extra.cedar",
+            "permit (principal, action == Toolgate::Action::\"up0/tool1\", resource);",
+        );
+        assert_eq!(
+            PolicyEngine::load_cached(&dir, &mut cache)
+                .unwrap()
+                .policy_count(),
+            41
+        );
+        write(&dir, "broken.cedar", "\npermit (principal, action == Toolgate::Action::\"up0/tool1\", resource)\nwhen { context.args.nope };");
+        let err = PolicyEngine::load_cached(&dir, &mut cache)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("broken.cedar:3:"), "{err}");
+        // The same verdict as a load without a cache.
+        assert_eq!(
+            PolicyEngine::load(&dir).err().unwrap().to_string(),
+            err.to_string()
+        );
+
+        // Removing it heals the set; the cache forgets the file.
+        std::fs::remove_file(dir.join("broken.cedar")).unwrap();
+        assert_eq!(
+            PolicyEngine::load_cached(&dir, &mut cache)
+                .unwrap()
+                .policy_count(),
+            41
+        );
+        assert_eq!(cache.cached_files(), 5);
+
+        // A schema change re-validates everything: dropping `name` breaks policies that use it.
+        let schema = std::fs::read_to_string(dir.join("schema.cedarschema")).unwrap();
+        write(
+            &dir,
+            "schema.cedarschema",
+            &schema.replace(", name: String", ""),
+        );
+        let err = PolicyEngine::load_cached(&dir, &mut cache)
+            .err()
+            .expect("refused after schema change");
+        assert!(err.to_string().contains("name"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
