@@ -82,13 +82,28 @@ impl Decision {
     }
 }
 
+/// Cedar's verdict on one request (see `PolicyEngine::decide_request`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CedarOutcome {
+    pub cedar_allows: bool,
+    pub reason: Vec<String>,
+    /// Ids of the policies that erred (Cedar skips them; toolgate denies).
+    pub errors: Vec<String>,
+}
+
+impl CedarOutcome {
+    /// toolgate's decision: Cedar's, except that any error denies.
+    pub fn allowed(&self) -> bool {
+        self.cedar_allows && self.errors.is_empty()
+    }
+}
+
 /// An immutable, validated policy snapshot.
 pub struct PolicyEngine {
     schema: Schema,
     info: SchemaInfo,
     all: PolicySet,
     by_action: HashMap<EntityUid, PolicySet>,
-    empty: PolicySet,
     sources: HashMap<PolicyId, PolicySource>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
@@ -141,7 +156,6 @@ impl PolicyEngine {
             schema,
             all: policies,
             by_action,
-            empty: PolicySet::new(),
             sources,
             entities,
             authorizer: Authorizer::new(),
@@ -185,7 +199,7 @@ impl PolicyEngine {
             Err(error) => return Decision::deny_with(error),
         };
         let policies = if indexed {
-            self.by_action.get(&action).unwrap_or(&self.empty)
+            self.policies_for(&action)
         } else {
             &self.all
         };
@@ -213,6 +227,44 @@ impl PolicyEngine {
             policies: determining,
             errors,
             grants,
+        }
+    }
+
+    /// The policies that can apply to a request for `action`: its slice of the index, or the
+    /// whole set for an action the schema does not declare (only unvalidated requests have one).
+    fn policies_for(&self, action: &EntityUid) -> &PolicySet {
+        self.by_action.get(action).unwrap_or(&self.all)
+    }
+
+    /// Cedar's own verdict on a prepared request, through the index, with policy ids as
+    /// toolgate names them. For conformance tests against Cedar's corpus; the gateway uses
+    /// `authorize`, which also denies when anything erred.
+    pub fn decide_request(&self, request: &Request, entities: &Entities) -> CedarOutcome {
+        let policies = match request.action() {
+            Some(action) => self.policies_for(action),
+            None => &self.all,
+        };
+        let response = self.authorizer.is_authorized(request, policies, entities);
+        let mut reason: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        let mut errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                    e.policy_id().to_string()
+                }
+            })
+            .collect();
+        reason.sort();
+        errors.sort();
+        CedarOutcome {
+            cedar_allows: response.decision() == CedarDecision::Allow,
+            reason,
+            errors,
         }
     }
 

@@ -150,8 +150,10 @@ impl SlicedValidator {
                     .collect()
             }
         };
-        // A slice of most of the schema saves little over the whole one.
-        if targets.len() * 2 > self.ancestors.len() {
+        // No target (`action in []`, or groups nothing is in): Cedar still reports what it finds
+        // in the policy without an environment, so the whole schema decides. And a slice of most
+        // of the schema saves little over the whole one.
+        if targets.is_empty() || targets.len() * 2 > self.ancestors.len() {
             return Slice::Whole;
         }
         let mut with_groups = targets.clone();
