@@ -90,7 +90,7 @@ impl RequestFile {
     }
 }
 
-pub fn run(config_path: &Path, request_path: &Path) -> Result<ExitCode, String> {
+pub fn run(config_path: &Path, request_path: &Path, explain: bool) -> Result<ExitCode, String> {
     let config = Config::load(config_path)?;
     let engine = PolicyEngine::load(&config.policies).map_err(|e| e.to_string())?;
     let text = std::fs::read_to_string(request_path)
@@ -98,11 +98,23 @@ pub fn run(config_path: &Path, request_path: &Path) -> Result<ExitCode, String> 
     let request: RequestFile =
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", request_path.display()))?;
     let decision = request.decide(&engine)?;
-    let out = json!({
+    let mut out = json!({
         "decision": if decision.allowed { "allow" } else { "deny" },
         "policies": decision.policies,
         "errors": decision.errors,
     });
+    if explain {
+        // Where each determining policy is written.
+        out["policies"] = decision
+            .policies
+            .iter()
+            .map(|id| match engine.source(id) {
+                Some(s) => json!({"id": id, "file": s.file.display().to_string(), "line": s.line}),
+                None => json!({"id": id}),
+            })
+            .collect();
+        out["grants"] = json!(decision.grants);
+    }
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 
 mod authorize;
 mod demo;
+mod policy_test;
 mod schema_cmd;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,11 @@ enum Command {
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
     },
+    /// Run policy test files (YAML: request + expected decision); prints `N passed, N failed`.
+    Test {
+        /// A test file, or a directory searched for *.yaml.
+        path: PathBuf,
+    },
     /// One offline decision; prints {decision, policies, errors}.
     Authorize {
         #[arg(long, default_value = "toolgate.yaml")]
@@ -50,6 +56,9 @@ enum Command {
         /// A JSON or YAML request file (see docs/policy-guide.md).
         #[arg(long)]
         request: PathBuf,
+        /// Also give each determining policy's file and line.
+        #[arg(long)]
+        explain: bool,
     },
     /// Dev helper: mint an inbound test token with a local key (never used by serve).
     Token {
@@ -119,7 +128,12 @@ fn main() -> ExitCode {
             admin_listen,
         } => runtime().and_then(|rt| rt.block_on(demo::run(listen, admin_listen))),
         Command::Check { config } => return check(&config),
-        Command::Authorize { config, request } => authorize::run(&config, &request),
+        Command::Test { path } => policy_test::run(&path),
+        Command::Authorize {
+            config,
+            request,
+            explain,
+        } => authorize::run(&config, &request, explain),
         Command::Token {
             config,
             key,

@@ -103,7 +103,7 @@ fn run_file(root: &Path, test: &Path, tally: &mut Tally) {
         Err(e) => return tally.failures.push(format!("{name}: engine: {e}")),
     };
     let entities_json: Value = serde_json::from_str(&read(&path("entities"))).unwrap();
-    // With the schema where the entities conform to it, else as plain JSON (Cedar's runner does the same).
+    // With the schema where the entities conform to it, else as plain JSON.
     let entities = match Entities::from_json_value(entities_json.clone(), Some(&schema)) {
         Ok(e) => Ok(e),
         Err(_) => Entities::from_json_value(entities_json, None).map_err(|e| e.to_string()),

@@ -884,3 +884,60 @@ async fn http2_and_streamed_bodies_pass() {
         "streamed body arrives whole"
     );
 }
+
+#[tokio::test]
+async fn policy_test_files_and_explain() {
+    // The shipped tests of the example policies pass.
+    let shipped = toolgate(&["test", repo().join("policies/tests").to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&shipped.stdout).to_string();
+    assert!(shipped.status.success(), "{out}");
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+
+    // A wrong expectation fails with exit 1 and says why.
+    let dir = TempDir::new("policy-test");
+    write_policies(&dir.0, &[]);
+    std::fs::write(
+        dir.0.join("wrong.yaml"),
+        "policies: policies\ntests:\n  - name: right\n    request: { agent: assistant, user: alice, action: billing/refund, args: { invoice_id: 1, amount: 900 } }\n    expect: deny\n    policies: [refund-limit]\n  - name: wrong\n    request: { agent: assistant, user: alice, action: billing/refund, args: { invoice_id: 1, amount: 900 } }\n    expect: allow\n",
+    )
+    .unwrap();
+    let failing = toolgate(&["test", dir.0.join("wrong.yaml").to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&failing.stdout).to_string();
+    assert_eq!(failing.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains("expected Allow, got Deny"),
+        "{out}"
+    );
+    assert_eq!(out.lines().last(), Some("1 passed, 1 failed"));
+
+    // --explain names each determining policy's file and line.
+    std::fs::write(dir.0.join("toolgate.yaml"), format!(
+        "issuer: https://t\npolicies: policies\ninbound:\n  jwt:\n    - {{issuer: {IDP}, jwks_file: x.json, audiences: [a]}}\ncredentials:\n  signing_key: k.pem\n"
+    ))
+    .unwrap();
+    std::fs::write(dir.0.join("req.yaml"), "agent: assistant\nuser: alice\naction: billing/refund\nargs: { invoice_id: 1, amount: 900 }\n").unwrap();
+    let explained = toolgate(&[
+        "authorize",
+        "--config",
+        dir.0.join("toolgate.yaml").to_str().unwrap(),
+        "--request",
+        dir.0.join("req.yaml").to_str().unwrap(),
+        "--explain",
+    ]);
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    let explained: Value = serde_json::from_slice(&explained.stdout).unwrap();
+    assert_eq!(explained["decision"], "deny");
+    let policy = &explained["policies"][0];
+    assert_eq!(policy["id"], "refund-limit");
+    assert!(policy["file"].as_str().unwrap().ends_with("billing.cedar"));
+    let text = std::fs::read_to_string(policy["file"].as_str().unwrap()).unwrap();
+    let line = text
+        .lines()
+        .nth(policy["line"].as_u64().unwrap() as usize - 1)
+        .unwrap();
+    assert!(line.contains("refund-limit"), "{line}");
+}

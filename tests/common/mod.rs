@@ -55,7 +55,9 @@ pub fn write_policies(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
     std::fs::create_dir_all(&policies).unwrap();
     for entry in std::fs::read_dir(repo().join("policies")).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+        if path.is_file() {
+            std::fs::copy(&path, policies.join(path.file_name().unwrap())).unwrap();
+        }
     }
     for (name, text) in extra {
         std::fs::write(policies.join(name), text).unwrap();

@@ -832,7 +832,9 @@ mod load_tests {
         let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
         for entry in std::fs::read_dir(examples).unwrap() {
             let path = entry.unwrap().path();
-            std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
+            if path.is_file() {
+                std::fs::copy(&path, dir.0.join(path.file_name().unwrap())).unwrap();
+            }
         }
         for (name, text) in extra {
             std::fs::write(dir.0.join(name), text).unwrap();
