@@ -54,9 +54,10 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
         .map_err(|e| e.to_string())?;
 
     let config = Config::load(&config_path)?;
-    let gateway = Gateway::new(config).await?;
+    let gateway = Gateway::new(config, Some(config_path.clone())).await?;
     let running = gateway.start().await?;
     crate::announce(&running);
+    crate::reload_on_sighup(gateway.clone());
     print_tour(&running.agent_addr, &running.admin_addr, &idp_key, &dir)?;
 
     crate::wait_for_signal().await;

@@ -190,9 +190,10 @@ fn init_tracing() {
 
 async fn serve(config_path: &Path) -> Result<ExitCode, String> {
     let config = Config::load(config_path)?;
-    let gateway = Gateway::new(config).await?;
+    let gateway = Gateway::new(config, Some(config_path.to_path_buf())).await?;
     let running = gateway.start().await?;
     announce(&running);
+    reload_on_sighup(gateway.clone());
     wait_for_signal().await;
     tracing::info!("shutting down: draining connections");
     running.shutdown.trigger();
@@ -207,6 +208,21 @@ fn announce(running: &toolgate_gateway::Running) {
         json!({"event": "listening", "listen": running.agent_addr.to_string(), "admin": running.admin_addr.to_string()})
     );
     tracing::info!(listen = %running.agent_addr, admin = %running.admin_addr, "toolgate serving");
+}
+
+/// SIGHUP reloads policies, JWKS files and the config's upstreams, as `POST /admin/reload` does.
+fn reload_on_sighup(gateway: std::sync::Arc<Gateway>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let report = gateway.reload_all().await;
+            tracing::info!(ok = report.ok(), report = %report.to_json(), "reload on SIGHUP");
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -24,6 +24,7 @@ async fn gateway(upstream: &Upstream) -> Gateway {
         extra_policies: &[("erring.cedar", ERRING_FORBID)],
         inbound: None,
         mcp: None,
+        extra_config: "",
     })
     .await
 }
@@ -452,6 +453,7 @@ async fn unreachable_upstream_answers_502_without_a_credential() {
         extra_policies: &[],
         inbound: None,
         mcp: None,
+        extra_config: "",
     })
     .await;
     let down = get(&gw.url("/billing/invoices/1"), &gw.idp.delegated()).await;
@@ -660,6 +662,7 @@ async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
             "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks_addr}/jwks.json\n      audiences: [{AUDIENCE}]\n"
         )),
         mcp: None,
+        extra_config: "",
     })
     .await;
     let claims = json!({"sub": "alice", "act": {"sub": "assistant"}});

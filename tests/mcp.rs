@@ -88,6 +88,7 @@ async fn official_sdk_client_and_server_through_the_gateway() {
         extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
         inbound: None,
         mcp: Some(url),
+        extra_config: "",
     })
     .await;
     let token = gw.idp.delegated();
@@ -200,6 +201,7 @@ async fn raw_gateway(upstream: &Upstream) -> Gateway {
         extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
         inbound: None,
         mcp: Some(format!("http://{}/mcp", upstream.addr)),
+        extra_config: "",
     })
     .await
 }

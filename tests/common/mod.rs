@@ -223,6 +223,8 @@ pub struct GatewayOptions<'a> {
     pub inbound: Option<String>,
     /// An MCP server's URL, served as upstream `tools` (kind: mcp).
     pub mcp: Option<String>,
+    /// Appended to the config file.
+    pub extra_config: &'a str,
 }
 
 /// A running `toolgate serve` child process, killed on drop.
@@ -282,7 +284,8 @@ upstreams:
   max_header_bytes: 8192
 audit:
   path: audit.jsonl
-"#,
+{extra_config}"#,
+            extra_config = options.extra_config,
         );
         std::fs::write(dir.0.join("toolgate.yaml"), config).unwrap();
         let audit_path = dir.0.join("audit.jsonl");

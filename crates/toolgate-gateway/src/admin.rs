@@ -10,7 +10,52 @@ use serde_json::json;
 use toolgate_policy::PolicyEngine;
 
 use crate::answer::{json_response, text_response, Body};
-use crate::Gateway;
+use crate::{Config, Gateway, Routing};
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct ReloadReport {
+    /// The number of policies now active, or why the new set was refused.
+    pub policies: Result<usize, Vec<String>>,
+    pub key_errors: Vec<String>,
+    pub config_errors: Vec<String>,
+    /// Config sections taken (`upstreams`).
+    pub applied: Vec<String>,
+    /// Config sections that changed but only apply after a restart.
+    pub needs_restart: Vec<String>,
+}
+
+impl Default for ReloadReport {
+    fn default() -> Self {
+        ReloadReport {
+            policies: Ok(0),
+            key_errors: Vec::new(),
+            config_errors: Vec::new(),
+            applied: Vec::new(),
+            needs_restart: Vec::new(),
+        }
+    }
+}
+
+impl ReloadReport {
+    pub fn ok(&self) -> bool {
+        self.policies.is_ok() && self.key_errors.is_empty() && self.config_errors.is_empty()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut errors: Vec<&String> = match &self.policies {
+            Ok(_) => Vec::new(),
+            Err(e) => e.iter().collect(),
+        };
+        errors.extend(self.key_errors.iter().chain(&self.config_errors));
+        json!({
+            "reloaded": self.policies.is_ok(),
+            "policies": self.policies.as_ref().ok(),
+            "errors": errors,
+            "config": {"applied": self.applied, "needs_restart": self.needs_restart},
+        })
+    }
+}
 
 impl Gateway {
     pub(crate) async fn admin(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
@@ -35,16 +80,80 @@ impl Gateway {
                 }
             }
             (&Method::POST, "/admin/reload") => {
-                let (status, body) = match self.reload_policies().await {
-                    Ok(count) => (StatusCode::OK, json!({"reloaded": true, "policies": count})),
-                    Err(errors) => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        json!({"reloaded": false, "errors": errors}),
-                    ),
+                let report = self.reload_all().await;
+                let status = if report.ok() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNPROCESSABLE_ENTITY
                 };
-                json_response(status, &body)
+                json_response(status, &report.to_json())
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+        }
+    }
+
+    /// Reloads everything that can change while serving: policies, JWKS files (and URLs),
+    /// and the config's `upstreams` (routes, URLs, audiences). Other config changes are
+    /// reported as needing a restart. Each part that fails keeps its previous state.
+    pub async fn reload_all(&self) -> ReloadReport {
+        let policies = self.reload_policies().await;
+        let key_errors = self.auth.reload_keys().await;
+        let mut report = ReloadReport {
+            policies,
+            key_errors,
+            ..ReloadReport::default()
+        };
+        if let Some(path) = &self.config_path {
+            match Config::load(path) {
+                Err(e) => report.config_errors.push(e),
+                Ok(new) => {
+                    report.needs_restart = new
+                        .needs_restart(&self.config)
+                        .into_iter()
+                        .map(String::from)
+                        .collect();
+                    self.reload_upstreams(&new, &mut report);
+                }
+            }
+        }
+        for e in report.key_errors.iter().chain(&report.config_errors) {
+            tracing::error!(error = %e, "reload: kept the previous state");
+        }
+        if !report.needs_restart.is_empty() {
+            tracing::warn!(sections = ?report.needs_restart, "config changes that only a restart applies");
+        }
+        report
+    }
+
+    fn reload_upstreams(&self, new: &Config, report: &mut ReloadReport) {
+        let current: Vec<_> = self
+            .routing
+            .load()
+            .upstreams
+            .iter()
+            .map(|u| u.config.clone())
+            .collect();
+        if current == new.upstreams {
+            return;
+        }
+        let engine = self.policy.load();
+        let undeclared: Vec<String> = new
+            .upstreams
+            .iter()
+            .flat_map(|up| {
+                up.routes
+                    .iter()
+                    .map(move |r| format!("{}/{}", up.name, r.tool))
+            })
+            .filter(|action| !engine.has_action(action))
+            .map(|action| format!("upstreams: action \"{action}\" is not declared in the schema"))
+            .collect();
+        if undeclared.is_empty() {
+            self.routing.store(Arc::new(Routing::new(&new.upstreams)));
+            report.applied.push("upstreams".into());
+            tracing::info!("upstreams and routes reloaded");
+        } else {
+            report.config_errors.extend(undeclared);
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listen")]
@@ -32,16 +32,46 @@ pub struct Config {
     /// The gateway's external URL (for RFC 9728 metadata); by default taken from `Host`.
     #[serde(default)]
     pub public_url: Option<String>,
+    #[serde(default)]
+    pub reload: Reload,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Hot reload: policies, JWKS files and the config file are watched (and SIGHUP and
+/// `POST /admin/reload` reload them too).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reload {
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// Changes closer together than this are taken as one.
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            debounce_ms: default_debounce(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_debounce() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     #[serde(default)]
     pub jwt: Vec<JwtIssuer>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtIssuer {
     pub issuer: String,
@@ -52,7 +82,7 @@ pub struct JwtIssuer {
     pub audiences: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub signing_key: PathBuf,
@@ -67,7 +97,7 @@ pub enum UpstreamKind {
     Mcp,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -82,7 +112,7 @@ pub struct UpstreamConfig {
     pub timeout_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub tool: String,
@@ -90,7 +120,7 @@ pub struct RouteConfig {
     pub path: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tasks {
     #[serde(default = "default_task_store")]
@@ -105,7 +135,7 @@ impl Default for Tasks {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// A file to append to, or "-" for stdout.
@@ -125,14 +155,14 @@ impl Default for Audit {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// The largest body read to find arguments (413 beyond).
@@ -190,6 +220,30 @@ fn default_max_header() -> usize {
 pub const MAX_TTL_SECONDS: u64 = 3600;
 
 impl Config {
+    /// The sections that differ from `other` and that only a restart applies (everything but
+    /// `upstreams`, which reloads).
+    pub fn needs_restart(&self, other: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut differs = |name: &'static str, same: bool| {
+            if !same {
+                changed.push(name);
+            }
+        };
+        differs("listen", self.listen == other.listen);
+        differs("admin_listen", self.admin_listen == other.admin_listen);
+        differs("issuer", self.issuer == other.issuer);
+        differs("policies", self.policies == other.policies);
+        differs("inbound", self.inbound == other.inbound);
+        differs("credentials", self.credentials == other.credentials);
+        differs("tasks", self.tasks == other.tasks);
+        differs("audit", self.audit == other.audit);
+        differs("tls", self.tls == other.tls);
+        differs("limits", self.limits == other.limits);
+        differs("public_url", self.public_url == other.public_url);
+        differs("reload", self.reload == other.reload);
+        changed
+    }
+
     /// Reads, parses, checks and resolves a config file.
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)

@@ -12,6 +12,7 @@ mod pipeline;
 pub mod routes;
 mod server;
 mod upstream;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -22,6 +23,7 @@ use toolgate_credential::{Minter, SigningKey};
 use toolgate_identity::{Authenticator, IssuerConfig, KeySource};
 use toolgate_policy::{LoadCache, PolicyEngine};
 
+pub use admin::ReloadReport;
 pub use config::Config;
 pub use pipeline::{JWKS_PATH, TASK_HEADER};
 pub use server::{Running, Shutdown};
@@ -33,15 +35,17 @@ use upstream::{HttpClient, Upstream};
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
+    /// The config the gateway started with; only `upstreams` reloads (into `routing`).
     config: Config,
+    config_path: Option<PathBuf>,
     policy: ArcSwap<PolicyEngine>,
     policy_dir: PathBuf,
     /// What the last load parsed and validated; held during a reload, so reloads run one at a time.
     load_cache: tokio::sync::Mutex<LoadCache>,
     auth: Authenticator,
     minter: Minter,
-    routes: RouteTable,
-    upstreams: Vec<Upstream>,
+    /// Routes and upstreams: swapped whole when the config's `upstreams` section reloads.
+    routing: ArcSwap<Routing>,
     client: HttpClient,
     metrics: Arc<Metrics>,
     audit: AuditSink,
@@ -88,9 +92,25 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
     }
 }
 
+/// Where calls go: the route table and the upstreams it names, from one config.
+pub(crate) struct Routing {
+    pub routes: RouteTable,
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Routing {
+    pub fn new(upstreams: &[config::UpstreamConfig]) -> Self {
+        Routing {
+            routes: RouteTable::new(upstreams),
+            upstreams: upstreams.iter().cloned().map(Upstream::new).collect(),
+        }
+    }
+}
+
 impl Gateway {
     /// Builds the gateway; refuses to start on an invalid policy set, config or key.
-    pub async fn new(config: Config) -> Result<Arc<Gateway>, String> {
+    /// `config_path` is where `config` was read from, for reloads (`None`: not reloadable).
+    pub async fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, String> {
         let mut load_cache = LoadCache::default();
         let engine = check(&config, &mut load_cache).map_err(|e| e.join("\n"))?;
         let pem = std::fs::read_to_string(&config.credentials.signing_key)
@@ -120,25 +140,19 @@ impl Gateway {
                 .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
         // The writer ends by itself once the last sink (the gateway's) is dropped.
         tokio::spawn(writer.finish());
-        let upstreams: Vec<Upstream> = config
-            .upstreams
-            .iter()
-            .cloned()
-            .map(Upstream::new)
-            .collect();
         Ok(Arc::new(Gateway {
             policy_dir: config.policies.clone(),
-            routes: RouteTable::new(&config.upstreams),
+            routing: ArcSwap::from_pointee(Routing::new(&config.upstreams)),
             policy: ArcSwap::from_pointee(engine),
             load_cache: tokio::sync::Mutex::new(load_cache),
             auth,
             minter,
-            upstreams,
             client: upstream::client(),
             metrics,
             audit,
             ready: AtomicBool::new(false),
             config,
+            config_path,
         }))
     }
 

@@ -20,7 +20,7 @@ use crate::audit::AuditRecord;
 use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
 use crate::upstream::Upstream;
-use crate::Gateway;
+use crate::{Gateway, Routing};
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const TASK_HEADER: &str = "toolgate-task";
@@ -41,10 +41,11 @@ impl Gateway {
                 return json_response(StatusCode::OK, &self.minter.jwks());
             }
             if let Some(resource) = path.strip_prefix(RESOURCE_METADATA_PATH) {
-                return self.resource_metadata(&request, resource);
+                return self.resource_metadata(&self.routing.load(), &request, resource);
             }
         }
-        let metadata_url = self.metadata_url(&request);
+        let routing = self.routing.load_full();
+        let metadata_url = self.metadata_url(&routing, &request);
         let mut record = AuditRecord {
             decision_id: uuid::Uuid::now_v7().to_string(),
             time: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -56,7 +57,7 @@ impl Gateway {
         };
         let mut upstream = None;
         let response = match self
-            .call(request, peer.ip(), &mut record, &mut upstream)
+            .call(&routing, request, peer.ip(), &mut record, &mut upstream)
             .await
         {
             Ok(response) => response,
@@ -72,7 +73,7 @@ impl Gateway {
         self.metrics
             .requests
             .with_label_values(&[
-                upstream.map_or("none", |i| self.upstreams[i].name()),
+                upstream.map_or("none", |i| routing.upstreams[i].name()),
                 response.status().as_str(),
             ])
             .inc();
@@ -82,6 +83,7 @@ impl Gateway {
 
     async fn call(
         &self,
+        routing: &Routing,
         request: Request<Incoming>,
         client_ip: IpAddr,
         record: &mut AuditRecord,
@@ -99,8 +101,8 @@ impl Gateway {
         record.user = caller.user.clone();
 
         // classify
-        if let Some((index, rest)) = self.routes.upstream(request.uri().path()) {
-            let upstream = &self.upstreams[index];
+        if let Some((index, rest)) = routing.routes.upstream(request.uri().path()) {
+            let upstream = &routing.upstreams[index];
             if upstream.config.kind == UpstreamKind::Mcp {
                 *upstream_index = Some(index);
                 let rest = rest.to_string();
@@ -109,14 +111,14 @@ impl Gateway {
                     .await;
             }
         }
-        let call = self
+        let call = routing
             .routes
             .classify(request.method(), request.uri().path())
             .map_err(|e| match e {
                 ClassifyError::NotFound => Refusal::ToolNotFound,
                 ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
             })?;
-        let upstream = &self.upstreams[call.upstream];
+        let upstream = &routing.upstreams[call.upstream];
         *upstream_index = Some(call.upstream);
         let action = format!("{}/{}", upstream.name(), call.tool);
         record.action = Some(action.clone());
@@ -281,11 +283,11 @@ impl Gateway {
     }
 
     /// Where the metadata for the resource a request addresses lives (path-suffixed, RFC 9728).
-    fn metadata_url<B>(&self, request: &Request<B>) -> String {
-        let upstream = self
+    fn metadata_url<B>(&self, routing: &Routing, request: &Request<B>) -> String {
+        let upstream = routing
             .routes
             .upstream(request.uri().path())
-            .map(|(index, _)| format!("/{}", self.upstreams[index].name()))
+            .map(|(index, _)| format!("/{}", routing.upstreams[index].name()))
             .unwrap_or_default();
         format!(
             "{}{RESOURCE_METADATA_PATH}{upstream}",
@@ -293,8 +295,13 @@ impl Gateway {
         )
     }
 
-    fn resource_metadata<B>(&self, request: &Request<B>, resource_path: &str) -> Response<Body> {
-        if !resource_path.is_empty() && self.routes.upstream(resource_path).is_none() {
+    fn resource_metadata<B>(
+        &self,
+        routing: &Routing,
+        request: &Request<B>,
+        resource_path: &str,
+    ) -> Response<Body> {
+        if !resource_path.is_empty() && routing.routes.upstream(resource_path).is_none() {
             return json_response(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": "not_found"}),

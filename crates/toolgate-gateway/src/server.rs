@@ -41,6 +41,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub shutdown: Shutdown,
     listeners: Vec<JoinHandle<()>>,
+    _watch: Option<crate::watch::FileWatch>,
 }
 
 impl Running {
@@ -92,12 +93,14 @@ impl Gateway {
                 async move { Ok::<_, std::convert::Infallible>(gateway.admin(req).await) }
             })
         }));
+        let watch = self.watch_files()?;
         self.ready.store(true, Ordering::SeqCst);
         Ok(Running {
             agent_addr,
             admin_addr,
             shutdown: Shutdown(stop_tx),
             listeners: vec![agent_loop, admin_loop],
+            _watch: watch,
         })
     }
 

@@ -134,7 +134,7 @@ proptest! {
             let (upstream, tool) = ACTIONS[action].split_once('/').unwrap();
             let request = AuthzRequest {
                 agent: Principal { id: &agent, claims: &empty },
-                user: delegated.then(|| Principal { id: "alice", claims: &empty }),
+                user: delegated.then_some(Principal { id: "alice", claims: &empty }),
                 action: ACTIONS[action],
                 resource: Resource::Tool { upstream, tool },
                 args: json!({"n": n}).as_object().unwrap().clone(),

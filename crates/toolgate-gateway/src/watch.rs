@@ -1,0 +1,97 @@
+//! Hot reload on file changes: the policy directory, the JWKS files and the config file are
+//! watched; a burst of changes (an editor's save, a `git pull`) becomes one reload after a
+//! quiet `debounce_ms`. Parent directories are watched, so files replaced by rename are seen.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::Gateway;
+
+/// Keeps watching while alive.
+pub struct FileWatch {
+    _watcher: RecommendedWatcher,
+}
+
+impl Gateway {
+    /// Starts watching; `None` when watching is off in the config.
+    pub fn watch_files(self: &Arc<Self>) -> Result<Option<FileWatch>, String> {
+        if !self.config.reload.watch {
+            return Ok(None);
+        }
+        let policy_dir = canonical(&self.policy_dir);
+        let mut files: HashSet<PathBuf> = self
+            .config
+            .inbound
+            .jwt
+            .iter()
+            .filter_map(|j| j.jwks_file.as_deref())
+            .map(canonical)
+            .collect();
+        files.extend(self.config_path.as_deref().map(canonical));
+        let dirs: HashSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .chain([policy_dir.clone()])
+            .collect();
+
+        let (tx, rx) = mpsc::channel::<()>(64);
+        let relevant = move |path: &Path| {
+            files.contains(path)
+                || (path.parent() == Some(policy_dir.as_path())
+                    && path
+                        .extension()
+                        .is_some_and(|e| e == "cedar" || e == "cedarschema" || e == "json"))
+        };
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    if event.kind.is_access() {
+                        return;
+                    }
+                    if event.paths.iter().any(|p| relevant(p)) {
+                        // A full channel already holds a pending reload.
+                        let _ = tx.try_send(());
+                    }
+                }
+            })
+            .map_err(|e| format!("file watch: {e}"))?;
+        for dir in &dirs {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| format!("file watch {}: {e}", dir.display()))?;
+        }
+        tokio::spawn(reload_on_change(
+            self.clone(),
+            rx,
+            Duration::from_millis(self.config.reload.debounce_ms),
+        ));
+        Ok(Some(FileWatch { _watcher: watcher }))
+    }
+}
+
+async fn reload_on_change(gateway: Arc<Gateway>, mut changes: mpsc::Receiver<()>, quiet: Duration) {
+    while changes.recv().await.is_some() {
+        // Wait until the files have been quiet for `quiet`.
+        while let Ok(Some(())) = tokio::time::timeout(quiet, changes.recv()).await {}
+        let report = gateway.reload_all().await;
+        tracing::info!(ok = report.ok(), "reload after file change");
+    }
+}
+
+/// The canonical form of a path, or of its parent joined with its name when it does not exist.
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| {
+        match (
+            path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
+            path.file_name(),
+        ) {
+            (Some(parent), Some(name)) => parent.join(name),
+            _ => path.to_path_buf(),
+        }
+    })
+}

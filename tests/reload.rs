@@ -1,0 +1,305 @@
+//! Hot reload end to end: file watch, SIGHUP, the admin endpoint, config upstreams, JWKS
+//! files; and reloads under constant load with zero failed requests.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const PERMIT_DELETE: &str =
+    "@id(\"allow-delete\")\npermit (principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);\n";
+
+/// Polls (bounded) until `status` answers `want`.
+async fn eventually(what: &str, want: u16, mut status: impl AsyncFnMut() -> u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = status().await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {got} after 10 s, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn delete_status(gw: &Gateway, token: &str) -> u16 {
+    send(
+        "DELETE",
+        &gw.url("/records/patients/p-100/record"),
+        &[("authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .await
+    .status
+    .as_u16()
+}
+
+#[tokio::test]
+async fn policy_files_are_watched() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "reload:\n  debounce_ms: 100\n",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    assert_eq!(delete_status(&gw, &token).await, 403);
+    std::fs::write(gw.dir.0.join("policies/extra.cedar"), PERMIT_DELETE).unwrap();
+    eventually("permit picked up from the file", 200, async || {
+        delete_status(&gw, &token).await
+    })
+    .await;
+    std::fs::remove_file(gw.dir.0.join("policies/extra.cedar")).unwrap();
+    eventually("permit gone with its file", 403, async || {
+        delete_status(&gw, &token).await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_policies_keys_and_upstreams() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "reload:\n  watch: false\n",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(gw.child.id().to_string())
+            .status();
+        assert!(status.unwrap().success());
+    };
+
+    // Policies: nothing happens until SIGHUP (watching is off).
+    std::fs::write(gw.dir.0.join("policies/extra.cedar"), PERMIT_DELETE).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(delete_status(&gw, &token).await, 403);
+    hup();
+    eventually("permit after SIGHUP", 200, async || {
+        delete_status(&gw, &token).await
+    })
+    .await;
+
+    // A new IdP key in the JWKS file.
+    let (new_key, _) = toolgate_credential::SigningKey::generate().unwrap();
+    let mut jwks: Value =
+        serde_json::from_slice(&std::fs::read(&gw.idp.jwks_path).unwrap()).unwrap();
+    jwks["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(new_key.public_jwk().clone());
+    std::fs::write(&gw.idp.jwks_path, jwks.to_string()).unwrap();
+    let rotated = new_key
+        .sign(
+            "JWT",
+            &with_defaults(json!({"sub": "alice", "act": {"sub": "assistant"}})),
+        )
+        .unwrap();
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1"), &rotated).await.status,
+        401
+    );
+    hup();
+    let url = gw.url("/billing/invoices/1");
+    eventually("new key after SIGHUP", 200, async || {
+        get(&url, &rotated).await.status.as_u16()
+    })
+    .await;
+
+    // Routes: /invoices/{id} moves to /bills/{id}.
+    let config_path = gw.dir.0.join("toolgate.yaml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace(
+            "path: \"/invoices/{invoice_id}\"",
+            "path: \"/bills/{invoice_id}\"",
+        ),
+    )
+    .unwrap();
+    hup();
+    let bills = gw.url("/billing/bills/7");
+    eventually("new route after SIGHUP", 200, async || {
+        get(&bills, &token).await.status.as_u16()
+    })
+    .await;
+    assert_eq!(
+        get(&gw.url("/billing/invoices/7"), &token).await.status,
+        404
+    );
+    assert_eq!(upstream.requests().last().unwrap().uri, "/api/bills/7");
+}
+
+#[tokio::test]
+async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "reload:\n  watch: false\n",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let config_path = gw.dir.0.join("toolgate.yaml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+
+    std::fs::write(
+        &config_path,
+        original.replace(
+            "issuer: https://toolgate.test",
+            "issuer: https://other.test",
+        ),
+    )
+    .unwrap();
+    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(report.status, 200);
+    assert_eq!(report.json()["config"]["needs_restart"], json!(["issuer"]));
+
+    // A route to an action the schema does not declare: refused, the old routes stay.
+    std::fs::write(
+        &config_path,
+        original.replace("tool: list_invoices", "tool: list_everything"),
+    )
+    .unwrap();
+    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(report.status, 422);
+    assert!(
+        report.json()["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("billing/list_everything"),
+        "{:?}",
+        report.json()
+    );
+    assert_eq!(get(&gw.url("/billing/invoices"), &token).await.status, 200);
+
+    // Not YAML at all: refused with file:line.
+    std::fs::write(&config_path, "listen: [").unwrap();
+    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(report.status, 422);
+    assert!(
+        report.json()["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("toolgate.yaml:"),
+        "{:?}",
+        report.json()
+    );
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1"), &token).await.status,
+        200
+    );
+}
+
+/// A real load (8 concurrent clients on keep-alive connections) runs while valid and invalid
+/// policy sets are swapped in: every request succeeds, and every decision is one the old or
+/// the new set gives.
+#[tokio::test]
+async fn reloads_under_constant_load_fail_no_request() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "reload:\n  watch: false\n",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let url = gw.url("/billing/invoices/1");
+        let auth = format!("Bearer {token}");
+        clients.push(tokio::spawn(async move {
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            // Bounded: at most 5,000 requests per client.
+            for _ in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let request = http::Request::get(&url)
+                    .header("authorization", &auth)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match client.request(request).await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+
+    let extra = gw.dir.0.join("policies/extra.cedar");
+    let (mut good, mut bad) = (0, 0);
+    for round in 0..12 {
+        // Alternately a valid change, and an invalid set that must be refused.
+        let (text, valid) = if round % 2 == 0 {
+            (format!("@id(\"round-{round}\")\npermit (principal, action == Toolgate::Action::\"billing/list_invoices\", resource) when {{ context has user }};"), true)
+        } else {
+            (
+                "permit (principal, action, resource) when { context.nope };".to_string(),
+                false,
+            )
+        };
+        std::fs::write(&extra, text).unwrap();
+        let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+        assert_eq!(report.status == 200, valid, "{:?}", report.json());
+        if valid {
+            good += 1
+        } else {
+            bad += 1
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during reloads",
+        ok + failed
+    );
+    let metrics = String::from_utf8(
+        send("GET", &gw.admin_url("/metrics"), &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "toolgate_policy_reloads_total{{result=\"success\"}} {good}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "toolgate_policy_reloads_total{{result=\"error\"}} {bad}"
+    )));
+}
