@@ -8,7 +8,8 @@ use std::str::FromStr;
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
-    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
+    RestrictedExpression, Schema,
 };
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::{json, Map, Value};
@@ -103,7 +104,7 @@ pub struct PolicyEngine {
     schema: Schema,
     info: SchemaInfo,
     all: PolicySet,
-    by_action: HashMap<EntityUid, PolicySet>,
+    by_action: HashMap<EntityUid, ActionPolicies>,
     sources: HashMap<PolicyId, PolicySource>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
@@ -199,14 +200,15 @@ impl PolicyEngine {
             Err(error) => return Decision::deny_with(error),
         };
         let policies = if indexed {
-            self.policies_for(&action)
+            self.policies_for(&action, request.principal())
         } else {
             &self.all
         };
         let response = self.authorizer.is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         // Cedar skips a policy that errs; an erring forbid would let the call through. Deny.
-        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        let mut errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        errors.sort();
         let mut determining: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
         determining.sort();
         let allowed = response.decision() == CedarDecision::Allow && errors.is_empty();
@@ -232,8 +234,11 @@ impl PolicyEngine {
 
     /// The policies that can apply to a request for `action`: its slice of the index, or the
     /// whole set for an action the schema does not declare (only unvalidated requests have one).
-    fn policies_for(&self, action: &EntityUid) -> &PolicySet {
-        self.by_action.get(action).unwrap_or(&self.all)
+    fn policies_for(&self, action: &EntityUid, principal: Option<&EntityUid>) -> &PolicySet {
+        match (self.by_action.get(action), principal) {
+            (Some(policies), Some(principal)) => policies.for_principal(principal),
+            _ => &self.all,
+        }
     }
 
     /// Cedar's own verdict on a prepared request, through the index, with policy ids as
@@ -241,7 +246,7 @@ impl PolicyEngine {
     /// `authorize`, which also denies when anything erred.
     pub fn decide_request(&self, request: &Request, entities: &Entities) -> CedarOutcome {
         let policies = match request.action() {
-            Some(action) => self.policies_for(action),
+            Some(action) => self.policies_for(action, request.principal()),
             None => &self.all,
         };
         let response = self.authorizer.is_authorized(request, policies, entities);
@@ -570,12 +575,28 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
     })
 }
 
-/// For each action in the schema, the policies whose action scope can match it.
+/// The policies that can apply to one action: those open to any principal, and for each
+/// principal a `principal == ...` scope names, those plus its own. A decision evaluates one of
+/// these sets, so its cost follows the policies that can apply, not the size of the set.
+#[derive(Default)]
+struct ActionPolicies {
+    general: PolicySet,
+    by_principal: HashMap<EntityUid, PolicySet>,
+}
+
+impl ActionPolicies {
+    fn for_principal(&self, principal: &EntityUid) -> &PolicySet {
+        self.by_principal.get(principal).unwrap_or(&self.general)
+    }
+}
+
+/// For each action in the schema, the policies whose action scope can match it, split by
+/// `principal ==` scope.
 fn index_by_action(
     schema: &Schema,
     entities: &Entities,
     policies: &PolicySet,
-) -> HashMap<EntityUid, PolicySet> {
+) -> HashMap<EntityUid, ActionPolicies> {
     let actions: Vec<EntityUid> = schema.actions().cloned().collect();
     let ancestors: HashMap<&EntityUid, HashSet<EntityUid>> = actions
         .iter()
@@ -587,14 +608,17 @@ fn index_by_action(
             (a, up)
         })
         .collect();
-    let mut index: HashMap<EntityUid, PolicySet> = actions
-        .iter()
-        .map(|a| (a.clone(), PolicySet::new()))
-        .collect();
+    // Per action: the policies open to any principal, and those naming one.
+    let mut general: HashMap<&EntityUid, Vec<&Policy>> = HashMap::new();
+    let mut named: HashMap<&EntityUid, HashMap<EntityUid, Vec<&Policy>>> = HashMap::new();
     for policy in policies.policies() {
-        let targets: Vec<EntityUid> = match policy.action_constraint() {
-            ActionConstraint::Any => actions.clone(),
-            ActionConstraint::Eq(a) => vec![a],
+        let targets: Vec<&EntityUid> = match policy.action_constraint() {
+            ActionConstraint::Any => actions.iter().collect(),
+            ActionConstraint::Eq(a) => actions
+                .iter()
+                .filter(|action| **action == a)
+                .take(1)
+                .collect(),
             ActionConstraint::In(groups) => actions
                 .iter()
                 .filter(|action| {
@@ -602,17 +626,51 @@ fn index_by_action(
                         g == *action || ancestors.get(action).is_some_and(|up| up.contains(g))
                     })
                 })
-                .cloned()
                 .collect(),
         };
-        for action in &targets {
-            if let Some(set) = index.get_mut(action) {
-                // Ids are unique in `policies`, so adding cannot clash.
-                let _ = set.add(policy.clone());
+        let principal = match policy.principal_constraint() {
+            PrincipalConstraint::Eq(p) => Some(p),
+            _ => None,
+        };
+        for action in targets {
+            match &principal {
+                Some(p) => named
+                    .entry(action)
+                    .or_default()
+                    .entry(p.clone())
+                    .or_default()
+                    .push(policy),
+                None => general.entry(action).or_default().push(policy),
             }
         }
     }
-    index
+    let set_of = |policies: &[&Policy]| {
+        let mut set = PolicySet::new();
+        for policy in policies {
+            // Ids are unique in `policies`, so adding cannot clash.
+            let _ = set.add((*policy).clone());
+        }
+        set
+    };
+    actions
+        .iter()
+        .map(|action| {
+            let open = general.get(action).map(Vec::as_slice).unwrap_or_default();
+            let by_principal = named
+                .remove(action)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(principal, own)| (principal, set_of(&[open, own.as_slice()].concat())))
+                .collect();
+            (
+                action.clone(),
+                ActionPolicies {
+                    general: set_of(open),
+                    by_principal,
+                },
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,6 +16,16 @@ pub fn write_scale_dir(
     per_action: usize,
     files: usize,
 ) -> std::io::Result<()> {
+    write_policy_dir(dir, actions, actions * per_action, files)
+}
+
+/// The same with `policies` policies in all: policy `k` is on action `k % actions`.
+pub fn write_policy_dir(
+    dir: &Path,
+    actions: usize,
+    policies: usize,
+    files: usize,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -41,33 +51,32 @@ pub fn write_scale_dir(
 
     let files = files.max(1);
     let mut texts = vec![String::new(); files];
-    for i in 0..actions {
+    for k in 0..policies {
+        let (i, p) = (k % actions.max(1), k / actions.max(1));
         let action = scale_action(i);
-        for p in 0..per_action {
-            let text = &mut texts[(i * per_action + p) % files];
-            let _ = match p % 4 {
-                0 => writeln!(
-                    text,
-                    "permit (principal in Toolgate::Team::\"team{}\", action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.args.amount < {} }};",
-                    p % 7,
-                    100 * (p + 1)
-                ),
-                1 => writeln!(
-                    text,
-                    "forbid (principal, action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.args.name == \"blocked{p}\" }};"
-                ),
-                2 => writeln!(
-                    text,
-                    "permit (principal == Toolgate::Agent::\"agent{p}\", action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.env.hour >= {} && principal has level && principal.level > 2 }};",
-                    p % 24
-                ),
-                _ => writeln!(
-                    text,
-                    "forbid (principal, action == Toolgate::Action::\"{action}\", resource in Toolgate::Upstream::\"up{}\")\nunless {{ context has user }};",
-                    i / 100
-                ),
-            };
-        }
+        let text = &mut texts[k % files];
+        let _ = match p % 4 {
+            0 => writeln!(
+                text,
+                "permit (principal in Toolgate::Team::\"team{}\", action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.args.amount < {} }};",
+                p % 7,
+                100 * (p + 1)
+            ),
+            1 => writeln!(
+                text,
+                "forbid (principal, action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.args.name == \"blocked{p}\" }};"
+            ),
+            2 => writeln!(
+                text,
+                "permit (principal == Toolgate::Agent::\"agent{p}\", action == Toolgate::Action::\"{action}\", resource)\nwhen {{ context.env.hour >= {} && principal has level && principal.level > 2 }};",
+                p % 24
+            ),
+            _ => writeln!(
+                text,
+                "forbid (principal, action == Toolgate::Action::\"{action}\", resource in Toolgate::Upstream::\"up{}\")\nunless {{ context has user }};",
+                i / 100
+            ),
+        };
     }
     for (n, text) in texts.iter().enumerate() {
         std::fs::write(dir.join(format!("policies{n:03}.cedar")), text)?;
