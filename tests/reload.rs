@@ -13,6 +13,17 @@ use serde_json::{json, Value};
 const PERMIT_DELETE: &str =
     "@id(\"allow-delete\")\npermit (principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);\n";
 
+async fn gateway(upstream: &Upstream, extra_config: &str) -> Gateway {
+    Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config,
+    })
+    .await
+}
+
 /// Polls (bounded) until `status` answers `want`.
 async fn eventually(what: &str, want: u16, mut status: impl AsyncFnMut() -> u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -44,14 +55,7 @@ async fn delete_status(gw: &Gateway, token: &str) -> u16 {
 #[tokio::test]
 async fn policy_files_are_watched() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "reload:\n  debounce_ms: 100\n",
-    })
-    .await;
+    let gw = gateway(&upstream, "reload:\n  debounce_ms: 100\n").await;
     let token = gw.idp.delegated();
     assert_eq!(delete_status(&gw, &token).await, 403);
     std::fs::write(gw.dir.0.join("policies/extra.cedar"), PERMIT_DELETE).unwrap();
@@ -69,14 +73,7 @@ async fn policy_files_are_watched() {
 #[tokio::test]
 async fn sighup_reloads_policies_keys_and_upstreams() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "reload:\n  watch: false\n",
-    })
-    .await;
+    let gw = gateway(&upstream, "reload:\n  watch: false\n").await;
     let token = gw.idp.delegated();
     let hup = || {
         let status = std::process::Command::new("kill")
@@ -149,14 +146,7 @@ async fn sighup_reloads_policies_keys_and_upstreams() {
 #[tokio::test]
 async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "reload:\n  watch: false\n",
-    })
-    .await;
+    let gw = gateway(&upstream, "reload:\n  watch: false\n").await;
     let token = gw.idp.delegated();
     let config_path = gw.dir.0.join("toolgate.yaml");
     let original = std::fs::read_to_string(&config_path).unwrap();
@@ -215,14 +205,7 @@ async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
 #[tokio::test]
 async fn reloads_under_constant_load_fail_no_request() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "reload:\n  watch: false\n",
-    })
-    .await;
+    let gw = gateway(&upstream, "reload:\n  watch: false\n").await;
     let token = gw.idp.delegated();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));

@@ -23,10 +23,11 @@ use toolgate_identity::Caller;
 use toolgate_mcp::{
     code, error_response, filter_tools, intent, rewrite_event_data, Intent, Payload, SseSplitter,
 };
-use toolgate_policy::{AuthzRequest, Env, PolicyEngine, Principal, Resource};
+use toolgate_policy::{PolicyEngine, Resource};
 
 use crate::answer::{full, json_response, Body, BoxError, Refusal};
 use crate::audit::AuditRecord;
+use crate::pipeline::authz_request;
 use crate::upstream::Upstream;
 use crate::Gateway;
 
@@ -282,27 +283,11 @@ fn tool_filter(
         if !engine.has_action(&format!("{upstream}/{tool}")) {
             return false;
         }
-        let request = AuthzRequest {
-            agent: Principal {
-                id: &caller.agent,
-                claims: caller.agent_claims(),
-            },
-            user: caller.user.as_deref().map(|id| Principal {
-                id,
-                claims: caller.user_claims().unwrap_or(caller.agent_claims()),
-            }),
-            action: "list",
-            resource: Resource::Tool {
-                upstream: &upstream,
-                tool,
-            },
-            args: Map::new(),
-            env: Env {
-                source_ip: client_ip,
-                time: chrono::Utc::now(),
-            },
-            task: None,
+        let resource = Resource::Tool {
+            upstream: &upstream,
+            tool,
         };
+        let request = authz_request(&caller, "list", resource, Map::new(), client_ip);
         engine.authorize(&request).allowed
     })
 }

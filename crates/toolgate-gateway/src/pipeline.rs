@@ -205,24 +205,7 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Decision {
         let started = Instant::now();
-        let request = AuthzRequest {
-            agent: Principal {
-                id: &caller.agent,
-                claims: caller.agent_claims(),
-            },
-            user: caller.user.as_deref().map(|id| Principal {
-                id,
-                claims: caller.user_claims().unwrap_or(caller.agent_claims()),
-            }),
-            action,
-            resource,
-            args,
-            env: Env {
-                source_ip: client_ip,
-                time: Utc::now(),
-            },
-            task: None,
-        };
+        let request = authz_request(caller, action, resource, args, client_ip);
         let decision = engine.authorize(&request);
         let elapsed = started.elapsed();
         self.metrics.authz_duration.observe(elapsed.as_secs_f64());
@@ -323,6 +306,35 @@ impl Gateway {
                 "resource_name": "toolgate",
             }),
         )
+    }
+}
+
+/// The Cedar question for a call by `caller`: agent, and user when delegated, with the claims
+/// that describe each.
+pub(crate) fn authz_request<'a>(
+    caller: &'a Caller,
+    action: &'a str,
+    resource: Resource<'a>,
+    args: Map<String, Value>,
+    client_ip: IpAddr,
+) -> AuthzRequest<'a> {
+    AuthzRequest {
+        agent: Principal {
+            id: &caller.agent,
+            claims: caller.agent_claims(),
+        },
+        user: caller.user.as_deref().map(|id| Principal {
+            id,
+            claims: caller.user_claims().unwrap_or(caller.agent_claims()),
+        }),
+        action,
+        resource,
+        args,
+        env: Env {
+            source_ip: client_ip,
+            time: Utc::now(),
+        },
+        task: None,
     }
 }
 

@@ -76,14 +76,7 @@ impl SlicedValidator {
     /// Strict validation errors of every policy in `policies` (as Cedar's validator reports
     /// them against the whole schema), on this thread.
     pub fn validate_serial(&self, policies: &PolicySet) -> Vec<ValidationError> {
-        let mut groups: HashMap<Slice, PolicySet> = HashMap::new();
-        for policy in policies.policies() {
-            let _ = groups
-                .entry(self.slice_for(policy))
-                .or_default()
-                .add(policy.clone());
-        }
-        groups
+        self.groups(policies)
             .iter()
             .flat_map(|(slice, set)| {
                 let result = self.validator(slice).validate(set, ValidationMode::Strict);
@@ -92,8 +85,8 @@ impl SlicedValidator {
             .collect()
     }
 
-    /// The same, with groups of policies validated on all cores.
-    pub fn validate(&self, policies: &PolicySet) -> Vec<ValidationError> {
+    /// Policies grouped by the schema slice they are validated against.
+    fn groups(&self, policies: &PolicySet) -> Vec<(Slice, PolicySet)> {
         let mut groups: HashMap<Slice, PolicySet> = HashMap::new();
         for policy in policies.policies() {
             // Ids are unique in `policies`, so adding cannot clash.
@@ -104,6 +97,12 @@ impl SlicedValidator {
         }
         let mut groups: Vec<(Slice, PolicySet)> = groups.into_iter().collect();
         groups.sort_by(|a, b| a.0.cmp(&b.0));
+        groups
+    }
+
+    /// The same, with groups of policies validated on all cores.
+    pub fn validate(&self, policies: &PolicySet) -> Vec<ValidationError> {
+        let groups = self.groups(policies);
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(groups.len().max(1));
