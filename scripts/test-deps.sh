@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus)
+# Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus),
+# redis-server
 # and the official MCP Python SDK (PyPI's mcp, in .toolgate-test/venv).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "test-deps: installing ${need_apt[*]}"
   $sudo apt-get update -qq
-  # The package's service cannot (and need not) start here; promtool is all the tests use.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null \
-    || command -v promtool >/dev/null 2>&1
+  # The packages' services cannot (and need not) start here; the tests run their own.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || true
 fi
-command -v promtool >/dev/null 2>&1 || { echo "test-deps: promtool is still missing" >&2; exit 1; }
+for tool in promtool redis-server; do
+  command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
+done
 
 # The official MCP Python SDK, in a virtualenv of the project's own (tests/mcp.rs uses it).
 venv=".toolgate-test/venv"

@@ -51,6 +51,10 @@ pub struct TaskFile {
     pub id: String,
     #[serde(default)]
     pub intent: String,
+    #[serde(default)]
+    pub approved: bool,
+    #[serde(default)]
+    pub approved_by: Option<String>,
 }
 
 impl RequestFile {
@@ -84,6 +88,8 @@ impl RequestFile {
             task: self.task.as_ref().map(|t| TaskContext {
                 id: t.id.clone(),
                 intent: t.intent.clone(),
+                approved: t.approved,
+                approved_by: t.approved_by.clone(),
             }),
         };
         Ok(engine.authorize(&request))

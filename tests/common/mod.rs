@@ -272,6 +272,7 @@ upstreams:
       - {{ tool: get_invoice, method: GET, path: "/invoices/{{invoice_id}}" }}
       - {{ tool: list_invoices, method: GET, path: /invoices }}
       - {{ tool: refund, method: POST, path: /refunds }}
+      - {{ tool: list_invoices, method: GET, path: /in-task/invoices, require_task: true }}
   - name: records
     url: http://{up}
     audience: https://records.internal
@@ -300,6 +301,12 @@ audit:
         }
     }
 
+    /// Another `toolgate serve` on the same config (keys, policies, store): a second replica.
+    pub async fn replica(&self) -> (Child, SocketAddr) {
+        let (child, addr, _) = spawn_serve(&self.dir.0.join("toolgate.yaml")).await;
+        (child, addr)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -322,6 +329,22 @@ audit:
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("fewer than {at_least} audit lines after 2 s");
+    }
+
+    /// Waits (bounded) until an audit line satisfies `wanted`, and returns it.
+    pub async fn audit_line(&self, wanted: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| wanted(l))
+            {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no matching audit line after 2 s");
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.

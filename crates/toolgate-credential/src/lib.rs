@@ -194,6 +194,25 @@ impl Minter {
         Ok(Minted { token, claims })
     }
 
+    /// Verifies a credential this minter issued: signature, `iss`, `nbf` and `exp` (any `aud`).
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, CredentialError> {
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(self.key.public_jwk().clone())
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.validate_aud = false;
+        validation.validate_exp = false;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|e| CredentialError::Sign(format!("not a valid credential: {e}")))?
+            .claims;
+        if claims.exp <= now || claims.nbf > now {
+            return Err(CredentialError::Sign("credential is not valid now".into()));
+        }
+        Ok(claims)
+    }
+
     /// The JWKS document upstreams use to verify minted tokens.
     pub fn jwks(&self) -> Value {
         json!({"keys": [self.key.public_jwk()]})

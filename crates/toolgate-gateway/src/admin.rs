@@ -9,7 +9,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 use toolgate_policy::PolicyEngine;
 
-use crate::answer::{json_response, text_response, Body};
+use http_body_util::{BodyExt, Limited};
+use toolgate_tasks::{Approval, State};
+
+use crate::answer::{json_response, text_response, Body, Refusal};
+use crate::audit::AuditRecord;
 use crate::{Config, Gateway, Routing};
 
 /// What a reload did.
@@ -88,8 +92,111 @@ impl Gateway {
                 };
                 json_response(status, &report.to_json())
             }
+            (_, path) if path.starts_with("/admin/tasks/") => self.admin_task(request).await,
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
         }
+    }
+
+    /// Operators' task endpoints: `GET /admin/tasks/{id}`, `POST .../complete|cancel`, and
+    /// `POST .../approve` with `{approver, actions, note}`: a human approval recorded on the
+    /// task, which policies read as `context.task.approved` for the approved actions.
+    async fn admin_task(&self, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let mut record = AuditRecord {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            agent: Some("admin".into()),
+            decision: "allow",
+            method: request.method().to_string(),
+            path: path.clone(),
+            ..AuditRecord::default()
+        };
+        let result = match (request.method().clone(), segments.as_slice()) {
+            (Method::GET, ["admin", "tasks", id]) => match self.tasks.get(id).await {
+                Ok(Some(task)) => Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&task).unwrap_or_default(),
+                )),
+                Ok(None) => Err(Refusal::NotFound("task_not_found")),
+                Err(e) => Err(e.into()),
+            },
+            (Method::POST, ["admin", "tasks", id, verb @ ("complete" | "cancel")]) => {
+                record.task_id = Some(id.to_string());
+                let state = if *verb == "complete" {
+                    State::Completed
+                } else {
+                    State::Cancelled
+                };
+                self.end_task(id, state, &mut record).await
+            }
+            (Method::POST, ["admin", "tasks", id, "approve"]) => {
+                self.approve(id, request, &mut record).await
+            }
+            _ => Err(Refusal::NotFound("not_found")),
+        };
+        let response =
+            result.unwrap_or_else(|refusal| refusal.into_response(&record.decision_id, None));
+        record.status = response.status().as_u16();
+        self.audit.record(record);
+        response
+    }
+
+    async fn approve(
+        &self,
+        id: &str,
+        request: Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Approve {
+            approver: String,
+            actions: Vec<String>,
+            #[serde(default)]
+            note: String,
+        }
+        record.task_id = Some(id.to_string());
+        record.action = Some("approve_task".into());
+        let body = Limited::new(request.into_body(), 64 << 10)
+            .collect()
+            .await
+            .map_err(|_| Refusal::PayloadTooLarge)?
+            .to_bytes();
+        let approve: Approve = serde_json::from_slice(&body).map_err(|e| {
+            Refusal::BadRequest(format!("expected {{approver, actions, note}}: {e}"))
+        })?;
+        if approve.approver.trim().is_empty() || approve.actions.is_empty() {
+            return Err(Refusal::BadRequest(
+                "an approval names its approver and at least one action".into(),
+            ));
+        }
+        let approval = Approval {
+            approver: approve.approver,
+            actions: approve.actions,
+            at: toolgate_identity::unix_now(),
+            note: approve.note,
+        };
+        record.approval = Some(approval.clone());
+        match self.tasks.get(id).await? {
+            Some(task) if task.is_live(approval.at) => {}
+            Some(task) => {
+                return Ok(json_response(
+                    StatusCode::CONFLICT,
+                    &json!({"error": "task_not_active", "state": task.status(approval.at)}),
+                ))
+            }
+            None => return Err(Refusal::NotFound("task_not_found")),
+        }
+        let task = self
+            .tasks
+            .approve(id, approval)
+            .await?
+            .ok_or(Refusal::NotFound("task_not_found"))?;
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::to_value(&task).unwrap_or_default(),
+        ))
     }
 
     /// Reloads everything that can change while serving: policies, JWKS files (and URLs),

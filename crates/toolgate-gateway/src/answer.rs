@@ -18,6 +18,12 @@ pub enum Refusal {
     Forbidden,
     #[error("tool_not_found")]
     ToolNotFound,
+    /// Not found, named (`task_not_found`).
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// State the decision needs cannot be read (the task store): fail closed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("body too large")]
@@ -37,7 +43,8 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Refusal::Forbidden => StatusCode::FORBIDDEN,
-            Refusal::ToolNotFound => StatusCode::NOT_FOUND,
+            Refusal::ToolNotFound | Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -63,6 +70,10 @@ impl Refusal {
             }
             Refusal::Forbidden => json!({"error": "forbidden", "decision_id": decision_id}),
             Refusal::ToolNotFound => json!({"error": "tool_not_found"}),
+            Refusal::NotFound(what) => json!({"error": what}),
+            Refusal::Unavailable(_) => {
+                json!({"error": "task_store_unavailable", "decision_id": decision_id})
+            }
             Refusal::BadRequest(why) => json!({"error": "bad_request", "error_description": why}),
             Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),

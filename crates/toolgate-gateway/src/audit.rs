@@ -22,6 +22,8 @@ pub struct AuditRecord {
     pub policies: Vec<String>,
     pub errors: Vec<String>,
     pub task_id: Option<String>,
+    /// The human approval the decision relied on, if the call ran in an approved task.
+    pub approval: Option<toolgate_tasks::Approval>,
     pub jti: Option<String>,
     pub upstream_status: Option<u16>,
     pub eval_us: Option<u64>,

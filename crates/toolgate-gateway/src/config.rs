@@ -110,6 +110,9 @@ pub struct UpstreamConfig {
     /// Time allowed for connecting and for the upstream's response headers.
     #[serde(default = "default_upstream_timeout")]
     pub timeout_seconds: u64,
+    /// Every call to this upstream must run in a task (`Toolgate-Task`).
+    #[serde(default)]
+    pub require_task: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -118,6 +121,9 @@ pub struct RouteConfig {
     pub tool: String,
     pub method: String,
     pub path: String,
+    /// Calls to this tool must run in a task (`Toolgate-Task`).
+    #[serde(default)]
+    pub require_task: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -215,6 +221,9 @@ fn default_max_body() -> usize {
 fn default_max_header() -> usize {
     16 << 10
 }
+
+/// First path segments toolgate serves itself on the agent listener.
+pub const RESERVED_PATHS: [&str; 3] = ["v1", "oauth2", ".well-known"];
 
 /// The longest a minted credential may live.
 pub const MAX_TTL_SECONDS: u64 = 3600;
@@ -328,6 +337,11 @@ impl Config {
             let at = format!("upstream {}", up.name);
             if !valid_name(&up.name) {
                 errors.push(format!("{at}: name must be non-empty [A-Za-z0-9_-]"));
+            }
+            if RESERVED_PATHS.contains(&up.name.as_str()) {
+                errors.push(format!(
+                    "{at}: the name is reserved for toolgate's own endpoints"
+                ));
             }
             if !names.insert(up.name.as_str()) {
                 errors.push(format!("{at}: duplicate name"));

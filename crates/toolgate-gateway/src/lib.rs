@@ -11,6 +11,7 @@ pub mod metrics;
 mod pipeline;
 pub mod routes;
 mod server;
+mod tasks;
 mod upstream;
 mod watch;
 
@@ -49,6 +50,7 @@ pub struct Gateway {
     client: HttpClient,
     metrics: Arc<Metrics>,
     audit: AuditSink,
+    tasks: toolgate_tasks::Store,
     ready: AtomicBool,
 }
 
@@ -132,6 +134,9 @@ impl Gateway {
             })
             .collect();
         let auth = Authenticator::new(issuers).await?;
+        let tasks = toolgate_tasks::Store::open(&config.tasks.store)
+            .await
+            .map_err(|e| format!("tasks.store: {e}"))?;
         let metrics = Arc::new(Metrics::new());
         metrics.policies_loaded.set(engine.policy_count() as i64);
         let (audit, writer) =
@@ -150,6 +155,7 @@ impl Gateway {
             client: upstream::client(),
             metrics,
             audit,
+            tasks,
             ready: AtomicBool::new(false),
             config,
             config_path,

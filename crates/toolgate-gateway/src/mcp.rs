@@ -27,9 +27,10 @@ use toolgate_policy::{PolicyEngine, Resource};
 
 use crate::answer::{full, json_response, Body, BoxError, Refusal};
 use crate::audit::AuditRecord;
-use crate::pipeline::authz_request;
+use crate::pipeline::{authz_request, task_context, task_header};
 use crate::upstream::Upstream;
 use crate::Gateway;
+use toolgate_tasks::Task;
 
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
@@ -60,6 +61,16 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         let engine = self.policy.load_full();
+        let task = match task_header(&request)? {
+            Some(id) => Some(self.joined_task(&id, record).await?),
+            None if upstream.config.require_task => {
+                record
+                    .errors
+                    .push("this upstream is only called inside a task".into());
+                return Err(Refusal::Forbidden);
+            }
+            None => None,
+        };
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri(rest, parts.uri.query())?;
         if parts.method != Method::POST {
@@ -70,8 +81,12 @@ impl Gateway {
                 caller,
                 &upstream.config.audience,
                 vec![format!("{}/mcp", upstream.name())],
+                task.as_ref(),
                 record,
             )?;
+            if let Some(task) = &task {
+                self.tasks.add_credential(task, &minted.claims.jti).await?;
+            }
             let response = self
                 .send(
                     upstream,
@@ -96,7 +111,15 @@ impl Gateway {
             }
         };
         let batch = matches!(payload, Payload::Batch(_));
-        let plan = self.plan(&engine, caller, upstream, &payload, client_ip, record);
+        let plan = self.plan(
+            &engine,
+            caller,
+            upstream,
+            &payload,
+            task.as_ref(),
+            client_ip,
+            record,
+        );
         record.action.get_or_insert_with(|| {
             if batch {
                 "mcp:batch".into()
@@ -121,8 +144,12 @@ impl Gateway {
             caller,
             &upstream.config.audience,
             plan.scope.clone(),
+            task.as_ref(),
             record,
         )?;
+        if let Some(task) = &task {
+            self.tasks.add_credential(task, &minted.claims.jti).await?;
+        }
         self.emit(plan.decisions, Some(&minted.claims.jti));
 
         let body = if batch && !plan.answered.is_empty() {
@@ -160,12 +187,14 @@ impl Gateway {
     }
 
     /// Classifies and authorizes each message.
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
         engine: &PolicyEngine,
         caller: &Caller,
         upstream: &Upstream,
         payload: &Payload,
+        task: Option<&Task>,
         client_ip: IpAddr,
         record: &mut AuditRecord,
     ) -> Plan {
@@ -230,8 +259,12 @@ impl Gateway {
             } else {
                 let (up, tool) = action.split_once('/').unwrap_or_default();
                 let resource = Resource::Tool { upstream: up, tool };
-                let decision =
-                    self.authorize(engine, caller, &action, resource, args, client_ip, line);
+                let decision = {
+                    let context = task.map(|t| task_context(t, &action, line));
+                    self.authorize(
+                        engine, caller, &action, resource, args, context, client_ip, line,
+                    )
+                };
                 if decision.allowed {
                     plan.scope.push(action.clone());
                     plan.scope.extend(decision.grants);

@@ -13,7 +13,10 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use toolgate_credential::{Grant, Minted};
 use toolgate_identity::{unix_now, Caller};
-use toolgate_policy::{AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource};
+use toolgate_policy::{
+    AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
+};
+use toolgate_tasks::Task;
 
 use crate::answer::{full, json_response, Body, Refusal};
 use crate::audit::AuditRecord;
@@ -99,6 +102,10 @@ impl Gateway {
         let caller = self.auth.authenticate_header(authorization).await?;
         record.agent = Some(caller.agent.clone());
         record.user = caller.user.clone();
+        let path = request.uri().path();
+        if path.starts_with("/v1/") || path == "/oauth2/introspect" {
+            return self.own_endpoint(request, &caller, client_ip, record).await;
+        }
 
         // classify
         if let Some((index, rest)) = routing.routes.upstream(request.uri().path()) {
@@ -136,18 +143,25 @@ impl Gateway {
         .await?;
 
         // authorize
-        if let Some(task) = request.headers().get(TASK_HEADER) {
-            let task = String::from_utf8_lossy(task.as_bytes()).into_owned();
-            record.errors.push(format!("task `{task}` is unknown"));
-            record.task_id = Some(task);
-            self.metrics.decisions.with_label_values(&["deny"]).inc();
-            return Err(Refusal::Forbidden);
-        }
+        let task = match task_header(&request)? {
+            Some(id) => Some(self.joined_task(&id, record).await?),
+            None if call.require_task => {
+                record
+                    .errors
+                    .push("this tool is only called inside a task".into());
+                self.metrics.decisions.with_label_values(&["deny"]).inc();
+                return Err(Refusal::Forbidden);
+            }
+            None => None,
+        };
         let resource = Resource::Tool {
             upstream: upstream.name(),
             tool: &call.tool,
         };
-        let decision = self.authorize(&engine, &caller, &action, resource, args, client_ip, record);
+        let context = task.as_ref().map(|t| task_context(t, &action, record));
+        let decision = self.authorize(
+            &engine, &caller, &action, resource, args, context, client_ip, record,
+        );
         if !decision.allowed {
             return Err(Refusal::Forbidden);
         }
@@ -155,7 +169,17 @@ impl Gateway {
         // mint
         let mut scope = vec![action];
         scope.extend(decision.grants);
-        let minted = self.mint(&caller, &upstream.config.audience, scope, record)?;
+        let minted = self.mint(
+            &caller,
+            &upstream.config.audience,
+            scope,
+            task.as_ref(),
+            record,
+        )?;
+        if let Some(task) = &task {
+            // Unrecorded, the credential could not be listed when the task ends: fail closed.
+            self.tasks.add_credential(task, &minted.claims.jti).await?;
+        }
 
         // forward
         let (mut parts, body) = request.into_parts();
@@ -201,11 +225,13 @@ impl Gateway {
         action: &str,
         resource: Resource<'_>,
         args: Map<String, Value>,
+        task: Option<TaskContext>,
         client_ip: IpAddr,
         record: &mut AuditRecord,
     ) -> Decision {
         let started = Instant::now();
-        let request = authz_request(caller, action, resource, args, client_ip);
+        let mut request = authz_request(caller, action, resource, args, client_ip);
+        request.task = task;
         let decision = engine.authorize(&request);
         let elapsed = started.elapsed();
         self.metrics.authz_duration.observe(elapsed.as_secs_f64());
@@ -223,6 +249,7 @@ impl Gateway {
         caller: &Caller,
         audience: &str,
         scope: Vec<String>,
+        task: Option<&Task>,
         record: &mut AuditRecord,
     ) -> Result<Minted, Refusal> {
         let grant = Grant {
@@ -231,8 +258,8 @@ impl Gateway {
             audience,
             scope,
             decision_id: &record.decision_id,
-            task_id: None,
-            not_after: None,
+            task_id: task.map(|t| t.id.as_str()),
+            not_after: task.map(|t| t.expires_at),
         };
         let minted = self
             .minter
@@ -306,6 +333,31 @@ impl Gateway {
                 "resource_name": "toolgate",
             }),
         )
+    }
+}
+
+/// The task id a call names in `Toolgate-Task`, if any.
+pub(crate) fn task_header<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
+    match request.headers().get(TASK_HEADER) {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(id) if !id.trim().is_empty() && id.len() <= 128 => Ok(Some(id.trim().to_string())),
+            _ => Err(Refusal::BadRequest(
+                "Toolgate-Task must name a task id".into(),
+            )),
+        },
+    }
+}
+
+/// The task as policies see it for `action`, noting any approval in the audit record.
+pub(crate) fn task_context(task: &Task, action: &str, record: &mut AuditRecord) -> TaskContext {
+    let approval = task.approval_for(action);
+    record.approval = approval.cloned();
+    TaskContext {
+        id: task.id.clone(),
+        intent: task.intent.clone(),
+        approved: approval.is_some(),
+        approved_by: approval.map(|a| a.approver.clone()),
     }
 }
 

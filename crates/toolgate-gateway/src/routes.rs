@@ -79,6 +79,7 @@ struct Route {
     tool: String,
     method: http::Method,
     template: Template,
+    require_task: bool,
 }
 
 /// A classified REST call.
@@ -89,6 +90,8 @@ pub struct Classified {
     pub params: HashMap<String, String>,
     /// The request path below `/<upstream>`, as received (still percent-encoded).
     pub rest: String,
+    /// The call must run in a task.
+    pub require_task: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +121,7 @@ impl RouteTable {
                         tool: r.tool.clone(),
                         method: r.method.parse().ok()?,
                         template: Template::parse(&r.path).ok()?,
+                        require_task: r.require_task || up.require_task,
                     })
                 })
                 .collect();
@@ -166,6 +170,7 @@ impl RouteTable {
                     tool: r.tool.clone(),
                     params,
                     rest: rest.to_string(),
+                    require_task: r.require_task,
                 })
             })
             .ok_or(ClassifyError::NotFound)
@@ -182,6 +187,7 @@ mod tests {
             tool: tool.into(),
             method: method.into(),
             path: path.into(),
+            require_task: false,
         };
         RouteTable::new(&[UpstreamConfig {
             name: "billing".into(),
@@ -195,6 +201,7 @@ mod tests {
                 route("line", "GET", "/invoices/{invoice_id}/lines/{line}"),
             ],
             timeout_seconds: 1,
+            require_task: false,
         }])
     }
 

@@ -187,6 +187,7 @@ mod tests {
             kind: crate::config::UpstreamKind::Rest,
             routes: vec![],
             timeout_seconds: 1,
+            require_task: false,
         };
         let up = Upstream::new(config.clone());
         assert_eq!(

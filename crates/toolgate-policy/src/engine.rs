@@ -45,6 +45,9 @@ pub struct Env {
 pub struct TaskContext {
     pub id: String,
     pub intent: String,
+    /// A human approved this action in the task.
+    pub approved: bool,
+    pub approved_by: Option<String>,
 }
 
 /// One authorization question, before it is typed by the schema.
@@ -490,7 +493,11 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
         }),
     );
     if let Some(task) = &req.task {
-        ctx.insert("task".into(), json!({"id": task.id, "intent": task.intent}));
+        let mut value = json!({"id": task.id, "intent": task.intent, "approved": task.approved});
+        if let Some(by) = &task.approved_by {
+            value["approved_by"] = json!(by);
+        }
+        ctx.insert("task".into(), value);
     }
     ctx
 }

@@ -1,0 +1,300 @@
+//! Just-in-time tasks on the agent listener: `POST /v1/tasks`, `GET /v1/tasks/{id}`,
+//! `POST /v1/tasks/{id}/complete|cancel`, the revocation feed `GET /v1/revocations` (SSE), and
+//! `POST /oauth2/introspect` (RFC 7662). Calls join a task with `Toolgate-Task`; when the task
+//! ends, every credential minted in it reads inactive.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+use toolgate_identity::{unix_now, Caller};
+use toolgate_policy::{Resource, TaskContext};
+use toolgate_tasks::{Ended, State, StoreError, Task, MAX_TTL_SECONDS};
+
+use crate::answer::{json_response, Body, BoxError, Refusal};
+use crate::audit::AuditRecord;
+use crate::Gateway;
+
+const MAX_TASK_BODY: usize = 64 << 10;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartTask {
+    intent: String,
+    ttl_seconds: u64,
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Unavailable(e.to_string())
+    }
+}
+
+pub(crate) fn rfc3339(unix: u64) -> String {
+    DateTime::<Utc>::from_timestamp(unix as i64, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn task_json(task: &Task, now: u64) -> Value {
+    json!({
+        "task_id": task.id,
+        "agent": task.agent,
+        "intent": task.intent,
+        "state": task.status(now),
+        "created_at": rfc3339(task.created_at),
+        "expires_at": rfc3339(task.expires_at),
+        "ended_at": task.ended_at.map(rfc3339),
+        "approvals": task.approvals,
+    })
+}
+
+impl Gateway {
+    /// Toolgate's own endpoints on the agent listener (`/v1/...`, `/oauth2/introspect`);
+    /// `None` for anything else. The caller is already authenticated.
+    pub(crate) async fn own_endpoint(
+        &self,
+        request: Request<Incoming>,
+        caller: &Caller,
+        client_ip: IpAddr,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (request.method().clone(), segments.as_slice()) {
+            (Method::POST, ["v1", "tasks"]) => {
+                self.start_task(request, caller, client_ip, record).await
+            }
+            (Method::GET, ["v1", "tasks", id]) => {
+                let task = self.own_task(id, caller, record).await?;
+                Ok(json_response(StatusCode::OK, &task_json(&task, unix_now())))
+            }
+            (Method::POST, ["v1", "tasks", id, verb @ ("complete" | "cancel")]) => {
+                self.own_task(id, caller, record).await?;
+                let state = if *verb == "complete" {
+                    State::Completed
+                } else {
+                    State::Cancelled
+                };
+                self.end_task(id, state, record).await
+            }
+            (Method::GET, ["v1", "revocations"]) => Ok(self.revocation_feed()),
+            (Method::POST, ["oauth2", "introspect"]) => self.introspect(request, record).await,
+            _ => Err(Refusal::ToolNotFound),
+        }
+    }
+
+    async fn start_task(
+        &self,
+        request: Request<Incoming>,
+        caller: &Caller,
+        client_ip: IpAddr,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let body = Limited::new(request.into_body(), MAX_TASK_BODY)
+            .collect()
+            .await
+            .map_err(|_| Refusal::PayloadTooLarge)?
+            .to_bytes();
+        let start: StartTask = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::BadRequest(format!("expected {{intent, ttl_seconds}}: {e}")))?;
+        if start.ttl_seconds == 0 || start.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(Refusal::BadRequest(format!(
+                "ttl_seconds must be 1 to {MAX_TTL_SECONDS}"
+            )));
+        }
+        let task = Task::new(&caller.agent, &start.intent, start.ttl_seconds, unix_now());
+        record.action = Some("start_task".into());
+        record.resource = Some(format!("task:{}", task.id));
+        record.task_id = Some(task.id.clone());
+        let engine = self.policy.load_full();
+        let context = TaskContext {
+            id: task.id.clone(),
+            intent: task.intent.clone(),
+            ..TaskContext::default()
+        };
+        let resource = Resource::Task { id: &task.id };
+        let decision = self.authorize(
+            &engine,
+            caller,
+            "start_task",
+            resource,
+            Map::new(),
+            Some(context),
+            client_ip,
+            record,
+        );
+        if !decision.allowed {
+            return Err(Refusal::Forbidden);
+        }
+        self.tasks.create(&task).await?;
+        self.metrics.tasks_active.inc();
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"task_id": task.id, "expires_at": rfc3339(task.expires_at), "state": "active"}),
+        ))
+    }
+
+    /// The task, when it exists and `caller` started it (others get 403, as for a denial).
+    async fn own_task(
+        &self,
+        id: &str,
+        caller: &Caller,
+        record: &mut AuditRecord,
+    ) -> Result<Task, Refusal> {
+        record.task_id = Some(id.to_string());
+        record.resource = Some(format!("task:{id}"));
+        let task = self
+            .tasks
+            .get(id)
+            .await?
+            .ok_or(Refusal::NotFound("task_not_found"))?;
+        if task.agent != caller.agent {
+            record
+                .errors
+                .push(format!("task {id} was started by another agent"));
+            return Err(Refusal::Forbidden);
+        }
+        record.decision = "allow";
+        Ok(task)
+    }
+
+    /// Ends a task and revokes its credentials (also used by the admin listener).
+    pub(crate) async fn end_task(
+        &self,
+        id: &str,
+        state: State,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        record.action = Some(match state {
+            State::Completed => "complete_task".into(),
+            _ => "cancel_task".into(),
+        });
+        let now = unix_now();
+        match self.tasks.end(id, state, now).await? {
+            Ended::Now(task, revocation) => {
+                self.metrics.tasks_active.dec();
+                tracing::info!(
+                    task_id = id,
+                    revoked = revocation.jtis.len(),
+                    "task ended; its credentials are revoked"
+                );
+                let mut answer = task_json(&task, now);
+                answer["revoked"] = json!(revocation.jtis.len());
+                Ok(json_response(StatusCode::OK, &answer))
+            }
+            Ended::Already(task) => Ok(json_response(
+                StatusCode::CONFLICT,
+                &json!({
+                    "error": "task_not_active", "state": task.status(now)
+                }),
+            )),
+            Ended::Unknown => Err(Refusal::NotFound("task_not_found")),
+        }
+    }
+
+    /// The task a call joins, as policies see it; a call in an unknown, ended or expired task
+    /// is denied, and a store that cannot say is a 503.
+    pub(crate) async fn joined_task(
+        &self,
+        id: &str,
+        record: &mut AuditRecord,
+    ) -> Result<Task, Refusal> {
+        record.task_id = Some(id.to_string());
+        let now = unix_now();
+        match self.tasks.get(id).await? {
+            Some(task) if task.is_live(now) => Ok(task),
+            Some(task) => {
+                record
+                    .errors
+                    .push(format!("task {id} is {}", task.status(now)));
+                self.metrics.decisions.with_label_values(&["deny"]).inc();
+                Err(Refusal::Forbidden)
+            }
+            None => {
+                record.errors.push(format!("task {id} is unknown"));
+                self.metrics.decisions.with_label_values(&["deny"]).inc();
+                Err(Refusal::Forbidden)
+            }
+        }
+    }
+
+    /// RFC 7662: a credential this gateway minted is active while it verifies, has not
+    /// expired, and (when minted in a task) the task is live and minted it.
+    async fn introspect(
+        &self,
+        request: Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        record.action = Some("introspect".into());
+        record.decision = "allow";
+        let form = Limited::new(request.into_body(), MAX_TASK_BODY)
+            .collect()
+            .await
+            .map_err(|_| Refusal::PayloadTooLarge)?
+            .to_bytes();
+        let token = form_urlencoded::parse(&form)
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+            .ok_or_else(|| Refusal::BadRequest("form field `token` is required".into()))?;
+        let inactive = || Ok(json_response(StatusCode::OK, &json!({"active": false})));
+        let Ok(claims) = self.minter.verify(&token, unix_now()) else {
+            return inactive();
+        };
+        record.jti = Some(claims.jti.clone());
+        if let Some(task_id) = &claims.task_id {
+            record.task_id = Some(task_id.clone());
+            let live = match self.tasks.get(task_id).await? {
+                Some(task) => {
+                    task.is_live(unix_now())
+                        && self.tasks.has_credential(task_id, &claims.jti).await?
+                }
+                None => false,
+            };
+            if !live {
+                return inactive();
+            }
+        }
+        let mut answer = serde_json::to_value(&claims).unwrap_or_default();
+        answer["active"] = json!(true);
+        answer["token_type"] = json!("Bearer");
+        if let Some(act) = &claims.act {
+            answer["client_id"] = json!(act.sub);
+        }
+        Ok(json_response(StatusCode::OK, &answer))
+    }
+
+    /// Server-sent events, one per ended task: `{task_id, state, jtis, at}`.
+    fn revocation_feed(&self) -> Response<Body> {
+        let events = BroadcastStream::new(self.tasks.revocations()).filter_map(|event| {
+            let revocation = event.ok()?;
+            let line = format!(
+                "event: revocation\ndata: {}\n\n",
+                serde_json::to_string(&revocation).ok()?
+            );
+            Some(Ok::<_, BoxError>(Frame::data(Bytes::from(line))))
+        });
+        // A first comment, so clients see the stream open at once.
+        let hello = tokio_stream::once(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+            b": toolgate revocations\n\n",
+        ))));
+        let mut response = Response::new(StreamBody::new(hello.chain(events)).boxed());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-cache"),
+        );
+        response
+    }
+}

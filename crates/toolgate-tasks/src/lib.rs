@@ -1,0 +1,202 @@
+//! Just-in-time tasks: an orchestrator starts a task, calls join it, and when it ends every
+//! credential minted in it is revoked at once. State lives in memory (one gateway) or in Redis
+//! (several replicas share it). Any doubt about a task's state is an error, never "active".
+#![forbid(unsafe_code)]
+
+mod memory;
+mod redis_store;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+
+/// How long an ended task is remembered (so its credentials keep reading inactive, and its
+/// id keeps being refused) beyond its deadline.
+pub const RETENTION_SECONDS: u64 = 24 * 3600;
+/// The longest a task may be asked to live.
+pub const MAX_TTL_SECONDS: u64 = 24 * 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Active,
+    Completed,
+    Cancelled,
+}
+
+/// A human's approval, recorded on a task for some actions (or `*` for all).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub approver: String,
+    pub actions: Vec<String>,
+    pub at: u64,
+    #[serde(default)]
+    pub note: String,
+}
+
+impl Approval {
+    pub fn covers(&self, action: &str) -> bool {
+        self.actions.iter().any(|a| a == "*" || a == action)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    /// The agent that started it: only it (or the admin listener) may read or end it.
+    pub agent: String,
+    pub intent: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub state: State,
+    #[serde(default)]
+    pub ended_at: Option<u64>,
+    #[serde(default)]
+    pub approvals: Vec<Approval>,
+}
+
+impl Task {
+    pub fn new(agent: &str, intent: &str, ttl_seconds: u64, now: u64) -> Task {
+        Task {
+            id: uuid::Uuid::new_v4().to_string(),
+            agent: agent.to_string(),
+            intent: intent.to_string(),
+            created_at: now,
+            expires_at: now + ttl_seconds.min(MAX_TTL_SECONDS),
+            state: State::Active,
+            ended_at: None,
+            approvals: Vec::new(),
+        }
+    }
+
+    /// Whether calls may run in it at `now`: started, not ended, before its deadline.
+    pub fn is_live(&self, now: u64) -> bool {
+        self.state == State::Active && now < self.expires_at
+    }
+
+    /// The first approval that covers `action`.
+    pub fn approval_for(&self, action: &str) -> Option<&Approval> {
+        self.approvals.iter().find(|a| a.covers(action))
+    }
+
+    /// `active`, `completed`, `cancelled` or `expired`.
+    pub fn status(&self, now: u64) -> &'static str {
+        match self.state {
+            State::Active if now >= self.expires_at => "expired",
+            State::Active => "active",
+            State::Completed => "completed",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Published when a task ends: every credential it lists is dead from `at` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub task_id: String,
+    pub state: State,
+    pub jtis: Vec<String>,
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer in time: fail closed.
+    #[error("task store unavailable: {0}")]
+    Unavailable(String),
+    #[error("task store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Ending a task: what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// It was active and is now ended; these credentials are revoked.
+    Now(Task, Revocation),
+    /// It had ended (or expired) before.
+    Already(Task),
+    Unknown,
+}
+
+/// Where tasks live.
+pub enum Store {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+/// Time allowed for one store operation before the store counts as unavailable.
+pub const STORE_TIMEOUT: Duration = Duration::from_millis(750);
+
+impl Store {
+    /// `memory`, or `redis://host:port[/db]`.
+    pub async fn open(spec: &str) -> Result<Store, StoreError> {
+        if spec == "memory" {
+            return Ok(Store::Memory(MemoryStore::default()));
+        }
+        Ok(Store::Redis(RedisStore::open(spec).await?))
+    }
+
+    pub async fn create(&self, task: &Task) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.create(task);
+                Ok(())
+            }
+            Store::Redis(r) => r.create(task).await,
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.get(id)),
+            Store::Redis(r) => r.get(id).await,
+        }
+    }
+
+    /// Ends an active task (the first end wins) and revokes what was minted in it.
+    pub async fn end(&self, id: &str, state: State, now: u64) -> Result<Ended, StoreError> {
+        let ended = match self {
+            Store::Memory(m) => m.end(id, state, now),
+            Store::Redis(r) => r.end(id, state, now).await?,
+        };
+        Ok(ended)
+    }
+
+    /// Records a credential minted in a task (for revocation events and introspection).
+    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.add_credential(&task.id, jti);
+                Ok(())
+            }
+            Store::Redis(r) => r.add_credential(task, jti).await,
+        }
+    }
+
+    /// Whether `jti` was minted in task `id` (a credential claiming a task it was not minted in is forged).
+    pub async fn has_credential(&self, id: &str, jti: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.has_credential(id, jti)),
+            Store::Redis(r) => r.has_credential(id, jti).await,
+        }
+    }
+
+    pub async fn approve(&self, id: &str, approval: Approval) -> Result<Option<Task>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approve(id, approval)),
+            Store::Redis(r) => r.approve(id, approval).await,
+        }
+    }
+
+    /// Revocations as they happen (on every replica, for the Redis store).
+    pub fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        match self {
+            Store::Memory(m) => m.events.subscribe(),
+            Store::Redis(r) => r.events.subscribe(),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Tasks in Redis, shared by every gateway replica. The end of a task is a `SET NX` marker, so
+//! the first `complete`/`cancel` on any replica wins and every replica sees it on its next read.
+//! Revocations are also published on a channel each replica relays to its own subscribers.
+//! Redis not answering within `STORE_TIMEOUT` is `StoreError::Unavailable`: callers fail closed.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use tokio::sync::{broadcast, Mutex};
+
+use crate::{
+    Approval, Ended, Revocation, State, StoreError, Task, RETENTION_SECONDS, STORE_TIMEOUT,
+};
+
+const CHANNEL: &str = "toolgate:revocations";
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Mutex<Option<ConnectionManager>>,
+    pub(crate) events: broadcast::Sender<Revocation>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EndMark {
+    state: State,
+    at: u64,
+}
+
+fn key(id: &str, part: &str) -> String {
+    if part.is_empty() {
+        format!("toolgate:task:{id}")
+    } else {
+        format!("toolgate:task:{id}:{part}")
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// Opens the store; a Redis that is down now is connected to later (calls fail closed meanwhile).
+    pub async fn open(url: &str) -> Result<RedisStore, StoreError> {
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+        let events = broadcast::channel(1024).0;
+        tokio::spawn(relay_revocations(client.clone(), events.clone()));
+        let store = RedisStore {
+            client,
+            conn: Mutex::new(None),
+            events,
+        };
+        if let Err(e) = store.connection().await {
+            tracing::warn!(error = %e, "Redis not reachable yet; task-bound calls fail closed until it is");
+        }
+        Ok(store)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(STORE_TIMEOUT)
+            .set_response_timeout(STORE_TIMEOUT)
+            .set_number_of_retries(1);
+        let conn = bounded(ConnectionManager::new_with_config(
+            self.client.clone(),
+            config,
+        ))
+        .await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    pub async fn create(&self, task: &Task) -> Result<(), StoreError> {
+        let mut conn = self.connection().await?;
+        let json = serde_json::to_string(task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let ttl = retention(task);
+        bounded(conn.set_ex::<_, _, ()>(key(&task.id, ""), json, ttl)).await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let mut conn = self.connection().await?;
+        let (task, end, approvals): (Option<String>, Option<String>, Vec<String>) = bounded(
+            redis::pipe()
+                .get(key(id, ""))
+                .get(key(id, "end"))
+                .lrange(key(id, "approvals"), 0, -1)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let Some(task) = task else {
+            return Ok(None);
+        };
+        let mut task: Task =
+            serde_json::from_str(&task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if let Some(end) = end {
+            let end: EndMark =
+                serde_json::from_str(&end).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            task.state = end.state;
+            task.ended_at = Some(end.at);
+        }
+        for approval in approvals {
+            task.approvals.push(
+                serde_json::from_str(&approval).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(Some(task))
+    }
+
+    pub async fn end(&self, id: &str, state: State, now: u64) -> Result<Ended, StoreError> {
+        let Some(task) = self.get(id).await? else {
+            return Ok(Ended::Unknown);
+        };
+        if !task.is_live(now) {
+            return Ok(Ended::Already(task));
+        }
+        let mut conn = self.connection().await?;
+        let mark = serde_json::to_string(&EndMark { state, at: now })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let options = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::EX(retention(&task)));
+        let won: Option<String> = bounded(conn.set_options(key(id, "end"), mark, options)).await?;
+        if won.is_none() {
+            // Another replica ended it first.
+            return Ok(self.get(id).await?.map_or(Ended::Unknown, Ended::Already));
+        }
+        let jtis: Vec<String> = bounded(conn.smembers(key(id, "jtis"))).await?;
+        let revocation = Revocation {
+            task_id: id.to_string(),
+            state,
+            jtis,
+            at: now,
+        };
+        if let Ok(event) = serde_json::to_string(&revocation) {
+            // Replicas learn of the end from the marker anyway; the event is for subscribers.
+            let _ = bounded(conn.publish::<_, _, i64>(CHANNEL, event)).await;
+        }
+        let mut ended = task;
+        ended.state = state;
+        ended.ended_at = Some(now);
+        Ok(Ended::Now(ended, revocation))
+    }
+
+    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<(), StoreError> {
+        let mut conn = self.connection().await?;
+        bounded(
+            redis::pipe()
+                .sadd(key(&task.id, "jtis"), jti)
+                .ignore()
+                .expire(key(&task.id, "jtis"), retention(task) as i64)
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    pub async fn has_credential(&self, id: &str, jti: &str) -> Result<bool, StoreError> {
+        let mut conn = self.connection().await?;
+        bounded(conn.sismember(key(id, "jtis"), jti)).await
+    }
+
+    pub async fn approve(&self, id: &str, approval: Approval) -> Result<Option<Task>, StoreError> {
+        let Some(task) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let mut conn = self.connection().await?;
+        let json =
+            serde_json::to_string(&approval).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        bounded(
+            redis::pipe()
+                .rpush(key(id, "approvals"), json)
+                .ignore()
+                .expire(key(id, "approvals"), retention(&task) as i64)
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
+        self.get(id).await
+    }
+}
+
+/// Seconds a task's keys live: until its deadline plus the retention time.
+fn retention(task: &Task) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    task.expires_at.saturating_sub(now) + RETENTION_SECONDS
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    op: impl Future<Output = Result<T, E>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(STORE_TIMEOUT, op).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(StoreError::Unavailable(
+            "Redis did not answer in time".into(),
+        )),
+    }
+}
+
+/// Relays revocations published by any replica to this one's subscribers; reconnects forever.
+async fn relay_revocations(client: redis::Client, events: broadcast::Sender<Revocation>) {
+    use futures_util::StreamExt;
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(CHANNEL).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if let Ok(revocation) = serde_json::from_str::<Revocation>(&payload) {
+                            let _ = events.send(revocation);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "revocation channel: Redis not reachable"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,540 @@
+//! Just-in-time tasks end to end: lifecycle, task-bound credentials, revocation at completion
+//! (introspection and the SSE feed), expiry, approvals; and two replicas sharing a real
+//! redis-server (installed by scripts/test-deps.sh), including Redis going away and coming back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+/// Refunds above 100 need a human approval in the task.
+const APPROVAL_GATE: &str = r#"
+@id("refund-needs-approval")
+forbid (principal, action == Toolgate::Action::"billing/refund", resource)
+when { context.args.amount > 100 }
+unless { context has task && context.task has approved && context.task.approved };
+"#;
+
+async fn gateway(upstream: &Upstream, extra_config: &str) -> Gateway {
+    Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("approval.cedar", APPROVAL_GATE)],
+        inbound: None,
+        mcp: None,
+        extra_config,
+    })
+    .await
+}
+
+fn auth(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+async fn start_task(base: &str, token: &str, ttl: u64) -> Answer {
+    let body = json!({"intent": "refund invoice 42", "ttl_seconds": ttl}).to_string();
+    send(
+        "POST",
+        &format!("{base}/v1/tasks"),
+        &[
+            ("authorization", &auth(token)),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+async fn in_task(base: &str, path: &str, token: &str, task: &str) -> Answer {
+    send(
+        "GET",
+        &format!("{base}{path}"),
+        &[("authorization", &auth(token)), ("toolgate-task", task)],
+        b"",
+    )
+    .await
+}
+
+async fn introspect(base: &str, token: &str, credential: &str) -> Answer {
+    let form = format!("token={credential}");
+    send(
+        "POST",
+        &format!("{base}/oauth2/introspect"),
+        &[
+            ("authorization", &auth(token)),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        form.as_bytes(),
+    )
+    .await
+}
+
+fn last_credential(upstream: &Upstream) -> String {
+    let seen = upstream.requests();
+    let header = seen.last().expect("a forwarded call").headers["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    header.strip_prefix("Bearer ").unwrap().to_string()
+}
+
+fn claims_of(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn task_lifecycle_revokes_every_credential_at_completion() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream, "").await;
+    let base = gw.url("");
+    let token = gw.idp.delegated();
+
+    let started = start_task(&base, &token, 120).await;
+    assert_eq!(started.status, 201, "{:?}", started.body);
+    let task = started.json()["task_id"].as_str().unwrap().to_string();
+    let expires: chrono::DateTime<chrono::Utc> = started.json()["expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The revocation feed, open before the task ends.
+    let feed_client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let feed = feed_client
+        .request(
+            http::Request::get(gw.url("/v1/revocations"))
+                .header("authorization", auth(&token))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(feed.headers()["content-type"], "text/event-stream");
+    let mut feed = feed.into_body();
+
+    // A call in the task gets a credential bound to it, and it introspects active.
+    assert_eq!(
+        in_task(&base, "/billing/invoices/1", &token, &task)
+            .await
+            .status,
+        200
+    );
+    let credential = last_credential(&upstream);
+    let claims = claims_of(&credential);
+    assert_eq!(claims["task_id"], task.as_str());
+    assert!(claims["exp"].as_i64().unwrap() <= expires.timestamp());
+    let active = introspect(&base, &token, &credential).await.json();
+    assert_eq!(active["active"], true, "{active}");
+    assert_eq!(
+        (active["task_id"].as_str(), active["jti"].as_str()),
+        (Some(task.as_str()), claims["jti"].as_str())
+    );
+    // A credential minted outside any task is active too; garbage is not.
+    get(&gw.url("/billing/invoices/2"), &token).await;
+    assert_eq!(
+        introspect(&base, &token, &last_credential(&upstream))
+            .await
+            .json()["active"],
+        true
+    );
+    assert_eq!(
+        introspect(&base, &token, "not-a-token").await.json(),
+        json!({"active": false})
+    );
+    // Introspection itself needs an authenticated caller.
+    let anonymous = send(
+        "POST",
+        &gw.url("/oauth2/introspect"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={credential}").as_bytes(),
+    )
+    .await;
+    assert_eq!(anonymous.status, 401);
+
+    let status = send(
+        "GET",
+        &gw.url(&format!("/v1/tasks/{task}")),
+        &[("authorization", &auth(&token))],
+        b"",
+    )
+    .await;
+    assert_eq!(status.json()["state"], "active");
+
+    // Another agent can neither read nor end it.
+    let other = gw.idp.sign(json!({"sub": "intern-bot"}));
+    for (method, path) in [
+        ("GET", format!("/v1/tasks/{task}")),
+        ("POST", format!("/v1/tasks/{task}/complete")),
+    ] {
+        assert_eq!(
+            send(
+                method,
+                &gw.url(&path),
+                &[("authorization", &auth(&other))],
+                b""
+            )
+            .await
+            .status,
+            403
+        );
+    }
+
+    // Completion: from that moment the credential reads inactive, and calls in the task are refused.
+    let done = send(
+        "POST",
+        &gw.url(&format!("/v1/tasks/{task}/complete")),
+        &[("authorization", &auth(&token))],
+        b"",
+    )
+    .await;
+    assert_eq!(done.status, 200, "{:?}", done.body);
+    assert_eq!(done.json()["revoked"], 1);
+    let ended_at = Instant::now();
+    assert_eq!(
+        introspect(&base, &token, &credential).await.json(),
+        json!({"active": false})
+    );
+    assert!(ended_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        in_task(&base, "/billing/invoices/1", &token, &task)
+            .await
+            .status,
+        403
+    );
+    let again = send(
+        "POST",
+        &gw.url(&format!("/v1/tasks/{task}/complete")),
+        &[("authorization", &auth(&token))],
+        b"",
+    )
+    .await;
+    assert_eq!(again.status, 409);
+
+    // The feed announced the revocation with the credential's jti.
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut text = String::new();
+        while !text.contains("event: revocation") || !text.ends_with("\n\n") {
+            let frame = feed.frame().await.expect("feed open").unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        text
+    })
+    .await
+    .expect("a revocation event within 5 s");
+    assert!(
+        event.contains(claims["jti"].as_str().unwrap()) && event.contains(&task),
+        "{event}"
+    );
+
+    // The audit line of the task-bound call names the task and the credential.
+    gw.audit_line(|l| l["task_id"] == task.as_str() && l["jti"] == claims["jti"])
+        .await;
+
+    // A restart with the memory store forgets the task: its id is unknown, hence denied.
+    let (mut replica, addr) = gw.replica().await;
+    let after_restart = in_task(
+        &format!("http://{addr}"),
+        "/billing/invoices/1",
+        &token,
+        &task,
+    )
+    .await;
+    let _ = replica.kill();
+    let _ = replica.wait();
+    assert_eq!(after_restart.status, 403);
+}
+
+#[tokio::test]
+async fn expiry_unknown_tasks_required_tasks_and_approvals() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream, "").await;
+    let base = gw.url("");
+    let token = gw.idp.delegated();
+
+    // A task must be authorized (start_task): an agent outside the teams may not start one.
+    let outsider = gw.idp.sign(json!({"sub": "intern-bot"}));
+    assert_eq!(start_task(&base, &outsider, 60).await.status, 403);
+    assert_eq!(start_task(&base, &token, 0).await.status, 400);
+
+    // Unknown task: denied. A tool that needs a task: denied without one, allowed in one.
+    assert_eq!(
+        in_task(&base, "/billing/invoices/1", &token, "no-such-task")
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        get(&gw.url("/billing/in-task/invoices"), &token)
+            .await
+            .status,
+        403
+    );
+    let task = start_task(&base, &token, 60).await.json()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        in_task(&base, "/billing/in-task/invoices", &token, &task)
+            .await
+            .status,
+        200
+    );
+
+    // Approval gate: a refund over 100 needs a human approval recorded on the task.
+    let refund = |task: String| {
+        let (url, token) = (gw.url("/billing/refunds"), token.clone());
+        async move {
+            send(
+                "POST",
+                &url,
+                &[
+                    ("authorization", &auth(&token)),
+                    ("toolgate-task", &task),
+                    ("content-type", "application/json"),
+                ],
+                br#"{"invoice_id": 42, "amount": 250}"#,
+            )
+            .await
+        }
+    };
+    let denied = refund(task.clone()).await;
+    assert_eq!(denied.status, 403);
+    let approve =
+        json!({"approver": "bob@example.com", "actions": ["billing/refund"], "note": "ticket 7"})
+            .to_string();
+    let approved = send(
+        "POST",
+        &gw.admin_url(&format!("/admin/tasks/{task}/approve")),
+        &[("content-type", "application/json")],
+        approve.as_bytes(),
+    )
+    .await;
+    assert_eq!(approved.status, 200, "{:?}", approved.body);
+    assert_eq!(refund(task.clone()).await.status, 200);
+    let line = gw
+        .audit_line(|l| l["action"] == "billing/refund" && l["decision"] == "allow")
+        .await;
+    assert_eq!(line["approval"]["approver"], "bob@example.com");
+    assert_eq!(line["task_id"], task.as_str());
+    // Outside the task the same refund is still denied.
+    let outside = send(
+        "POST",
+        &gw.url("/billing/refunds"),
+        &[
+            ("authorization", &auth(&token)),
+            ("content-type", "application/json"),
+        ],
+        br#"{"invoice_id": 42, "amount": 250}"#,
+    )
+    .await;
+    assert_eq!(outside.status, 403);
+
+    // Expiry: a one-second task refuses calls once its deadline passes.
+    let short = start_task(&base, &token, 1).await.json()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        in_task(&base, "/billing/invoices/1", &token, &short)
+            .await
+            .status,
+        200
+    );
+    let credential = last_credential(&upstream);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        in_task(&base, "/billing/invoices/1", &token, &short)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        introspect(&base, &token, &credential).await.json()["active"],
+        false
+    );
+    let status = send(
+        "GET",
+        &gw.admin_url(&format!("/admin/tasks/{short}")),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status.status, 200);
+}
+
+/// A redis-server of the test's own, on a free loopback port, persisting to `dir` (AOF) so a
+/// restart keeps its data.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start(dir: &std::path::Path, port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test-deps.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Redis {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        *self = Redis::start(&self.dir.clone(), self.port);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
+    let data = TempDir::new("redis");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Redis::start(&data.0, port);
+    let upstream = Upstream::start().await;
+    let store = format!("tasks:\n  store: redis://127.0.0.1:{port}\n");
+    let gw = gateway(&upstream, &store).await;
+    let (mut replica_b, b_addr) = gw.replica().await;
+    let (a, b) = (gw.url(""), format!("http://{b_addr}"));
+    let token = gw.idp.delegated();
+
+    // Started on A, joined on B.
+    let task = start_task(&a, &token, 120).await.json()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        in_task(&b, "/billing/invoices/1", &token, &task)
+            .await
+            .status,
+        200
+    );
+    let minted_on_b = last_credential(&upstream);
+    assert_eq!(
+        introspect(&a, &token, &minted_on_b).await.json()["active"],
+        true
+    );
+
+    // Completed on A: B refuses at once, and the credential B minted reads inactive on both.
+    assert_eq!(
+        send(
+            "POST",
+            &format!("{a}/v1/tasks/{task}/complete"),
+            &[("authorization", &auth(&token))],
+            b""
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        in_task(&b, "/billing/invoices/1", &token, &task)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        introspect(&b, &token, &minted_on_b).await.json()["active"],
+        false
+    );
+    assert_eq!(
+        introspect(&a, &token, &minted_on_b).await.json()["active"],
+        false
+    );
+
+    // Redis goes away: task-bound calls fail closed with 503; other calls are unaffected.
+    let live = start_task(&a, &token, 300).await.json()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    redis.kill();
+    let refused = in_task(&a, "/billing/invoices/1", &token, &live).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"], "task_store_unavailable");
+    assert_eq!(start_task(&b, &token, 60).await.status, 503);
+    assert_eq!(
+        get(&format!("{b}/billing/invoices/1"), &token).await.status,
+        200
+    );
+
+    // Redis comes back: nothing was lost, the ended task stays ended, the live one works.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = in_task(&b, "/billing/invoices/1", &token, &live)
+            .await
+            .status;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery within 15 s (last {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        in_task(&a, "/billing/invoices/1", &token, &live)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        in_task(&a, "/billing/invoices/1", &token, &task)
+            .await
+            .status,
+        403
+    );
+    let _ = replica_b.kill();
+    let _ = replica_b.wait();
+}
