@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# What tasks cost: REST calls through toolgate without a task, in a task with the memory
+# store, and in a task with the Redis store (wrk, loopback, nginx as the tool API); then the
+# time from `complete` on replica A to the first refusal on replica B (two gateways, one Redis).
+# Usage: benches/tasks.sh [seconds] [connections]. Installs wrk, nginx and redis-server if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-10}
+connections=${2:-16}
+command -v wrk >/dev/null && [ -x /usr/sbin/nginx ] && command -v redis-server >/dev/null || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx redis-server >/dev/null
+}
+cargo build --release -q
+bin=$PWD/target/release/toolgate
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(free_port); redis_port=$(free_port)
+
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; } } }
+NGINX
+/usr/sbin/nginx -c "$work/nginx.conf"
+redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >/dev/null &
+cp -r policies "$work/policies"
+$bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
+$bin keygen --private "$work/signing.pem" >/dev/null
+
+config() { # name store
+  local gw admin; gw=$(free_port); admin=$(free_port)
+  cat > "$work/$1.yaml" <<YAML
+listen: 127.0.0.1:$gw
+admin_listen: 127.0.0.1:$admin
+issuer: https://toolgate.bench
+policies: policies/
+inbound:
+  jwt:
+    - { issuer: https://idp.bench, jwks_file: idp.jwks.json, audiences: [toolgate] }
+credentials: { signing_key: signing.pem }
+upstreams:
+  - name: billing
+    url: http://127.0.0.1:$up
+    audience: https://billing.bench
+    routes:
+      - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
+tasks: { store: "$2" }
+audit: { path: $1-audit.jsonl }
+reload: { watch: false }
+YAML
+  echo "$gw"
+}
+serve() { # name -> waits until listening
+  $bin serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
+  for _ in $(seq 100); do grep -q listening "$work/$1.out" 2>/dev/null && return; sleep 0.1; done
+  echo "$1 did not start: $(cat "$work/$1.err")" >&2; exit 1
+}
+mem=$(config memory memory); serve memory
+red=$(config redis "redis://127.0.0.1:$redis_port"); serve redis
+red_b=$(config redis-b "redis://127.0.0.1:$redis_port"); serve redis-b
+token=$($bin token --config "$work/memory.yaml" --key "$work/idp.pem" --sub alice --act assistant --claim patient_id=p-100)
+start() { curl -sf -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -d '{"intent":"bench","ttl_seconds":3600}' "http://127.0.0.1:$1/v1/tasks" | python3 -c 'import json,sys; print(json.load(sys.stdin)["task_id"])'; }
+task_mem=$(start "$mem"); task_red=$(start "$red")
+
+run() { # label url [task]
+  local header=""
+  [ -n "${3:-}" ] && header="wrk.headers[\"Toolgate-Task\"] = \"$3\""
+  printf 'wrk.headers["Authorization"] = "Bearer %s"\n%s\n' "$token" "$header" > "$work/req.lua"
+  curl -sf -o /dev/null -H "Authorization: Bearer $token" ${3:+-H "Toolgate-Task: $3"} "$2" || { echo "$1: call refused" >&2; exit 1; }
+  echo "== $1"
+  wrk -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/req.lua" "$2" | grep -E "Requests/sec|50%|99%|Non-2xx|errors"
+}
+run "no task (memory store)" "http://127.0.0.1:$mem/billing/invoices/1"
+run "in a task, memory store" "http://127.0.0.1:$mem/billing/invoices/1" "$task_mem"
+run "no task (redis store)" "http://127.0.0.1:$red/billing/invoices/1"
+run "in a task, redis store" "http://127.0.0.1:$red/billing/invoices/1" "$task_red"
+
+echo "== complete on replica A -> first refusal on replica B (redis store, 50 tasks)"
+python3 - "$red" "$red_b" "$token" <<'PY'
+import http.client, json, sys, time
+a, b, token = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+auth = {"Authorization": f"Bearer {token}"}
+ca, cb = http.client.HTTPConnection("127.0.0.1", a), http.client.HTTPConnection("127.0.0.1", b)
+def call(conn, method, path, headers=None, body=None):
+    conn.request(method, path, body=body, headers={**auth, **(headers or {})})
+    r = conn.getresponse(); data = r.read(); return r.status, data
+gaps = []
+for _ in range(50):
+    _, body = call(ca, "POST", "/v1/tasks", {"Content-Type": "application/json"}, json.dumps({"intent": "bench", "ttl_seconds": 600}))
+    task = json.loads(body)["task_id"]
+    assert call(cb, "GET", "/billing/invoices/1", {"Toolgate-Task": task})[0] == 200
+    status, _ = call(ca, "POST", f"/v1/tasks/{task}/complete")
+    done = time.perf_counter()
+    assert status == 200
+    while call(cb, "GET", "/billing/invoices/1", {"Toolgate-Task": task})[0] != 403:
+        pass
+    gaps.append((time.perf_counter() - done) * 1000)
+gaps.sort()
+print(f"complete -> refusal on the other replica: p50 {gaps[len(gaps)//2]:.2f} ms, max {gaps[-1]:.2f} ms (includes one HTTP round trip to B)")
+PY
