@@ -147,6 +147,12 @@ curl -s {auth} {base}/records/patients/p-100/record
 curl -s {auth} {base}/records/patients/p-200/record
 curl -s -i {base}/billing/invoices/42
 curl -s http://{admin}/metrics | grep ^toolgate_
+
+# tasks: credentials that die when the work is done
+TASK=$(curl -s -X POST {auth} -H 'Content-Type: application/json' -d '{{"intent": "refund invoice 42", "ttl_seconds": 600}}' {base}/v1/tasks | sed 's/.*"task_id":"\([^"]*\)".*/\1/')
+curl -s {auth} -H "Toolgate-Task: $TASK" {base}/billing/invoices/42
+curl -s -X POST {auth} {base}/v1/tasks/$TASK/complete
+curl -s {auth} -H "Toolgate-Task: $TASK" {base}/billing/invoices/42     # now 403
 "#,
         dir = dir.display()
     );
