@@ -130,7 +130,7 @@ async fn official_sdk_client_and_server_through_the_gateway() {
     let seen = out["whoami"]["text"][0].as_str().unwrap();
     let minted = seen.strip_prefix("Bearer ").expect("a bearer credential");
     assert_ne!(minted, token);
-    let claims = jsonwebtoken::dangerous_insecure_decode_claims(minted);
+    let claims = claims_of(minted);
     assert_eq!(claims["aud"], "https://tools.internal");
     assert_eq!(claims["scope"], "tools/whoami");
     assert_eq!(claims["act"]["sub"], "assistant");
@@ -145,21 +145,6 @@ async fn official_sdk_client_and_server_through_the_gateway() {
         (line["action"].as_str(), line["decision"].as_str()),
         (Some("tools/pay"), Some("deny"))
     );
-}
-
-/// jsonwebtoken has no public "decode without verifying" for arbitrary claims in v9; the
-/// payload is plain base64url JSON.
-mod jsonwebtoken {
-    pub fn dangerous_insecure_decode_claims(token: &str) -> serde_json::Value {
-        use base64::Engine as _;
-        let payload = token.split('.').nth(1).unwrap();
-        serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload)
-                .unwrap(),
-        )
-        .unwrap()
-    }
 }
 
 async fn raw_gateway(upstream: &Upstream) -> Gateway {
@@ -314,12 +299,10 @@ async fn json_rpc_edge_cases() {
     assert_eq!(seen[0].headers["mcp-protocol-version"], "2025-06-18");
     let credential = seen[0].headers["authorization"].to_str().unwrap();
     assert!(!credential.contains(&token));
-    let scope =
-        jsonwebtoken::dangerous_insecure_decode_claims(credential.strip_prefix("Bearer ").unwrap())
-            ["scope"]
-            .as_str()
-            .unwrap()
-            .to_string();
+    let scope = claims_of(credential.strip_prefix("Bearer ").unwrap())["scope"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
         scope.contains("tools/add") && scope.contains("tools/pay"),
         "{scope}"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Refunds above 100 need a human approval in the task.
 const APPROVAL_GATE: &str = r#"
@@ -79,17 +79,6 @@ fn last_credential(upstream: &Upstream) -> String {
         .unwrap()
         .to_string();
     header.strip_prefix("Bearer ").unwrap().to_string()
-}
-
-fn claims_of(token: &str) -> Value {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]

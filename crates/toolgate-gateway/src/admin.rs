@@ -9,11 +9,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 use toolgate_policy::PolicyEngine;
 
-use http_body_util::{BodyExt, Limited};
 use toolgate_tasks::{Approval, State};
 
 use crate::answer::{json_response, text_response, Body, Refusal};
 use crate::audit::AuditRecord;
+use crate::pipeline::read_limited;
 use crate::{Config, Gateway, Routing};
 
 /// What a reload did.
@@ -158,11 +158,7 @@ impl Gateway {
         }
         record.task_id = Some(id.to_string());
         record.action = Some("approve_task".into());
-        let body = Limited::new(request.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map_err(|_| Refusal::PayloadTooLarge)?
-            .to_bytes();
+        let body = read_limited(request.into_body(), crate::tasks::MAX_TASK_BODY).await?;
         let approve: Approve = serde_json::from_slice(&body).map_err(|e| {
             Refusal::BadRequest(format!("expected {{approver, actions, note}}: {e}"))
         })?;

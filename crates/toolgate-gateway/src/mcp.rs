@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use toolgate_identity::Caller;
@@ -27,7 +27,7 @@ use toolgate_policy::{PolicyEngine, Resource};
 
 use crate::answer::{full, json_response, Body, BoxError, Refusal};
 use crate::audit::AuditRecord;
-use crate::pipeline::{authz_request, task_context, task_header};
+use crate::pipeline::{authz_request, read_limited, task_context, task_header};
 use crate::upstream::Upstream;
 use crate::Gateway;
 use toolgate_tasks::Task;
@@ -323,20 +323,6 @@ fn tool_filter(
         let request = authz_request(&caller, "list", resource, Map::new(), client_ip);
         engine.authorize(&request).allowed
     })
-}
-
-async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
-    Limited::new(body, limit)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Refusal::PayloadTooLarge
-            } else {
-                Refusal::BadRequest(format!("cannot read body: {e}"))
-            }
-        })
 }
 
 /// Filters `tools/list` answers and adds the gateway's own answers, for JSON and SSE alike.

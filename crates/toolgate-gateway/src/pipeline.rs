@@ -451,17 +451,7 @@ async fn read_args(
     if declared_length.is_some_and(|n| n > max_body as u64) {
         return Err(Refusal::PayloadTooLarge);
     }
-    let bytes: Bytes = Limited::new(body, max_body)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Refusal::PayloadTooLarge
-            } else {
-                Refusal::BadRequest(format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let bytes = read_limited(body, max_body).await?;
     if !bytes.is_empty() {
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| Refusal::BadRequest(format!("body is not valid JSON: {e}")))?;
@@ -470,6 +460,21 @@ async fn read_args(
         }
     }
     Ok((Request::from_parts(parts, full(bytes)), args))
+}
+
+/// Reads a request body whole, refusing more than `limit` bytes (413).
+pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Refusal::PayloadTooLarge
+            } else {
+                Refusal::BadRequest(format!("cannot read body: {e}"))
+            }
+        })
 }
 
 fn merge_args(args: &mut Map<String, Value>, more: Map<String, Value>) -> Result<(), Refusal> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -21,9 +21,11 @@ use toolgate_tasks::{Ended, State, StoreError, Task, MAX_TTL_SECONDS};
 
 use crate::answer::{json_response, Body, BoxError, Refusal};
 use crate::audit::AuditRecord;
+use crate::pipeline::read_limited;
 use crate::Gateway;
 
-const MAX_TASK_BODY: usize = 64 << 10;
+/// Task requests and introspection forms are small.
+pub(crate) const MAX_TASK_BODY: usize = 64 << 10;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,8 +60,8 @@ fn task_json(task: &Task, now: u64) -> Value {
 }
 
 impl Gateway {
-    /// Toolgate's own endpoints on the agent listener (`/v1/...`, `/oauth2/introspect`);
-    /// `None` for anything else. The caller is already authenticated.
+    /// Toolgate's own endpoints on the agent listener (`/v1/...`, `/oauth2/introspect`); any
+    /// other path under them is 404. The caller is already authenticated.
     pub(crate) async fn own_endpoint(
         &self,
         request: Request<Incoming>,
@@ -99,11 +101,7 @@ impl Gateway {
         client_ip: IpAddr,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
-        let body = Limited::new(request.into_body(), MAX_TASK_BODY)
-            .collect()
-            .await
-            .map_err(|_| Refusal::PayloadTooLarge)?
-            .to_bytes();
+        let body = read_limited(request.into_body(), MAX_TASK_BODY).await?;
         let start: StartTask = serde_json::from_slice(&body)
             .map_err(|e| Refusal::BadRequest(format!("expected {{intent, ttl_seconds}}: {e}")))?;
         if start.ttl_seconds == 0 || start.ttl_seconds > MAX_TTL_SECONDS {
@@ -236,11 +234,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         record.action = Some("introspect".into());
         record.decision = "allow";
-        let form = Limited::new(request.into_body(), MAX_TASK_BODY)
-            .collect()
-            .await
-            .map_err(|_| Refusal::PayloadTooLarge)?
-            .to_bytes();
+        let form = read_limited(request.into_body(), MAX_TASK_BODY).await?;
         let token = form_urlencoded::parse(&form)
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned())
