@@ -944,3 +944,69 @@ async fn policy_test_files_and_explain() {
         .unwrap();
     assert!(line.contains("refund-limit"), "{line}");
 }
+
+#[tokio::test]
+async fn tls_listener_negotiates_h2_and_refuses_plain_http() {
+    let upstream = Upstream::start().await;
+    let fixtures = repo().join("tests/fixtures");
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: &format!(
+            "tls:\n  cert: {}\n  key: {}\n",
+            fixtures.join("tls.crt").display(),
+            fixtures.join("tls.key").display()
+        ),
+    })
+    .await;
+    let token = gw.idp.delegated();
+
+    // A client that trusts only the test certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(fixtures.join("tls-ca.crt")).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let url = format!("https://127.0.0.1:{}/billing/invoices/3", gw.addr.port());
+    let request = http::Request::get(&url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.expect("TLS request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2, "ALPN offers h2");
+    assert_eq!(upstream.requests().len(), 1);
+
+    // Plain HTTP to the TLS listener gets no answer.
+    let plain = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<bytes::Bytes>>()
+            .get(
+                format!("http://127.0.0.1:{}/billing/invoices/3", gw.addr.port())
+                    .parse()
+                    .unwrap(),
+            ),
+    )
+    .await;
+    assert!(!matches!(plain, Ok(Ok(ref r)) if r.status() == 200));
+    assert_eq!(upstream.requests().len(), 1);
+}
