@@ -146,6 +146,9 @@ pub struct Minted {
 /// Mints per-call credentials.
 pub struct Minter {
     key: SigningKey,
+    /// Keys signed with before a rotation: still published (and accepted by `verify`) so
+    /// credentials minted before the rotation keep verifying until they expire.
+    previous: Vec<SigningKey>,
     issuer: String,
     ttl_seconds: u64,
 }
@@ -154,9 +157,23 @@ impl Minter {
     pub fn new(key: SigningKey, issuer: impl Into<String>, ttl_seconds: u64) -> Self {
         Minter {
             key,
+            previous: Vec::new(),
             issuer: issuer.into(),
             ttl_seconds,
         }
+    }
+
+    /// Also publishes (and accepts) these earlier keys; new credentials use the current one.
+    pub fn with_previous_keys(mut self, previous: Vec<SigningKey>) -> Self {
+        self.previous = previous
+            .into_iter()
+            .filter(|k| k.kid() != self.key.kid())
+            .collect();
+        self
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &SigningKey> {
+        std::iter::once(&self.key).chain(&self.previous)
     }
 
     pub fn ttl_seconds(&self) -> u64 {
@@ -196,7 +213,14 @@ impl Minter {
 
     /// Verifies a credential this minter issued: signature, `iss`, `nbf` and `exp` (any `aud`).
     pub fn verify(&self, token: &str, now: u64) -> Result<Claims, CredentialError> {
-        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(self.key.public_jwk().clone())
+        let kid = jsonwebtoken::decode_header(token)
+            .map_err(|e| CredentialError::Sign(format!("not a valid credential: {e}")))?
+            .kid;
+        let key = self
+            .keys()
+            .find(|k| kid.as_deref() == Some(k.kid()))
+            .ok_or_else(|| CredentialError::Sign("credential signed with an unknown key".into()))?;
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(key.public_jwk().clone())
             .map_err(|e| CredentialError::Key(e.to_string()))?;
         let key = jsonwebtoken::DecodingKey::from_jwk(&jwk)
             .map_err(|e| CredentialError::Key(e.to_string()))?;
@@ -215,7 +239,7 @@ impl Minter {
 
     /// The JWKS document upstreams use to verify minted tokens.
     pub fn jwks(&self) -> Value {
-        json!({"keys": [self.key.public_jwk()]})
+        json!({"keys": self.keys().map(SigningKey::public_jwk).collect::<Vec<_>>()})
     }
 }
 
@@ -288,6 +312,45 @@ mod tests {
         let b = minter.mint(&grant, 10).unwrap().claims;
         assert_ne!(a.jti, b.jti);
         assert_eq!((a.sub.as_str(), a.act.as_ref(), a.exp), ("bot", None, 70));
+    }
+
+    #[test]
+    fn rotation_keeps_earlier_credentials_verifying() {
+        let (old, _) = SigningKey::generate().unwrap();
+        let (new, _) = SigningKey::generate().unwrap();
+        let grant = Grant {
+            user: None,
+            agent: "bot",
+            audience: "aud",
+            scope: vec!["a/b".into()],
+            decision_id: "d",
+            task_id: None,
+            not_after: None,
+        };
+        let before = Minter::new(old.clone(), "iss", 60)
+            .mint(&grant, 100)
+            .unwrap();
+        let rotated = Minter::new(new.clone(), "iss", 60).with_previous_keys(vec![old.clone()]);
+        let jwks = rotated.jwks();
+        let kids: Vec<&str> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(kids, vec![new.kid(), old.kid()]);
+        assert_eq!(rotated.verify(&before.token, 120).unwrap(), before.claims);
+        let after = rotated.mint(&grant, 120).unwrap();
+        assert_eq!(
+            decode_header(&after.token).unwrap().kid.as_deref(),
+            Some(new.kid())
+        );
+        // Without the old key listed, its credentials no longer verify.
+        assert!(Minter::new(new, "iss", 60)
+            .verify(&before.token, 120)
+            .is_err());
+        // Nor does an expired one.
+        assert!(rotated.verify(&before.token, 1_000).is_err());
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct JwtIssuer {
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub signing_key: PathBuf,
+    /// Earlier signing keys, still published in the JWKS after a rotation (new credentials
+    /// are signed with `signing_key`).
+    #[serde(default)]
+    pub previous_keys: Vec<PathBuf>,
     #[serde(default = "default_ttl")]
     pub ttl_seconds: u64,
 }
@@ -281,6 +285,7 @@ impl Config {
         };
         resolve(&mut self.policies);
         resolve(&mut self.credentials.signing_key);
+        self.credentials.previous_keys.iter_mut().for_each(resolve);
         for jwt in &mut self.inbound.jwt {
             if let Some(f) = jwt.jwks_file.as_mut() {
                 resolve(f);

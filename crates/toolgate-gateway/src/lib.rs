@@ -54,6 +54,11 @@ pub struct Gateway {
     ready: AtomicBool,
 }
 
+fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    SigningKey::from_pkcs8_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Loads what the config names and checks that it fits together: policies valid, keys
 /// readable, every route's action declared in the schema.
 pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec<String>> {
@@ -78,14 +83,12 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
             }
         }
     }
-    if let Err(e) = std::fs::read_to_string(&config.credentials.signing_key)
-        .map_err(|e| e.to_string())
-        .and_then(|pem| SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string()))
+    for path in
+        std::iter::once(&config.credentials.signing_key).chain(&config.credentials.previous_keys)
     {
-        errors.push(format!(
-            "{}:1: {e}",
-            config.credentials.signing_key.display()
-        ));
+        if let Err(e) = load_signing_key(path) {
+            errors.push(format!("{}:1: {e}", path.display()));
+        }
     }
     if errors.is_empty() {
         Ok(engine)
@@ -115,10 +118,15 @@ impl Gateway {
     pub async fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, String> {
         let mut load_cache = LoadCache::default();
         let engine = check(&config, &mut load_cache).map_err(|e| e.join("\n"))?;
-        let pem = std::fs::read_to_string(&config.credentials.signing_key)
-            .map_err(|e| format!("{}: {e}", config.credentials.signing_key.display()))?;
-        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string())?;
-        let minter = Minter::new(key, config.issuer.clone(), config.credentials.ttl_seconds);
+        let key = load_signing_key(&config.credentials.signing_key)?;
+        let previous = config
+            .credentials
+            .previous_keys
+            .iter()
+            .map(|p| load_signing_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let minter = Minter::new(key, config.issuer.clone(), config.credentials.ttl_seconds)
+            .with_previous_keys(previous);
         let issuers = config
             .inbound
             .jwt
