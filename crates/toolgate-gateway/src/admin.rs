@@ -104,13 +104,9 @@ impl Gateway {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let mut record = AuditRecord {
-            decision_id: uuid::Uuid::now_v7().to_string(),
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             agent: Some("admin".into()),
             decision: "allow",
-            method: request.method().to_string(),
-            path: path.clone(),
-            ..AuditRecord::default()
+            ..AuditRecord::begin(&request)
         };
         let result = match (request.method().clone(), segments.as_slice()) {
             (Method::GET, ["admin", "tasks", id]) => match self.tasks.get(id).await {

@@ -34,6 +34,20 @@ pub struct AuditRecord {
     pub status: u16,
 }
 
+impl AuditRecord {
+    /// The record of a request: a fresh decision id, denied until a decision says otherwise.
+    pub fn begin<B>(request: &http::Request<B>) -> Self {
+        AuditRecord {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            decision: "deny",
+            method: request.method().to_string(),
+            path: request.uri().path().to_string(),
+            ..AuditRecord::default()
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<AuditRecord>,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chrono::{SecondsFormat, Utc};
-use http::{header, Method, Request, Response, StatusCode};
+use chrono::Utc;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
@@ -48,15 +48,11 @@ impl Gateway {
             }
         }
         let routing = self.routing.load_full();
-        let metadata_url = self.metadata_url(&routing, &request);
+        // Kept for a 401's `resource_metadata`; the URL is built only then.
+        let host = request_host(&request);
         let mut record = AuditRecord {
-            decision_id: uuid::Uuid::now_v7().to_string(),
-            time: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-            decision: "deny",
             source_ip: peer.ip().to_string(),
-            method: request.method().to_string(),
-            path: request.uri().path().to_string(),
-            ..AuditRecord::default()
+            ..AuditRecord::begin(&request)
         };
         let mut upstream = None;
         let response = match self
@@ -68,7 +64,9 @@ impl Gateway {
                 if !matches!(refusal, Refusal::Forbidden) {
                     record.errors.push(refusal.to_string());
                 }
-                refusal.into_response(&record.decision_id, Some(&metadata_url))
+                let metadata = matches!(refusal, Refusal::Unauthenticated(_))
+                    .then(|| self.metadata_url(&routing, host.as_ref(), &record.path));
+                refusal.into_response(&record.decision_id, metadata.as_deref())
             }
         };
         // record
@@ -272,17 +270,14 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// The gateway's external base URL: `public_url`, else from the request's Host.
-    fn base_url<B>(&self, request: &Request<B>) -> String {
+    /// The gateway's external base URL: `public_url`, else from the request's host.
+    fn base_url(&self, host: Option<&HeaderValue>) -> String {
         if let Some(url) = &self.config.public_url {
             return url.trim_end_matches('/').to_string();
         }
-        let host = request
-            .headers()
-            .get(header::HOST)
+        let host = host
             .and_then(|h| h.to_str().ok())
             .map(String::from)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()))
             .unwrap_or_else(|| self.config.listen.to_string());
         let scheme = if self.config.tls.is_some() {
             "https"
@@ -292,17 +287,14 @@ impl Gateway {
         format!("{scheme}://{host}")
     }
 
-    /// Where the metadata for the resource a request addresses lives (path-suffixed, RFC 9728).
-    fn metadata_url<B>(&self, routing: &Routing, request: &Request<B>) -> String {
+    /// Where the metadata for the resource at `path` lives (path-suffixed, RFC 9728).
+    fn metadata_url(&self, routing: &Routing, host: Option<&HeaderValue>, path: &str) -> String {
         let upstream = routing
             .routes
-            .upstream(request.uri().path())
+            .upstream(path)
             .map(|(index, _)| format!("/{}", routing.upstreams[index].name()))
             .unwrap_or_default();
-        format!(
-            "{}{RESOURCE_METADATA_PATH}{upstream}",
-            self.base_url(request)
-        )
+        format!("{}{RESOURCE_METADATA_PATH}{upstream}", self.base_url(host))
     }
 
     fn resource_metadata<B>(
@@ -327,13 +319,23 @@ impl Gateway {
         json_response(
             StatusCode::OK,
             &serde_json::json!({
-                "resource": format!("{}{resource_path}", self.base_url(request)),
+                "resource": format!("{}{resource_path}", self.base_url(request_host(request).as_ref())),
                 "authorization_servers": issuers,
                 "bearer_methods_supported": ["header"],
                 "resource_name": "toolgate",
             }),
         )
     }
+}
+
+/// The host a request was sent to: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
+fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    request.headers().get(header::HOST).cloned().or_else(|| {
+        request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
 }
 
 /// The task id a call names in `Toolgate-Task`, if any.
