@@ -593,16 +593,7 @@ async fn reload_takes_a_valid_set_and_keeps_the_old_one_on_error() {
         "permit(principal, action, resource) when { context.nope };",
     )
     .unwrap();
-    let reload = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
-    assert_eq!(reload.status, 422);
-    assert!(
-        reload.json()["errors"][0]
-            .as_str()
-            .unwrap()
-            .contains("broken.cedar:1:"),
-        "{:?}",
-        reload.json()
-    );
+    gw.assert_reload_refused("broken.cedar:1:").await;
     assert_eq!(
         delete().await.status,
         200,

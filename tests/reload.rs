@@ -169,30 +169,12 @@ async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
         original.replace("tool: list_invoices", "tool: list_everything"),
     )
     .unwrap();
-    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
-    assert_eq!(report.status, 422);
-    assert!(
-        report.json()["errors"][0]
-            .as_str()
-            .unwrap()
-            .contains("billing/list_everything"),
-        "{:?}",
-        report.json()
-    );
+    gw.assert_reload_refused("billing/list_everything").await;
     assert_eq!(get(&gw.url("/billing/invoices"), &token).await.status, 200);
 
     // Not YAML at all: refused with file:line.
     std::fs::write(&config_path, "listen: [").unwrap();
-    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
-    assert_eq!(report.status, 422);
-    assert!(
-        report.json()["errors"][0]
-            .as_str()
-            .unwrap()
-            .contains("toolgate.yaml:"),
-        "{:?}",
-        report.json()
-    );
+    gw.assert_reload_refused("toolgate.yaml:").await;
     assert_eq!(
         get(&gw.url("/billing/invoices/1"), &token).await.status,
         200

@@ -359,6 +359,17 @@ audit:
         panic!("no matching audit line after 2 s");
     }
 
+    /// `POST /admin/reload` must be refused (422), its first error mentioning `mentioning`.
+    pub async fn assert_reload_refused(&self, mentioning: &str) {
+        let reload = send("POST", &self.admin_url("/admin/reload"), &[], b"").await;
+        assert_eq!(reload.status, 422, "{:?}", reload.body);
+        let errors = reload.json()["errors"].clone();
+        assert!(
+            errors[0].as_str().unwrap_or_default().contains(mentioning),
+            "{errors}"
+        );
+    }
+
     /// Sends SIGTERM and waits (bounded) for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

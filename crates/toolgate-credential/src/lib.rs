@@ -295,11 +295,9 @@ mod tests {
         assert_eq!(claims.task_id.as_deref(), Some("t-1"));
     }
 
-    #[test]
-    fn every_mint_has_a_fresh_jti_and_agent_is_subject_without_user() {
-        let (key, _) = SigningKey::generate().unwrap();
-        let minter = Minter::new(key, "iss", 60);
-        let grant = Grant {
+    /// A call by agent `bot` acting for no one.
+    fn bot_grant() -> Grant<'static> {
+        Grant {
             user: None,
             agent: "bot",
             audience: "aud",
@@ -307,7 +305,14 @@ mod tests {
             decision_id: "d",
             task_id: None,
             not_after: None,
-        };
+        }
+    }
+
+    #[test]
+    fn every_mint_has_a_fresh_jti_and_agent_is_subject_without_user() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let minter = Minter::new(key, "iss", 60);
+        let grant = bot_grant();
         let a = minter.mint(&grant, 10).unwrap().claims;
         let b = minter.mint(&grant, 10).unwrap().claims;
         assert_ne!(a.jti, b.jti);
@@ -318,15 +323,7 @@ mod tests {
     fn rotation_keeps_earlier_credentials_verifying() {
         let (old, _) = SigningKey::generate().unwrap();
         let (new, _) = SigningKey::generate().unwrap();
-        let grant = Grant {
-            user: None,
-            agent: "bot",
-            audience: "aud",
-            scope: vec!["a/b".into()],
-            decision_id: "d",
-            task_id: None,
-            not_after: None,
-        };
+        let grant = bot_grant();
         let before = Minter::new(old.clone(), "iss", 60)
             .mint(&grant, 100)
             .unwrap();
