@@ -78,6 +78,7 @@ fn authenticate(c: &mut Criterion) {
             issuer: "https://idp.bench".into(),
             audiences: vec!["toolgate".into()],
             keys: KeySource::File(jwks),
+            id_prefix: String::new(),
         }]))
         .unwrap();
     let now = toolgate_identity::unix_now();

@@ -34,6 +34,9 @@ pub struct Config {
     pub public_url: Option<String>,
     #[serde(default)]
     pub reload: Reload,
+    /// The bearer token of the admin listener's operations; absent: they are disabled (403).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Hot reload: policies, JWKS files and the config file are watched (and SIGHUP and
@@ -80,6 +83,25 @@ pub struct JwtIssuer {
     #[serde(default)]
     pub jwks_url: Option<String>,
     pub audiences: Vec<String>,
+    /// Put before the agent and user ids this issuer asserts (default: none with one issuer,
+    /// `<issuer>#` with several), so one issuer can never name another's principals.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
+}
+
+impl Inbound {
+    /// Each issuer's id prefix, as `JwtIssuer::id_prefix` describes.
+    pub fn id_prefixes(&self) -> Vec<String> {
+        let several = self.jwt.len() > 1;
+        self.jwt
+            .iter()
+            .map(|j| match &j.id_prefix {
+                Some(prefix) => prefix.clone(),
+                None if several => format!("{}#", j.issuer),
+                None => String::new(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -254,6 +276,10 @@ impl Config {
         differs("limits", self.limits == other.limits);
         differs("public_url", self.public_url == other.public_url);
         differs("reload", self.reload == other.reload);
+        differs(
+            "admin_token_file",
+            self.admin_token_file == other.admin_token_file,
+        );
         changed
     }
 
@@ -291,6 +317,9 @@ impl Config {
                 resolve(f);
             }
         }
+        if let Some(p) = self.admin_token_file.as_mut() {
+            resolve(p);
+        }
         if let Some(tls) = self.tls.as_mut() {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
@@ -321,6 +350,16 @@ impl Config {
                     "inbound.jwt {}: audiences must not be empty",
                     jwt.issuer
                 ));
+            }
+        }
+        let prefixes = self.inbound.id_prefixes();
+        for (i, a) in prefixes.iter().enumerate() {
+            for b in &prefixes[i + 1..] {
+                if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
+                    errors.push(format!(
+                        "inbound.jwt: id prefixes `{a}` and `{b}` overlap, so two issuers could name the same principal"
+                    ));
+                }
             }
         }
         if self.credentials.ttl_seconds == 0 || self.credentials.ttl_seconds > MAX_TTL_SECONDS {

@@ -131,7 +131,9 @@ impl Gateway {
             .inbound
             .jwt
             .iter()
-            .map(|j| IssuerConfig {
+            .zip(config.inbound.id_prefixes())
+            .map(|(j, id_prefix)| IssuerConfig {
+                id_prefix,
                 issuer: j.issuer.clone(),
                 audiences: j.audiences.clone(),
                 keys: match (&j.jwks_file, &j.jwks_url) {

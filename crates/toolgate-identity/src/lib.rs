@@ -36,6 +36,9 @@ pub struct IssuerConfig {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub keys: KeySource,
+    /// Put before every agent and user id this issuer asserts, so that no two issuers can
+    /// name the same principal (empty: ids as the token has them).
+    pub id_prefix: String,
 }
 
 /// Who is calling, as a verified token says.
@@ -189,6 +192,7 @@ impl Authenticator {
     pub async fn verify_uncached(&self, token: &str) -> Result<Caller, AuthError> {
         let now = unix_now();
         let header = decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        refuse_critical_extensions(token)?;
         let issuer = self.issuer_of(token)?;
         let key = match issuer.keys.load().find(header.kid.as_deref()).cloned() {
             Some(key) => key,
@@ -216,20 +220,18 @@ impl Authenticator {
                 _ => AuthError::Malformed(e.to_string()),
             }
         })?;
-        caller_from_claims(data.claims, &issuer.config.issuer, now)
+        check_numeric_dates(&data.claims)?;
+        caller_from_claims(
+            data.claims,
+            &issuer.config.issuer,
+            &issuer.config.id_prefix,
+            now,
+        )
     }
 
     /// Picks the issuer by the token's (not yet verified) `iss`; verification then binds it.
     fn issuer_of(&self, token: &str) -> Result<&Issuer, AuthError> {
-        let payload = token
-            .split('.')
-            .nth(1)
-            .ok_or_else(|| AuthError::Malformed("not a JWT".into()))?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .map_err(|_| AuthError::Malformed("payload is not base64url".into()))?;
-        let claims: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| AuthError::Malformed("payload is not JSON".into()))?;
+        let claims = jwt_part(token, 1, "payload")?;
         let iss = claims
             .get("iss")
             .and_then(Value::as_str)
@@ -270,10 +272,48 @@ impl Authenticator {
     }
 }
 
-/// Maps verified claims to a caller: with `act`, the agent is `act.sub` and the user `sub`.
+/// One base64url JSON part of a compact JWT (0: header, 1: payload), not yet verified.
+fn jwt_part(token: &str, index: usize, name: &str) -> Result<Value, AuthError> {
+    let part = token
+        .split('.')
+        .nth(index)
+        .ok_or_else(|| AuthError::Malformed("not a JWT".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| AuthError::Malformed(format!("{name} is not base64url")))?;
+    serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed(format!("{name} is not JSON")))
+}
+
+/// RFC 7515 §4.1.11: a recipient must refuse a `crit` extension it does not understand, and
+/// toolgate understands none.
+fn refuse_critical_extensions(token: &str) -> Result<(), AuthError> {
+    match jwt_part(token, 0, "header")?.get("crit") {
+        None => Ok(()),
+        Some(_) => Err(AuthError::Malformed(
+            "critical header extensions (`crit`) are not supported".into(),
+        )),
+    }
+}
+
+/// `exp`, `nbf` and `iat` must be whole seconds: a date that is not a number would otherwise be
+/// skipped by validation rather than checked.
+fn check_numeric_dates(claims: &Map<String, Value>) -> Result<(), AuthError> {
+    for name in ["exp", "nbf", "iat"] {
+        if claims.get(name).is_some_and(|v| v.as_u64().is_none()) {
+            return Err(AuthError::InvalidClaims(format!(
+                "`{name}` must be a whole number of seconds"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Maps verified claims to a caller: with `act`, the agent is `act.sub` and the user `sub`,
+/// each behind the issuer's `id_prefix`.
 pub fn caller_from_claims(
     claims: Map<String, Value>,
     issuer: &str,
+    id_prefix: &str,
     now: u64,
 ) -> Result<Caller, AuthError> {
     let non_empty = |v: Option<&Value>, name: &str| -> Result<String, AuthError> {
@@ -284,10 +324,13 @@ pub fn caller_from_claims(
             ))),
         }
     };
-    let sub = non_empty(claims.get("sub"), "sub")?;
+    let sub = format!("{id_prefix}{}", non_empty(claims.get("sub"), "sub")?);
     let (agent, user) = match claims.get("act") {
         None => (sub, None),
-        Some(Value::Object(act)) => (non_empty(act.get("sub"), "act.sub")?, Some(sub)),
+        Some(Value::Object(act)) => (
+            format!("{id_prefix}{}", non_empty(act.get("sub"), "act.sub")?),
+            Some(sub),
+        ),
         Some(_) => return Err(AuthError::InvalidClaims("`act` must be an object".into())),
     };
     let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now);
@@ -334,6 +377,7 @@ mod tests {
         let c = caller_from_claims(
             claims(json!({"sub": "alice", "act": {"sub": "assistant", "team": "x"}, "patient_id": "p-1"})),
             "idp",
+            "",
             0,
         )
         .unwrap();
@@ -348,10 +392,46 @@ mod tests {
 
     #[test]
     fn plain_token_names_only_the_agent() {
-        let c = caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", 0).unwrap();
+        let c = caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", "", 0).unwrap();
         assert_eq!(c.agent, "bot");
         assert!(c.user.is_none() && c.user_claims().is_none());
         assert_eq!(c.agent_claims().get("team"), Some(&json!("y")));
+    }
+
+    #[test]
+    fn the_issuer_prefix_qualifies_agent_and_user() {
+        let c = caller_from_claims(
+            claims(json!({"sub": "alice", "act": {"sub": "assistant"}})),
+            "https://partner",
+            "partner:",
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.agent, "partner:assistant");
+        assert_eq!(c.user.as_deref(), Some("partner:alice"));
+        assert_eq!(c.issuer, "https://partner");
+    }
+
+    #[test]
+    fn crit_headers_and_non_numeric_dates_are_refused() {
+        let token = |header: Value| format!("{}.{}.sig", b64(&header), b64(&json!({"iss": "x"})));
+        assert!(refuse_critical_extensions(&token(json!({"alg": "ES256"}))).is_ok());
+        assert!(
+            refuse_critical_extensions(&token(json!({"alg": "ES256", "crit": ["exp"]}))).is_err()
+        );
+        for bad in [
+            json!({"exp": "9999999999"}),
+            json!({"exp": 1, "nbf": 1.5}),
+            json!({"exp": 1, "iat": -3}),
+            json!({"exp": 1, "nbf": null}),
+        ] {
+            assert!(check_numeric_dates(&claims(bad.clone())).is_err(), "{bad}");
+        }
+        assert!(check_numeric_dates(&claims(json!({"exp": 1, "nbf": 0, "iat": 2}))).is_ok());
+    }
+
+    fn b64(v: &Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     }
 
     #[test]
@@ -364,7 +444,7 @@ mod tests {
             json!({"sub": "u", "act": {}}),
         ] {
             assert!(
-                caller_from_claims(claims(bad.clone()), "idp", 0).is_err(),
+                caller_from_claims(claims(bad.clone()), "idp", "", 0).is_err(),
                 "{bad}"
             );
         }

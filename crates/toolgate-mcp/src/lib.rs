@@ -2,6 +2,7 @@
 //! send, say what each message asks for, rewrite what servers answer. No I/O.
 #![forbid(unsafe_code)]
 
+pub mod json;
 mod schema;
 mod sse;
 
@@ -61,15 +62,12 @@ impl Payload {
 /// Parses a POST body as JSON-RPC. Refuses what is not JSON, too deeply nested, not a
 /// JSON-RPC 2.0 message, or an empty or oversized batch.
 pub fn parse(body: &[u8]) -> Result<Payload, RpcError> {
-    // serde_json's own recursion limit (128) keeps parsing itself safe; ours is tighter.
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| RpcError::new(code::PARSE_ERROR, format!("parse error: {e}")))?;
-    if depth(&value) > MAX_DEPTH {
-        return Err(RpcError::new(
-            code::INVALID_REQUEST,
-            format!("message nested deeper than {MAX_DEPTH} levels"),
-        ));
-    }
+    // Strict: duplicate or case-folded keys at any level (envelope, params, arguments) are
+    // refused, so the server cannot read a different call than the one authorized.
+    let value = json::parse_strict(body, MAX_DEPTH).map_err(|e| match e {
+        json::JsonError::Syntax(e) => RpcError::new(code::PARSE_ERROR, format!("parse error: {e}")),
+        json::JsonError::Ambiguous(e) => RpcError::new(code::INVALID_REQUEST, e),
+    })?;
     match value {
         Value::Array(items) => {
             if items.is_empty() || items.len() > MAX_BATCH {
@@ -138,21 +136,6 @@ fn check_message(m: &Value) -> Result<(), RpcError> {
     }
 }
 
-fn depth(v: &Value) -> usize {
-    // Iterative, so a hostile document cannot exhaust the stack here either.
-    let mut deepest = 0;
-    let mut stack = vec![(v, 1usize)];
-    while let Some((v, d)) = stack.pop() {
-        deepest = deepest.max(d);
-        match v {
-            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
-            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
-            _ => {}
-        }
-    }
-    deepest
-}
-
 /// What a message asks for, as far as authorization is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Intent {
@@ -199,7 +182,15 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         )),
     };
     if message.get("id").is_none() {
-        return Ok(Intent::Pass); // notifications
+        // A request sent as a notification would run on the server with no answer to filter
+        // or deny: only `notifications/*` may come without an id.
+        if !method.starts_with("notifications/") {
+            return Err(RpcError::new(
+                code::INVALID_REQUEST,
+                format!("`{method}` is a request and needs an id"),
+            ));
+        }
+        return Ok(Intent::Pass);
     }
     Ok(match method {
         "tools/call" => {
@@ -321,10 +312,11 @@ mod tests {
             parse(deep.as_bytes()).unwrap_err().code,
             code::INVALID_REQUEST
         );
+        // Refused at depth 33, long before serde_json's own recursion limit.
         let hostile = "[".repeat(100_000);
         assert_eq!(
             parse(hostile.as_bytes()).unwrap_err().code,
-            code::PARSE_ERROR
+            code::INVALID_REQUEST
         );
     }
 

@@ -933,6 +933,21 @@ mod load_tests {
     }
 
     #[test]
+    fn a_panicking_check_worker_fails_the_load() {
+        let dir = dir_with(&[(
+            "panics-here.cedar",
+            "permit(principal, action == Toolgate::Action::\"list\", resource);\n",
+        )]);
+        *crate::load::PANIC_ON_FILE.lock().unwrap() = Some("panics-here.cedar");
+        let result = PolicyEngine::load(&dir.0);
+        *crate::load::PANIC_ON_FILE.lock().unwrap() = None;
+        let err = result.err().expect("a load whose worker panicked must fail");
+        assert!(err.to_string().contains("worker failed"), "{err}");
+        // Without the fault the same directory loads: the failure came from the panic.
+        assert!(PolicyEngine::load(&dir.0).is_ok());
+    }
+
+    #[test]
     fn invalid_policy_is_reported_with_file_and_line() {
         let dir = dir_with(&[(
             "bad.cedar",

@@ -148,7 +148,8 @@ pub fn load_dir_cached(dir: &Path, cache: &mut LoadCache) -> Result<Loaded, Load
         .iter()
         .filter(|(path, text)| cache.files.get(path).map(|c| c.hash) != Some(hash_of(text)))
         .collect();
-    for (path, file) in check_files(&validator, &stale) {
+    let checked = check_files(&validator, &stale).map_err(|e| LoadError::one(dir, 0, e))?;
+    for (path, file) in checked {
         cache.files.insert(path, file);
     }
     cache
@@ -159,6 +160,12 @@ pub fn load_dir_cached(dir: &Path, cache: &mut LoadCache) -> Result<Loaded, Load
     let mut sources = HashMap::new();
     for (path, _) in &texts {
         let Some(file) = cache.files.get(path) else {
+            // Never a silent skip: a file without a verdict fails the load.
+            problems.push(Problem {
+                file: path.clone(),
+                line: 0,
+                message: "the file was not checked".into(),
+            });
             continue;
         };
         problems.extend(file.problems.iter().cloned());
@@ -287,31 +294,59 @@ fn load_schema_texts(
 fn check_files(
     validator: &SlicedValidator,
     files: &[&(PathBuf, String)],
-) -> Vec<(PathBuf, CachedFile)> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(files.len().max(1));
-    let chunk = files.len().div_ceil(workers).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .chunks(chunk)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|(path, text)| (path.clone(), check_file(validator, path, text)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+) -> Result<Vec<(PathBuf, CachedFile)>, String> {
+    on_all_cores(files, |(path, text)| {
+        (path.clone(), check_file(validator, path, text))
     })
 }
 
+/// `work` on every item, the items split across all cores, results in item order. A worker
+/// that panics fails the whole run: a verdict that was never computed is never taken as clean.
+pub(crate) fn on_all_cores<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(&T) -> R + Sync,
+) -> Result<Vec<R>, String> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().max(1));
+    let chunk = items.len().div_ceil(workers).max(1);
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(work).collect::<Vec<R>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for handle in handles {
+            match handle.join() {
+                Ok(results) => out.extend(results),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    return Err(format!("a policy check worker failed: {why}"));
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+pub(crate) static PANIC_ON_FILE: std::sync::Mutex<Option<&'static str>> =
+    std::sync::Mutex::new(None);
+
 fn check_file(validator: &SlicedValidator, path: &Path, text: &str) -> CachedFile {
+    #[cfg(test)]
+    {
+        let inject = *PANIC_ON_FILE.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !inject.is_some_and(|name| path.ends_with(name)),
+            "injected worker panic"
+        );
+    }
     let hash = hash_of(text);
     let parsed = match parse_policy_file(path, text) {
         Ok(parsed) => parsed,

@@ -100,33 +100,14 @@ impl SlicedValidator {
         groups
     }
 
-    /// The same, with groups of policies validated on all cores.
-    pub fn validate(&self, policies: &PolicySet) -> Vec<ValidationError> {
+    /// The same, with groups of policies validated on all cores; a worker that panics fails.
+    pub fn validate(&self, policies: &PolicySet) -> Result<Vec<ValidationError>, String> {
         let groups = self.groups(policies);
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(groups.len().max(1));
-        let chunk = groups.len().div_ceil(workers.max(1)).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = groups
-                .chunks(chunk)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        let mut errors = Vec::new();
-                        for (slice, set) in chunk {
-                            let validator = self.validator(slice);
-                            let result = validator.validate(set, ValidationMode::Strict);
-                            errors.extend(result.validation_errors().cloned());
-                        }
-                        errors
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
+        let per_group = crate::load::on_all_cores(&groups, |(slice, set)| {
+            let result = self.validator(slice).validate(set, ValidationMode::Strict);
+            result.validation_errors().cloned().collect::<Vec<_>>()
+        })?;
+        Ok(per_group.into_iter().flatten().collect())
     }
 
     fn slice_for(&self, policy: &Policy) -> Slice {
@@ -292,7 +273,7 @@ mod tests {
         let (schema, json, set) = generated(&dir);
         let whole = verdicts(&validate_whole(&schema, &set));
         let sliced_validator = SlicedValidator::new(&schema, &json);
-        let sliced = verdicts(&sliced_validator.validate(&set));
+        let sliced = verdicts(&sliced_validator.validate(&set).unwrap());
         let serial = verdicts(&sliced_validator.validate_serial(&set));
         let _ = std::fs::remove_dir_all(&dir);
 

@@ -1,0 +1,231 @@
+//! JSON as toolgate reads it. Parsers disagree on duplicate keys (first or last wins) and
+//! some match keys without regard to case (Go's `encoding/json`, Jackson, System.Text.Json):
+//! a document that two parsers may read differently is refused, so the policy and every
+//! upstream read the same values.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// Why a document was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not JSON at all (syntax, encoding, trailing data).
+    #[error("not valid JSON: {0}")]
+    Syntax(String),
+    /// Valid JSON that parsers may read differently, or nested too deeply.
+    #[error("{0}")]
+    Ambiguous(String),
+}
+
+/// Parses `bytes` as one JSON document, refusing duplicate keys, keys that differ only in
+/// letter case (as parsers that ignore case fold them), and nesting deeper than `max_depth`.
+pub fn parse_strict(bytes: &[u8], max_depth: usize) -> Result<Value, JsonError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = Strict {
+        depth: 1,
+        max_depth,
+    }
+    .deserialize(&mut de)
+    .map_err(classify)?;
+    de.end().map_err(classify)?;
+    Ok(value)
+}
+
+/// Our own refusals are raised as serde custom errors; tell them from syntax errors.
+const AMBIGUOUS: &str = "ambiguous JSON: ";
+
+fn classify(e: serde_json::Error) -> JsonError {
+    let text = e.to_string();
+    match text.strip_prefix(AMBIGUOUS) {
+        Some(rest) => JsonError::Ambiguous(rest.to_string()),
+        None => JsonError::Syntax(text),
+    }
+}
+
+/// The form under which a case-insensitive parser compares a key: upper-cased then
+/// lower-cased, so every member of a Unicode simple case-fold orbit (`K`, `k` and the Kelvin
+/// sign; `s`, `S` and `ſ`) and every full-folding pair (`ß`, `ss`) lands on one form.
+pub fn fold_key(key: &str) -> String {
+    if key.is_ascii() {
+        return key.to_ascii_lowercase();
+    }
+    key.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+struct Strict {
+    depth: usize,
+    max_depth: usize,
+}
+
+impl Strict {
+    fn deeper<E: serde::de::Error>(&self) -> Result<Strict, E> {
+        if self.depth >= self.max_depth {
+            return Err(E::custom(format!(
+                "{AMBIGUOUS}nested deeper than {} levels",
+                self.max_depth
+            )));
+        }
+        Ok(Strict {
+            depth: self.depth + 1,
+            max_depth: self.max_depth,
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("{AMBIGUOUS}number out of range")))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self.deeper()?)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        let mut folded = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "{AMBIGUOUS}duplicate key `{key}`"
+                )));
+            }
+            if !folded.insert(fold_key(&key)) {
+                let other = out
+                    .keys()
+                    .find(|k| fold_key(k) == fold_key(&key))
+                    .cloned()
+                    .unwrap_or_default();
+                return Err(A::Error::custom(format!(
+                    "{AMBIGUOUS}keys `{other}` and `{key}` differ only in letter case"
+                )));
+            }
+            let value = map.next_value_seed(self.deeper()?)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn plain_documents_parse_as_serde_json_does() {
+        for doc in [
+            r#"{"a":1,"b":[true,null,"x",-2,1.5],"c":{"d":{}}}"#,
+            "[]",
+            "\"\\u00e9\"",
+            "18446744073709551615",
+        ] {
+            let want: Value = serde_json::from_str(doc).unwrap();
+            assert_eq!(parse_strict(doc.as_bytes(), 32).unwrap(), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_documents_are_refused() {
+        for doc in [
+            r#"{"amount":1,"amount":900}"#,
+            r#"{"amount":1,"Amount":900}"#,
+            r#"{"a":{"x":1,"X":2}}"#,
+            r#"[{"k":1,"K":2}]"#,
+            // Kelvin sign, long s, sharp s: folded by Go/Jackson/.NET as k, s, ss.
+            "{\"k\":1,\"\u{212a}\":2}",
+            "{\"status\":1,\"\u{17f}tatus\":2}",
+            "{\"stra\u{df}e\":1,\"strasse\":2}",
+            r#"{"a":1,"\u0061":2}"#,
+        ] {
+            assert!(
+                matches!(parse_strict(doc.as_bytes(), 32), Err(JsonError::Ambiguous(_))),
+                "{doc}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_depth() {
+        for doc in [
+            "{",
+            "{\"a\":1} x",
+            "\u{feff}{}",
+            r#"{"a":"\ud800"}"#,
+            "{'a':1}",
+            "[1,]",
+            "NaN",
+        ] {
+            assert!(
+                matches!(parse_strict(doc.as_bytes(), 32), Err(JsonError::Syntax(_))),
+                "{doc}"
+            );
+        }
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(parse_strict(nested(31).as_bytes(), 32).is_ok());
+        assert!(parse_strict(nested(32).as_bytes(), 32).is_err());
+        assert!(parse_strict(nested(100_000).as_bytes(), 32).is_err());
+        assert_eq!(
+            parse_strict(br#"{"a":{"b":1}}"#, 3).unwrap(),
+            json!({"a":{"b":1}})
+        );
+    }
+
+    #[test]
+    fn folding_matches_case_insensitive_parsers() {
+        assert_eq!(fold_key("Amount"), fold_key("amount"));
+        assert_eq!(fold_key("\u{212a}ey"), fold_key("key"));
+        assert_eq!(fold_key("\u{3c2}"), fold_key("\u{3a3}")); // final sigma, capital sigma
+        assert_ne!(fold_key("amount"), fold_key("amounts"));
+    }
+}
