@@ -34,6 +34,9 @@ pub struct RequestFile {
     pub env: EnvFile,
     #[serde(default)]
     pub task: Option<TaskFile>,
+    /// The issuer of the caller's token (`context.issuer` where the schema declares it).
+    #[serde(default)]
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -55,6 +58,11 @@ pub struct TaskFile {
     pub approved: bool,
     #[serde(default)]
     pub approved_by: Option<String>,
+    /// The task's owner (default: the calling agent) and its user (default: the caller's).
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub owner_user: Option<String>,
 }
 
 impl RequestFile {
@@ -90,7 +98,10 @@ impl RequestFile {
                 intent: t.intent.clone(),
                 approved: t.approved,
                 approved_by: t.approved_by.clone(),
+                owner: t.owner.clone().unwrap_or_else(|| self.agent.clone()),
+                owner_user: t.owner_user.clone().or_else(|| self.user.clone()),
             }),
+            issuer: &self.issuer,
         };
         Ok(engine.authorize(&request))
     }

@@ -48,6 +48,10 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
     )
     .map_err(|e| e.to_string())?;
 
+    // A fresh admin token each run: the admin listener's operations need it.
+    let admin_token = uuid::Uuid::new_v4().simple().to_string();
+    crate::write_private(&dir.join("admin.token"), &admin_token)?;
+
     let api = start_demo_api(gateway_key.public_jwk().clone()).await?;
     let config_path = dir.join("toolgate.yaml");
     std::fs::write(&config_path, demo_config(listen, admin_listen, api))
@@ -58,7 +62,13 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
     let running = gateway.start().await?;
     crate::announce(&running);
     crate::reload_on_sighup(gateway.clone());
-    print_tour(&running.agent_addr, &running.admin_addr, &idp_key, &dir)?;
+    print_tour(
+        &running.agent_addr,
+        &running.admin_addr,
+        &idp_key,
+        &admin_token,
+        &dir,
+    )?;
 
     crate::wait_for_signal().await;
     running.shutdown.trigger();
@@ -72,6 +82,7 @@ fn demo_config(listen: SocketAddr, admin: SocketAddr, api: SocketAddr) -> String
         r#"# Written by `toolgate demo`.
 listen: {listen}
 admin_listen: {admin}
+admin_token_file: admin.token
 issuer: https://toolgate.demo
 policies: policies/
 inbound:
@@ -110,6 +121,7 @@ fn print_tour(
     agent: &SocketAddr,
     admin: &SocketAddr,
     idp: &SigningKey,
+    admin_token: &str,
     dir: &Path,
 ) -> Result<(), String> {
     let now = toolgate_identity::unix_now();
@@ -153,6 +165,11 @@ TASK=$(curl -s -X POST {auth} -H 'Content-Type: application/json' -d '{{"intent"
 curl -s {auth} -H "Toolgate-Task: $TASK" {base}/billing/invoices/42
 curl -s -X POST {auth} {base}/v1/tasks/$TASK/complete
 curl -s {auth} -H "Toolgate-Task: $TASK" {base}/billing/invoices/42     # now 403
+
+# the admin listener: /metrics, /healthz and /readyz are open; its operations need the admin token
+export ADMIN_TOKEN={admin_token}
+curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://{admin}/admin/reload
+curl -s -X POST http://{admin}/admin/reload                                  # 401 without it
 "#,
         dir = dir.display()
     );

@@ -584,7 +584,7 @@ async fn reload_takes_a_valid_set_and_keeps_the_old_one_on_error() {
 
     let policies = gw.dir.0.join("policies");
     std::fs::write(policies.join("extra.cedar"), "permit(principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);").unwrap();
-    let reload = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    let reload = gw.admin("POST", "/admin/reload", b"").await;
     assert_eq!(reload.status, 200, "{:?}", reload.body);
     assert_eq!(delete().await.status, 200);
 

@@ -159,7 +159,7 @@ async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
         ),
     )
     .unwrap();
-    let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+    let report = gw.admin("POST", "/admin/reload", b"").await;
     assert_eq!(report.status, 200);
     assert_eq!(report.json()["config"]["needs_restart"], json!(["issuer"]));
 
@@ -230,7 +230,7 @@ async fn reloads_under_constant_load_fail_no_request() {
             )
         };
         std::fs::write(&extra, text).unwrap();
-        let report = send("POST", &gw.admin_url("/admin/reload"), &[], b"").await;
+        let report = gw.admin("POST", "/admin/reload", b"").await;
         assert_eq!(report.status == 200, valid, "{:?}", report.json());
         if valid {
             good += 1

@@ -305,13 +305,13 @@ async fn expiry_unknown_tasks_required_tasks_and_approvals() {
     let approve =
         json!({"approver": "bob@example.com", "actions": ["billing/refund"], "note": "ticket 7"})
             .to_string();
-    let approved = send(
-        "POST",
-        &gw.admin_url(&format!("/admin/tasks/{task}/approve")),
-        &[("content-type", "application/json")],
-        approve.as_bytes(),
-    )
-    .await;
+    let approved = gw
+        .admin(
+            "POST",
+            &format!("/admin/tasks/{task}/approve"),
+            approve.as_bytes(),
+        )
+        .await;
     assert_eq!(approved.status, 200, "{:?}", approved.body);
     assert_eq!(refund(task.clone()).await.status, 200);
     let line = gw
@@ -355,13 +355,7 @@ async fn expiry_unknown_tasks_required_tasks_and_approvals() {
         introspect(&base, &token, &credential).await.json()["active"],
         false
     );
-    let status = send(
-        "GET",
-        &gw.admin_url(&format!("/admin/tasks/{short}")),
-        &[],
-        b"",
-    )
-    .await;
+    let status = gw.admin("GET", &format!("/admin/tasks/{short}"), b"").await;
     assert_eq!(status.status, 200);
 }
 

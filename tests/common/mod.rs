@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use toolgate_credential::SigningKey;
 
 pub const IDP: &str = "https://idp.test";
+/// The admin listener's token in every test gateway (`admin_token_file: admin.token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const AUDIENCE: &str = "toolgate";
 
 /// A scratch directory, removed on drop.
@@ -256,6 +258,7 @@ impl Gateway {
         write_policies(&dir.0, options.extra_policies);
         let (_, signing_pem) = SigningKey::generate().unwrap();
         std::fs::write(dir.0.join("signing.pem"), signing_pem).unwrap();
+        std::fs::write(dir.0.join("admin.token"), ADMIN_TOKEN).unwrap();
         let inbound = options.inbound.unwrap_or_else(|| {
             format!(
                 "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n"
@@ -269,6 +272,7 @@ impl Gateway {
         let config = format!(
             r#"listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
+admin_token_file: admin.token
 issuer: https://toolgate.test
 policies: policies/
 {inbound}credentials:
@@ -327,6 +331,16 @@ audit:
         format!("http://{}{path}", self.admin)
     }
 
+    /// A request to the admin listener with the admin token (and a JSON body, if any).
+    pub async fn admin(&self, method: &str, path: &str, body: &[u8]) -> Answer {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        if !body.is_empty() {
+            headers.push(("content-type", "application/json"));
+        }
+        send(method, &self.admin_url(path), &headers, body).await
+    }
+
     /// The audit lines written so far; waits (bounded) until at least `at_least` are there.
     pub async fn audit(&self, at_least: usize) -> Vec<Value> {
         for _ in 0..100 {
@@ -361,7 +375,7 @@ audit:
 
     /// `POST /admin/reload` must be refused (422), its first error mentioning `mentioning`.
     pub async fn assert_reload_refused(&self, mentioning: &str) {
-        let reload = send("POST", &self.admin_url("/admin/reload"), &[], b"").await;
+        let reload = self.admin("POST", "/admin/reload", b"").await;
         assert_eq!(reload.status, 422, "{:?}", reload.body);
         let errors = reload.json()["errors"].clone();
         assert!(

@@ -12,9 +12,28 @@ use toolgate_policy::PolicyEngine;
 use toolgate_tasks::{Approval, State};
 
 use crate::answer::{json_response, text_response, Body, Refusal};
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::read_limited;
 use crate::{Config, Gateway, Routing};
+
+/// A JSON body of an admin POST (`required`: it must have one). Anything else is refused, so a
+/// browser's cross-site form cannot reach these endpoints.
+async fn admin_body(
+    request: Request<Incoming>,
+    required: bool,
+) -> Result<serde_json::Value, Refusal> {
+    let (parts, body) = request.into_parts();
+    let bytes = read_limited(body, crate::tasks::MAX_TASK_BODY).await?;
+    if bytes.is_empty() && !required && !parts.headers.contains_key(http::header::CONTENT_TYPE) {
+        return Ok(serde_json::Value::Null);
+    }
+    crate::rest::check_json_body_headers(&parts.headers)?;
+    crate::rest::strict_json(&bytes)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// What a reload did.
 #[derive(Debug)]
@@ -62,6 +81,8 @@ impl ReloadReport {
 }
 
 impl Gateway {
+    /// `/metrics`, `/healthz` and `/readyz` are open (a sidecar's agent shares localhost with
+    /// this listener); every other endpoint needs the admin token.
     pub(crate) async fn admin(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => text_response(
@@ -83,65 +104,109 @@ impl Gateway {
                     )
                 }
             }
-            (&Method::POST, "/admin/reload") => {
+            _ => self.admin_operation(request).await,
+        }
+    }
+
+    /// An operator's request: authenticated by the admin token, recorded like any decision.
+    async fn admin_operation(&self, request: Request<Incoming>) -> Response<Body> {
+        let mut record = AuditRecord {
+            agent: Some("admin".into()),
+            ..AuditRecord::begin(&request)
+        };
+        let result = match self.check_admin_token(&request) {
+            Ok(()) => {
+                record.decision = Verdict::Allow;
+                self.admin_route(request, &mut record).await
+            }
+            Err(refusal) => Err(refusal),
+        };
+        let response = result.unwrap_or_else(|refusal| {
+            record.decision = Verdict::Deny;
+            record.errors.push(refusal.to_string());
+            refusal.into_response(&record.decision_id, None)
+        });
+        record.status = response.status().as_u16();
+        self.finish(record);
+        response
+    }
+
+    fn check_admin_token<B>(&self, request: &Request<B>) -> Result<(), Refusal> {
+        let Some(expected) = &self.admin_token else {
+            return Err(Refusal::AdminDisabled);
+        };
+        let presented = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        match presented {
+            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            _ => Err(Refusal::AdminUnauthorized),
+        }
+    }
+
+    /// Operators' endpoints: `POST /admin/reload`, `GET /admin/revocations` (every task's
+    /// events), `GET /admin/tasks/{id}`, `POST .../complete|cancel`, and `POST .../approve` with
+    /// `{approver, actions, note}`: a human approval recorded on the task, which policies read
+    /// as `context.task.approved` for the approved actions of the task's owner.
+    async fn admin_route(
+        &self,
+        request: Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (request.method().clone(), segments.as_slice()) {
+            (Method::POST, ["admin", "reload"]) => {
+                record.action = Some("reload".into());
+                admin_body(request, false).await?;
                 let report = self.reload_all().await;
                 let status = if report.ok() {
                     StatusCode::OK
                 } else {
                     StatusCode::UNPROCESSABLE_ENTITY
                 };
-                json_response(status, &report.to_json())
+                Ok(json_response(status, &report.to_json()))
             }
-            (_, path) if path.starts_with("/admin/tasks/") => self.admin_task(request).await,
-            _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
-        }
-    }
-
-    /// Operators' task endpoints: `GET /admin/tasks/{id}`, `POST .../complete|cancel`, and
-    /// `POST .../approve` with `{approver, actions, note}`: a human approval recorded on the
-    /// task, which policies read as `context.task.approved` for the approved actions.
-    async fn admin_task(&self, request: Request<Incoming>) -> Response<Body> {
-        let path = request.uri().path().to_string();
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let mut record = AuditRecord {
-            agent: Some("admin".into()),
-            decision: "allow",
-            ..AuditRecord::begin(&request)
-        };
-        let result = match (request.method().clone(), segments.as_slice()) {
-            (Method::GET, ["admin", "tasks", id]) => match self.tasks.get(id).await {
-                Ok(Some(task)) => Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::to_value(&task).unwrap_or_default(),
-                )),
-                Ok(None) => Err(Refusal::NotFound("task_not_found")),
-                Err(e) => Err(e.into()),
-            },
+            (Method::GET, ["admin", "revocations"]) => {
+                record.action = Some("revocations".into());
+                Ok(self.revocation_feed(None))
+            }
+            (Method::GET, ["admin", "tasks", id]) => {
+                record.task_id = Some(id.to_string());
+                match self.tasks.get(id).await? {
+                    Some(task) => Ok(json_response(
+                        StatusCode::OK,
+                        &serde_json::to_value(&task).unwrap_or_default(),
+                    )),
+                    None => Err(Refusal::NotFound("task_not_found")),
+                }
+            }
             (Method::POST, ["admin", "tasks", id, verb @ ("complete" | "cancel")]) => {
                 record.task_id = Some(id.to_string());
+                admin_body(request, false).await?;
                 let state = if *verb == "complete" {
                     State::Completed
                 } else {
                     State::Cancelled
                 };
-                self.end_task(id, state, &mut record).await
+                self.end_task(id, state, record).await
             }
             (Method::POST, ["admin", "tasks", id, "approve"]) => {
-                self.approve(id, request, &mut record).await
+                let body = admin_body(request, true).await?;
+                self.approve(id, body, record).await
             }
             _ => Err(Refusal::NotFound("not_found")),
-        };
-        let response =
-            result.unwrap_or_else(|refusal| refusal.into_response(&record.decision_id, None));
-        record.status = response.status().as_u16();
-        self.audit.record(record);
-        response
+        }
     }
 
     async fn approve(
         &self,
         id: &str,
-        request: Request<Incoming>,
+        body: serde_json::Value,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         #[derive(serde::Deserialize)]
@@ -154,8 +219,7 @@ impl Gateway {
         }
         record.task_id = Some(id.to_string());
         record.action = Some("approve_task".into());
-        let body = read_limited(request.into_body(), crate::tasks::MAX_TASK_BODY).await?;
-        let approve: Approve = serde_json::from_slice(&body).map_err(|e| {
+        let approve: Approve = serde_json::from_value(body).map_err(|e| {
             Refusal::BadRequest(format!("expected {{approver, actions, note}}: {e}"))
         })?;
         if approve.approver.trim().is_empty() || approve.actions.is_empty() {

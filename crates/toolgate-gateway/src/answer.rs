@@ -26,6 +26,17 @@ pub enum Refusal {
     Unavailable(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A body the action's arguments cannot be read from (not JSON, encoded, a form).
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// The admin listener's operations without (or with a wrong) admin token.
+    #[error("admin token missing or wrong")]
+    AdminUnauthorized,
+    /// The admin listener's operations while no `admin_token_file` is configured.
+    #[error("admin operations are disabled")]
+    AdminDisabled,
     #[error("body too large")]
     PayloadTooLarge,
     #[error("request headers too large")]
@@ -46,6 +57,10 @@ impl Refusal {
             Refusal::ToolNotFound | Refusal::NotFound(_) => StatusCode::NOT_FOUND,
             Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::AdminDisabled => StatusCode::FORBIDDEN,
             Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -75,6 +90,14 @@ impl Refusal {
                 json!({"error": "task_store_unavailable", "decision_id": decision_id})
             }
             Refusal::BadRequest(why) => json!({"error": "bad_request", "error_description": why}),
+            Refusal::UnsupportedMediaType(why) => {
+                json!({"error": "unsupported_media_type", "error_description": why})
+            }
+            Refusal::MethodNotAllowed(_) => json!({"error": "method_not_allowed"}),
+            Refusal::AdminUnauthorized => json!({"error": "unauthorized"}),
+            Refusal::AdminDisabled => {
+                json!({"error": "admin_disabled", "error_description": "set admin_token_file to enable admin operations"})
+            }
             Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
             Refusal::UpstreamUnreachable(_) => {
@@ -86,6 +109,17 @@ impl Refusal {
             Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
         };
         let mut response = json_response(status, &body);
+        if let Refusal::MethodNotAllowed(allow) = &self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Refusal::AdminUnauthorized = &self {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"toolgate-admin\""),
+            );
+        }
         if let Refusal::Unauthenticated(e) = &self {
             let mut challenge = String::from("Bearer realm=\"toolgate\"");
             if !matches!(e, AuthError::Missing) {

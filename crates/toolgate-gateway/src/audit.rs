@@ -9,16 +9,36 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
+/// What was decided about a request (or one MCP message): each audit line is one decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// The default: a record becomes `Allow` only when a decision says so.
+    #[default]
+    Deny,
+    Allow,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Deny => "deny",
+            Verdict::Allow => "allow",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct AuditRecord {
     pub decision_id: String,
     pub time: String,
     pub agent: Option<String>,
     pub user: Option<String>,
+    /// The issuer of the token that named agent and user.
+    pub iss: Option<String>,
     pub action: Option<String>,
     pub resource: Option<String>,
-    /// "allow" or "deny".
-    pub decision: &'static str,
+    pub decision: Verdict,
     pub policies: Vec<String>,
     pub errors: Vec<String>,
     pub task_id: Option<String>,
@@ -40,7 +60,6 @@ impl AuditRecord {
         AuditRecord {
             decision_id: uuid::Uuid::now_v7().to_string(),
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            decision: "deny",
             method: request.method().to_string(),
             path: request.uri().path().to_string(),
             ..AuditRecord::default()

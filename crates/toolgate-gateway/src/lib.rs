@@ -9,6 +9,7 @@ pub mod config;
 mod mcp;
 pub mod metrics;
 mod pipeline;
+mod rest;
 pub mod routes;
 mod server;
 mod tasks;
@@ -51,12 +52,29 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     audit: AuditSink,
     tasks: toolgate_tasks::Store,
+    /// The admin listener's bearer token (`admin_token_file`); None: admin operations are off.
+    admin_token: Option<String>,
     ready: AtomicBool,
 }
 
 fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
     let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     SigningKey::from_pkcs8_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The admin token: the file's text without surrounding white space; at least 16 characters,
+/// so a placeholder never guards the admin listener.
+fn read_admin_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin_token_file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 || token.contains(char::is_whitespace) {
+        return Err(format!(
+            "admin_token_file {}: the token must be at least 16 characters, without spaces",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// Loads what the config names and checks that it fits together: policies valid, keys
@@ -144,6 +162,10 @@ impl Gateway {
             })
             .collect();
         let auth = Authenticator::new(issuers).await?;
+        let admin_token = match &config.admin_token_file {
+            Some(path) => Some(read_admin_token(path)?),
+            None => None,
+        };
         let tasks = toolgate_tasks::Store::open(&config.tasks.store)
             .await
             .map_err(|e| format!("tasks.store: {e}"))?;
@@ -166,6 +188,7 @@ impl Gateway {
             metrics,
             audit,
             tasks,
+            admin_token,
             ready: AtomicBool::new(false),
             config,
             config_path,

@@ -21,16 +21,17 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use toolgate_identity::Caller;
 use toolgate_mcp::{
-    code, error_response, filter_tools, intent, rewrite_event_data, Intent, Payload, SseSplitter,
+    code, error_response, filter_tools, intent, rewrite_event_data, transport_headers_match,
+    Intent, Payload, RpcError, SseSplitter,
 };
 use toolgate_policy::{PolicyEngine, Resource};
 
 use crate::answer::{full, json_response, Body, BoxError, Refusal};
-use crate::audit::AuditRecord;
-use crate::pipeline::{authz_request, read_limited, task_context, task_header};
+use crate::audit::{AuditRecord, Verdict};
+use crate::pipeline::{authz_request, read_limited, CallContext, ToolId};
+use crate::rest::check_json_body_headers;
 use crate::upstream::Upstream;
 use crate::Gateway;
-use toolgate_tasks::Task;
 
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
@@ -40,146 +41,136 @@ const MAX_SSE_EVENT: usize = 16 << 20;
 /// What the gateway decided about the messages of one POST.
 #[derive(Default)]
 struct Plan {
+    /// The authorized messages, forwarded as re-serialised from what was authorized.
     forward: Vec<Value>,
     /// The gateway's own answers (denials, refusals), in message order.
     answered: Vec<Value>,
-    /// Ids of `tools/list` requests whose answers get filtered.
+    /// Ids of listing requests whose answers get filtered.
     list_ids: Vec<Value>,
+    /// A `subscriptions/listen` is forwarded: its stream is filtered.
+    listens: bool,
     scope: Vec<String>,
     /// Audit lines of a batch's decisions (a single message uses the request's line).
     decisions: Vec<AuditRecord>,
 }
 
+/// A JSON-RPC error as the whole answer, with an HTTP status: for what is refused before any
+/// message is read (media type, syntax, transport headers).
+fn rpc_refusal(status: StatusCode, code: i64, message: &str, record: &mut AuditRecord) -> Response<Body> {
+    record.errors.push(message.to_string());
+    json_response(status, &error_response(None, code, message, None))
+}
+
+/// `Mcp-Method` and `Mcp-Name` against the body; a value that is not text never matches.
+fn check_transport_headers(payload: &Payload, headers: &http::HeaderMap) -> Result<(), RpcError> {
+    let values = |name: &str| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\u{0}"))
+            .collect()
+    };
+    let version = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok());
+    transport_headers_match(payload, version, &values("mcp-method"), &values("mcp-name"))
+}
+
 impl Gateway {
     pub(crate) async fn mcp_call(
         &self,
-        request: Request<Incoming>,
-        caller: &Caller,
+        ctx: &CallContext<'_>,
         upstream: &Upstream,
-        rest: &str,
-        client_ip: IpAddr,
+        request: Request<Incoming>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
-        let engine = self.policy.load_full();
-        let task = match task_header(&request)? {
-            Some(id) => Some(self.joined_task(&id, record).await?),
-            None if upstream.config.require_task => {
-                record
-                    .errors
-                    .push("this upstream is only called inside a task".into());
-                return Err(Refusal::Forbidden);
-            }
-            None => None,
-        };
         let (mut parts, body) = request.into_parts();
-        parts.uri = upstream.uri(rest, parts.uri.query())?;
+        parts.uri = upstream.uri("", None)?;
         if parts.method != Method::POST {
-            // GET (the server's stream) and DELETE (end of session): authentication is enough.
+            // GET opens the server's event stream, DELETE ends the session: authentication is
+            // enough, and no body goes with either.
             record.action = Some(format!("mcp:{}", parts.method));
-            record.decision = "allow";
-            let minted = self.mint(
-                caller,
-                &upstream.config.audience,
-                vec![format!("{}/mcp", upstream.name())],
-                task.as_ref(),
-                record,
-            )?;
-            if let Some(task) = &task {
-                self.tasks.add_credential(task, &minted.claims.jti).await?;
-            }
-            let response = self
-                .send(
-                    upstream,
-                    Request::from_parts(parts, body.map_err(Into::into).boxed()),
-                    &minted.token,
-                    client_ip,
-                    record,
-                )
-                .await?;
-            return Ok(response);
+            record.decision = Verdict::Allow;
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let scope = vec![format!("{}/mcp", upstream.name())];
+            let request = Request::from_parts(parts, full(Bytes::new()));
+            return self.forward(ctx, upstream, request, scope, record).await;
         }
 
+        if let Err(refusal) = check_json_body_headers(&parts.headers) {
+            return Ok(rpc_refusal(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::INVALID_REQUEST,
+                &refusal.to_string(),
+                record,
+            ));
+        }
         let bytes = read_limited(body, self.config.limits.max_body_bytes).await?;
         let payload = match toolgate_mcp::parse(&bytes) {
             Ok(payload) => payload,
-            Err(e) => {
-                record.errors.push(format!("invalid JSON-RPC: {e}"));
-                return Ok(json_response(
-                    StatusCode::BAD_REQUEST,
-                    &error_response(None, e.code, &e.message, None),
-                ));
-            }
+            Err(e) => return Ok(rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record)),
         };
+        if let Err(e) = check_transport_headers(&payload, &parts.headers) {
+            return Ok(rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record));
+        }
         let batch = matches!(payload, Payload::Batch(_));
-        let plan = self.plan(
-            &engine,
-            caller,
-            upstream,
-            &payload,
-            task.as_ref(),
-            client_ip,
-            record,
-        );
-        record.action.get_or_insert_with(|| {
-            if batch {
-                "mcp:batch".into()
-            } else {
-                "mcp".into()
-            }
-        });
+        let plan = self.plan(ctx, upstream, &payload, record);
 
         if plan.forward.is_empty() {
-            self.emit(plan.decisions, None);
-            let answer = if batch {
-                Value::Array(plan.answered)
-            } else {
-                plan.answered.into_iter().next().unwrap_or(Value::Null)
-            };
-            return Ok(json_response(StatusCode::OK, &answer));
+            for line in plan.decisions {
+                self.finish(line);
+            }
+            if batch {
+                return Ok(json_response(StatusCode::OK, &Value::Array(plan.answered)));
+            }
+            let answer = plan.answered.into_iter().next().unwrap_or(Value::Null);
+            return Ok(json_response(single_answer_status(&answer), &answer));
         }
-        if record.decision != "deny" {
-            record.decision = "allow";
-        }
-        let minted = self.mint(
-            caller,
-            &upstream.config.audience,
-            plan.scope.clone(),
-            task.as_ref(),
-            record,
-        )?;
-        if let Some(task) = &task {
-            self.tasks.add_credential(task, &minted.claims.jti).await?;
-        }
-        self.emit(plan.decisions, Some(&minted.claims.jti));
-
-        let body = if batch && !plan.answered.is_empty() {
-            Bytes::from(Value::Array(plan.forward).to_string())
+        record.decision = Verdict::Allow;
+        let body = if batch {
+            serde_json::to_vec(&plan.forward)
         } else {
-            bytes
-        };
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let response = self
-            .send(
+            serde_json::to_vec(&plan.forward[0])
+        }
+        .map_err(|e| Refusal::Internal(format!("re-serialising JSON-RPC: {e}")))?;
+        for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
+            parts.headers.remove(name);
+        }
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let forwarded = self
+            .forward(
+                ctx,
                 upstream,
                 Request::from_parts(parts, full(body)),
-                &minted.token,
-                client_ip,
+                plan.scope,
                 record,
             )
-            .await?;
+            .await;
+        // Each line of a batch is written once the credential (or the failure) is known.
+        for mut line in plan.decisions {
+            if line.decision == Verdict::Allow {
+                line.jti = record.jti.clone();
+                line.upstream_status = record.upstream_status;
+            }
+            self.finish(line);
+        }
+        let response = forwarded?;
 
-        if plan.list_ids.is_empty() && plan.answered.is_empty() {
+        if plan.list_ids.is_empty() && plan.answered.is_empty() && !plan.listens {
             return Ok(response);
         }
-        let keep = tool_filter(
-            engine,
-            caller.clone(),
-            upstream.name().to_string(),
-            client_ip,
-        );
+        let visible = Visibility {
+            engine: ctx.engine.clone(),
+            caller: ctx.caller.clone(),
+            upstream: upstream.name().to_string(),
+            client_ip: ctx.client.ip,
+        };
         rewrite_answer(
             response,
-            list_filter(plan.list_ids, keep),
+            answer_filter(plan.list_ids, plan.listens, Arc::new(visible)),
             plan.answered,
             batch,
         )
@@ -187,15 +178,11 @@ impl Gateway {
     }
 
     /// Classifies and authorizes each message.
-    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
-        engine: &PolicyEngine,
-        caller: &Caller,
+        ctx: &CallContext<'_>,
         upstream: &Upstream,
         payload: &Payload,
-        task: Option<&Task>,
-        client_ip: IpAddr,
         record: &mut AuditRecord,
     ) -> Plan {
         let batch = matches!(payload, Payload::Batch(_));
@@ -206,19 +193,30 @@ impl Gateway {
                 .get("method")
                 .and_then(Value::as_str)
                 .unwrap_or("response");
-            let (action, args) = match intent(message) {
+            if !batch {
+                record.action = Some(format!("mcp:{method}"));
+            }
+            let (tool, args) = match intent(message) {
                 Err(e) => {
+                    record.errors.push(e.message.clone());
                     plan.answered
                         .push(error_response(id, e.code, &e.message, None));
                     continue;
                 }
                 Ok(Intent::Unknown(m)) => {
+                    record.errors.push(format!("method not allowed: {m}"));
                     plan.answered.push(error_response(
                         id,
                         code::METHOD_NOT_FOUND,
-                        &format!("method not allowed through toolgate: {m}"),
+                        &format!("method not found: {m}"),
                         None,
                     ));
+                    continue;
+                }
+                Ok(Intent::Listen) => {
+                    plan.listens = true;
+                    plan.scope.push(method.to_string());
+                    plan.forward.push(message.clone());
                     continue;
                 }
                 Ok(Intent::ListTools) => {
@@ -233,40 +231,34 @@ impl Gateway {
                     continue;
                 }
                 Ok(Intent::CallTool { name, arguments }) => {
-                    (format!("{}/{name}", upstream.name()), arguments)
+                    (ToolId::new(upstream.name(), &name), arguments)
                 }
                 Ok(Intent::Guarded { method, params }) => {
-                    (format!("{}/{method}", upstream.name()), params)
+                    (ToolId::new(upstream.name(), &method), params)
                 }
             };
 
             // One audit line per decision: the request's own for a single message.
             let mut own = batch.then(|| AuditRecord {
                 decision_id: uuid::Uuid::now_v7().to_string(),
+                errors: Vec::new(),
                 ..record.clone()
             });
             let line = own.as_mut().unwrap_or(record);
-            line.action = Some(action.clone());
-            line.resource = Some(action.clone());
-            if !engine.has_action(&action) {
+            line.action = Some(tool.to_string());
+            line.resource = Some(tool.to_string());
+            if !ctx.engine.has_action(tool.as_str()) {
                 line.errors.push("tool_not_found".into());
                 plan.answered.push(error_response(
                     id,
                     code::INVALID_PARAMS,
-                    &format!("unknown tool: {action}"),
+                    &format!("unknown tool: {tool}"),
                     None,
                 ));
             } else {
-                let (up, tool) = action.split_once('/').unwrap_or_default();
-                let resource = Resource::Tool { upstream: up, tool };
-                let decision = {
-                    let context = task.map(|t| task_context(t, &action, line));
-                    self.authorize(
-                        engine, caller, &action, resource, args, context, client_ip, line,
-                    )
-                };
+                let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, line);
                 if decision.allowed {
-                    plan.scope.push(action.clone());
+                    plan.scope.push(tool.to_string());
                     plan.scope.extend(decision.grants);
                     plan.forward.push(message.clone());
                 } else {
@@ -283,46 +275,69 @@ impl Gateway {
         }
         plan
     }
-
-    fn emit(&self, decisions: Vec<AuditRecord>, jti: Option<&str>) {
-        for mut line in decisions {
-            if line.decision == "allow" {
-                line.jti = jti.map(String::from);
-            }
-            self.audit.record(line);
-        }
-    }
 }
 
 type Rewrite = Arc<dyn Fn(&mut Value) -> bool + Send + Sync>;
-type ToolFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// Filters the answers to these `tools/list` requests; says whether it removed anything.
-fn list_filter(list_ids: Vec<Value>, keep: ToolFilter) -> Rewrite {
+/// The HTTP status of the gateway's own answer to a single message: as an MCP server answers
+/// an unknown method (404) or a malformed request (400); a policy's denial is a JSON-RPC error
+/// the client matches by id (200).
+fn single_answer_status(answer: &Value) -> StatusCode {
+    match answer.pointer("/error/code").and_then(Value::as_i64) {
+        Some(code::METHOD_NOT_FOUND) => StatusCode::NOT_FOUND,
+        Some(code::INVALID_REQUEST | code::PARSE_ERROR) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
+}
+
+/// Filters what the server answers: the tools of `tools/list` answers (by id), and on a
+/// `subscriptions/listen` stream the resource updates the caller may not read. Says whether it
+/// changed the message (a dropped one becomes `null`).
+fn answer_filter(list_ids: Vec<Value>, listens: bool, visible: Arc<Visibility>) -> Rewrite {
     Arc::new(move |message: &mut Value| {
-        message.get("id").is_some_and(|id| list_ids.contains(id))
-            && filter_tools(message, &*keep) > 0
+        if message.get("id").is_some_and(|id| list_ids.contains(id)) {
+            return filter_tools(message, &|tool| visible.tool(tool)) > 0;
+        }
+        if listens
+            && message.get("method").and_then(Value::as_str)
+                == Some("notifications/resources/updated")
+        {
+            let uri = message.pointer("/params/uri").cloned().unwrap_or_default();
+            if !visible.resource(uri) {
+                *message = Value::Null;
+                return true;
+            }
+        }
+        false
     })
 }
 
-/// Whether the caller may see a tool in a listing: the schema knows it and `list` permits it.
-fn tool_filter(
+/// What the caller may see of an upstream, decided like the calls themselves.
+struct Visibility {
     engine: Arc<PolicyEngine>,
     caller: Caller,
     upstream: String,
     client_ip: IpAddr,
-) -> ToolFilter {
-    Arc::new(move |tool: &str| {
-        if !engine.has_action(&format!("{upstream}/{tool}")) {
-            return false;
-        }
-        let resource = Resource::Tool {
-            upstream: &upstream,
-            tool,
-        };
-        let request = authz_request(&caller, "list", resource, Map::new(), client_ip);
-        engine.authorize(&request).allowed
-    })
+}
+
+impl Visibility {
+    /// A tool in a listing: the schema knows it and `list` permits it.
+    fn tool(&self, tool: &str) -> bool {
+        let id = ToolId::new(&self.upstream, tool);
+        self.engine.has_action(id.as_str()) && self.allowed("list", id.resource(), Map::new())
+    }
+
+    /// A resource update: the caller could read the resource.
+    fn resource(&self, uri: Value) -> bool {
+        let id = ToolId::new(&self.upstream, "resources/read");
+        let args = Map::from_iter([("uri".to_string(), uri)]);
+        self.engine.has_action(id.as_str()) && self.allowed(id.as_str(), id.resource(), args)
+    }
+
+    fn allowed(&self, action: &str, resource: Resource<'_>, args: Map<String, Value>) -> bool {
+        let request = authz_request(&self.caller, action, resource, args, self.client_ip);
+        self.engine.authorize(&request).allowed
+    }
 }
 
 /// Filters `tools/list` answers and adds the gateway's own answers, for JSON and SSE alike.
@@ -468,7 +483,9 @@ impl http_body::Body for SseRewrite {
                         let rewrite = self.rewrite.clone();
                         for event in events {
                             let out = rewrite_event_data(&event, |m| rewrite(m)).unwrap_or(event);
-                            self.pending.push_back(Bytes::from(out));
+                            if !out.is_empty() {
+                                self.pending.push_back(Bytes::from(out));
+                            }
                         }
                     }
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),

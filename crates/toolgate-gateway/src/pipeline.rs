@@ -1,5 +1,9 @@
 //! One call's way through the gateway:
 //! **authenticate → classify → authorize → mint → forward → record**.
+//!
+//! `Gateway::call` lists the phases in order. REST and MCP differ only in how a request is
+//! classified and its arguments read (`rest.rs`, `mcp.rs`); both then use `authorize`,
+//! `forward` (mint, join the task, send) and `finish`, the one place that records.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,11 +22,11 @@ use toolgate_policy::{
 };
 use toolgate_tasks::Task;
 
-use crate::answer::{full, json_response, Body, Refusal};
-use crate::audit::AuditRecord;
+use crate::answer::{json_response, Body, Refusal};
+use crate::audit::{AuditRecord, Verdict};
 use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
-use crate::upstream::Upstream;
+use crate::upstream::{ClientView, Upstream};
 use crate::{Gateway, Routing};
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -30,9 +34,29 @@ pub const TASK_HEADER: &str = "toolgate-task";
 /// RFC 9728 protected resource metadata, for MCP clients discovering how to authenticate.
 pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
+/// What a request on the agent listener is, once classified.
+enum Call {
+    /// toolgate's own endpoints: `/v1/...`, `/oauth2/introspect`.
+    Own,
+    /// A REST tool: a route of a `rest` upstream matched.
+    Rest { upstream: usize, route: Classified },
+    /// The endpoint of an MCP upstream: exactly `/<upstream>` (or `/<upstream>/`).
+    Mcp { upstream: usize },
+}
+
+/// What every decision of one request shares: who calls, from where, under which policies,
+/// in which task.
+pub(crate) struct CallContext<'a> {
+    pub caller: &'a Caller,
+    pub client: ClientView,
+    /// One policy snapshot for the whole call, even if a reload lands meanwhile.
+    pub engine: Arc<PolicyEngine>,
+    pub task: Option<Task>,
+}
+
 impl Gateway {
     /// Serves one request on the agent listener. Never panics on input; every outcome is
-    /// answered, counted and (for calls) recorded.
+    /// answered, counted and recorded.
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
@@ -69,7 +93,6 @@ impl Gateway {
                 refusal.into_response(&record.decision_id, metadata.as_deref())
             }
         };
-        // record
         record.status = response.status().as_u16();
         self.metrics
             .requests
@@ -78,10 +101,13 @@ impl Gateway {
                 response.status().as_str(),
             ])
             .inc();
-        self.audit.record(record);
+        self.finish(record);
         response
     }
 
+    /// The phases in order. Authentication comes first, so nothing about routes or tools is
+    /// told to an unauthenticated caller; the task is joined before any decision, so policies
+    /// see it and a call in an ended task is refused whatever they say.
     async fn call(
         &self,
         routing: &Routing,
@@ -100,110 +126,137 @@ impl Gateway {
         let caller = self.auth.authenticate_header(authorization).await?;
         record.agent = Some(caller.agent.clone());
         record.user = caller.user.clone();
-        let path = request.uri().path();
-        if path.starts_with("/v1/") || path == "/oauth2/introspect" {
-            return self.own_endpoint(request, &caller, client_ip, record).await;
-        }
+        record.iss = Some(caller.issuer.clone());
+        let client = ClientView {
+            ip: client_ip,
+            scheme: if self.config.tls.is_some() { "https" } else { "http" },
+        };
 
         // classify
-        if let Some((index, rest)) = routing.routes.upstream(request.uri().path()) {
-            let upstream = &routing.upstreams[index];
-            if upstream.config.kind == UpstreamKind::Mcp {
-                *upstream_index = Some(index);
-                let rest = rest.to_string();
-                return self
-                    .mcp_call(request, &caller, upstream, &rest, client_ip, record)
-                    .await;
-            }
-        }
-        let call = routing
-            .routes
-            .classify(request.method(), request.uri().path())
-            .map_err(|e| match e {
-                ClassifyError::NotFound => Refusal::ToolNotFound,
-                ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
-            })?;
-        let upstream = &routing.upstreams[call.upstream];
-        *upstream_index = Some(call.upstream);
-        let action = format!("{}/{}", upstream.name(), call.tool);
-        record.action = Some(action.clone());
-        record.resource = Some(action.clone());
+        let call = classify(routing, &request)?;
+        let (index, require_task) = match &call {
+            Call::Own => return self.own_endpoint(request, &caller, client, record).await,
+            Call::Rest { upstream, route } => (*upstream, route.require_task),
+            Call::Mcp { upstream } => (*upstream, routing.upstreams[*upstream].config.require_task),
+        };
+        *upstream_index = Some(index);
+        let upstream = &routing.upstreams[index];
+        let task = self
+            .joined_task(task_header(&request)?, &caller, require_task, record)
+            .await?;
+        let ctx = CallContext {
+            caller: &caller,
+            client,
+            engine: self.policy.load_full(),
+            task,
+        };
 
-        // One policy snapshot for the whole call, even if a reload lands meanwhile.
-        let engine = self.policy.load_full();
-        let (request, args) = read_args(
+        // authorize → mint → forward, as each kind reads its arguments
+        match call {
+            Call::Rest { route, .. } => self.rest_call(&ctx, upstream, route, request, record).await,
+            Call::Mcp { .. } => self.mcp_call(&ctx, upstream, request, record).await,
+            Call::Own => unreachable!("answered above"),
+        }
+    }
+
+    async fn rest_call(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        route: Classified,
+        request: Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let tool = ToolId::new(upstream.name(), &route.tool);
+        record.action = Some(tool.to_string());
+        record.resource = Some(tool.to_string());
+        let declared = ctx
+            .engine
+            .schema_info()
+            .actions
+            .get(tool.as_str())
+            .map(|c| &c.args);
+        let (request, args) = crate::rest::read_call(
             request,
-            &call,
-            &engine,
-            &action,
+            &route,
+            upstream,
+            declared,
             self.config.limits.max_body_bytes,
         )
         .await?;
-
-        // authorize
-        let task = match task_header(&request)? {
-            Some(id) => Some(self.joined_task(&id, record).await?),
-            None if call.require_task => {
-                record
-                    .errors
-                    .push("this tool is only called inside a task".into());
-                self.metrics.decisions.with_label_values(&["deny"]).inc();
-                return Err(Refusal::Forbidden);
-            }
-            None => None,
-        };
-        let resource = Resource::Tool {
-            upstream: upstream.name(),
-            tool: &call.tool,
-        };
-        let context = task.as_ref().map(|t| task_context(t, &action, record));
-        let decision = self.authorize(
-            &engine, &caller, &action, resource, args, context, client_ip, record,
-        );
+        let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, record);
         if !decision.allowed {
             return Err(Refusal::Forbidden);
         }
-
-        // mint
-        let mut scope = vec![action];
+        let mut scope = vec![tool.to_string()];
         scope.extend(decision.grants);
+        self.forward(ctx, upstream, request, scope, record).await
+    }
+
+    /// Decides one question and writes the decision into the record.
+    pub(crate) fn authorize(
+        &self,
+        ctx: &CallContext<'_>,
+        action: &str,
+        resource: Resource<'_>,
+        args: Map<String, Value>,
+        record: &mut AuditRecord,
+    ) -> Decision {
+        let started = Instant::now();
+        let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
+        request.task = ctx
+            .task
+            .as_ref()
+            .map(|t| task_context(t, action, &ctx.caller.agent, record));
+        let decision = ctx.engine.authorize(&request);
+        let elapsed = started.elapsed();
+        self.metrics.authz_duration.observe(elapsed.as_secs_f64());
+        record.decision = if decision.allowed {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        };
+        record.eval_us = Some(elapsed.as_micros() as u64);
+        record.policies = decision.policies.clone();
+        record.errors.extend(decision.errors.iter().cloned());
+        decision
+    }
+
+    /// Mints the call's credential, records it in the call's task (refused if the task ended
+    /// meanwhile), and sends the request with it in place of whatever the agent sent.
+    pub(crate) async fn forward(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        request: Request<Body>,
+        scope: Vec<String>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        // mint
         let minted = self.mint(
-            &caller,
+            ctx.caller,
             &upstream.config.audience,
             scope,
-            task.as_ref(),
+            ctx.task.as_ref(),
             record,
         )?;
-        if let Some(task) = &task {
+        if let Some(task) = &ctx.task {
             // Unrecorded, the credential could not be listed when the task ends: fail closed.
-            self.tasks.add_credential(task, &minted.claims.jti).await?;
+            if !self
+                .tasks
+                .add_credential(task, &minted.claims.jti, unix_now())
+                .await?
+            {
+                record.decision = Verdict::Deny;
+                record.errors.push(format!("task {} ended before the call", task.id));
+                return Err(Refusal::Forbidden);
+            }
         }
 
         // forward
-        let (mut parts, body) = request.into_parts();
-        parts.uri = upstream.uri(&call.rest, parts.uri.query())?;
-        self.send(
-            upstream,
-            Request::from_parts(parts, body),
-            &minted.token,
-            client_ip,
-            record,
-        )
-        .await
-    }
-
-    /// Forwards with the minted credential, timing the upstream and noting its status.
-    pub(crate) async fn send(
-        &self,
-        upstream: &Upstream,
-        request: Request<Body>,
-        credential: &str,
-        client_ip: IpAddr,
-        record: &mut AuditRecord,
-    ) -> Result<Response<Body>, Refusal> {
         let started = Instant::now();
         let result = upstream
-            .forward(&self.client, request, credential, client_ip)
+            .forward(&self.client, request, &minted.token, &ctx.client)
             .await;
         self.metrics
             .upstream_duration
@@ -214,32 +267,13 @@ impl Gateway {
         Ok(response)
     }
 
-    /// Decides, and writes the decision into the record and the metrics.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn authorize(
-        &self,
-        engine: &PolicyEngine,
-        caller: &Caller,
-        action: &str,
-        resource: Resource<'_>,
-        args: Map<String, Value>,
-        task: Option<TaskContext>,
-        client_ip: IpAddr,
-        record: &mut AuditRecord,
-    ) -> Decision {
-        let started = Instant::now();
-        let mut request = authz_request(caller, action, resource, args, client_ip);
-        request.task = task;
-        let decision = engine.authorize(&request);
-        let elapsed = started.elapsed();
-        self.metrics.authz_duration.observe(elapsed.as_secs_f64());
-        let outcome = if decision.allowed { "allow" } else { "deny" };
-        self.metrics.decisions.with_label_values(&[outcome]).inc();
-        record.decision = outcome;
-        record.eval_us = Some(elapsed.as_micros() as u64);
-        record.policies = decision.policies.clone();
-        record.errors.extend(decision.errors.iter().cloned());
-        decision
+    /// The one place an outcome is recorded: the decision metric and the audit line.
+    pub(crate) fn finish(&self, record: AuditRecord) {
+        self.metrics
+            .decisions
+            .with_label_values(&[record.decision.as_str()])
+            .inc();
+        self.audit.record(record);
     }
 
     pub(crate) fn mint(
@@ -269,14 +303,89 @@ impl Gateway {
     }
 }
 
+/// Own endpoint, REST route or MCP endpoint. Under an MCP upstream only its endpoint exists,
+/// with the methods of the streamable HTTP transport; nothing else there is ever forwarded.
+fn classify<B>(routing: &Routing, request: &Request<B>) -> Result<Call, Refusal> {
+    let path = request.uri().path();
+    if path.starts_with("/v1/") || path == "/oauth2/introspect" {
+        return Ok(Call::Own);
+    }
+    if let Some((index, below)) = routing.routes.upstream(path) {
+        if routing.upstreams[index].config.kind == UpstreamKind::Mcp {
+            if !(below.is_empty() || below == "/") {
+                return Err(Refusal::ToolNotFound);
+            }
+            if !matches!(
+                *request.method(),
+                Method::POST | Method::GET | Method::DELETE
+            ) {
+                return Err(Refusal::MethodNotAllowed("POST, GET, DELETE"));
+            }
+            if request.uri().query().is_some() {
+                return Err(Refusal::BadRequest(
+                    "the MCP endpoint takes no query".into(),
+                ));
+            }
+            return Ok(Call::Mcp { upstream: index });
+        }
+    }
+    let route = routing
+        .routes
+        .classify(request.method(), path)
+        .map_err(|e| match e {
+            ClassifyError::NotFound => Refusal::ToolNotFound,
+            ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
+        })?;
+    Ok(Call::Rest {
+        upstream: route.upstream,
+        route,
+    })
+}
+
+/// `<upstream>/<tool>`: a tool's Cedar action id and resource id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ToolId {
+    id: String,
+    split: usize,
+}
+
+impl ToolId {
+    pub fn new(upstream: &str, tool: &str) -> ToolId {
+        ToolId {
+            id: format!("{upstream}/{tool}"),
+            split: upstream.len(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+
+    pub fn resource(&self) -> Resource<'_> {
+        Resource::Tool {
+            upstream: &self.id[..self.split],
+            tool: &self.id[self.split + 1..],
+        }
+    }
+}
+
+impl std::fmt::Display for ToolId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
 impl Gateway {
     /// The gateway's external base URL: `public_url`, else from the request's host.
     fn base_url(&self, host: Option<&HeaderValue>) -> String {
         if let Some(url) = &self.config.public_url {
             return url.trim_end_matches('/').to_string();
         }
+        // The Host header is the agent's word and ends up in a quoted header parameter: only a
+        // plain host[:port] is used, never reflected as sent.
         let host = host
             .and_then(|h| h.to_str().ok())
+            .filter(|h| is_plain_authority(h))
             .map(String::from)
             .unwrap_or_else(|| self.config.listen.to_string());
         let scheme = if self.config.tls.is_some() {
@@ -328,6 +437,15 @@ impl Gateway {
     }
 }
 
+fn is_plain_authority(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        && host.parse::<http::uri::Authority>().is_ok()
+}
+
 /// The host a request was sent to: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
 fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
     request.headers().get(header::HOST).cloned().or_else(|| {
@@ -340,26 +458,35 @@ fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
 
 /// The task id a call names in `Toolgate-Task`, if any.
 pub(crate) fn task_header<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
-    match request.headers().get(TASK_HEADER) {
-        None => Ok(None),
-        Some(v) => match v.to_str() {
+    let mut values = request.headers().get_all(TASK_HEADER).iter();
+    let first = values.next();
+    match (first, values.next()) {
+        (None, _) => Ok(None),
+        (Some(v), None) => match v.to_str() {
             Ok(id) if !id.trim().is_empty() && id.len() <= 128 => Ok(Some(id.trim().to_string())),
-            _ => Err(Refusal::BadRequest(
-                "Toolgate-Task must name a task id".into(),
-            )),
+            _ => Err(Refusal::BadRequest("Toolgate-Task must name a task id".into())),
         },
+        (Some(_), Some(_)) => Err(Refusal::BadRequest("Toolgate-Task is given twice".into())),
     }
 }
 
-/// The task as policies see it for `action`, noting any approval in the audit record.
-pub(crate) fn task_context(task: &Task, action: &str, record: &mut AuditRecord) -> TaskContext {
-    let approval = task.approval_for(action);
+/// The task as policies see it for `action` called by `agent`, noting any approval (which
+/// only the task's owner has) in the audit record.
+pub(crate) fn task_context(
+    task: &Task,
+    action: &str,
+    agent: &str,
+    record: &mut AuditRecord,
+) -> TaskContext {
+    let approval = task.approval_for(action, agent);
     record.approval = approval.cloned();
     TaskContext {
         id: task.id.clone(),
         intent: task.intent.clone(),
         approved: approval.is_some(),
         approved_by: approval.map(|a| a.approver.clone()),
+        owner: task.agent.clone(),
+        owner_user: task.user.clone(),
     }
 }
 
@@ -389,6 +516,7 @@ pub(crate) fn authz_request<'a>(
             time: Utc::now(),
         },
         task: None,
+        issuer: &caller.issuer,
     }
 }
 
@@ -403,65 +531,6 @@ fn check_header_size<B>(request: &Request<B>, limit: usize) -> Result<(), Refusa
         return Err(Refusal::HeadersTooLarge);
     }
     Ok(())
-}
-
-/// Path parameters, query parameters and (for JSON bodies of actions that declare args)
-/// body fields. The same name from two sources with different values is refused: the
-/// policy and the upstream could otherwise read different values.
-async fn read_args(
-    request: Request<Incoming>,
-    call: &Classified,
-    engine: &PolicyEngine,
-    action: &str,
-    max_body: usize,
-) -> Result<(Request<Body>, Map<String, Value>), Refusal> {
-    let mut args = Map::new();
-    for (name, value) in &call.params {
-        args.insert(name.clone(), Value::String(value.clone()));
-    }
-    if let Some(query) = request.uri().query() {
-        let mut from_query: Map<String, Value> = Map::new();
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let value = Value::String(value.into_owned());
-            match from_query.get_mut(name.as_ref()) {
-                Some(Value::Array(items)) => items.push(value),
-                Some(first) => *first = Value::Array(vec![first.take(), value]),
-                None => {
-                    from_query.insert(name.into_owned(), value);
-                }
-            }
-        }
-        merge_args(&mut args, from_query)?;
-    }
-
-    let declares_args = engine
-        .schema_info()
-        .actions
-        .get(action)
-        .is_some_and(|ctx| !ctx.args.is_empty());
-    let (parts, body) = request.into_parts();
-    if !(declares_args && is_json(&parts.headers)) {
-        return Ok((
-            Request::from_parts(parts, body.map_err(Into::into).boxed()),
-            args,
-        ));
-    }
-    let declared_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared_length.is_some_and(|n| n > max_body as u64) {
-        return Err(Refusal::PayloadTooLarge);
-    }
-    let bytes = read_limited(body, max_body).await?;
-    if !bytes.is_empty() {
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Refusal::BadRequest(format!("body is not valid JSON: {e}")))?;
-        if let Value::Object(fields) = value {
-            merge_args(&mut args, fields)?;
-        }
-    }
-    Ok((Request::from_parts(parts, full(bytes)), args))
 }
 
 /// Reads a request body whole, refusing more than `limit` bytes (413).
@@ -479,80 +548,3 @@ pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, 
         })
 }
 
-fn merge_args(args: &mut Map<String, Value>, more: Map<String, Value>) -> Result<(), Refusal> {
-    for (name, value) in more {
-        match args.get(&name) {
-            Some(prior) if as_text(prior) != as_text(&value) => {
-                return Err(Refusal::BadRequest(format!(
-                    "argument `{name}` is given twice with different values"
-                )))
-            }
-            Some(_) => {}
-            None => {
-                args.insert(name, value);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn as_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|t| t.trim().to_ascii_lowercase())
-        .is_some_and(|t| t == "application/json" || t.ends_with("+json"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn same_argument_with_the_same_value_merges_and_a_conflict_is_refused() {
-        let mut args = json!({"invoice_id": "42"}).as_object().unwrap().clone();
-        merge_args(
-            &mut args,
-            json!({"invoice_id": 42, "amount": 5})
-                .as_object()
-                .unwrap()
-                .clone(),
-        )
-        .unwrap();
-        assert_eq!(args.get("amount"), Some(&json!(5)));
-        assert_eq!(
-            args.get("invoice_id"),
-            Some(&json!("42")),
-            "the first source stays"
-        );
-        let err = merge_args(
-            &mut args,
-            json!({"invoice_id": 43}).as_object().unwrap().clone(),
-        )
-        .unwrap_err();
-        assert!(matches!(err, Refusal::BadRequest(_)));
-    }
-
-    #[test]
-    fn json_content_types() {
-        let mut h = http::HeaderMap::new();
-        for (ct, want) in [
-            ("application/json", true),
-            ("Application/JSON; charset=utf-8", true),
-            ("application/merge-patch+json", true),
-            ("text/plain", false),
-        ] {
-            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
-            assert_eq!(is_json(&h), want, "{ct}");
-        }
-    }
-}

@@ -88,8 +88,9 @@ pub struct Classified {
     pub upstream: usize,
     pub tool: String,
     pub params: HashMap<String, String>,
-    /// The request path below `/<upstream>`, as received (still percent-encoded).
-    pub rest: String,
+    /// The decoded path segments below `/<upstream>`: what the template matched, and what
+    /// the forwarded path is re-encoded from.
+    pub segments: Vec<String>,
     /// The call must run in a task.
     pub require_task: bool,
 }
@@ -159,6 +160,9 @@ impl RouteTable {
             if decoded.contains('/') || decoded.contains('\\') {
                 return Err(ClassifyError::BadPath("encoded slash in segment"));
             }
+            if decoded.chars().any(char::is_control) {
+                return Err(ClassifyError::BadPath("control character in segment"));
+            }
             segments.push(decoded.into_owned());
         }
         routes
@@ -169,7 +173,7 @@ impl RouteTable {
                     upstream: index,
                     tool: r.tool.clone(),
                     params,
-                    rest: rest.to_string(),
+                    segments: segments.clone(),
                     require_task: r.require_task,
                 })
             })
@@ -212,8 +216,8 @@ mod tests {
             .classify(&http::Method::GET, "/billing/invoices/42")
             .unwrap();
         assert_eq!(
-            (c.upstream, c.tool.as_str(), c.rest.as_str()),
-            (0, "get_invoice", "/invoices/42")
+            (c.upstream, c.tool.as_str(), c.segments.clone()),
+            (0, "get_invoice", vec!["invoices".to_string(), "42".to_string()])
         );
         assert_eq!(c.params["invoice_id"], "42");
         let c = t
@@ -266,6 +270,8 @@ mod tests {
             "/billing/invoices/a%2Fb",
             "/billing/invoices//",
             "/billing/invoices/%ff",
+            "/billing/invoices/4%002",
+            "/billing/invoices/%0d%0a",
         ] {
             assert!(
                 matches!(

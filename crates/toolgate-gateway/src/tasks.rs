@@ -3,8 +3,6 @@
 //! `POST /oauth2/introspect` (RFC 7662). Calls join a task with `Toolgate-Task`; when the task
 //! ends, every credential minted in it reads inactive.
 
-use std::net::IpAddr;
-
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::{header, Method, Request, Response, StatusCode};
@@ -13,15 +11,17 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use toolgate_identity::{unix_now, Caller};
-use toolgate_policy::{Resource, TaskContext};
+use toolgate_policy::Resource;
 use toolgate_tasks::{Ended, State, StoreError, Task, MAX_TTL_SECONDS};
 
 use crate::answer::{json_response, Body, BoxError, Refusal};
-use crate::audit::AuditRecord;
-use crate::pipeline::read_limited;
+use crate::audit::{AuditRecord, Verdict};
+use crate::pipeline::{read_limited, CallContext};
+use crate::upstream::ClientView;
 use crate::Gateway;
 
 /// Task requests and introspection forms are small.
@@ -32,6 +32,9 @@ pub(crate) const MAX_TASK_BODY: usize = 64 << 10;
 struct StartTask {
     intent: String,
     ttl_seconds: u64,
+    /// Other agents that may join the task, on behalf of the same user.
+    #[serde(default)]
+    share_with: Vec<String>,
 }
 
 impl From<StoreError> for Refusal {
@@ -50,6 +53,8 @@ fn task_json(task: &Task, now: u64) -> Value {
     json!({
         "task_id": task.id,
         "agent": task.agent,
+        "user": task.user,
+        "shared_with": task.shared_with,
         "intent": task.intent,
         "state": task.status(now),
         "created_at": rfc3339(task.created_at),
@@ -66,14 +71,14 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         caller: &Caller,
-        client_ip: IpAddr,
+        client: ClientView,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (request.method().clone(), segments.as_slice()) {
             (Method::POST, ["v1", "tasks"]) => {
-                self.start_task(request, caller, client_ip, record).await
+                self.start_task(request, caller, client, record).await
             }
             (Method::GET, ["v1", "tasks", id]) => {
                 let task = self.own_task(id, caller, record).await?;
@@ -88,7 +93,11 @@ impl Gateway {
                 };
                 self.end_task(id, state, record).await
             }
-            (Method::GET, ["v1", "revocations"]) => Ok(self.revocation_feed()),
+            (Method::GET, ["v1", "revocations"]) => {
+                record.action = Some("revocations".into());
+                record.decision = Verdict::Allow;
+                Ok(self.revocation_feed(Some(caller.agent.clone())))
+            }
             (Method::POST, ["oauth2", "introspect"]) => self.introspect(request, record).await,
             _ => Err(Refusal::ToolNotFound),
         }
@@ -98,42 +107,48 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         caller: &Caller,
-        client_ip: IpAddr,
+        client: ClientView,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
+        record.action = Some("start_task".into());
+        crate::rest::check_json_body_headers(request.headers())?;
         let body = read_limited(request.into_body(), MAX_TASK_BODY).await?;
-        let start: StartTask = serde_json::from_slice(&body)
-            .map_err(|e| Refusal::BadRequest(format!("expected {{intent, ttl_seconds}}: {e}")))?;
+        let start: StartTask = serde_json::from_value(crate::rest::strict_json(&body)?).map_err(|e| {
+            Refusal::BadRequest(format!("expected {{intent, ttl_seconds, share_with?}}: {e}"))
+        })?;
         if start.ttl_seconds == 0 || start.ttl_seconds > MAX_TTL_SECONDS {
             return Err(Refusal::BadRequest(format!(
                 "ttl_seconds must be 1 to {MAX_TTL_SECONDS}"
             )));
         }
-        let task = Task::new(&caller.agent, &start.intent, start.ttl_seconds, unix_now());
-        record.action = Some("start_task".into());
+        let mut task = Task::new(
+            &caller.agent,
+            caller.user.as_deref(),
+            &start.intent,
+            start.ttl_seconds,
+            unix_now(),
+        );
+        task.shared_with = start.share_with;
         record.resource = Some(format!("task:{}", task.id));
         record.task_id = Some(task.id.clone());
-        let engine = self.policy.load_full();
-        let context = TaskContext {
-            id: task.id.clone(),
-            intent: task.intent.clone(),
-            ..TaskContext::default()
-        };
-        let resource = Resource::Task { id: &task.id };
-        let decision = self.authorize(
-            &engine,
+        let ctx = CallContext {
             caller,
+            client,
+            engine: self.policy.load_full(),
+            task: Some(task),
+        };
+        let task = ctx.task.as_ref().expect("set above");
+        let decision = self.authorize(
+            &ctx,
             "start_task",
-            resource,
+            Resource::Task { id: &task.id },
             Map::new(),
-            Some(context),
-            client_ip,
             record,
         );
         if !decision.allowed {
             return Err(Refusal::Forbidden);
         }
-        self.tasks.create(&task).await?;
+        self.tasks.create(task).await?;
         self.metrics.tasks_active.inc();
         Ok(json_response(
             StatusCode::CREATED,
@@ -155,13 +170,13 @@ impl Gateway {
             .get(id)
             .await?
             .ok_or(Refusal::NotFound("task_not_found"))?;
-        if task.agent != caller.agent {
+        if task.agent != caller.agent || task.user != caller.user {
             record
                 .errors
                 .push(format!("task {id} was started by another agent"));
             return Err(Refusal::Forbidden);
         }
-        record.decision = "allow";
+        record.decision = Verdict::Allow;
         Ok(task)
     }
 
@@ -199,30 +214,35 @@ impl Gateway {
         }
     }
 
-    /// The task a call joins, as policies see it; a call in an unknown, ended or expired task
-    /// is denied, and a store that cannot say is a 503.
+    /// The task a call joins (`Toolgate-Task`), if any. Refused: an unknown, ended or expired
+    /// task, one that belongs to another agent or user and was not shared with this one, and no
+    /// task where the tool requires one. A store that cannot say is a 503.
     pub(crate) async fn joined_task(
         &self,
-        id: &str,
+        id: Option<String>,
+        caller: &Caller,
+        require_task: bool,
         record: &mut AuditRecord,
-    ) -> Result<Task, Refusal> {
-        record.task_id = Some(id.to_string());
+    ) -> Result<Option<Task>, Refusal> {
+        let Some(id) = id else {
+            if require_task {
+                record.errors.push("this tool is only called inside a task".into());
+                return Err(Refusal::Forbidden);
+            }
+            return Ok(None);
+        };
+        record.task_id = Some(id.clone());
         let now = unix_now();
-        match self.tasks.get(id).await? {
-            Some(task) if task.is_live(now) => Ok(task),
-            Some(task) => {
-                record
-                    .errors
-                    .push(format!("task {id} is {}", task.status(now)));
-                self.metrics.decisions.with_label_values(&["deny"]).inc();
-                Err(Refusal::Forbidden)
+        let refusal = match self.tasks.get(&id).await? {
+            Some(task) if !task.is_live(now) => format!("task {id} is {}", task.status(now)),
+            Some(task) if !task.admits(&caller.agent, caller.user.as_deref()) => {
+                format!("task {id} belongs to another agent or user")
             }
-            None => {
-                record.errors.push(format!("task {id} is unknown"));
-                self.metrics.decisions.with_label_values(&["deny"]).inc();
-                Err(Refusal::Forbidden)
-            }
-        }
+            Some(task) => return Ok(Some(task)),
+            None => format!("task {id} is unknown"),
+        };
+        record.errors.push(refusal);
+        Err(Refusal::Forbidden)
     }
 
     /// RFC 7662: a credential this gateway minted is active while it verifies, has not
@@ -233,7 +253,7 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         record.action = Some("introspect".into());
-        record.decision = "allow";
+        record.decision = Verdict::Allow;
         let form = read_limited(request.into_body(), MAX_TASK_BODY).await?;
         let token = form_urlencoded::parse(&form)
             .find(|(k, _)| k == "token")
@@ -266,16 +286,41 @@ impl Gateway {
         Ok(json_response(StatusCode::OK, &answer))
     }
 
-    /// Server-sent events, one per ended task: `{task_id, state, jtis, at}`.
-    fn revocation_feed(&self) -> Response<Body> {
-        let events = BroadcastStream::new(self.tasks.revocations()).filter_map(|event| {
-            let revocation = event.ok()?;
-            let line = format!(
-                "event: revocation\ndata: {}\n\n",
-                serde_json::to_string(&revocation).ok()?
-            );
-            Some(Ok::<_, BoxError>(Frame::data(Bytes::from(line))))
-        });
+    /// Server-sent events, one per ended task: `{task_id, state, jtis, at}`. An agent sees only
+    /// the tasks it owns or shares (`for_agent`); the admin listener sees all. A subscriber that
+    /// falls behind gets a `lagged` event saying how many it missed, and the stream ends, so it
+    /// reconnects and reads task states rather than trusting a feed with holes.
+    pub(crate) fn revocation_feed(&self, for_agent: Option<String>) -> Response<Body> {
+        let mut lagged = false;
+        let events = BroadcastStream::new(self.tasks.revocations())
+            .map_while(move |event| {
+                if lagged {
+                    return None;
+                }
+                Some(match event {
+                    Ok(revocation) => Ok(revocation),
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                        lagged = true;
+                        tracing::warn!(missed, "a revocation subscriber fell behind; its feed ends");
+                        Err(missed)
+                    }
+                })
+            })
+            .filter_map(move |event| {
+                let line = match event {
+                    Ok(revocation) => {
+                        if for_agent.as_ref().is_some_and(|a| !revocation.agents.contains(a)) {
+                            return None;
+                        }
+                        format!(
+                            "event: revocation\ndata: {}\n\n",
+                            serde_json::to_string(&revocation).ok()?
+                        )
+                    }
+                    Err(missed) => format!("event: lagged\ndata: {{\"missed\": {missed}}}\n\n"),
+                };
+                Some(Ok::<_, BoxError>(Frame::data(Bytes::from(line))))
+            });
         // A first comment, so clients see the stream open at once.
         let hello = tokio_stream::once(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
             b": toolgate revocations\n\n",

@@ -26,15 +26,31 @@ const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
-/// Also never sent upstream: the agent's own credentials, its Host, and toolgate's control headers.
-const AGENT_ONLY: [&str; 6] = [
+/// Also never sent upstream: the agent's own credentials, its Host, toolgate's control headers,
+/// and what would change the operation after the decision (method and URL overrides) or
+/// claim another client (forwarding headers, set below from the gateway's own view).
+const AGENT_ONLY: [&str; 17] = [
     "host",
     "authorization",
     "proxy-authorization",
     "cookie",
     "toolgate-task",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
     "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-forwarded-for",
+    "x-forwarded-proto",
 ];
+
+/// Any other `x-forwarded-*` (host, port, prefix, server, ...) is the agent's word, not ours.
+const FORWARDED_PREFIX: &str = "x-forwarded-";
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -71,10 +87,10 @@ impl Upstream {
         &self.config.name
     }
 
-    /// `base + rest + ?query`: the path below `/<upstream>` is passed as received.
-    pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+    /// `base + path + ?query`, from the canonical path and query the call was read as.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
         // Nothing after `/<upstream>` means the upstream URL itself (`/mcp`, not `/mcp/`).
-        let mut uri = format!("{}{rest}", self.base);
+        let mut uri = format!("{}{path}", self.base);
         if let Some(q) = query {
             uri.push('?');
             uri.push_str(q);
@@ -89,15 +105,24 @@ impl Upstream {
         client: &HttpClient,
         mut request: Request<Body>,
         credential: &str,
-        client_ip: IpAddr,
+        agent: &ClientView,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
         strip(headers, &HOP_BY_HOP);
         strip(headers, &AGENT_ONLY);
+        let agent_forwarded: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(FORWARDED_PREFIX))
+            .cloned()
+            .collect();
+        for name in agent_forwarded {
+            headers.remove(name);
+        }
         let bearer = HeaderValue::from_str(&format!("Bearer {credential}"))
             .map_err(|e| Refusal::Internal(format!("credential is not a header value: {e}")))?;
         headers.insert(header::AUTHORIZATION, bearer);
-        append_forwarded_for(headers, client_ip);
+        headers.insert("x-forwarded-for", agent.ip_header());
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(agent.scheme));
         *request.version_mut() = http::Version::HTTP_11;
 
         let timeout = Duration::from_secs(self.config.timeout_seconds);
@@ -133,13 +158,17 @@ fn strip(headers: &mut HeaderMap, names: &[&str]) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+/// The agent's connection as the gateway saw it: what the forwarding headers say.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientView {
+    pub ip: IpAddr,
+    /// `http` or `https`: how the agent reached the gateway.
+    pub scheme: &'static str,
+}
+
+impl ClientView {
+    fn ip_header(&self) -> HeaderValue {
+        HeaderValue::from_str(&self.ip.to_string()).expect("an IP address is a header value")
     }
 }
 

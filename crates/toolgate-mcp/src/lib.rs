@@ -20,6 +20,8 @@ pub mod code {
     pub const INVALID_PARAMS: i64 = -32602;
     /// Denied by policy (implementation-defined server error range).
     pub const FORBIDDEN: i64 = -32003;
+    /// MCP 2026-07-28: a transport header (`Mcp-Method`, `Mcp-Name`) does not match the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
 }
 
 /// Nesting allowed in one message (objects and arrays).
@@ -146,6 +148,8 @@ pub enum Intent {
     },
     /// `tools/list`: forwarded; the answer is filtered.
     ListTools,
+    /// `subscriptions/listen` (2026-07-28): forwarded; what it streams is filtered.
+    Listen,
     /// `resources/read`, `prompts/get`: authorized as `<upstream>/<method>` with the params.
     Guarded {
         method: String,
@@ -158,8 +162,9 @@ pub enum Intent {
 }
 
 /// Requests that need nothing beyond authentication.
-const PASS_METHODS: [&str; 8] = [
+const PASS_METHODS: [&str; 9] = [
     "initialize",
+    "server/discover",
     "ping",
     "resources/list",
     "resources/templates/list",
@@ -214,6 +219,7 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
             Intent::CallTool { name, arguments }
         }
         "tools/list" => Intent::ListTools,
+        "subscriptions/listen" => Intent::Listen,
         "resources/read" | "prompts/get" => Intent::Guarded {
             method: method.to_string(),
             params: params()?,
@@ -221,6 +227,76 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         m if PASS_METHODS.contains(&m) => Intent::Pass,
         other => Intent::Unknown(other.to_string()),
     })
+}
+
+/// The first MCP revision whose clients must mirror the method and name into headers.
+pub const HEADERS_REQUIRED_FROM: &str = "2026-07-28";
+
+/// MCP 2026-07-28 transport headers: `Mcp-Method` must be the message's method and `Mcp-Name`
+/// the name it acts on (`params.name` of `tools/call` and `prompts/get`, `params.uri` of
+/// `resources/read`; `=?base64?...?=` decoded). Anything reading the body must refuse a
+/// mismatch, or a component routing by header would act on another call than the server runs;
+/// from 2026-07-28 on (`protocol_version`) a missing one is refused too. Each slice holds every
+/// value of that header.
+pub fn transport_headers_match(
+    payload: &Payload,
+    protocol_version: Option<&str>,
+    method: &[&str],
+    name: &[&str],
+) -> Result<(), RpcError> {
+    let mismatch = |what: &str| {
+        Err(RpcError::new(
+            code::HEADER_MISMATCH,
+            format!("Header mismatch: {what}"),
+        ))
+    };
+    let required = protocol_version.is_some_and(|v| v >= HEADERS_REQUIRED_FROM);
+    if method.is_empty() && name.is_empty() && !required {
+        return Ok(());
+    }
+    let Payload::Single(message) = payload else {
+        return mismatch("transport headers on a batch");
+    };
+    let Some(body_method) = message.get("method").and_then(Value::as_str) else {
+        return mismatch("transport headers on a response");
+    };
+    match method {
+        [] if !required => {}
+        [m] if *m == body_method => {}
+        [] => return mismatch("Mcp-Method header is missing"),
+        _ => return mismatch("Mcp-Method header does not match the body"),
+    }
+    let params = message.get("params");
+    let body_name = match body_method {
+        "tools/call" | "prompts/get" => params.and_then(|p| p.get("name")),
+        "resources/read" => params.and_then(|p| p.get("uri")),
+        _ => None,
+    }
+    .and_then(Value::as_str);
+    match (name, body_name) {
+        ([], None) => Ok(()),
+        ([], Some(_)) if !required => Ok(()),
+        ([], Some(_)) => mismatch("Mcp-Name header is missing"),
+        ([n], Some(body)) if decode_header_value(n).as_deref() == Some(body) => Ok(()),
+        _ => mismatch("Mcp-Name header does not match the body"),
+    }
+}
+
+/// A header value as MCP encodes non-ASCII text: `=?base64?<standard base64 of UTF-8>?=`.
+fn decode_header_value(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    match value
+        .strip_prefix("=?base64?")
+        .and_then(|v| v.strip_suffix("?="))
+    {
+        Some(encoded) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(value.to_string()),
+    }
 }
 
 /// A JSON-RPC error response for the message's id (null when it has none).
@@ -350,6 +426,37 @@ mod tests {
             intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}})).is_err()
         );
         assert!(intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":[1]}})).is_err());
+    }
+
+    #[test]
+    fn transport_headers_must_say_what_the_body_says() {
+        let call = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{}}}"#).unwrap();
+        let ok = |v: Option<&str>, m: &[&str], n: &[&str]| transport_headers_match(&call, v, m, n).is_ok();
+        assert!(ok(None, &[], &[]));
+        assert!(ok(Some("2025-11-25"), &[], &[]));
+        assert!(ok(Some("2026-07-28"), &["tools/call"], &["add"]));
+        assert!(ok(Some("2026-07-28"), &["tools/call"], &["=?base64?YWRk?="]));
+        assert!(!ok(Some("2026-07-28"), &[], &[]));
+        assert!(!ok(Some("2026-07-28"), &["tools/call"], &[]));
+        assert!(!ok(None, &["tools/call"], &["pay"]));
+        assert!(!ok(None, &["tools/list"], &[]));
+        assert!(!ok(None, &["Tools/Call"], &[]));
+        assert!(!ok(None, &["tools/call", "tools/call"], &[]));
+        assert!(!ok(None, &[], &["add", "add"]));
+        let batch = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#).unwrap();
+        assert!(transport_headers_match(&batch, None, &["ping"], &[]).is_err());
+        let e = transport_headers_match(&call, None, &["ping"], &[]).unwrap_err();
+        assert_eq!(e.code, code::HEADER_MISMATCH);
+    }
+
+    #[test]
+    fn requests_sent_as_notifications_are_refused() {
+        for method in ["tools/call", "resources/read", "prompts/get", "tools/list"] {
+            let m = json!({"jsonrpc":"2.0","method":method,"params":{"name":"add"}});
+            assert_eq!(intent(&m).unwrap_err().code, code::INVALID_REQUEST, "{method}");
+        }
+        let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
+        assert_eq!(intent(&n).unwrap(), Intent::Pass);
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 /// Applies `rewrite` to the event's JSON data. Returns the new event text when `rewrite`
 /// changed something (it says so by returning true), or `None` to pass the event unchanged.
+/// A rewrite that replaces the message with `null` drops the event (empty text).
 pub fn rewrite_event_data(
     event: &[u8],
     rewrite: impl FnOnce(&mut Value) -> bool,
@@ -74,6 +75,10 @@ pub fn rewrite_event_data(
     let mut value: Value = serde_json::from_str(&data.join("\n")).ok()?;
     if !rewrite(&mut value) {
         return None;
+    }
+    if value.is_null() {
+        // The rewrite removed the message: the event goes with it.
+        return Some(Vec::new());
     }
     let mut out = String::with_capacity(text.len());
     let mut wrote_data = false;

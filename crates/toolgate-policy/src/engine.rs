@@ -48,6 +48,9 @@ pub struct TaskContext {
     /// A human approved this action in the task.
     pub approved: bool,
     pub approved_by: Option<String>,
+    /// The agent that started the task, and the user it acted for.
+    pub owner: String,
+    pub owner_user: Option<String>,
 }
 
 /// One authorization question, before it is typed by the schema.
@@ -62,6 +65,8 @@ pub struct AuthzRequest<'a> {
     pub args: Map<String, Value>,
     pub env: Env,
     pub task: Option<TaskContext>,
+    /// The `iss` of the token that authenticated the caller (`context.issuer` where declared).
+    pub issuer: &'a str,
 }
 
 /// The verdict. `allowed` is true only when Cedar allowed and nothing erred.
@@ -493,12 +498,19 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
         }),
     );
     if let Some(task) = &req.task {
-        let mut value = json!({"id": task.id, "intent": task.intent, "approved": task.approved});
+        let mut value = json!({
+            "id": task.id, "intent": task.intent, "approved": task.approved, "owner": task.owner,
+        });
         if let Some(by) = &task.approved_by {
             value["approved_by"] = json!(by);
         }
+        if let Some(user) = &task.owner_user {
+            value["owner_user"] = json!(user);
+        }
         ctx.insert("task".into(), value);
     }
+    // Kept only where the action's context declares it, like every key here.
+    ctx.insert("issuer".into(), Value::String(req.issuer.to_string()));
     ctx
 }
 
@@ -718,6 +730,7 @@ mod tests {
             args: args.as_object().cloned().unwrap_or_default(),
             env: env(),
             task: None,
+            issuer: "",
         }
     }
 
@@ -1010,6 +1023,7 @@ mod load_tests {
                 time: Utc::now(),
             },
             task: None,
+            issuer: "",
         };
         let d = engine.authorize(&req);
         assert!(!d.allowed, "an erroring forbid must deny: {d:?}");

@@ -49,6 +49,12 @@ pub struct Task {
     pub id: String,
     /// The agent that started it: only it (or the admin listener) may read or end it.
     pub agent: String,
+    /// The user the starting agent acted for: calls join only on that user's behalf.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Other agents the owner let join (for the same user); approvals stay the owner's.
+    #[serde(default)]
+    pub shared_with: Vec<String>,
     pub intent: String,
     pub created_at: u64,
     pub expires_at: u64,
@@ -60,10 +66,18 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(agent: &str, intent: &str, ttl_seconds: u64, now: u64) -> Task {
+    pub fn new(
+        agent: &str,
+        user: Option<&str>,
+        intent: &str,
+        ttl_seconds: u64,
+        now: u64,
+    ) -> Task {
         Task {
             id: uuid::Uuid::new_v4().to_string(),
             agent: agent.to_string(),
+            user: user.map(String::from),
+            shared_with: Vec::new(),
             intent: intent.to_string(),
             created_at: now,
             expires_at: now + ttl_seconds.min(MAX_TTL_SECONDS),
@@ -78,9 +92,26 @@ impl Task {
         self.state == State::Active && now < self.expires_at
     }
 
-    /// The first approval that covers `action`.
-    pub fn approval_for(&self, action: &str) -> Option<&Approval> {
+    /// Whether `agent` acting for `user` may run calls in this task: the owner, or an agent it
+    /// was shared with, always on behalf of the owner's user.
+    pub fn admits(&self, agent: &str, user: Option<&str>) -> bool {
+        self.user.as_deref() == user && (self.agent == agent || self.shared_with.iter().any(|a| a == agent))
+    }
+
+    /// The first approval that covers `action` for `agent`: approvals are given to the task's
+    /// owner and never carry over to agents it was shared with.
+    pub fn approval_for(&self, action: &str, agent: &str) -> Option<&Approval> {
+        if agent != self.agent {
+            return None;
+        }
         self.approvals.iter().find(|a| a.covers(action))
+    }
+
+    /// The agents that may see this task's events: the owner and those it was shared with.
+    pub fn audience(&self) -> Vec<String> {
+        std::iter::once(self.agent.clone())
+            .chain(self.shared_with.iter().cloned())
+            .collect()
     }
 
     /// `active`, `completed`, `cancelled` or `expired`.
@@ -98,6 +129,9 @@ impl Task {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     pub task_id: String,
+    /// The task's owner and the agents it was shared with: who may see this event.
+    #[serde(default)]
+    pub agents: Vec<String>,
     pub state: State,
     pub jtis: Vec<String>,
     pub at: u64,
@@ -166,13 +200,15 @@ impl Store {
         Ok(ended)
     }
 
-    /// Records a credential minted in a task (for revocation events and introspection).
-    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<(), StoreError> {
+    /// Records a credential minted in a task (for revocation events and introspection), unless
+    /// the task has ended meanwhile: atomic with `end`, so a credential is either listed in the
+    /// revocation or refused here. `Ok(false)`: the task is no longer live.
+    pub async fn add_credential(&self, task: &Task, jti: &str, now: u64) -> Result<bool, StoreError> {
+        if !task.is_live(now) {
+            return Ok(false);
+        }
         match self {
-            Store::Memory(m) => {
-                m.add_credential(&task.id, jti);
-                Ok(())
-            }
+            Store::Memory(m) => Ok(m.add_credential(&task.id, jti, now)),
             Store::Redis(r) => r.add_credential(task, jti).await,
         }
     }

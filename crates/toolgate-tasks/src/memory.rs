@@ -45,6 +45,7 @@ impl MemoryStore {
         task.ended_at = Some(now);
         let revocation = Revocation {
             task_id: id.to_string(),
+            agents: task.audience(),
             state,
             jtis: jtis.iter().cloned().collect(),
             at: now,
@@ -53,10 +54,16 @@ impl MemoryStore {
         Ended::Now(task.clone(), revocation)
     }
 
-    pub fn add_credential(&self, id: &str, jti: &str) {
-        if let Some(mut entry) = self.tasks.get_mut(id) {
-            entry.1.insert(jti.to_string());
+    /// Under the entry's lock, so `end` sees the credential or this sees the end.
+    pub fn add_credential(&self, id: &str, jti: &str, now: u64) -> bool {
+        let Some(mut entry) = self.tasks.get_mut(id) else {
+            return false;
+        };
+        if !entry.0.is_live(now) {
+            return false;
         }
+        entry.1.insert(jti.to_string());
+        true
     }
 
     pub fn has_credential(&self, id: &str, jti: &str) -> bool {

@@ -133,6 +133,7 @@ impl RedisStore {
         let jtis: Vec<String> = bounded(conn.smembers(key(id, "jtis"))).await?;
         let revocation = Revocation {
             task_id: id.to_string(),
+            agents: task.audience(),
             state,
             jtis,
             at: now,
@@ -147,17 +148,31 @@ impl RedisStore {
         Ok(Ended::Now(ended, revocation))
     }
 
-    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<(), StoreError> {
+    /// One script, so it runs between any two commands of `end` on any replica: either the
+    /// end marker is already set (refused) or the jti is in the set `end` reads after setting it.
+    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<bool, StoreError> {
+        static JOIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r#"
+                if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+                if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+                redis.call('SADD', KEYS[3], ARGV[1])
+                redis.call('EXPIRE', KEYS[3], ARGV[2])
+                return 1
+                "#,
+            )
+        });
         let mut conn = self.connection().await?;
-        bounded(
-            redis::pipe()
-                .sadd(key(&task.id, "jtis"), jti)
-                .ignore()
-                .expire(key(&task.id, "jtis"), retention(task) as i64)
-                .ignore()
-                .query_async::<()>(&mut conn),
+        let joined: i64 = bounded(
+            JOIN.key(key(&task.id, ""))
+                .key(key(&task.id, "end"))
+                .key(key(&task.id, "jtis"))
+                .arg(jti)
+                .arg(retention(task))
+                .invoke_async(&mut conn),
         )
-        .await
+        .await?;
+        Ok(joined == 1)
     }
 
     pub async fn has_credential(&self, id: &str, jti: &str) -> Result<bool, StoreError> {
