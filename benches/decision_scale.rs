@@ -45,7 +45,7 @@ fn request(claims: &Map<String, serde_json::Value>) -> AuthzRequest<'_> {
             time: chrono::Utc::now(),
         },
         task: None,
-        issuer: \"\",
+        issuer: "",
     }
 }
 

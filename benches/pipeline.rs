@@ -34,7 +34,7 @@ fn authorize(c: &mut Criterion) {
             time: chrono::Utc::now(),
         },
         task: None,
-        issuer: \"\",
+        issuer: "",
     };
     assert!(engine.authorize(&request).allowed);
     let mut group = c.benchmark_group("authorize");

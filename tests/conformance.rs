@@ -80,7 +80,11 @@ fn run_file(root: &Path, test: &Path, tally: &mut Tally) {
             .collect()
     };
     let whole = errors(validate_whole(&schema, &set));
-    let sliced = errors(SlicedValidator::new(&schema, &schema_json).validate(&set).expect("no worker failed"));
+    let sliced = errors(
+        SlicedValidator::new(&schema, &schema_json)
+            .validate(&set)
+            .expect("no worker failed"),
+    );
     if sliced != whole {
         tally.failures.push(format!(
             "{name}: sliced validation {sliced:?} != whole {whole:?}"

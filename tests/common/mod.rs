@@ -256,6 +256,17 @@ impl Gateway {
         let dir = TempDir::new("e2e");
         let idp = Idp::new(&dir.0);
         write_policies(&dir.0, options.extra_policies);
+        // A tool that declares no arguments: its bodies stream through unread.
+        std::fs::write(
+            dir.0.join("policies/harness.cedarschema"),
+            "namespace Toolgate { action \"billing/export\" in [call] appliesTo { principal: Agent, resource: Tool, context: { user?: User, env: Env } }; }",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.0.join("policies/harness.cedar"),
+            "@id(\"harness-export\")\npermit (principal, action == Toolgate::Action::\"billing/export\", resource);\n",
+        )
+        .unwrap();
         let (_, signing_pem) = SigningKey::generate().unwrap();
         std::fs::write(dir.0.join("signing.pem"), signing_pem).unwrap();
         std::fs::write(dir.0.join("admin.token"), ADMIN_TOKEN).unwrap();
@@ -288,6 +299,7 @@ upstreams:
       - {{ tool: get_invoice, method: GET, path: "/invoices/{{invoice_id}}" }}
       - {{ tool: list_invoices, method: GET, path: /invoices }}
       - {{ tool: refund, method: POST, path: /refunds }}
+      - {{ tool: export, method: POST, path: /export }}
       - {{ tool: list_invoices, method: GET, path: /in-task/invoices, require_task: true }}
   - name: records
     url: http://{up}

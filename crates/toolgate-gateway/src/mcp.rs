@@ -56,7 +56,12 @@ struct Plan {
 
 /// A JSON-RPC error as the whole answer, with an HTTP status: for what is refused before any
 /// message is read (media type, syntax, transport headers).
-fn rpc_refusal(status: StatusCode, code: i64, message: &str, record: &mut AuditRecord) -> Response<Body> {
+fn rpc_refusal(
+    status: StatusCode,
+    code: i64,
+    message: &str,
+    record: &mut AuditRecord,
+) -> Response<Body> {
     record.errors.push(message.to_string());
     json_response(status, &error_response(None, code, message, None))
 }
@@ -108,10 +113,22 @@ impl Gateway {
         let bytes = read_limited(body, self.config.limits.max_body_bytes).await?;
         let payload = match toolgate_mcp::parse(&bytes) {
             Ok(payload) => payload,
-            Err(e) => return Ok(rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record)),
+            Err(e) => {
+                return Ok(rpc_refusal(
+                    StatusCode::BAD_REQUEST,
+                    e.code,
+                    &e.message,
+                    record,
+                ))
+            }
         };
         if let Err(e) = check_transport_headers(&payload, &parts.headers) {
-            return Ok(rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record));
+            return Ok(rpc_refusal(
+                StatusCode::BAD_REQUEST,
+                e.code,
+                &e.message,
+                record,
+            ));
         }
         let batch = matches!(payload, Payload::Batch(_));
         let plan = self.plan(ctx, upstream, &payload, record);

@@ -129,7 +129,11 @@ impl Gateway {
         record.iss = Some(caller.issuer.clone());
         let client = ClientView {
             ip: client_ip,
-            scheme: if self.config.tls.is_some() { "https" } else { "http" },
+            scheme: if self.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
         };
 
         // classify
@@ -153,7 +157,9 @@ impl Gateway {
 
         // authorize → mint → forward, as each kind reads its arguments
         match call {
-            Call::Rest { route, .. } => self.rest_call(&ctx, upstream, route, request, record).await,
+            Call::Rest { route, .. } => {
+                self.rest_call(&ctx, upstream, route, request, record).await
+            }
             Call::Mcp { .. } => self.mcp_call(&ctx, upstream, request, record).await,
             Call::Own => unreachable!("answered above"),
         }
@@ -248,7 +254,9 @@ impl Gateway {
                 .await?
             {
                 record.decision = Verdict::Deny;
-                record.errors.push(format!("task {} ended before the call", task.id));
+                record
+                    .errors
+                    .push(format!("task {} ended before the call", task.id));
                 return Err(Refusal::Forbidden);
             }
         }
@@ -464,7 +472,9 @@ pub(crate) fn task_header<B>(request: &Request<B>) -> Result<Option<String>, Ref
         (None, _) => Ok(None),
         (Some(v), None) => match v.to_str() {
             Ok(id) if !id.trim().is_empty() && id.len() <= 128 => Ok(Some(id.trim().to_string())),
-            _ => Err(Refusal::BadRequest("Toolgate-Task must name a task id".into())),
+            _ => Err(Refusal::BadRequest(
+                "Toolgate-Task must name a task id".into(),
+            )),
         },
         (Some(_), Some(_)) => Err(Refusal::BadRequest("Toolgate-Task is given twice".into())),
     }
@@ -547,4 +557,3 @@ pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, 
             }
         })
 }
-

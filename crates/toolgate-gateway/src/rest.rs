@@ -152,7 +152,9 @@ pub(crate) fn check_json_body_headers(headers: &HeaderMap) -> Result<(), Refusal
     let Some(media) = media_type(headers)? else {
         return refuse("a body needs Content-Type: application/json");
     };
-    if !(media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))) {
+    if !(media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json")))
+    {
         return refuse("the body must be application/json");
     }
     let value = headers
@@ -194,7 +196,9 @@ fn read_query(
         let name = decode_query_part(raw_name)?;
         let value = decode_query_part(raw_value)?;
         if name.is_empty() {
-            return Err(Refusal::BadRequest("a query parameter without a name".into()));
+            return Err(Refusal::BadRequest(
+                "a query parameter without a name".into(),
+            ));
         }
         if fold_key(&name) == "access_token" {
             return Err(Refusal::BadRequest(

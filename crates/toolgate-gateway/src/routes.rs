@@ -217,7 +217,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             (c.upstream, c.tool.as_str(), c.segments.clone()),
-            (0, "get_invoice", vec!["invoices".to_string(), "42".to_string()])
+            (
+                0,
+                "get_invoice",
+                vec!["invoices".to_string(), "42".to_string()]
+            )
         );
         assert_eq!(c.params["invoice_id"], "42");
         let c = t

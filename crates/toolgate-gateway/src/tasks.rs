@@ -113,9 +113,12 @@ impl Gateway {
         record.action = Some("start_task".into());
         crate::rest::check_json_body_headers(request.headers())?;
         let body = read_limited(request.into_body(), MAX_TASK_BODY).await?;
-        let start: StartTask = serde_json::from_value(crate::rest::strict_json(&body)?).map_err(|e| {
-            Refusal::BadRequest(format!("expected {{intent, ttl_seconds, share_with?}}: {e}"))
-        })?;
+        let start: StartTask =
+            serde_json::from_value(crate::rest::strict_json(&body)?).map_err(|e| {
+                Refusal::BadRequest(format!(
+                    "expected {{intent, ttl_seconds, share_with?}}: {e}"
+                ))
+            })?;
         if start.ttl_seconds == 0 || start.ttl_seconds > MAX_TTL_SECONDS {
             return Err(Refusal::BadRequest(format!(
                 "ttl_seconds must be 1 to {MAX_TTL_SECONDS}"
@@ -226,7 +229,9 @@ impl Gateway {
     ) -> Result<Option<Task>, Refusal> {
         let Some(id) = id else {
             if require_task {
-                record.errors.push("this tool is only called inside a task".into());
+                record
+                    .errors
+                    .push("this tool is only called inside a task".into());
                 return Err(Refusal::Forbidden);
             }
             return Ok(None);
@@ -301,7 +306,10 @@ impl Gateway {
                     Ok(revocation) => Ok(revocation),
                     Err(BroadcastStreamRecvError::Lagged(missed)) => {
                         lagged = true;
-                        tracing::warn!(missed, "a revocation subscriber fell behind; its feed ends");
+                        tracing::warn!(
+                            missed,
+                            "a revocation subscriber fell behind; its feed ends"
+                        );
                         Err(missed)
                     }
                 })
@@ -309,7 +317,10 @@ impl Gateway {
             .filter_map(move |event| {
                 let line = match event {
                     Ok(revocation) => {
-                        if for_agent.as_ref().is_some_and(|a| !revocation.agents.contains(a)) {
+                        if for_agent
+                            .as_ref()
+                            .is_some_and(|a| !revocation.agents.contains(a))
+                        {
                             return None;
                         }
                         format!(

@@ -392,7 +392,8 @@ mod tests {
 
     #[test]
     fn plain_token_names_only_the_agent() {
-        let c = caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", "", 0).unwrap();
+        let c =
+            caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", "", 0).unwrap();
         assert_eq!(c.agent, "bot");
         assert!(c.user.is_none() && c.user_claims().is_none());
         assert_eq!(c.agent_claims().get("team"), Some(&json!("y")));

@@ -189,7 +189,10 @@ mod tests {
             r#"{"a":1,"\u0061":2}"#,
         ] {
             assert!(
-                matches!(parse_strict(doc.as_bytes(), 32), Err(JsonError::Ambiguous(_))),
+                matches!(
+                    parse_strict(doc.as_bytes(), 32),
+                    Err(JsonError::Ambiguous(_))
+                ),
                 "{doc}"
             );
         }

@@ -431,11 +431,17 @@ mod tests {
     #[test]
     fn transport_headers_must_say_what_the_body_says() {
         let call = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{}}}"#).unwrap();
-        let ok = |v: Option<&str>, m: &[&str], n: &[&str]| transport_headers_match(&call, v, m, n).is_ok();
+        let ok = |v: Option<&str>, m: &[&str], n: &[&str]| {
+            transport_headers_match(&call, v, m, n).is_ok()
+        };
         assert!(ok(None, &[], &[]));
         assert!(ok(Some("2025-11-25"), &[], &[]));
         assert!(ok(Some("2026-07-28"), &["tools/call"], &["add"]));
-        assert!(ok(Some("2026-07-28"), &["tools/call"], &["=?base64?YWRk?="]));
+        assert!(ok(
+            Some("2026-07-28"),
+            &["tools/call"],
+            &["=?base64?YWRk?="]
+        ));
         assert!(!ok(Some("2026-07-28"), &[], &[]));
         assert!(!ok(Some("2026-07-28"), &["tools/call"], &[]));
         assert!(!ok(None, &["tools/call"], &["pay"]));
@@ -453,7 +459,11 @@ mod tests {
     fn requests_sent_as_notifications_are_refused() {
         for method in ["tools/call", "resources/read", "prompts/get", "tools/list"] {
             let m = json!({"jsonrpc":"2.0","method":method,"params":{"name":"add"}});
-            assert_eq!(intent(&m).unwrap_err().code, code::INVALID_REQUEST, "{method}");
+            assert_eq!(
+                intent(&m).unwrap_err().code,
+                code::INVALID_REQUEST,
+                "{method}"
+            );
         }
         let n = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
         assert_eq!(intent(&n).unwrap(), Intent::Pass);

@@ -954,7 +954,9 @@ mod load_tests {
         *crate::load::PANIC_ON_FILE.lock().unwrap() = Some("panics-here.cedar");
         let result = PolicyEngine::load(&dir.0);
         *crate::load::PANIC_ON_FILE.lock().unwrap() = None;
-        let err = result.err().expect("a load whose worker panicked must fail");
+        let err = result
+            .err()
+            .expect("a load whose worker panicked must fail");
         assert!(err.to_string().contains("worker failed"), "{err}");
         // Without the fault the same directory loads: the failure came from the panic.
         assert!(PolicyEngine::load(&dir.0).is_ok());

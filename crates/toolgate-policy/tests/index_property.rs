@@ -140,7 +140,7 @@ proptest! {
                 args: json!({"n": n}).as_object().unwrap().clone(),
                 env: Env { source_ip: "10.0.0.1".parse().unwrap(), time: "2026-11-23T10:00:00Z".parse().unwrap() },
                 task: None,
-                issuer: \"\",
+                issuer: "",
             };
             prop_assert_eq!(engine.authorize(&request), engine.authorize_unindexed(&request), "{:?}", policies);
         }

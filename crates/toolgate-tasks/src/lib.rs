@@ -66,13 +66,7 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn new(
-        agent: &str,
-        user: Option<&str>,
-        intent: &str,
-        ttl_seconds: u64,
-        now: u64,
-    ) -> Task {
+    pub fn new(agent: &str, user: Option<&str>, intent: &str, ttl_seconds: u64, now: u64) -> Task {
         Task {
             id: uuid::Uuid::new_v4().to_string(),
             agent: agent.to_string(),
@@ -95,7 +89,8 @@ impl Task {
     /// Whether `agent` acting for `user` may run calls in this task: the owner, or an agent it
     /// was shared with, always on behalf of the owner's user.
     pub fn admits(&self, agent: &str, user: Option<&str>) -> bool {
-        self.user.as_deref() == user && (self.agent == agent || self.shared_with.iter().any(|a| a == agent))
+        self.user.as_deref() == user
+            && (self.agent == agent || self.shared_with.iter().any(|a| a == agent))
     }
 
     /// The first approval that covers `action` for `agent`: approvals are given to the task's
@@ -203,7 +198,12 @@ impl Store {
     /// Records a credential minted in a task (for revocation events and introspection), unless
     /// the task has ended meanwhile: atomic with `end`, so a credential is either listed in the
     /// revocation or refused here. `Ok(false)`: the task is no longer live.
-    pub async fn add_credential(&self, task: &Task, jti: &str, now: u64) -> Result<bool, StoreError> {
+    pub async fn add_credential(
+        &self,
+        task: &Task,
+        jti: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         if !task.is_live(now) {
             return Ok(false);
         }
