@@ -84,7 +84,18 @@ impl SigningKey {
 
     /// Signs any claims as an ES256 JWT (JWS compact form) with this key's `kid` and `typ`.
     pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, CredentialError> {
-        let header = json!({"alg": "ES256", "typ": typ, "kid": self.kid});
+        self.sign_with_header(
+            &json!({"alg": "ES256", "typ": typ, "kid": self.kid}),
+            claims,
+        )
+    }
+
+    /// Signs with a header of the caller's (tests use it for headers a verifier must refuse).
+    pub fn sign_with_header(
+        &self,
+        header: &Value,
+        claims: &impl Serialize,
+    ) -> Result<String, CredentialError> {
         let claims =
             serde_json::to_vec(claims).map_err(|e| CredentialError::Sign(e.to_string()))?;
         let mut jws = URL_SAFE_NO_PAD.encode(header.to_string());

@@ -352,14 +352,14 @@ impl Config {
                 ));
             }
         }
+        // Distinct prefixes: an id then belongs to the issuer with the longest prefix of it,
+        // and authentication refuses an issuer asserting ids under another's.
         let prefixes = self.inbound.id_prefixes();
         for (i, a) in prefixes.iter().enumerate() {
-            for b in &prefixes[i + 1..] {
-                if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
-                    errors.push(format!(
-                        "inbound.jwt: id prefixes `{a}` and `{b}` overlap, so two issuers could name the same principal"
-                    ));
-                }
+            if prefixes[i + 1..].contains(a) {
+                errors.push(format!(
+                    "inbound.jwt: two issuers share the id prefix `{a}`, so they could name the same principal"
+                ));
             }
         }
         if self.credentials.ttl_seconds == 0 || self.credentials.ttl_seconds > MAX_TTL_SECONDS {

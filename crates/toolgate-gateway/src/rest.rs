@@ -82,14 +82,20 @@ pub(crate) async fn read_call(
     }
 
     let bytes = read_body(&parts.headers, body, max_body).await?;
-    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
-        parts.headers.remove(name);
-    }
     if bytes.is_empty() {
-        parts.headers.remove(header::CONTENT_TYPE);
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+            header::CONTENT_TYPE,
+        ] {
+            parts.headers.remove(name);
+        }
         return Ok((Request::from_parts(parts, full(Bytes::new())), args));
     }
     check_json_body_headers(&parts.headers)?;
+    for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
+        parts.headers.remove(name);
+    }
     let Value::Object(fields) = strict_json(&bytes)? else {
         return Err(Refusal::BadRequest(
             "the body must be a JSON object of arguments".into(),

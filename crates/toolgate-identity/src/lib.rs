@@ -221,12 +221,34 @@ impl Authenticator {
             }
         })?;
         check_numeric_dates(&data.claims)?;
-        caller_from_claims(
+        let caller = caller_from_claims(
             data.claims,
             &issuer.config.issuer,
             &issuer.config.id_prefix,
             now,
-        )
+        )?;
+        self.check_namespace(issuer, &caller)?;
+        Ok(caller)
+    }
+
+    /// An id is the issuer's only if no other issuer's (longer) prefix claims it: an issuer
+    /// with the empty prefix cannot assert `partner:bob` when `partner:` is another's.
+    fn check_namespace(&self, issuer: &Issuer, caller: &Caller) -> Result<(), AuthError> {
+        let own = &issuer.config.id_prefix;
+        for other in &self.issuers {
+            let prefix = &other.config.id_prefix;
+            if prefix.len() > own.len()
+                && std::iter::once(&caller.agent)
+                    .chain(&caller.user)
+                    .any(|id| id.starts_with(prefix.as_str()))
+            {
+                return Err(AuthError::InvalidClaims(format!(
+                    "the subject lies in the id namespace of issuer {}",
+                    other.config.issuer
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Picks the issuer by the token's (not yet verified) `iss`; verification then binds it.
