@@ -236,3 +236,70 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        let mut task = Task::new("assistant", Some("alice"), "refund", 60, 1_000);
+        task.shared_with = vec!["auditor".into()];
+        task.approvals.push(Approval {
+            approver: "bob".into(),
+            actions: vec!["*".into()],
+            at: 1_000,
+            note: String::new(),
+        });
+        task
+    }
+
+    #[test]
+    fn only_the_owner_and_shared_agents_join_for_the_owners_user() {
+        let task = task();
+        assert!(task.admits("assistant", Some("alice")));
+        assert!(task.admits("auditor", Some("alice")));
+        assert!(!task.admits("intruder", Some("alice")));
+        assert!(!task.admits("assistant", Some("mallory")));
+        assert!(!task.admits("assistant", None));
+    }
+
+    #[test]
+    fn approvals_stay_with_the_owner() {
+        let task = task();
+        assert!(task.approval_for("billing/refund", "assistant").is_some());
+        assert!(task.approval_for("billing/refund", "auditor").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_credential_is_never_recorded_in_an_ended_task() {
+        let store = Store::open("memory").await.unwrap();
+        let task = Task::new("assistant", None, "x", 60, unix_now());
+        store.create(&task).await.unwrap();
+        assert!(store
+            .add_credential(&task, "before", unix_now())
+            .await
+            .unwrap());
+        let Ended::Now(_, revocation) = store
+            .end(&task.id, State::Completed, unix_now())
+            .await
+            .unwrap()
+        else {
+            panic!("the task was active");
+        };
+        assert_eq!(revocation.jtis, vec!["before".to_string()]);
+        assert_eq!(revocation.agents, vec!["assistant".to_string()]);
+        // The call that raced the end: refused, so no live credential escapes the revocation.
+        assert!(!store
+            .add_credential(&task, "after", unix_now())
+            .await
+            .unwrap());
+        assert!(!store.has_credential(&task.id, "after").await.unwrap());
+    }
+
+    fn unix_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+}
