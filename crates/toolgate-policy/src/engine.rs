@@ -994,6 +994,71 @@ mod load_tests {
     }
 
     #[test]
+    fn issuer_and_task_owner_reach_only_contexts_that_declare_them() {
+        let dir = dir_with(&[
+            (
+                "partner.cedarschema",
+                "namespace Toolgate { type Owned = { id: String, intent: String, owner: String, owner_user?: String };\n action \"partner/read\" in [call] appliesTo { principal: Agent, resource: Tool, context: { env: Env, issuer: String, task?: Owned } }; }",
+            ),
+            (
+                "partner.cedar",
+                "permit (principal, action == Toolgate::Action::\"partner/read\", resource) when { context.issuer == \"https://partner\" && context has task && context.task.owner == \"assistant\" };",
+            ),
+        ]);
+        let engine = PolicyEngine::load(&dir.0).unwrap();
+        let claims = json!({"name": "assistant"}).as_object().unwrap().clone();
+        let request = |issuer: &'static str, owner: &str| AuthzRequest {
+            agent: Principal {
+                id: "assistant",
+                claims: &claims,
+            },
+            user: None,
+            action: "partner/read",
+            resource: Resource::Tool {
+                upstream: "partner",
+                tool: "read",
+            },
+            args: Map::new(),
+            env: Env {
+                source_ip: "127.0.0.1".parse().unwrap(),
+                time: Utc::now(),
+            },
+            task: Some(TaskContext {
+                id: "t".into(),
+                intent: "i".into(),
+                owner: owner.into(),
+                ..TaskContext::default()
+            }),
+            issuer,
+        };
+        assert!(
+            engine
+                .authorize(&request("https://partner", "assistant"))
+                .allowed
+        );
+        assert!(
+            !engine
+                .authorize(&request("https://idp", "assistant"))
+                .allowed
+        );
+        assert!(
+            !engine
+                .authorize(&request("https://partner", "other"))
+                .allowed
+        );
+        // The example actions declare neither: their requests validate and decide as before.
+        let mut plain = request("https://partner", "other");
+        plain.action = "billing/get_invoice";
+        plain.resource = Resource::Tool {
+            upstream: "billing",
+            tool: "get_invoice",
+        };
+        plain.args = json!({"invoice_id": 1}).as_object().unwrap().clone();
+        let decision = engine.authorize(&plain);
+        assert!(decision.errors.is_empty(), "{decision:?}");
+    }
+
+    #[test]
     fn erroring_forbid_denies() {
         // Passes strict validation; overflows (an evaluation error) for any positive amount.
         let dir = dir_with(&[(
