@@ -523,23 +523,9 @@ async fn metrics_move_and_admin_endpoints_answer() {
         b"",
     )
     .await;
-    let metrics = String::from_utf8(
-        send("GET", &gw.admin_url("/metrics"), &[], b"")
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = gw.metrics().await;
     let value = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(series))
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        metric(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
     };
     assert_eq!(
         value("toolgate_authz_decisions_total{decision=\"allow\"}"),
@@ -601,13 +587,7 @@ async fn reload_takes_a_valid_set_and_keeps_the_old_one_on_error() {
         200,
         "the previous valid set stays active"
     );
-    let metrics = String::from_utf8(
-        send("GET", &gw.admin_url("/metrics"), &[], b"")
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("toolgate_policy_reloads_total{result=\"error\"} 1"));
     assert!(metrics.contains("toolgate_policy_reloads_total{result=\"success\"} 1"));
 }

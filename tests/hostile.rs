@@ -874,19 +874,11 @@ async fn every_refusal_moves_the_decision_metrics() {
     let gw = hostile_gateway(&upstream).await;
     let token = gw.idp.delegated();
     let deny = || async {
-        let metrics = String::from_utf8(
-            send("GET", &gw.admin_url("/metrics"), &[], b"")
-                .await
-                .body
-                .to_vec(),
+        metric(
+            &gw.metrics().await,
+            "toolgate_authz_decisions_total{decision=\"deny\"}",
         )
-        .unwrap();
-        metrics
-            .lines()
-            .find(|l| l.starts_with("toolgate_authz_decisions_total{decision=\"deny\"}"))
-            .map_or(0.0, |l| {
-                l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
-            })
+        .unwrap_or(0.0)
     };
     let refusals: Vec<Vec<u8>> = vec![
         request("GET", "/billing/invoices/42", None, &[], ""),

@@ -251,13 +251,7 @@ async fn reloads_under_constant_load_fail_no_request() {
         "{failed} of {} requests failed during reloads",
         ok + failed
     );
-    let metrics = String::from_utf8(
-        send("GET", &gw.admin_url("/metrics"), &[], b"")
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(&format!(
             "toolgate_policy_reloads_total{{result=\"success\"}} {good}"

@@ -343,6 +343,12 @@ audit:
         format!("http://{}{path}", self.admin)
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let answer = send("GET", &self.admin_url("/metrics"), &[], b"").await;
+        String::from_utf8(answer.body.to_vec()).expect("metrics are text")
+    }
+
     /// A request to the admin listener with the admin token (and a JSON body, if any).
     pub async fn admin(&self, method: &str, path: &str, body: &[u8]) -> Answer {
         let auth = format!("Bearer {ADMIN_TOKEN}");
@@ -493,6 +499,14 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]
         headers: parts.headers,
         body: body.collect().await.unwrap().to_bytes(),
     }
+}
+
+/// The value of one series (its full name and labels, as written) in Prometheus text.
+pub fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
 }
 
 pub async fn get(url: &str, token: &str) -> Answer {

@@ -230,19 +230,13 @@ impl Gateway {
                     ));
                     continue;
                 }
-                Ok(Intent::Listen) => {
-                    plan.listens = true;
-                    plan.scope.push(method.to_string());
-                    plan.forward.push(message.clone());
-                    continue;
-                }
-                Ok(Intent::ListTools) => {
-                    plan.list_ids.extend(id.cloned());
-                    plan.scope.push(method.to_string());
-                    plan.forward.push(message.clone());
-                    continue;
-                }
-                Ok(Intent::Pass) => {
+                // Authentication is enough; listings and listen streams are filtered later.
+                Ok(passing @ (Intent::Pass | Intent::ListTools | Intent::Listen)) => {
+                    match passing {
+                        Intent::ListTools => plan.list_ids.extend(id.cloned()),
+                        Intent::Listen => plan.listens = true,
+                        _ => {}
+                    }
                     plan.scope.push(method.to_string());
                     plan.forward.push(message.clone());
                     continue;

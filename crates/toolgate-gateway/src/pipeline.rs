@@ -34,14 +34,21 @@ pub const TASK_HEADER: &str = "toolgate-task";
 /// RFC 9728 protected resource metadata, for MCP clients discovering how to authenticate.
 pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
-/// What a request on the agent listener is, once classified.
+/// A call to a tool, once classified.
 enum Call {
-    /// toolgate's own endpoints: `/v1/...`, `/oauth2/introspect`.
-    Own,
     /// A REST tool: a route of a `rest` upstream matched.
-    Rest { upstream: usize, route: Classified },
+    Rest(Classified),
     /// The endpoint of an MCP upstream: exactly `/<upstream>` (or `/<upstream>/`).
     Mcp { upstream: usize },
+}
+
+impl Call {
+    fn upstream(&self) -> usize {
+        match self {
+            Call::Rest(route) => route.upstream,
+            Call::Mcp { upstream } => *upstream,
+        }
+    }
 }
 
 /// What every decision of one request shares: who calls, from where, under which policies,
@@ -137,14 +144,16 @@ impl Gateway {
         };
 
         // classify
+        if is_own_endpoint(request.uri().path()) {
+            return self.own_endpoint(request, &caller, client, record).await;
+        }
         let call = classify(routing, &request)?;
-        let (index, require_task) = match &call {
-            Call::Own => return self.own_endpoint(request, &caller, client, record).await,
-            Call::Rest { upstream, route } => (*upstream, route.require_task),
-            Call::Mcp { upstream } => (*upstream, routing.upstreams[*upstream].config.require_task),
+        *upstream_index = Some(call.upstream());
+        let upstream = &routing.upstreams[call.upstream()];
+        let require_task = match &call {
+            Call::Rest(route) => route.require_task,
+            Call::Mcp { .. } => upstream.config.require_task,
         };
-        *upstream_index = Some(index);
-        let upstream = &routing.upstreams[index];
         let task = self
             .joined_task(task_header(&request)?, &caller, require_task, record)
             .await?;
@@ -157,11 +166,8 @@ impl Gateway {
 
         // authorize → mint → forward, as each kind reads its arguments
         match call {
-            Call::Rest { route, .. } => {
-                self.rest_call(&ctx, upstream, route, request, record).await
-            }
+            Call::Rest(route) => self.rest_call(&ctx, upstream, route, request, record).await,
             Call::Mcp { .. } => self.mcp_call(&ctx, upstream, request, record).await,
-            Call::Own => unreachable!("answered above"),
         }
     }
 
@@ -311,13 +317,15 @@ impl Gateway {
     }
 }
 
-/// Own endpoint, REST route or MCP endpoint. Under an MCP upstream only its endpoint exists,
-/// with the methods of the streamable HTTP transport; nothing else there is ever forwarded.
+/// toolgate's own endpoints on the agent listener: `/v1/...`, `/oauth2/introspect`.
+fn is_own_endpoint(path: &str) -> bool {
+    path.starts_with("/v1/") || path == "/oauth2/introspect"
+}
+
+/// REST route or MCP endpoint. Under an MCP upstream only its endpoint exists, with the
+/// methods of the streamable HTTP transport; nothing else there is ever forwarded.
 fn classify<B>(routing: &Routing, request: &Request<B>) -> Result<Call, Refusal> {
     let path = request.uri().path();
-    if path.starts_with("/v1/") || path == "/oauth2/introspect" {
-        return Ok(Call::Own);
-    }
     if let Some((index, below)) = routing.routes.upstream(path) {
         if routing.upstreams[index].config.kind == UpstreamKind::Mcp {
             if !(below.is_empty() || below == "/") {
@@ -344,10 +352,7 @@ fn classify<B>(routing: &Routing, request: &Request<B>) -> Result<Call, Refusal>
             ClassifyError::NotFound => Refusal::ToolNotFound,
             ClassifyError::BadPath(why) => Refusal::BadRequest(why.into()),
         })?;
-    Ok(Call::Rest {
-        upstream: route.upstream,
-        route,
-    })
+    Ok(Call::Rest(route))
 }
 
 /// `<upstream>/<tool>`: a tool's Cedar action id and resource id.
