@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus),
-# redis-server
-# and the official MCP Python SDK (PyPI's mcp, in .toolgate-test/venv).
+# redis-server, node and npm, and the official MCP SDKs: Python 1.x (.toolgate-test/venv),
+# Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
@@ -17,7 +19,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The packages' services cannot (and need not) start here; the tests run their own.
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || true
 fi
-for tool in promtool redis-server; do
+for tool in promtool redis-server node npm; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
 
@@ -28,4 +30,23 @@ if ! "$venv/bin/python" -c "import mcp, importlib.metadata as m; assert m.versio
   echo "test-deps: installing mcp==$mcp_version into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$mcp_version"
+fi
+
+# The Python SDK 2.x (the 2026-07-28 revision), for the SDK matrix in tests/sdk.rs.
+venv2=".toolgate-test/venv-mcp2"
+mcp2_version="2.3.0"
+if ! "$venv2/bin/python" -c "import mcp, importlib.metadata as m; assert m.version('mcp') == '$mcp2_version'" 2>/dev/null; then
+  echo "test-deps: installing mcp==$mcp2_version into $venv2"
+  python3 -m venv "$venv2"
+  "$venv2/bin/pip" install -q --disable-pip-version-check "mcp==$mcp2_version"
+fi
+
+# The TypeScript SDK (1.x speaks up to the 2025-11-25 revision), for the same matrix.
+node_dir=".toolgate-test/node"
+ts_version="1.32.2"
+if [ "$(node -p "require('./$node_dir/node_modules/@modelcontextprotocol/sdk/package.json').version" 2>/dev/null)" != "$ts_version" ]; then
+  echo "test-deps: installing @modelcontextprotocol/sdk@$ts_version into $node_dir"
+  mkdir -p "$node_dir"
+  [ -f "$node_dir/package.json" ] || echo '{"private": true}' > "$node_dir/package.json"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund "@modelcontextprotocol/sdk@$ts_version")
 fi

@@ -1,0 +1,33 @@
+"""A stateless MCP server on the official Python SDK 2.x (MCPServer), for toolgate's SDK
+matrix. Usage: py_server.py PORT. Serves http://127.0.0.1:PORT/mcp.
+"""
+import sys
+
+import uvicorn
+from mcp.server import MCPServer
+
+server = MCPServer("py-upstream")
+
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@server.tool()
+def pay(amount: int, to: str) -> str:
+    """Pay an amount to someone."""
+    return f"paid {amount} to {to}"
+
+
+@server.tool()
+def admin_reset() -> str:
+    """Reset everything (no agent should ever see this)."""
+    return "reset"
+
+
+app = server.streamable_http_app(stateless_http=True, json_response=True)
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
