@@ -468,6 +468,12 @@ async fn unreachable_upstream_answers_502_without_a_credential() {
         (audit[0]["decision"].as_str(), audit[0]["status"].as_u64()),
         (Some("allow"), Some(502))
     );
+    // The audit line keeps the cause, down to the connection error.
+    let cause = audit[0]["errors"][0].as_str().unwrap();
+    assert!(
+        cause.starts_with("upstream unreachable: sending the request: ") && cause.len() > 45,
+        "{cause}"
+    );
 }
 
 #[tokio::test]

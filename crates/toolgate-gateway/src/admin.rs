@@ -123,7 +123,7 @@ impl Gateway {
         };
         let response = result.unwrap_or_else(|refusal| {
             record.decision = Verdict::Deny;
-            record.errors.push(refusal.to_string());
+            record.errors.push(crate::answer::error_chain(&refusal));
             refusal.into_response(&record.decision_id, None)
         });
         record.status = response.status().as_u16();

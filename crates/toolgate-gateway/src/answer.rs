@@ -22,8 +22,8 @@ pub enum Refusal {
     #[error("{0}")]
     NotFound(&'static str),
     /// State the decision needs cannot be read (the task store): fail closed.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    #[error("task store unavailable")]
+    Unavailable(#[from] toolgate_tasks::StoreError),
     #[error("bad request: {0}")]
     BadRequest(String),
     /// A body the action's arguments cannot be read from (not JSON, encoded, a form).
@@ -41,12 +41,48 @@ pub enum Refusal {
     PayloadTooLarge,
     #[error("request headers too large")]
     HeadersTooLarge,
-    #[error("upstream unreachable: {0}")]
-    UpstreamUnreachable(String),
+    #[error("upstream unreachable")]
+    UpstreamUnreachable(#[from] UpstreamError),
     #[error("upstream timed out")]
     UpstreamTimeout,
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error")]
+    Internal(#[from] InternalError),
+}
+
+/// What went wrong on the way to or back from an upstream (502).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("sending the request")]
+    Send(#[source] hyper_util::client::legacy::Error),
+    #[error("reading its answer")]
+    Read(#[source] BoxError),
+    #[error("its answer is not JSON")]
+    InvalidJson(#[source] serde_json::Error),
+    #[error("its answer is larger than {0} bytes, too large to filter")]
+    TooLarge(usize),
+}
+
+/// A failure of the gateway itself (500); never the agent's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    #[error("minting the credential")]
+    Mint(#[source] toolgate_credential::CredentialError),
+    #[error("the credential is not a header value")]
+    CredentialHeader(#[source] http::header::InvalidHeaderValue),
+    #[error("re-serialising {0}")]
+    Serialise(&'static str, #[source] serde_json::Error),
+}
+
+/// An error and every cause below it, for the audit line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl Refusal {

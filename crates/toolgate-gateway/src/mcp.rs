@@ -26,7 +26,7 @@ use toolgate_mcp::{
 };
 use toolgate_policy::{PolicyEngine, Resource};
 
-use crate::answer::{full, json_response, Body, BoxError, Refusal};
+use crate::answer::{full, json_response, Body, BoxError, InternalError, Refusal, UpstreamError};
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{authz_request, read_limited, CallContext, ToolId};
 use crate::rest::check_json_body_headers;
@@ -149,7 +149,7 @@ impl Gateway {
         } else {
             serde_json::to_vec(&plan.forward[0])
         }
-        .map_err(|e| Refusal::Internal(format!("re-serialising JSON-RPC: {e}")))?;
+        .map_err(|e| InternalError::Serialise("JSON-RPC", e))?;
         for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
             parts.headers.remove(name);
         }
@@ -398,9 +398,7 @@ fn rewrite_json(
     let mut value: Value = if bytes.is_empty() {
         Value::Array(Vec::new())
     } else {
-        serde_json::from_slice(bytes).map_err(|e| {
-            Refusal::UpstreamUnreachable(format!("upstream answered invalid JSON: {e}"))
-        })?
+        serde_json::from_slice(bytes).map_err(|e| Refusal::from(UpstreamError::InvalidJson(e)))?
     };
     match &mut value {
         Value::Array(items) => {
@@ -427,14 +425,10 @@ fn rewrite_json(
 async fn read_answer(mut body: Body) -> Result<Bytes, Refusal> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Refusal::UpstreamUnreachable(format!("reading the upstream's answer: {e}"))
-        })?;
+        let frame = frame.map_err(|e| Refusal::from(UpstreamError::Read(e)))?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > MAX_JSON_ANSWER {
-                return Err(Refusal::UpstreamUnreachable(
-                    "the upstream's answer is too large to filter".into(),
-                ));
+                return Err(UpstreamError::TooLarge(MAX_JSON_ANSWER).into());
             }
             out.extend_from_slice(&data);
         }

@@ -22,7 +22,7 @@ use toolgate_policy::{
 };
 use toolgate_tasks::Task;
 
-use crate::answer::{json_response, Body, Refusal};
+use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
 use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
@@ -93,7 +93,7 @@ impl Gateway {
             Ok(response) => response,
             Err(refusal) => {
                 if !matches!(refusal, Refusal::Forbidden) {
-                    record.errors.push(refusal.to_string());
+                    record.errors.push(error_chain(&refusal));
                 }
                 let metadata = matches!(refusal, Refusal::Unauthenticated(_))
                     .then(|| self.metadata_url(&routing, host.as_ref(), &record.path));
@@ -310,7 +310,7 @@ impl Gateway {
         let minted = self
             .minter
             .mint(&grant, unix_now())
-            .map_err(|e| Refusal::Internal(e.to_string()))?;
+            .map_err(InternalError::Mint)?;
         self.metrics.minted.inc();
         record.jti = Some(minted.claims.jti.clone());
         Ok(minted)

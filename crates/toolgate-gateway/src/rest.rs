@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use toolgate_mcp::json::{fold_key, parse_strict, JsonError};
 use toolgate_policy::Record;
 
-use crate::answer::{full, Body, Refusal};
+use crate::answer::{full, Body, InternalError, Refusal};
 use crate::routes::Classified;
 use crate::upstream::Upstream;
 
@@ -105,8 +105,8 @@ pub(crate) async fn read_call(
         refuse_override(name)?;
         names.claim(name)?;
     }
-    let canonical = serde_json::to_vec(&fields)
-        .map_err(|e| Refusal::Internal(format!("re-serialising the body: {e}")))?;
+    let canonical =
+        serde_json::to_vec(&fields).map_err(|e| InternalError::Serialise("the body", e))?;
     merge_args(&mut args, fields)?;
     parts.headers.insert(
         header::CONTENT_TYPE,

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use toolgate_identity::{unix_now, Caller};
 use toolgate_policy::Resource;
-use toolgate_tasks::{Ended, State, StoreError, Task, MAX_TTL_SECONDS};
+use toolgate_tasks::{Ended, State, Task, MAX_TTL_SECONDS};
 
 use crate::answer::{json_response, Body, BoxError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
@@ -35,12 +35,6 @@ struct StartTask {
     /// Other agents that may join the task, on behalf of the same user.
     #[serde(default)]
     share_with: Vec<String>,
-}
-
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        Refusal::Unavailable(e.to_string())
-    }
 }
 
 pub(crate) fn rfc3339(unix: u64) -> String {

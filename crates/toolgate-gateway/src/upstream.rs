@@ -12,7 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-use crate::answer::{Body, Refusal};
+use crate::answer::{Body, InternalError, Refusal, UpstreamError};
 use crate::config::UpstreamConfig;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
@@ -119,7 +119,7 @@ impl Upstream {
             headers.remove(name);
         }
         let bearer = HeaderValue::from_str(&format!("Bearer {credential}"))
-            .map_err(|e| Refusal::Internal(format!("credential is not a header value: {e}")))?;
+            .map_err(InternalError::CredentialHeader)?;
         headers.insert(header::AUTHORIZATION, bearer);
         headers.insert("x-forwarded-for", agent.ip_header());
         headers.insert("x-forwarded-proto", HeaderValue::from_static(agent.scheme));
@@ -128,7 +128,7 @@ impl Upstream {
         let timeout = Duration::from_secs(self.config.timeout_seconds);
         let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => return Err(Refusal::UpstreamTimeout),
-            Ok(Err(e)) => return Err(Refusal::UpstreamUnreachable(error_text(&e))),
+            Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
             Ok(Ok(response)) => response,
         };
         Ok(into_downstream(response))
@@ -170,17 +170,6 @@ impl ClientView {
     fn ip_header(&self) -> HeaderValue {
         HeaderValue::from_str(&self.ip.to_string()).expect("an IP address is a header value")
     }
-}
-
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
