@@ -16,11 +16,19 @@ const MCP_SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, task?: TaskInfo, args: { a: Long, b: Long } } };
   action "tools/pay" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, task?: TaskInfo, args: { amount: Long } } };
+  action "tools/transfer" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo,
+      args: { amount?: Long, memo?: { to?: String } } } };
 }"#;
 const MCP_POLICIES: &str = r#"
 @id("mcp-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
 @id("mcp-pay-small") permit (principal, action == Toolgate::Action::"tools/pay", resource)
 when { context.args.amount < 100 };
+@id("mcp-transfer") permit (principal, action == Toolgate::Action::"tools/transfer", resource);
+@id("mcp-transfer-limit") forbid (principal, action == Toolgate::Action::"tools/transfer", resource)
+when { context.args has amount && context.args.amount >= 100 };
+@id("mcp-transfer-mallory") forbid (principal, action == Toolgate::Action::"tools/transfer", resource)
+when { context.args has memo && context.args.memo has to && context.args.memo.to == "mallory" };
 "#;
 
 async fn hostile_gateway(upstream: &Upstream) -> Gateway {
@@ -362,6 +370,99 @@ async fn rest_arguments_are_forwarded_only_as_the_policy_read_them() {
             upstream: Exactly(|r| assert_eq!(r.uri, "/api/invoices/42")),
         },
         Case {
+            name: "Connection naming the Content-Type, which the agent then loses",
+            method: "POST",
+            target: refund,
+            headers: &[JSON, "Connection: content-type"],
+            body: r#"{"invoice_id":42,"amount":10}"#,
+            status: 415,
+            upstream: Nothing,
+        },
+        Case {
+            name: "query name with a leading space (PHP drops it)",
+            method: "GET",
+            target: "/billing/invoices?%20customer=a",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "query name with a NUL (PHP cuts there)",
+            method: "GET",
+            target: "/billing/invoices?customer%00x=a",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "bracketed root (Rack 2 files it under customer)",
+            method: "GET",
+            target: "/billing/invoices?[customer]=a",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "dotted name beside its root (qs allowDots, Spring)",
+            method: "GET",
+            target: "/billing/invoices?limit=5&limit.x=500",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "path literal in another case (Express routes it as the literal)",
+            method: "GET",
+            target: "/billing/INVOICES/42",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: a body without a Content-Type",
+            method: "POST",
+            target: "/billing/export",
+            headers: &[],
+            body: "_method=DELETE",
+            status: 415,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: a form behind a list of media types",
+            method: "POST",
+            target: "/billing/export",
+            headers: &["Content-Type: application/x-www-form-urlencoded,x"],
+            body: "_method=DELETE",
+            status: 415,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: an override in a JSON body (Laravel reads it)",
+            method: "POST",
+            target: "/billing/export",
+            headers: &[JSON],
+            body: r#"{"_method":"DELETE"}"#,
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: an opaque body streams as sent",
+            method: "POST",
+            target: "/billing/export",
+            headers: &["Content-Type: application/octet-stream"],
+            body: "raw bytes",
+            status: 200,
+            upstream: Exactly(|r| {
+                assert_eq!(r.body, "raw bytes");
+                assert_eq!(r.headers["content-type"], "application/octet-stream");
+            }),
+        },
+        Case {
             name: "path parameter conflicting with the query",
             method: "GET",
             target: "/billing/invoices/42?invoice_id=43",
@@ -408,6 +509,24 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
         Case { name: "argument differing by the Kelvin sign", method: "POST", target: "/tools", headers: &[JSON],
             body: "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"add\",\"arguments\":{\"a\":1,\"b\":2,\"k\":1,\"\u{212a}\":2}}}",
             status: 400, upstream: Nothing },
+        Case { name: "a response whose Method a case-folding server would run", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"result":{},"Method":"tools/call","Params":{"name":"pay","arguments":{"amount":900}}}"#,
+            status: 400, upstream: Nothing },
+        Case { name: "Arguments spelled otherwise in params", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","Arguments":{"amount":900}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "an optional argument spelled otherwise", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"Amount":900}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "a nested argument spelled otherwise", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"memo":{"TO":"mallory"}}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "subscribing to a resource nobody may read", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///etc/shadow"}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "allowed transfer, spelled as declared", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"memo":{"to":"bob"}}}}"#,
+            status: 200, upstream: Exactly(|r| assert_eq!(body_json(r)["params"]["arguments"]["memo"]["to"], "bob")) },
         Case { name: "a tool call as a notification", method: "POST", target: "/tools", headers: &[JSON],
             body: r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"pay","arguments":{"amount":900}}}"#,
             status: 400, upstream: Nothing },
@@ -487,6 +606,9 @@ async fn override_and_forwarding_headers_never_reach_the_upstream() {
         "Forwarded: for=10.9.9.9;host=admin.internal",
         "Cookie: session=agent",
         "Proxy-Authorization: Basic eDp5",
+        // Read as X-HTTP-Method-Override and X-Forwarded-Host behind CGI-style header maps.
+        "X_HTTP_METHOD_OVERRIDE: DELETE",
+        "X_Forwarded_Host: admin.internal",
     ];
     let check = |r: &Recorded| {
         for name in [
@@ -501,6 +623,8 @@ async fn override_and_forwarding_headers_never_reach_the_upstream() {
             "forwarded",
             "cookie",
             "proxy-authorization",
+            "x_http_method_override",
+            "x_forwarded_host",
         ] {
             assert!(!r.headers.contains_key(name), "{name} reached the upstream");
         }

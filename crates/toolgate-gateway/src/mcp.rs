@@ -26,7 +26,9 @@ use toolgate_mcp::{
 };
 use toolgate_policy::{PolicyEngine, Resource};
 
-use crate::answer::{full, json_response, Body, BoxError, InternalError, Refusal, UpstreamError};
+use crate::answer::{
+    error_chain, full, json_response, Body, BoxError, InternalError, Refusal, UpstreamError,
+};
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{authz_request, read_limited, CallContext, ToolId};
 use crate::rest::check_json_body_headers;
@@ -98,8 +100,15 @@ impl Gateway {
             record.decision = Verdict::Allow;
             parts.headers.remove(header::CONTENT_LENGTH);
             let scope = vec![format!("{}/mcp", upstream.name())];
+            let opens_stream = parts.method == Method::GET;
             let request = Request::from_parts(parts, full(Bytes::new()));
-            return self.forward(ctx, upstream, request, scope, record).await;
+            let response = self.forward(ctx, upstream, request, scope, record).await?;
+            if !(opens_stream && is_event_stream(response.headers())) {
+                return Ok(response);
+            }
+            // The server's own stream carries resource updates too: filtered as on a listen.
+            let filter = answer_filter(Vec::new(), true, Visibility::new(ctx, upstream));
+            return rewrite_answer(response, filter, Vec::new(), false).await;
         }
 
         if let Err(refusal) = check_json_body_headers(&parts.headers) {
@@ -157,6 +166,7 @@ impl Gateway {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        let errors_before = record.errors.len();
         let forwarded = self
             .forward(
                 ctx,
@@ -166,11 +176,20 @@ impl Gateway {
                 record,
             )
             .await;
-        // Each line of a batch is written once the credential (or the failure) is known.
+        let mut failure = record.errors[errors_before..].to_vec();
+        if let Err(refusal) = &forwarded {
+            if !matches!(refusal, Refusal::Forbidden) {
+                failure.push(error_chain(refusal));
+            }
+        }
+        // Each line of a batch is written once the credential (or the failure) is known: an
+        // allowed message shares the request's fate (its task may have ended meanwhile).
         for mut line in plan.decisions {
             if line.decision == Verdict::Allow {
+                line.decision = record.decision;
                 line.jti = record.jti.clone();
                 line.upstream_status = record.upstream_status;
+                line.errors.extend(failure.iter().cloned());
             }
             self.finish(line);
         }
@@ -179,15 +198,9 @@ impl Gateway {
         if plan.list_ids.is_empty() && plan.answered.is_empty() && !plan.listens {
             return Ok(response);
         }
-        let visible = Visibility {
-            engine: ctx.engine.clone(),
-            caller: ctx.caller.clone(),
-            upstream: upstream.name().to_string(),
-            client_ip: ctx.client.ip,
-        };
         rewrite_answer(
             response,
-            answer_filter(plan.list_ids, plan.listens, Arc::new(visible)),
+            answer_filter(plan.list_ids, plan.listens, Visibility::new(ctx, upstream)),
             plan.answered,
             batch,
         )
@@ -332,6 +345,15 @@ struct Visibility {
 }
 
 impl Visibility {
+    fn new(ctx: &CallContext<'_>, upstream: &Upstream) -> Arc<Visibility> {
+        Arc::new(Visibility {
+            engine: ctx.engine.clone(),
+            caller: ctx.caller.clone(),
+            upstream: upstream.name().to_string(),
+            client_ip: ctx.client.ip,
+        })
+    }
+
     /// A tool in a listing: the schema knows it and `list` permits it.
     fn tool(&self, tool: &str) -> bool {
         let id = ToolId::new(&self.upstream, tool);
@@ -360,12 +382,7 @@ async fn rewrite_answer(
 ) -> Result<Response<Body>, Refusal> {
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"));
-    if sse {
+    if is_event_stream(&parts.headers) {
         let body = SseRewrite::new(body, rewrite, answer_events(&answered));
         return Ok(Response::from_parts(parts, body.boxed()));
     }
@@ -379,6 +396,13 @@ async fn rewrite_answer(
         HeaderValue::from_static("application/json"),
     );
     Ok(Response::from_parts(parts, full(value.to_string())))
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
 /// The gateway's answers as SSE events, sent ahead of the upstream's.

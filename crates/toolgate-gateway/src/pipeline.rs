@@ -17,8 +17,9 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use toolgate_credential::{Grant, Minted};
 use toolgate_identity::{unix_now, Caller};
+use toolgate_mcp::json::misspelled;
 use toolgate_policy::{
-    AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
+    AttrType, AuthzRequest, Decision, Env, PolicyEngine, Principal, Record, Resource, TaskContext,
 };
 use toolgate_tasks::Task;
 
@@ -26,7 +27,7 @@ use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
 use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
-use crate::upstream::{ClientView, Upstream};
+use crate::upstream::{strip_hop_by_hop, ClientView, Upstream};
 use crate::{Gateway, Routing};
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -66,9 +67,10 @@ impl Gateway {
     /// answered, counted and recorded.
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
+        strip_hop_by_hop(request.headers_mut());
         if request.method() == Method::GET {
             let path = request.uri().path();
             if path == JWKS_PATH {
@@ -215,12 +217,20 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Decision {
         let started = Instant::now();
-        let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
-        request.task = ctx
-            .task
-            .as_ref()
-            .map(|t| task_context(t, action, &ctx.caller.agent, record));
-        let decision = ctx.engine.authorize(&request);
+        let declared = ctx.engine.schema_info().actions.get(action);
+        let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
+            Some(key) => Decision::deny_with(format!(
+                "argument `{key}` differs from a declared one only in letter case"
+            )),
+            None => {
+                let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
+                request.task = ctx
+                    .task
+                    .as_ref()
+                    .map(|t| task_context(t, action, &ctx.caller.agent, record));
+                ctx.engine.authorize(&request)
+            }
+        };
         let elapsed = started.elapsed();
         self.metrics.authz_duration.observe(elapsed.as_secs_f64());
         record.decision = if decision.allowed {
@@ -259,6 +269,8 @@ impl Gateway {
                 .add_credential(task, &minted.claims.jti, unix_now())
                 .await?
             {
+                // Signed but never sent: no credential to name.
+                record.jti = None;
                 record.decision = Verdict::Deny;
                 record
                     .errors
@@ -532,6 +544,29 @@ pub(crate) fn authz_request<'a>(
         },
         task: None,
         issuer: &caller.issuer,
+    }
+}
+
+/// An argument key, at any depth the schema declares, that a server matching keys without
+/// regard to case reads as a declared one although it is spelled otherwise: the policy would
+/// not see the value that server uses (an undeclared key is otherwise dropped unseen).
+fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<String> {
+    if let Some(key) = misspelled(args, declared.keys().map(String::as_str)) {
+        return Some(key.to_string());
+    }
+    declared.iter().find_map(|(name, (ty, _))| {
+        let inner = misspelled_within(args.get(name)?, ty)?;
+        Some(format!("{name}.{inner}"))
+    })
+}
+
+fn misspelled_within(value: &Value, ty: &AttrType) -> Option<String> {
+    match (ty, value) {
+        (AttrType::Record(declared), Value::Object(fields)) => misspelled_arg(fields, declared),
+        (AttrType::Set(element), Value::Array(items)) => items
+            .iter()
+            .find_map(|item| misspelled_within(item, element)),
+        _ => None,
     }
 }
 

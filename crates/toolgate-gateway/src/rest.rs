@@ -25,6 +25,10 @@ use crate::upstream::Upstream;
 /// Nesting allowed in a JSON body.
 pub const MAX_JSON_DEPTH: usize = 32;
 
+/// Query parameters allowed in one call: bounded work, and far below where frameworks stop
+/// reading a query (qs and PHP at 1,000), so none reads less than the policy saw.
+const MAX_QUERY_PAIRS: usize = 100;
+
 /// Percent-encodes all but RFC 3986 unreserved characters: no decoder reads the result
 /// differently (`+`, `;`, `%` and spaces are all escaped).
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -65,14 +69,24 @@ pub(crate) async fn read_call(
     merge_args(&mut args, query_args)?;
     parts.uri = upstream.uri(&canonical_path(&route.segments), query.as_deref())?;
 
-    if declared.is_none_or(|d| d.is_empty()) {
-        // No policy can read an argument of this action; only refuse bodies that frameworks
-        // mine for overrides. Anything else streams as sent.
-        if let Some(media) = media_type(&parts.headers)? {
-            if media == "application/x-www-form-urlencoded" || media == "multipart/form-data" {
-                return Err(Refusal::UnsupportedMediaType(
-                    "form bodies are not forwarded: send JSON".into(),
-                ));
+    let media = media_type(&parts.headers)?;
+    let json = media.as_deref().is_some_and(is_json);
+    if declared.is_none_or(|d| d.is_empty()) && !json {
+        // No policy can read an argument of this action: a body streams as sent, unless a
+        // framework could mine it for a method override (a form, or one whose type it guesses).
+        if !http_body::Body::is_end_stream(&body) {
+            match media.as_deref() {
+                None => {
+                    return Err(Refusal::UnsupportedMediaType(
+                        "a body needs a Content-Type".into(),
+                    ))
+                }
+                Some("application/x-www-form-urlencoded" | "multipart/form-data") => {
+                    return Err(Refusal::UnsupportedMediaType(
+                        "form bodies are not forwarded: send JSON".into(),
+                    ))
+                }
+                Some(_) => {}
             }
         }
         return Ok((
@@ -135,13 +149,33 @@ fn media_type(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
     let text = value
         .to_str()
         .map_err(|_| Refusal::UnsupportedMediaType("Content-Type is not ASCII".into()))?;
-    Ok(Some(
-        text.split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase(),
-    ))
+    // Rack reads the type up to `,` too: `application/x-www-form-urlencoded,x` is a form there.
+    if text.contains(',') {
+        return Err(Refusal::UnsupportedMediaType(
+            "Content-Type must be one media type".into(),
+        ));
+    }
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
+    };
+    match media.split_once('/') {
+        Some((kind, sub)) if token(kind) && token(sub) => Ok(Some(media)),
+        _ => Err(Refusal::UnsupportedMediaType(format!(
+            "Content-Type {media:?} is not a media type"
+        ))),
+    }
+}
+
+fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
 }
 
 /// A JSON body is read as UTF-8 JSON: the media type must say JSON, its only parameter may be
@@ -158,9 +192,7 @@ pub(crate) fn check_json_body_headers(headers: &HeaderMap) -> Result<(), Refusal
     let Some(media) = media_type(headers)? else {
         return refuse("a body needs Content-Type: application/json");
     };
-    if !(media == "application/json"
-        || (media.starts_with("application/") && media.ends_with("+json")))
-    {
+    if !is_json(&media) {
         return refuse("the body must be application/json");
     }
     let value = headers
@@ -197,14 +229,19 @@ fn read_query(
         return Ok((args, None));
     };
     let mut canonical = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    for (n, pair) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
+        if n == MAX_QUERY_PAIRS {
+            return Err(Refusal::BadRequest(format!(
+                "more than {MAX_QUERY_PAIRS} query parameters"
+            )));
+        }
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = decode_query_part(raw_name)?;
         let value = decode_query_part(raw_value)?;
-        if name.is_empty() {
-            return Err(Refusal::BadRequest(
-                "a query parameter without a name".into(),
-            ));
+        if !is_plain_query_name(&name) {
+            return Err(Refusal::BadRequest(format!(
+                "query parameter name {name:?} is not read alike by every framework"
+            )));
         }
         if fold_key(&name) == "access_token" {
             return Err(Refusal::BadRequest(
@@ -257,34 +294,75 @@ fn refuse_override(name: &str) -> Result<(), Refusal> {
 }
 
 /// Every argument name of one call, by each form a framework may file it under: folded case,
-/// PHP's (`.` and space read as `_`), and the part before `[` (arrays and maps in PHP, Rails,
-/// qs). Two different names that share a form could reach the upstream as one argument the
-/// policy saw under the other name (or not at all): refused.
+/// and PHP's (`.` and space read as `_`). A structured name (`a[b]`, `a[]`, `a.b`) is filed by
+/// PHP, Rails, qs and Spring under its root `a`. Two different names that share a form, or a
+/// root that is also a name of its own, could reach the upstream as one argument the policy
+/// saw under another name (or not at all): refused.
 #[derive(Default)]
 struct Names {
     by_form: HashMap<String, String>,
+    roots: HashMap<String, String>,
 }
 
 impl Names {
     fn claim(&mut self, name: &str) -> Result<(), Refusal> {
         let folded = fold_key(name);
         let php = folded.replace(['.', ' '], "_");
-        let base = folded.split('[').next().unwrap_or_default().to_string();
-        for form in [folded, php, base] {
-            match self.by_form.get(&form) {
-                Some(other) if other != name => {
-                    return Err(Refusal::BadRequest(format!(
-                        "arguments `{other}` and `{name}` may be read as one by the upstream"
-                    )))
-                }
+        let root = folded
+            .split(['[', '.'])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let conflict = |other: &str| {
+            Err(Refusal::BadRequest(format!(
+                "arguments `{other}` and `{name}` may be read as one by the upstream"
+            )))
+        };
+        for form in [&folded, &php] {
+            match self.by_form.get(form) {
+                Some(other) if other != name => return conflict(other),
                 Some(_) => {}
                 None => {
-                    self.by_form.insert(form, name.to_string());
+                    self.by_form.insert(form.clone(), name.to_string());
                 }
             }
         }
+        if root == folded {
+            if let Some(other) = self.roots.get(&root) {
+                return conflict(other);
+            }
+        } else {
+            if let Some(other) = self.by_form.get(&root) {
+                return conflict(other);
+            }
+            self.roots.entry(root).or_insert_with(|| name.to_string());
+        }
         Ok(())
     }
+}
+
+/// A query parameter name every framework reads alike: a root of letters, digits and
+/// `_ . ~ - $`, then `[...]` groups of the same characters. Leading spaces and NULs (PHP),
+/// a bracketed root (Rack), nested or unbalanced brackets are refused.
+fn is_plain_query_name(name: &str) -> bool {
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.~-$".contains(&b))
+    };
+    let (root, mut rest) = name.split_at(name.find('[').unwrap_or(name.len()));
+    if root.is_empty() || !plain(root) {
+        return false;
+    }
+    while let Some(inner) = rest.strip_prefix('[') {
+        let Some(end) = inner.find(']') else {
+            return false;
+        };
+        if !plain(&inner[..end]) {
+            return false;
+        }
+        rest = &inner[end + 1..];
+    }
+    rest.is_empty()
 }
 
 /// Adds `more` to `args`; the same name from two sources must carry the same value.
@@ -349,6 +427,10 @@ mod tests {
             ("application/json; charset=utf-8; boundary=x", false),
             ("text/plain", false),
             ("text/json", false),
+            ("application/json, application/x-www-form-urlencoded", false),
+            ("application/json x", false),
+            ("application/json/x", false),
+            ("", false),
         ] {
             let mut h = HeaderMap::new();
             h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
@@ -387,6 +469,16 @@ mod tests {
             "access_token=abc",
             "=x",
             "a=%ff",
+            // PHP drops leading spaces and cuts at NUL; Rack 2 files `[amount]` under amount.
+            "%20customer=a",
+            "customer%00x=a",
+            "[customer]=a",
+            "customer[a[b]]=1",
+            "customer]=1",
+            "customer[=1",
+            // A structured name beside its own root: qs, Rails, PHP merge the two.
+            "customer[]=b&customer=a",
+            "customer.x=b&customer=a",
         ] {
             assert!(
                 read_query(Some(query), &mut Names::default()).is_err(),
@@ -399,6 +491,15 @@ mod tests {
         assert!(read_query(Some("Amount=900"), &mut names).is_err());
         assert!(read_query(Some("amount[]=900"), &mut names).is_err());
         assert!(read_query(Some("amount=900"), &mut names).is_ok());
+        // Structured names under one root are one map to every framework: read alike.
+        let (args, _) = read_query(
+            Some("filter[status]=open&filter[kind]=x&$top=5&a.b=1&a.c=2"),
+            &mut Names::default(),
+        )
+        .unwrap();
+        assert_eq!(args.len(), 5);
+        let many = vec!["x=1"; MAX_QUERY_PAIRS + 1].join("&");
+        assert!(read_query(Some(&many), &mut Names::default()).is_err());
     }
 
     #[test]

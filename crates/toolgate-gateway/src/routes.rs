@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use percent_encoding::percent_decode_str;
+use toolgate_mcp::json::fold_key;
 
 use crate::config::UpstreamConfig;
 
@@ -64,6 +65,15 @@ impl Template {
             }
         }
         Some(params)
+    }
+
+    /// A segment at the place of one of this template's literals that a case-insensitive
+    /// router takes for it, although it is spelled otherwise.
+    fn misspells_a_literal(&self, segments: &[String]) -> bool {
+        segments.len() == self.segments.len()
+            && self.segments.iter().zip(segments).any(|(template, actual)| {
+                matches!(template, Segment::Literal(lit) if lit != actual && fold_key(lit) == fold_key(actual))
+            })
     }
 
     fn literal_count(&self) -> usize {
@@ -164,6 +174,16 @@ impl RouteTable {
                 return Err(ClassifyError::BadPath("control character in segment"));
             }
             segments.push(decoded.into_owned());
+        }
+        if routes
+            .iter()
+            .any(|r| r.template.misspells_a_literal(&segments))
+        {
+            // Case-insensitive routers (Express's default, ASP.NET) would take
+            // `/invoices/EXPORT` for `/invoices/export`, not for `/invoices/{id}`.
+            return Err(ClassifyError::BadPath(
+                "segment differs from a route's literal only in letter case",
+            ));
         }
         routes
             .iter()
@@ -276,6 +296,10 @@ mod tests {
             "/billing/invoices/%ff",
             "/billing/invoices/4%002",
             "/billing/invoices/%0d%0a",
+            // Case-insensitive routers read these as the literal routes.
+            "/billing/invoices/SUMMARY",
+            "/billing/Invoices/42",
+            "/billing/invoices/%53ummary",
         ] {
             assert!(
                 matches!(

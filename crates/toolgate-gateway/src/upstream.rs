@@ -108,11 +108,16 @@ impl Upstream {
         agent: &ClientView,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
-        strip(headers, &HOP_BY_HOP);
-        strip(headers, &AGENT_ONLY);
+        strip_hop_by_hop(headers);
+        for name in AGENT_ONLY {
+            headers.remove(name);
+        }
+        // Servers behind CGI-style header maps (nginx, PHP, Rack, WSGI) read `_` as `-`:
+        // `X_HTTP_Method_Override` would pass for a header removed above. Dropped as nginx
+        // does by default.
         let agent_forwarded: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| k.as_str().starts_with(FORWARDED_PREFIX))
+            .filter(|k| k.as_str().starts_with(FORWARDED_PREFIX) || k.as_str().contains('_'))
             .cloned()
             .collect();
         for name in agent_forwarded {
@@ -137,12 +142,15 @@ impl Upstream {
 
 fn into_downstream(response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    strip(&mut parts.headers, &HOP_BY_HOP);
+    strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-/// Removes the listed headers and any the `Connection` header names.
-fn strip(headers: &mut HeaderMap, names: &[&str]) {
+/// Removes the hop-by-hop headers and any the `Connection` header names. Done to each request
+/// as it arrives, before anything is read from it: a header the agent names there
+/// (`Connection: content-type`) is not the gateway's to read, and must not remove later what
+/// the gateway sets itself.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -153,8 +161,8 @@ fn strip(headers: &mut HeaderMap, names: &[&str]) {
     for name in named {
         headers.remove(name);
     }
-    for name in names {
-        headers.remove(*name);
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -177,7 +185,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_and_hop_by_hop_headers_are_stripped() {
+    fn hop_by_hop_and_nominated_headers_are_stripped() {
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer inbound"),
@@ -190,10 +198,18 @@ mod tests {
         ] {
             h.insert(k, HeaderValue::from_static(v));
         }
-        strip(&mut h, &HOP_BY_HOP);
-        strip(&mut h, &AGENT_ONLY);
+        strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["accept"]);
+        assert_eq!(
+            left,
+            vec![
+                "authorization",
+                "cookie",
+                "proxy-authorization",
+                "toolgate-task",
+                "accept"
+            ]
+        );
     }
 
     #[test]

@@ -58,6 +58,21 @@ pub fn fold_key(key: &str) -> String {
         .collect()
 }
 
+/// A key of `object` that a case-insensitive parser reads as one of `known` but that is spelled
+/// otherwise: the reader that matches exactly would not see the value such a parser uses.
+pub fn misspelled<'a, I>(object: &'a Map<String, Value>, known: I) -> Option<&'a str>
+where
+    I: IntoIterator<Item = &'a str> + Clone,
+{
+    object.keys().map(String::as_str).find(|key| {
+        let folded = fold_key(key);
+        known
+            .clone()
+            .into_iter()
+            .any(|k| k != *key && fold_key(k) == folded)
+    })
+}
+
 struct Strict {
     depth: usize,
     max_depth: usize,
@@ -230,5 +245,13 @@ mod tests {
         assert_eq!(fold_key("\u{212a}ey"), fold_key("key"));
         assert_eq!(fold_key("\u{3c2}"), fold_key("\u{3a3}")); // final sigma, capital sigma
         assert_ne!(fold_key("amount"), fold_key("amounts"));
+    }
+
+    #[test]
+    fn misspelled_keys_are_found() {
+        let object = json!({"Amount": 1, "note": "x"});
+        let object = object.as_object().unwrap();
+        assert_eq!(misspelled(object, ["amount", "note"]), Some("Amount"));
+        assert_eq!(misspelled(object, ["note", "other"]), None);
     }
 }

@@ -90,10 +90,20 @@ pub fn parse(body: &[u8]) -> Result<Payload, RpcError> {
     }
 }
 
+/// The members JSON-RPC 2.0 defines. Any other is refused: a server that matches members
+/// without regard to case would read `Method` or `Params` where the gateway saw none.
+const ENVELOPE: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
 fn check_message(m: &Value) -> Result<(), RpcError> {
     let obj = m
         .as_object()
         .ok_or_else(|| RpcError::new(code::INVALID_REQUEST, "a JSON-RPC message is an object"))?;
+    if let Some(key) = obj.keys().find(|k| !ENVELOPE.contains(&k.as_str())) {
+        return Err(RpcError::new(
+            code::INVALID_REQUEST,
+            format!("`{key}` is not a JSON-RPC member"),
+        ));
+    }
     if obj.get("jsonrpc") != Some(&json!("2.0")) {
         return Err(RpcError::new(
             code::INVALID_REQUEST,
@@ -108,7 +118,12 @@ fn check_message(m: &Value) -> Result<(), RpcError> {
             ));
         }
     }
+    let answers = obj.contains_key("result") as u8 + obj.contains_key("error") as u8;
     match obj.get("method") {
+        Some(Value::String(_)) if answers > 0 => Err(RpcError::new(
+            code::INVALID_REQUEST,
+            "a request carries no result or error",
+        )),
         Some(Value::String(_)) => {
             if obj
                 .get("params")
@@ -126,11 +141,7 @@ fn check_message(m: &Value) -> Result<(), RpcError> {
             "method must be a string",
         )),
         // A response to a server's request: carries an id and a result or an error.
-        None if obj.contains_key("id")
-            && (obj.contains_key("result") || obj.contains_key("error")) =>
-        {
-            Ok(())
-        }
+        None if obj.contains_key("id") && answers == 1 && !obj.contains_key("params") => Ok(()),
         None => Err(RpcError::new(
             code::INVALID_REQUEST,
             "neither a request, a notification nor a response",
@@ -150,7 +161,8 @@ pub enum Intent {
     ListTools,
     /// `subscriptions/listen` (2026-07-28): forwarded; what it streams is filtered.
     Listen,
-    /// `resources/read`, `prompts/get`: authorized as `<upstream>/<method>` with the params.
+    /// `resources/read`, `prompts/get`: authorized as `<upstream>/<method>` with the params;
+    /// `resources/subscribe` as the `resources/read` of its `uri`.
     Guarded {
         method: String,
         params: Map<String, Value>,
@@ -171,20 +183,33 @@ const PASS_METHODS: [&str; 9] = [
     "prompts/list",
     "completion/complete",
     "logging/setLevel",
-    "resources/subscribe",
+    "resources/unsubscribe",
 ];
 
 pub fn intent(message: &Value) -> Result<Intent, RpcError> {
     let Some(method) = message.get("method").and_then(Value::as_str) else {
         return Ok(Intent::Pass);
     };
-    let params = || match message.get("params") {
-        Some(Value::Object(p)) => Ok(p.clone()),
-        None => Ok(Map::new()),
-        Some(_) => Err(RpcError::new(
-            code::INVALID_PARAMS,
-            "params must be an object",
-        )),
+    // The params the gateway reads, exactly as spelled: a server that folds case would
+    // otherwise take `Arguments` or `URI` the policy never saw.
+    let params = |read: &[&str]| {
+        let params = match message.get("params") {
+            Some(Value::Object(p)) => p.clone(),
+            None => Map::new(),
+            Some(_) => {
+                return Err(RpcError::new(
+                    code::INVALID_PARAMS,
+                    "params must be an object",
+                ))
+            }
+        };
+        match json::misspelled(&params, read.iter().copied().chain(["_meta"])) {
+            Some(key) => Err(RpcError::new(
+                code::INVALID_PARAMS,
+                format!("params member `{key}` is not spelled as MCP defines it"),
+            )),
+            None => Ok(params),
+        }
     };
     if message.get("id").is_none() {
         // A request sent as a notification would run on the server with no answer to filter
@@ -199,7 +224,7 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
     }
     Ok(match method {
         "tools/call" => {
-            let params = params()?;
+            let params = params(&["name", "arguments"])?;
             let name = params
                 .get("name")
                 .and_then(Value::as_str)
@@ -220,9 +245,18 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         }
         "tools/list" => Intent::ListTools,
         "subscriptions/listen" => Intent::Listen,
-        "resources/read" | "prompts/get" => Intent::Guarded {
+        "resources/read" => Intent::Guarded {
             method: method.to_string(),
-            params: params()?,
+            params: params(&["uri"])?,
+        },
+        "prompts/get" => Intent::Guarded {
+            method: method.to_string(),
+            params: params(&["name", "arguments"])?,
+        },
+        // Watching a resource tells what changes in it: allowed to those who may read it.
+        "resources/subscribe" => Intent::Guarded {
+            method: "resources/read".to_string(),
+            params: params(&["uri"])?,
         },
         m if PASS_METHODS.contains(&m) => Intent::Pass,
         other => Intent::Unknown(other.to_string()),
@@ -344,7 +378,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let cases: [(&[u8], i64); 9] = [
+        let cases: [(&[u8], i64); 14] = [
             (b"{not json", code::PARSE_ERROR),
             (b"[]", code::INVALID_REQUEST),
             (b"42", code::INVALID_REQUEST),
@@ -364,6 +398,27 @@ mod tests {
             (br#"{"jsonrpc":"2.0","id":1}"#, code::INVALID_REQUEST),
             (
                 br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}, 5]"#,
+                code::INVALID_REQUEST,
+            ),
+            // Members a case-folding server would read as the method or params.
+            (
+                br#"{"jsonrpc":"2.0","id":1,"result":{},"Method":"tools/call"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"ping","Params":{}}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"ping","result":{}}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"result":{},"params":{}}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
                 code::INVALID_REQUEST,
             ),
         ];
@@ -426,6 +481,27 @@ mod tests {
             intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}})).is_err()
         );
         assert!(intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":[1]}})).is_err());
+        // What the gateway reads must be spelled exactly; other params pass untouched.
+        for params in [
+            json!({"name":"a","Arguments":{"amount":900}}),
+            json!({"name":"a","NAME":"b"}),
+            json!({"name":"a","_Meta":{}}),
+        ] {
+            let m = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":params});
+            assert_eq!(intent(&m).unwrap_err().code, code::INVALID_PARAMS, "{m}");
+        }
+        let m =
+            json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"URI":"file:///x"}});
+        assert!(intent(&m).is_err());
+        assert!(intent(
+            &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","task":{}}})
+        )
+        .is_ok());
+        // Subscribing is reading.
+        let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///x"}});
+        assert!(
+            matches!(intent(&m).unwrap(), Intent::Guarded { method, .. } if method == "resources/read")
+        );
     }
 
     #[test]

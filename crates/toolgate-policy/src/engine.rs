@@ -81,7 +81,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn deny_with(error: String) -> Self {
+    pub fn deny_with(error: String) -> Self {
         Decision {
             allowed: false,
             policies: Vec::new(),
