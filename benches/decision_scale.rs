@@ -65,6 +65,15 @@ fn percentiles(mut f: impl FnMut(), iterations: usize) -> (Duration, Duration) {
 }
 
 fn decisions(c: &mut Criterion) {
+    // `cargo test` runs each benchmark once to prove it works; the percentile table is for
+    // `cargo bench` (in a debug build, 2,000 whole-set decisions over 10,000 policies take minutes).
+    let samples = |n: usize| {
+        if std::env::args().any(|a| a == "--bench") {
+            n
+        } else {
+            10
+        }
+    };
     let claims = Map::new();
     let mut table = Vec::new();
     for size in SIZES {
@@ -79,8 +88,8 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| black_box(engine.authorize_unindexed(black_box(&req))))
         });
         group.finish();
-        let iterations = if size >= 10_000 { 2_000 } else { 20_000 };
-        let indexed = percentiles(|| drop(black_box(engine.authorize(&req))), 20_000);
+        let iterations = samples(if size >= 10_000 { 2_000 } else { 20_000 });
+        let indexed = percentiles(|| drop(black_box(engine.authorize(&req))), samples(20_000));
         let whole = percentiles(
             || drop(black_box(engine.authorize_unindexed(&req))),
             iterations,
@@ -107,8 +116,11 @@ fn decisions(c: &mut Criterion) {
         b.iter(|| black_box(engine.authorize(black_box(&req))))
     });
     group.finish();
-    let indexed = percentiles(|| drop(black_box(engine.authorize(&req))), 20_000);
-    let whole = percentiles(|| drop(black_box(engine.authorize_unindexed(&req))), 1_000);
+    let indexed = percentiles(|| drop(black_box(engine.authorize(&req))), samples(20_000));
+    let whole = percentiles(
+        || drop(black_box(engine.authorize_unindexed(&req))),
+        samples(1_000),
+    );
     table.push((
         "10000 on one action, one per agent".to_string(),
         indexed,

@@ -262,7 +262,7 @@ async fn rest_arguments_are_forwarded_only_as_the_policy_read_them() {
             target: "/billing/invoices/42",
             headers: &["Content-Type: text/plain"],
             body: "invoice_id=43",
-            status: 415,
+            status: 400,
             upstream: Nothing,
         },
         Case {
@@ -368,6 +368,60 @@ async fn rest_arguments_are_forwarded_only_as_the_policy_read_them() {
             body: "",
             status: 200,
             upstream: Exactly(|r| assert_eq!(r.uri, "/api/invoices/42")),
+        },
+        Case {
+            name: "JSON body on a route that reads the query (FastAPI Query(), Go URL.Query())",
+            method: "GET",
+            target: "/billing/invoices",
+            headers: &[JSON],
+            body: r#"{"customer":"acme"}"#,
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "a body argument sent in the query (Express req.body, Spring @RequestBody)",
+            method: "POST",
+            target: "/billing/refunds?amount=10",
+            headers: &[JSON],
+            body: r#"{"invoice_id":42}"#,
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "format suffix on a path parameter (Rails reads 42.json as 42)",
+            method: "GET",
+            target: "/billing/invoices/42.json",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "override under PHP's mangling (.method is _method)",
+            method: "POST",
+            target: "/billing/export?.method=DELETE",
+            headers: &[],
+            body: "",
+            status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: multipart/mixed (Rack reads it as a form)",
+            method: "POST",
+            target: "/billing/export",
+            headers: &["Content-Type: multipart/mixed"],
+            body: "_method=DELETE",
+            status: 415,
+            upstream: Nothing,
+        },
+        Case {
+            name: "tool without arguments: text/json (Laravel reads it as JSON)",
+            method: "POST",
+            target: "/billing/export",
+            headers: &["Content-Type: text/json"],
+            body: r#"{"_method":"DELETE"}"#,
+            status: 415,
+            upstream: Nothing,
         },
         Case {
             name: "Connection naming the Content-Type, which the agent then loses",
@@ -521,6 +575,12 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
         Case { name: "a nested argument spelled otherwise", method: "POST", target: "/tools", headers: &[JSON],
             body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"memo":{"TO":"mallory"}}}}"#,
             status: 200, upstream: Nothing },
+        Case { name: "a dotted name Go folds to `uri` (U+0130)", method: "POST", target: "/tools", headers: &[JSON],
+            body: "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resources/read\",\"params\":{\"uri\":\"file:///public/a\",\"ur\u{130}\":\"file:///secret\"}}",
+            status: 400, upstream: Nothing },
+        Case { name: "a resource uri a server would normalise (../)", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///public/../secret"}}"#,
+            status: 200, upstream: Nothing },
         Case { name: "subscribing to a resource nobody may read", method: "POST", target: "/tools", headers: &[JSON],
             body: r#"{"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///etc/shadow"}}"#,
             status: 200, upstream: Nothing },
@@ -561,6 +621,28 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
             upstream: Exactly(|r| { assert_eq!((r.method.as_str(), r.uri.as_str()), ("GET", "/mcp")); assert!(r.body.is_empty()); }) },
     ];
     run_table(&gw, &upstream, &token, &cases).await;
+
+    // A GET stream may replay earlier answers: listings and resource updates are filtered
+    // there as on the POST that asked for them.
+    let (status, answer) = raw(
+        gw.addr,
+        &request(
+            "GET",
+            "/tools",
+            Some(&token),
+            &[
+                "Accept: text/event-stream",
+                "Last-Event-ID: 3",
+                "X-Test-Replay: 1",
+            ],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("list_changed"), "{answer}");
+    assert!(!answer.contains("undeclared_tool"), "{answer}");
+    assert!(!answer.contains("file:///secret"), "{answer}");
 
     // The denied call is answered by the gateway; the allowed one is audited as allowed.
     let (status, answer) = raw(

@@ -83,6 +83,25 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Recorded>>>,
 }
 
+/// What an MCP server replays on a GET with `Last-Event-ID` (asked for with `X-Test-Replay`):
+/// an earlier `tools/list` answer, a resource update, a list-changed notification.
+fn replayed_stream() -> Response<Full<Bytes>> {
+    let events = [
+        json!({"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add"},{"name":"undeclared_tool"}]}}),
+        json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///secret"}}),
+        json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}),
+    ];
+    let body: String = events
+        .iter()
+        .map(|e| format!("event: message\ndata: {e}\n\n"))
+        .collect();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    response
+}
+
 impl Upstream {
     pub async fn start() -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,6 +122,7 @@ impl Upstream {
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
                             let slow = parts.uri.to_string().contains("slow");
+                            let replay = parts.headers.contains_key("x-test-replay");
                             log.lock().unwrap().push(Recorded {
                                 method: parts.method.to_string(),
                                 uri: parts.uri.to_string(),
@@ -111,6 +131,9 @@ impl Upstream {
                             });
                             if slow {
                                 tokio::time::sleep(Duration::from_secs(3)).await;
+                            }
+                            if replay {
+                                return Ok(replayed_stream());
                             }
                             let answer = serde_json::from_slice::<Value>(
                                 &log.lock().unwrap().last().unwrap().body,

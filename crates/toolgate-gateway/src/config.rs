@@ -150,6 +150,32 @@ pub struct RouteConfig {
     /// Calls to this tool must run in a task (`Toolgate-Task`).
     #[serde(default)]
     pub require_task: bool,
+    /// Where the upstream reads the declared arguments that are not path parameters. Default:
+    /// `query` for GET, HEAD, DELETE and OPTIONS, `body` otherwise.
+    #[serde(default)]
+    pub arguments: Option<ArgumentsIn>,
+    /// A path parameter may hold a `.`. Off by default: Rails and Spring read `42.json` as
+    /// `42` in JSON format, not the `42.json` the policy would see.
+    #[serde(default)]
+    pub dots_in_params: bool,
+}
+
+/// Where an upstream reads a route's arguments besides the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgumentsIn {
+    Query,
+    Body,
+}
+
+impl RouteConfig {
+    pub fn arguments_in(&self) -> ArgumentsIn {
+        self.arguments
+            .unwrap_or_else(|| match self.method.to_ascii_uppercase().as_str() {
+                "GET" | "HEAD" | "DELETE" | "OPTIONS" => ArgumentsIn::Query,
+                _ => ArgumentsIn::Body,
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -106,8 +106,9 @@ impl Gateway {
             if !(opens_stream && is_event_stream(response.headers())) {
                 return Ok(response);
             }
-            // The server's own stream carries resource updates too: filtered as on a listen.
-            let filter = answer_filter(Vec::new(), true, Visibility::new(ctx, upstream));
+            // The server's own stream carries resource updates, and replays earlier answers
+            // (`Last-Event-ID`), listings among them: both filtered.
+            let filter = answer_filter(Listings::All, true, Visibility::new(ctx, upstream));
             return rewrite_answer(response, filter, Vec::new(), false).await;
         }
 
@@ -200,7 +201,11 @@ impl Gateway {
         }
         rewrite_answer(
             response,
-            answer_filter(plan.list_ids, plan.listens, Visibility::new(ctx, upstream)),
+            answer_filter(
+                Listings::Ids(plan.list_ids),
+                plan.listens,
+                Visibility::new(ctx, upstream),
+            ),
             plan.answered,
             batch,
         )
@@ -314,12 +319,24 @@ fn single_answer_status(answer: &Value) -> StatusCode {
     }
 }
 
-/// Filters what the server answers: the tools of `tools/list` answers (by id), and on a
+/// Which answers are `tools/list` answers.
+enum Listings {
+    /// The answers to these requests (a POST's own).
+    Ids(Vec<Value>),
+    /// Any answer with `result.tools` (a stream that may replay earlier answers).
+    All,
+}
+
+/// Filters what the server answers: the tools of `tools/list` answers, and on a
 /// `subscriptions/listen` stream the resource updates the caller may not read. Says whether it
 /// changed the message (a dropped one becomes `null`).
-fn answer_filter(list_ids: Vec<Value>, listens: bool, visible: Arc<Visibility>) -> Rewrite {
+fn answer_filter(listings: Listings, listens: bool, visible: Arc<Visibility>) -> Rewrite {
     Arc::new(move |message: &mut Value| {
-        if message.get("id").is_some_and(|id| list_ids.contains(id)) {
+        let listing = match &listings {
+            Listings::Ids(ids) => message.get("id").is_some_and(|id| ids.contains(id)),
+            Listings::All => message.pointer("/result/tools").is_some(),
+        };
+        if listing {
             return filter_tools(message, &|tool| visible.tool(tool)) > 0;
         }
         if listens

@@ -19,6 +19,7 @@ use toolgate_mcp::json::{fold_key, parse_strict, JsonError};
 use toolgate_policy::Record;
 
 use crate::answer::{full, Body, InternalError, Refusal};
+use crate::config::ArgumentsIn;
 use crate::routes::Classified;
 use crate::upstream::Upstream;
 
@@ -58,7 +59,7 @@ pub(crate) async fn read_call(
     let (mut parts, body) = request.into_parts();
     let mut names = Names::default();
     for name in declared.into_iter().flat_map(|d| d.keys()) {
-        names.claim(name)?;
+        names.declare(name)?;
     }
     let mut args = Map::new();
     for (name, value) in &route.params {
@@ -66,6 +67,17 @@ pub(crate) async fn read_call(
         args.insert(name.clone(), Value::String(value.clone()));
     }
     let (query_args, query) = read_query(parts.uri.query(), &mut names)?;
+    // An argument the upstream reads from the body must not come in the query, where the
+    // policy would see it and a handler reading the body would not.
+    let in_body = route.arguments == ArgumentsIn::Body;
+    if let Some(name) = query_args
+        .keys()
+        .find(|name| in_body && declared.is_some_and(|d| d.contains_key(*name)))
+    {
+        return Err(Refusal::BadRequest(format!(
+            "argument `{name}` is read from the body on this route, not the query"
+        )));
+    }
     merge_args(&mut args, query_args)?;
     parts.uri = upstream.uri(&canonical_path(&route.segments), query.as_deref())?;
 
@@ -81,9 +93,14 @@ pub(crate) async fn read_call(
                         "a body needs a Content-Type".into(),
                     ))
                 }
-                Some("application/x-www-form-urlencoded" | "multipart/form-data") => {
+                // Rack reads any multipart as a form; Laravel reads any type naming `json`.
+                Some(m)
+                    if m == "application/x-www-form-urlencoded"
+                        || m.starts_with("multipart/")
+                        || m.contains("json") =>
+                {
                     return Err(Refusal::UnsupportedMediaType(
-                        "form bodies are not forwarded: send JSON".into(),
+                        "form, multipart and non-standard JSON bodies are not forwarded: send application/json".into(),
                     ))
                 }
                 Some(_) => {}
@@ -96,6 +113,11 @@ pub(crate) async fn read_call(
     }
 
     let bytes = read_body(&parts.headers, body, max_body).await?;
+    if !bytes.is_empty() && !in_body {
+        return Err(Refusal::BadRequest(
+            "this route reads its arguments from the path and query: a body is refused".into(),
+        ));
+    }
     if bytes.is_empty() {
         for name in [
             header::CONTENT_LENGTH,
@@ -283,9 +305,13 @@ fn canonical_path(segments: &[String]) -> String {
         .collect()
 }
 
+/// Refuses a name under which a framework takes a method override: in any case, with `-`,
+/// and as PHP files it (`.` and space read as `_`: `?.method=` is `$_GET['_method']`), or as
+/// the root of a structured name.
 fn refuse_override(name: &str) -> Result<(), Refusal> {
-    let folded = fold_key(name).replace('-', "_");
-    if METHOD_OVERRIDES.contains(&folded.as_str()) {
+    let folded = fold_key(name).replace(['-', '.', ' '], "_");
+    let root = folded.split('[').next().unwrap_or_default();
+    if METHOD_OVERRIDES.contains(&root) {
         return Err(Refusal::BadRequest(format!(
             "`{name}` would override the method after the decision"
         )));
@@ -295,29 +321,33 @@ fn refuse_override(name: &str) -> Result<(), Refusal> {
 
 /// Every argument name of one call, by each form a framework may file it under: folded case,
 /// and PHP's (`.` and space read as `_`). A structured name (`a[b]`, `a[]`, `a.b`) is filed by
-/// PHP, Rails, qs and Spring under its root `a`. Two different names that share a form, or a
-/// root that is also a name of its own, could reach the upstream as one argument the policy
-/// saw under another name (or not at all): refused.
+/// qs, Rails and Spring under its root `a`, by PHP under the root of its mangled form
+/// (`a.b[]` under `a_b`), and ASP.NET binds any of its parts to a model property. Two
+/// different names that share a form, a root that is also a name of its own, or a part that
+/// names a declared argument could reach the upstream as an argument the policy saw under
+/// another name (or not at all): refused.
 #[derive(Default)]
 struct Names {
     by_form: HashMap<String, String>,
     roots: HashMap<String, String>,
+    declared: HashMap<String, String>,
 }
 
 impl Names {
+    /// An argument the schema declares: claimed before any name the request brings.
+    fn declare(&mut self, name: &str) -> Result<(), Refusal> {
+        self.declared.insert(fold_key(name), name.to_string());
+        self.claim(name)
+    }
+
     fn claim(&mut self, name: &str) -> Result<(), Refusal> {
-        let folded = fold_key(name);
-        let php = folded.replace(['.', ' '], "_");
-        let root = folded
-            .split(['[', '.'])
-            .next()
-            .unwrap_or_default()
-            .to_string();
         let conflict = |other: &str| {
             Err(Refusal::BadRequest(format!(
                 "arguments `{other}` and `{name}` may be read as one by the upstream"
             )))
         };
+        let folded = fold_key(name);
+        let php = folded.replace(['.', ' '], "_");
         for form in [&folded, &php] {
             match self.by_form.get(form) {
                 Some(other) if other != name => return conflict(other),
@@ -327,15 +357,27 @@ impl Names {
                 }
             }
         }
-        if root == folded {
-            if let Some(other) = self.roots.get(&root) {
+        if !folded.contains(['[', '.']) {
+            return match self.roots.get(&folded) {
+                Some(other) => conflict(other),
+                None => Ok(()),
+            };
+        }
+        let roots = [
+            folded.split(['[', '.']).next().unwrap_or_default(),
+            php.split('[').next().unwrap_or_default(),
+        ];
+        for root in roots {
+            if let Some(other) = self.by_form.get(root).filter(|other| *other != name) {
                 return conflict(other);
             }
-        } else {
-            if let Some(other) = self.by_form.get(&root) {
-                return conflict(other);
-            }
-            self.roots.entry(root).or_insert_with(|| name.to_string());
+            self.roots
+                .entry(root.to_string())
+                .or_insert_with(|| name.to_string());
+        }
+        let mut parts = folded.split(['[', ']', '.']).skip(1);
+        if let Some(declared) = parts.find_map(|part| self.declared.get(part)) {
+            return conflict(declared);
         }
         Ok(())
     }
@@ -487,9 +529,16 @@ mod tests {
         }
         // A declared name claims its forms before the query is read.
         let mut names = Names::default();
-        names.claim("amount").unwrap();
+        names.declare("amount").unwrap();
+        names.declare("to_account").unwrap();
         assert!(read_query(Some("Amount=900"), &mut names).is_err());
         assert!(read_query(Some("amount[]=900"), &mut names).is_err());
+        // PHP files `to.account[]` under `to_account`; ASP.NET binds `request.amount` to amount.
+        assert!(read_query(Some("to.account[]=victim"), &mut names).is_err());
+        assert!(read_query(Some("request.amount=900"), &mut names).is_err());
+        assert!(read_query(Some("meta[Amount]=900"), &mut names).is_err());
+        assert!(read_query(Some(".method=DELETE"), &mut Names::default()).is_err());
+        assert!(read_query(Some("_method[]=DELETE"), &mut Names::default()).is_err());
         assert!(read_query(Some("amount=900"), &mut names).is_ok());
         // Structured names under one root are one map to every framework: read alike.
         let (args, _) = read_query(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use percent_encoding::percent_decode_str;
 use toolgate_mcp::json::fold_key;
 
-use crate::config::UpstreamConfig;
+use crate::config::{ArgumentsIn, UpstreamConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -90,6 +90,8 @@ struct Route {
     method: http::Method,
     template: Template,
     require_task: bool,
+    arguments: ArgumentsIn,
+    dots_in_params: bool,
 }
 
 /// A classified REST call.
@@ -103,6 +105,8 @@ pub struct Classified {
     pub segments: Vec<String>,
     /// The call must run in a task.
     pub require_task: bool,
+    /// Where the upstream reads the other arguments.
+    pub arguments: ArgumentsIn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +137,8 @@ impl RouteTable {
                         method: r.method.parse().ok()?,
                         template: Template::parse(&r.path).ok()?,
                         require_task: r.require_task || up.require_task,
+                        arguments: r.arguments_in(),
+                        dots_in_params: r.dots_in_params,
                     })
                 })
                 .collect();
@@ -185,19 +191,25 @@ impl RouteTable {
                 "segment differs from a route's literal only in letter case",
             ));
         }
-        routes
+        let (route, params) = routes
             .iter()
             .filter(|r| r.method == method)
-            .find_map(|r| {
-                r.template.matches(&segments).map(|params| Classified {
-                    upstream: index,
-                    tool: r.tool.clone(),
-                    params,
-                    segments: segments.clone(),
-                    require_task: r.require_task,
-                })
-            })
-            .ok_or(ClassifyError::NotFound)
+            .find_map(|r| Some((r, r.template.matches(&segments)?)))
+            .ok_or(ClassifyError::NotFound)?;
+        if !route.dots_in_params && params.values().any(|v| v.contains('.')) {
+            // Rails and Spring (suffix matching) read `42.json` as 42 in JSON format.
+            return Err(ClassifyError::BadPath(
+                "a `.` in a path parameter (the upstream may read a format suffix): set `dots_in_params: true` on the route if it does not",
+            ));
+        }
+        Ok(Classified {
+            upstream: index,
+            tool: route.tool.clone(),
+            params,
+            segments,
+            require_task: route.require_task,
+            arguments: route.arguments,
+        })
     }
 }
 
@@ -212,6 +224,8 @@ mod tests {
             method: method.into(),
             path: path.into(),
             require_task: false,
+            arguments: None,
+            dots_in_params: tool == "file",
         };
         RouteTable::new(&[UpstreamConfig {
             name: "billing".into(),
@@ -223,6 +237,7 @@ mod tests {
                 route("summary", "GET", "/invoices/summary"),
                 route("refund", "POST", "/refunds"),
                 route("line", "GET", "/invoices/{invoice_id}/lines/{line}"),
+                route("file", "GET", "/files/{name}"),
             ],
             timeout_seconds: 1,
             require_task: false,
@@ -300,6 +315,9 @@ mod tests {
             "/billing/invoices/SUMMARY",
             "/billing/Invoices/42",
             "/billing/invoices/%53ummary",
+            // Rails reads a suffix as a format: 42 (or the summary route) in JSON.
+            "/billing/invoices/42.json",
+            "/billing/invoices/summary.json",
         ] {
             assert!(
                 matches!(
@@ -309,6 +327,19 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    #[test]
+    fn dots_pass_where_the_route_allows_them() {
+        let c = table()
+            .classify(&http::Method::GET, "/billing/files/report.v2.pdf")
+            .unwrap();
+        assert_eq!(c.params["name"], "report.v2.pdf");
+        assert_eq!(c.arguments, ArgumentsIn::Query);
+        let c = table()
+            .classify(&http::Method::POST, "/billing/refunds")
+            .unwrap();
+        assert_eq!(c.arguments, ArgumentsIn::Body);
     }
 
     #[test]

@@ -45,14 +45,29 @@ fn classify(e: serde_json::Error) -> JsonError {
     }
 }
 
-/// The form under which a case-insensitive parser compares a key: upper-cased then
-/// lower-cased, so every member of a Unicode simple case-fold orbit (`K`, `k` and the Kelvin
-/// sign; `s`, `S` and `ſ`) and every full-folding pair (`ß`, `ss`) lands on one form.
+/// The form under which a case-insensitive parser compares a key. Each character is
+/// upper-cased then lower-cased (full mappings), so every member of a Unicode simple case-fold
+/// orbit (`K`, `k` and the Kelvin sign; `s`, `S` and `ſ`) and every full-folding pair (`ß`,
+/// `ss`) lands on one form; repeated until stable, so `ẞ` (lower-cased to `ß`) lands on `ss`
+/// too. `İ` is first lower-cased simply, as Go does (`i`), not to `i` and a combining dot.
 pub fn fold_key(key: &str) -> String {
     if key.is_ascii() {
         return key.to_ascii_lowercase();
     }
+    let mut folded = fold_once(key);
+    for _ in 0..3 {
+        let again = fold_once(&folded);
+        if again == folded {
+            break;
+        }
+        folded = again;
+    }
+    folded
+}
+
+fn fold_once(key: &str) -> String {
     key.chars()
+        .map(|c| if c == '\u{130}' { 'i' } else { c })
         .flat_map(char::to_uppercase)
         .flat_map(char::to_lowercase)
         .collect()
@@ -245,6 +260,47 @@ mod tests {
         assert_eq!(fold_key("\u{212a}ey"), fold_key("key"));
         assert_eq!(fold_key("\u{3c2}"), fold_key("\u{3a3}")); // final sigma, capital sigma
         assert_ne!(fold_key("amount"), fold_key("amounts"));
+        // Go folds İ to i (ToUpper(ToLower)), and ẞ with ß.
+        assert_eq!(fold_key("ur\u{130}"), fold_key("uri"));
+        assert_eq!(fold_key("\u{1e9e}"), fold_key("ss"));
+        // Simple upper-casing the test below approximates: ᾀ's is ᾈ.
+        assert_eq!(fold_key("\u{1f80}"), fold_key("\u{1f88}"));
+    }
+
+    /// Every character, folded as Go's `encoding/json` matches keys (simple upper-casing of the
+    /// simple lower-casing, per character), lands where `fold_key` puts the character itself.
+    #[test]
+    fn fold_key_joins_everything_go_joins() {
+        let single = |mut it: std::iter::Peekable<std::vec::IntoIter<char>>, c: char| {
+            let first = it.next().unwrap_or(c);
+            if it.peek().is_none() {
+                first
+            } else {
+                c
+            }
+        };
+        let simple_lower = |c: char| match c {
+            '\u{130}' => 'i',
+            c => single(
+                c.to_lowercase().collect::<Vec<_>>().into_iter().peekable(),
+                c,
+            ),
+        };
+        let simple_upper = |c: char| {
+            single(
+                c.to_uppercase().collect::<Vec<_>>().into_iter().peekable(),
+                c,
+            )
+        };
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            let go = simple_upper(simple_lower(c));
+            assert_eq!(
+                fold_key(&c.to_string()),
+                fold_key(&go.to_string()),
+                "U+{:04X}",
+                c as u32
+            );
+        }
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         "subscriptions/listen" => Intent::Listen,
         "resources/read" => Intent::Guarded {
             method: method.to_string(),
-            params: params(&["uri"])?,
+            params: normal_uri(params(&["uri"])?)?,
         },
         "prompts/get" => Intent::Guarded {
             method: method.to_string(),
@@ -256,11 +256,29 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         // Watching a resource tells what changes in it: allowed to those who may read it.
         "resources/subscribe" => Intent::Guarded {
             method: "resources/read".to_string(),
-            params: params(&["uri"])?,
+            params: normal_uri(params(&["uri"])?)?,
         },
         m if PASS_METHODS.contains(&m) => Intent::Pass,
         other => Intent::Unknown(other.to_string()),
     })
+}
+
+/// A resource's `uri` must be an absolute URI already in its WHATWG normal form: servers that
+/// parse it (the Python SDK's `AnyUrl`) would otherwise act on another one than the policy saw
+/// (`file:///public/../secret` is `file:///secret`, `FILE:` is `file:`).
+fn normal_uri(params: Map<String, Value>) -> Result<Map<String, Value>, RpcError> {
+    let refuse = |why: String| Err(RpcError::new(code::INVALID_PARAMS, why));
+    let Some(Value::String(uri)) = params.get("uri") else {
+        return refuse("a resource uri (a string) is required".into());
+    };
+    match url::Url::parse(uri) {
+        Ok(parsed) if parsed.as_str() == uri => Ok(params),
+        Ok(parsed) => refuse(format!(
+            "resource uri is not in normal form: send `{}`",
+            parsed.as_str()
+        )),
+        Err(e) => refuse(format!("resource uri is not an absolute URI: {e}")),
+    }
 }
 
 /// The first MCP revision whose clients must mirror the method and name into headers.
@@ -497,6 +515,24 @@ mod tests {
             &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","task":{}}})
         )
         .is_ok());
+        for uri in [
+            "file:///public/../secret",
+            "file:///public/%2e%2e/secret",
+            "FILE:///secret",
+            "https://example.com",
+            "notes/1",
+        ] {
+            let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":uri}});
+            assert_eq!(intent(&m).unwrap_err().code, code::INVALID_PARAMS, "{uri}");
+        }
+        for uri in [
+            "file:///public/a",
+            "memo://insights",
+            "https://example.com/a?b=c",
+        ] {
+            let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":uri}});
+            assert!(intent(&m).is_ok(), "{uri}");
+        }
         // Subscribing is reading.
         let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///x"}});
         assert!(
