@@ -91,20 +91,16 @@ impl Decision {
     }
 }
 
-/// Cedar's verdict on one request (see `PolicyEngine::decide_request`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Cedar's verdict on one request and toolgate's decision from it (see
+/// `PolicyEngine::decide_request`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CedarOutcome {
     pub cedar_allows: bool,
     pub reason: Vec<String>,
     /// Ids of the policies that erred (Cedar skips them; toolgate denies).
     pub errors: Vec<String>,
-}
-
-impl CedarOutcome {
-    /// toolgate's decision: Cedar's, except that any error denies.
-    pub fn allowed(&self) -> bool {
-        self.cedar_allows && self.errors.is_empty()
-    }
+    /// What `authorize` would answer: made by the same code from the same Cedar response.
+    pub decision: Decision,
 }
 
 /// An immutable, validated policy snapshot.
@@ -212,7 +208,17 @@ impl PolicyEngine {
         } else {
             &self.all
         };
-        let response = self.authorizer.is_authorized(&request, policies, &entities);
+        self.evaluate(&request, &entities, policies).1
+    }
+
+    /// Asks Cedar, and turns its response into toolgate's decision.
+    fn evaluate(
+        &self,
+        request: &Request,
+        entities: &Entities,
+        policies: &PolicySet,
+    ) -> (cedar_policy::Response, Decision) {
+        let response = self.authorizer.is_authorized(request, policies, entities);
         let diagnostics = response.diagnostics();
         // Cedar skips a policy that errs; an erring forbid would let the call through. Deny.
         let mut errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
@@ -232,12 +238,13 @@ impl PolicyEngine {
         } else {
             Vec::new()
         };
-        Decision {
+        let decision = Decision {
             allowed,
             policies: determining,
             errors,
             grants,
-        }
+        };
+        (response, decision)
     }
 
     /// The policies that can apply to a request for `action`: its slice of the index, or the
@@ -250,14 +257,14 @@ impl PolicyEngine {
     }
 
     /// Cedar's own verdict on a prepared request, through the index, with policy ids as
-    /// toolgate names them. For conformance tests against Cedar's corpus; the gateway uses
-    /// `authorize`, which also denies when anything erred.
+    /// toolgate names them, and the decision `authorize` makes from it. For conformance tests
+    /// against Cedar's corpus, whose requests are built by the corpus, not from a call.
     pub fn decide_request(&self, request: &Request, entities: &Entities) -> CedarOutcome {
         let policies = match request.action() {
             Some(action) => self.policies_for(action, request.principal()),
             None => &self.all,
         };
-        let response = self.authorizer.is_authorized(request, policies, entities);
+        let (response, decision) = self.evaluate(request, entities, policies);
         let mut reason: Vec<String> = response
             .diagnostics()
             .reason()
@@ -278,6 +285,7 @@ impl PolicyEngine {
             cedar_allows: response.decision() == CedarDecision::Allow,
             reason,
             errors,
+            decision,
         }
     }
 
