@@ -180,7 +180,7 @@ impl Gateway {
                 match self.tasks.get(id).await? {
                     Some(task) => Ok(json_response(
                         StatusCode::OK,
-                        &serde_json::to_value(&task).unwrap_or_default(),
+                        &crate::tasks::task_json(&task, toolgate_identity::unix_now()),
                     )),
                     None => Err(Refusal::NotFound("task_not_found")),
                 }

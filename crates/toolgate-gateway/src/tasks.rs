@@ -43,7 +43,9 @@ pub(crate) fn rfc3339(unix: u64) -> String {
         .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn task_json(task: &Task, now: u64) -> Value {
+/// A task as both listeners show it, with its state as of `now` (`expired` once past its
+/// deadline).
+pub(crate) fn task_json(task: &Task, now: u64) -> Value {
     json!({
         "task_id": task.id,
         "agent": task.agent,
