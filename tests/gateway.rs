@@ -443,11 +443,10 @@ async fn framing_errors_and_upstream_failures() {
 
 #[tokio::test]
 async fn unreachable_upstream_answers_502_without_a_credential() {
-    // A port that was just free: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port bound (so no one else takes it) but not listening: connections are refused.
+    let bound = tokio::net::TcpSocket::new_v4().unwrap();
+    bound.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = bound.local_addr().unwrap();
     let gw = Gateway::start(GatewayOptions {
         upstream: closed,
         extra_policies: &[],
@@ -480,19 +479,16 @@ async fn unreachable_upstream_answers_502_without_a_credential() {
 async fn slow_upstream_times_out_with_504() {
     let upstream = Upstream::start().await;
     let gw = gateway(&upstream).await;
-    // billing's timeout is 1 s; the recorder answers anything mentioning "slow" after 3 s.
-    let started = std::time::Instant::now();
+    // billing's timeout is 1 s; the recorder holds anything mentioning "held" until released,
+    // so only the gateway's own timeout can answer.
     let answer = get(
-        &gw.url("/billing/invoices?customer=slow"),
+        &gw.url("/billing/invoices?customer=held"),
         &gw.idp.delegated(),
     )
     .await;
     assert_eq!(answer.status, 504, "{:?}", answer.body);
     assert_eq!(answer.json()["error"], "upstream_timeout");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(3),
-        "did not wait for the upstream"
-    );
+    upstream.release();
     let audit = gw.audit(1).await;
     assert_eq!(audit[0]["decision"], "allow");
     assert_eq!(audit[0]["status"], 504);
@@ -689,18 +685,36 @@ async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_and_exits_cleanly() {
+async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
     let upstream = Upstream::start().await;
     let mut gw = gateway(&upstream).await;
-    assert_eq!(
-        get(&gw.url("/billing/invoices/1"), &gw.idp.delegated())
-            .await
-            .status,
-        200
-    );
-    let status = gw.terminate();
+    let token = gw.idp.delegated();
+    // Four calls in flight, held at the upstream, when the signal arrives.
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let url = gw.url(&format!("/billing/invoices?customer=held-{i}"));
+            let token = token.clone();
+            tokio::spawn(async move { get(&url, &token).await.status })
+        })
+        .collect();
+    upstream.wait_for_requests(4).await;
+    gw.terminate();
+    // Draining: the listener closes (nothing new is accepted) while the four wait.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener stays open after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    upstream.release();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200, "an in-flight call was cut");
+    }
+    let status = gw.exited().await;
     assert!(status.success(), "{status:?}");
-    assert_eq!(gw.audit(1).await.len(), 1, "audit written out before exit");
+    assert_eq!(gw.audit(4).await.len(), 4, "audit written out before exit");
 }
 
 #[tokio::test]
@@ -874,7 +888,18 @@ async fn policy_test_files_and_explain() {
     let shipped = toolgate(&["test", repo().join("policies/tests").to_str().unwrap()]);
     let out = String::from_utf8_lossy(&shipped.stdout).to_string();
     assert!(shipped.status.success(), "{out}");
-    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+    // Every case of the shipped files ran (not "0 passed").
+    let cases: usize = std::fs::read_dir(repo().join("policies/tests"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .map(|text| text.lines().filter(|l| l.starts_with("  - name:")).count())
+        .sum();
+    assert!(cases >= 15, "the shipped files hold their cases");
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("{cases} passed, 0 failed")),
+        "{out}"
+    );
 
     // A wrong expectation fails with exit 1 and says why.
     let dir = TempDir::new("policy-test");
@@ -975,18 +1000,27 @@ async fn tls_listener_negotiates_h2_and_refuses_plain_http() {
     assert_eq!(response.version(), http::Version::HTTP_2, "ALPN offers h2");
     assert_eq!(upstream.requests().len(), 1);
 
-    // Plain HTTP to the TLS listener gets no answer.
-    let plain = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Full<bytes::Bytes>>()
-            .get(
-                format!("http://127.0.0.1:{}/billing/invoices/3", gw.addr.port())
-                    .parse()
-                    .unwrap(),
-            ),
+    // Plain HTTP to the TLS listener: the connection is closed without an HTTP answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    plain
+        .write_all(
+            format!("GET /billing/invoices/3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        plain.read_to_end(&mut answer),
     )
-    .await;
-    assert!(!matches!(plain, Ok(Ok(ref r)) if r.status() == 200));
+    .await
+    .expect("the gateway closes the connection")
+    .ok();
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/"),
+        "answered in plain HTTP: {answer:?}"
+    );
     assert_eq!(upstream.requests().len(), 1);
 }

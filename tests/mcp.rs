@@ -215,6 +215,7 @@ async fn json_rpc_edge_cases() {
     assert_eq!(parse_error.json()["error"]["code"], -32700);
     assert_eq!(parse_error.json()["id"], Value::Null);
     let not_rpc = post(&gw, &token, br#"{"id": 1, "method": "tools/call"}"#).await;
+    assert_eq!(not_rpc.status, 400);
     assert_eq!(not_rpc.json()["error"]["code"], -32600);
     let deep = format!(
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"add","arguments":{{"a":{}1{}}}}}}}"#,
@@ -377,4 +378,56 @@ async fn discovery_and_authentication_for_mcp_clients() {
         .to_str()
         .unwrap()
         .contains(&token));
+}
+
+/// SSE answers stream through event by event, whether passed through (`tools/call`) or
+/// rewritten (`tools/list`, filtered): the first event reaches the agent while the server
+/// still holds the rest, which a gateway that buffered the answer could not do.
+#[tokio::test]
+async fn sse_answers_are_streamed_not_buffered() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    for message in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+    ] {
+        upstream.hold();
+        let request = http::Request::post(gw.url("/tools"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("x-test-stream", "1")
+            .body(http_body_util::Full::new(bytes::Bytes::from(message)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{message}");
+        let mut body = response.into_body();
+        let mut text = String::new();
+        let mut read_event = async |text: &mut String| {
+            let start = text.len();
+            while !text[start..].contains("\n\n") {
+                let frame = http_body_util::BodyExt::frame(&mut body)
+                    .await
+                    .expect("stream open")
+                    .unwrap();
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read_event(&mut text))
+            .await
+            .expect("the first event arrives while the server holds the rest");
+        assert!(text.contains("notifications/progress"), "{text}");
+        assert!(!text.contains("result"), "{text}");
+        upstream.release();
+        tokio::time::timeout(Duration::from_secs(10), read_event(&mut text))
+            .await
+            .expect("the rest follows once released");
+        assert!(text.contains("\"result\""), "{text}");
+    }
 }

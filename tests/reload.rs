@@ -181,27 +181,33 @@ async fn admin_reload_reports_what_needs_a_restart_and_refuses_bad_config() {
     );
 }
 
-/// A real load (8 concurrent clients on keep-alive connections) runs while valid and invalid
-/// policy sets are swapped in: every request succeeds, and every decision is one the old or
-/// the new set gives.
+/// A real load (8 concurrent clients on keep-alive connections) runs while policy sets are
+/// swapped in: one that forbids the very call the load makes, one that allows it again, and
+/// invalid ones that must be refused. Every answer is one the old or the new set gives (200 or
+/// 403, never an error), and each valid set is seen to decide before the next swap.
 #[tokio::test]
 async fn reloads_under_constant_load_fail_no_request() {
     let upstream = Upstream::start().await;
     let gw = gateway(&upstream, "reload:\n  watch: false\n").await;
     let token = gw.idp.delegated();
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counts = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let (allowed, forbidden, other) = (0, 1, 2);
     let mut clients = Vec::new();
     for _ in 0..8 {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (stop, counts) = (stop.clone(), counts.clone());
         let url = gw.url("/billing/invoices/1");
         let auth = format!("Bearer {token}");
         clients.push(tokio::spawn(async move {
             let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build_http();
-            // Bounded: at most 5,000 requests per client.
-            for _ in 0..5_000 {
+            // Bounded: at most 20,000 requests per client.
+            for _ in 0..20_000 {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -209,47 +215,78 @@ async fn reloads_under_constant_load_fail_no_request() {
                     .header("authorization", &auth)
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
                     .unwrap();
-                match client.request(request).await {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                let outcome = match client.request(request).await.map(|r| r.status().as_u16()) {
+                    Ok(200) => allowed,
+                    Ok(403) => forbidden,
+                    _ => other,
                 };
+                counts[outcome].fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
+    // Waits (bounded) until the load has received `outcome` more often than `before`.
+    let seen = |outcome: usize, before: usize| {
+        let counts = counts.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while counts[outcome].load(Ordering::Relaxed) <= before {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the load never saw the new set's decision"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
 
     let extra = gw.dir.0.join("policies/extra.cedar");
     let (mut good, mut bad) = (0, 0);
     for round in 0..12 {
-        // Alternately a valid change, and an invalid set that must be refused.
-        let (text, valid) = if round % 2 == 0 {
-            (format!("@id(\"round-{round}\")\npermit (principal, action == Toolgate::Action::\"billing/list_invoices\", resource) when {{ context has user }};"), true)
-        } else {
-            (
+        let (text, expect) = match round % 4 {
+            0 => (
+                format!("@id(\"round-{round}\")\nforbid (principal, action == Toolgate::Action::\"billing/get_invoice\", resource);"),
+                Some(forbidden),
+            ),
+            2 => (
+                format!("@id(\"round-{round}\")\npermit (principal, action == Toolgate::Action::\"billing/list_invoices\", resource) when {{ context has user }};"),
+                Some(allowed),
+            ),
+            _ => (
                 "permit (principal, action, resource) when { context.nope };".to_string(),
-                false,
-            )
+                None,
+            ),
         };
+        let before = expect.map(|o| counts[o].load(Ordering::Relaxed));
         std::fs::write(&extra, text).unwrap();
         let report = gw.admin("POST", "/admin/reload", b"").await;
-        assert_eq!(report.status == 200, valid, "{:?}", report.json());
-        if valid {
-            good += 1
-        } else {
-            bad += 1
+        assert_eq!(
+            report.status == 200,
+            expect.is_some(),
+            "{:?}",
+            report.json()
+        );
+        match (expect, before) {
+            (Some(outcome), Some(before)) => {
+                good += 1;
+                seen(outcome, before).await;
+            }
+            _ => bad += 1,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert!(ok > 100, "the load ran ({ok} requests)");
+    let [allowed, forbidden, other] = [0, 1, 2].map(|i| counts[i].load(Ordering::Relaxed));
+    assert!(
+        allowed > 0 && forbidden > 0,
+        "both sets decided the load's calls"
+    );
     assert_eq!(
-        failed,
+        other,
         0,
-        "{failed} of {} requests failed during reloads",
-        ok + failed
+        "{other} of {} answers were neither set's (200 or 403)",
+        allowed + forbidden + other
     );
     let metrics = gw.metrics().await;
     assert!(

@@ -77,15 +77,17 @@ pub struct Recorded {
     pub body: Bytes,
 }
 
-/// A real HTTP server that records every request. A URI containing `slow` waits 3 s.
+/// A real HTTP server that records every request. A request whose URI contains `held` is
+/// recorded, then answered only once the test calls `release`.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Recorded>>>,
+    released: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// What an MCP server replays on a GET with `Last-Event-ID` (asked for with `X-Test-Replay`):
 /// an earlier `tools/list` answer, a resource update, a list-changed notification.
-fn replayed_stream() -> Response<Full<Bytes>> {
+fn replayed_stream() -> Response<TestBody> {
     let events = [
         json!({"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"add"},{"name":"undeclared_tool"}]}}),
         json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///secret"}}),
@@ -95,7 +97,48 @@ fn replayed_stream() -> Response<Full<Bytes>> {
         .iter()
         .map(|e| format!("event: message\ndata: {e}\n\n"))
         .collect();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    response
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A body fed through a channel: frames go out as they are sent.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|bytes| bytes.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// An MCP server's streamed answer (asked for with `X-Test-Stream`): a progress notification
+/// at once, the result for `id` only once the test calls `Upstream::release`.
+fn held_stream(id: Value, mut release: tokio::sync::watch::Receiver<bool>) -> Response<TestBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let progress = json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}});
+        let _ = tx
+            .send(Bytes::from(format!("event: message\ndata: {progress}\n\n")))
+            .await;
+        let _ = release.wait_for(|r| *r).await;
+        let result = json!({"jsonrpc":"2.0","id":id,"result":{"tools":[],"content":[{"type":"text","text":"done"}]}});
+        let _ = tx
+            .send(Bytes::from(format!("event: message\ndata: {result}\n\n")))
+            .await;
+    });
+    let mut response = Response::new(ChannelBody(rx).boxed());
     response
         .headers_mut()
         .insert("content-type", "text/event-stream".parse().unwrap());
@@ -108,12 +151,14 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let released = Arc::new(tokio::sync::watch::Sender::new(false));
+        let release = released.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let log = log.clone();
+                let (log, release) = (log.clone(), release.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let log = log.clone();
+                        let (log, release) = (log.clone(), release.clone());
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body
@@ -121,19 +166,28 @@ impl Upstream {
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
-                            let slow = parts.uri.to_string().contains("slow");
+                            let held = parts.uri.to_string().contains("held");
                             let replay = parts.headers.contains_key("x-test-replay");
+                            let stream = parts.headers.contains_key("x-test-stream");
                             log.lock().unwrap().push(Recorded {
                                 method: parts.method.to_string(),
                                 uri: parts.uri.to_string(),
                                 headers: parts.headers,
                                 body,
                             });
-                            if slow {
-                                tokio::time::sleep(Duration::from_secs(3)).await;
+                            if held {
+                                let _ = release.subscribe().wait_for(|r| *r).await;
                             }
                             if replay {
                                 return Ok(replayed_stream());
+                            }
+                            if stream {
+                                let id = serde_json::from_slice::<Value>(
+                                    &log.lock().unwrap().last().unwrap().body,
+                                )
+                                .map(|m| m["id"].clone())
+                                .unwrap_or_default();
+                                return Ok(held_stream(id, release.subscribe()));
                             }
                             let answer = serde_json::from_slice::<Value>(
                                 &log.lock().unwrap().last().unwrap().body,
@@ -142,7 +196,7 @@ impl Upstream {
                             .and_then(|m| jsonrpc_echo(&m))
                             .unwrap_or_else(|| json!({"ok": true}));
                             let mut response =
-                                Response::new(Full::new(Bytes::from(answer.to_string())));
+                                Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
                             response
                                 .headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
@@ -158,7 +212,33 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen }
+        Upstream {
+            addr,
+            seen,
+            released,
+        }
+    }
+
+    /// Answers every held request, now and from now on.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Holds requests again until the next `release`.
+    pub fn hold(&self) {
+        self.released.send_replace(false);
+    }
+
+    /// Waits (bounded) until `n` requests have reached the upstream.
+    pub async fn wait_for_requests(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.requests().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} requests never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -426,18 +506,28 @@ audit:
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
+    /// Sends SIGTERM. Await `exited` for the outcome; the runtime keeps serving meanwhile.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        for _ in 0..200 {
+        assert!(status.unwrap().success());
+    }
+
+    /// Waits (bounded, without blocking the runtime) for the gateway to exit.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            std::thread::sleep(Duration::from_millis(25));
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway did not exit within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("gateway did not exit within 5 s of SIGTERM");
     }
 }
 
