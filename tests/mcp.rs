@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -29,41 +29,20 @@ fn python() -> std::path::PathBuf {
     python
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts the FastMCP test server and waits (bounded) until it accepts connections.
 async fn start_fastmcp() -> (Killed, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(python())
-        .arg(repo().join("tests/mcp/server.py"))
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        // FastMCP logs a traceback whenever a client ends its session; nothing to read there.
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the FastMCP server");
-    let server = Killed(child);
-    for _ in 0..150 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (server, format!("http://127.0.0.1:{port}/mcp"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("FastMCP server did not listen within 15 s");
+    let (server, port) = start_on_free_port("the FastMCP server", |port| {
+        let mut command = Command::new(python());
+        command
+            .arg(repo().join("tests/mcp/server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            // FastMCP logs a traceback whenever a client ends its session; nothing to read there.
+            .stderr(Stdio::null());
+        command
+    })
+    .await;
+    (server, format!("http://127.0.0.1:{port}/mcp"))
 }
 
 #[tokio::test]

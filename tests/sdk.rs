@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -67,39 +67,18 @@ fn program(sdk: Sdk, role: &str) -> Command {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts an SDK server on a free loopback port; waits (bounded) until it accepts connections.
 async fn start_server(sdk: Sdk) -> (Killed, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = program(sdk, "server")
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the SDK server");
-    let server = Killed(child);
-    for _ in 0..150 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return (server, format!("http://127.0.0.1:{port}/mcp"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{sdk:?} server did not listen within 15 s");
+    let (server, port) = start_on_free_port(&format!("{sdk:?} server"), |port| {
+        let mut command = program(sdk, "server");
+        command
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await;
+    (server, format!("http://127.0.0.1:{port}/mcp"))
 }
 
 /// Runs an SDK client against `url` (bounded); returns what it printed.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -381,68 +381,77 @@ async fn expiry_unknown_tasks_required_tasks_and_approvals() {
 /// A redis-server of the test's own, on a free loopback port, persisting to `dir` (AOF) so a
 /// restart keeps its data.
 struct Redis {
-    child: Child,
+    server: Option<Killed>,
     port: u16,
     dir: std::path::PathBuf,
 }
 
+fn redis_command(dir: &std::path::Path, port: u16) -> Command {
+    let mut command = Command::new("redis-server");
+    command
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null());
+    command
+}
+
 impl Redis {
-    fn start(dir: &std::path::Path, port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-            ])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/test-deps.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    async fn start(dir: &std::path::Path) -> Redis {
+        let (server, port) =
+            start_on_free_port("redis-server (scripts/test-deps.sh installs it)", |port| {
+                redis_command(dir, port)
+            })
+            .await;
         Redis {
-            child,
+            server: Some(server),
             port,
             dir: dir.to_path_buf(),
         }
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server = None;
     }
 
-    fn restart(&mut self) {
+    /// Starts it again on the same port (the replicas know it by that), with its data.
+    async fn restart(&mut self) {
         self.kill();
-        *self = Redis::start(&self.dir.clone(), self.port);
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
+        let mut server = Killed(redis_command(&self.dir, self.port).spawn().unwrap());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                server.0.try_wait().unwrap().is_none(),
+                "redis-server exited at restart (port {} taken?)",
+                self.port
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not come back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.server = Some(server);
     }
 }
 
 #[tokio::test]
 async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     let data = TempDir::new("redis");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = Redis::start(&data.0, port);
+    let mut redis = Redis::start(&data.0).await;
+    let port = redis.port;
     let upstream = Upstream::start().await;
     let store = format!("tasks:\n  store: redis://127.0.0.1:{port}\n");
     let gw = gateway(&upstream, &store).await;
@@ -536,7 +545,7 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     assert_eq!(introspection.status, 503, "{:?}", introspection.body);
 
     // Redis comes back: nothing was lost, the ended task stays ended, the live one works.
-    redis.restart();
+    redis.restart().await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = in_task(&b, "/billing/invoices/1", &token, &live)

@@ -344,6 +344,57 @@ pub struct GatewayOptions<'a> {
     pub extra_config: &'a str,
 }
 
+/// A child process, killed on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a server that takes its port as an argument on a free loopback port, and waits
+/// (bounded) until it accepts connections. A port found free can be taken before the server
+/// binds it: then the server exits, and it is started again on another port. A server that
+/// stays up and accepts on that port is the one started.
+pub async fn start_on_free_port(
+    what: &str,
+    mut command: impl FnMut(u16) -> Command,
+) -> (Killed, u16) {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Killed(
+            command(port)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}")),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if server.0.try_wait().unwrap().is_some() {
+                break; // exited: most likely the port was taken meanwhile
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+                && server.0.try_wait().unwrap().is_none()
+            {
+                return (server, port);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("{what} exited at start five times");
+}
+
 /// A running `toolgate serve` child process, killed on drop.
 pub struct Gateway {
     pub child: Child,
