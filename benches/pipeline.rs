@@ -80,6 +80,7 @@ fn authenticate(c: &mut Criterion) {
             audiences: vec!["toolgate".into()],
             keys: KeySource::File(jwks),
             id_prefix: String::new(),
+            refetch_interval: toolgate_identity::REFETCH_INTERVAL,
         }]))
         .unwrap();
     let now = toolgate_identity::unix_now();

@@ -595,7 +595,7 @@ async fn reload_takes_a_valid_set_and_keeps_the_old_one_on_error() {
 }
 
 #[tokio::test]
-async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
+async fn jwks_url_is_refetched_on_unknown_kid_once_per_interval() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     // A JWKS server whose key set can be rotated, counting fetches.
@@ -634,7 +634,7 @@ async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
         upstream: upstream.addr,
         extra_policies: &[],
         inbound: Some(format!(
-            "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks_addr}/jwks.json\n      audiences: [{AUDIENCE}]\n"
+            "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks_addr}/jwks.json\n      jwks_refetch_seconds: 1\n      audiences: [{AUDIENCE}]\n"
         )),
         mcp: None,
         extra_config: "",
@@ -682,6 +682,25 @@ async fn jwks_url_is_refetched_on_unknown_kid_at_most_once_per_interval() {
         );
     }
     assert_eq!(fetches.load(Ordering::SeqCst), 2, "refetch is debounced");
+
+    // Once the interval (1 s here) has passed, an unknown kid refetches again: the IdP's next
+    // key is picked up by exactly one more fetch, however often it is tried meanwhile.
+    let third = toolgate_credential::SigningKey::generate().unwrap().0;
+    *served.lock().unwrap() = json!({"keys": [first.public_jwk(), third.public_jwk()]});
+    let token = third.sign("JWT", &with_defaults(claims.clone())).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(&url, &token).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refetch after the interval"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        3,
+        "one refetch per interval"
+    );
 }
 
 #[tokio::test]

@@ -82,6 +82,9 @@ pub struct JwtIssuer {
     pub jwks_file: Option<PathBuf>,
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// `jwks_url`: an unknown `kid` refetches it at most once per this many seconds.
+    #[serde(default = "default_jwks_refetch_seconds")]
+    pub jwks_refetch_seconds: u64,
     pub audiences: Vec<String>,
     /// Put before the agent and user ids this issuer asserts (default: none with one issuer,
     /// `<issuer>#` with several), so one issuer can never name another's principals.
@@ -258,6 +261,10 @@ fn default_kind() -> UpstreamKind {
 fn default_upstream_timeout() -> u64 {
     30
 }
+fn default_jwks_refetch_seconds() -> u64 {
+    toolgate_identity::REFETCH_INTERVAL.as_secs()
+}
+
 fn default_task_store() -> String {
     "memory".into()
 }
@@ -365,6 +372,12 @@ impl Config {
                 .push("inbound.jwt: no issuer configured, every call would be refused".to_string());
         }
         for jwt in &self.inbound.jwt {
+            if !(1..=3600).contains(&jwt.jwks_refetch_seconds) {
+                errors.push(format!(
+                    "inbound.jwt {}: jwks_refetch_seconds must be 1..3600",
+                    jwt.issuer
+                ));
+            }
             if jwt.jwks_file.is_some() == jwt.jwks_url.is_some() {
                 errors.push(format!(
                     "inbound.jwt {}: set exactly one of jwks_file, jwks_url",

@@ -152,6 +152,7 @@ impl Gateway {
             .zip(config.inbound.id_prefixes())
             .map(|(j, id_prefix)| IssuerConfig {
                 id_prefix,
+                refetch_interval: std::time::Duration::from_secs(j.jwks_refetch_seconds),
                 issuer: j.issuer.clone(),
                 audiences: j.audiences.clone(),
                 keys: match (&j.jwks_file, &j.jwks_url) {

@@ -20,7 +20,7 @@ pub use keys::{KeySet, VerifyingKey};
 
 /// Allowed clock skew for `exp` and `nbf`.
 pub const LEEWAY_SECONDS: u64 = 30;
-/// An unknown `kid` triggers at most one JWKS refetch per issuer in this interval.
+/// By default an unknown `kid` triggers at most one JWKS refetch per issuer in this interval.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 const CACHE_CAPACITY: usize = 65_536;
 
@@ -39,6 +39,8 @@ pub struct IssuerConfig {
     /// Put before every agent and user id this issuer asserts, so that no two issuers can
     /// name the same principal (empty: ids as the token has them).
     pub id_prefix: String,
+    /// A URL-sourced JWKS is refetched on an unknown `kid` at most once per this interval.
+    pub refetch_interval: Duration,
 }
 
 /// Who is calling, as a verified token says.
@@ -264,7 +266,7 @@ impl Authenticator {
             .ok_or(AuthError::UnknownIssuer)
     }
 
-    /// Unknown `kid`: refetch a URL-sourced JWKS, at most once per `REFETCH_INTERVAL`.
+    /// Unknown `kid`: refetch a URL-sourced JWKS, at most once per `refetch_interval`.
     async fn refetch(&self, issuer: &Issuer, kid: Option<&str>) -> Result<VerifyingKey, AuthError> {
         let KeySource::Url(_) = issuer.config.keys else {
             return Err(AuthError::UnknownKey);
@@ -274,7 +276,8 @@ impl Authenticator {
         if let Some(key) = issuer.keys.load().find(kid) {
             return Ok(key.clone());
         }
-        if last.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) && !issuer.keys.load().is_empty()
+        if last.is_some_and(|at| at.elapsed() < issuer.config.refetch_interval)
+            && !issuer.keys.load().is_empty()
         {
             return Err(AuthError::UnknownKey);
         }
