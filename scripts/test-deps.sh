@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus),
-# redis-server, node and npm, and the official MCP SDKs: Python 1.x (.toolgate-test/venv),
+# redis-server, node and npm, curl (the demo's printed lines are run as printed), and the
+# official MCP SDKs: Python 1.x (.toolgate-test/venv),
 # Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
@@ -10,6 +11,7 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
@@ -17,9 +19,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test-deps: installing ${need_apt[*]}"
   $sudo apt-get update -qq
   # The packages' services cannot (and need not) start here; the tests run their own.
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || true
+  # A package's service failing to start in a container makes apt report an error although the
+  # tools are installed: apt's own words are shown, and the check below decides.
+  log=$(mktemp)
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "test-deps: apt-get install ${need_apt[*]} reported an error (above)" >&2
+  fi
+  rm -f "$log"
 fi
-for tool in promtool redis-server node npm; do
+for tool in promtool redis-server node npm curl; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
 

@@ -591,26 +591,47 @@ impl Drop for Gateway {
 
 /// Starts `toolgate serve` and reads the bound addresses from its first stdout line.
 pub async fn spawn_serve(config: &Path) -> (Child, SocketAddr, SocketAddr) {
+    spawn_serve_logging(config, "warn", None).await
+}
+
+/// `spawn_serve` with `RUST_LOG=rust_log`; with `output`, stderr goes to `output/stderr.log`
+/// and what stdout prints after the announcement to `output/stdout.log`.
+pub async fn spawn_serve_logging(
+    config: &Path,
+    rust_log: &str,
+    output: Option<&Path>,
+) -> (Child, SocketAddr, SocketAddr) {
+    let stderr = match output {
+        Some(dir) => Stdio::from(std::fs::File::create(dir.join("stderr.log")).unwrap()),
+        None => Stdio::inherit(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args(["serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn toolgate");
     let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
+    let rest: Box<dyn std::io::Write + Send> = match output {
+        Some(dir) => Box::new(std::fs::File::create(dir.join("stdout.log")).unwrap()),
+        None => Box::new(std::io::sink()),
+    };
+    let (announced_tx, announced_rx) = tokio::sync::oneshot::channel();
+    // Reads the announcement, then keeps draining stdout (an audit on "-" writes there).
+    std::thread::spawn(move || {
         use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .map(|_| line)
+        let _ = reader.read_line(&mut line);
+        let _ = announced_tx.send(line);
+        let mut rest = rest;
+        let _ = std::io::copy(&mut reader, &mut rest);
     });
-    let line = tokio::time::timeout(Duration::from_secs(20), line)
+    let line = tokio::time::timeout(Duration::from_secs(20), announced_rx)
         .await
         .expect("gateway announced itself in time")
-        .unwrap()
         .unwrap();
     let announced: Value =
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("not an announcement: {line:?}"));

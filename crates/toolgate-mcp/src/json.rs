@@ -94,17 +94,23 @@ struct Strict {
 }
 
 impl Strict {
-    fn deeper<E: serde::de::Error>(&self) -> Result<Strict, E> {
-        if self.depth >= self.max_depth {
+    /// The reader of the values inside a container at this depth.
+    fn inner(&self) -> Strict {
+        Strict {
+            depth: self.depth + 1,
+            max_depth: self.max_depth,
+        }
+    }
+
+    /// Entering a container: the top-level one is at depth 1, and `max_depth` may be reached.
+    fn enter<E: serde::de::Error>(&self) -> Result<(), E> {
+        if self.depth > self.max_depth {
             return Err(E::custom(format!(
                 "{AMBIGUOUS}nested deeper than {} levels",
                 self.max_depth
             )));
         }
-        Ok(Strict {
-            depth: self.depth + 1,
-            max_depth: self.max_depth,
-        })
+        Ok(())
     }
 }
 
@@ -154,14 +160,16 @@ impl<'de> Visitor<'de> for Strict {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.enter()?;
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(self.deeper()?)? {
+        while let Some(item) = seq.next_element_seed(self.inner())? {
             items.push(item);
         }
         Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.enter()?;
         let mut out = Map::new();
         let mut folded = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
@@ -180,7 +188,7 @@ impl<'de> Visitor<'de> for Strict {
                     "{AMBIGUOUS}keys `{other}` and `{key}` differ only in letter case"
                 )));
             }
-            let value = map.next_value_seed(self.deeper()?)?;
+            let value = map.next_value_seed(self.inner())?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
@@ -244,9 +252,12 @@ mod tests {
                 "{doc}"
             );
         }
+        // Exactly `max_depth` containers are read; one more is refused.
         let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
-        assert!(parse_strict(nested(31).as_bytes(), 32).is_ok());
-        assert!(parse_strict(nested(32).as_bytes(), 32).is_err());
+        assert!(parse_strict(nested(32).as_bytes(), 32).is_ok());
+        assert!(parse_strict(nested(33).as_bytes(), 32).is_err());
+        assert!(parse_strict(b"[[]]", 2).is_ok());
+        assert!(parse_strict(b"[[[]]]", 2).is_err());
         assert!(parse_strict(nested(100_000).as_bytes(), 32).is_err());
         assert_eq!(
             parse_strict(br#"{"a":{"b":1}}"#, 3).unwrap(),
