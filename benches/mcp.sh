@@ -16,10 +16,9 @@ cargo build --release -q
 bin=target/release/toolgate
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-up=$(free_port); gw=$(free_port); admin=$(free_port)
+source benches/lib.sh
 
-cat > "$work/nginx.conf" <<NGINX
+cat > "$work/nginx.conf.in" <<NGINX
 worker_processes 1;
 pid $work/nginx.pid;
 error_log $work/nginx.err;
@@ -27,7 +26,7 @@ events { worker_connections 1024; }
 http {
   access_log off;
   server {
-    listen 127.0.0.1:$up;
+    listen 127.0.0.1:@PORT@;
     location /mcp {
       default_type application/json;
       return 200 '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"5"}],"isError":false}}';
@@ -35,10 +34,11 @@ http {
   }
 }
 NGINX
-/usr/sbin/nginx -c "$work/nginx.conf"
+start_nginx
+up=$nginx_port
 
 mkdir -p "$work/policies"
-cp policies/* "$work/policies/"
+cp policies/*.cedar policies/*.cedarschema policies/entities.json "$work/policies/"
 cat > "$work/tools.json" <<'JSON'
 {"tools": [{"name": "add", "inputSchema": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}]}
 JSON
@@ -47,8 +47,8 @@ echo '@id("bench-add") permit (principal, action == Toolgate::Action::"tools/add
 $bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
 $bin keygen --private "$work/signing.pem" >/dev/null
 cat > "$work/toolgate.yaml" <<YAML
-listen: 127.0.0.1:$gw
-admin_listen: 127.0.0.1:$admin
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
 issuer: https://toolgate.bench
 policies: policies/
 inbound:
@@ -67,8 +67,8 @@ audit:
   path: audit.jsonl
 YAML
 token=$($bin token --config "$work/toolgate.yaml" --key "$work/idp.pem" --iss https://idp.bench --sub alice --act assistant)
-$bin serve --config "$work/toolgate.yaml" > "$work/serve.out" 2> "$work/serve.err" &
-for _ in $(seq 50); do grep -q listening "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+serve_announced toolgate
+gw=$listen_port
 
 cat > "$work/call.lua" <<LUA
 wrk.method = "POST"
@@ -82,7 +82,7 @@ curl -sf -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application
   -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3}}}' \
   "http://127.0.0.1:$gw/tools" | grep -q '"result"' || { echo "gateway did not allow the call" >&2; exit 1; }
 
-run() { wrk -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/call.lua" "$1" | grep -E "Requests/sec|50%|99%|Non-2xx|errors"; }
+run() { wrk_run -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/call.lua" "$1"; }
 echo "== direct: wrk -> nginx ($connections connections, ${seconds}s)"
 run "http://127.0.0.1:$up/mcp"
 echo "== through toolgate: wrk -> toolgate -> nginx"

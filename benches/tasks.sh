@@ -14,27 +14,38 @@ cargo build --release -q
 bin=$PWD/target/release/toolgate
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-up=$(free_port); redis_port=$(free_port)
+source benches/lib.sh
 
-cat > "$work/nginx.conf" <<NGINX
+cat > "$work/nginx.conf.in" <<NGINX
 worker_processes 1;
 pid $work/nginx.pid;
 error_log $work/nginx.err;
 events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; } } }
+http { access_log off; server { listen 127.0.0.1:@PORT@; location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; } } }
 NGINX
-/usr/sbin/nginx -c "$work/nginx.conf"
-redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >/dev/null &
+start_nginx
+up=$nginx_port
+# redis-server on a free port: started again elsewhere if that port was taken meanwhile.
+for _ in 1 2 3 4 5; do
+  redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >"$work/redis.out" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 50); do
+    python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$redis_port" 2>/dev/null && break
+    kill -0 $redis_pid 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 $redis_pid 2>/dev/null && break
+done
+kill -0 $redis_pid 2>/dev/null || { cat "$work/redis.out" >&2; echo "redis-server did not start" >&2; exit 1; }
 cp -r policies "$work/policies"
 $bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
 $bin keygen --private "$work/signing.pem" >/dev/null
 
 config() { # name store
-  local gw admin; gw=$(free_port); admin=$(free_port)
   cat > "$work/$1.yaml" <<YAML
-listen: 127.0.0.1:$gw
-admin_listen: 127.0.0.1:$admin
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
 issuer: https://toolgate.bench
 policies: policies/
 inbound:
@@ -51,16 +62,10 @@ tasks: { store: "$2" }
 audit: { path: $1-audit.jsonl }
 reload: { watch: false }
 YAML
-  echo "$gw"
 }
-serve() { # name -> waits until listening
-  $bin serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
-  for _ in $(seq 100); do grep -q listening "$work/$1.out" 2>/dev/null && return; sleep 0.1; done
-  echo "$1 did not start: $(cat "$work/$1.err")" >&2; exit 1
-}
-mem=$(config memory memory); serve memory
-red=$(config redis "redis://127.0.0.1:$redis_port"); serve redis
-red_b=$(config redis-b "redis://127.0.0.1:$redis_port"); serve redis-b
+config memory memory; serve_announced memory; mem=$listen_port
+config redis "redis://127.0.0.1:$redis_port"; serve_announced redis; red=$listen_port
+config redis-b "redis://127.0.0.1:$redis_port"; serve_announced redis-b; red_b=$listen_port
 token=$($bin token --config "$work/memory.yaml" --key "$work/idp.pem" --sub alice --act assistant --claim patient_id=p-100)
 start() { curl -sf -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
   -d '{"intent":"bench","ttl_seconds":3600}' "http://127.0.0.1:$1/v1/tasks" | python3 -c 'import json,sys; print(json.load(sys.stdin)["task_id"])'; }
@@ -72,7 +77,7 @@ run() { # label url [task]
   printf 'wrk.headers["Authorization"] = "Bearer %s"\n%s\n' "$token" "$header" > "$work/req.lua"
   curl -sf -o /dev/null -H "Authorization: Bearer $token" ${3:+-H "Toolgate-Task: $3"} "$2" || { echo "$1: call refused" >&2; exit 1; }
   echo "== $1"
-  wrk -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/req.lua" "$2" | grep -E "Requests/sec|50%|99%|Non-2xx|errors"
+  wrk_run -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/req.lua" "$2"
 }
 run "no task (memory store)" "http://127.0.0.1:$mem/billing/invoices/1"
 run "in a task, memory store" "http://127.0.0.1:$mem/billing/invoices/1" "$task_mem"
@@ -96,8 +101,13 @@ for _ in range(50):
     status, _ = call(ca, "POST", f"/v1/tasks/{task}/complete")
     done = time.perf_counter()
     assert status == 200
-    while call(cb, "GET", "/billing/invoices/1", {"Toolgate-Task": task})[0] != 403:
-        pass
+    # Bounded: at most 10 s (or 100,000 calls) for the refusal to show on B.
+    for attempt in range(100_000):
+        if call(cb, "GET", "/billing/invoices/1", {"Toolgate-Task": task})[0] == 403:
+            break
+        assert time.perf_counter() - done < 10, "replica B never refused the ended task"
+    else:
+        raise SystemExit("replica B never refused the ended task")
     gaps.append((time.perf_counter() - done) * 1000)
 gaps.sort()
 print(f"complete -> refusal on the other replica: p50 {gaps[len(gaps)//2]:.2f} ms, max {gaps[-1]:.2f} ms (includes one HTTP round trip to B)")

@@ -1,0 +1,40 @@
+# Shared by the bench scripts (sourced, not run). Every helper fails the script, loudly, rather
+# than let a figure stand on refused requests, a server that never started or a port race.
+
+# Starts `toolgate serve --config $work/$1.yaml` (whose listeners are on port 0) and sets
+# $listen_port and $admin_port from its announcement; fails with its stderr if it does not start.
+serve_announced() { # name
+  "$bin" serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
+  local line=""
+  for _ in $(seq 100); do
+    line=$(grep -m1 '"listening"' "$work/$1.out" 2>/dev/null || true)
+    [ -n "$line" ] && break
+    sleep 0.1
+  done
+  [ -n "$line" ] || { echo "$1 did not start: $(cat "$work/$1.err")" >&2; exit 1; }
+  listen_port=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["listen"].rsplit(":",1)[1])' "$line")
+  admin_port=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"].rsplit(":",1)[1])' "$line")
+}
+
+# Starts nginx with $work/nginx.conf on a free port (substituted for @PORT@), trying again on
+# another port if the one found free was taken meanwhile; sets $nginx_port.
+start_nginx() {
+  for _ in 1 2 3 4 5; do
+    nginx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    sed "s/@PORT@/$nginx_port/g" "$work/nginx.conf.in" > "$work/nginx.conf"
+    /usr/sbin/nginx -c "$work/nginx.conf" 2>"$work/nginx.start" && return
+  done
+  cat "$work/nginx.start" >&2; echo "nginx did not start" >&2; exit 1
+}
+
+# Runs wrk and prints its throughput and latency; fails if any answer was not 2xx or any socket
+# error occurred (the figure would not be the pipeline's).
+wrk_run() { # wrk arguments...
+  local out
+  out=$(wrk "$@")
+  echo "$out" | grep -E "Requests/sec|^ +(50|99)%|Non-2xx|errors" || true
+  if echo "$out" | grep -qE "Non-2xx|Socket errors"; then
+    echo "wrk saw refused requests or socket errors: the figure above is not valid" >&2
+    exit 1
+  fi
+}
