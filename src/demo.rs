@@ -73,6 +73,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
     crate::wait_for_signal().await;
     running.shutdown.trigger();
     running.wait().await;
+    gateway.finish_audit().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ExitCode::SUCCESS)
 }

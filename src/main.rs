@@ -198,6 +198,7 @@ async fn serve(config_path: &Path) -> Result<ExitCode, String> {
     tracing::info!("shutting down: draining connections");
     running.shutdown.trigger();
     running.wait().await;
+    gateway.finish_audit().await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -616,6 +616,9 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
             headers: &[JSON, "MCP-Protocol-Version: 2026-07-28", "Mcp-Method: server/discover"],
             body: r#"{"jsonrpc":"2.0","id":3,"method":"server/discover","params":{}}"#, status: 200,
             upstream: Exactly(|r| assert_eq!(body_json(r)["method"], "server/discover")) },
+        Case { name: "DELETE ends the session, without a body", method: "DELETE", target: "/tools",
+            headers: &["Mcp-Session-Id: s-1"], body: "", status: 200,
+            upstream: Exactly(|r| { assert_eq!((r.method.as_str(), r.uri.as_str()), ("DELETE", "/mcp")); assert!(r.body.is_empty()); assert_eq!(r.headers["mcp-session-id"], "s-1"); }) },
         Case { name: "GET opens the server's stream, without a body", method: "GET", target: "/tools",
             headers: &["Accept: text/event-stream"], body: "", status: 200,
             upstream: Exactly(|r| { assert_eq!((r.method.as_str(), r.uri.as_str()), ("GET", "/mcp")); assert!(r.body.is_empty()); }) },
@@ -642,6 +645,26 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("list_changed"), "{answer}");
     assert!(!answer.contains("undeclared_tool"), "{answer}");
+    assert!(!answer.contains("file:///secret"), "{answer}");
+
+    // A `subscriptions/listen` stream loses the resource updates the caller could not read.
+    let (status, answer) = raw(
+        gw.addr,
+        &request(
+            "POST",
+            "/tools",
+            Some(&token),
+            &[
+                JSON,
+                "Accept: application/json, text/event-stream",
+                "X-Test-Replay: 1",
+            ],
+            r#"{"jsonrpc":"2.0","id":9,"method":"subscriptions/listen","params":{}}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("list_changed"), "{answer}");
     assert!(!answer.contains("file:///secret"), "{answer}");
 
     // The denied call is answered by the gateway; the allowed one is audited as allowed.

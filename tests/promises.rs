@@ -876,3 +876,159 @@ async fn the_demo_does_what_its_tour_says() {
         );
     }
 }
+
+/// `share_with` lets named agents join a task for the same user only; an approval recorded
+/// on the task is the owner's (others' calls do not inherit it), and policies read who gave it
+/// (`context.task.approved_by`).
+#[tokio::test]
+async fn shared_tasks_and_approvals() {
+    let upstream = Upstream::start().await;
+    let only_bob = r#"
+@id("refunds-need-bob") forbid (principal, action == Toolgate::Action::"billing/refund", resource)
+when { context has task && !(context.task has approved_by && context.task.approved_by == "bob@example.com") };
+"#;
+    let gw = gateway_with(&upstream, &[("approvals.cedar", only_bob)], "").await;
+    // Two more finance agents.
+    let path = gw.dir.0.join("policies/entities.json");
+    let mut entities: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for agent in ["helper", "auditor"] {
+        entities.as_array_mut().unwrap().push(json!({
+            "uid": {"type": "Toolgate::Agent", "id": agent},
+            "attrs": {},
+            "parents": [{"type": "Toolgate::Team", "id": "finance-agents"}]
+        }));
+    }
+    std::fs::write(&path, entities.to_string()).unwrap();
+    assert_eq!(gw.admin("POST", "/admin/reload", b"").await.status, 200);
+    let owner = gw.idp.delegated();
+    let as_agent =
+        |agent: &str, user: &str| gw.idp.sign(json!({"sub": user, "act": {"sub": agent}}));
+    let start = async |share: Value| {
+        let body = json!({"intent": "refund invoice 42", "ttl_seconds": 300, "share_with": share});
+        let answer = send(
+            "POST",
+            &gw.url("/v1/tasks"),
+            &[
+                ("authorization", &auth(&owner)),
+                ("content-type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        answer.json()["task_id"].as_str().unwrap().to_string()
+    };
+    let call = async |token: &str, task: &str, path: &str, body: &[u8]| {
+        let method = if body.is_empty() { "GET" } else { "POST" };
+        send(
+            method,
+            &gw.url(path),
+            &[
+                ("authorization", &auth(token)),
+                ("toolgate-task", task),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+        .status
+    };
+    let read = "/billing/invoices/1";
+
+    let task = start(json!(["helper"])).await;
+    assert_eq!(
+        call(&as_agent("helper", "alice"), &task, read, b"").await,
+        200
+    );
+    assert_eq!(
+        claims_of(&last_credential(&upstream))["task_id"],
+        task.as_str()
+    );
+    assert_eq!(
+        call(&as_agent("helper", "bob"), &task, read, b"").await,
+        403,
+        "another user"
+    );
+    assert_eq!(
+        call(&as_agent("auditor", "alice"), &task, read, b"").await,
+        403,
+        "not shared"
+    );
+
+    // Approvals: by carol, the policy still refuses; by bob, the owner's refund passes, the
+    // shared agent's does not inherit it.
+    let refund = br#"{"invoice_id": 42, "amount": 250}"#;
+    let approve = async |task: &str, approver: &str| {
+        let body = json!({"approver": approver, "actions": ["billing/refund"]}).to_string();
+        let path = format!("/admin/tasks/{task}/approve");
+        gw.admin("POST", &path, body.as_bytes()).await.status
+    };
+    assert_eq!(call(&owner, &task, "/billing/refunds", refund).await, 403);
+    let by_carol = start(json!([])).await;
+    assert_eq!(approve(&by_carol, "carol@example.com").await, 200);
+    assert_eq!(
+        call(&owner, &by_carol, "/billing/refunds", refund).await,
+        403
+    );
+    assert_eq!(approve(&task, "bob@example.com").await, 200);
+    assert_eq!(call(&owner, &task, "/billing/refunds", refund).await, 200);
+    assert_eq!(
+        call(
+            &as_agent("helper", "alice"),
+            &task,
+            "/billing/refunds",
+            refund
+        )
+        .await,
+        403,
+        "the approval is the owner's"
+    );
+    let line = gw
+        .audit_line(|l| l["action"] == "billing/refund" && l["decision"] == "allow")
+        .await;
+    assert_eq!(line["approval"]["approver"], "bob@example.com");
+}
+
+/// With several issuers and no `id_prefix`, each issuer's ids are prefixed `<issuer>#`.
+#[tokio::test]
+async fn several_issuers_prefix_ids_with_their_issuer_by_default() {
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("second-idp");
+    let (partner, _) = toolgate_credential::SigningKey::generate().unwrap();
+    let partner_jwks = dir.0.join("partner.jwks.json");
+    std::fs::write(
+        &partner_jwks,
+        json!({"keys": [partner.public_jwk()]}).to_string(),
+    )
+    .unwrap();
+    let inbound = format!(
+        "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n    - issuer: https://partner.test\n      jwks_file: {}\n      audiences: [{AUDIENCE}]\n",
+        partner_jwks.display()
+    );
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: Some(inbound),
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let answer = get(&gw.url("/billing/invoices/1"), &gw.idp.delegated()).await;
+    // `assistant` of the example entities is no longer this caller: default deny.
+    assert_eq!(answer.status, 403);
+    let decision = answer.json()["decision_id"].clone();
+    let line = gw.audit_line(|l| l["decision_id"] == decision).await;
+    assert_eq!(line["agent"], format!("{IDP}#assistant").as_str());
+    assert_eq!(line["user"], format!("{IDP}#alice").as_str());
+    let theirs = partner
+        .sign(
+            "JWT",
+            &json!({"iss": "https://partner.test", "aud": AUDIENCE, "sub": "alice",
+                    "act": {"sub": "assistant"}, "iat": now(), "exp": now() + 600}),
+        )
+        .unwrap();
+    let answer = get(&gw.url("/billing/invoices/1"), &theirs).await;
+    let decision = answer.json()["decision_id"].clone();
+    let line = gw.audit_line(|l| l["decision_id"] == decision).await;
+    assert_eq!(line["agent"], "https://partner.test#assistant");
+}

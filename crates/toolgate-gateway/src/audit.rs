@@ -92,8 +92,9 @@ impl AuditSink {
             )
         };
         let (tx, rx) = mpsc::channel(buffer.max(1));
-        let handle = tokio::spawn(write_loop(rx, out));
-        Ok((AuditSink { tx, metrics }, AuditWriter { handle }))
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(write_loop(rx, out, stopped));
+        Ok((AuditSink { tx, metrics }, AuditWriter { handle, stop }))
     }
 
     /// Queues a record; when the writer is behind, drops it and counts the drop.
@@ -105,13 +106,17 @@ impl AuditSink {
     }
 }
 
-/// The writer task; finishes once every sink is dropped and the queue is written out.
+/// The writer task. It runs until `finish`, which writes out everything queued before it.
 pub struct AuditWriter {
     handle: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl AuditWriter {
+    /// Stops taking records and returns once every record queued so far is written: at
+    /// shutdown, after the listeners drained, so no call's line is lost with the process.
     pub async fn finish(self) {
+        let _ = self.stop.send(());
         let _ = self.handle.await;
     }
 }
@@ -119,18 +124,41 @@ impl AuditWriter {
 async fn write_loop(
     mut rx: mpsc::Receiver<AuditRecord>,
     mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut buf = Vec::with_capacity(64 << 10);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        buf.clear();
-        for record in batch.drain(..) {
-            if serde_json::to_writer(&mut buf, &record).is_ok() {
-                buf.push(b'\n');
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return;
+                }
+                write_batch(&mut batch, &mut buf, &mut out).await;
+            }
+            _ = &mut stop => {
+                rx.close();
+                while rx.recv_many(&mut batch, 256).await > 0 {
+                    write_batch(&mut batch, &mut buf, &mut out).await;
+                }
+                return;
             }
         }
-        if let Err(e) = out.write_all(&buf).await.and(out.flush().await) {
-            tracing::error!(error = %e, "audit write failed");
+    }
+}
+
+async fn write_batch(
+    batch: &mut Vec<AuditRecord>,
+    buf: &mut Vec<u8>,
+    out: &mut Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+) {
+    buf.clear();
+    for record in batch.drain(..) {
+        if serde_json::to_writer(&mut *buf, &record).is_ok() {
+            buf.push(b'\n');
         }
+    }
+    if let Err(e) = out.write_all(buf).await.and(out.flush().await) {
+        tracing::error!(error = %e, "audit write failed");
     }
 }

@@ -30,7 +30,7 @@ pub use config::Config;
 pub use pipeline::{JWKS_PATH, TASK_HEADER};
 pub use server::{Running, Shutdown};
 
-use audit::AuditSink;
+use audit::{AuditSink, AuditWriter};
 use metrics::Metrics;
 use routes::RouteTable;
 use upstream::{HttpClient, Upstream};
@@ -51,6 +51,8 @@ pub struct Gateway {
     client: HttpClient,
     metrics: Arc<Metrics>,
     audit: AuditSink,
+    /// Taken by `finish_audit` at shutdown.
+    audit_writer: std::sync::Mutex<Option<AuditWriter>>,
     tasks: toolgate_tasks::Store,
     /// The admin listener's bearer token (`admin_token_file`); None: admin operations are off.
     admin_token: Option<String>,
@@ -176,8 +178,6 @@ impl Gateway {
             AuditSink::start(&config.audit.path, config.audit.buffer, metrics.clone())
                 .await
                 .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
-        // The writer ends by itself once the last sink (the gateway's) is dropped.
-        tokio::spawn(writer.finish());
         Ok(Arc::new(Gateway {
             policy_dir: config.policies.clone(),
             routing: ArcSwap::from_pointee(Routing::new(&config.upstreams)),
@@ -188,12 +188,21 @@ impl Gateway {
             client: upstream::client(),
             metrics,
             audit,
+            audit_writer: std::sync::Mutex::new(Some(writer)),
             tasks,
             admin_token,
             ready: AtomicBool::new(false),
             config,
             config_path,
         }))
+    }
+
+    /// Writes out every audit record queued so far; call once the listeners have drained.
+    pub async fn finish_audit(&self) {
+        let writer = self.audit_writer.lock().expect("not poisoned").take();
+        if let Some(writer) = writer {
+            writer.finish().await;
+        }
     }
 
     pub fn config(&self) -> &Config {
