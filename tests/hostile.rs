@@ -817,31 +817,16 @@ async fn override_and_forwarding_headers_never_reach_the_upstream() {
 #[tokio::test]
 async fn a_second_issuer_cannot_act_as_the_first() {
     let upstream = Upstream::start().await;
-    let dir = TempDir::new("partner");
-    let (partner, _) = toolgate_credential::SigningKey::generate().unwrap();
-    let partner_jwks = dir.0.join("partner.jwks.json");
-    std::fs::write(
-        &partner_jwks,
-        json!({"keys": [partner.public_jwk()]}).to_string(),
-    )
-    .unwrap();
-    let inbound = format!(
-        "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n      id_prefix: \"\"\n    - issuer: https://partner.test\n      jwks_file: {}\n      audiences: [{AUDIENCE}]\n      id_prefix: \"partner:\"\n",
-        partner_jwks.display()
-    );
+    let partner = Partner::new();
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,
         extra_policies: &[],
-        inbound: Some(inbound),
+        inbound: Some(partner.inbound(Some(("", "partner:")))),
         mcp: None,
         extra_config: "",
     })
     .await;
-    let partner_token = |claims: Value| {
-        let mut all = with_defaults(claims);
-        all["iss"] = json!("https://partner.test");
-        partner.sign("JWT", &all).unwrap()
-    };
+    let partner_token = |claims: Value| partner.sign(claims);
     // The same names as the first issuer's finance agent: a different principal.
     let impostor =
         partner_token(json!({"sub": "alice", "act": {"sub": "assistant"}, "patient_id": "p-100"}));

@@ -31,7 +31,7 @@ fn python() -> std::path::PathBuf {
 
 /// Starts the FastMCP test server and waits (bounded) until it accepts connections.
 async fn start_fastmcp() -> (Killed, String) {
-    let (server, port) = start_on_free_port("the FastMCP server", |port| {
+    start_mcp_server("the FastMCP server", |port| {
         let mut command = Command::new(python());
         command
             .arg(repo().join("tests/mcp/server.py"))
@@ -41,8 +41,7 @@ async fn start_fastmcp() -> (Killed, String) {
             .stderr(Stdio::null());
         command
     })
-    .await;
-    (server, format!("http://127.0.0.1:{port}/mcp"))
+    .await
 }
 
 #[tokio::test]

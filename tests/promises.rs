@@ -328,22 +328,8 @@ async fn jwks_and_config_files_are_watched() {
     let upstream = Upstream::start().await;
     let gw = gateway_with(&upstream, &[], "reload:\n  debounce_ms: 100\n").await;
 
-    let (new_key, _) = toolgate_credential::SigningKey::generate().unwrap();
-    let fresh = new_key
-        .sign(
-            "JWT",
-            &with_defaults(json!({"sub": "alice", "act": {"sub": "assistant"}})),
-        )
-        .unwrap();
     let url = gw.url("/billing/invoices/1");
-    assert_eq!(get(&url, &fresh).await.status, 401);
-    let mut jwks: Value =
-        serde_json::from_slice(&std::fs::read(&gw.idp.jwks_path).unwrap()).unwrap();
-    jwks["keys"]
-        .as_array_mut()
-        .unwrap()
-        .push(new_key.public_jwk().clone());
-    std::fs::write(&gw.idp.jwks_path, jwks.to_string()).unwrap();
+    let fresh = gw.idp.add_key();
     eventually("the new IdP key", async || {
         get(&url, &fresh).await.status == 200
     })
@@ -993,22 +979,11 @@ when { context has task && !(context.task has approved_by && context.task.approv
 #[tokio::test]
 async fn several_issuers_prefix_ids_with_their_issuer_by_default() {
     let upstream = Upstream::start().await;
-    let dir = TempDir::new("second-idp");
-    let (partner, _) = toolgate_credential::SigningKey::generate().unwrap();
-    let partner_jwks = dir.0.join("partner.jwks.json");
-    std::fs::write(
-        &partner_jwks,
-        json!({"keys": [partner.public_jwk()]}).to_string(),
-    )
-    .unwrap();
-    let inbound = format!(
-        "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n    - issuer: https://partner.test\n      jwks_file: {}\n      audiences: [{AUDIENCE}]\n",
-        partner_jwks.display()
-    );
+    let partner = Partner::new();
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,
         extra_policies: &[],
-        inbound: Some(inbound),
+        inbound: Some(partner.inbound(None)),
         mcp: None,
         extra_config: "",
     })
@@ -1020,13 +995,7 @@ async fn several_issuers_prefix_ids_with_their_issuer_by_default() {
     let line = gw.audit_line(|l| l["decision_id"] == decision).await;
     assert_eq!(line["agent"], format!("{IDP}#assistant").as_str());
     assert_eq!(line["user"], format!("{IDP}#alice").as_str());
-    let theirs = partner
-        .sign(
-            "JWT",
-            &json!({"iss": "https://partner.test", "aud": AUDIENCE, "sub": "alice",
-                    "act": {"sub": "assistant"}, "iat": now(), "exp": now() + 600}),
-        )
-        .unwrap();
+    let theirs = partner.sign(json!({"sub": "alice", "act": {"sub": "assistant"}}));
     let answer = get(&gw.url("/billing/invoices/1"), &theirs).await;
     let decision = answer.json()["decision_id"].clone();
     let line = gw.audit_line(|l| l["decision_id"] == decision).await;

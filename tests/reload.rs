@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const PERMIT_DELETE: &str =
     "@id(\"allow-delete\")\npermit (principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);\n";
@@ -94,20 +94,7 @@ async fn sighup_reloads_policies_keys_and_upstreams() {
     .await;
 
     // A new IdP key in the JWKS file.
-    let (new_key, _) = toolgate_credential::SigningKey::generate().unwrap();
-    let mut jwks: Value =
-        serde_json::from_slice(&std::fs::read(&gw.idp.jwks_path).unwrap()).unwrap();
-    jwks["keys"]
-        .as_array_mut()
-        .unwrap()
-        .push(new_key.public_jwk().clone());
-    std::fs::write(&gw.idp.jwks_path, jwks.to_string()).unwrap();
-    let rotated = new_key
-        .sign(
-            "JWT",
-            &with_defaults(json!({"sub": "alice", "act": {"sub": "assistant"}})),
-        )
-        .unwrap();
+    let rotated = gw.idp.add_key();
     assert_eq!(
         get(&gw.url("/billing/invoices/1"), &rotated).await.status,
         401

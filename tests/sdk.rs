@@ -69,7 +69,7 @@ fn program(sdk: Sdk, role: &str) -> Command {
 
 /// Starts an SDK server on a free loopback port; waits (bounded) until it accepts connections.
 async fn start_server(sdk: Sdk) -> (Killed, String) {
-    let (server, port) = start_on_free_port(&format!("{sdk:?} server"), |port| {
+    start_mcp_server(&format!("{sdk:?} server"), |port| {
         let mut command = program(sdk, "server");
         command
             .arg(port.to_string())
@@ -77,8 +77,7 @@ async fn start_server(sdk: Sdk) -> (Killed, String) {
             .stderr(Stdio::null());
         command
     })
-    .await;
-    (server, format!("http://127.0.0.1:{port}/mcp"))
+    .await
 }
 
 /// Runs an SDK client against `url` (bounded); returns what it printed.

@@ -296,6 +296,69 @@ impl Idp {
     pub fn sign(&self, claims: Value) -> String {
         self.key.sign("JWT", &with_defaults(claims)).unwrap()
     }
+
+    /// The IdP rotates in a new key (appended to its JWKS file); returns alice's assistant's
+    /// token signed with it.
+    pub fn add_key(&self) -> String {
+        let (key, _) = SigningKey::generate().unwrap();
+        let mut jwks: Value =
+            serde_json::from_slice(&std::fs::read(&self.jwks_path).unwrap()).unwrap();
+        jwks["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(key.public_jwk().clone());
+        std::fs::write(&self.jwks_path, jwks.to_string()).unwrap();
+        key.sign(
+            "JWT",
+            &with_defaults(json!({"sub": "alice", "act": {"sub": "assistant"}})),
+        )
+        .unwrap()
+    }
+}
+
+/// A second identity provider, `https://partner.test`, with its own key and JWKS file.
+pub struct Partner {
+    pub key: SigningKey,
+    _dir: TempDir,
+    jwks_path: PathBuf,
+}
+
+pub const PARTNER: &str = "https://partner.test";
+
+impl Partner {
+    pub fn new() -> Partner {
+        let dir = TempDir::new("partner");
+        let (key, _) = SigningKey::generate().unwrap();
+        let jwks_path = dir.0.join("partner.jwks.json");
+        std::fs::write(&jwks_path, json!({"keys": [key.public_jwk()]}).to_string()).unwrap();
+        Partner {
+            key,
+            _dir: dir,
+            jwks_path,
+        }
+    }
+
+    /// The `inbound:` section trusting the test IdP and this one, each with its `id_prefix`
+    /// (None: the default).
+    pub fn inbound(&self, prefixes: Option<(&str, &str)>) -> String {
+        let prefix = |p: Option<&str>| {
+            p.map(|p| format!("      id_prefix: \"{p}\"\n"))
+                .unwrap_or_default()
+        };
+        format!(
+            "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n{}    - issuer: {PARTNER}\n      jwks_file: {}\n      audiences: [{AUDIENCE}]\n{}",
+            prefix(prefixes.map(|p| p.0)),
+            self.jwks_path.display(),
+            prefix(prefixes.map(|p| p.1)),
+        )
+    }
+
+    /// Standard claims with this issuer, merged under `claims`, signed.
+    pub fn sign(&self, claims: Value) -> String {
+        let mut all = with_defaults(claims);
+        all["iss"] = json!(PARTNER);
+        self.key.sign("JWT", &all).unwrap()
+    }
 }
 
 pub fn with_defaults(claims: Value) -> Value {
@@ -393,6 +456,12 @@ pub async fn start_on_free_port(
         }
     }
     panic!("{what} exited at start five times");
+}
+
+/// Starts an MCP server (`command(port)`) on a free port; returns it and its endpoint URL.
+pub async fn start_mcp_server(what: &str, command: impl FnMut(u16) -> Command) -> (Killed, String) {
+    let (server, port) = start_on_free_port(what, command).await;
+    (server, format!("http://127.0.0.1:{port}/mcp"))
 }
 
 /// A running `toolgate serve` child process, killed on drop.

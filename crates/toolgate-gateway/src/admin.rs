@@ -110,6 +110,10 @@ impl Gateway {
 
     /// An operator's request: authenticated by the admin token, recorded like any decision.
     async fn admin_operation(&self, request: Request<Incoming>) -> Response<Body> {
+        let Some(slot) = self.audit.reserve() else {
+            self.metrics.audit_refused.inc();
+            return Refusal::AuditUnavailable.into_response("", None);
+        };
         let mut record = AuditRecord {
             agent: Some("admin".into()),
             ..AuditRecord::begin(&request)
@@ -127,7 +131,7 @@ impl Gateway {
             refusal.into_response(&record.decision_id, None)
         });
         record.status = response.status().as_u16();
-        self.finish(record);
+        self.finish(record, Some(slot));
         response
     }
 
@@ -261,6 +265,8 @@ impl Gateway {
     pub async fn reload_all(&self) -> ReloadReport {
         let policies = self.reload_policies().await;
         let key_errors = self.auth.reload_keys().await;
+        // A rotated audit file is written anew from here on.
+        self.audit.reopen();
         let mut report = ReloadReport {
             policies,
             key_errors,

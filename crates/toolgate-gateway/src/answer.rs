@@ -47,6 +47,9 @@ pub enum Refusal {
     UpstreamTimeout,
     #[error("internal error")]
     Internal(#[from] InternalError),
+    /// The audit writer has no room for the call's record: refused rather than unrecorded.
+    #[error("audit writer behind")]
+    AuditUnavailable,
 }
 
 /// What went wrong on the way to or back from an upstream (502).
@@ -102,6 +105,7 @@ impl Refusal {
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -143,12 +147,18 @@ impl Refusal {
                 json!({"error": "upstream_timeout", "decision_id": decision_id})
             }
             Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
+            Refusal::AuditUnavailable => json!({"error": "audit_unavailable"}),
         };
         let mut response = json_response(status, &body);
         if let Refusal::MethodNotAllowed(allow) = &self {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Refusal::AuditUnavailable = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let Refusal::AdminUnauthorized = &self {
             response.headers_mut().insert(

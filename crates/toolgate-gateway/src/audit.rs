@@ -1,11 +1,14 @@
-//! The audit log: one JSON object per line per decision. Records go through a bounded
-//! channel to a writer task, so the request path never waits on the disk.
+//! The audit log: one JSON object per line per decision. Records go to a writer task, so the
+//! request path never waits on the disk; `audit.buffer` bounds what may be queued, and a call
+//! takes its room before anything is forwarded.
 
 use std::sync::Arc;
 
 use serde::Serialize;
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -67,9 +70,44 @@ impl AuditRecord {
     }
 }
 
+/// Room for one record in the writer's queue, taken before the call it records goes anywhere:
+/// a call whose line could not be written is refused rather than forwarded unrecorded. Held
+/// (never read) until the line is written; dropping it gives the room back.
+pub struct AuditSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// A record with the room it occupies; the room is given back once the line is written.
+struct Queued {
+    record: AuditRecord,
+    _slot: AuditSlot,
+}
+
+/// Where the writer writes, and how it reopens it (after a rotation, or an error).
+enum Target {
+    Stdout,
+    File(String),
+}
+
+impl Target {
+    async fn open(&self) -> std::io::Result<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> {
+        Ok(match self {
+            Target::Stdout => Box::new(tokio::io::stdout()),
+            Target::File(path) => Box::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await?,
+            ),
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// `audit.buffer` slots: records queued or being written.
+    room: Arc<Semaphore>,
+    reopen: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -80,29 +118,56 @@ impl AuditSink {
         buffer: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(AuditSink, AuditWriter)> {
-        let out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if path == "-" {
-            Box::new(tokio::io::stdout())
+        let target = if path == "-" {
+            Target::Stdout
         } else {
-            Box::new(
-                tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await?,
-            )
+            Target::File(path.to_string())
         };
-        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let out = target.open().await?;
+        let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(write_loop(rx, out, stopped));
-        Ok((AuditSink { tx, metrics }, AuditWriter { handle, stop }))
+        let reopen = Arc::new(Notify::new());
+        let writer = Writer {
+            target,
+            out,
+            reopen: reopen.clone(),
+            metrics: metrics.clone(),
+        };
+        let handle = tokio::spawn(writer.run(rx, stopped));
+        let sink = AuditSink {
+            tx,
+            room: Arc::new(Semaphore::new(buffer.max(1))),
+            reopen,
+            metrics,
+        };
+        Ok((sink, AuditWriter { handle, stop }))
     }
 
-    /// Queues a record; when the writer is behind, drops it and counts the drop.
-    pub fn record(&self, record: AuditRecord) {
-        if self.tx.try_send(record).is_err() {
-            self.metrics.audit_dropped.inc();
-            tracing::warn!("audit writer is behind; record dropped");
+    /// Takes room for one record, if the writer has any left.
+    pub fn reserve(&self) -> Option<AuditSlot> {
+        self.room.clone().try_acquire_owned().ok().map(AuditSlot)
+    }
+
+    /// Queues a record in the room reserved for it (or any left). A record without room is
+    /// dropped and counted: only records of calls that were not forwarded can lack it.
+    pub fn record(&self, record: AuditRecord, slot: Option<AuditSlot>) {
+        match slot.or_else(|| self.reserve()) {
+            Some(slot) => {
+                let _ = self.tx.send(Queued {
+                    record,
+                    _slot: slot,
+                });
+            }
+            None => {
+                self.metrics.audit_dropped.inc();
+                tracing::warn!("audit writer is behind; record of an unforwarded call dropped");
+            }
         }
+    }
+
+    /// Reopens the audit file (after a rotation): on reload and SIGHUP.
+    pub fn reopen(&self) {
+        self.reopen.notify_one();
     }
 }
 
@@ -121,44 +186,67 @@ impl AuditWriter {
     }
 }
 
-async fn write_loop(
-    mut rx: mpsc::Receiver<AuditRecord>,
-    mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut batch = Vec::with_capacity(64);
-    let mut buf = Vec::with_capacity(64 << 10);
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => {
-                if n == 0 {
-                    return;
-                }
-                write_batch(&mut batch, &mut buf, &mut out).await;
-            }
-            _ = &mut stop => {
-                rx.close();
-                while rx.recv_many(&mut batch, 256).await > 0 {
-                    write_batch(&mut batch, &mut buf, &mut out).await;
-                }
-                return;
-            }
-        }
-    }
+struct Writer {
+    target: Target,
+    out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    reopen: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
-async fn write_batch(
-    batch: &mut Vec<AuditRecord>,
-    buf: &mut Vec<u8>,
-    out: &mut Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-) {
-    buf.clear();
-    for record in batch.drain(..) {
-        if serde_json::to_writer(&mut *buf, &record).is_ok() {
-            buf.push(b'\n');
+impl Writer {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Queued>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut batch = Vec::with_capacity(64);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                    self.write(&mut batch).await;
+                }
+                _ = self.reopen.notified() => self.reopen().await,
+                _ = &mut stop => {
+                    rx.close();
+                    while rx.recv_many(&mut batch, 256).await > 0 {
+                        self.write(&mut batch).await;
+                    }
+                    return;
+                }
+            }
         }
     }
-    if let Err(e) = out.write_all(buf).await.and(out.flush().await) {
-        tracing::error!(error = %e, "audit write failed");
+
+    /// Writes the batch, retrying (and reopening the file) until it is written: while it
+    /// cannot be, the records keep their room, so new calls are refused, not unrecorded.
+    async fn write(&mut self, batch: &mut Vec<Queued>) {
+        let mut buf = Vec::with_capacity(batch.len() * 512);
+        for queued in batch.iter() {
+            if serde_json::to_writer(&mut buf, &queued.record).is_ok() {
+                buf.push(b'\n');
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.out.write_all(&buf).await.and(self.out.flush().await) {
+            self.metrics.audit_write_errors.inc();
+            tracing::error!(error = %e, "audit write failed; retrying, new calls are refused meanwhile");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            self.reopen().await;
+        }
+        batch.clear();
+    }
+
+    async fn reopen(&mut self) {
+        match self.target.open().await {
+            Ok(out) => self.out = out,
+            Err(e) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!(error = %e, "audit file cannot be reopened");
+            }
+        }
     }
 }

@@ -145,7 +145,7 @@ impl Gateway {
 
         if plan.forward.is_empty() {
             for line in plan.decisions {
-                self.finish(line);
+                self.finish(line, None);
             }
             if batch {
                 return Ok(json_response(StatusCode::OK, &Value::Array(plan.answered)));
@@ -153,6 +153,19 @@ impl Gateway {
             let answer = plan.answered.into_iter().next().unwrap_or(Value::Null);
             return Ok(json_response(single_answer_status(&answer), &answer));
         }
+        // Each decision line of a batch needs its room too before anything is forwarded.
+        let Some(slots) = plan
+            .decisions
+            .iter()
+            .map(|_| self.audit.reserve())
+            .collect::<Option<Vec<_>>>()
+        else {
+            for line in plan.decisions {
+                self.finish(line, None);
+            }
+            self.metrics.audit_refused.inc();
+            return Err(Refusal::AuditUnavailable);
+        };
         record.decision = Verdict::Allow;
         let body = if batch {
             serde_json::to_vec(&plan.forward)
@@ -185,14 +198,14 @@ impl Gateway {
         }
         // Each line of a batch is written once the credential (or the failure) is known: an
         // allowed message shares the request's fate (its task may have ended meanwhile).
-        for mut line in plan.decisions {
+        for (mut line, slot) in plan.decisions.into_iter().zip(slots) {
             if line.decision == Verdict::Allow {
                 line.decision = record.decision;
                 line.jti = record.jti.clone();
                 line.upstream_status = record.upstream_status;
                 line.errors.extend(failure.iter().cloned());
             }
-            self.finish(line);
+            self.finish(line, Some(slot));
         }
         let response = forwarded?;
 

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub policies_loaded: IntGauge,
     pub tasks_active: IntGauge,
     pub audit_dropped: IntCounter,
+    pub audit_write_errors: IntCounter,
+    pub audit_refused: IntCounter,
 }
 
 impl Metrics {
@@ -94,7 +96,19 @@ impl Metrics {
             .expect("metric"),
             audit_dropped: register_int_counter_with_registry!(
                 "toolgate_audit_dropped_total",
-                "Audit records dropped because the writer fell behind.",
+                "Audit records of unforwarded calls dropped because the writer was behind.",
+                r
+            )
+            .expect("metric"),
+            audit_refused: register_int_counter_with_registry!(
+                "toolgate_audit_refused_total",
+                "Requests refused (503 audit_unavailable) because the audit writer had no room.",
+                r
+            )
+            .expect("metric"),
+            audit_write_errors: register_int_counter_with_registry!(
+                "toolgate_audit_write_errors_total",
+                "Failed writes or reopens of the audit log (each is retried).",
                 r
             )
             .expect("metric"),

@@ -24,7 +24,7 @@ use toolgate_policy::{
 use toolgate_tasks::Task;
 
 use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
-use crate::audit::{AuditRecord, Verdict};
+use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::UpstreamKind;
 use crate::routes::{Classified, ClassifyError};
 use crate::upstream::{strip_hop_by_hop, ClientView, Upstream};
@@ -71,6 +71,12 @@ impl Gateway {
         peer: SocketAddr,
     ) -> Response<Body> {
         strip_hop_by_hop(request.headers_mut());
+        // Room for this request's audit line first: without it nothing is done, let alone
+        // forwarded.
+        let Some(slot) = self.audit.reserve() else {
+            self.metrics.audit_refused.inc();
+            return Refusal::AuditUnavailable.into_response("", None);
+        };
         if request.method() == Method::GET {
             let path = request.uri().path();
             if path == JWKS_PATH {
@@ -110,7 +116,7 @@ impl Gateway {
                 response.status().as_str(),
             ])
             .inc();
-        self.finish(record);
+        self.finish(record, Some(slot));
         response
     }
 
@@ -293,13 +299,14 @@ impl Gateway {
         Ok(response)
     }
 
-    /// The one place an outcome is recorded: the decision metric and the audit line.
-    pub(crate) fn finish(&self, record: AuditRecord) {
+    /// The one place an outcome is recorded: the decision metric and the audit line, in the
+    /// room reserved for it (`None`: any room left).
+    pub(crate) fn finish(&self, record: AuditRecord, slot: Option<AuditSlot>) {
         self.metrics
             .decisions
             .with_label_values(&[record.decision.as_str()])
             .inc();
-        self.audit.record(record);
+        self.audit.record(record, slot);
     }
 
     pub(crate) fn mint(
