@@ -138,3 +138,155 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
         );
     }
 }
+
+/// Beyond `limits.max_in_flight`, requests are shed at once with 503 `overloaded` and
+/// `Retry-After`, before any work (not even the token is read): the admitted ones complete,
+/// nothing is reset, and once they finish requests pass again.
+#[tokio::test]
+async fn excess_load_is_shed_fast_while_admitted_calls_complete() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let config = gw.dir.0.join("small.yaml");
+    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml"))
+        .unwrap()
+        .replace(
+            "  max_body_bytes: 4096\n",
+            "  max_body_bytes: 4096\n  max_in_flight: 4\n",
+        );
+    std::fs::write(&config, text).unwrap();
+    let (child, addr, admin) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let token = gw.idp.delegated();
+
+    // Four calls in flight, held at the upstream.
+    let admitted: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, token) = (
+                format!("http://{addr}/billing/invoices?customer=held-{i}"),
+                token.clone(),
+            );
+            tokio::spawn(async move { get(&url, &token).await.status })
+        })
+        .collect();
+    upstream.wait_for_requests(4).await;
+
+    // Open-loop excess: 40 more, concurrently; each is shed, none forwarded. Half of them
+    // carry no valid token: shedding comes before authentication.
+    let excess: Vec<_> = (0..40)
+        .map(|i| {
+            let url = format!("http://{addr}/billing/invoices/1");
+            let token = if i % 2 == 0 {
+                token.clone()
+            } else {
+                "not-even-a-token".into()
+            };
+            tokio::spawn(async move { get(&url, &token).await })
+        })
+        .collect();
+    for answer in excess {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, 503);
+        assert_eq!(answer.json()["error"], "overloaded");
+        assert_eq!(answer.headers["retry-after"], "1");
+    }
+    assert_eq!(upstream.requests().len(), 4, "nothing shed was forwarded");
+
+    upstream.release();
+    for call in admitted {
+        assert_eq!(call.await.unwrap(), 200, "an admitted call failed");
+    }
+    assert_eq!(
+        get(&format!("http://{addr}/billing/invoices/1"), &token)
+            .await
+            .status,
+        200,
+        "requests pass again"
+    );
+    let metrics = send("GET", &format!("http://{admin}/metrics"), &[], b"").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert_eq!(metric(&text, "toolgate_requests_shed_total"), Some(40.0));
+}
+
+/// Too many headers get 431, too long a URI 414, on HTTP/1.1 and HTTP/2, before anything else.
+#[tokio::test]
+async fn header_count_and_uri_length_are_capped() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let token = format!("Bearer {}", gw.idp.delegated());
+    // 64 headers in all pass (62, authorization and the client's host); 65 do not.
+    let names: Vec<String> = (0..63).map(|i| format!("x-h{i}")).collect();
+    let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    many.push(("authorization", &token));
+    let answer = send("GET", &gw.url("/billing/invoices/1"), &many, b"").await;
+    assert_eq!(answer.status, 431);
+    assert_eq!(answer.json()["error"], "headers_too_large");
+    assert_eq!(
+        send("GET", &gw.url("/billing/invoices/1"), &many[1..], b"")
+            .await
+            .status,
+        200
+    );
+    let long = format!("/billing/invoices?customer={}", "a".repeat(8_200));
+    let answer = send("GET", &gw.url(&long), &[("authorization", &token)], b"").await;
+    assert_eq!(answer.status, 414);
+    assert_eq!(answer.json()["error"], "uri_too_long");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+/// One HTTP/2 connection gets at most `limits.max_concurrent_streams` (100) requests at once:
+/// the 101st waits until one finishes.
+#[tokio::test]
+async fn an_h2_connection_gets_at_most_100_streams_at_once() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let calls: Vec<_> = (0..101)
+        .map(|i| {
+            let request =
+                http::Request::get(gw.url(&format!("/billing/invoices?customer=held-{i}")))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+            let h2 = h2.clone();
+            tokio::spawn(async move { h2.request(request).await.map(|r| r.status()) })
+        })
+        .collect();
+    upstream.wait_for_requests(100).await;
+    // A window for a 101st stream to (wrongly) reach the upstream while the 100 are open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        upstream.requests().len(),
+        100,
+        "a 101st stream was served at once"
+    );
+    upstream.release();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(upstream.requests().len(), 101);
+}

@@ -39,8 +39,10 @@ pub enum Refusal {
     AdminDisabled,
     #[error("body too large")]
     PayloadTooLarge,
-    #[error("request headers too large")]
+    #[error("request headers too large or too many")]
     HeadersTooLarge,
+    #[error("request URI too long")]
+    UriTooLong,
     #[error("upstream unreachable")]
     UpstreamUnreachable(#[from] UpstreamError),
     #[error("upstream timed out")]
@@ -102,6 +104,7 @@ impl Refusal {
             Refusal::AdminDisabled => StatusCode::FORBIDDEN,
             Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -140,6 +143,7 @@ impl Refusal {
             }
             Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
+            Refusal::UriTooLong => json!({"error": "uri_too_long"}),
             Refusal::UpstreamUnreachable(_) => {
                 json!({"error": "upstream_unreachable", "decision_id": decision_id})
             }

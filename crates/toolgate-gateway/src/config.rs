@@ -232,6 +232,19 @@ pub struct Limits {
     /// The largest total size of request headers (431 beyond).
     #[serde(default = "default_max_header")]
     pub max_header_bytes: usize,
+    /// Requests handled at once on the agent listener; beyond, a fast 503 with `Retry-After`
+    /// before any work (token, policy, signature).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Request headers at most (431 beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// The longest request URI (414 beyond).
+    #[serde(default = "default_max_uri")]
+    pub max_uri_bytes: usize,
+    /// HTTP/2 streams open at once on one connection; a client opening more waits.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -239,8 +252,29 @@ impl Default for Limits {
         Limits {
             max_body_bytes: default_max_body(),
             max_header_bytes: default_max_header(),
+            max_in_flight: default_max_in_flight(),
+            max_headers: default_max_headers(),
+            max_uri_bytes: default_max_uri(),
+            max_concurrent_streams: default_max_streams(),
         }
     }
+}
+
+fn default_max_headers() -> usize {
+    // Below hyper's own HTTP/1.1 parser limit (100), so the refusal is ours, in JSON.
+    64
+}
+
+fn default_max_uri() -> usize {
+    8192
+}
+
+fn default_max_streams() -> u32 {
+    100
+}
+
+fn default_max_in_flight() -> usize {
+    1024
 }
 
 fn default_listen() -> SocketAddr {
@@ -370,6 +404,19 @@ impl Config {
         if self.inbound.jwt.is_empty() {
             errors
                 .push("inbound.jwt: no issuer configured, every call would be refused".to_string());
+        }
+        for (name, value) in [
+            ("max_in_flight", self.limits.max_in_flight),
+            ("max_headers", self.limits.max_headers),
+            ("max_uri_bytes", self.limits.max_uri_bytes),
+            (
+                "max_concurrent_streams",
+                self.limits.max_concurrent_streams as usize,
+            ),
+        ] {
+            if value == 0 {
+                errors.push(format!("limits.{name} must be at least 1"));
+            }
         }
         for jwt in &self.inbound.jwt {
             if !(1..=3600).contains(&jwt.jwks_refetch_seconds) {

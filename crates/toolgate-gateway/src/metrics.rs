@@ -21,6 +21,7 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub audit_write_errors: IntCounter,
     pub audit_refused: IntCounter,
+    pub shed: IntCounter,
 }
 
 impl Metrics {
@@ -97,6 +98,12 @@ impl Metrics {
             audit_dropped: register_int_counter_with_registry!(
                 "toolgate_audit_dropped_total",
                 "Audit records of unforwarded calls dropped because the writer was behind.",
+                r
+            )
+            .expect("metric"),
+            shed: register_int_counter_with_registry!(
+                "toolgate_requests_shed_total",
+                "Requests answered 503 overloaded because limits.max_in_flight were in flight.",
                 r
             )
             .expect("metric"),

@@ -25,7 +25,7 @@ use toolgate_tasks::Task;
 
 use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
-use crate::config::UpstreamKind;
+use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
 use crate::upstream::{strip_hop_by_hop, ClientView, Upstream};
 use crate::{Gateway, Routing};
@@ -131,7 +131,7 @@ impl Gateway {
         record: &mut AuditRecord,
         upstream_index: &mut Option<usize>,
     ) -> Result<Response<Body>, Refusal> {
-        check_header_size(&request, self.config.limits.max_header_bytes)?;
+        check_request_head(&request, &self.config.limits)?;
 
         // authenticate
         let authorization = request
@@ -577,14 +577,23 @@ fn misspelled_within(value: &Value, ty: &AttrType) -> Option<String> {
     }
 }
 
-fn check_header_size<B>(request: &Request<B>, limit: usize) -> Result<(), Refusal> {
+/// The request line and headers within `limits`: URI length (414), header count and total
+/// size (431), on HTTP/1.1 and HTTP/2 alike.
+fn check_request_head<B>(request: &Request<B>, limits: &Limits) -> Result<(), Refusal> {
+    let uri = request.uri().to_string().len();
+    if uri > limits.max_uri_bytes {
+        return Err(Refusal::UriTooLong);
+    }
+    if request.headers().len() > limits.max_headers {
+        return Err(Refusal::HeadersTooLarge);
+    }
     let size: usize = request
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + request.uri().to_string().len();
-    if size > limit {
+        + uri;
+    if size > limits.max_header_bytes {
         return Err(Refusal::HeadersTooLarge);
     }
     Ok(())

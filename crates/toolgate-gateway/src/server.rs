@@ -12,12 +12,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::{ServiceBuilder, ServiceExt};
 
-use crate::answer::Body;
+use crate::answer::{json_response, Body, BoxError};
 use crate::Gateway;
 
 /// How long open connections may take to finish after shutdown begins.
@@ -72,6 +76,9 @@ impl Gateway {
         let builder = self.connection_builder();
 
         let gateway = self.clone();
+        // One limit for the whole agent listener: beyond it, requests are shed at once with a
+        // 503, before any token, policy or signature work, so admitted ones keep their latency.
+        let in_flight = Arc::new(Semaphore::new(self.config.limits.max_in_flight));
         let agent_loop = tokio::spawn(accept_loop(
             agent,
             tls,
@@ -79,10 +86,25 @@ impl Gateway {
             stop_rx.clone(),
             move |peer| {
                 let gateway = gateway.clone();
-                service_fn(move |req: Request<Incoming>| {
+                let metrics = gateway.metrics.clone();
+                let handle = tower::service_fn(move |req: Request<Incoming>| {
                     let gateway = gateway.clone();
                     async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
-                })
+                });
+                let shedding = ServiceBuilder::new()
+                    .layer(LoadShedLayer::new())
+                    .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+                        in_flight.clone(),
+                    ))
+                    .service(handle)
+                    .map_result(move |result| {
+                        // The only error below is `Overloaded`: the handler never fails.
+                        Ok::<_, BoxError>(result.unwrap_or_else(|_| {
+                            metrics.shed.inc();
+                            overloaded()
+                        }))
+                    });
+                TowerToHyperService::new(shedding)
             },
         ));
         let gateway = self.clone();
@@ -117,12 +139,12 @@ impl Gateway {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(header_room as u32)
-            .max_concurrent_streams(1024);
+            .max_concurrent_streams(self.config.limits.max_concurrent_streams);
         builder
     }
 }
 
-async fn accept_loop<F, S, Fut>(
+async fn accept_loop<F, S, E, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
@@ -133,11 +155,12 @@ async fn accept_loop<F, S, Fut>(
     S: hyper::service::Service<
             Request<Incoming>,
             Response = Response<Body>,
-            Error = std::convert::Infallible,
+            Error = E,
             Future = Fut,
         > + Send
         + 'static,
-    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+    Fut: Future<Output = Result<Response<Body>, E>> + Send + 'static,
 {
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -196,6 +219,19 @@ async fn accept_loop<F, S, Fut>(
     {
         tracing::warn!("drain timed out; closing remaining connections");
     }
+}
+
+/// The answer to a request shed for overload.
+fn overloaded() -> Response<Body> {
+    let mut response = json_response(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({"error": "overloaded"}),
+    );
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    response
 }
 
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
