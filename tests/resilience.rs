@@ -290,3 +290,90 @@ async fn an_h2_connection_gets_at_most_100_streams_at_once() {
     }
     assert_eq!(upstream.requests().len(), 101);
 }
+
+/// A gateway whose header and body timeouts are one second and idle timeout two, so tests can
+/// wait (bounded)
+/// for them without waiting long.
+async fn impatient(upstream: &Upstream) -> (Gateway, Killed, std::net::SocketAddr) {
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let config = gw.dir.0.join("impatient.yaml");
+    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml")).unwrap().replace(
+        "  max_body_bytes: 4096\n",
+        "  max_body_bytes: 4096\n  header_read_seconds: 1\n  body_read_seconds: 1\n  idle_seconds: 2\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (child, addr, _) = spawn_serve(&config).await;
+    (gw, Killed(child), addr)
+}
+
+/// Reads until the gateway closes the connection (bounded: 10 s); returns what it sent.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closed the connection")
+        .ok();
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// Slow or silent clients cannot hold a connection: headers that never finish, a connection
+/// that never sends a byte, an idle keep-alive connection, and a stalled body (408).
+#[tokio::test]
+async fn slow_and_silent_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let (gw, _child, addr) = impatient(&upstream).await;
+    let token = gw.idp.delegated();
+
+    // Slowloris: headers begun, never finished.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nX-a: ")
+        .await
+        .unwrap();
+    until_closed(&mut slow).await;
+
+    // Silent: connected, nothing sent (before HTTP/1.1 or HTTP/2 is even known).
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    until_closed(&mut silent).await;
+
+    // Idle keep-alive: one request answered, then nothing.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(
+        format!(
+            "GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answered = until_closed(&mut idle).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    // Stalled body: 10 of 100 bytes, then nothing: 408 and the connection ends.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST /billing/refunds HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"invoice_"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = until_closed(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the idle connection's call"
+    );
+}

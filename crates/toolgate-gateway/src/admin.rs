@@ -13,7 +13,7 @@ use toolgate_tasks::{Approval, State};
 
 use crate::answer::{json_response, text_response, Body, Refusal};
 use crate::audit::{AuditRecord, Verdict};
-use crate::pipeline::read_limited;
+use crate::pipeline::{read_limited, BodyLimit};
 use crate::{Config, Gateway, Routing};
 
 /// A JSON body of an admin POST (`required`: it must have one). Anything else is refused, so a
@@ -21,9 +21,10 @@ use crate::{Config, Gateway, Routing};
 async fn admin_body(
     request: Request<Incoming>,
     required: bool,
+    limit: BodyLimit,
 ) -> Result<serde_json::Value, Refusal> {
     let (parts, body) = request.into_parts();
-    let bytes = read_limited(body, crate::tasks::MAX_TASK_BODY).await?;
+    let bytes = read_limited(body, limit).await?;
     if bytes.is_empty() && !required && !parts.headers.contains_key(http::header::CONTENT_TYPE) {
         return Ok(serde_json::Value::Null);
     }
@@ -166,7 +167,7 @@ impl Gateway {
         match (request.method().clone(), segments.as_slice()) {
             (Method::POST, ["admin", "reload"]) => {
                 record.action = Some("reload".into());
-                admin_body(request, false).await?;
+                admin_body(request, false, self.body_limit(crate::tasks::MAX_TASK_BODY)).await?;
                 let report = self.reload_all().await;
                 let status = if report.ok() {
                     StatusCode::OK
@@ -191,7 +192,7 @@ impl Gateway {
             }
             (Method::POST, ["admin", "tasks", id, verb @ ("complete" | "cancel")]) => {
                 record.task_id = Some(id.to_string());
-                admin_body(request, false).await?;
+                admin_body(request, false, self.body_limit(crate::tasks::MAX_TASK_BODY)).await?;
                 let state = if *verb == "complete" {
                     State::Completed
                 } else {
@@ -200,7 +201,8 @@ impl Gateway {
                 self.end_task(id, state, record).await
             }
             (Method::POST, ["admin", "tasks", id, "approve"]) => {
-                let body = admin_body(request, true).await?;
+                let body =
+                    admin_body(request, true, self.body_limit(crate::tasks::MAX_TASK_BODY)).await?;
                 self.approve(id, body, record).await
             }
             _ => Err(Refusal::NotFound("not_found")),

@@ -43,6 +43,9 @@ pub enum Refusal {
     HeadersTooLarge,
     #[error("request URI too long")]
     UriTooLong,
+    /// The request body did not arrive in time.
+    #[error("request body not received in time")]
+    RequestTimeout,
     #[error("upstream unreachable")]
     UpstreamUnreachable(#[from] UpstreamError),
     #[error("upstream timed out")]
@@ -105,6 +108,7 @@ impl Refusal {
             Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,6 +148,7 @@ impl Refusal {
             Refusal::PayloadTooLarge => json!({"error": "payload_too_large"}),
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
             Refusal::UriTooLong => json!({"error": "uri_too_long"}),
+            Refusal::RequestTimeout => json!({"error": "request_timeout"}),
             Refusal::UpstreamUnreachable(_) => {
                 json!({"error": "upstream_unreachable", "decision_id": decision_id})
             }

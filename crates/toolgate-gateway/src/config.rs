@@ -245,6 +245,25 @@ pub struct Limits {
     /// HTTP/2 streams open at once on one connection; a client opening more waits.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// A request's headers must arrive within this (HTTP/1.1: also the keep-alive wait for
+    /// the next request); else the connection closes.
+    #[serde(default = "default_thirty")]
+    pub header_read_seconds: u64,
+    /// A request body the gateway reads must arrive within this; else 408.
+    #[serde(default = "default_thirty")]
+    pub body_read_seconds: u64,
+    /// A connection with no bytes in either direction for this long is closed (idle
+    /// keep-alive, silent HTTP/2 connections, and one that never sends a byte).
+    #[serde(default = "default_idle")]
+    pub idle_seconds: u64,
+}
+
+fn default_thirty() -> u64 {
+    30
+}
+
+fn default_idle() -> u64 {
+    300
 }
 
 impl Default for Limits {
@@ -256,6 +275,9 @@ impl Default for Limits {
             max_headers: default_max_headers(),
             max_uri_bytes: default_max_uri(),
             max_concurrent_streams: default_max_streams(),
+            header_read_seconds: default_thirty(),
+            body_read_seconds: default_thirty(),
+            idle_seconds: default_idle(),
         }
     }
 }
@@ -413,6 +435,12 @@ impl Config {
                 "max_concurrent_streams",
                 self.limits.max_concurrent_streams as usize,
             ),
+            (
+                "header_read_seconds",
+                self.limits.header_read_seconds as usize,
+            ),
+            ("body_read_seconds", self.limits.body_read_seconds as usize),
+            ("idle_seconds", self.limits.idle_seconds as usize),
         ] {
             if value == 0 {
                 errors.push(format!("limits.{name} must be at least 1"));

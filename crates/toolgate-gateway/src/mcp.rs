@@ -120,7 +120,7 @@ impl Gateway {
                 record,
             ));
         }
-        let bytes = read_limited(body, self.config.limits.max_body_bytes).await?;
+        let bytes = read_limited(body, self.body_limit(self.config.limits.max_body_bytes)).await?;
         let payload = match toolgate_mcp::parse(&bytes) {
             Ok(payload) => payload,
             Err(e) => {

@@ -201,7 +201,7 @@ impl Gateway {
             &route,
             upstream,
             declared,
-            self.config.limits.max_body_bytes,
+            self.body_limit(self.config.limits.max_body_bytes),
         )
         .await?;
         let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, record);
@@ -599,11 +599,28 @@ fn check_request_head<B>(request: &Request<B>, limits: &Limits) -> Result<(), Re
     Ok(())
 }
 
-/// Reads a request body whole, refusing more than `limit` bytes (413).
-pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
-    Limited::new(body, limit)
-        .collect()
+/// How much of a request body is read, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit {
+    pub bytes: usize,
+    pub within: std::time::Duration,
+}
+
+impl Gateway {
+    pub(crate) fn body_limit(&self, bytes: usize) -> BodyLimit {
+        BodyLimit {
+            bytes,
+            within: std::time::Duration::from_secs(self.config.limits.body_read_seconds),
+        }
+    }
+}
+
+/// Reads a request body whole, refusing more than `limit.bytes` (413) and a body that takes
+/// longer than `limit.within` to arrive (408: a stalled upload holds nothing for long).
+pub(crate) async fn read_limited(body: Incoming, limit: BodyLimit) -> Result<Bytes, Refusal> {
+    tokio::time::timeout(limit.within, Limited::new(body, limit.bytes).collect())
         .await
+        .map_err(|_| Refusal::RequestTimeout)?
         .map(|b| b.to_bytes())
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {

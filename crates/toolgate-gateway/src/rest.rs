@@ -20,6 +20,7 @@ use toolgate_policy::Record;
 
 use crate::answer::{full, Body, InternalError, Refusal};
 use crate::config::ArgumentsIn;
+use crate::pipeline::BodyLimit;
 use crate::routes::Classified;
 use crate::upstream::Upstream;
 
@@ -54,7 +55,7 @@ pub(crate) async fn read_call(
     route: &Classified,
     upstream: &Upstream,
     declared: Option<&Record>,
-    max_body: usize,
+    max_body: BodyLimit,
 ) -> Result<(Request<Body>, Map<String, Value>), Refusal> {
     let (mut parts, body) = request.into_parts();
     let mut names = Names::default();
@@ -231,11 +232,15 @@ pub(crate) fn check_json_body_headers(headers: &HeaderMap) -> Result<(), Refusal
     Ok(())
 }
 
-async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: BodyLimit,
+) -> Result<Bytes, Refusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > limit.bytes as u64) {
         return Err(Refusal::PayloadTooLarge);
     }
     crate::pipeline::read_limited(body, limit).await

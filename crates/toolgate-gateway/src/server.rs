@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -27,7 +28,6 @@ use crate::Gateway;
 /// How long open connections may take to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Tells the listeners to stop accepting and drain.
 #[derive(Clone)]
@@ -79,8 +79,10 @@ impl Gateway {
         // One limit for the whole agent listener: beyond it, requests are shed at once with a
         // 503, before any token, policy or signature work, so admitted ones keep their latency.
         let in_flight = Arc::new(Semaphore::new(self.config.limits.max_in_flight));
+        let idle = Duration::from_secs(self.config.limits.idle_seconds);
         let agent_loop = tokio::spawn(accept_loop(
             agent,
+            idle,
             tls,
             builder.clone(),
             stop_rx.clone(),
@@ -108,13 +110,20 @@ impl Gateway {
             },
         ));
         let gateway = self.clone();
-        let admin_loop = tokio::spawn(accept_loop(admin, None, builder, stop_rx, move |_peer| {
-            let gateway = gateway.clone();
-            service_fn(move |req: Request<Incoming>| {
+        let admin_loop = tokio::spawn(accept_loop(
+            admin,
+            idle,
+            None,
+            builder,
+            stop_rx,
+            move |_peer| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.admin(req).await) }
-            })
-        }));
+                service_fn(move |req: Request<Incoming>| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gateway.admin(req).await) }
+                })
+            },
+        ));
         let watch = self.watch_files()?;
         self.ready.store(true, Ordering::SeqCst);
         Ok(Running {
@@ -133,7 +142,7 @@ impl Gateway {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(Duration::from_secs(self.config.limits.header_read_seconds))
             .max_buf_size(header_room + (64 << 10));
         builder
             .http2()
@@ -146,6 +155,7 @@ impl Gateway {
 
 async fn accept_loop<F, S, E, Fut>(
     listener: TcpListener,
+    idle: Duration,
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
@@ -178,6 +188,7 @@ async fn accept_loop<F, S, E, Fut>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = IdleIo::new(stream, idle);
         let service = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -218,6 +229,99 @@ async fn accept_loop<F, S, E, Fut>(
         .is_err()
     {
         tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+/// A connection's bytes, ended (a read error) once neither direction has moved for `idle`: an
+/// idle keep-alive connection, a silent HTTP/2 connection, or one that never sends its first
+/// byte cannot hold a socket and its memory forever.
+struct IdleIo<T> {
+    inner: T,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> IdleIo<T> {
+    fn new(inner: T, idle: Duration) -> Self {
+        IdleIo {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                std::task::Poll::Ready(result)
+            }
+            std::task::Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection idle",
+                ))),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

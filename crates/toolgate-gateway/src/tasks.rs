@@ -43,6 +43,9 @@ pub(crate) fn rfc3339(unix: u64) -> String {
         .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// How often an idle revocation feed sends a keep-alive comment.
+pub(crate) const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A task as both listeners show it, with its state as of `now` (`expired` once past its
 /// deadline).
 pub(crate) fn task_json(task: &Task, now: u64) -> Value {
@@ -108,7 +111,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         record.action = Some("start_task".into());
         crate::rest::check_json_body_headers(request.headers())?;
-        let body = read_limited(request.into_body(), MAX_TASK_BODY).await?;
+        let body = read_limited(request.into_body(), self.body_limit(MAX_TASK_BODY)).await?;
         let start: StartTask =
             serde_json::from_value(crate::rest::strict_json(&body)?).map_err(|e| {
                 Refusal::BadRequest(format!(
@@ -255,7 +258,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         record.action = Some("introspect".into());
         record.decision = Verdict::Allow;
-        let form = read_limited(request.into_body(), MAX_TASK_BODY).await?;
+        let form = read_limited(request.into_body(), self.body_limit(MAX_TASK_BODY)).await?;
         let token = form_urlencoded::parse(&form)
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned())
@@ -332,6 +335,23 @@ impl Gateway {
         let hello = tokio_stream::once(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
             b": toolgate revocations\n\n",
         ))));
+        // A comment every `SSE_KEEPALIVE` while nothing happens, so the connection never looks
+        // idle (`limits.idle_seconds`) to the gateway or to proxies on the way; the feed still
+        // ends when the events do (a lagged subscriber).
+        let keepalive = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
+            tokio::time::Instant::now() + SSE_KEEPALIVE,
+            SSE_KEEPALIVE,
+        ))
+        .map(|_| {
+            Some(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+                b": keep-alive\n\n",
+            ))))
+        });
+        let events = events
+            .map(Some)
+            .chain(tokio_stream::once(None))
+            .merge(keepalive)
+            .map_while(|frame| frame);
         let mut response = Response::new(StreamBody::new(hello.chain(events)).boxed());
         response.headers_mut().insert(
             header::CONTENT_TYPE,
