@@ -377,3 +377,69 @@ async fn slow_and_silent_clients_are_cut_off() {
         "only the idle connection's call"
     );
 }
+
+/// A task flood is bounded: an agent's live tasks (429 `too_many_tasks`), the intent's size
+/// (400), and the credentials one task records (429 `task_credential_limit`, nothing forwarded).
+#[tokio::test]
+async fn task_state_is_bounded() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "tasks:\n  max_active_per_agent: 3\n  max_intent_bytes: 64\n  max_credentials_per_task: 2\n",
+    })
+    .await;
+    let token = format!("Bearer {}", gw.idp.delegated());
+    let start = async |intent: &str| {
+        send(
+            "POST",
+            &gw.url("/v1/tasks"),
+            &[
+                ("authorization", &token),
+                ("content-type", "application/json"),
+            ],
+            serde_json::json!({"intent": intent, "ttl_seconds": 60})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let started = start("read invoices").await;
+        assert_eq!(started.status, 201);
+        tasks.push(started.json()["task_id"].as_str().unwrap().to_string());
+    }
+    let flood = start("read invoices").await;
+    assert_eq!(flood.status, 429);
+    assert_eq!(flood.json()["error"], "too_many_tasks");
+    assert_eq!(start(&"x".repeat(65)).await.status, 400);
+    // Ending one frees a place.
+    let done = send(
+        "POST",
+        &gw.url(&format!("/v1/tasks/{}/complete", tasks[0])),
+        &[("authorization", &token)],
+        b"",
+    )
+    .await;
+    assert_eq!(done.status, 200);
+    assert_eq!(start("read invoices").await.status, 201);
+
+    let call = async || {
+        send(
+            "GET",
+            &gw.url("/billing/invoices/1"),
+            &[("authorization", &token), ("toolgate-task", &tasks[1])],
+            b"",
+        )
+        .await
+    };
+    assert_eq!(call().await.status, 200);
+    assert_eq!(call().await.status, 200);
+    let third = call().await;
+    assert_eq!(third.status, 429);
+    assert_eq!(third.json()["error"], "task_credential_limit");
+    assert_eq!(upstream.requests().len(), 2);
+}

@@ -453,7 +453,9 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     let mut redis = Redis::start(&data.0).await;
     let port = redis.port;
     let upstream = Upstream::start().await;
-    let store = format!("tasks:\n  store: redis://127.0.0.1:{port}\n");
+    let store = format!(
+        "tasks:\n  store: redis://127.0.0.1:{port}\n  max_active_per_agent: 4\n  max_credentials_per_task: 3\n"
+    );
     let gw = gateway(&upstream, &store).await;
     let (mut replica_b, b_addr) = gw.replica().await;
     let (a, b) = (gw.url(""), format!("http://{b_addr}"));
@@ -575,6 +577,18 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
             && l["errors"][0] == format!("task {task} is completed").as_str()
     })
     .await;
+
+    // Bounds hold across replicas: `live` has its 3 credentials; the agent's live tasks are
+    // counted wherever they were started (one live now, so three more, then 429).
+    let full = in_task(&a, "/billing/invoices/1", &token, &live).await;
+    assert_eq!(full.status, 429, "{:?}", full.body);
+    assert_eq!(full.json()["error"], "task_credential_limit");
+    for base in [&a, &b, &a] {
+        assert_eq!(start_task(base, &token, 60).await.status, 201);
+    }
+    let over = start_task(&b, &token, 60).await;
+    assert_eq!(over.status, 429, "{:?}", over.body);
+    assert_eq!(over.json()["error"], "too_many_tasks");
     let _ = replica_b.kill();
     let _ = replica_b.wait();
 }

@@ -43,6 +43,12 @@ pub enum Refusal {
     HeadersTooLarge,
     #[error("request URI too long")]
     UriTooLong,
+    /// A bound on what a caller may hold (tasks, credentials in a task): 429.
+    #[error("limit reached: {0}")]
+    TooMany(&'static str),
+    /// A bound on what the gateway holds for everyone: 503, try later.
+    #[error("at capacity: {0}")]
+    AtCapacity(&'static str),
     /// The request body did not arrive in time.
     #[error("request body not received in time")]
     RequestTimeout,
@@ -109,6 +115,8 @@ impl Refusal {
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -149,6 +157,9 @@ impl Refusal {
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
             Refusal::UriTooLong => json!({"error": "uri_too_long"}),
             Refusal::RequestTimeout => json!({"error": "request_timeout"}),
+            Refusal::TooMany(what) | Refusal::AtCapacity(what) => {
+                json!({"error": what, "decision_id": decision_id})
+            }
             Refusal::UpstreamUnreachable(_) => {
                 json!({"error": "upstream_unreachable", "decision_id": decision_id})
             }
@@ -164,7 +175,7 @@ impl Refusal {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        if let Refusal::AuditUnavailable = &self {
+        if let Refusal::AuditUnavailable | Refusal::AtCapacity(_) = &self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -186,14 +186,56 @@ impl RouteConfig {
 pub struct Tasks {
     #[serde(default = "default_task_store")]
     pub store: String,
+    /// Live tasks one agent may have started (429 `too_many_tasks` beyond).
+    #[serde(default = "default_per_agent")]
+    pub max_active_per_agent: usize,
+    /// Tasks remembered at once in the memory store, live or ended (503 `task_store_full`).
+    #[serde(default = "default_total_tasks")]
+    pub max_tasks: usize,
+    /// Credentials recorded in one task (429 `task_credential_limit` beyond).
+    #[serde(default = "default_credentials_per_task")]
+    pub max_credentials_per_task: usize,
+    /// The longest `intent` a task may state (400 beyond).
+    #[serde(default = "default_intent_bytes")]
+    pub max_intent_bytes: usize,
 }
 
 impl Default for Tasks {
     fn default() -> Self {
         Tasks {
             store: default_task_store(),
+            max_active_per_agent: default_per_agent(),
+            max_tasks: default_total_tasks(),
+            max_credentials_per_task: default_credentials_per_task(),
+            max_intent_bytes: default_intent_bytes(),
         }
     }
+}
+
+impl Tasks {
+    pub fn bounds(&self) -> toolgate_tasks::Bounds {
+        toolgate_tasks::Bounds {
+            per_agent: self.max_active_per_agent,
+            total: self.max_tasks,
+            credentials_per_task: self.max_credentials_per_task,
+        }
+    }
+}
+
+fn default_per_agent() -> usize {
+    toolgate_tasks::Bounds::default().per_agent
+}
+
+fn default_total_tasks() -> usize {
+    toolgate_tasks::Bounds::default().total
+}
+
+fn default_credentials_per_task() -> usize {
+    toolgate_tasks::Bounds::default().credentials_per_task
+}
+
+fn default_intent_bytes() -> usize {
+    4096
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -441,9 +483,24 @@ impl Config {
             ),
             ("body_read_seconds", self.limits.body_read_seconds as usize),
             ("idle_seconds", self.limits.idle_seconds as usize),
+            (
+                "tasks.max_active_per_agent",
+                self.tasks.max_active_per_agent,
+            ),
+            ("tasks.max_tasks", self.tasks.max_tasks),
+            (
+                "tasks.max_credentials_per_task",
+                self.tasks.max_credentials_per_task,
+            ),
+            ("tasks.max_intent_bytes", self.tasks.max_intent_bytes),
         ] {
             if value == 0 {
-                errors.push(format!("limits.{name} must be at least 1"));
+                let name = if name.contains('.') {
+                    name.to_string()
+                } else {
+                    format!("limits.{name}")
+                };
+                errors.push(format!("{name} must be at least 1"));
             }
         }
         for jwt in &self.inbound.jwt {

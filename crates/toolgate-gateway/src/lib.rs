@@ -169,7 +169,7 @@ impl Gateway {
             Some(path) => Some(read_admin_token(path)?),
             None => None,
         };
-        let tasks = toolgate_tasks::Store::open(&config.tasks.store)
+        let tasks = toolgate_tasks::Store::open(&config.tasks.store, config.tasks.bounds())
             .await
             .map_err(|e| format!("tasks.store: {e}"))?;
         let metrics = Arc::new(Metrics::new());

@@ -21,7 +21,7 @@ use toolgate_mcp::json::misspelled;
 use toolgate_policy::{
     AttrType, AuthzRequest, Decision, Env, PolicyEngine, Principal, Record, Resource, TaskContext,
 };
-use toolgate_tasks::Task;
+use toolgate_tasks::{Joined, Task};
 
 use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
@@ -270,11 +270,18 @@ impl Gateway {
         )?;
         if let Some(task) = &ctx.task {
             // Unrecorded, the credential could not be listed when the task ends: fail closed.
-            if !self
+            let joined = self
                 .tasks
                 .add_credential(task, &minted.claims.jti, unix_now())
-                .await?
-            {
+                .await?;
+            if joined == Joined::AtLimit {
+                record.jti = None;
+                record
+                    .errors
+                    .push(format!("task {} holds its maximum of credentials", task.id));
+                return Err(Refusal::TooMany("task_credential_limit"));
+            }
+            if joined == Joined::Ended {
                 // Signed but never sent: no credential to name.
                 record.jti = None;
                 record.decision = Verdict::Deny;

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use toolgate_identity::{unix_now, Caller};
 use toolgate_policy::Resource;
-use toolgate_tasks::{Ended, State, Task, MAX_TTL_SECONDS};
+use toolgate_tasks::{Created, Ended, State, Task, MAX_TTL_SECONDS};
 
 use crate::answer::{json_response, Body, BoxError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
@@ -118,6 +118,12 @@ impl Gateway {
                     "expected {{intent, ttl_seconds, share_with?}}: {e}"
                 ))
             })?;
+        if start.intent.len() > self.config.tasks.max_intent_bytes {
+            return Err(Refusal::BadRequest(format!(
+                "intent is longer than {} bytes",
+                self.config.tasks.max_intent_bytes
+            )));
+        }
         if start.ttl_seconds == 0 || start.ttl_seconds > MAX_TTL_SECONDS {
             return Err(Refusal::BadRequest(format!(
                 "ttl_seconds must be 1 to {MAX_TTL_SECONDS}"
@@ -150,7 +156,16 @@ impl Gateway {
         if !decision.allowed {
             return Err(Refusal::Forbidden);
         }
-        self.tasks.create(task).await?;
+        match self.tasks.create(task).await? {
+            Created::Yes => {}
+            Created::AgentAtLimit => {
+                record
+                    .errors
+                    .push("the agent has its maximum of live tasks".into());
+                return Err(Refusal::TooMany("too_many_tasks"));
+            }
+            Created::Full => return Err(Refusal::AtCapacity("task_store_full")),
+        }
         self.metrics.tasks_active.inc();
         Ok(json_response(
             StatusCode::CREATED,

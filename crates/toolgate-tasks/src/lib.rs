@@ -157,24 +157,63 @@ pub enum Store {
     Redis(RedisStore),
 }
 
+/// What the store may hold: each bound is answered with a clear refusal, never growth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Live (active, unexpired) tasks one agent may have started.
+    pub per_agent: usize,
+    /// Tasks remembered at once, live or ended (memory store; Redis is bounded by its own
+    /// `maxmemory`).
+    pub total: usize,
+    /// Credentials recorded in one task.
+    pub credentials_per_task: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            per_agent: 100,
+            total: 100_000,
+            credentials_per_task: 10_000,
+        }
+    }
+}
+
+/// The outcome of `Store::create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    Yes,
+    /// The agent already has `Bounds::per_agent` live tasks.
+    AgentAtLimit,
+    /// The store holds `Bounds::total` tasks.
+    Full,
+}
+
+/// The outcome of `Store::add_credential`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    Recorded,
+    /// The task is no longer live: the call is refused.
+    Ended,
+    /// The task already lists `Bounds::credentials_per_task` credentials.
+    AtLimit,
+}
+
 /// Time allowed for one store operation before the store counts as unavailable.
 pub const STORE_TIMEOUT: Duration = Duration::from_millis(750);
 
 impl Store {
     /// `memory`, or `redis://host:port[/db]`.
-    pub async fn open(spec: &str) -> Result<Store, StoreError> {
+    pub async fn open(spec: &str, bounds: Bounds) -> Result<Store, StoreError> {
         if spec == "memory" {
-            return Ok(Store::Memory(MemoryStore::default()));
+            return Ok(Store::Memory(MemoryStore::new(bounds)));
         }
-        Ok(Store::Redis(RedisStore::open(spec).await?))
+        Ok(Store::Redis(RedisStore::open(spec, bounds).await?))
     }
 
-    pub async fn create(&self, task: &Task) -> Result<(), StoreError> {
+    pub async fn create(&self, task: &Task) -> Result<Created, StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.create(task);
-                Ok(())
-            }
+            Store::Memory(m) => Ok(m.create(task)),
             Store::Redis(r) => r.create(task).await,
         }
     }
@@ -197,15 +236,15 @@ impl Store {
 
     /// Records a credential minted in a task (for revocation events and introspection), unless
     /// the task has ended meanwhile: atomic with `end`, so a credential is either listed in the
-    /// revocation or refused here. `Ok(false)`: the task is no longer live.
+    /// revocation or refused here.
     pub async fn add_credential(
         &self,
         task: &Task,
         jti: &str,
         now: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Joined, StoreError> {
         if !task.is_live(now) {
-            return Ok(false);
+            return Ok(Joined::Ended);
         }
         match self {
             Store::Memory(m) => Ok(m.add_credential(&task.id, jti, now)),
@@ -272,13 +311,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_credential_is_never_recorded_in_an_ended_task() {
-        let store = Store::open("memory").await.unwrap();
+        let store = Store::open("memory", Bounds::default()).await.unwrap();
         let task = Task::new("assistant", None, "x", 60, unix_now());
-        store.create(&task).await.unwrap();
-        assert!(store
-            .add_credential(&task, "before", unix_now())
-            .await
-            .unwrap());
+        assert_eq!(store.create(&task).await.unwrap(), Created::Yes);
+        assert_eq!(
+            store
+                .add_credential(&task, "before", unix_now())
+                .await
+                .unwrap(),
+            Joined::Recorded
+        );
         let Ended::Now(_, revocation) = store
             .end(&task.id, State::Completed, unix_now())
             .await
@@ -289,11 +331,48 @@ mod tests {
         assert_eq!(revocation.jtis, vec!["before".to_string()]);
         assert_eq!(revocation.agents, vec!["assistant".to_string()]);
         // The call that raced the end: refused, so no live credential escapes the revocation.
-        assert!(!store
-            .add_credential(&task, "after", unix_now())
-            .await
-            .unwrap());
+        assert_eq!(
+            store
+                .add_credential(&task, "after", unix_now())
+                .await
+                .unwrap(),
+            Joined::Ended
+        );
         assert!(!store.has_credential(&task.id, "after").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_holds_to_its_bounds() {
+        let bounds = Bounds {
+            per_agent: 2,
+            total: 3,
+            credentials_per_task: 2,
+        };
+        let store = Store::open("memory", bounds).await.unwrap();
+        let now = unix_now();
+        let start = |agent: &str| Task::new(agent, None, "x", 60, now);
+        let first = start("a");
+        assert_eq!(store.create(&first).await.unwrap(), Created::Yes);
+        assert_eq!(store.create(&start("a")).await.unwrap(), Created::Yes);
+        assert_eq!(
+            store.create(&start("a")).await.unwrap(),
+            Created::AgentAtLimit
+        );
+        // Ending one frees the agent's place; the store itself holds three at most.
+        store.end(&first.id, State::Completed, now).await.unwrap();
+        assert_eq!(store.create(&start("b")).await.unwrap(), Created::Yes);
+        assert_eq!(store.create(&start("a")).await.unwrap(), Created::Full);
+        // Credentials per task.
+        let live = Task::new("c", None, "x", 60, now);
+        let store = Store::open("memory", bounds).await.unwrap();
+        assert_eq!(store.create(&live).await.unwrap(), Created::Yes);
+        for (jti, want) in [
+            ("1", Joined::Recorded),
+            ("2", Joined::Recorded),
+            ("3", Joined::AtLimit),
+        ] {
+            assert_eq!(store.add_credential(&live, jti, now).await.unwrap(), want);
+        }
     }
 
     fn unix_now() -> u64 {

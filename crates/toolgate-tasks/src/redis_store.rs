@@ -11,13 +11,15 @@ use redis::AsyncCommands;
 use tokio::sync::{broadcast, Mutex};
 
 use crate::{
-    Approval, Ended, Revocation, State, StoreError, Task, RETENTION_SECONDS, STORE_TIMEOUT,
+    Approval, Bounds, Created, Ended, Joined, Revocation, State, StoreError, Task,
+    RETENTION_SECONDS, STORE_TIMEOUT,
 };
 
 const CHANNEL: &str = "toolgate:revocations";
 
 pub struct RedisStore {
     client: redis::Client,
+    bounds: Bounds,
     conn: Mutex<Option<ConnectionManager>>,
     pub(crate) events: broadcast::Sender<Revocation>,
 }
@@ -36,19 +38,25 @@ fn key(id: &str, part: &str) -> String {
     }
 }
 
+/// An agent's live tasks: ids scored by deadline.
+fn agent_key(agent: &str) -> String {
+    format!("toolgate:agent:{agent}:live")
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
 impl RedisStore {
     /// Opens the store; a Redis that is down now is connected to later (calls fail closed meanwhile).
-    pub async fn open(url: &str) -> Result<RedisStore, StoreError> {
+    pub async fn open(url: &str, bounds: Bounds) -> Result<RedisStore, StoreError> {
         let client =
             redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
         let events = broadcast::channel(1024).0;
         tokio::spawn(relay_revocations(client.clone(), events.clone()));
         let store = RedisStore {
             client,
+            bounds,
             conn: Mutex::new(None),
             events,
         };
@@ -76,11 +84,41 @@ impl RedisStore {
         Ok(conn)
     }
 
-    pub async fn create(&self, task: &Task) -> Result<(), StoreError> {
+    /// One script: the agent's live tasks (a sorted set by deadline) are counted and the task
+    /// added atomically, whichever replica starts it.
+    pub async fn create(&self, task: &Task) -> Result<Created, StoreError> {
+        static CREATE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r#"
+                redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+                if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 0 end
+                redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+                redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+                redis.call('EXPIRE', KEYS[2], ARGV[2])
+                return 1
+                "#,
+            )
+        });
         let mut conn = self.connection().await?;
         let json = serde_json::to_string(task).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let ttl = retention(task);
-        bounded(conn.set_ex::<_, _, ()>(key(&task.id, ""), json, ttl)).await
+        let created: i64 = bounded(
+            CREATE
+                .key(key(&task.id, ""))
+                .key(agent_key(&task.agent))
+                .arg(json)
+                .arg(retention(task))
+                .arg(task.created_at)
+                .arg(task.expires_at)
+                .arg(self.bounds.per_agent)
+                .arg(&task.id)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(if created == 1 {
+            Created::Yes
+        } else {
+            Created::AgentAtLimit
+        })
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
@@ -131,6 +169,7 @@ impl RedisStore {
             return Ok(self.get(id).await?.map_or(Ended::Unknown, Ended::Already));
         }
         let jtis: Vec<String> = bounded(conn.smembers(key(id, "jtis"))).await?;
+        let _ = bounded(conn.zrem::<_, _, i64>(agent_key(&task.agent), id)).await;
         let revocation = Revocation {
             task_id: id.to_string(),
             agents: task.audience(),
@@ -150,12 +189,13 @@ impl RedisStore {
 
     /// One script, so it runs between any two commands of `end` on any replica: either the
     /// end marker is already set (refused) or the jti is in the set `end` reads after setting it.
-    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<bool, StoreError> {
+    pub async fn add_credential(&self, task: &Task, jti: &str) -> Result<Joined, StoreError> {
         static JOIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r#"
                 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
                 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+                if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 2 end
                 redis.call('SADD', KEYS[3], ARGV[1])
                 redis.call('EXPIRE', KEYS[3], ARGV[2])
                 return 1
@@ -169,10 +209,15 @@ impl RedisStore {
                 .key(key(&task.id, "jtis"))
                 .arg(jti)
                 .arg(retention(task))
+                .arg(self.bounds.credentials_per_task)
                 .invoke_async(&mut conn),
         )
         .await?;
-        Ok(joined == 1)
+        Ok(match joined {
+            1 => Joined::Recorded,
+            2 => Joined::AtLimit,
+            _ => Joined::Ended,
+        })
     }
 
     pub async fn has_credential(&self, id: &str, jti: &str) -> Result<bool, StoreError> {
