@@ -443,3 +443,120 @@ async fn task_state_is_bounded() {
     assert_eq!(third.json()["error"], "task_credential_limit");
     assert_eq!(upstream.requests().len(), 2);
 }
+
+/// Beyond `limits.max_connections` open connections, a new one is closed at once; when one
+/// closes, the next is served.
+#[tokio::test]
+async fn the_connection_cap_holds() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let config = gw.dir.0.join("two.yaml");
+    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml"))
+        .unwrap()
+        .replace(
+            "  max_body_bytes: 4096\n",
+            "  max_body_bytes: 4096\n  max_connections: 2\n",
+        );
+    std::fs::write(&config, text).unwrap();
+    let (child, addr, admin) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let token = gw.idp.delegated();
+    let request = format!(
+        "GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = third.write_all(request.as_bytes()).await;
+    let answer = until_closed(&mut third).await;
+    assert!(answer.is_empty(), "a third connection was served: {answer}");
+
+    drop(first);
+    // The freed place is taken by the next connection (bounded wait for the close to land).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = next.write_all(request.as_bytes()).await;
+        if until_closed(&mut next).await.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = send("GET", &format!("http://{admin}/metrics"), &[], b"").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(metric(&text, "toolgate_connections_refused_total").unwrap() >= 1.0);
+}
+
+/// Revocation feeds are capped (503 `feed_full` beyond `tasks.max_feed_subscribers`), and at
+/// shutdown an open feed ends cleanly so the gateway exits without waiting out the drain.
+#[tokio::test]
+async fn feeds_are_capped_and_end_at_shutdown() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: "tasks:\n  max_feed_subscribers: 2\n",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let open = || {
+        client.request(
+            http::Request::get(gw.url("/v1/revocations"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let first = open().await.unwrap();
+    let second = open().await.unwrap();
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 503);
+    drop(second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let answer = open().await.unwrap();
+        if answer.status() == 200 {
+            break answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // SIGTERM: both open feeds end, and the gateway exits well before its 30 s drain.
+    gw.terminate();
+    for feed in [first, again] {
+        let mut body = feed.into_body();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the feed ended at shutdown");
+    }
+    assert!(gw.exited().await.success());
+}

@@ -178,7 +178,7 @@ impl Gateway {
             }
             (Method::GET, ["admin", "revocations"]) => {
                 record.action = Some("revocations".into());
-                Ok(self.revocation_feed(None))
+                self.revocation_feed(None)
             }
             (Method::GET, ["admin", "tasks", id]) => {
                 record.task_id = Some(id.to_string());

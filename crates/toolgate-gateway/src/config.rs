@@ -198,6 +198,13 @@ pub struct Tasks {
     /// The longest `intent` a task may state (400 beyond).
     #[serde(default = "default_intent_bytes")]
     pub max_intent_bytes: usize,
+    /// Open revocation feeds (`/v1/revocations`, `/admin/revocations`); 503 `feed_full` beyond.
+    #[serde(default = "default_feed_subscribers")]
+    pub max_feed_subscribers: usize,
+}
+
+fn default_feed_subscribers() -> usize {
+    1000
 }
 
 impl Default for Tasks {
@@ -208,6 +215,7 @@ impl Default for Tasks {
             max_tasks: default_total_tasks(),
             max_credentials_per_task: default_credentials_per_task(),
             max_intent_bytes: default_intent_bytes(),
+            max_feed_subscribers: default_feed_subscribers(),
         }
     }
 }
@@ -298,6 +306,16 @@ pub struct Limits {
     /// keep-alive, silent HTTP/2 connections, and one that never sends a byte).
     #[serde(default = "default_idle")]
     pub idle_seconds: u64,
+    /// Open connections per listener; beyond, a new connection is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long, at shutdown, open requests may take to finish before connections are closed.
+    #[serde(default = "default_thirty")]
+    pub drain_seconds: u64,
+}
+
+fn default_max_connections() -> usize {
+    10_000
 }
 
 fn default_thirty() -> u64 {
@@ -320,6 +338,8 @@ impl Default for Limits {
             header_read_seconds: default_thirty(),
             body_read_seconds: default_thirty(),
             idle_seconds: default_idle(),
+            max_connections: default_max_connections(),
+            drain_seconds: default_thirty(),
         }
     }
 }
@@ -483,6 +503,7 @@ impl Config {
             ),
             ("body_read_seconds", self.limits.body_read_seconds as usize),
             ("idle_seconds", self.limits.idle_seconds as usize),
+            ("max_connections", self.limits.max_connections),
             (
                 "tasks.max_active_per_agent",
                 self.tasks.max_active_per_agent,
@@ -493,6 +514,10 @@ impl Config {
                 self.tasks.max_credentials_per_task,
             ),
             ("tasks.max_intent_bytes", self.tasks.max_intent_bytes),
+            (
+                "tasks.max_feed_subscribers",
+                self.tasks.max_feed_subscribers,
+            ),
         ] {
             if value == 0 {
                 let name = if name.contains('.') {

@@ -51,6 +51,11 @@ pub struct Gateway {
     client: HttpClient,
     metrics: Arc<Metrics>,
     audit: AuditSink,
+    /// Set at shutdown: the listeners stop accepting and endless streams (the revocation
+    /// feed) end, so draining finishes.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Places on the revocation feed (`tasks.max_feed_subscribers`).
+    feed_places: Arc<tokio::sync::Semaphore>,
     /// Taken by `finish_audit` at shutdown.
     audit_writer: std::sync::Mutex<Option<AuditWriter>>,
     tasks: toolgate_tasks::Store,
@@ -189,6 +194,10 @@ impl Gateway {
             metrics,
             audit,
             audit_writer: std::sync::Mutex::new(Some(writer)),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+            feed_places: Arc::new(tokio::sync::Semaphore::new(
+                config.tasks.max_feed_subscribers,
+            )),
             tasks,
             admin_token,
             ready: AtomicBool::new(false),

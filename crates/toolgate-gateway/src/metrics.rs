@@ -22,6 +22,7 @@ pub struct Metrics {
     pub audit_write_errors: IntCounter,
     pub audit_refused: IntCounter,
     pub shed: IntCounter,
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -98,6 +99,12 @@ impl Metrics {
             audit_dropped: register_int_counter_with_registry!(
                 "toolgate_audit_dropped_total",
                 "Audit records of unforwarded calls dropped because the writer was behind.",
+                r
+            )
+            .expect("metric"),
+            connections_refused: register_int_counter_with_registry!(
+                "toolgate_connections_refused_total",
+                "Connections closed at once because limits.max_connections were open.",
                 r
             )
             .expect("metric"),

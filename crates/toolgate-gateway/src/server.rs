@@ -25,17 +25,15 @@ use tower::{ServiceBuilder, ServiceExt};
 use crate::answer::{json_response, Body, BoxError};
 use crate::Gateway;
 
-/// How long open connections may take to finish after shutdown begins.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tells the listeners to stop accepting and drain.
 #[derive(Clone)]
-pub struct Shutdown(watch::Sender<bool>);
+pub struct Shutdown(Arc<watch::Sender<bool>>);
 
 impl Shutdown {
     pub fn trigger(&self) {
-        let _ = self.0.send(true);
+        self.0.send_replace(true);
     }
 }
 
@@ -72,17 +70,24 @@ impl Gateway {
             .map_err(|e| format!("admin_listen {}: {e}", self.config.admin_listen))?;
         let agent_addr = agent.local_addr().map_err(|e| e.to_string())?;
         let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        // The gateway's own signal: listeners stop accepting, and open streams end.
+        let stop_tx = self.closing.clone();
+        let stop_rx = stop_tx.subscribe();
         let builder = self.connection_builder();
 
         let gateway = self.clone();
         // One limit for the whole agent listener: beyond it, requests are shed at once with a
         // 503, before any token, policy or signature work, so admitted ones keep their latency.
         let in_flight = Arc::new(Semaphore::new(self.config.limits.max_in_flight));
-        let idle = Duration::from_secs(self.config.limits.idle_seconds);
+        let bounds = ConnectionBounds {
+            idle: Duration::from_secs(self.config.limits.idle_seconds),
+            max: self.config.limits.max_connections,
+            drain: Duration::from_secs(self.config.limits.drain_seconds),
+            refused: self.metrics.connections_refused.clone(),
+        };
         let agent_loop = tokio::spawn(accept_loop(
             agent,
-            idle,
+            bounds.clone(),
             tls,
             builder.clone(),
             stop_rx.clone(),
@@ -112,7 +117,7 @@ impl Gateway {
         let gateway = self.clone();
         let admin_loop = tokio::spawn(accept_loop(
             admin,
-            idle,
+            bounds,
             None,
             builder,
             stop_rx,
@@ -153,9 +158,21 @@ impl Gateway {
     }
 }
 
+/// What a listener allows its connections.
+#[derive(Clone)]
+struct ConnectionBounds {
+    /// No bytes either way for this long: closed.
+    idle: Duration,
+    /// Open connections at most; a new one beyond is closed at once.
+    max: usize,
+    /// At shutdown, how long open requests may take to finish.
+    drain: Duration,
+    refused: prometheus::IntCounter,
+}
+
 async fn accept_loop<F, S, E, Fut>(
     listener: TcpListener,
-    idle: Duration,
+    bounds: ConnectionBounds,
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
@@ -174,6 +191,7 @@ async fn accept_loop<F, S, E, Fut>(
 {
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(bounds.max));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -187,13 +205,19 @@ async fn accept_loop<F, S, E, Fut>(
             },
             _ = stop.changed() => break,
         };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            bounds.refused.inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let stream = IdleIo::new(stream, idle);
+        let stream = IdleIo::new(stream, bounds.idle);
         let service = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _place = place;
             let result = match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
@@ -224,7 +248,7 @@ async fn accept_loop<F, S, E, Fut>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(bounds.drain, graceful.shutdown())
         .await
         .is_err()
     {

@@ -95,7 +95,7 @@ impl Gateway {
             (Method::GET, ["v1", "revocations"]) => {
                 record.action = Some("revocations".into());
                 record.decision = Verdict::Allow;
-                Ok(self.revocation_feed(Some(caller.agent.clone())))
+                self.revocation_feed(Some(caller.agent.clone()))
             }
             (Method::POST, ["oauth2", "introspect"]) => self.introspect(request, record).await,
             _ => Err(Refusal::ToolNotFound),
@@ -309,7 +309,13 @@ impl Gateway {
     /// the tasks it owns or shares (`for_agent`); the admin listener sees all. A subscriber that
     /// falls behind gets a `lagged` event saying how many it missed, and the stream ends, so it
     /// reconnects and reads task states rather than trusting a feed with holes.
-    pub(crate) fn revocation_feed(&self, for_agent: Option<String>) -> Response<Body> {
+    pub(crate) fn revocation_feed(
+        &self,
+        for_agent: Option<String>,
+    ) -> Result<Response<Body>, Refusal> {
+        let Ok(place) = self.feed_places.clone().try_acquire_owned() else {
+            return Err(Refusal::AtCapacity("feed_full"));
+        };
         let mut lagged = false;
         let events = BroadcastStream::new(self.tasks.revocations())
             .map_while(move |event| {
@@ -362,11 +368,19 @@ impl Gateway {
                 b": keep-alive\n\n",
             ))))
         });
+        // At shutdown the feed ends, so draining does not wait for it.
+        let closing = tokio_stream::wrappers::WatchStream::new(self.closing.subscribe())
+            .filter(|closing| *closing)
+            .map(|_| None);
         let events = events
             .map(Some)
             .chain(tokio_stream::once(None))
             .merge(keepalive)
-            .map_while(|frame| frame);
+            .merge(closing)
+            .map_while(move |frame| {
+                let _place = &place;
+                frame
+            });
         let mut response = Response::new(StreamBody::new(hello.chain(events)).boxed());
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -376,6 +390,6 @@ impl Gateway {
             header::CACHE_CONTROL,
             http::HeaderValue::from_static("no-cache"),
         );
-        response
+        Ok(response)
     }
 }
