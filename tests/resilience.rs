@@ -527,7 +527,10 @@ async fn feeds_are_capped_and_end_at_shutdown() {
     };
     let first = open().await.unwrap();
     let second = open().await.unwrap();
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let third = open().await.unwrap();
     assert_eq!(third.status(), 503);
     drop(second);

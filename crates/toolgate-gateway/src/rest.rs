@@ -303,7 +303,7 @@ fn decode_query_part(raw: &str) -> Result<String, Refusal> {
 }
 
 /// `/seg/seg`, each decoded segment re-encoded.
-fn canonical_path(segments: &[String]) -> String {
+pub(crate) fn canonical_path(segments: &[String]) -> String {
     segments
         .iter()
         .map(|s| format!("/{}", utf8_percent_encode(s, COMPONENT)))

@@ -342,6 +342,25 @@ mod tests {
         assert_eq!(c.arguments, ArgumentsIn::Body);
     }
 
+    proptest::proptest! {
+        /// Any path: classification answers without panicking, and a classified path, rebuilt
+        /// as it is forwarded (segments re-encoded), classifies as the same call.
+        #[test]
+        fn classification_is_total_and_survives_re_encoding(
+            path in "(/(invoices|INVOICES|summary|files|lines|x|%2[eEfF]|%00|%[0-9a-f]{2}|\\.|[a-z0-9._~ -]{0,6})){0,5}",
+            post in proptest::prelude::any::<bool>(),
+        ) {
+            let t = table();
+            let method = if post { http::Method::POST } else { http::Method::GET };
+            let path = format!("/billing{path}");
+            if let Ok(first) = t.classify(&method, &path) {
+                let rebuilt = format!("/billing{}", crate::rest::canonical_path(&first.segments));
+                let again = t.classify(&method, &rebuilt).expect("the forwarded form classifies");
+                proptest::prop_assert_eq!(again, first);
+            }
+        }
+    }
+
     #[test]
     fn bad_templates_are_rejected() {
         for p in ["invoices", "/a/{}", "/a/x{id}", "/a/{id}/{id}", "/a/{i-d}"] {

@@ -438,6 +438,42 @@ mod tests {
         assert_eq!(c.issuer, "https://partner");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// Whatever a token says in its header and claims (any alg, kid, crit, dates), without
+        /// a signature of a trusted key it is refused, and verifying it never panics.
+        #[test]
+        fn forged_tokens_are_refused_without_panic(
+            alg in "ES256|RS256|EdDSA|HS256|none|es256|",
+            kid in "test-rsa|test-ed25519|[a-z]{0,4}",
+            extra in "\"crit\":\\[\"exp\"\\]|\"typ\":\"JWT\"|",
+            claims in proptest::collection::vec(("iss|aud|sub|exp|nbf|iat|act", "\"[a-z:/.]{0,12}\"|[0-9]{1,11}|null|\\{\\}"), 0..6),
+            signature in "[A-Za-z0-9_-]{0,90}",
+        ) {
+            let header = format!(r#"{{"alg":"{alg}","kid":"{kid}"{}{extra}}}"#, if extra.is_empty() { "" } else { "," });
+            let body: Vec<String> = claims.iter().map(|(k, v)| format!(r#""{k}":{v}"#)).collect();
+            let body = format!("{{{}}}", body.join(","));
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let token = format!("{}.{}.{signature}", b64(&header), b64(&body));
+            let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/idp-extra.jwks.json");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let result = runtime.block_on(async {
+                let authenticator = Authenticator::new(vec![IssuerConfig {
+                    issuer: "https://idp.test".into(),
+                    audiences: vec!["toolgate".into()],
+                    keys: KeySource::File(fixtures),
+                    id_prefix: String::new(),
+                    refetch_interval: REFETCH_INTERVAL,
+                }])
+                .await
+                .unwrap();
+                authenticator.verify_uncached(&token).await
+            });
+            proptest::prop_assert!(result.is_err(), "{token}");
+        }
+    }
+
     #[test]
     fn crit_headers_and_non_numeric_dates_are_refused() {
         let token = |header: Value| format!("{}.{}.sig", b64(&header), b64(&json!({"iss": "x"})));

@@ -581,6 +581,58 @@ mod tests {
         assert_eq!(intent(&n).unwrap(), Intent::Pass);
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, the parser answers (never panics), and a message it accepts
+        /// means the same once re-serialised (as the gateway forwards it): same payload, same
+        /// intent.
+        #[test]
+        fn parsing_is_total_and_stable(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Ok(payload) = parse(&bytes) {
+                let again = match &payload {
+                    Payload::Single(m) => serde_json::to_vec(m).unwrap(),
+                    Payload::Batch(ms) => serde_json::to_vec(ms).unwrap(),
+                };
+                let reparsed = parse(&again).unwrap();
+                proptest::prop_assert_eq!(&reparsed, &payload);
+                for (a, b) in payload.messages().iter().zip(reparsed.messages()) {
+                    proptest::prop_assert_eq!(intent(a), intent(b));
+                }
+            }
+        }
+
+        /// Generated `tools/call` messages with arbitrary (case-varied) keys: either refused, or
+        /// read with exactly the arguments a case-folding, last-key-wins reader sees.
+        #[test]
+        fn accepted_calls_read_alike_for_case_folding_readers(
+            keys in proptest::collection::vec("[aA][mM][oO]|[a-z]{1,3}", 0..5),
+            values in proptest::collection::vec(0..1000i64, 5),
+        ) {
+            let members: Vec<String> = keys
+                .iter()
+                .zip(&values)
+                .map(|(k, v)| format!("\"{k}\":{v}"))
+                .collect();
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"t","arguments":{{{}}}}}}}"#,
+                members.join(",")
+            );
+            if let Ok(Payload::Single(m)) = parse(body.as_bytes()) {
+                let Ok(Intent::CallTool { arguments, .. }) = intent(&m) else {
+                    return Ok(());
+                };
+                let mut folded = std::collections::BTreeMap::new();
+                for (k, v) in keys.iter().zip(&values) {
+                    folded.insert(json::fold_key(k), *v);
+                }
+                let seen: std::collections::BTreeMap<String, i64> = arguments
+                    .iter()
+                    .map(|(k, v)| (json::fold_key(k), v.as_i64().unwrap()))
+                    .collect();
+                proptest::prop_assert_eq!(seen, folded);
+            }
+        }
+    }
+
     #[test]
     fn tools_are_filtered() {
         let mut r = json!({"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"},{"name":"pay"},{"nameless":true}]}});

@@ -40,17 +40,62 @@ impl SseSplitter {
     }
 }
 
-/// The end (exclusive) of the first event: after "\n\n", "\r\n\r\n" or "\r\r".
+/// The end (exclusive) of the first event: the line terminator (`\r\n`, `\n` or `\r`) that
+/// follows another one. A `\r` at the very end may be the first half of `\r\n`: undecided
+/// until more bytes come.
 fn event_end(buf: &[u8]) -> Option<usize> {
+    // The length of the terminator at `i` (None: none there, or not yet decidable).
+    let terminator = |i: usize| -> Option<Option<usize>> {
+        match buf.get(i) {
+            Some(b'\n') => Some(Some(1)),
+            Some(b'\r') => match buf.get(i + 1) {
+                Some(b'\n') => Some(Some(2)),
+                Some(_) => Some(Some(1)),
+                None => None,
+            },
+            _ => Some(None),
+        }
+    };
     let mut i = 0;
-    while i + 1 < buf.len() {
-        match (buf[i], buf[i + 1]) {
-            (b'\n', b'\n') | (b'\r', b'\r') => return Some(i + 2),
-            (b'\r', b'\n') if buf[i + 2..].starts_with(b"\r\n") => return Some(i + 4),
-            _ => i += 1,
+    while i < buf.len() {
+        match terminator(i)? {
+            Some(len) => {
+                let next = i + len;
+                match buf.get(next) {
+                    // A blank line: the event ends after its terminator (a lone `\r` at the
+                    // end counts as one; a `\n` after it is then an empty line of its own).
+                    Some(b'\n') => return Some(next + 1),
+                    Some(b'\r') => {
+                        return Some(
+                            next + if buf.get(next + 1) == Some(&b'\n') {
+                                2
+                            } else {
+                                1
+                            },
+                        )
+                    }
+                    _ => i = next,
+                }
+            }
+            None => i += 1,
         }
     }
     None
+}
+
+/// The lines of an event, whatever their terminators.
+fn event_lines(text: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(['\r', '\n']) {
+        lines.push(&rest[..at]);
+        let skip = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
+        rest = &rest[at + skip..];
+    }
+    if !rest.is_empty() {
+        lines.push(rest);
+    }
+    lines
 }
 
 /// Applies `rewrite` to the event's JSON data. Returns the new event text when `rewrite`
@@ -60,8 +105,11 @@ pub fn rewrite_event_data(
     event: &[u8],
     rewrite: impl FnOnce(&mut Value) -> bool,
 ) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(event).ok()?;
-    let lines: Vec<&str> = text.lines().collect();
+    let Ok(text) = std::str::from_utf8(event) else {
+        // Not text: not an MCP message anyone may rely on; dropped rather than passed unread.
+        return Some(Vec::new());
+    };
+    let lines = event_lines(text);
     let data: Vec<&str> = lines
         .iter()
         .filter_map(|l| {
@@ -72,7 +120,10 @@ pub fn rewrite_event_data(
     if data.is_empty() {
         return None;
     }
-    let mut value: Value = serde_json::from_str(&data.join("\n")).ok()?;
+    // Data that is not JSON cannot be checked: dropped, never passed unfiltered.
+    let Ok(mut value) = serde_json::from_str::<Value>(&data.join("\n")) else {
+        return Some(Vec::new());
+    };
     if !rewrite(&mut value) {
         return None;
     }
@@ -117,6 +168,80 @@ mod tests {
             ]
         );
         assert_eq!(s.finish(), b"data: 3\n".to_vec());
+    }
+
+    /// The data of each event, in order (events without data dispatch nothing).
+    fn data_of(events: &[Vec<u8>]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                event_lines(std::str::from_utf8(e).unwrap())
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// However a stream is cut into chunks, and whichever line terminators (LF, CRLF, CR)
+        /// its lines use, the splitter yields the same events with the same data.
+        #[test]
+        fn chunking_and_terminators_do_not_change_the_events(
+            events in proptest::collection::vec(
+                (proptest::collection::vec(("[a-z0-9]{1,8}", 0..3usize), 1..4), 0..3usize),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(0..400usize, 0..8),
+        ) {
+            const ENDS: [&str; 3] = ["\n", "\r\n", "\r"];
+            let mut stream = String::new();
+            let mut expected = Vec::new();
+            // A `\n` right after a `\r` would make one CRLF of two terminators: written as CRLF.
+            let push_end = |stream: &mut String, end: usize| {
+                let end = if end == 0 && stream.ends_with('\r') { 1 } else { end };
+                stream.push_str(ENDS[end]);
+            };
+            for (lines, blank) in &events {
+                let mut data = Vec::new();
+                for (text, end) in lines {
+                    stream.push_str("data: ");
+                    stream.push_str(text);
+                    push_end(&mut stream, *end);
+                    data.push(text.clone());
+                }
+                push_end(&mut stream, *blank);
+                expected.push(data.join("\n"));
+            }
+            let bytes = stream.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort();
+            let mut splitter = SseSplitter::new(1 << 20);
+            let mut got = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                got.extend(splitter.push(&bytes[from..cut]).unwrap());
+                from = cut;
+            }
+            let rest = splitter.finish();
+            if !rest.is_empty() {
+                got.push(rest);
+            }
+            proptest::prop_assert_eq!(data_of(&got), expected);
+        }
+
+        /// Whatever bytes arrive, the splitter and the rewriter never panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut splitter = SseSplitter::new(256);
+            if let Ok(events) = splitter.push(&bytes) {
+                for event in events {
+                    let _ = rewrite_event_data(&event, |v| { *v = Value::Null; true });
+                }
+            }
+        }
     }
 
     #[test]
