@@ -563,3 +563,31 @@ async fn feeds_are_capped_and_end_at_shutdown() {
     }
     assert!(gw.exited().await.success());
 }
+
+/// Many distinct valid tokens: the verified-token cache stays at `inbound.token_cache_size`,
+/// and every call still passes (verified again when it is not remembered).
+#[tokio::test]
+async fn the_token_cache_stays_at_its_bound() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: Some(format!(
+            "inbound:\n  token_cache_size: 10\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n"
+        )),
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    for n in 0..40 {
+        let token = gw
+            .idp
+            .sign(serde_json::json!({"sub": "alice", "act": {"sub": "assistant"}, "n": n}));
+        assert_eq!(
+            get(&gw.url("/billing/invoices/1"), &token).await.status,
+            200
+        );
+        let entries = metric(&gw.metrics().await, "toolgate_token_cache_entries").unwrap();
+        assert!(entries <= 10.0, "{entries} cached tokens");
+    }
+}

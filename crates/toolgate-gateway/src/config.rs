@@ -72,6 +72,13 @@ fn default_debounce() -> u64 {
 pub struct Inbound {
     #[serde(default)]
     pub jwt: Vec<JwtIssuer>,
+    /// Verified tokens remembered (so a steady agent's token is checked once).
+    #[serde(default = "default_token_cache")]
+    pub token_cache_size: usize,
+}
+
+fn default_token_cache() -> usize {
+    toolgate_identity::CACHE_CAPACITY
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -518,6 +525,7 @@ impl Config {
                 "tasks.max_feed_subscribers",
                 self.tasks.max_feed_subscribers,
             ),
+            ("inbound.token_cache_size", self.inbound.token_cache_size),
         ] {
             if value == 0 {
                 let name = if name.contains('.') {

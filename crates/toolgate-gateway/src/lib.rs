@@ -169,7 +169,7 @@ impl Gateway {
                 },
             })
             .collect();
-        let auth = Authenticator::new(issuers).await?;
+        let auth = Authenticator::with_cache(issuers, config.inbound.token_cache_size).await?;
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(read_admin_token(path)?),
             None => None,

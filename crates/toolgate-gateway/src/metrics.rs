@@ -23,6 +23,7 @@ pub struct Metrics {
     pub audit_refused: IntCounter,
     pub shed: IntCounter,
     pub connections_refused: IntCounter,
+    pub token_cache: IntGauge,
 }
 
 impl Metrics {
@@ -99,6 +100,12 @@ impl Metrics {
             audit_dropped: register_int_counter_with_registry!(
                 "toolgate_audit_dropped_total",
                 "Audit records of unforwarded calls dropped because the writer was behind.",
+                r
+            )
+            .expect("metric"),
+            token_cache: register_int_gauge_with_registry!(
+                "toolgate_token_cache_entries",
+                "Verified inbound tokens remembered (bounded by inbound.token_cache_size).",
                 r
             )
             .expect("metric"),

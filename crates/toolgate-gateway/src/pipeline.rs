@@ -138,7 +138,11 @@ impl Gateway {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let caller = self.auth.authenticate_header(authorization).await?;
+        let caller = self.auth.authenticate_header(authorization).await;
+        self.metrics
+            .token_cache
+            .set(self.auth.cached_tokens() as i64);
+        let caller = caller?;
         record.agent = Some(caller.agent.clone());
         record.user = caller.user.clone();
         record.iss = Some(caller.issuer.clone());

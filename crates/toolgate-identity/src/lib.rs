@@ -22,7 +22,8 @@ pub use keys::{KeySet, VerifyingKey};
 pub const LEEWAY_SECONDS: u64 = 30;
 /// By default an unknown `kid` triggers at most one JWKS refetch per issuer in this interval.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
-const CACHE_CAPACITY: usize = 65_536;
+/// Verified tokens remembered by default (each a digest and its caller, about 1 KiB).
+pub const CACHE_CAPACITY: usize = 65_536;
 
 /// Where an issuer's verification keys come from.
 #[derive(Debug, Clone)]
@@ -114,6 +115,7 @@ struct Issuer {
 pub struct Authenticator {
     issuers: Vec<Issuer>,
     cache: DashMap<[u8; 32], Caller>,
+    cache_capacity: usize,
     fetcher: fetch::Fetcher,
 }
 
@@ -121,6 +123,16 @@ impl Authenticator {
     /// Loads every issuer's keys. A URL that cannot be fetched now is retried on first use;
     /// a key file that cannot be read is an error.
     pub async fn new(configs: Vec<IssuerConfig>) -> Result<Self, String> {
+        Self::with_cache(configs, CACHE_CAPACITY).await
+    }
+
+    /// As `new`, remembering at most `cache_capacity` verified tokens: when full, expired ones
+    /// are dropped, and if that frees nothing, all (a flood of distinct tokens costs
+    /// verifications, never memory).
+    pub async fn with_cache(
+        configs: Vec<IssuerConfig>,
+        cache_capacity: usize,
+    ) -> Result<Self, String> {
         let fetcher = fetch::Fetcher::new();
         let mut issuers = Vec::with_capacity(configs.len());
         for config in configs {
@@ -143,6 +155,7 @@ impl Authenticator {
         Ok(Authenticator {
             issuers,
             cache: DashMap::new(),
+            cache_capacity: cache_capacity.max(1),
             fetcher,
         })
     }
@@ -180,14 +193,19 @@ impl Authenticator {
             }
         }
         let caller = self.verify_uncached(token).await?;
-        if self.cache.len() >= CACHE_CAPACITY {
+        if self.cache.len() >= self.cache_capacity {
             self.cache.retain(|_, c| c.exp > now);
-            if self.cache.len() >= CACHE_CAPACITY {
+            if self.cache.len() >= self.cache_capacity {
                 self.cache.clear();
             }
         }
         self.cache.insert(digest, caller.clone());
         Ok(caller)
+    }
+
+    /// Verified tokens remembered now.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
     }
 
     /// Verifies a token without the cache (the cache is `authenticate`'s).
