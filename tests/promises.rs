@@ -34,16 +34,6 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// The gateway's config file with `edit` applied, written beside it under `name`.
-fn edited_config(gw: &Gateway, name: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml")).unwrap();
-    let edited = edit(text.clone());
-    assert_ne!(edited, text, "the edit applies");
-    let path = gw.dir.0.join(name);
-    std::fs::write(&path, edited).unwrap();
-    path
-}
-
 /// "Tokens are never written to the audit log or to logs": neither the agent's token, nor a
 /// refused token, nor a minted credential appears in the audit file or in stderr, even at
 /// `RUST_LOG=trace`, on allowed, denied, refused and unauthenticated calls, HTTP/1.1 and h2.
@@ -197,7 +187,7 @@ async fn config_errors_are_refused_by_name() {
             "arguments",
         ),
     ] {
-        let bad = edited_config(&gw, "bad.yaml", edit);
+        let bad = gw.edited_config("bad.yaml", edit);
         let out = toolgate(&["check", "--config", bad.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: accepted");
@@ -222,7 +212,7 @@ async fn previous_keys_keep_earlier_credentials_verifying_after_rotation() {
 
     let (_, new_pem) = toolgate_credential::SigningKey::generate().unwrap();
     std::fs::write(gw.dir.0.join("signing-new.pem"), new_pem).unwrap();
-    let rotated = edited_config(&gw, "rotated.yaml", |t| {
+    let rotated = gw.edited_config("rotated.yaml", |t| {
         t.replace(
             "  signing_key: signing.pem\n",
             "  signing_key: signing-new.pem\n  previous_keys: [signing.pem]\n",
@@ -659,7 +649,7 @@ async fn tasks_cancel_and_admin_task_endpoints() {
 async fn require_task_on_an_upstream() {
     let upstream = Upstream::start().await;
     let gw = gateway(&upstream).await;
-    let config = edited_config(&gw, "in-tasks.yaml", |t| {
+    let config = gw.edited_config("in-tasks.yaml", |t| {
         t.replace(
             "    audience: https://records.internal\n",
             "    audience: https://records.internal\n    require_task: true\n",
@@ -730,7 +720,7 @@ async fn the_revocation_feed_refuses_unauthenticated_callers() {
 async fn audit_to_stdout() {
     let upstream = Upstream::start().await;
     let gw = gateway(&upstream).await;
-    let config = edited_config(&gw, "stdout.yaml", |t| {
+    let config = gw.edited_config("stdout.yaml", |t| {
         t.replace("  path: audit.jsonl\n", "  path: \"-\"\n")
     });
     let out = TempDir::new("stdout");

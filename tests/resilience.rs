@@ -15,25 +15,16 @@ use serde_json::Value;
 #[tokio::test]
 async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
+    let gw = Gateway::plain(&upstream).await;
     let fifo = gw.dir.0.join("audit.fifo");
     assert!(std::process::Command::new("mkfifo")
         .arg(&fifo)
         .status()
         .unwrap()
         .success());
-    let config = gw.dir.0.join("blocked.yaml");
-    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml"))
-        .unwrap()
-        .replace("  path: audit.jsonl\n", "  path: audit.fifo\n  buffer: 4\n");
-    std::fs::write(&config, text).unwrap();
+    let config = gw.edited_config("blocked.yaml", |t| {
+        t.replace("  path: audit.jsonl\n", "  path: audit.fifo\n  buffer: 4\n")
+    });
 
     // The reader opens the pipe (so the gateway can), then reads only once released.
     let read = Arc::new(Mutex::new(Vec::<u8>::new()));
@@ -145,22 +136,8 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
 #[tokio::test]
 async fn excess_load_is_shed_fast_while_admitted_calls_complete() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
-    let config = gw.dir.0.join("small.yaml");
-    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml"))
-        .unwrap()
-        .replace(
-            "  max_body_bytes: 4096\n",
-            "  max_body_bytes: 4096\n  max_in_flight: 4\n",
-        );
-    std::fs::write(&config, text).unwrap();
+    let gw = Gateway::plain(&upstream).await;
+    let config = gw.config_with_limits("small.yaml", "  max_in_flight: 4\n");
     let (child, addr, admin) = spawn_serve(&config).await;
     let _child = Killed(child);
     let token = gw.idp.delegated();
@@ -218,14 +195,7 @@ async fn excess_load_is_shed_fast_while_admitted_calls_complete() {
 #[tokio::test]
 async fn header_count_and_uri_length_are_capped() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
+    let gw = Gateway::plain(&upstream).await;
     let token = format!("Bearer {}", gw.idp.delegated());
     // 64 headers in all pass (62, authorization and the client's host); 65 do not.
     let names: Vec<String> = (0..63).map(|i| format!("x-h{i}")).collect();
@@ -252,14 +222,7 @@ async fn header_count_and_uri_length_are_capped() {
 #[tokio::test]
 async fn an_h2_connection_gets_at_most_100_streams_at_once() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
+    let gw = Gateway::plain(&upstream).await;
     let token = gw.idp.delegated();
     let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -292,23 +255,13 @@ async fn an_h2_connection_gets_at_most_100_streams_at_once() {
 }
 
 /// A gateway whose header and body timeouts are one second and idle timeout two, so tests can
-/// wait (bounded)
-/// for them without waiting long.
+/// wait (bounded) for them without waiting long.
 async fn impatient(upstream: &Upstream) -> (Gateway, Killed, std::net::SocketAddr) {
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
-    let config = gw.dir.0.join("impatient.yaml");
-    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml")).unwrap().replace(
-        "  max_body_bytes: 4096\n",
-        "  max_body_bytes: 4096\n  header_read_seconds: 1\n  body_read_seconds: 1\n  idle_seconds: 2\n",
+    let gw = Gateway::plain(upstream).await;
+    let config = gw.config_with_limits(
+        "impatient.yaml",
+        "  header_read_seconds: 1\n  body_read_seconds: 1\n  idle_seconds: 2\n",
     );
-    std::fs::write(&config, text).unwrap();
     let (child, addr, _) = spawn_serve(&config).await;
     (gw, Killed(child), addr)
 }
@@ -450,22 +403,8 @@ async fn task_state_is_bounded() {
 async fn the_connection_cap_holds() {
     use tokio::io::AsyncWriteExt;
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: None,
-        extra_config: "",
-    })
-    .await;
-    let config = gw.dir.0.join("two.yaml");
-    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml"))
-        .unwrap()
-        .replace(
-            "  max_body_bytes: 4096\n",
-            "  max_body_bytes: 4096\n  max_connections: 2\n",
-        );
-    std::fs::write(&config, text).unwrap();
+    let gw = Gateway::plain(&upstream).await;
+    let config = gw.config_with_limits("two.yaml", "  max_connections: 2\n");
     let (child, addr, admin) = spawn_serve(&config).await;
     let _child = Killed(child);
     let token = gw.idp.delegated();

@@ -626,6 +626,39 @@ audit:
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.
+    /// A gateway on the harness's config, with no additions.
+    pub async fn plain(upstream: &Upstream) -> Gateway {
+        Gateway::start(GatewayOptions {
+            upstream: upstream.addr,
+            extra_policies: &[],
+            inbound: None,
+            mcp: None,
+            extra_config: "",
+        })
+        .await
+    }
+
+    /// This gateway's config file with `edit` applied, written beside it as `name` (for a
+    /// second `toolgate serve` on the same keys and policies).
+    pub fn edited_config(&self, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let text = std::fs::read_to_string(self.dir.0.join("toolgate.yaml")).unwrap();
+        let edited = edit(text.clone());
+        assert_ne!(edited, text, "the edit applies");
+        let path = self.dir.0.join(name);
+        std::fs::write(&path, edited).unwrap();
+        path
+    }
+
+    /// This gateway's config with `lines` (YAML, two-space indented) added under `limits:`.
+    pub fn config_with_limits(&self, name: &str, lines: &str) -> PathBuf {
+        self.edited_config(name, |t| {
+            t.replace(
+                "  max_body_bytes: 4096\n",
+                &format!("  max_body_bytes: 4096\n{lines}"),
+            )
+        })
+    }
+
     /// Sends SIGTERM. Await `exited` for the outcome; the runtime keeps serving meanwhile.
     pub fn terminate(&mut self) {
         let status = Command::new("kill")
