@@ -479,10 +479,15 @@ async fn unreachable_upstream_answers_502_without_a_credential() {
 async fn slow_upstream_times_out_with_504() {
     let upstream = Upstream::start().await;
     let gw = gateway(&upstream).await;
-    // billing's timeout is 1 s; the recorder holds anything mentioning "held" until released,
-    // so only the gateway's own timeout can answer.
+    // billing's timeout made 1 s; the recorder holds anything mentioning "held" until
+    // released, so only the gateway's own timeout can answer.
+    let config = gw.edited_config("short.yaml", |t| {
+        t.replace("    timeout_seconds: 30\n", "    timeout_seconds: 1\n")
+    });
+    let (child, addr, _) = spawn_serve(&config).await;
+    let _child = Killed(child);
     let answer = get(
-        &gw.url("/billing/invoices?customer=held"),
+        &format!("http://{addr}/billing/invoices?customer=held"),
         &gw.idp.delegated(),
     )
     .await;

@@ -530,3 +530,43 @@ async fn the_token_cache_stays_at_its_bound() {
         assert!(entries <= 10.0, "{entries} cached tokens");
     }
 }
+
+/// An upstream's own `max_in_flight`: when its calls fill it, more calls to it are shed (503)
+/// while other upstreams are served.
+#[tokio::test]
+async fn one_slow_upstream_cannot_take_every_place() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let config = gw.edited_config("per-upstream.yaml", |t| {
+        t.replace(
+            "    timeout_seconds: 30\n",
+            "    timeout_seconds: 30\n    max_in_flight: 2\n",
+        )
+    });
+    let (child, addr, _) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let token = gw.idp.delegated();
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let (url, token) = (
+                format!("http://{addr}/billing/invoices?customer=held-{i}"),
+                token.clone(),
+            );
+            tokio::spawn(async move { get(&url, &token).await.status })
+        })
+        .collect();
+    upstream.wait_for_requests(2).await;
+    let shed = get(&format!("http://{addr}/billing/invoices/1"), &token).await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.json()["error"], "overloaded");
+    let other = get(
+        &format!("http://{addr}/records/patients/p-100/record"),
+        &token,
+    )
+    .await;
+    assert_eq!(other.status, 200, "another upstream is served");
+    upstream.release();
+    for call in held {
+        assert_eq!(call.await.unwrap(), 200, "a held call failed");
+    }
+}

@@ -517,7 +517,7 @@ upstreams:
     url: http://{up}/api
     audience: https://billing.internal
     kind: rest
-    timeout_seconds: 1
+    timeout_seconds: 30
     routes:
       - {{ tool: get_invoice, method: GET, path: "/invoices/{{invoice_id}}" }}
       - {{ tool: list_invoices, method: GET, path: /invoices }}

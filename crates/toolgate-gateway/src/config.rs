@@ -149,6 +149,10 @@ pub struct UpstreamConfig {
     /// Every call to this upstream must run in a task (`Toolgate-Task`).
     #[serde(default)]
     pub require_task: bool,
+    /// Calls to this upstream at once; beyond, a fast 503 `overloaded` (besides the global
+    /// `limits.max_in_flight`), so one slow tool cannot take every place.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -87,6 +87,17 @@ impl Gateway {
             }
         }
         let routing = self.routing.load_full();
+        // An upstream's own in-flight limit, like the global one, before any work.
+        let _place = match routing.routes.upstream(request.uri().path()) {
+            Some((index, _)) => match routing.upstreams[index].admit() {
+                Some(place) => Some(place),
+                None => {
+                    self.metrics.shed.inc();
+                    return crate::server::overloaded();
+                }
+            },
+            None => None,
+        };
         // Kept for a 401's `resource_metadata`; the URL is built only then.
         let host = request_host(&request);
         let mut record = AuditRecord {

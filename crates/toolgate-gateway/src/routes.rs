@@ -241,6 +241,7 @@ mod tests {
             ],
             timeout_seconds: 1,
             require_task: false,
+            max_in_flight: None,
         }])
     }
 

@@ -350,7 +350,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 }
 
 /// The answer to a request shed for overload.
-fn overloaded() -> Response<Body> {
+pub(crate) fn overloaded() -> Response<Body> {
     let mut response = json_response(
         http::StatusCode::SERVICE_UNAVAILABLE,
         &serde_json::json!({"error": "overloaded"}),

@@ -2,6 +2,7 @@
 //! hop-by-hop header hygiene both ways, and bounded waiting.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::answer::{Body, InternalError, Refusal, UpstreamError};
 use crate::config::UpstreamConfig;
@@ -75,12 +77,34 @@ pub fn client() -> HttpClient {
 pub struct Upstream {
     pub config: UpstreamConfig,
     base: String,
+    /// `max_in_flight` places, when the upstream has a limit of its own.
+    places: Option<Arc<Semaphore>>,
 }
+
+/// A call's place among an upstream's `max_in_flight`; given back when dropped.
+pub struct Place(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Self {
         let base = config.url.trim_end_matches('/').to_string();
-        Upstream { config, base }
+        let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
+        Upstream {
+            config,
+            base,
+            places,
+        }
+    }
+
+    /// A place for one more call, if the upstream's own limit has one left.
+    pub fn admit(&self) -> Option<Place> {
+        match &self.places {
+            None => Some(Place(None)),
+            Some(places) => places
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|p| Place(Some(p))),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -222,6 +246,7 @@ mod tests {
             routes: vec![],
             timeout_seconds: 1,
             require_task: false,
+            max_in_flight: None,
         };
         let up = Upstream::new(config.clone());
         assert_eq!(
