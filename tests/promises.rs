@@ -150,8 +150,8 @@ async fn config_errors_are_refused_by_name() {
             "unknown key in an upstream",
             &|t: String| {
                 t.replace(
-                    "    timeout_seconds: 1\n",
-                    "    timeout_seconds: 1\n    retries: 3\n",
+                    "    timeout_seconds: 30\n",
+                    "    timeout_seconds: 30\n    retries: 3\n",
                 )
             },
             "retries",
