@@ -570,3 +570,63 @@ async fn one_slow_upstream_cannot_take_every_place() {
         assert_eq!(call.await.unwrap(), 200, "a held call failed");
     }
 }
+
+/// An upstream that stops sending in the middle of its answer is cut off after the upstream's
+/// `response_idle_seconds`: the agent's stream ends instead of hanging.
+#[tokio::test]
+async fn a_stalled_upstream_answer_is_cut_off() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: Some(format!("http://{}/mcp", upstream.addr)),
+        extra_config: "",
+    })
+    .await;
+    let config = gw.edited_config("stalled.yaml", |t| {
+        t.replace(
+            "    kind: mcp\n",
+            "    kind: mcp\n    response_idle_seconds: 1\n",
+        )
+    });
+    let (child, addr, _) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    // The recorder sends one event, then holds the rest until released (never, here).
+    let response = client
+        .request(
+            http::Request::post(format!("http://{addr}/tools"))
+                .header("authorization", format!("Bearer {}", gw.idp.delegated()))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("x-test-stream", "1")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut text = String::new();
+        loop {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        text.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                Some(Err(_)) | None => return text,
+            }
+        }
+    })
+    .await
+    .expect("the stalled answer was cut off");
+    assert!(ended.contains("notifications/progress"), "{ended}");
+    assert!(!ended.contains("\"result\""), "{ended}");
+}

@@ -31,6 +31,7 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         timeout_seconds: 1,
         require_task: false,
         max_in_flight: None,
+        response_idle_seconds: 300,
     }])
 });
 

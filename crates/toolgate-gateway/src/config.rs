@@ -153,6 +153,13 @@ pub struct UpstreamConfig {
     /// `limits.max_in_flight`), so one slow tool cannot take every place.
     #[serde(default)]
     pub max_in_flight: Option<usize>,
+    /// An answer (body or event stream) that sends nothing for this long is cut off.
+    #[serde(default = "default_response_idle")]
+    pub response_idle_seconds: u64,
+}
+
+fn default_response_idle() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -320,9 +327,16 @@ pub struct Limits {
     /// Open connections per listener; beyond, a new connection is closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Time allowed to connect to an upstream (502 beyond).
+    #[serde(default = "default_connect")]
+    pub upstream_connect_seconds: u64,
     /// How long, at shutdown, open requests may take to finish before connections are closed.
     #[serde(default = "default_thirty")]
     pub drain_seconds: u64,
+}
+
+fn default_connect() -> u64 {
+    5
 }
 
 fn default_max_connections() -> usize {
@@ -350,6 +364,7 @@ impl Default for Limits {
             body_read_seconds: default_thirty(),
             idle_seconds: default_idle(),
             max_connections: default_max_connections(),
+            upstream_connect_seconds: default_connect(),
             drain_seconds: default_thirty(),
         }
     }
@@ -515,6 +530,10 @@ impl Config {
             ("body_read_seconds", self.limits.body_read_seconds as usize),
             ("idle_seconds", self.limits.idle_seconds as usize),
             ("max_connections", self.limits.max_connections),
+            (
+                "upstream_connect_seconds",
+                self.limits.upstream_connect_seconds as usize,
+            ),
             (
                 "tasks.max_active_per_agent",
                 self.tasks.max_active_per_agent,

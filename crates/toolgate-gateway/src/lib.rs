@@ -190,7 +190,9 @@ impl Gateway {
             load_cache: tokio::sync::Mutex::new(load_cache),
             auth,
             minter,
-            client: upstream::client(),
+            client: upstream::client(std::time::Duration::from_secs(
+                config.limits.upstream_connect_seconds,
+            )),
             metrics,
             audit,
             audit_writer: std::sync::Mutex::new(Some(writer)),

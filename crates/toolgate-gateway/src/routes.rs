@@ -242,6 +242,7 @@ mod tests {
             timeout_seconds: 1,
             require_task: false,
             max_in_flight: None,
+            response_idle_seconds: 300,
         }])
     }
 

@@ -56,11 +56,11 @@ const FORWARDED_PREFIX: &str = "x-forwarded-";
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-pub fn client() -> HttpClient {
+pub fn client(connect_timeout: Duration) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -160,14 +160,65 @@ impl Upstream {
             Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
             Ok(Ok(response)) => response,
         };
-        Ok(into_downstream(response))
+        let idle = Duration::from_secs(self.config.response_idle_seconds);
+        Ok(into_downstream(response, idle))
     }
 }
 
-fn into_downstream(response: Response<Incoming>) -> Response<Body> {
+fn into_downstream(response: Response<Incoming>, idle: Duration) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(Into::into).boxed())
+    Response::from_parts(parts, IdleBody::new(body, idle).boxed())
+}
+
+/// An upstream's answer, ended with an error once none of it has come for `idle`: a stalled
+/// upstream cannot hold the agent's connection (and its place) forever.
+struct IdleBody {
+    inner: Incoming,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleBody {
+    fn new(inner: Incoming, idle: Duration) -> Self {
+        IdleBody {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl http_body::Body for IdleBody {
+    type Data = bytes::Bytes;
+    type Error = crate::answer::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("the upstream's answer went idle".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Removes the hop-by-hop headers and any the `Connection` header names. Done to each request
@@ -247,6 +298,7 @@ mod tests {
             timeout_seconds: 1,
             require_task: false,
             max_in_flight: None,
+            response_idle_seconds: 300,
         };
         let up = Upstream::new(config.clone());
         assert_eq!(
