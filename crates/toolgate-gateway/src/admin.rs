@@ -111,9 +111,9 @@ impl Gateway {
 
     /// An operator's request: authenticated by the admin token, recorded like any decision.
     async fn admin_operation(&self, request: Request<Incoming>) -> Response<Body> {
-        let Some(slot) = self.audit.reserve() else {
-            self.metrics.audit_refused.inc();
-            return Refusal::AuditUnavailable.into_response("", None);
+        let slot = match self.audit_room() {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal.into_response("", None),
         };
         let mut record = AuditRecord {
             agent: Some("admin".into()),

@@ -154,17 +154,19 @@ impl Gateway {
             return Ok(json_response(single_answer_status(&answer), &answer));
         }
         // Each decision line of a batch needs its room too before anything is forwarded.
-        let Some(slots) = plan
+        let slots = match plan
             .decisions
             .iter()
-            .map(|_| self.audit.reserve())
-            .collect::<Option<Vec<_>>>()
-        else {
-            for line in plan.decisions {
-                self.finish(line, None);
+            .map(|_| self.audit_room())
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(slots) => slots,
+            Err(refusal) => {
+                for line in plan.decisions {
+                    self.finish(line, None);
+                }
+                return Err(refusal);
             }
-            self.metrics.audit_refused.inc();
-            return Err(Refusal::AuditUnavailable);
         };
         record.decision = Verdict::Allow;
         let body = if batch {

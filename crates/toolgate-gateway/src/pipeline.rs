@@ -73,9 +73,9 @@ impl Gateway {
         strip_hop_by_hop(request.headers_mut());
         // Room for this request's audit line first: without it nothing is done, let alone
         // forwarded.
-        let Some(slot) = self.audit.reserve() else {
-            self.metrics.audit_refused.inc();
-            return Refusal::AuditUnavailable.into_response("", None);
+        let slot = match self.audit_room() {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal.into_response("", None),
         };
         if request.method() == Method::GET {
             let path = request.uri().path();
@@ -91,10 +91,7 @@ impl Gateway {
         let _place = match routing.routes.upstream(request.uri().path()) {
             Some((index, _)) => match routing.upstreams[index].admit() {
                 Some(place) => Some(place),
-                None => {
-                    self.metrics.shed.inc();
-                    return crate::server::overloaded();
-                }
+                None => return crate::server::overloaded(&self.metrics),
             },
             None => None,
         };
@@ -319,6 +316,15 @@ impl Gateway {
         let response = result?;
         record.upstream_status = Some(response.status().as_u16());
         Ok(response)
+    }
+
+    /// Room for one audit line, taken before the call it records does anything; without it
+    /// the call is refused (counted), never run unrecorded.
+    pub(crate) fn audit_room(&self) -> Result<AuditSlot, Refusal> {
+        self.audit.reserve().ok_or_else(|| {
+            self.metrics.audit_refused.inc();
+            Refusal::AuditUnavailable
+        })
     }
 
     /// The one place an outcome is recorded: the decision metric and the audit line, in the

@@ -93,7 +93,7 @@ impl Gateway {
             stop_rx.clone(),
             move |peer| {
                 let gateway = gateway.clone();
-                let metrics = gateway.metrics.clone();
+                let shed_metrics = gateway.metrics.clone();
                 let handle = tower::service_fn(move |req: Request<Incoming>| {
                     let gateway = gateway.clone();
                     async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
@@ -106,10 +106,7 @@ impl Gateway {
                     .service(handle)
                     .map_result(move |result| {
                         // The only error below is `Overloaded`: the handler never fails.
-                        Ok::<_, BoxError>(result.unwrap_or_else(|_| {
-                            metrics.shed.inc();
-                            overloaded()
-                        }))
+                        Ok::<_, BoxError>(result.unwrap_or_else(|_| overloaded(&shed_metrics)))
                     });
                 TowerToHyperService::new(shedding)
             },
@@ -261,22 +258,46 @@ async fn accept_loop<F, S, E, Fut>(
 /// byte cannot hold a socket and its memory forever.
 struct IdleIo<T> {
     inner: T,
-    idle: Duration,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline: IdleDeadline,
 }
 
 impl<T> IdleIo<T> {
     fn new(inner: T, idle: Duration) -> Self {
         IdleIo {
             inner,
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: IdleDeadline::new(idle),
         }
     }
 
     fn moved(&mut self) {
+        self.deadline.moved();
+    }
+}
+
+/// A deadline `idle` after the last sign of life: for connections and upstream answers that
+/// must not hold their place once nothing moves.
+pub(crate) struct IdleDeadline {
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleDeadline {
+    pub(crate) fn new(idle: Duration) -> Self {
+        IdleDeadline {
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    /// Something moved: the deadline starts again.
+    pub(crate) fn moved(&mut self) {
         let next = tokio::time::Instant::now() + self.idle;
-        self.deadline.as_mut().reset(next);
+        self.sleep.as_mut().reset(next);
+    }
+
+    /// Whether the deadline passed (registers `cx` to be woken when it does).
+    pub(crate) fn passed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -294,13 +315,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
                 }
                 std::task::Poll::Ready(result)
             }
-            std::task::Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection idle",
-                ))),
-                std::task::Poll::Pending => std::task::Poll::Pending,
-            },
+            std::task::Poll::Pending if self.deadline.passed(cx) => std::task::Poll::Ready(Err(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle"),
+            )),
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }
 }
@@ -349,8 +367,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// The answer to a request shed for overload.
-pub(crate) fn overloaded() -> Response<Body> {
+/// The answer to a request shed for overload (counted).
+pub(crate) fn overloaded(metrics: &crate::metrics::Metrics) -> Response<Body> {
+    metrics.shed.inc();
     let mut response = json_response(
         http::StatusCode::SERVICE_UNAVAILABLE,
         &serde_json::json!({"error": "overloaded"}),

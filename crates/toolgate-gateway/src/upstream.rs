@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::answer::{Body, InternalError, Refusal, UpstreamError};
 use crate::config::UpstreamConfig;
+use crate::server::IdleDeadline;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
 const HOP_BY_HOP: [&str; 7] = [
@@ -175,16 +176,14 @@ fn into_downstream(response: Response<Incoming>, idle: Duration) -> Response<Bod
 /// upstream cannot hold the agent's connection (and its place) forever.
 struct IdleBody {
     inner: Incoming,
-    idle: Duration,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline: IdleDeadline,
 }
 
 impl IdleBody {
     fn new(inner: Incoming, idle: Duration) -> Self {
         IdleBody {
             inner,
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: IdleDeadline::new(idle),
         }
     }
 }
@@ -197,18 +196,16 @@ impl http_body::Body for IdleBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        use std::future::Future as _;
         use std::task::Poll;
         match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + self.idle;
-                self.deadline.as_mut().reset(next);
+                self.deadline.moved();
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err("the upstream's answer went idle".into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending if self.deadline.passed(cx) => {
+                Poll::Ready(Some(Err("the upstream's answer went idle".into())))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
