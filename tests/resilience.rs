@@ -630,3 +630,32 @@ async fn a_stalled_upstream_answer_is_cut_off() {
     assert!(ended.contains("notifications/progress"), "{ended}");
     assert!(!ended.contains("\"result\""), "{ended}");
 }
+
+/// An agent that resets its stream once the call was forwarded still leaves the call's audit
+/// line (status 499, with the credential the upstream received).
+#[tokio::test]
+async fn a_cancelled_call_is_still_recorded() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let token = gw.idp.delegated();
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let request = http::Request::get(gw.url("/billing/invoices?customer=held-cancel"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let call = tokio::spawn(async move { h2.request(request).await });
+    upstream.wait_for_requests(1).await;
+    call.abort(); // the stream is reset while the upstream holds the call
+    let seen = upstream.requests()[0].headers["authorization"]
+        .to_str()
+        .unwrap()[7..]
+        .to_string();
+    let jti = claims_of(&seen)["jti"].as_str().unwrap().to_string();
+    let line = gw.audit_line(|l| l["jti"] == jti.as_str()).await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["decision"], "allow");
+    upstream.release();
+}

@@ -97,13 +97,20 @@ impl Gateway {
         };
         // Kept for a 401's `resource_metadata`; the URL is built only then.
         let host = request_host(&request);
-        let mut record = AuditRecord {
-            source_ip: peer.ip().to_string(),
-            ..AuditRecord::begin(&request)
+        // Written even if this future is dropped (the agent reset the stream or went away)
+        // after the call was forwarded: a forwarded call always has its line.
+        let mut pending = Unfinished {
+            gateway: &self,
+            record: AuditRecord {
+                source_ip: peer.ip().to_string(),
+                ..AuditRecord::begin(&request)
+            },
+            slot: Some(slot),
         };
+        let record = &mut pending.record;
         let mut upstream = None;
         let response = match self
-            .call(&routing, request, peer.ip(), &mut record, &mut upstream)
+            .call(&routing, request, peer.ip(), record, &mut upstream)
             .await
         {
             Ok(response) => response,
@@ -124,7 +131,7 @@ impl Gateway {
                 response.status().as_str(),
             ])
             .inc();
-        self.finish(record, Some(slot));
+        pending.done();
         response
     }
 
@@ -361,6 +368,35 @@ impl Gateway {
         self.metrics.minted.inc();
         record.jti = Some(minted.claims.jti.clone());
         Ok(minted)
+    }
+}
+
+/// A request's audit line until it is finished: dropped unfinished (the request's future was
+/// cancelled), it is written anyway, with status 499.
+struct Unfinished<'a> {
+    gateway: &'a Gateway,
+    record: AuditRecord,
+    slot: Option<AuditSlot>,
+}
+
+impl Unfinished<'_> {
+    /// Records the outcome, in the room reserved for it.
+    fn done(mut self) {
+        let record = std::mem::take(&mut self.record);
+        self.gateway.finish(record, self.slot.take());
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let mut record = std::mem::take(&mut self.record);
+            record.status = 499;
+            record
+                .errors
+                .push("the agent went away before the answer".into());
+            self.gateway.finish(record, Some(slot));
+        }
     }
 }
 
