@@ -182,6 +182,16 @@ async fn config_errors_are_refused_by_name() {
             "jwks_refetch_seconds",
         ),
         (
+            "audit.buffer smaller than a batch",
+            &|t: String| {
+                t.replace(
+                    "  path: audit.jsonl\n",
+                    "  path: audit.jsonl\n  buffer: 64\n",
+                )
+            },
+            "audit.buffer",
+        ),
+        (
             "arguments neither query nor body",
             &|t: String| t.replace("path: /refunds }", "path: /refunds, arguments: header }"),
             "arguments",

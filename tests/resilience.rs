@@ -23,7 +23,10 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
         .unwrap()
         .success());
     let config = gw.edited_config("blocked.yaml", |t| {
-        t.replace("  path: audit.jsonl\n", "  path: audit.fifo\n  buffer: 4\n")
+        t.replace(
+            "  path: audit.jsonl\n",
+            "  path: audit.fifo\n  buffer: 65\n",
+        )
     });
 
     // The reader opens the pipe (so the gateway can), then reads only once released.
@@ -658,4 +661,75 @@ async fn a_cancelled_call_is_still_recorded() {
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["decision"], "allow");
     upstream.release();
+}
+
+/// A tool that works quietly keeps its event stream alive: a comment line every
+/// `limits.sse_keepalive_seconds`, only between lines, so the events around it arrive whole.
+#[tokio::test]
+async fn a_quiet_upstream_stream_gets_keep_alive_comments() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: Some(format!("http://{}/mcp", upstream.addr)),
+        extra_config: "",
+    })
+    .await;
+    let config = gw.config_with_limits("keepalive.yaml", "  sse_keepalive_seconds: 1\n");
+    let (child, addr, _) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let response = client
+        .request(
+            http::Request::post(format!("http://{addr}/tools"))
+                .header("authorization", format!("Bearer {}", gw.idp.delegated()))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("x-test-stream", "1")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while text.matches(": keep-alive\n").count() < 2 {
+        text.push_str(&next_chunk(&mut body).await.expect("the stream ended early"));
+    }
+    upstream.release();
+    while let Some(more) = next_chunk(&mut body).await {
+        text.push_str(&more);
+    }
+    let (progress, rest) = text.split_once("\n\n").unwrap();
+    assert!(progress.contains("notifications/progress"), "{text}");
+    assert!(rest.starts_with(": keep-alive\n: keep-alive\n"), "{text}");
+    let data: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("a whole event"))
+        .collect();
+    assert_eq!(data.len(), 2, "{text}");
+    assert_eq!(data[1]["id"], 7);
+}
+
+/// The next piece of a streamed answer, or `None` at its end.
+async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<String> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::frame(body),
+    )
+    .await
+    {
+        Ok(Some(Ok(frame))) => {
+            Some(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap())
+        }
+        Ok(_) => None,
+        Err(_) => panic!("the stream carried nothing for 10 s"),
+    }
 }

@@ -230,3 +230,68 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// Whether an answer is an event stream.
+pub fn is_event_stream<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// An event stream that carries a comment line whenever nothing came for `every`, so a quiet
+/// stream (a long tool call, an idle feed) never looks dead to the gateway's idle limit or to
+/// a proxy on the way. A comment goes only where a line begins, so no event is split or ended
+/// early.
+pub fn keep_alive(inner: Body, every: std::time::Duration) -> Body {
+    KeepAlive {
+        inner,
+        quiet: crate::server::IdleDeadline::new(every),
+        line_start: true,
+    }
+    .boxed()
+}
+
+struct KeepAlive {
+    inner: Body,
+    quiet: crate::server::IdleDeadline,
+    line_start: bool,
+}
+
+impl http_body::Body for KeepAlive {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            if let Some(last) = frame
+                .as_ref()
+                .and_then(|f| f.as_ref().ok())
+                .and_then(|f| f.data_ref())
+                .and_then(|data| data.last())
+            {
+                self.line_start = *last == b'\n';
+            }
+            self.quiet.moved();
+            return Poll::Ready(frame);
+        }
+        while self.quiet.passed(cx) {
+            self.quiet.moved();
+            if self.line_start {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                    b": keep-alive\n",
+                )))));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}

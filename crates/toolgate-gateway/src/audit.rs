@@ -148,6 +148,16 @@ impl AuditSink {
         self.room.clone().try_acquire_owned().ok().map(AuditSlot)
     }
 
+    /// Takes room for `n` records at once or none: a batch never holds part of the buffer
+    /// while it waits for the rest.
+    pub fn reserve_many(&self, n: usize) -> Option<Vec<AuditSlot>> {
+        let mut all = self.room.clone().try_acquire_many_owned(n as u32).ok()?;
+        let mut slots: Vec<AuditSlot> =
+            (1..n).filter_map(|_| all.split(1)).map(AuditSlot).collect();
+        slots.push(AuditSlot(all));
+        Some(slots)
+    }
+
     /// Queues a record in the room reserved for it (or any left). A record without room is
     /// dropped and counted: only records of calls that were not forwarded can lack it.
     pub fn record(&self, record: AuditRecord, slot: Option<AuditSlot>) {
@@ -248,5 +258,28 @@ impl Writer {
                 tracing::error!(error = %e, "audit file cannot be reopened");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_takes_all_its_room_or_none() {
+        let dir = std::env::temp_dir().join(format!("toolgate-audit-{}", std::process::id()));
+        let path = dir.to_str().unwrap().to_string() + ".jsonl";
+        let (sink, _writer) = AuditSink::start(&path, 3, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let one = sink.reserve().unwrap();
+        assert!(sink.reserve_many(3).is_none(), "took part of the room");
+        let two = sink.reserve_many(2).unwrap();
+        assert_eq!(two.len(), 2);
+        assert!(sink.reserve().is_none());
+        drop(two);
+        assert_eq!(sink.reserve_many(2).map(|s| s.len()), Some(2));
+        drop(one);
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -333,6 +333,14 @@ pub struct Limits {
     /// How long, at shutdown, open requests may take to finish before connections are closed.
     #[serde(default = "default_thirty")]
     pub drain_seconds: u64,
+    /// An event stream (an upstream's or the revocation feed) quiet for this long gets a
+    /// comment line, so neither the idle limit nor a proxy on the way cuts it.
+    #[serde(default = "default_keepalive")]
+    pub sse_keepalive_seconds: u64,
+}
+
+fn default_keepalive() -> u64 {
+    15
 }
 
 fn default_connect() -> u64 {
@@ -366,6 +374,7 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             upstream_connect_seconds: default_connect(),
             drain_seconds: default_thirty(),
+            sse_keepalive_seconds: default_keepalive(),
         }
     }
 }
@@ -529,6 +538,10 @@ impl Config {
             ),
             ("body_read_seconds", self.limits.body_read_seconds as usize),
             ("idle_seconds", self.limits.idle_seconds as usize),
+            (
+                "sse_keepalive_seconds",
+                self.limits.sse_keepalive_seconds as usize,
+            ),
             ("max_connections", self.limits.max_connections),
             (
                 "upstream_connect_seconds",
@@ -558,6 +571,13 @@ impl Config {
                 };
                 errors.push(format!("{name} must be at least 1"));
             }
+        }
+        // A batch's request takes one line, then each message one more, all at once.
+        if self.audit.buffer <= toolgate_mcp::MAX_BATCH {
+            errors.push(format!(
+                "audit.buffer must be more than {} (one MCP batch and its request)",
+                toolgate_mcp::MAX_BATCH
+            ));
         }
         for jwt in &self.inbound.jwt {
             if !(1..=3600).contains(&jwt.jwks_refetch_seconds) {

@@ -154,12 +154,7 @@ impl Gateway {
             return Ok(json_response(single_answer_status(&answer), &answer));
         }
         // Each decision line of a batch needs its room too before anything is forwarded.
-        let slots = match plan
-            .decisions
-            .iter()
-            .map(|_| self.audit_room())
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let slots = match self.audit_rooms(plan.decisions.len()) {
             Ok(slots) => slots,
             Err(refusal) => {
                 for line in plan.decisions {

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -23,7 +23,9 @@ use toolgate_policy::{
 };
 use toolgate_tasks::{Joined, Task};
 
-use crate::answer::{error_chain, json_response, Body, InternalError, Refusal};
+use crate::answer::{
+    error_chain, is_event_stream, json_response, keep_alive, Body, InternalError, Refusal,
+};
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
@@ -122,6 +124,13 @@ impl Gateway {
                     .then(|| self.metadata_url(&routing, host.as_ref(), &record.path));
                 refusal.into_response(&record.decision_id, metadata.as_deref())
             }
+        };
+        // An upstream's event stream is kept alive while the tool works quietly.
+        let response = if upstream.is_some() && is_event_stream(&response) {
+            let every = Duration::from_secs(self.config.limits.sse_keepalive_seconds);
+            response.map(|body| keep_alive(body, every))
+        } else {
+            response
         };
         record.status = response.status().as_u16();
         self.metrics
@@ -328,10 +337,19 @@ impl Gateway {
     /// Room for one audit line, taken before the call it records does anything; without it
     /// the call is refused (counted), never run unrecorded.
     pub(crate) fn audit_room(&self) -> Result<AuditSlot, Refusal> {
-        self.audit.reserve().ok_or_else(|| {
-            self.metrics.audit_refused.inc();
-            Refusal::AuditUnavailable
-        })
+        self.audit.reserve().ok_or_else(|| self.audit_refused())
+    }
+
+    /// Room for the `n` lines of a batch, all or none.
+    pub(crate) fn audit_rooms(&self, n: usize) -> Result<Vec<AuditSlot>, Refusal> {
+        self.audit
+            .reserve_many(n)
+            .ok_or_else(|| self.audit_refused())
+    }
+
+    fn audit_refused(&self) -> Refusal {
+        self.metrics.audit_refused.inc();
+        Refusal::AuditUnavailable
     }
 
     /// The one place an outcome is recorded: the decision metric and the audit line, in the

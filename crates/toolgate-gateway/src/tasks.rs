@@ -18,7 +18,9 @@ use toolgate_identity::{unix_now, Caller};
 use toolgate_policy::Resource;
 use toolgate_tasks::{Created, Ended, State, Task, MAX_TTL_SECONDS};
 
-use crate::answer::{json_response, Body, BoxError, Refusal};
+use std::time::Duration;
+
+use crate::answer::{json_response, keep_alive, Body, BoxError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{read_limited, CallContext};
 use crate::upstream::ClientView;
@@ -42,9 +44,6 @@ pub(crate) fn rfc3339(unix: u64) -> String {
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
-
-/// How often an idle revocation feed sends a keep-alive comment.
-pub(crate) const SSE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A task as both listeners show it, with its state as of `now` (`expired` once past its
 /// deadline).
@@ -356,18 +355,6 @@ impl Gateway {
         let hello = tokio_stream::once(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
             b": toolgate revocations\n\n",
         ))));
-        // A comment every `SSE_KEEPALIVE` while nothing happens, so the connection never looks
-        // idle (`limits.idle_seconds`) to the gateway or to proxies on the way; the feed still
-        // ends when the events do (a lagged subscriber).
-        let keepalive = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
-            tokio::time::Instant::now() + SSE_KEEPALIVE,
-            SSE_KEEPALIVE,
-        ))
-        .map(|_| {
-            Some(Ok::<_, BoxError>(Frame::data(Bytes::from_static(
-                b": keep-alive\n\n",
-            ))))
-        });
         // At shutdown the feed ends, so draining does not wait for it.
         let closing = tokio_stream::wrappers::WatchStream::new(self.closing.subscribe())
             .filter(|closing| *closing)
@@ -375,13 +362,18 @@ impl Gateway {
         let events = events
             .map(Some)
             .chain(tokio_stream::once(None))
-            .merge(keepalive)
             .merge(closing)
             .map_while(move |frame| {
                 let _place = &place;
                 frame
             });
-        let mut response = Response::new(StreamBody::new(hello.chain(events)).boxed());
+        // Kept alive like an upstream's stream; it still ends when the events do (a lagged
+        // subscriber).
+        let every = Duration::from_secs(self.config.limits.sse_keepalive_seconds);
+        let mut response = Response::new(keep_alive(
+            StreamBody::new(hello.chain(events)).boxed(),
+            every,
+        ));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/event-stream"),
