@@ -733,3 +733,173 @@ async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<String> {
         Err(_) => panic!("the stream carried nothing for 10 s"),
     }
 }
+
+/// At shutdown an HTTP/2 connection gets GOAWAY: the call in flight on it finishes, a new
+/// stream on the same connection is refused, and the gateway exits 0.
+#[tokio::test]
+async fn shutdown_sends_http2_goaway_and_finishes_the_open_stream() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::plain(&upstream).await;
+    let token = gw.idp.delegated();
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let base = gw.url("");
+    let request = |path: &str| {
+        http::Request::get(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let held = send.send_request(request("/billing/invoices?customer=held-goaway"));
+    let held = tokio::spawn(held);
+    upstream.wait_for_requests(1).await;
+    gw.terminate();
+    // Shutdown has begun once the listener closes; by then the connection has its GOAWAY,
+    // so a new stream on it is refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = match send.ready().await {
+        Err(_) => true,
+        Ok(()) => send
+            .send_request(request("/billing/invoices/1"))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a new stream was accepted after GOAWAY");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "a stream after GOAWAY went out"
+    );
+    upstream.release();
+    let answer = held.await.unwrap().expect("the open stream was cut");
+    assert_eq!(answer.status(), 200);
+    let status = gw.exited().await;
+    assert!(status.success(), "{status:?}");
+}
+
+/// A full disk (the audit file is `/dev/full`): writes fail, counted and logged; once the
+/// writer's room is used up calls are refused; when space returns the writer reopens the file
+/// by itself and everything queued is written. Then a rotation (the file moved away, SIGHUP):
+/// new lines go to a new file. Across both files, one line per forwarded call.
+#[tokio::test]
+async fn the_audit_survives_a_full_disk_and_a_rotated_file() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let dir = gw.dir.0.clone();
+    let audit = dir.join("disk.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &audit).unwrap();
+    let config = gw.edited_config("disk.yaml", |t| {
+        t.replace(
+            "  path: audit.jsonl\n",
+            "  path: disk.jsonl\n  buffer: 65\n",
+        )
+    });
+    let (child, addr, admin) = spawn_serve_logging(&config, "warn", Some(&dir)).await;
+    let mut child = Killed(child);
+    let url = format!("http://{addr}/billing/invoices/1");
+    let token = gw.idp.delegated();
+
+    let mut allowed = 0;
+    let refused = loop {
+        let answer = get(&url, &token).await;
+        match answer.status.as_u16() {
+            200 => allowed += 1,
+            503 => break answer,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(allowed < 1_000, "the full disk never refused a call");
+    };
+    assert_eq!(refused.json()["error"], "audit_unavailable");
+    assert_eq!(upstream.requests().len(), allowed);
+    let metrics = get(&format!("http://{admin}/metrics"), "").await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metric(&metrics, "toolgate_audit_write_errors_total").unwrap() >= 1.0);
+    assert!(metric(&metrics, "toolgate_audit_refused_total").unwrap() >= 1.0);
+    let stderr = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+    assert!(stderr.contains("audit write failed"), "{stderr}");
+
+    // Space again: the writer's own retry reopens the path, now a real file.
+    std::fs::remove_file(&audit).unwrap();
+    std::fs::write(&audit, b"").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while get(&url, &token).await.status != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "calls never flowed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Rotation: the file moves away, SIGHUP, and new lines go to a new file.
+    let rotated = dir.join("disk.jsonl.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !audit.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new file after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(get(&url, &token).await.status, 200);
+    }
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let read = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a whole audit line"))
+            .collect()
+    };
+    let (before, after) = (read(&rotated), read(&audit));
+    assert!(!after.is_empty(), "nothing written after the rotation");
+    let audited: Vec<&str> = before
+        .iter()
+        .chain(&after)
+        .filter(|l| l["decision"] == "allow")
+        .filter_map(|l| l["jti"].as_str())
+        .collect();
+    let forwarded: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| {
+            let credential = r.headers["authorization"].to_str().unwrap()[7..].to_string();
+            claims_of(&credential)["jti"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        audited.len(),
+        forwarded.len(),
+        "one line per forwarded call"
+    );
+    for jti in &forwarded {
+        assert!(
+            audited.contains(&jti.as_str()),
+            "{jti} forwarded unrecorded"
+        );
+    }
+}

@@ -1,14 +1,14 @@
-//! The audit log: one JSON object per line per decision. Records go to a writer task, so the
+//! The audit log: one JSON object per line per decision. Records go to a writer thread, so the
 //! request path never waits on the disk; `audit.buffer` bounds what may be queued, and a call
 //! takes its room before anything is forwarded.
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use std::io::Write;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use serde::Serialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -81,6 +81,17 @@ struct Queued {
     _slot: AuditSlot,
 }
 
+/// What the writer thread is told, in order.
+// Records are nearly every message: boxing them would add an allocation to every call.
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    Record(Queued),
+    /// Reopen the file (after a rotation): on reload and SIGHUP.
+    Reopen,
+    /// Write out everything queued, then end.
+    Stop,
+}
+
 /// Where the writer writes, and how it reopens it (after a rotation, or an error).
 enum Target {
     Stdout,
@@ -88,15 +99,14 @@ enum Target {
 }
 
 impl Target {
-    async fn open(&self) -> std::io::Result<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> {
+    fn open(&self) -> std::io::Result<Box<dyn Write + Send>> {
         Ok(match self {
-            Target::Stdout => Box::new(tokio::io::stdout()),
+            Target::Stdout => Box::new(std::io::stdout()),
             Target::File(path) => Box::new(
-                tokio::fs::OpenOptions::new()
+                std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(path)
-                    .await?,
+                    .open(path)?,
             ),
         })
     }
@@ -104,15 +114,14 @@ impl Target {
 
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::UnboundedSender<Queued>,
+    tx: mpsc::UnboundedSender<Message>,
     /// `audit.buffer` slots: records queued or being written.
     room: Arc<Semaphore>,
-    reopen: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
 impl AuditSink {
-    /// Starts the writer task. `path` is a file to append to, or "-" for stdout.
+    /// Starts the writer thread. `path` is a file to append to, or "-" for stdout.
     pub async fn start(
         path: &str,
         buffer: usize,
@@ -123,24 +132,28 @@ impl AuditSink {
         } else {
             Target::File(path.to_string())
         };
-        let out = target.open().await?;
+        let out = target.open()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let reopen = Arc::new(Notify::new());
+        let (done, finished) = tokio::sync::oneshot::channel();
         let writer = Writer {
             target,
             out,
-            reopen: reopen.clone(),
             metrics: metrics.clone(),
         };
-        let handle = tokio::spawn(writer.run(rx, stopped));
+        // Its own thread: plain blocking writes, so a write that returned has reached the
+        // kernel (no runtime buffer to lose it in), and a slow disk never holds a worker.
+        std::thread::Builder::new()
+            .name("toolgate-audit".into())
+            .spawn(move || {
+                writer.run(rx);
+                let _ = done.send(());
+            })?;
         let sink = AuditSink {
-            tx,
+            tx: tx.clone(),
             room: Arc::new(Semaphore::new(buffer.max(1))),
-            reopen,
             metrics,
         };
-        Ok((sink, AuditWriter { handle, stop }))
+        Ok((sink, AuditWriter { tx, finished }))
     }
 
     /// Takes room for one record, if the writer has any left.
@@ -163,10 +176,10 @@ impl AuditSink {
     pub fn record(&self, record: AuditRecord, slot: Option<AuditSlot>) {
         match slot.or_else(|| self.reserve()) {
             Some(slot) => {
-                let _ = self.tx.send(Queued {
+                let _ = self.tx.send(Message::Record(Queued {
                     record,
                     _slot: slot,
-                });
+                }));
             }
             None => {
                 self.metrics.audit_dropped.inc();
@@ -177,62 +190,66 @@ impl AuditSink {
 
     /// Reopens the audit file (after a rotation): on reload and SIGHUP.
     pub fn reopen(&self) {
-        self.reopen.notify_one();
+        let _ = self.tx.send(Message::Reopen);
     }
 }
 
-/// The writer task. It runs until `finish`, which writes out everything queued before it.
+/// The writer thread, seen from the runtime.
 pub struct AuditWriter {
-    handle: tokio::task::JoinHandle<()>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    tx: mpsc::UnboundedSender<Message>,
+    finished: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl AuditWriter {
-    /// Stops taking records and returns once every record queued so far is written: at
-    /// shutdown, after the listeners drained, so no call's line is lost with the process.
-    pub async fn finish(self) {
-        let _ = self.stop.send(());
-        let _ = self.handle.await;
+    /// Returns once every record queued so far is written (at shutdown, after the listeners
+    /// drained, so no call's line is lost with the process), or after `grace` if the writer
+    /// cannot write (a full disk), saying so.
+    pub async fn finish(self, grace: Duration) {
+        let _ = self.tx.send(Message::Stop);
+        if tokio::time::timeout(grace, self.finished).await.is_err() {
+            tracing::error!("audit writer could not write out its queue before exit");
+        }
     }
 }
 
 struct Writer {
     target: Target,
-    out: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    reopen: Arc<Notify>,
+    out: Box<dyn Write + Send>,
     metrics: Arc<Metrics>,
 }
 
+/// Records written at once at most.
+const BATCH: usize = 256;
+
 impl Writer {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Queued>,
-        mut stop: tokio::sync::oneshot::Receiver<()>,
-    ) {
-        let mut batch = Vec::with_capacity(64);
-        loop {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => {
-                    if n == 0 {
-                        return;
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        // Once stopped (the channel closed), what is left is still received, then `None`.
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Record(queued) => batch.push(queued),
+                    Message::Reopen => {
+                        self.write(&mut batch);
+                        self.reopen();
                     }
-                    self.write(&mut batch).await;
+                    Message::Stop => rx.close(),
                 }
-                _ = self.reopen.notified() => self.reopen().await,
-                _ = &mut stop => {
-                    rx.close();
-                    while rx.recv_many(&mut batch, 256).await > 0 {
-                        self.write(&mut batch).await;
-                    }
-                    return;
+                if batch.len() < BATCH {
+                    next = rx.try_recv().ok();
                 }
             }
+            self.write(&mut batch);
         }
     }
 
     /// Writes the batch, retrying (and reopening the file) until it is written: while it
     /// cannot be, the records keep their room, so new calls are refused, not unrecorded.
-    async fn write(&mut self, batch: &mut Vec<Queued>) {
+    fn write(&mut self, batch: &mut Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
         let mut buf = Vec::with_capacity(batch.len() * 512);
         for queued in batch.iter() {
             if serde_json::to_writer(&mut buf, &queued.record).is_ok() {
@@ -240,18 +257,38 @@ impl Writer {
             }
         }
         let mut delay = Duration::from_millis(100);
-        while let Err(e) = self.out.write_all(&buf).await.and(self.out.flush().await) {
-            self.metrics.audit_write_errors.inc();
-            tracing::error!(error = %e, "audit write failed; retrying, new calls are refused meanwhile");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-            self.reopen().await;
+        // What was written stays written: a retry goes on from there, so a line that failed
+        // halfway is neither doubled nor cut.
+        let mut written = 0;
+        loop {
+            let result = match self.out.write(&buf[written..]) {
+                Ok(0) if written < buf.len() => Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written += n;
+                    if written < buf.len() {
+                        continue;
+                    }
+                    self.out.flush()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    self.metrics.audit_write_errors.inc();
+                    tracing::error!(error = %e, "audit write failed; retrying, new calls are refused meanwhile");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    self.reopen();
+                }
+            }
         }
         batch.clear();
     }
 
-    async fn reopen(&mut self) {
-        match self.target.open().await {
+    fn reopen(&mut self) {
+        match self.target.open() {
             Ok(out) => self.out = out,
             Err(e) => {
                 self.metrics.audit_write_errors.inc();

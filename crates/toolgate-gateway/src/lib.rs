@@ -209,10 +209,12 @@ impl Gateway {
     }
 
     /// Writes out every audit record queued so far; call once the listeners have drained.
+    /// Waits at most `limits.drain_seconds` for a writer that cannot write.
     pub async fn finish_audit(&self) {
         let writer = self.audit_writer.lock().expect("not poisoned").take();
         if let Some(writer) = writer {
-            writer.finish().await;
+            let grace = std::time::Duration::from_secs(self.config.limits.drain_seconds);
+            writer.finish(grace).await;
         }
     }
 
