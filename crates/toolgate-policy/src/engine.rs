@@ -2,9 +2,11 @@
 //! action, that turns a tool call into a Cedar request and a fail-closed decision.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
@@ -113,7 +115,14 @@ pub struct PolicyEngine {
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
     authorizer: Authorizer,
+    /// Entity slices already built, by `slice_key`: a slice depends only on who calls (ids and
+    /// the claims the schema declares) and on what, and building one (entities from claims,
+    /// Cedar's transitive closure) was most of a decision's cost. Dies with the snapshot.
+    slices: RwLock<HashMap<String, Arc<Entities>>>,
 }
+
+/// Slices kept per snapshot at most; beyond, the cache starts again empty.
+const MAX_SLICES: usize = 4096;
 
 impl PolicyEngine {
     /// Loads and strictly validates a policy directory.
@@ -164,6 +173,7 @@ impl PolicyEngine {
             sources,
             entities,
             authorizer: Authorizer::new(),
+            slices: RwLock::new(HashMap::new()),
         })
     }
 
@@ -290,22 +300,23 @@ impl PolicyEngine {
     }
 
     /// Builds the Cedar request and its small entity slice. Any error here denies.
-    fn build(&self, req: &AuthzRequest<'_>) -> Result<(EntityUid, Request, Entities), String> {
+    fn build(&self, req: &AuthzRequest<'_>) -> Result<(EntityUid, Request, Arc<Entities>), String> {
         let action = uid("Action", req.action)?;
         let ctx_type = self
             .info
             .actions
             .get(req.action)
             .ok_or_else(|| format!("action `{}` is not declared in the schema", req.action))?;
-
-        let mut slice: HashMap<EntityUid, Entity> = HashMap::new();
-        let principal = self.principal_entity("Agent", &req.agent, &mut slice)?;
+        let principal = uid("Agent", req.agent.id)?;
         let user = match &req.user {
-            Some(user) => Some(self.principal_entity("User", user, &mut slice)?),
+            Some(user) => Some(uid("User", user.id)?),
             None => None,
         };
-        let resource = self.resource_entity(&req.resource, &mut slice)?;
-        self.add_with_ancestors(&action, &mut slice);
+        let resource = match &req.resource {
+            Resource::Tool { upstream, tool } => uid("Tool", &format!("{upstream}/{tool}"))?,
+            Resource::Task { id } => uid("Task", id)?,
+        };
+        let entities = self.slice(req, &action)?;
 
         let raw = raw_context(req, user.as_ref());
         let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
@@ -320,9 +331,76 @@ impl PolicyEngine {
             Some(&self.schema),
         )
         .map_err(|e| format!("request: {}", error_chain(&e)))?;
-        let entities = Entities::from_entities(slice.into_values(), None)
-            .map_err(|e| format!("entities: {}", error_chain(&e)))?;
         Ok((action, request, entities))
+    }
+
+    /// The entity slice of a request: from the cache, or built (and kept, unless its resource
+    /// is a task, whose ids never repeat).
+    fn slice(&self, req: &AuthzRequest<'_>, action: &EntityUid) -> Result<Arc<Entities>, String> {
+        let key = self.slice_key(req);
+        if let Some(slice) = self.slices.read().expect("not poisoned").get(&key) {
+            return Ok(slice.clone());
+        }
+        let mut slice: HashMap<EntityUid, Entity> = HashMap::new();
+        self.principal_entity("Agent", &req.agent, &mut slice)?;
+        if let Some(user) = &req.user {
+            self.principal_entity("User", user, &mut slice)?;
+        }
+        self.resource_entity(&req.resource, &mut slice)?;
+        self.add_with_ancestors(action, &mut slice);
+        let entities = Arc::new(
+            Entities::from_entities(slice.into_values(), None)
+                .map_err(|e| format!("entities: {}", error_chain(&e)))?,
+        );
+        if matches!(req.resource, Resource::Tool { .. }) {
+            let mut slices = self.slices.write().expect("not poisoned");
+            if slices.len() >= MAX_SLICES {
+                slices.clear();
+            }
+            slices.insert(key, entities.clone());
+        }
+        Ok(entities)
+    }
+
+    /// Everything a slice is built from, unambiguously: each part length-prefixed; of the
+    /// claims, those the schema declares as the entity's attributes (the only ones read).
+    fn slice_key(&self, req: &AuthzRequest<'_>) -> String {
+        let mut key = String::with_capacity(128);
+        let mut part = |text: &str| {
+            let _ = write!(key, "{}:{text}", text.len());
+        };
+        part(req.action);
+        match &req.resource {
+            Resource::Tool { upstream, tool } => {
+                part(upstream);
+                part(tool);
+            }
+            Resource::Task { id } => part(id),
+        }
+        for (kind, who) in [("Agent", Some(&req.agent)), ("User", req.user.as_ref())] {
+            let Some(who) = who else {
+                part("-");
+                continue;
+            };
+            part(who.id);
+            let type_name = format!("{NAMESPACE}::{kind}");
+            for name in self
+                .info
+                .entity_attrs
+                .get(&type_name)
+                .into_iter()
+                .flatten()
+                .map(|(n, _)| n)
+            {
+                part(name);
+                part(
+                    &who.claims
+                        .get(name)
+                        .map_or_else(String::new, Value::to_string),
+                );
+            }
+        }
+        key
     }
 
     /// The Agent or User entity: entities.json data, with schema-declared attributes it does
@@ -587,10 +665,10 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
             })
         }
         (AttrType::Extension(name), Value::String(s)) => match name.as_str() {
-            "ipaddr" => RestrictedExpression::new_ip(s),
-            "decimal" => RestrictedExpression::new_decimal(s),
-            "datetime" => RestrictedExpression::new_datetime(s),
-            "duration" => RestrictedExpression::new_duration(s),
+            "ipaddr" => extension_value(0, s, |t| RestrictedExpression::new_ip(t)),
+            "decimal" => extension_value(1, s, |t| RestrictedExpression::new_decimal(t)),
+            "datetime" => extension_value(2, s, |t| RestrictedExpression::new_datetime(t)),
+            "duration" => extension_value(3, s, |t| RestrictedExpression::new_duration(t)),
             other => return Err(format!("{at}: unsupported extension type {other}")),
         },
         (AttrType::Long, _) => return Err(mismatch("Long")),
@@ -600,6 +678,31 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
         (AttrType::Entity(type_name), _) => return Err(mismatch(&format!("{type_name} id"))),
         (AttrType::Extension(name), _) => return Err(mismatch(name)),
     })
+}
+
+/// Extension values already built, per extension (ipaddr, decimal, datetime, duration) and
+/// text. Cedar's constructors parse the extension's name with its grammar on every call
+/// (microseconds); a gateway sees few source addresses, and under load many calls share a
+/// millisecond. Each map starts again empty when full.
+static EXTENSION_VALUES: LazyLock<[Mutex<HashMap<String, RestrictedExpression>>; 4]> =
+    LazyLock::new(Default::default);
+const MAX_EXTENSION_VALUES: usize = 1024;
+
+fn extension_value(
+    kind: usize,
+    text: &str,
+    build: fn(&str) -> RestrictedExpression,
+) -> RestrictedExpression {
+    let mut values = EXTENSION_VALUES[kind].lock().expect("not poisoned");
+    if let Some(value) = values.get(text) {
+        return value.clone();
+    }
+    if values.len() >= MAX_EXTENSION_VALUES {
+        values.clear();
+    }
+    let value = build(text);
+    values.insert(text.to_string(), value.clone());
+    value
 }
 
 /// The policies that can apply to one action: those open to any principal, and for each
