@@ -112,6 +112,7 @@ upstreams:
     url: http://127.0.0.1:$up/mcp
     audience: https://tools.bench
     kind: mcp
+tasks: { max_credentials_per_task: 100000000 }
 audit: { path: $1-audit.jsonl }
 reload: { watch: false }
 YAML

@@ -12,6 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 use toolgate_credential::SigningKey;
+
+// Measured beside glibc malloc under the comparison benchmark (docs/benchmarks.md): a call
+// allocates and frees many small objects across hyper, Cedar and serde.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use toolgate_gateway::{Config, Gateway};
 
 #[derive(Parser)]

@@ -318,19 +318,37 @@ impl PolicyEngine {
         };
         let entities = self.slice(req, &action)?;
 
+        // What `Request::new` would check against the schema, checked here (it was a quarter
+        // of a decision): the context is typed from the schema by construction and its
+        // required attributes are checked by `coerce_record`; what remains is whether the
+        // action applies to these principal and resource types. Debug builds (every test)
+        // still ask Cedar too, and fail on any difference.
+        if !applies_to(self.schema.principals_for_action(&action), &principal)
+            || !applies_to(self.schema.resources_for_action(&action), &resource)
+        {
+            return Err(format!(
+                "request: action `{}` does not apply to {} on {}",
+                req.action,
+                principal.type_name(),
+                resource.type_name()
+            ));
+        }
         let raw = raw_context(req, user.as_ref());
         let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
-        // Typed by us; `Request::new` below checks it against the action's declared context.
         let context =
             Context::from_pairs(typed).map_err(|e| format!("context: {}", error_chain(&e)))?;
-        let request = Request::new(
-            principal,
+        #[cfg(debug_assertions)]
+        if let Err(e) = Request::new(
+            principal.clone(),
             action.clone(),
-            resource,
-            context,
+            resource.clone(),
+            context.clone(),
             Some(&self.schema),
-        )
-        .map_err(|e| format!("request: {}", error_chain(&e)))?;
+        ) {
+            panic!("a request toolgate typed fails Cedar's validation: {e}");
+        }
+        let request = Request::new(principal, action.clone(), resource, context, None)
+            .map_err(|e| format!("request: {}", error_chain(&e)))?;
         Ok((action, request, entities))
     }
 
@@ -515,6 +533,14 @@ impl PolicyEngine {
     }
 }
 
+/// Whether an entity's type is among those an action applies to (`None`: not an action).
+fn applies_to<'a>(
+    types: Option<impl Iterator<Item = &'a EntityTypeName>>,
+    entity: &EntityUid,
+) -> bool {
+    types.is_some_and(|mut types| types.any(|t| t == entity.type_name()))
+}
+
 /// `Toolgate::<kind>::"<id>"`. Builds from a parsed type name: parsing a whole uid runs
 /// Cedar's parser, which costs microseconds on every call.
 pub fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
@@ -601,17 +627,19 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
 }
 
 /// Keeps the declared attributes of `raw`, each coerced to its declared type. Undeclared
-/// attributes are dropped (no policy can name them); a missing required one is left for
-/// Cedar to report, which denies.
+/// attributes are dropped (no policy can name them); a missing required one is an error,
+/// which denies.
 pub fn coerce_record(
     raw: &Map<String, Value>,
     declared: &Record,
     at: &str,
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let mut out = Vec::with_capacity(declared.len());
-    for (name, (ty, _required)) in declared {
-        if let Some(value) = raw.get(name) {
-            out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?));
+    for (name, (ty, required)) in declared {
+        match raw.get(name) {
+            Some(value) => out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?)),
+            None if *required => return Err(format!("{at}.{name}: required attribute is missing")),
+            None => {}
         }
     }
     Ok(out)
