@@ -29,7 +29,12 @@ pub struct SigningKey {
     kid: String,
     pair: Arc<EcdsaKeyPair>,
     public_jwk: Value,
+    /// The encoded JWS header of a credential (`typ` `at+jwt`), made once: every call signs one.
+    credential_header: String,
 }
+
+/// The `typ` of a minted credential (RFC 9068).
+const CREDENTIAL_TYP: &str = "at+jwt";
 
 impl SigningKey {
     /// From a PKCS#8 PEM ("BEGIN PRIVATE KEY") P-256 key.
@@ -67,10 +72,12 @@ impl SigningKey {
             &SystemRandom::new(),
         )
         .map_err(|e| CredentialError::Key(format!("ring refused the key: {e}")))?;
+        let credential_header = encoded_header(CREDENTIAL_TYP, &kid);
         Ok(SigningKey {
             kid,
             pair: Arc::new(pair),
             public_jwk,
+            credential_header,
         })
     }
 
@@ -84,10 +91,10 @@ impl SigningKey {
 
     /// Signs any claims as an ES256 JWT (JWS compact form) with this key's `kid` and `typ`.
     pub fn sign(&self, typ: &str, claims: &impl Serialize) -> Result<String, CredentialError> {
-        self.sign_with_header(
-            &json!({"alg": "ES256", "typ": typ, "kid": self.kid}),
-            claims,
-        )
+        if typ == CREDENTIAL_TYP {
+            return self.sign_encoded(self.credential_header.clone(), claims);
+        }
+        self.sign_encoded(encoded_header(typ, &self.kid), claims)
     }
 
     /// Signs with a header of the caller's (tests use it for headers a verifier must refuse).
@@ -96,9 +103,18 @@ impl SigningKey {
         header: &Value,
         claims: &impl Serialize,
     ) -> Result<String, CredentialError> {
+        self.sign_encoded(URL_SAFE_NO_PAD.encode(header.to_string()), claims)
+    }
+
+    /// Appends the claims to an encoded header, then the signature of both.
+    fn sign_encoded(
+        &self,
+        mut jws: String,
+        claims: &impl Serialize,
+    ) -> Result<String, CredentialError> {
         let claims =
             serde_json::to_vec(claims).map_err(|e| CredentialError::Sign(e.to_string()))?;
-        let mut jws = URL_SAFE_NO_PAD.encode(header.to_string());
+        jws.reserve(claims.len() * 4 / 3 + 100);
         jws.push('.');
         URL_SAFE_NO_PAD.encode_string(claims, &mut jws);
         let signature = self
@@ -109,6 +125,11 @@ impl SigningKey {
         URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut jws);
         Ok(jws)
     }
+}
+
+/// The base64url of an ES256 JWS header.
+fn encoded_header(typ: &str, kid: &str) -> String {
+    URL_SAFE_NO_PAD.encode(json!({"alg": "ES256", "typ": typ, "kid": kid}).to_string())
 }
 
 /// What one minted credential is for.
@@ -218,7 +239,7 @@ impl Minter {
             task_id: grant.task_id.map(String::from),
             decision_id: grant.decision_id.to_string(),
         };
-        let token = self.key.sign("at+jwt", &claims)?;
+        let token = self.key.sign(CREDENTIAL_TYP, &claims)?;
         Ok(Minted { token, claims })
     }
 
