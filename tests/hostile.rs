@@ -18,7 +18,7 @@ const MCP_SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, task?: TaskInfo, args: { amount: Long } } };
   action "tools/transfer" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, task?: TaskInfo,
-      args: { amount?: Long, memo?: { to?: String } } } };
+      args: { amount?: Long, to_account?: String, memo?: { to?: String } } } };
 }"#;
 const MCP_POLICIES: &str = r#"
 @id("mcp-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
@@ -173,6 +173,15 @@ async fn rest_arguments_are_forwarded_only_as_the_policy_read_them() {
             headers: &[JSON],
             body: r#"{"invoice_id":42,"amount":10,"Amount":900}"#,
             status: 400,
+            upstream: Nothing,
+        },
+        Case {
+            name: "declared key wrapped in an undeclared object (Rails wrap_parameters)",
+            method: "POST",
+            target: refund,
+            headers: &[JSON],
+            body: r#"{"invoice_id":42,"amount":10,"refund":{"amount":900}}"#,
+            status: 403,
             upstream: Nothing,
         },
         Case {
@@ -575,6 +584,18 @@ async fn mcp_messages_are_forwarded_only_at_the_endpoint_and_as_authorized() {
         Case { name: "a nested argument spelled otherwise", method: "POST", target: "/tools", headers: &[JSON],
             body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"memo":{"TO":"mallory"}}}}"#,
             status: 200, upstream: Nothing },
+        Case { name: "an argument differing only in separators (camelCase binders read it)", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"toAccount":"mallory"}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "an argument differing only in separators (kebab-case)", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"to-account":"mallory"}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "an undeclared object holding a declared argument (Rails wrap_parameters)", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"transfer":{"amount":900}}}}"#,
+            status: 200, upstream: Nothing },
+        Case { name: "allowed transfer to a declared account", method: "POST", target: "/tools", headers: &[JSON],
+            body: r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"to_account":"bob","note":{"text":"rent"}}}}"#,
+            status: 200, upstream: Exactly(|r| assert_eq!(body_json(r)["params"]["arguments"]["to_account"], "bob")) },
         Case { name: "a dotted name Go folds to `uri` (U+0130)", method: "POST", target: "/tools", headers: &[JSON],
             body: "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resources/read\",\"params\":{\"uri\":\"file:///public/a\",\"ur\u{130}\":\"file:///secret\"}}",
             status: 400, upstream: Nothing },

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use toolgate_credential::{Grant, Minted};
 use toolgate_identity::{unix_now, Caller};
-use toolgate_mcp::json::misspelled;
+use toolgate_mcp::json::{fold_key, misspelled};
 use toolgate_policy::{
     AttrType, AuthzRequest, Decision, Env, PolicyEngine, Principal, Record, Resource, TaskContext,
 };
@@ -253,9 +253,7 @@ impl Gateway {
         let started = Instant::now();
         let declared = ctx.engine.schema_info().actions.get(action);
         let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
-            Some(key) => Decision::deny_with(format!(
-                "argument `{key}` differs from a declared one only in letter case"
-            )),
+            Some((key, why)) => Decision::deny_with(format!("argument `{key}` {why}")),
             None => {
                 let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
                 request.task = ctx
@@ -639,17 +637,44 @@ pub(crate) fn authz_request<'a>(
 /// An argument key, at any depth the schema declares, that a server matching keys without
 /// regard to case reads as a declared one although it is spelled otherwise: the policy would
 /// not see the value that server uses (an undeclared key is otherwise dropped unseen).
-fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<String> {
+/// Why an argument might be read by the upstream in place of a declared one the policy saw:
+/// a key that folds to a declared name (`Amount` for `amount`), one that differs from it only
+/// in separators (`toAccount`, `to-account` for `to_account`, as camelCase or kebab-case binders
+/// read it), or an undeclared object holding a declared name (`{"refund": {"amount": 5000}}`
+/// beside `amount`, as Rails' `wrap_parameters` reads it). At any depth the schema declares.
+fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(String, String)> {
     if let Some(key) = misspelled(args, declared.keys().map(String::as_str)) {
-        return Some(key.to_string());
+        let why = "differs from a declared one only in letter case";
+        return Some((key.to_string(), why.to_string()));
+    }
+    for (key, value) in args.iter().filter(|(k, _)| !declared.contains_key(*k)) {
+        let loose = without_separators(key);
+        if let Some(name) = declared.keys().find(|n| without_separators(n) == loose) {
+            let why = format!("differs from declared `{name}` only in letter case or separators");
+            return Some((key.clone(), why));
+        }
+        if let Some(name) = value
+            .as_object()
+            .and_then(|inner| inner.keys().find(|k| declared.contains_key(*k)))
+        {
+            let why = format!(
+                "is undeclared and holds declared `{name}`, which an upstream may read instead"
+            );
+            return Some((key.clone(), why));
+        }
     }
     declared.iter().find_map(|(name, (ty, _))| {
-        let inner = misspelled_within(args.get(name)?, ty)?;
-        Some(format!("{name}.{inner}"))
+        let (inner, why) = misspelled_within(args.get(name)?, ty)?;
+        Some((format!("{name}.{inner}"), why))
     })
 }
 
-fn misspelled_within(value: &Value, ty: &AttrType) -> Option<String> {
+/// A key as a binder that ignores case and word separators compares it.
+fn without_separators(key: &str) -> String {
+    fold_key(key).replace(['_', '-'], "")
+}
+
+fn misspelled_within(value: &Value, ty: &AttrType) -> Option<(String, String)> {
     match (ty, value) {
         (AttrType::Record(declared), Value::Object(fields)) => misspelled_arg(fields, declared),
         (AttrType::Set(element), Value::Array(items)) => items
