@@ -95,8 +95,11 @@ impl Gateway {
                 let gateway = gateway.clone();
                 let shed_metrics = gateway.metrics.clone();
                 let handle = tower::service_fn(move |req: Request<Incoming>| {
-                    let gateway = gateway.clone();
-                    async move { Ok::<_, std::convert::Infallible>(gateway.handle(req, peer).await) }
+                    // Boxed: the pipeline's future is large (about 11 KB), and hyper keeps room
+                    // for one in every connection, idle or not; boxed, only calls in flight
+                    // hold it, and it is not copied as it moves through the layers.
+                    let call = Box::pin(gateway.clone().handle(req, peer));
+                    async move { Ok::<_, std::convert::Infallible>(call.await) }
                 });
                 let shedding = ServiceBuilder::new()
                     .layer(LoadShedLayer::new())
