@@ -231,13 +231,22 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// Whether an answer is an event stream.
-pub fn is_event_stream<B>(response: &Response<B>) -> bool {
-    response
-        .headers()
+/// Whether a message is an event stream.
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
+/// Whether comment lines can go into an answer's body: an event stream that is neither
+/// encoded (a comment would corrupt gzip) nor of a declared length.
+pub fn can_keep_alive(headers: &http::HeaderMap) -> bool {
+    is_event_stream(headers)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && headers
+            .get(header::CONTENT_ENCODING)
+            .is_none_or(|e| e.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 /// An event stream that carries a comment line whenever nothing came for `every`, so a quiet
@@ -293,5 +302,39 @@ impl http_body::Body for KeepAlive {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_go_only_into_plain_unframed_event_streams() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in pairs {
+                map.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            map
+        };
+        let sse = ("content-type", "Text/Event-Stream; charset=utf-8");
+        assert!(can_keep_alive(&headers(&[sse])));
+        assert!(can_keep_alive(&headers(&[
+            sse,
+            ("content-encoding", "identity")
+        ])));
+        assert!(!can_keep_alive(&headers(&[
+            sse,
+            ("content-encoding", "gzip")
+        ])));
+        assert!(!can_keep_alive(&headers(&[sse, ("content-length", "10")])));
+        assert!(!can_keep_alive(&headers(&[(
+            "content-type",
+            "application/json"
+        )])));
     }
 }

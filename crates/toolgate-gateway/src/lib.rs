@@ -137,6 +137,9 @@ impl Routing {
     }
 }
 
+/// The least time the audit writer is given at shutdown to write out its queue.
+const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Gateway {
     /// Builds the gateway; refuses to start on an invalid policy set, config or key.
     /// `config_path` is where `config` was read from, for reloads (`None`: not reloadable).
@@ -209,12 +212,14 @@ impl Gateway {
     }
 
     /// Writes out every audit record queued so far; call once the listeners have drained.
-    /// Waits at most `limits.drain_seconds` for a writer that cannot write.
+    /// Waits at most `limits.drain_seconds` (at least `AUDIT_GRACE`) for a writer that cannot write.
     pub async fn finish_audit(&self) {
         let writer = self.audit_writer.lock().expect("not poisoned").take();
         if let Some(writer) = writer {
-            let grace = std::time::Duration::from_secs(self.config.limits.drain_seconds);
-            writer.finish(grace).await;
+            // Never less than a few seconds: a healthy writer's queue must not be cut short
+            // by a short drain; only a writer that cannot write is given up on.
+            let drain = std::time::Duration::from_secs(self.config.limits.drain_seconds);
+            writer.finish(drain.max(AUDIT_GRACE)).await;
         }
     }
 

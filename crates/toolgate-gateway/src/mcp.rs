@@ -27,7 +27,8 @@ use toolgate_mcp::{
 use toolgate_policy::{PolicyEngine, Resource};
 
 use crate::answer::{
-    error_chain, full, json_response, Body, BoxError, InternalError, Refusal, UpstreamError,
+    error_chain, full, is_event_stream, json_response, Body, BoxError, InternalError, Refusal,
+    UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{authz_request, read_limited, CallContext, ToolId};
@@ -423,13 +424,6 @@ async fn rewrite_answer(
         HeaderValue::from_static("application/json"),
     );
     Ok(Response::from_parts(parts, full(value.to_string())))
-}
-
-fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/event-stream"))
 }
 
 /// The gateway's answers as SSE events, sent ahead of the upstream's.

@@ -24,7 +24,7 @@ use toolgate_policy::{
 use toolgate_tasks::{Joined, Task};
 
 use crate::answer::{
-    error_chain, is_event_stream, json_response, keep_alive, Body, InternalError, Refusal,
+    can_keep_alive, error_chain, json_response, keep_alive, Body, InternalError, Refusal,
 };
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
@@ -126,7 +126,7 @@ impl Gateway {
             }
         };
         // An upstream's event stream is kept alive while the tool works quietly.
-        let response = if upstream.is_some() && is_event_stream(&response) {
+        let response = if upstream.is_some() && can_keep_alive(response.headers()) {
             let every = Duration::from_secs(self.config.limits.sse_keepalive_seconds);
             response.map(|body| keep_alive(body, every))
         } else {
@@ -647,15 +647,26 @@ fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(Strin
         let why = "differs from a declared one only in letter case";
         return Some((key.to_string(), why.to_string()));
     }
+    // Declared names as a binder that ignores case and separators reads them, folded once.
+    let loose: Vec<(String, &String)> = declared
+        .keys()
+        .map(|name| (without_separators(name), name))
+        .collect();
+    let alias_of = |key: &str| {
+        let folded = without_separators(key);
+        loose
+            .iter()
+            .find(|(l, _)| *l == folded)
+            .map(|(_, name)| *name)
+    };
     for (key, value) in args.iter().filter(|(k, _)| !declared.contains_key(*k)) {
-        let loose = without_separators(key);
-        if let Some(name) = declared.keys().find(|n| without_separators(n) == loose) {
+        if let Some(name) = alias_of(key) {
             let why = format!("differs from declared `{name}` only in letter case or separators");
             return Some((key.clone(), why));
         }
         if let Some(name) = value
             .as_object()
-            .and_then(|inner| inner.keys().find(|k| declared.contains_key(*k)))
+            .and_then(|inner| inner.keys().find_map(|k| alias_of(k)))
         {
             let why = format!(
                 "is undeclared and holds declared `{name}`, which an upstream may read instead"

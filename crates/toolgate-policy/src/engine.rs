@@ -312,43 +312,23 @@ impl PolicyEngine {
             Some(user) => Some(uid("User", user.id)?),
             None => None,
         };
-        let resource = match &req.resource {
-            Resource::Tool { upstream, tool } => uid("Tool", &format!("{upstream}/{tool}"))?,
-            Resource::Task { id } => uid("Task", id)?,
-        };
+        let resource = resource_uid(&req.resource)?;
         let entities = self.slice(req, &action)?;
 
-        // What `Request::new` would check against the schema, checked here (it was a quarter
-        // of a decision): the context is typed from the schema by construction and its
-        // required attributes are checked by `coerce_record`; what remains is whether the
-        // action applies to these principal and resource types. Debug builds (every test)
-        // still ask Cedar too, and fail on any difference.
-        if !applies_to(self.schema.principals_for_action(&action), &principal)
-            || !applies_to(self.schema.resources_for_action(&action), &resource)
-        {
-            return Err(format!(
-                "request: action `{}` does not apply to {} on {}",
-                req.action,
-                principal.type_name(),
-                resource.type_name()
-            ));
-        }
         let raw = raw_context(req, user.as_ref());
         let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
+        // Typed by us; `Request::new` below checks it against the schema as Cedar reads it
+        // (toolgate's reading of types can differ: common types of other namespaces, enums).
         let context =
             Context::from_pairs(typed).map_err(|e| format!("context: {}", error_chain(&e)))?;
-        #[cfg(debug_assertions)]
-        if let Err(e) = Request::new(
-            principal.clone(),
+        let request = Request::new(
+            principal,
             action.clone(),
-            resource.clone(),
-            context.clone(),
+            resource,
+            context,
             Some(&self.schema),
-        ) {
-            panic!("a request toolgate typed fails Cedar's validation: {e}");
-        }
-        let request = Request::new(principal, action.clone(), resource, context, None)
-            .map_err(|e| format!("request: {}", error_chain(&e)))?;
+        )
+        .map_err(|e| format!("request: {}", error_chain(&e)))?;
         Ok((action, request, entities))
     }
 
@@ -397,9 +377,10 @@ impl PolicyEngine {
         }
         for (kind, who) in [("Agent", Some(&req.agent)), ("User", req.user.as_ref())] {
             let Some(who) = who else {
-                part("-");
+                part("none");
                 continue;
             };
+            part("some");
             part(who.id);
             let type_name = format!("{NAMESPACE}::{kind}");
             for name in self
@@ -474,9 +455,9 @@ impl PolicyEngine {
         slice: &mut HashMap<EntityUid, Entity>,
     ) -> Result<EntityUid, String> {
         match resource {
-            Resource::Tool { upstream, tool } => {
+            Resource::Tool { upstream, .. } => {
                 let upstream_uid = uid("Upstream", upstream)?;
-                let tool_uid = uid("Tool", &format!("{upstream}/{tool}"))?;
+                let tool_uid = resource_uid(resource)?;
                 let entity = match self.entities.get(&tool_uid) {
                     Some(known) => known.clone(),
                     None => Entity::new_no_attrs(
@@ -493,8 +474,8 @@ impl PolicyEngine {
                 }
                 Ok(tool_uid)
             }
-            Resource::Task { id } => {
-                let task_uid = uid("Task", id)?;
+            Resource::Task { .. } => {
+                let task_uid = resource_uid(resource)?;
                 slice.insert(
                     task_uid.clone(),
                     Entity::new_no_attrs(task_uid.clone(), HashSet::new()),
@@ -533,12 +514,12 @@ impl PolicyEngine {
     }
 }
 
-/// Whether an entity's type is among those an action applies to (`None`: not an action).
-fn applies_to<'a>(
-    types: Option<impl Iterator<Item = &'a EntityTypeName>>,
-    entity: &EntityUid,
-) -> bool {
-    types.is_some_and(|mut types| types.any(|t| t == entity.type_name()))
+/// The resource's uid: `Tool::"<upstream>/<tool>"` or `Task::"<id>"`.
+fn resource_uid(resource: &Resource<'_>) -> Result<EntityUid, String> {
+    match resource {
+        Resource::Tool { upstream, tool } => uid("Tool", &format!("{upstream}/{tool}")),
+        Resource::Task { id } => uid("Task", id),
+    }
 }
 
 /// `Toolgate::<kind>::"<id>"`. Builds from a parsed type name: parsing a whole uid runs
@@ -627,19 +608,17 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
 }
 
 /// Keeps the declared attributes of `raw`, each coerced to its declared type. Undeclared
-/// attributes are dropped (no policy can name them); a missing required one is an error,
-/// which denies.
+/// attributes are dropped (no policy can name them); a missing required one is left for
+/// Cedar to report, which denies.
 pub fn coerce_record(
     raw: &Map<String, Value>,
     declared: &Record,
     at: &str,
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let mut out = Vec::with_capacity(declared.len());
-    for (name, (ty, required)) in declared {
-        match raw.get(name) {
-            Some(value) => out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?)),
-            None if *required => return Err(format!("{at}.{name}: required attribute is missing")),
-            None => {}
+    for (name, (ty, _required)) in declared {
+        if let Some(value) = raw.get(name) {
+            out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?));
         }
     }
     Ok(out)
@@ -715,12 +694,17 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
 static EXTENSION_VALUES: LazyLock<[Mutex<HashMap<String, RestrictedExpression>>; 4]> =
     LazyLock::new(Default::default);
 const MAX_EXTENSION_VALUES: usize = 1024;
+const MAX_EXTENSION_TEXT: usize = 64;
 
 fn extension_value(
     kind: usize,
     text: &str,
     build: fn(&str) -> RestrictedExpression,
 ) -> RestrictedExpression {
+    // Only short texts are kept (addresses, times): an argument's text is the agent's.
+    if text.len() > MAX_EXTENSION_TEXT {
+        return build(text);
+    }
     let mut values = EXTENSION_VALUES[kind].lock().expect("not poisoned");
     if let Some(value) = values.get(text) {
         return value.clone();
