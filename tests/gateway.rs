@@ -867,10 +867,7 @@ async fn http2_and_streamed_bodies_pass() {
     let token = gw.idp.delegated();
 
     // HTTP/2 with prior knowledge on the plain-text agent listener.
-    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = http_client(true);
     let request = http::Request::get(gw.url("/billing/invoices/7"))
         .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::new()))

@@ -787,10 +787,7 @@ async fn override_and_forwarding_headers_never_reach_the_upstream() {
     // The same over HTTP/2.
     use bytes::Bytes;
     use http_body_util::Full;
-    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = http_client(true);
     let mut builder = http::Request::get(gw.url("/billing/invoices/42"))
         .header("authorization", format!("Bearer {token}"));
     for header in overrides {

@@ -366,9 +366,7 @@ async fn sse_answers_are_streamed_not_buffered() {
     let upstream = Upstream::start().await;
     let gw = raw_gateway(&upstream).await;
     let token = gw.idp.delegated();
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let client = http_client(false);
     for message in [
         r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#,
         r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,

@@ -80,10 +80,7 @@ async fn tokens_never_reach_logs_or_the_audit() {
             .status,
         401
     );
-    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = http_client(true);
     let response = h2
         .request(
             http::Request::get(format!("{base}/billing/invoices/2"))

@@ -190,9 +190,7 @@ async fn reloads_under_constant_load_fail_no_request() {
         let url = gw.url("/billing/invoices/1");
         let auth = format!("Bearer {token}");
         clients.push(tokio::spawn(async move {
-            let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http();
+            let client = http_client(false);
             // Bounded: at most 20,000 requests per client.
             for _ in 0..20_000 {
                 if stop.load(Ordering::Relaxed) {

@@ -227,10 +227,7 @@ async fn an_h2_connection_gets_at_most_100_streams_at_once() {
     let upstream = Upstream::start().await;
     let gw = Gateway::plain(&upstream).await;
     let token = gw.idp.delegated();
-    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = http_client(true);
     let calls: Vec<_> = (0..101)
         .map(|i| {
             let request =
@@ -456,9 +453,7 @@ async fn feeds_are_capped_and_end_at_shutdown() {
     })
     .await;
     let token = gw.idp.delegated();
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let client = http_client(false);
     let open = || {
         client.request(
             http::Request::get(gw.url("/v1/revocations"))
@@ -579,57 +574,20 @@ async fn one_slow_upstream_cannot_take_every_place() {
 #[tokio::test]
 async fn a_stalled_upstream_answer_is_cut_off() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: Some(format!("http://{}/mcp", upstream.addr)),
-        extra_config: "",
+    let (_child, mut body) = streamed_ping(&upstream, |gw| {
+        gw.edited_config("stalled.yaml", |t| {
+            t.replace(
+                "    kind: mcp\n",
+                "    kind: mcp\n    response_idle_seconds: 1\n",
+            )
+        })
     })
     .await;
-    let config = gw.edited_config("stalled.yaml", |t| {
-        t.replace(
-            "    kind: mcp\n",
-            "    kind: mcp\n    response_idle_seconds: 1\n",
-        )
-    });
-    let (child, addr, _) = spawn_serve(&config).await;
-    let _child = Killed(child);
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
     // The recorder sends one event, then holds the rest until released (never, here).
-    let response = client
-        .request(
-            http::Request::post(format!("http://{addr}/tools"))
-                .header("authorization", format!("Bearer {}", gw.idp.delegated()))
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("x-test-stream", "1")
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut text = String::new();
-        loop {
-            match http_body_util::BodyExt::frame(&mut body).await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        text.push_str(&String::from_utf8_lossy(&data));
-                    }
-                }
-                Some(Err(_)) | None => return text,
-            }
-        }
-    })
-    .await
-    .expect("the stalled answer was cut off");
+    let mut ended = String::new();
+    while let Some(more) = next_chunk(&mut body).await {
+        ended.push_str(&more);
+    }
     assert!(ended.contains("notifications/progress"), "{ended}");
     assert!(!ended.contains("\"result\""), "{ended}");
 }
@@ -641,10 +599,7 @@ async fn a_cancelled_call_is_still_recorded() {
     let upstream = Upstream::start().await;
     let gw = Gateway::plain(&upstream).await;
     let token = gw.idp.delegated();
-    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = http_client(true);
     let request = http::Request::get(gw.url("/billing/invoices?customer=held-cancel"))
         .header("authorization", format!("Bearer {token}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -668,36 +623,10 @@ async fn a_cancelled_call_is_still_recorded() {
 #[tokio::test]
 async fn a_quiet_upstream_stream_gets_keep_alive_comments() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: upstream.addr,
-        extra_policies: &[],
-        inbound: None,
-        mcp: Some(format!("http://{}/mcp", upstream.addr)),
-        extra_config: "",
+    let (_child, mut body) = streamed_ping(&upstream, |gw| {
+        gw.config_with_limits("keepalive.yaml", "  sse_keepalive_seconds: 1\n")
     })
     .await;
-    let config = gw.config_with_limits("keepalive.yaml", "  sse_keepalive_seconds: 1\n");
-    let (child, addr, _) = spawn_serve(&config).await;
-    let _child = Killed(child);
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let response = client
-        .request(
-            http::Request::post(format!("http://{addr}/tools"))
-                .header("authorization", format!("Bearer {}", gw.idp.delegated()))
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("x-test-stream", "1")
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    br#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#,
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
     let mut text = String::new();
     while text.matches(": keep-alive\n").count() < 2 {
         text.push_str(&next_chunk(&mut body).await.expect("the stream ended early"));
@@ -715,7 +644,41 @@ async fn a_quiet_upstream_stream_gets_keep_alive_comments() {
         .map(|d| serde_json::from_str(d).expect("a whole event"))
         .collect();
     assert_eq!(data.len(), 2, "{text}");
-    assert_eq!(data[1]["id"], 7);
+    assert_eq!(data[1]["id"], 1);
+}
+
+/// A gateway in front of the recorder's MCP endpoint, served with the config `configure` writes, and the
+/// answer to a `ping` sent with `X-Test-Stream`: a progress event at once, the result only once
+/// the upstream is released.
+async fn streamed_ping(
+    upstream: &Upstream,
+    configure: impl FnOnce(&Gateway) -> std::path::PathBuf,
+) -> (Killed, hyper::body::Incoming) {
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: Some(format!("http://{}/mcp", upstream.addr)),
+        extra_config: "",
+    })
+    .await;
+    let (child, addr, _) = spawn_serve(&configure(&gw)).await;
+    let response = http_client(false)
+        .request(
+            http::Request::post(format!("http://{addr}/tools"))
+                .header("authorization", format!("Bearer {}", gw.idp.delegated()))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("x-test-stream", "1")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    (Killed(child), response.into_body())
 }
 
 /// The next piece of a streamed answer, or `None` at its end.

@@ -98,9 +98,7 @@ async fn task_lifecycle_revokes_every_credential_at_completion() {
         .unwrap();
 
     // The revocation feed, open before the task ends.
-    let feed_client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let feed_client = http_client(false);
     let feed = feed_client
         .request(
             http::Request::get(gw.url("/v1/revocations"))

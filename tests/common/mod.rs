@@ -767,8 +767,7 @@ impl Answer {
 }
 
 pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client = http_client(false);
     let mut request = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         request = request.header(*k, *v);
@@ -794,6 +793,14 @@ pub fn metric(metrics: &str, series: &str) -> Option<f64> {
         .lines()
         .find(|l| l.starts_with(series))
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+/// A pooled HTTP client for requests whose answers a test reads as they stream; `h2` for
+/// HTTP/2 only (h2c).
+pub fn http_client(h2: bool) -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http()
 }
 
 pub async fn get(url: &str, token: &str) -> Answer {
