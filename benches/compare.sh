@@ -33,8 +33,7 @@ source benches/lib.sh
 
 # Core 0 for the load, core 1 for everything measured; a 1-core machine shares its core.
 if [ "$(nproc)" -ge 2 ]; then load_cpu=0; sut_cpu=1; else load_cpu=0; sut_cpu=0; fi
-pin() { taskset -c "$sut_cpu" "$@"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+launch="taskset -c $sut_cpu"
 
 # The backend: nginx, one worker, a fixed answer for REST and for MCP.
 cat > "$work/nginx.conf.in" <<NGINX
@@ -55,14 +54,8 @@ http {
   }
 }
 NGINX
-pin_nginx() { pin /usr/sbin/nginx "$@"; }
-for _ in 1 2 3 4 5; do
-  up=$(free_port)
-  sed "s/@PORT@/$up/g" "$work/nginx.conf.in" > "$work/nginx.conf"
-  pin_nginx -c "$work/nginx.conf" 2>"$work/nginx.start" && break
-  up=""
-done
-[ -n "$up" ] || { cat "$work/nginx.start" >&2; exit 1; }
+start_nginx
+up=$nginx_port
 
 # nginx as a plain keep-alive reverse proxy.
 proxy=$(free_port)
@@ -81,7 +74,7 @@ http {
   }
 }
 NGINX
-pin_nginx -c "$work/proxy.conf"
+$launch /usr/sbin/nginx -c "$work/proxy.conf"
 
 # Keys, a delegated token, toolgate's configs.
 cp -r policies "$work/policies"
@@ -119,18 +112,7 @@ YAML
 }
 toolgate_config toolgate policies
 token=$($bin token --config "$work/toolgate.yaml" --key "$work/idp.pem" --iss https://idp.bench --sub alice --act assistant)
-serve_announced_pinned() { # name
-  pin "$bin" serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
-  local line=""
-  for _ in $(seq 100); do
-    line=$(grep -m1 '"listening"' "$work/$1.out" 2>/dev/null || true)
-    [ -n "$line" ] && break
-    sleep 0.1
-  done
-  [ -n "$line" ] || { echo "$1 did not start: $(cat "$work/$1.err")" >&2; exit 1; }
-  listen_port=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["listen"].rsplit(":",1)[1])' "$line")
-}
-serve_announced_pinned toolgate
+serve_announced toolgate
 gw=$listen_port
 task=$(curl -sf -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
   -d '{"intent":"bench","ttl_seconds":3600}' "http://127.0.0.1:$gw/v1/tasks" |
@@ -199,10 +181,10 @@ YAML
 envoy=$tools/venv/bin/envoy
 envoy_plain=$(free_port)
 envoy_config envoy-plain "$envoy_plain" ""
-pin "$envoy" -c "$work/envoy-plain.yaml" --concurrency 1 --base-id 71 -l error > "$work/envoy-plain.log" 2>&1 &
+$launch "$envoy" -c "$work/envoy-plain.yaml" --concurrency 1 --base-id 71 -l error > "$work/envoy-plain.log" 2>&1 &
 envoy_authz=$(free_port)
 envoy_config envoy-authz "$envoy_authz" "$authz_filters"
-pin "$envoy" -c "$work/envoy-authz.yaml" --concurrency 1 --base-id 72 -l error > "$work/envoy-authz.log" 2>&1 &
+$launch "$envoy" -c "$work/envoy-authz.yaml" --concurrency 1 --base-id 72 -l error > "$work/envoy-authz.log" 2>&1 &
 
 # 10,000 policies for the memory figure (distinct agents on the example actions).
 cp -r policies "$work/many"
@@ -214,7 +196,7 @@ with open(sys.argv[1], "w") as f:
                 f'action == Toolgate::Action::"billing/get_invoice", resource) when {{ context has user }};\n')
 PY
 toolgate_config many many
-serve_announced_pinned many
+serve_announced many
 many=$listen_port
 many_pid=$(pgrep -f "serve --config $work/many.yaml" | head -1)
 

@@ -1,10 +1,16 @@
 # Shared by the bench scripts (sourced, not run). Every helper fails the script, loudly, rather
 # than let a figure stand on refused requests, a server that never started or a port race.
 
+# A port free now (a server started on it may still lose a race: callers retry).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Servers are started through $launch when a script sets it (e.g. `taskset -c 1`).
+launch=${launch:-}
+
 # Starts `toolgate serve --config $work/$1.yaml` (whose listeners are on port 0) and sets
 # $listen_port and $admin_port from its announcement; fails with its stderr if it does not start.
 serve_announced() { # name
-  "$bin" serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
+  $launch "$bin" serve --config "$work/$1.yaml" > "$work/$1.out" 2> "$work/$1.err" &
   local line=""
   for _ in $(seq 100); do
     line=$(grep -m1 '"listening"' "$work/$1.out" 2>/dev/null || true)
@@ -20,9 +26,9 @@ serve_announced() { # name
 # another port if the one found free was taken meanwhile; sets $nginx_port.
 start_nginx() {
   for _ in 1 2 3 4 5; do
-    nginx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    nginx_port=$(free_port)
     sed "s/@PORT@/$nginx_port/g" "$work/nginx.conf.in" > "$work/nginx.conf"
-    /usr/sbin/nginx -c "$work/nginx.conf" 2>"$work/nginx.start" && return
+    $launch /usr/sbin/nginx -c "$work/nginx.conf" 2>"$work/nginx.start" && return
   done
   cat "$work/nginx.start" >&2; echo "nginx did not start" >&2; exit 1
 }

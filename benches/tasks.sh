@@ -27,7 +27,7 @@ start_nginx
 up=$nginx_port
 # redis-server on a free port: started again elsewhere if that port was taken meanwhile.
 for _ in 1 2 3 4 5; do
-  redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis_port=$(free_port)
   redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >"$work/redis.out" 2>&1 &
   redis_pid=$!
   for _ in $(seq 50); do
