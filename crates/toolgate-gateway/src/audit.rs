@@ -263,8 +263,9 @@ impl Writer {
             }
         }
         let mut delay = Duration::from_millis(100);
-        // What was written stays written: a retry goes on from there, so a line that failed
-        // halfway is neither doubled nor cut.
+        // What was written stays written: a retry goes on from the start of the line that
+        // failed, since the reopened file may be a new one (rotated): each line then reaches
+        // one file whole, at the cost of a fragment left in the old one.
         let mut written = 0;
         loop {
             let result = match self.out.write(&buf[written..]) {
@@ -287,6 +288,10 @@ impl Writer {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                     self.reopen();
+                    written = buf[..written]
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(0, |end| end + 1);
                 }
             }
         }
