@@ -639,9 +639,9 @@ pub(crate) fn authz_request<'a>(
 /// not see the value that server uses (an undeclared key is otherwise dropped unseen).
 /// Why an argument might be read by the upstream in place of a declared one the policy saw:
 /// a key that folds to a declared name (`Amount` for `amount`), one that differs from it only
-/// in separators (`toAccount`, `to-account` for `to_account`, as camelCase or kebab-case binders
-/// read it), or an undeclared object holding a declared name (`{"refund": {"amount": 5000}}`
-/// beside `amount`, as Rails' `wrap_parameters` reads it). At any depth the schema declares.
+/// in separators (`toAccount`, `to~account` for `to_account`, as camelCase binders read it),
+/// or an object holding a name declared beside it (`{"refund": {"amount": 5000}}` beside
+/// `amount`, as Rails' `wrap_parameters` reads it). At any depth the schema declares.
 fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(String, String)> {
     if let Some(key) = misspelled(args, declared.keys().map(String::as_str)) {
         let why = "differs from a declared one only in letter case";
@@ -659,18 +659,28 @@ fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(Strin
             .find(|(l, _)| *l == folded)
             .map(|(_, name)| *name)
     };
-    for (key, value) in args.iter().filter(|(k, _)| !declared.contains_key(*k)) {
-        if let Some(name) = alias_of(key) {
-            let why = format!("differs from declared `{name}` only in letter case or separators");
-            return Some((key.clone(), why));
+    for (key, value) in args {
+        let own = declared.get(key);
+        if own.is_none() {
+            if let Some(name) = alias_of(key) {
+                let why =
+                    format!("differs from declared `{name}` only in letter case or separators");
+                return Some((key.clone(), why));
+            }
         }
-        if let Some(name) = value
-            .as_object()
-            .and_then(|inner| inner.keys().find_map(|k| alias_of(k)))
-        {
-            let why = format!(
-                "is undeclared and holds declared `{name}`, which an upstream may read instead"
-            );
+        // An object holding a name declared at this level (and not in the object's own
+        // declared record) is what a wrapping binder reads in its place.
+        let own_fields = match own {
+            Some((AttrType::Record(fields), _)) => Some(fields),
+            _ => None,
+        };
+        if let Some(name) = value.as_object().and_then(|inner| {
+            inner
+                .keys()
+                .filter(|k| !own_fields.is_some_and(|f| f.contains_key(*k)))
+                .find_map(|k| alias_of(k))
+        }) {
+            let why = format!("holds declared `{name}` where an upstream may read it instead");
             return Some((key.clone(), why));
         }
     }
@@ -680,9 +690,14 @@ fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(Strin
     })
 }
 
-/// A key as a binder that ignores case and word separators compares it.
+/// A key as a binder that ignores case and word separators compares it. Anything but a letter
+/// or digit counts as a separator: camelizers split on any punctuation or space (lodash on
+/// `~`, `$`, `:`; others on `.`, spaces, U+00A0).
 fn without_separators(key: &str) -> String {
-    fold_key(key).replace(['_', '-'], "")
+    fold_key(key)
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .collect()
 }
 
 fn misspelled_within(value: &Value, ty: &AttrType) -> Option<(String, String)> {
