@@ -148,12 +148,13 @@ impl AuditSink {
                 writer.run(rx);
                 let _ = done.send(());
             })?;
+        let room = Arc::new(Semaphore::new(buffer.max(1)));
         let sink = AuditSink {
             tx: tx.clone(),
-            room: Arc::new(Semaphore::new(buffer.max(1))),
+            room: room.clone(),
             metrics,
         };
-        Ok((sink, AuditWriter { tx, finished }))
+        Ok((sink, AuditWriter { tx, room, finished }))
     }
 
     /// Takes room for one record, if the writer has any left.
@@ -176,10 +177,15 @@ impl AuditSink {
     pub fn record(&self, record: AuditRecord, slot: Option<AuditSlot>) {
         match slot.or_else(|| self.reserve()) {
             Some(slot) => {
-                let _ = self.tx.send(Message::Record(Queued {
+                let queued = Message::Record(Queued {
                     record,
                     _slot: slot,
-                }));
+                });
+                // Only after `finish`: a call that outlived the drain.
+                if self.tx.send(queued).is_err() {
+                    self.metrics.audit_dropped.inc();
+                    tracing::error!("audit record after the writer finished: dropped");
+                }
             }
             None => {
                 self.metrics.audit_dropped.inc();
@@ -197,6 +203,8 @@ impl AuditSink {
 /// The writer thread, seen from the runtime.
 pub struct AuditWriter {
     tx: mpsc::UnboundedSender<Message>,
+    /// The sink's room, closed at `finish`: later calls are refused, not run unrecorded.
+    room: Arc<Semaphore>,
     finished: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -205,6 +213,7 @@ impl AuditWriter {
     /// drained, so no call's line is lost with the process), or after `grace` if the writer
     /// cannot write (a full disk), saying so.
     pub async fn finish(self, grace: Duration) {
+        self.room.close();
         let _ = self.tx.send(Message::Stop);
         if tokio::time::timeout(grace, self.finished).await.is_err() {
             tracing::error!("audit writer could not write out its queue before exit");
