@@ -83,24 +83,9 @@ cat > "$work/tools.json" <<'JSON'
 JSON
 $bin schema mcp --upstream tools --from "$work/tools.json" > "$work/policies/tools.cedarschema"
 echo '@id("bench-add") permit (principal, action == Toolgate::Action::"tools/add", resource) when { context.args.a < 100 };' > "$work/policies/bench.cedar"
-$bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
-$bin keygen --private "$work/signing.pem" >/dev/null
+bench_keys
 toolgate_config() { # name policies-dir
-  cat > "$work/$1.yaml" <<YAML
-listen: 127.0.0.1:0
-admin_listen: 127.0.0.1:0
-issuer: https://toolgate.bench
-policies: $2/
-inbound:
-  jwt:
-    - { issuer: https://idp.bench, jwks_file: idp.jwks.json, audiences: [toolgate] }
-credentials: { signing_key: signing.pem }
-upstreams:
-  - name: billing
-    url: http://127.0.0.1:$up
-    audience: https://billing.bench
-    routes:
-      - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
+  { config_head "$up" "$2"; cat <<YAML; } > "$work/$1.yaml"
   - name: tools
     url: http://127.0.0.1:$up/mcp
     audience: https://tools.bench

@@ -44,3 +44,31 @@ wrk_run() { # wrk arguments...
     exit 1
   fi
 }
+
+# Keys for a bench in $work: the bench IdP's (idp.pem, idp.jwks.json) and the gateway's.
+bench_keys() {
+  "$bin" keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
+  "$bin" keygen --private "$work/signing.pem" >/dev/null
+}
+
+# Prints what every bench config starts with: listeners on port 0, the bench IdP, the signing
+# key, and a `billing` upstream at 127.0.0.1:$1 with its get_invoice route, last, so a caller
+# can append more routes, then more upstreams and sections.
+config_head() { # upstream-port [policies-dir]
+  cat <<YAML
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+issuer: https://toolgate.bench
+policies: ${2:-policies}/
+inbound:
+  jwt:
+    - { issuer: https://idp.bench, jwks_file: idp.jwks.json, audiences: [toolgate] }
+credentials: { signing_key: signing.pem }
+upstreams:
+  - name: billing
+    url: http://127.0.0.1:$1
+    audience: https://billing.bench
+    routes:
+      - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
+YAML
+}

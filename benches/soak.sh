@@ -26,23 +26,8 @@ http { access_log off; server { listen 127.0.0.1:@PORT@; location / { default_ty
 NGINX
 start_nginx
 mkdir -p "$work/policies" && cp policies/*.cedar policies/*.cedarschema policies/entities.json "$work/policies/"
-$bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
-$bin keygen --private "$work/signing.pem" >/dev/null
-cat > "$work/soak.yaml" <<YAML
-listen: 127.0.0.1:0
-admin_listen: 127.0.0.1:0
-issuer: https://toolgate.bench
-policies: policies/
-inbound:
-  jwt:
-    - { issuer: https://idp.bench, jwks_file: idp.jwks.json, audiences: [toolgate] }
-credentials: { signing_key: signing.pem }
-upstreams:
-  - name: billing
-    url: http://127.0.0.1:$nginx_port
-    audience: https://billing.bench
-    routes:
-      - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
+bench_keys
+{ config_head "$nginx_port"; cat <<YAML; } > "$work/soak.yaml"
       - { tool: refund, method: POST, path: /refunds }
 tasks: { max_active_per_agent: 50 }
 audit: { path: audit.jsonl }

@@ -39,25 +39,10 @@ for _ in 1 2 3 4 5; do
 done
 kill -0 $redis_pid 2>/dev/null || { cat "$work/redis.out" >&2; echo "redis-server did not start" >&2; exit 1; }
 cp -r policies "$work/policies"
-$bin keygen --private "$work/idp.pem" --jwks "$work/idp.jwks.json" >/dev/null
-$bin keygen --private "$work/signing.pem" >/dev/null
+bench_keys
 
 config() { # name store
-  cat > "$work/$1.yaml" <<YAML
-listen: 127.0.0.1:0
-admin_listen: 127.0.0.1:0
-issuer: https://toolgate.bench
-policies: policies/
-inbound:
-  jwt:
-    - { issuer: https://idp.bench, jwks_file: idp.jwks.json, audiences: [toolgate] }
-credentials: { signing_key: signing.pem }
-upstreams:
-  - name: billing
-    url: http://127.0.0.1:$up
-    audience: https://billing.bench
-    routes:
-      - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
+  { config_head "$up"; cat <<YAML; } > "$work/$1.yaml"
 tasks: { store: "$2" }
 audit: { path: $1-audit.jsonl }
 reload: { watch: false }

@@ -52,16 +52,7 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
     let token = gw.idp.delegated();
 
     // Calls until the writer has no room left (the pipe holds about 64 KiB).
-    let mut allowed = 0;
-    let refused = loop {
-        let answer = get(&url, &token).await;
-        match answer.status.as_u16() {
-            200 => allowed += 1,
-            503 => break answer,
-            other => panic!("unexpected {other}"),
-        }
-        assert!(allowed < 5_000, "the blocked writer never refused a call");
-    };
+    let (allowed, refused) = calls_until_refused(&url, &token, 5_000).await;
     assert_eq!(refused.json()["error"], "audit_unavailable");
     assert_eq!(refused.headers["retry-after"], "1");
     assert_eq!(
@@ -107,30 +98,7 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("an audit line"))
         .collect();
-    let forwarded: Vec<String> = upstream
-        .requests()
-        .iter()
-        .map(|r| {
-            let credential = r.headers["authorization"].to_str().unwrap()[7..].to_string();
-            claims_of(&credential)["jti"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let audited: Vec<&str> = lines
-        .iter()
-        .filter(|l| l["decision"] == "allow")
-        .filter_map(|l| l["jti"].as_str())
-        .collect();
-    assert_eq!(
-        audited.len(),
-        forwarded.len(),
-        "one line per forwarded call"
-    );
-    for jti in &forwarded {
-        assert!(
-            audited.contains(&jti.as_str()),
-            "{jti} forwarded unrecorded"
-        );
-    }
+    assert_one_line_per_forwarded_call(&upstream, &lines);
 }
 
 /// Beyond `limits.max_in_flight`, requests are shed at once with 503 `overloaded` and
@@ -647,6 +615,49 @@ async fn a_quiet_upstream_stream_gets_keep_alive_comments() {
     assert_eq!(data[1]["id"], 1);
 }
 
+/// Calls `url` until one is refused (503, the audit writer out of room), at most `bound`
+/// allowed first; the allowed count and the refusal.
+async fn calls_until_refused(url: &str, token: &str, bound: usize) -> (usize, Answer) {
+    let mut allowed = 0;
+    loop {
+        let answer = get(url, token).await;
+        match answer.status.as_u16() {
+            200 => allowed += 1,
+            503 => return (allowed, answer),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(allowed < bound, "the writer never refused a call");
+    }
+}
+
+/// Every call the upstream received has exactly one `allow` line with its credential's `jti`.
+fn assert_one_line_per_forwarded_call(upstream: &Upstream, lines: &[Value]) {
+    let forwarded: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| {
+            let credential = r.headers["authorization"].to_str().unwrap()[7..].to_string();
+            claims_of(&credential)["jti"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let audited: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["decision"] == "allow")
+        .filter_map(|l| l["jti"].as_str())
+        .collect();
+    assert_eq!(
+        audited.len(),
+        forwarded.len(),
+        "one line per forwarded call"
+    );
+    for jti in &forwarded {
+        assert!(
+            audited.contains(&jti.as_str()),
+            "{jti} forwarded unrecorded"
+        );
+    }
+}
+
 /// A gateway in front of the recorder's MCP endpoint, served with the config `configure` writes, and the
 /// answer to a `ping` sent with `X-Test-Stream`: a progress event at once, the result only once
 /// the upstream is released.
@@ -773,16 +784,7 @@ async fn the_audit_survives_a_full_disk_and_a_rotated_file() {
     let url = format!("http://{addr}/billing/invoices/1");
     let token = gw.idp.delegated();
 
-    let mut allowed = 0;
-    let refused = loop {
-        let answer = get(&url, &token).await;
-        match answer.status.as_u16() {
-            200 => allowed += 1,
-            503 => break answer,
-            other => panic!("unexpected {other}"),
-        }
-        assert!(allowed < 1_000, "the full disk never refused a call");
-    };
+    let (allowed, refused) = calls_until_refused(&url, &token, 1_000).await;
     assert_eq!(refused.json()["error"], "audit_unavailable");
     assert_eq!(upstream.requests().len(), allowed);
     let metrics = get(&format!("http://{admin}/metrics"), "").await.body;
@@ -840,29 +842,6 @@ async fn the_audit_survives_a_full_disk_and_a_rotated_file() {
     };
     let (before, after) = (read(&rotated), read(&audit));
     assert!(!after.is_empty(), "nothing written after the rotation");
-    let audited: Vec<&str> = before
-        .iter()
-        .chain(&after)
-        .filter(|l| l["decision"] == "allow")
-        .filter_map(|l| l["jti"].as_str())
-        .collect();
-    let forwarded: Vec<String> = upstream
-        .requests()
-        .iter()
-        .map(|r| {
-            let credential = r.headers["authorization"].to_str().unwrap()[7..].to_string();
-            claims_of(&credential)["jti"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(
-        audited.len(),
-        forwarded.len(),
-        "one line per forwarded call"
-    );
-    for jti in &forwarded {
-        assert!(
-            audited.contains(&jti.as_str()),
-            "{jti} forwarded unrecorded"
-        );
-    }
+    let lines: Vec<Value> = before.into_iter().chain(after).collect();
+    assert_one_line_per_forwarded_call(&upstream, &lines);
 }
