@@ -81,17 +81,7 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
     }
 
     // At shutdown the writer writes out the rest, then the pipe closes.
-    assert!(std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.0.id().to_string())
-        .status()
-        .unwrap()
-        .success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    child.terminate_and_wait().await;
     reader.join().unwrap();
     let text = String::from_utf8(read.lock().unwrap().clone()).unwrap();
     let lines: Vec<Value> = text
@@ -822,16 +812,7 @@ async fn the_audit_survives_a_full_disk_and_a_rotated_file() {
     for _ in 0..10 {
         assert_eq!(get(&url, &token).await.status, 200);
     }
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "no exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    child.terminate_and_wait().await;
 
     let read = |path: &std::path::Path| -> Vec<Value> {
         std::fs::read_to_string(path)

@@ -410,6 +410,22 @@ pub struct GatewayOptions<'a> {
 /// A child process, killed on drop.
 pub struct Killed(pub Child);
 
+impl Killed {
+    /// Sends SIGTERM and waits (at most 10 s) for the process to exit.
+    pub async fn terminate_and_wait(&mut self) {
+        assert!(Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "no exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
