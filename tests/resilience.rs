@@ -76,8 +76,18 @@ async fn a_blocked_audit_writer_refuses_calls_instead_of_losing_them() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Once the writer has caught up (every forwarded call's line is out), it keeps up.
+    let lines_read = || read.lock().unwrap().iter().filter(|b| **b == b'\n').count();
+    while lines_read() < upstream.requests().len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..20 {
-        assert_eq!(get(&url, &token).await.status, 200);
+        let answer = get(&url, &token).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
     }
 
     // At shutdown the writer writes out the rest, then the pipe closes.
@@ -224,6 +234,17 @@ async fn impatient(upstream: &Upstream) -> (Gateway, Killed, std::net::SocketAdd
     (gw, Killed(child), addr)
 }
 
+/// Reads what the gateway has sent so far (at least a byte; bounded: 10 s).
+async fn read_some(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0; 64 << 10];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("the gateway answered")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).to_string()
+}
+
 /// Reads until the gateway closes the connection (bounded: 10 s); returns what it sent.
 async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
@@ -244,12 +265,48 @@ async fn slow_and_silent_clients_are_cut_off() {
     let (gw, _child, addr) = impatient(&upstream).await;
     let token = gw.idp.delegated();
 
-    // Slowloris: headers begun, never finished.
+    // Slowloris: headers begun, never finished: a JSON 408, then closed.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nX-a: ")
         .await
         .unwrap();
-    until_closed(&mut slow).await;
+    let answer = until_closed(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.ends_with("{\"error\":\"request_timeout\"}"),
+        "{answer}"
+    );
+
+    // Trickled: a byte every 300 ms keeps the connection from going idle (2 s), but the head
+    // must still be whole within its second.
+    let mut trickled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for byte in b"GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nX-a: aaaaaaaa" {
+        // Once it is cut off, writes may fail: what it answered is read below.
+        if trickled.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let answer = until_closed(&mut trickled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // On a kept-alive connection the next head is timed from the end of the last answer.
+    // (A head pipelined behind a request is in hyper's buffer, unseen: closed without a 408.)
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    second
+        .write_all(
+            format!(
+                "GET /billing/invoices/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let first = read_some(&mut second).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    second.write_all(b"GET /billing/inv").await.unwrap();
+    let answer = until_closed(&mut second).await;
+    assert!(answer.contains("HTTP/1.1 408"), "{answer}");
 
     // Silent: connected, nothing sent (before HTTP/1.1 or HTTP/2 is even known).
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -284,8 +341,8 @@ async fn slow_and_silent_clients_are_cut_off() {
     assert!(answer.contains("request_timeout"), "{answer}");
     assert_eq!(
         upstream.requests().len(),
-        1,
-        "only the idle connection's call"
+        2,
+        "only the idle and the kept-alive connections' first calls"
     );
 }
 

@@ -256,7 +256,7 @@ pub fn can_keep_alive(headers: &http::HeaderMap) -> bool {
 pub fn keep_alive(inner: Body, every: std::time::Duration) -> Body {
     KeepAlive {
         inner,
-        quiet: crate::server::IdleDeadline::new(every),
+        quiet: crate::conn_io::IdleDeadline::new(every),
         line_start: true,
     }
     .boxed()
@@ -264,7 +264,7 @@ pub fn keep_alive(inner: Body, every: std::time::Duration) -> Body {
 
 struct KeepAlive {
     inner: Body,
-    quiet: crate::server::IdleDeadline,
+    quiet: crate::conn_io::IdleDeadline,
     line_start: bool,
 }
 

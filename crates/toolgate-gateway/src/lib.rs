@@ -6,6 +6,7 @@ mod admin;
 pub mod answer;
 pub mod audit;
 pub mod config;
+mod conn_io;
 mod mcp;
 pub mod metrics;
 mod pipeline;

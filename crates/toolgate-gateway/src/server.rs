@@ -13,7 +13,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -23,9 +22,11 @@ use tower::load_shed::LoadShedLayer;
 use tower::{ServiceBuilder, ServiceExt};
 
 use crate::answer::{json_response, Body, BoxError};
+use crate::conn_io::{Counted, Exchanges, HeadDeadline, IdleIo};
 use crate::Gateway;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEAD_BACKSTOP_SECONDS: u64 = 5;
 
 /// Tells the listeners to stop accepting and drain.
 #[derive(Clone)]
@@ -83,6 +84,7 @@ impl Gateway {
             idle: Duration::from_secs(self.config.limits.idle_seconds),
             max: self.config.limits.max_connections,
             drain: Duration::from_secs(self.config.limits.drain_seconds),
+            head_read: Duration::from_secs(self.config.limits.header_read_seconds),
             refused: self.metrics.connections_refused.clone(),
         };
         let agent_loop = tokio::spawn(accept_loop(
@@ -147,7 +149,10 @@ impl Gateway {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(self.config.limits.header_read_seconds))
+            // A backstop only: `HeadDeadline` ends slow heads first, with a 408.
+            .header_read_timeout(Duration::from_secs(
+                self.config.limits.header_read_seconds + HEAD_BACKSTOP_SECONDS,
+            ))
             .max_buf_size(header_room + (64 << 10));
         builder
             .http2()
@@ -167,6 +172,8 @@ struct ConnectionBounds {
     max: usize,
     /// At shutdown, how long open requests may take to finish.
     drain: Duration,
+    /// An HTTP/1.1 request head must arrive within this (408 if begun, else closed).
+    head_read: Duration,
     refused: prometheus::IntCounter,
 }
 
@@ -212,7 +219,9 @@ async fn accept_loop<F, S, E, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let stream = IdleIo::new(stream, bounds.idle);
-        let service = make_service(peer);
+        let exchanges = Arc::new(Exchanges::default());
+        let service = Counted::new(make_service(peer), exchanges.clone());
+        let head_read = bounds.head_read;
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
@@ -223,6 +232,7 @@ async fn accept_loop<F, S, E, Fut>(
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
+                            let stream = HeadDeadline::new(stream, exchanges, head_read);
                             let conn = builder
                                 .serve_connection(TokioIo::new(stream), service)
                                 .into_owned();
@@ -236,6 +246,7 @@ async fn accept_loop<F, S, E, Fut>(
                     }
                 }
                 None => {
+                    let stream = HeadDeadline::new(stream, exchanges, head_read);
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
@@ -253,120 +264,6 @@ async fn accept_loop<F, S, E, Fut>(
         .is_err()
     {
         tracing::warn!("drain timed out; closing remaining connections");
-    }
-}
-
-/// A connection's bytes, ended (a read error) once neither direction has moved for `idle`: an
-/// idle keep-alive connection, a silent HTTP/2 connection, or one that never sends its first
-/// byte cannot hold a socket and its memory forever.
-struct IdleIo<T> {
-    inner: T,
-    deadline: IdleDeadline,
-}
-
-impl<T> IdleIo<T> {
-    fn new(inner: T, idle: Duration) -> Self {
-        IdleIo {
-            inner,
-            deadline: IdleDeadline::new(idle),
-        }
-    }
-
-    fn moved(&mut self) {
-        self.deadline.moved();
-    }
-}
-
-/// A deadline `idle` after the last sign of life: for connections and upstream answers that
-/// must not hold their place once nothing moves.
-pub(crate) struct IdleDeadline {
-    idle: Duration,
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-}
-
-impl IdleDeadline {
-    pub(crate) fn new(idle: Duration) -> Self {
-        IdleDeadline {
-            idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-        }
-    }
-
-    /// Something moved: the deadline starts again.
-    pub(crate) fn moved(&mut self) {
-        let next = tokio::time::Instant::now() + self.idle;
-        self.sleep.as_mut().reset(next);
-    }
-
-    /// Whether the deadline passed (registers `cx` to be woken when it does).
-    pub(crate) fn passed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        self.sleep.as_mut().poll(cx).is_ready()
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    self.moved();
-                }
-                std::task::Poll::Ready(result)
-            }
-            std::task::Poll::Pending if self.deadline.passed(cx) => std::task::Poll::Ready(Err(
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle"),
-            )),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
-        }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let result = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::answer::{Body, InternalError, Refusal, UpstreamError};
 use crate::config::UpstreamConfig;
-use crate::server::IdleDeadline;
+use crate::conn_io::IdleDeadline;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
 const HOP_BY_HOP: [&str; 7] = [
