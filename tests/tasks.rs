@@ -456,7 +456,7 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     let port = redis.port;
     let upstream = Upstream::start().await;
     let store = format!(
-        "tasks:\n  store: redis://127.0.0.1:{port}\n  max_active_per_agent: 4\n  max_credentials_per_task: 3\n"
+        "tasks:\n  store: redis://127.0.0.1:{port}\n  max_active_per_agent: 4\n  max_credentials_per_task: 3\n  max_tasks: 6\n"
     );
     let gw = gateway(&upstream, &store).await;
     let (mut replica_b, b_addr) = gw.replica().await;
@@ -585,12 +585,28 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     let full = in_task(&a, "/billing/invoices/1", &token, &live).await;
     assert_eq!(full.status, 429, "{:?}", full.body);
     assert_eq!(full.json()["error"], "task_credential_limit");
+    let mut started = Vec::new();
     for base in [&a, &b, &a] {
-        assert_eq!(start_task(base, &token, 60).await.status, 201);
+        let answer = start_task(base, &token, 60).await;
+        assert_eq!(answer.status, 201);
+        started.push(answer.json()["task_id"].as_str().unwrap().to_string());
     }
     let over = start_task(&b, &token, 60).await;
     assert_eq!(over.status, 429, "{:?}", over.body);
     assert_eq!(over.json()["error"], "too_many_tasks");
+    // Ended tasks are still remembered: 5 of 6 now; one more fits, then the store is full
+    // for every replica (503), although the agent has room again.
+    let complete = |id: String| {
+        let url = format!("{a}/v1/tasks/{id}/complete");
+        let token = token.clone();
+        async move { send("POST", &url, &[("authorization", &auth(&token))], b"").await }
+    };
+    assert_eq!(complete(started[0].clone()).await.status, 200);
+    assert_eq!(start_task(&b, &token, 60).await.status, 201);
+    assert_eq!(complete(started[1].clone()).await.status, 200);
+    let full = start_task(&a, &token, 60).await;
+    assert_eq!(full.status, 503, "{:?}", full.body);
+    assert_eq!(full.json()["error"], "task_store_full");
     let _ = replica_b.kill();
     let _ = replica_b.wait();
 }

@@ -162,8 +162,7 @@ pub enum Store {
 pub struct Bounds {
     /// Live (active, unexpired) tasks one agent may have started.
     pub per_agent: usize,
-    /// Tasks remembered at once, live or ended (memory store; Redis is bounded by its own
-    /// `maxmemory`).
+    /// Tasks remembered at once, live or ended (in Redis: whose keys have not expired).
     pub total: usize,
     /// Credentials recorded in one task.
     pub credentials_per_task: usize,

@@ -38,6 +38,9 @@ fn key(id: &str, part: &str) -> String {
     }
 }
 
+/// Every task whose keys still exist: ids scored by when they expire (`Bounds::total`).
+const REMEMBERED_KEY: &str = "toolgate:tasks:remembered";
+
 /// An agent's live tasks: ids scored by deadline.
 fn agent_key(agent: &str) -> String {
     format!("toolgate:agent:{agent}:live")
@@ -84,17 +87,21 @@ impl RedisStore {
         Ok(conn)
     }
 
-    /// One script: the agent's live tasks (a sorted set by deadline) are counted and the task
-    /// added atomically, whichever replica starts it.
+    /// One script: the agent's live tasks (a sorted set by deadline) and the tasks remembered
+    /// (a sorted set by when their keys expire) are counted and the task added atomically,
+    /// whichever replica starts it.
     pub async fn create(&self, task: &Task) -> Result<Created, StoreError> {
         static CREATE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r#"
+                redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
+                if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then return 2 end
                 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
                 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 0 end
                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
                 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
                 redis.call('EXPIRE', KEYS[2], ARGV[2])
+                redis.call('ZADD', KEYS[3], ARGV[3] + ARGV[2], ARGV[6])
                 return 1
                 "#,
             )
@@ -105,19 +112,21 @@ impl RedisStore {
             CREATE
                 .key(key(&task.id, ""))
                 .key(agent_key(&task.agent))
+                .key(REMEMBERED_KEY)
                 .arg(json)
                 .arg(retention(task))
                 .arg(task.created_at)
                 .arg(task.expires_at)
                 .arg(self.bounds.per_agent)
                 .arg(&task.id)
+                .arg(self.bounds.total)
                 .invoke_async(&mut conn),
         )
         .await?;
-        Ok(if created == 1 {
-            Created::Yes
-        } else {
-            Created::AgentAtLimit
+        Ok(match created {
+            1 => Created::Yes,
+            2 => Created::Full,
+            _ => Created::AgentAtLimit,
         })
     }
 
