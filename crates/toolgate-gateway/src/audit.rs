@@ -62,7 +62,7 @@ impl AuditRecord {
     pub fn begin<B>(request: &http::Request<B>) -> Self {
         AuditRecord {
             decision_id: uuid::Uuid::now_v7().to_string(),
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            time: toolgate_policy::utc_millis(chrono::Utc::now()),
             method: request.method().to_string(),
             path: request.uri().path().to_string(),
             ..AuditRecord::default()

@@ -316,7 +316,20 @@ impl PolicyEngine {
         let entities = self.slice(req, &action)?;
 
         let raw = raw_context(req, user.as_ref());
-        let typed = coerce_record(&raw, &ctx_type.keys, "context")?;
+        let at = At::Root("context");
+        let mut typed = coerce_record(&raw, &ctx_type.keys, at)?;
+        // The arguments are typed where they are, not copied into `raw` first.
+        if let Some((ty, _)) = ctx_type.keys.get("args") {
+            let at = At::Field(&at, "args");
+            let args = match ty {
+                AttrType::Record(declared) => {
+                    RestrictedExpression::new_record(coerce_record(&req.args, declared, at)?)
+                        .map_err(|e| format!("{at}: {e}"))?
+                }
+                other => coerce(&Value::Object(req.args.clone()), other, at)?,
+            };
+            typed.push(("args".into(), args));
+        }
         // Typed by us; `Request::new` below checks it against the schema as Cedar reads it
         // (toolgate's reading of types can differ: common types of other namespaces, enums).
         let context =
@@ -421,7 +434,7 @@ impl PolicyEngine {
                 }
                 match who.claims.get(name) {
                     Some(claim) => from_claims
-                        .push((name.clone(), coerce(claim, ty, &format!("claim `{name}`"))?)),
+                        .push((name.clone(), coerce(claim, ty, At::Claim(name))?)),
                     None if *required => {
                         return Err(format!(
                             "{type_name} `{}`: required attribute `{name}` is missing",
@@ -581,13 +594,12 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
             Value::String(user.id().unescaped().to_string()),
         );
     }
-    ctx.insert("args".into(), Value::Object(req.args.clone()));
     ctx.insert(
         "env".into(),
         json!({
             "source_ip": source_ip.to_string(),
             "hour": req.env.time.hour(),
-            "time": req.env.time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            "time": utc_millis(req.env.time),
         }),
     );
     if let Some(task) = &req.task {
@@ -613,20 +625,40 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
 pub fn coerce_record(
     raw: &Map<String, Value>,
     declared: &Record,
-    at: &str,
+    at: At<'_>,
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let mut out = Vec::with_capacity(declared.len());
     for (name, (ty, _required)) in declared {
         if let Some(value) = raw.get(name) {
-            out.push((name.clone(), coerce(value, ty, &format!("{at}.{name}"))?));
+            out.push((name.clone(), coerce(value, ty, At::Field(&at, name))?));
         }
     }
     Ok(out)
 }
 
+/// Where a value sits, for error messages: made into text only when one is needed.
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    Root(&'a str),
+    Claim(&'a str),
+    Field(&'a At<'a>, &'a str),
+    Index(&'a At<'a>, usize),
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Root(name) => f.write_str(name),
+            At::Claim(name) => write!(f, "claim `{name}`"),
+            At::Field(parent, name) => write!(f, "{parent}.{name}"),
+            At::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 /// Turns a JSON value (often a string from a path or query) into a Cedar value of the
 /// declared type, or says why it cannot.
-pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpression, String> {
+pub fn coerce(value: &Value, ty: &AttrType, at: At<'_>) -> Result<RestrictedExpression, String> {
     let mismatch = |want: &str| format!("{at}: expected {want}, got {value}");
     Ok(match (ty, value) {
         (AttrType::Long, Value::Number(n)) => {
@@ -644,7 +676,7 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
             items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| coerce(item, element, &format!("{at}[{i}]")))
+                .map(|(i, item)| coerce(item, element, At::Index(&at, i)))
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         // One query value where a set is declared: a set of one.
@@ -655,14 +687,9 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
             RestrictedExpression::new_record(coerce_record(raw, declared, at)?)
                 .map_err(|e| format!("{at}: {e}"))?
         }
-        (AttrType::Entity(type_name), Value::String(id)) => {
-            let type_name =
-                EntityTypeName::from_str(type_name).map_err(|e| format!("{at}: {e}"))?;
-            RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
-                type_name,
-                EntityId::new(id),
-            ))
-        }
+        (AttrType::Entity(type_name), Value::String(id)) => RestrictedExpression::new_entity_uid(
+            EntityUid::from_type_name_and_id(type_name.clone(), EntityId::new(id)),
+        ),
         (AttrType::Extension(name), Value::Number(n)) if name == "decimal" => {
             let text = n.to_string();
             RestrictedExpression::new_decimal(if text.contains('.') {
@@ -684,6 +711,22 @@ pub fn coerce(value: &Value, ty: &AttrType, at: &str) -> Result<RestrictedExpres
         (AttrType::Record(_), _) => return Err(mismatch("Record")),
         (AttrType::Entity(type_name), _) => return Err(mismatch(&format!("{type_name} id"))),
         (AttrType::Extension(name), _) => return Err(mismatch(name)),
+    })
+}
+
+/// `2026-11-23T10:00:00.123Z`, the form Cedar's `datetime` and the audit log take. Formatted
+/// once per millisecond and thread: calls in the same millisecond share the text.
+pub fn utc_millis(time: DateTime<Utc>) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let millis = time.timestamp_millis();
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != millis {
+            *at = millis;
+            *text = time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        }
+        text.clone()
     })
 }
 

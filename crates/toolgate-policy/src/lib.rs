@@ -10,7 +10,7 @@ pub mod testing;
 mod validate;
 
 pub use engine::{
-    coerce, coerce_record, uid, AuthzRequest, CedarOutcome, Decision, Env, PolicyEngine, Principal,
+    coerce, coerce_record, uid, utc_millis, At, AuthzRequest, CedarOutcome, Decision, Env, PolicyEngine, Principal,
     Resource, TaskContext, NAMESPACE,
 };
 pub use load::{

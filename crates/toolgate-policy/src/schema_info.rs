@@ -14,7 +14,8 @@ pub enum AttrType {
     String,
     Set(Box<AttrType>),
     Record(Record),
-    Entity(String),
+    /// Parsed once, with the schema: Cedar's name parser is too slow for every call.
+    Entity(cedar_policy::EntityTypeName),
     Extension(String),
 }
 
@@ -126,7 +127,7 @@ impl Resolver<'_> {
                 }
                 AttrType::Record(record)
             }
-            "Entity" => AttrType::Entity(qualify(self.ns, ty.get("name")?.as_str()?)),
+            "Entity" => AttrType::Entity(qualify(self.ns, ty.get("name")?.as_str()?).parse().ok()?),
             "Extension" => AttrType::Extension(ty.get("name")?.as_str()?.to_string()),
             "EntityOrCommon" => self.named(ty.get("name")?.as_str()?, depth)?,
             other => self.named(other, depth)?,
@@ -147,7 +148,7 @@ impl Resolver<'_> {
             "String" => AttrType::String,
             "Bool" | "Boolean" => AttrType::Bool,
             ext if EXTENSIONS.contains(&ext) => AttrType::Extension(ext.to_string()),
-            _ => AttrType::Entity(qualify(self.ns, name)),
+            _ => AttrType::Entity(qualify(self.ns, name).parse().ok()?),
         })
     }
 }
