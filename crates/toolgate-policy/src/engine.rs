@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
 use cedar_policy::{
@@ -109,8 +110,10 @@ pub struct CedarOutcome {
 pub struct PolicyEngine {
     schema: Schema,
     info: SchemaInfo,
-    all: PolicySet,
+    all: Arc<PolicySet>,
     by_action: HashMap<EntityUid, ActionPolicies>,
+    /// Per-principal sets built (`ActionPolicies::built`), over all actions.
+    principal_sets: AtomicUsize,
     sources: HashMap<PolicyId, PolicySource>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
@@ -168,8 +171,9 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             info: SchemaInfo::from_fragment_json(&schema_json),
             schema,
-            all: policies,
+            all: Arc::new(policies),
             by_action,
+            principal_sets: AtomicUsize::new(0),
             sources,
             entities,
             authorizer: Authorizer::new(),
@@ -216,9 +220,9 @@ impl PolicyEngine {
         let policies = if indexed {
             self.policies_for(&action, request.principal())
         } else {
-            &self.all
+            self.all.clone()
         };
-        self.evaluate(&request, &entities, policies).1
+        self.evaluate(&request, &entities, &policies).1
     }
 
     /// Asks Cedar, and turns its response into toolgate's decision.
@@ -257,24 +261,15 @@ impl PolicyEngine {
         (response, decision)
     }
 
-    /// The policies that can apply to a request for `action`: its slice of the index, or the
-    /// whole set for an action the schema does not declare (only unvalidated requests have one).
-    fn policies_for(&self, action: &EntityUid, principal: Option<&EntityUid>) -> &PolicySet {
-        match (self.by_action.get(action), principal) {
-            (Some(policies), Some(principal)) => policies.for_principal(principal),
-            _ => &self.all,
-        }
-    }
-
     /// Cedar's own verdict on a prepared request, through the index, with policy ids as
     /// toolgate names them, and the decision `authorize` makes from it. For conformance tests
     /// against Cedar's corpus, whose requests are built by the corpus, not from a call.
     pub fn decide_request(&self, request: &Request, entities: &Entities) -> CedarOutcome {
         let policies = match request.action() {
             Some(action) => self.policies_for(action, request.principal()),
-            None => &self.all,
+            None => self.all.clone(),
         };
-        let (response, decision) = self.evaluate(request, entities, policies);
+        let (response, decision) = self.evaluate(request, entities, &policies);
         let mut reason: Vec<String> = response
             .diagnostics()
             .reason()
@@ -433,8 +428,9 @@ impl PolicyEngine {
                     continue;
                 }
                 match who.claims.get(name) {
-                    Some(claim) => from_claims
-                        .push((name.clone(), coerce(claim, ty, At::Claim(name))?)),
+                    Some(claim) => {
+                        from_claims.push((name.clone(), coerce(claim, ty, At::Claim(name))?))
+                    }
                     None if *required => {
                         return Err(format!(
                             "{type_name} `{}`: required attribute `{name}` is missing",
@@ -763,15 +759,51 @@ fn extension_value(
 /// The policies that can apply to one action: those open to any principal, and for each
 /// principal a `principal == ...` scope names, those plus its own. A decision evaluates one of
 /// these sets, so its cost follows the policies that can apply, not the size of the set.
+/// A principal's set is built when it first calls (a set costs kilobytes, and 10,000 agents
+/// with a policy each would otherwise hold tens of megabytes for agents that never call).
 #[derive(Default)]
 struct ActionPolicies {
-    general: PolicySet,
-    by_principal: HashMap<EntityUid, PolicySet>,
+    general: Arc<PolicySet>,
+    /// Each named principal's own policies (ids in the whole set).
+    own: HashMap<EntityUid, Vec<PolicyId>>,
+    /// Sets built so far (`MAX_PRINCIPAL_SETS` in all actions at most).
+    built: RwLock<HashMap<EntityUid, Arc<PolicySet>>>,
 }
 
-impl ActionPolicies {
-    fn for_principal(&self, principal: &EntityUid) -> &PolicySet {
-        self.by_principal.get(principal).unwrap_or(&self.general)
+/// Per-principal sets kept per snapshot, over all actions; beyond, they start again.
+const MAX_PRINCIPAL_SETS: usize = 4096;
+
+impl PolicyEngine {
+    /// The policies that can apply to a request for `action`: its slice of the index, or the
+    /// whole set for an action the schema does not declare (only unvalidated requests have one).
+    fn policies_for(&self, action: &EntityUid, principal: Option<&EntityUid>) -> Arc<PolicySet> {
+        let (Some(policies), Some(principal)) = (self.by_action.get(action), principal) else {
+            return self.all.clone();
+        };
+        let Some(own) = policies.own.get(principal) else {
+            return policies.general.clone();
+        };
+        if let Some(set) = policies.built.read().expect("not poisoned").get(principal) {
+            return set.clone();
+        }
+        let mut set = (*policies.general).clone();
+        for policy in own.iter().filter_map(|id| self.all.policy(id)) {
+            // Ids are unique in the whole set, so adding cannot clash.
+            let _ = set.add(policy.clone());
+        }
+        let set = Arc::new(set);
+        if self.principal_sets.fetch_add(1, Ordering::Relaxed) >= MAX_PRINCIPAL_SETS {
+            for other in self.by_action.values() {
+                other.built.write().expect("not poisoned").clear();
+            }
+            self.principal_sets.store(1, Ordering::Relaxed);
+        }
+        policies
+            .built
+            .write()
+            .expect("not poisoned")
+            .insert(principal.clone(), set.clone());
+        set
     }
 }
 
@@ -841,17 +873,18 @@ fn index_by_action(
         .iter()
         .map(|action| {
             let open = general.get(action).map(Vec::as_slice).unwrap_or_default();
-            let by_principal = named
+            let own = named
                 .remove(action)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(principal, own)| (principal, set_of(&[open, own.as_slice()].concat())))
+                .map(|(principal, own)| (principal, own.iter().map(|p| p.id().clone()).collect()))
                 .collect();
             (
                 action.clone(),
                 ActionPolicies {
-                    general: set_of(open),
-                    by_principal,
+                    general: Arc::new(set_of(open)),
+                    own,
+                    built: RwLock::default(),
                 },
             )
         })
