@@ -2,6 +2,10 @@
 //! upstreams verify them.
 #![forbid(unsafe_code)]
 
+pub mod oauth;
+pub mod secret;
+pub mod tls;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use std::sync::Arc;
@@ -241,6 +245,23 @@ impl Minter {
         };
         let token = self.key.sign(CREDENTIAL_TYP, &claims)?;
         Ok(Minted { token, claims })
+    }
+
+    /// The actor token of an RFC 8693 exchange: toolgate's word that `agent` is acting,
+    /// for `audience` (the STS), valid for a minute.
+    pub fn actor_assertion(
+        &self,
+        agent: &str,
+        audience: &str,
+        now: u64,
+    ) -> Result<String, CredentialError> {
+        self.key.sign(
+            "JWT",
+            &json!({
+                "iss": self.issuer, "sub": agent, "aud": audience,
+                "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string(),
+            }),
+        )
     }
 
     /// Verifies a credential this minter issued: signature, `iss`, `nbf` and `exp` (any `aud`).

@@ -304,7 +304,9 @@ impl Gateway {
             .iter()
             .map(|u| u.config.clone())
             .collect();
-        if current == new.upstreams {
+        // Secrets and TLS files are read again on every reload (a rotated secret is taken
+        // up), so upstreams that use them are set up again even when their config is the same.
+        if current == new.upstreams && new.upstreams.iter().all(|u| u.files().next().is_none()) {
             return;
         }
         let engine = self.policy.load();
@@ -319,12 +321,19 @@ impl Gateway {
             .filter(|action| !engine.has_action(action))
             .map(|action| format!("upstreams: action \"{action}\" is not declared in the schema"))
             .collect();
-        if undeclared.is_empty() {
-            self.routing.store(Arc::new(Routing::new(&new.upstreams)));
-            report.applied.push("upstreams".into());
-            tracing::info!("upstreams and routes reloaded");
-        } else {
+        if !undeclared.is_empty() {
             report.config_errors.extend(undeclared);
+            return;
+        }
+        let connect_timeout =
+            std::time::Duration::from_secs(self.config.limits.upstream_connect_seconds);
+        match Routing::new(&new.upstreams, &self.client, connect_timeout) {
+            Ok(routing) => {
+                self.routing.store(Arc::new(routing));
+                report.applied.push("upstreams".into());
+                tracing::info!("upstreams, routes and their credentials reloaded");
+            }
+            Err(e) => report.config_errors.push(crate::answer::error_chain(&e)),
         }
     }
 

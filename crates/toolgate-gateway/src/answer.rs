@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
+use toolgate_credential::oauth::TokenError;
 use toolgate_identity::AuthError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,6 +62,9 @@ pub enum Refusal {
     /// The audit writer has no room for the call's record: refused rather than unrecorded.
     #[error("audit writer behind")]
     AuditUnavailable,
+    /// The upstream's token endpoint gave no usable token: nothing is forwarded.
+    #[error("no credential for the upstream")]
+    NoUpstreamToken(#[from] toolgate_credential::oauth::TokenError),
 }
 
 /// What went wrong on the way to or back from an upstream (502).
@@ -121,6 +125,12 @@ impl Refusal {
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::NoUpstreamToken(e) => match e {
+                TokenError::Timeout(_) | TokenError::Unreachable(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                TokenError::Refused { .. } | TokenError::Unusable(_) => StatusCode::BAD_GATEWAY,
+            },
         }
     }
 
@@ -168,6 +178,19 @@ impl Refusal {
             }
             Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
             Refusal::AuditUnavailable => json!({"error": "audit_unavailable"}),
+            // The endpoint's own error code is the operator's clue; its description stays in
+            // the audit line (it may echo what toolgate sent).
+            Refusal::NoUpstreamToken(e) => match e {
+                TokenError::Refused { code, .. } => {
+                    json!({"error": "upstream_credential_refused", "token_endpoint_error": code, "decision_id": decision_id})
+                }
+                TokenError::Unusable(_) => {
+                    json!({"error": "upstream_credential_unusable", "decision_id": decision_id})
+                }
+                TokenError::Timeout(_) | TokenError::Unreachable(_) => {
+                    json!({"error": "upstream_credential_unavailable", "decision_id": decision_id})
+                }
+            },
         };
         let mut response = json_response(status, &body);
         if let Refusal::MethodNotAllowed(allow) = &self {
@@ -175,7 +198,10 @@ impl Refusal {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        if let Refusal::AuditUnavailable | Refusal::AtCapacity(_) = &self {
+        if let Refusal::AuditUnavailable
+        | Refusal::AtCapacity(_)
+        | Refusal::NoUpstreamToken(TokenError::Timeout(_) | TokenError::Unreachable(_)) = &self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

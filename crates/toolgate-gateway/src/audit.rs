@@ -48,6 +48,10 @@ pub struct AuditRecord {
     /// The human approval the decision relied on, if the call ran in an approved task.
     pub approval: Option<toolgate_tasks::Approval>,
     pub jti: Option<String>,
+    /// Which `credential.mode` served the call (`mint`, `inject`, `exchange`,
+    /// `client_credentials`), and the credential's id: the `jti` of a JWT, else a hash.
+    pub credential_mode: Option<&'static str>,
+    pub credential_id: Option<String>,
     pub upstream_status: Option<u16>,
     pub eval_us: Option<u64>,
     pub source_ip: String,

@@ -156,6 +156,221 @@ pub struct UpstreamConfig {
     /// An answer (body or event stream) that sends nothing for this long is cut off.
     #[serde(default = "default_response_idle")]
     pub response_idle_seconds: u64,
+    /// Where the call's credential comes from (absent: `mode: mint`).
+    #[serde(default)]
+    pub credential: CredentialConfig,
+    /// Outbound TLS to this upstream and its token endpoint.
+    #[serde(default)]
+    pub tls: Option<OutboundTls>,
+}
+
+impl UpstreamConfig {
+    /// The secret, key and TLS files this upstream reads (watched, and read again on reload).
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        let c = &self.credential;
+        let tls = self.tls.as_ref();
+        [&c.secret_file, &c.client_secret_file, &c.private_key]
+            .into_iter()
+            .chain(tls.map(|t| &t.ca_file))
+            .chain(tls.map(|t| &t.client_cert))
+            .chain(tls.map(|t| &t.client_key))
+            .filter_map(|p| p.as_deref())
+    }
+}
+
+/// How a forwarded call is credentialed (CONTRACT.md, `credential:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialMode {
+    /// toolgate's own per-call ES256 token.
+    #[default]
+    Mint,
+    /// A static secret of the upstream's, injected after an allow.
+    Inject,
+    /// RFC 8693 token exchange at the upstream's STS.
+    Exchange,
+    /// OAuth 2.0 client credentials at the upstream's token endpoint.
+    ClientCredentials,
+}
+
+impl CredentialMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialMode::Mint => "mint",
+            CredentialMode::Inject => "inject",
+            CredentialMode::Exchange => "exchange",
+            CredentialMode::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// `inject` with `scheme:` instead of `header:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InjectScheme {
+    Bearer,
+    Basic,
+}
+
+/// The scope asked of a token endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeFrom {
+    /// The tool action plus the `@grants` of the permits that decided.
+    #[default]
+    Decision,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    #[serde(default)]
+    pub mode: CredentialMode,
+    /// inject: the header that carries the secret (or `scheme`).
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub scheme: Option<InjectScheme>,
+    /// inject: the secret, from a file or an environment variable.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// exchange, client_credentials.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// `private_key_jwt` client authentication (ES256, PKCS#8 PEM).
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
+    #[serde(default)]
+    pub scope_from: ScopeFrom,
+    /// How long the token endpoint may take (503 beyond).
+    #[serde(default = "default_token_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_token_timeout() -> u64 {
+    10
+}
+
+/// Outbound TLS settings of one upstream (and its token endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundTls {
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl OutboundTls {
+    pub fn files(&self) -> toolgate_credential::tls::TlsFiles {
+        toolgate_credential::tls::TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
+}
+
+impl CredentialConfig {
+    /// What is wrong with this upstream's `credential:` for its mode.
+    fn problems(&self, upstream: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        let at = format!("upstream {upstream}: credential");
+        let mode = self.mode.as_str();
+        let set = |present: bool, name: &str, errors: &mut Vec<String>| {
+            if present {
+                errors.push(format!("{at}.{name} does not apply to mode {mode}"));
+            }
+        };
+        let one_of = |count: usize, names: &str, errors: &mut Vec<String>| {
+            if count != 1 {
+                errors.push(format!("{at}: mode {mode} needs exactly one of {names}"));
+            }
+        };
+        let inject = self.mode == CredentialMode::Inject;
+        let oauth = matches!(
+            self.mode,
+            CredentialMode::Exchange | CredentialMode::ClientCredentials
+        );
+        if inject {
+            one_of(
+                self.header.is_some() as usize + self.scheme.is_some() as usize,
+                "header, scheme",
+                &mut errors,
+            );
+            one_of(
+                self.secret_file.is_some() as usize + self.secret_env.is_some() as usize,
+                "secret_file, secret_env",
+                &mut errors,
+            );
+            if let Some(header) = &self.header {
+                match http::HeaderName::from_bytes(header.as_bytes()) {
+                    Err(_) => errors.push(format!("{at}.header {header:?} is not a header name")),
+                    Ok(name) if crate::upstream::never_injected(&name) => errors.push(format!(
+                        "{at}.header {header:?} is one toolgate sets or strips itself"
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        } else {
+            set(self.header.is_some(), "header", &mut errors);
+            set(self.scheme.is_some(), "scheme", &mut errors);
+            set(self.secret_file.is_some(), "secret_file", &mut errors);
+            set(self.secret_env.is_some(), "secret_env", &mut errors);
+        }
+        if oauth {
+            match &self.token_endpoint {
+                None => errors.push(format!("{at}: mode {mode} needs token_endpoint")),
+                Some(url) => match url::Url::parse(url) {
+                    Ok(parsed)
+                        if parsed.scheme() == "https"
+                            || (parsed.scheme() == "http"
+                                && toolgate_credential::tls::plain_http_allowed(&parsed)) => {}
+                    _ => errors.push(format!(
+                        "{at}.token_endpoint {url:?} must be an https:// URL (http:// only on loopback)"
+                    )),
+                },
+            }
+            if self.client_id.as_deref().is_none_or(str::is_empty) {
+                errors.push(format!("{at}: mode {mode} needs client_id"));
+            }
+            one_of(
+                self.client_secret_file.is_some() as usize
+                    + self.client_secret_env.is_some() as usize
+                    + self.private_key.is_some() as usize,
+                "client_secret_file, client_secret_env, private_key",
+                &mut errors,
+            );
+            if !(1..=300).contains(&self.timeout_seconds) {
+                errors.push(format!("{at}.timeout_seconds must be 1..300"));
+            }
+        } else {
+            set(self.token_endpoint.is_some(), "token_endpoint", &mut errors);
+            set(self.client_id.is_some(), "client_id", &mut errors);
+            set(
+                self.client_secret_file.is_some(),
+                "client_secret_file",
+                &mut errors,
+            );
+            set(
+                self.client_secret_env.is_some(),
+                "client_secret_env",
+                &mut errors,
+            );
+            set(self.private_key.is_some(), "private_key", &mut errors);
+        }
+        errors
+    }
 }
 
 fn default_response_idle() -> u64 {
@@ -207,7 +422,8 @@ pub struct Tasks {
     /// Live tasks one agent may have started (429 `too_many_tasks` beyond).
     #[serde(default = "default_per_agent")]
     pub max_active_per_agent: usize,
-    /// Tasks remembered at once in the memory store, live or ended (503 `task_store_full`).
+    /// Tasks remembered at once, live or ended, over all replicas with Redis (503
+    /// `task_store_full`).
     #[serde(default = "default_total_tasks")]
     pub max_tasks: usize,
     /// Credentials recorded in one task (429 `task_credential_limit` beyond).
@@ -506,6 +722,27 @@ impl Config {
         if let Some(p) = self.admin_token_file.as_mut() {
             resolve(p);
         }
+        for upstream in &mut self.upstreams {
+            let credential = &mut upstream.credential;
+            for path in [
+                &mut credential.secret_file,
+                &mut credential.client_secret_file,
+                &mut credential.private_key,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(path);
+            }
+            if let Some(tls) = upstream.tls.as_mut() {
+                for path in [&mut tls.ca_file, &mut tls.client_cert, &mut tls.client_key]
+                    .into_iter()
+                    .flatten()
+                {
+                    resolve(path);
+                }
+            }
+        }
         if let Some(tls) = self.tls.as_mut() {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
@@ -644,6 +881,14 @@ impl Config {
             }
             if up.timeout_seconds == 0 {
                 errors.push(format!("{at}: timeout_seconds must be positive"));
+            }
+            errors.extend(up.credential.problems(&up.name));
+            if let Some(tls) = &up.tls {
+                if tls.client_cert.is_some() != tls.client_key.is_some() {
+                    errors.push(format!(
+                        "{at}: tls.client_cert and tls.client_key go together"
+                    ));
+                }
             }
             if up.kind == UpstreamKind::Mcp && !up.routes.is_empty() {
                 errors.push(format!("{at}: routes are for rest upstreams only"));

@@ -130,11 +130,19 @@ pub(crate) struct Routing {
 }
 
 impl Routing {
-    pub fn new(upstreams: &[config::UpstreamConfig]) -> Self {
-        Routing {
+    /// Sets up every upstream (reading its secrets and TLS files now), or says which cannot be.
+    pub fn new(
+        upstreams: &[config::UpstreamConfig],
+        shared: &HttpClient,
+        connect_timeout: std::time::Duration,
+    ) -> Result<Self, upstream::SetupError> {
+        Ok(Routing {
             routes: RouteTable::new(upstreams),
-            upstreams: upstreams.iter().cloned().map(Upstream::new).collect(),
-        }
+            upstreams: upstreams
+                .iter()
+                .map(|u| Upstream::new(u.clone(), shared, connect_timeout))
+                .collect::<Result<_, _>>()?,
+        })
     }
 }
 
@@ -181,6 +189,12 @@ impl Gateway {
         let tasks = toolgate_tasks::Store::open(&config.tasks.store, config.tasks.bounds())
             .await
             .map_err(|e| format!("tasks.store: {e}"))?;
+        let connect_timeout =
+            std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
+        let client = upstream::client(connect_timeout, &Default::default())
+            .map_err(|e| format!("outbound TLS: {e}"))?;
+        let routing = Routing::new(&config.upstreams, &client, connect_timeout)
+            .map_err(|e| answer::error_chain(&e))?;
         let metrics = Arc::new(Metrics::new());
         metrics.policies_loaded.set(engine.policy_count() as i64);
         let (audit, writer) =
@@ -189,14 +203,12 @@ impl Gateway {
                 .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
         Ok(Arc::new(Gateway {
             policy_dir: config.policies.clone(),
-            routing: ArcSwap::from_pointee(Routing::new(&config.upstreams)),
+            routing: ArcSwap::from_pointee(routing),
             policy: ArcSwap::from_pointee(engine),
             load_cache: tokio::sync::Mutex::new(load_cache),
             auth,
             minter,
-            client: upstream::client(std::time::Duration::from_secs(
-                config.limits.upstream_connect_seconds,
-            )),
+            client,
             metrics,
             audit,
             audit_writer: std::sync::Mutex::new(Some(writer)),

@@ -200,6 +200,8 @@ impl Gateway {
             if line.decision == Verdict::Allow {
                 line.decision = record.decision;
                 line.jti = record.jti.clone();
+                line.credential_mode = record.credential_mode;
+                line.credential_id = record.credential_id.clone();
                 line.upstream_status = record.upstream_status;
                 line.errors.extend(failure.iter().cloned());
             }

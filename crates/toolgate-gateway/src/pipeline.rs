@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
-use toolgate_credential::{Grant, Minted};
-use toolgate_identity::{unix_now, Caller};
+use toolgate_credential::oauth::Grant;
+use toolgate_credential::Minted;
+use toolgate_identity::{bearer_token, unix_now, Caller};
 use toolgate_mcp::json::{fold_key, misspelled};
 use toolgate_policy::{
     AttrType, AuthzRequest, Decision, Env, PolicyEngine, Principal, Record, Resource, TaskContext,
@@ -29,7 +30,7 @@ use crate::answer::{
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
-use crate::upstream::{strip_hop_by_hop, ClientView, Upstream};
+use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -62,6 +63,8 @@ pub(crate) struct CallContext<'a> {
     /// One policy snapshot for the whole call, even if a reload lands meanwhile.
     pub engine: Arc<PolicyEngine>,
     pub task: Option<Task>,
+    /// The agent's own token, kept only for an upstream that exchanges it (RFC 8693).
+    pub subject_token: Option<String>,
 }
 
 impl Gateway {
@@ -193,11 +196,19 @@ impl Gateway {
         let task = self
             .joined_task(task_header(&request)?, &caller, require_task, record)
             .await?;
+        let subject_token = match upstream.credentials {
+            Credentials::Token { exchange: true, .. } => {
+                let header = request.headers().get(header::AUTHORIZATION);
+                bearer_token(header.and_then(|v| v.to_str().ok())).map(String::from)
+            }
+            _ => None,
+        };
         let ctx = CallContext {
             caller: &caller,
             client,
             engine: self.policy.load_full(),
             task,
+            subject_token,
         };
 
         // authorize → mint → forward, as each kind reads its arguments
@@ -276,8 +287,9 @@ impl Gateway {
         decision
     }
 
-    /// Mints the call's credential, records it in the call's task (refused if the task ended
-    /// meanwhile), and sends the request with it in place of whatever the agent sent.
+    /// Gets the call's credential the way its upstream takes one, records it in the call's
+    /// task (refused if the task ended meanwhile), and sends the request with it in place of
+    /// whatever the agent sent.
     pub(crate) async fn forward(
         &self,
         ctx: &CallContext<'_>,
@@ -286,20 +298,13 @@ impl Gateway {
         scope: Vec<String>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
-        // mint
-        let minted = self.mint(
-            ctx.caller,
-            &upstream.config.audience,
-            scope,
-            ctx.task.as_ref(),
-            record,
-        )?;
+        // mint (or inject, or exchange)
+        let (credential, id) = self.credential(ctx, upstream, scope, record).await?;
+        record.credential_mode = Some(upstream.config.credential.mode.as_str());
+        record.credential_id = Some(id.clone());
         if let Some(task) = &ctx.task {
             // Unrecorded, the credential could not be listed when the task ends: fail closed.
-            let joined = self
-                .tasks
-                .add_credential(task, &minted.claims.jti, unix_now())
-                .await?;
+            let joined = self.tasks.add_credential(task, &id, unix_now()).await?;
             if joined == Joined::AtLimit {
                 record.jti = None;
                 record
@@ -308,8 +313,9 @@ impl Gateway {
                 return Err(Refusal::TooMany("task_credential_limit"));
             }
             if joined == Joined::Ended {
-                // Signed but never sent: no credential to name.
+                // Made but never sent: no credential to name.
                 record.jti = None;
+                record.credential_id = None;
                 record.decision = Verdict::Deny;
                 record
                     .errors
@@ -320,9 +326,7 @@ impl Gateway {
 
         // forward
         let started = Instant::now();
-        let result = upstream
-            .forward(&self.client, request, &minted.token, &ctx.client)
-            .await;
+        let result = upstream.forward(request, credential, &ctx.client).await;
         self.metrics
             .upstream_duration
             .with_label_values(&[upstream.name()])
@@ -330,6 +334,72 @@ impl Gateway {
         let response = result?;
         record.upstream_status = Some(response.status().as_u16());
         Ok(response)
+    }
+
+    /// The header that carries the call's credential, and the credential's id for the audit
+    /// and the task: toolgate's own token (`mint`), the upstream's static secret (`inject`), or
+    /// a token from the upstream's token endpoint, for the scope the decision granted.
+    async fn credential(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        scope: Vec<String>,
+        record: &mut AuditRecord,
+    ) -> Result<((HeaderName, HeaderValue), String), Refusal> {
+        let bearer = |token: &str| {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(InternalError::CredentialHeader)?;
+            value.set_sensitive(true);
+            Ok::<_, Refusal>((header::AUTHORIZATION, value))
+        };
+        match &upstream.credentials {
+            Credentials::Mint => {
+                let minted = self.mint(
+                    ctx.caller,
+                    &upstream.config.audience,
+                    scope,
+                    ctx.task.as_ref(),
+                    record,
+                )?;
+                Ok((bearer(&minted.token)?, minted.claims.jti))
+            }
+            Credentials::Inject(secret) => Ok((secret.header(), secret.id())),
+            Credentials::Token { endpoint, exchange } => {
+                let now = unix_now();
+                let caller = ctx.caller;
+                let task = ctx.task.as_ref().map(|t| (t.id.as_str(), t.expires_at));
+                let issued = if *exchange {
+                    let subject = ctx
+                        .subject_token
+                        .as_deref()
+                        .ok_or_else(|| Refusal::BadRequest("no bearer token to exchange".into()))?;
+                    let actor = self
+                        .minter
+                        .actor_assertion(&caller.agent, endpoint.url(), now)
+                        .map_err(InternalError::Mint)?;
+                    // Whom the token is for: user and agent (as the issuer named them).
+                    let user = caller.user.as_deref().unwrap_or("");
+                    let whom = format!(
+                        "{}:{user}{}:{}",
+                        user.len(),
+                        caller.agent.len(),
+                        caller.agent
+                    );
+                    let grant = Grant::Exchange {
+                        subject_token: subject,
+                        actor_token: &actor,
+                        audience: &upstream.config.audience,
+                        resource: &upstream.config.url,
+                    };
+                    endpoint.token(grant, &scope, &whom, task, now).await?
+                } else {
+                    endpoint
+                        .token(Grant::ClientCredentials, &scope, "", task, now)
+                        .await?
+                };
+                Ok((bearer(&issued.token)?, issued.id))
+            }
+        }
     }
 
     /// Room for one audit line, taken before the call it records does anything; without it
@@ -368,7 +438,7 @@ impl Gateway {
         task: Option<&Task>,
         record: &mut AuditRecord,
     ) -> Result<Minted, Refusal> {
-        let grant = Grant {
+        let grant = toolgate_credential::Grant {
             user: caller.user.as_deref(),
             agent: &caller.agent,
             audience,
@@ -713,7 +783,11 @@ fn misspelled_within(value: &Value, ty: &AttrType) -> Option<(String, String)> {
 /// The request line and headers within `limits`: URI length (414), header count and total
 /// size (431), on HTTP/1.1 and HTTP/2 alike.
 fn check_request_head<B>(request: &Request<B>, limits: &Limits) -> Result<(), Refusal> {
-    let uri = request.uri().to_string().len();
+    // The length of the URI as written (`Uri`'s Display), without writing it.
+    let target = request.uri();
+    let uri = target.scheme_str().map_or(0, |s| s.len() + 3)
+        + target.authority().map_or(0, |a| a.as_str().len())
+        + target.path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri > limits.max_uri_bytes {
         return Err(Refusal::UriTooLong);
     }

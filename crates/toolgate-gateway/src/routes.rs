@@ -243,6 +243,8 @@ mod tests {
             require_task: false,
             max_in_flight: None,
             response_idle_seconds: 300,
+            credential: Default::default(),
+            tls: None,
         }])
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::answer::{json_response, keep_alive, Body, BoxError, Refusal};
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{read_limited, CallContext};
-use crate::upstream::ClientView;
+use crate::upstream::{ClientView, Credentials};
 use crate::Gateway;
 
 /// Task requests and introspection forms are small.
@@ -143,6 +143,7 @@ impl Gateway {
             client,
             engine: self.policy.load_full(),
             task: Some(task),
+            subject_token: None,
         };
         let task = ctx.task.as_ref().expect("set above");
         let decision = self.authorize(
@@ -211,6 +212,12 @@ impl Gateway {
         match self.tasks.end(id, state, now).await? {
             Ended::Now(task, revocation) => {
                 self.metrics.tasks_active.dec();
+                // Tokens the upstreams' endpoints issued for the task are never used again.
+                for upstream in &self.routing.load().upstreams {
+                    if let Credentials::Token { endpoint, .. } = &upstream.credentials {
+                        endpoint.forget_task(id);
+                    }
+                }
                 tracing::info!(
                     task_id = id,
                     revoked = revocation.jtis.len(),

@@ -14,8 +14,12 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::answer::{Body, InternalError, Refusal, UpstreamError};
-use crate::config::UpstreamConfig;
+use toolgate_credential::oauth::{ClientAuth, EndpointError, TokenEndpoint};
+use toolgate_credential::secret::{Injected, Placement, Secret, SecretError, SecretSource};
+use toolgate_credential::tls::{TlsError, TlsFiles};
+
+use crate::answer::{Body, Refusal, UpstreamError};
+use crate::config::{CredentialMode, InjectScheme, UpstreamConfig};
 use crate::conn_io::IdleDeadline;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
@@ -55,23 +59,35 @@ const AGENT_ONLY: [&str; 17] = [
 /// Any other `x-forwarded-*` (host, port, prefix, server, ...) is the agent's word, not ours.
 const FORWARDED_PREFIX: &str = "x-forwarded-";
 
+/// Headers an injected secret may not use: those toolgate removes or sets itself on the way
+/// out (they would be dropped, or say something else), and hop-by-hop ones.
+pub(crate) fn never_injected(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    (AGENT_ONLY.contains(&name) && name != "authorization")
+        || HOP_BY_HOP.contains(&name)
+        || name.starts_with(FORWARDED_PREFIX)
+        || name.contains('_')
+        || matches!(name, "content-length" | "content-type")
+}
+
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-pub fn client(connect_timeout: Duration) -> HttpClient {
+/// A pooled client trusting `tls` (default: the public web roots, no client certificate).
+pub fn client(connect_timeout: Duration, tls: &TlsFiles) -> Result<HttpClient, TlsError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(toolgate_credential::tls::client_config(tls)?)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
-        .build(https)
+        .build(https))
 }
 
 /// An upstream, ready to take calls.
@@ -80,20 +96,126 @@ pub struct Upstream {
     base: String,
     /// `max_in_flight` places, when the upstream has a limit of its own.
     places: Option<Arc<Semaphore>>,
+    /// The shared pool, or the upstream's own when it has TLS settings of its own.
+    client: HttpClient,
+    pub credentials: Credentials,
+}
+
+/// Where a forwarded call's credential comes from (`credential.mode`).
+pub enum Credentials {
+    /// toolgate's own per-call token.
+    Mint,
+    /// A static secret of the upstream's.
+    Inject(Injected),
+    /// A token from the upstream's own token endpoint.
+    Token {
+        endpoint: Box<TokenEndpoint>,
+        /// RFC 8693 exchange (else client credentials).
+        exchange: bool,
+    },
+}
+
+/// Why an upstream cannot be set up (its secrets, keys or TLS files): start and reload refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream {0}: credential: {1}")]
+    Secret(String, #[source] SecretError),
+    #[error("upstream {0}: credential.private_key: {1}")]
+    Key(String, String),
+    #[error("upstream {0}: token endpoint: {1}")]
+    Endpoint(String, #[source] EndpointError),
+    #[error("upstream {0}: tls: {1}")]
+    Tls(String, #[source] TlsError),
+}
+
+impl Credentials {
+    fn new(config: &UpstreamConfig) -> Result<Credentials, SetupError> {
+        let c = &config.credential;
+        let name = || config.name.clone();
+        let source = |file: &Option<std::path::PathBuf>, env: &Option<String>| match (file, env) {
+            (Some(path), _) => SecretSource::File(path.clone()),
+            (None, Some(var)) => SecretSource::Env(var.clone()),
+            (None, None) => unreachable!("checked by Config::check"),
+        };
+        Ok(match c.mode {
+            CredentialMode::Mint => Credentials::Mint,
+            CredentialMode::Inject => {
+                let placement = match (&c.header, c.scheme) {
+                    (Some(header), _) => Placement::Header(
+                        HeaderName::from_bytes(header.as_bytes())
+                            .expect("checked by Config::check"),
+                    ),
+                    (None, Some(InjectScheme::Bearer)) => Placement::Bearer,
+                    (None, Some(InjectScheme::Basic)) => Placement::Basic,
+                    (None, None) => unreachable!("checked by Config::check"),
+                };
+                Credentials::Inject(
+                    Injected::new(placement, &source(&c.secret_file, &c.secret_env))
+                        .map_err(|e| SetupError::Secret(name(), e))?,
+                )
+            }
+            CredentialMode::Exchange | CredentialMode::ClientCredentials => {
+                let auth = match &c.private_key {
+                    Some(path) => {
+                        let pem = std::fs::read_to_string(path).map_err(|e| {
+                            SetupError::Key(name(), format!("{}: {e}", path.display()))
+                        })?;
+                        ClientAuth::PrivateKeyJwt(
+                            toolgate_credential::SigningKey::from_pkcs8_pem(&pem)
+                                .map_err(|e| SetupError::Key(name(), e.to_string()))?,
+                        )
+                    }
+                    None => ClientAuth::Secret(
+                        Secret::read(&source(&c.client_secret_file, &c.client_secret_env))
+                            .map_err(|e| SetupError::Secret(name(), e))?,
+                    ),
+                };
+                let tls = config.tls.as_ref().map(|t| t.files()).unwrap_or_default();
+                let endpoint = TokenEndpoint::new(
+                    c.token_endpoint
+                        .as_deref()
+                        .expect("checked by Config::check"),
+                    c.client_id.as_deref().expect("checked by Config::check"),
+                    auth,
+                    &tls,
+                    Duration::from_secs(c.timeout_seconds),
+                )
+                .map_err(|e| SetupError::Endpoint(name(), e))?;
+                Credentials::Token {
+                    endpoint: Box::new(endpoint),
+                    exchange: c.mode == CredentialMode::Exchange,
+                }
+            }
+        })
+    }
 }
 
 /// A call's place among an upstream's `max_in_flight`; given back when dropped.
 pub struct Place(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Self {
+    /// Sets up an upstream: its credentials (secrets read now) and, with TLS settings of its
+    /// own, its own connection pool; else it shares `shared`.
+    pub fn new(
+        config: UpstreamConfig,
+        shared: &HttpClient,
+        connect_timeout: Duration,
+    ) -> Result<Self, SetupError> {
         let base = config.url.trim_end_matches('/').to_string();
         let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
-        Upstream {
+        let client = match &config.tls {
+            Some(tls) => client(connect_timeout, &tls.files())
+                .map_err(|e| SetupError::Tls(config.name.clone(), e))?,
+            None => shared.clone(),
+        };
+        let credentials = Credentials::new(&config)?;
+        Ok(Upstream {
             config,
             base,
             places,
-        }
+            client,
+            credentials,
+        })
     }
 
     /// A place for one more call, if the upstream's own limit has one left.
@@ -124,12 +246,11 @@ impl Upstream {
             .map_err(|e| Refusal::BadRequest(format!("cannot form upstream URI: {e}")))
     }
 
-    /// Sends the call with the minted credential in place of whatever the agent sent.
+    /// Sends the call with its credential (a header) in place of whatever the agent sent.
     pub async fn forward(
         &self,
-        client: &HttpClient,
         mut request: Request<Body>,
-        credential: &str,
+        credential: (HeaderName, HeaderValue),
         agent: &ClientView,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
@@ -148,15 +269,14 @@ impl Upstream {
         for name in agent_forwarded {
             headers.remove(name);
         }
-        let bearer = HeaderValue::from_str(&format!("Bearer {credential}"))
-            .map_err(InternalError::CredentialHeader)?;
-        headers.insert(header::AUTHORIZATION, bearer);
+        // `insert` replaces any value the agent sent under the same name.
+        headers.insert(credential.0, credential.1);
         headers.insert("x-forwarded-for", agent.ip_header());
         headers.insert("x-forwarded-proto", HeaderValue::from_static(agent.scheme));
         *request.version_mut() = http::Version::HTTP_11;
 
         let timeout = Duration::from_secs(self.config.timeout_seconds);
-        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Err(_) => return Err(Refusal::UpstreamTimeout),
             Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
             Ok(Ok(response)) => response,
@@ -296,15 +416,21 @@ mod tests {
             require_task: false,
             max_in_flight: None,
             response_idle_seconds: 300,
+            credential: Default::default(),
+            tls: None,
         };
-        let up = Upstream::new(config.clone());
+        let shared = client(Duration::from_secs(1), &TlsFiles::default()).unwrap();
+        let up = Upstream::new(config.clone(), &shared, Duration::from_secs(1)).unwrap();
         assert_eq!(
             up.uri("/invoices/4%202", Some("x=1")).unwrap(),
             "http://127.0.0.1:9/api/invoices/4%202?x=1"
         );
         config.url = "http://127.0.0.1:9".into();
         assert_eq!(
-            Upstream::new(config).uri("", None).unwrap(),
+            Upstream::new(config, &shared, Duration::from_secs(1))
+                .unwrap()
+                .uri("", None)
+                .unwrap(),
             "http://127.0.0.1:9/"
         );
     }

@@ -33,6 +33,13 @@ impl Gateway {
             .map(canonical)
             .collect();
         files.extend(self.config_path.as_deref().map(canonical));
+        files.extend(
+            self.config
+                .upstreams
+                .iter()
+                .flat_map(|u| u.files())
+                .map(canonical),
+        );
         let dirs: HashSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(Path::to_path_buf))

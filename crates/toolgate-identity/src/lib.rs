@@ -56,6 +56,12 @@ pub struct Caller {
     pub exp: u64,
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(header: Option<&str>) -> Option<&str> {
+    let (scheme, token) = header?.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 static NO_CLAIMS: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
 
 impl Caller {
@@ -175,12 +181,8 @@ impl Authenticator {
 
     /// Authenticates an `Authorization` header value.
     pub async fn authenticate_header(&self, header: Option<&str>) -> Result<Caller, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let (scheme, token) = header.split_once(' ').ok_or(AuthError::Missing)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Missing);
-        }
-        self.authenticate(token.trim()).await
+        self.authenticate(bearer_token(header).ok_or(AuthError::Missing)?)
+            .await
     }
 
     /// Verifies a token, or answers from the cache of tokens verified before.
