@@ -828,3 +828,126 @@ pub async fn get(url: &str, token: &str) -> Answer {
     )
     .await
 }
+
+// ---------------------------------------------------------------- token endpoint stand-in
+
+/// A stand-in for an upstream's token endpoint (an STS: none installs offline): OAuth 2.0
+/// client credentials and RFC 8693 token exchange over real HTTP, recording every request and
+/// answering as the test sets (`TokenServer::answer`). Issued tokens are `sts-1`, `sts-2`, ...
+pub struct TokenServer {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<TokenRequest>>>,
+    answer: Arc<Mutex<TokenAnswer>>,
+}
+
+/// One request the token endpoint received.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub form: std::collections::HashMap<String, String>,
+    pub authorization: Option<String>,
+}
+
+/// How the token endpoint answers.
+#[derive(Debug, Clone)]
+pub enum TokenAnswer {
+    /// A bearer token for the scope asked (or `scope`, when set: a widened grant).
+    Issue {
+        expires_in: Option<u64>,
+        scope: Option<String>,
+    },
+    /// An OAuth error answer.
+    Error { status: u16, code: String },
+    /// No answer at all (until the test ends).
+    Hang,
+}
+
+impl TokenServer {
+    pub async fn start() -> TokenServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(Mutex::new(TokenAnswer::Issue {
+            expires_in: Some(300),
+            scope: None,
+        }));
+        let (log, how) = (seen.clone(), answer.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (log, how) = (log.clone(), how.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (log, how) = (log.clone(), how.clone());
+                        async move {
+                            let authorization = req
+                                .headers()
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap().to_string());
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let form: std::collections::HashMap<String, String> =
+                                form_urlencoded::parse(&body).into_owned().collect();
+                            let n = {
+                                let mut log = log.lock().unwrap();
+                                log.push(TokenRequest {
+                                    form: form.clone(),
+                                    authorization,
+                                });
+                                log.len()
+                            };
+                            let how = how.lock().unwrap().clone();
+                            let (status, body) = match how {
+                                TokenAnswer::Hang => {
+                                    std::future::pending::<()>().await;
+                                    unreachable!()
+                                }
+                                TokenAnswer::Error { status, code } => (
+                                    status,
+                                    json!({"error": code, "error_description": "refused by the test"}),
+                                ),
+                                TokenAnswer::Issue { expires_in, scope } => {
+                                    let mut body = json!({
+                                        "access_token": format!("sts-{n}"),
+                                        "token_type": "Bearer",
+                                        "scope": scope.unwrap_or_else(|| form.get("scope").cloned().unwrap_or_default()),
+                                    });
+                                    if let Some(seconds) = expires_in {
+                                        body["expires_in"] = json!(seconds);
+                                    }
+                                    if form.get("grant_type").map(String::as_str)
+                                        == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                                    {
+                                        body["issued_token_type"] =
+                                            json!("urn:ietf:params:oauth:token-type:access_token");
+                                    }
+                                    (200, body)
+                                }
+                            };
+                            let mut response =
+                                Response::new(Full::new(Bytes::from(body.to_string())));
+                            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TokenServer { addr, seen, answer }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    pub fn answer(&self, how: TokenAnswer) {
+        *self.answer.lock().unwrap() = how;
+    }
+
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}

@@ -123,6 +123,21 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
     }
 }
 
+/// Sets up each upstream as `serve` would (secrets, keys, TLS files read now): what fails.
+pub fn check_upstreams(config: &Config) -> Vec<String> {
+    let timeout = std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
+    let shared = match upstream::client(timeout, &Default::default()) {
+        Ok(client) => client,
+        Err(e) => return vec![answer::error_chain(&e)],
+    };
+    config
+        .upstreams
+        .iter()
+        .filter_map(|up| Upstream::new(up.clone(), &shared, timeout).err())
+        .map(|e| answer::error_chain(&e))
+        .collect()
+}
+
 /// Where calls go: the route table and the upstreams it names, from one config.
 pub(crate) struct Routing {
     pub routes: RouteTable,
