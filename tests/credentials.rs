@@ -26,12 +26,19 @@ struct Fronted {
 
 impl Fronted {
     async fn start(gw: &Gateway, name: &str, block: &str) -> Fronted {
-        let config = gw.edited_config(&format!("{name}.yaml"), |t| {
+        Fronted::edited(gw, name, |t| {
             t.replace(
                 "    timeout_seconds: 30\n",
                 &format!("    timeout_seconds: 30\n{block}"),
             )
-            .replace("path: audit.jsonl", &format!("path: {name}-audit.jsonl"))
+        })
+        .await
+    }
+
+    /// On the harness's config with `edit` applied (and an audit file of its own).
+    async fn edited(gw: &Gateway, name: &str, edit: impl Fn(String) -> String) -> Fronted {
+        let config = gw.edited_config(&format!("{name}.yaml"), |t| {
+            edit(t).replace("path: audit.jsonl", &format!("path: {name}-audit.jsonl"))
         });
         let logs = gw.dir.0.join(name);
         std::fs::create_dir_all(&logs).unwrap();
@@ -578,4 +585,93 @@ fn verify_es256(token: &str, jwks: &Value) -> Value {
     jsonwebtoken::decode::<Value>(token, &key, &validation)
         .unwrap()
         .claims
+}
+
+/// The billing upstream moved to `https://localhost:<port>/api`, with `tls` (YAML lines at
+/// four spaces) under it.
+async fn over_tls(gw: &Gateway, name: &str, upstream: &Upstream, tls: &str) -> Fronted {
+    let plain = format!("    url: http://{}/api\n", gw_upstream(gw));
+    let secure = format!(
+        "    url: https://localhost:{}/api\n{tls}",
+        upstream.addr.port()
+    );
+    Fronted::edited(gw, name, |t| t.replace(&plain, &secure)).await
+}
+
+/// The recording upstream the harness's config names for billing.
+fn gw_upstream(gw: &Gateway) -> String {
+    let config = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml")).unwrap();
+    let line = config
+        .lines()
+        .find(|l| l.contains("url: http://") && l.ends_with("/api"))
+        .unwrap();
+    line.trim()
+        .trim_start_matches("url: http://")
+        .trim_end_matches("/api")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_over_tls_with_a_private_ca_and_with_mtls() {
+    let recorder = Upstream::start().await;
+    let gw = Gateway::plain(&recorder).await;
+    let pki = Pki::new(&gw.dir.0);
+    let token = gw.idp.delegated();
+
+    // A private CA: trusted only where the upstream's tls says so.
+    let private = Upstream::start_tls(pki.acceptor(false)).await;
+    let trusting = over_tls(&gw, "ca", &private, "    tls: { ca_file: ca.pem }\n").await;
+    let answer = get(&trusting.url("/billing/invoices/7"), &token).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let seen = private.requests();
+    assert_eq!(seen.len(), 1);
+    // Over TLS the client and the upstream agree on h2 (the URI is then absolute).
+    let uri: http::Uri = seen[0].uri.parse().unwrap();
+    assert_eq!(uri.path(), "/api/invoices/7");
+    assert!(header(&seen[0], "authorization")
+        .unwrap()
+        .starts_with("Bearer ey"));
+    let untrusting = over_tls(&gw, "public-roots", &private, "").await;
+    let refused = get(&untrusting.url("/billing/invoices/8"), &token).await;
+    assert_eq!(
+        refused.status, 502,
+        "a certificate from an unknown CA: {:?}",
+        refused.body
+    );
+    assert_eq!(private.requests().len(), 1, "nothing reached it");
+
+    // mTLS: the upstream takes only clients with a certificate from its CA.
+    let strict = Upstream::start_tls(pki.acceptor(true)).await;
+    let with_cert = over_tls(
+        &gw,
+        "mtls",
+        &strict,
+        "    tls: { ca_file: ca.pem, client_cert: client.pem, client_key: client.key }\n",
+    )
+    .await;
+    assert_eq!(
+        get(&with_cert.url("/billing/invoices/9"), &token)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(strict.requests().len(), 1);
+    let without = over_tls(
+        &gw,
+        "no-client-cert",
+        &strict,
+        "    tls: { ca_file: ca.pem }\n",
+    )
+    .await;
+    assert_eq!(
+        get(&without.url("/billing/invoices/10"), &token)
+            .await
+            .status,
+        502
+    );
+    assert_eq!(strict.requests().len(), 1);
+    assert!(
+        recorder.requests().is_empty(),
+        "nothing went to the plain upstream"
+    );
 }

@@ -147,6 +147,16 @@ fn held_stream(id: Value, mut release: tokio::sync::watch::Receiver<bool>) -> Re
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Upstream::start_with(None).await
+    }
+
+    /// The same upstream behind TLS (the acceptor decides its certificate and whether it
+    /// requires one of the client).
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> Upstream {
+        Upstream::start_with(Some(acceptor)).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -155,7 +165,7 @@ impl Upstream {
         let release = released.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (log, release) = (log.clone(), release.clone());
+                let (log, release, tls) = (log.clone(), release.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, release) = (log.clone(), release.clone());
@@ -206,9 +216,23 @@ impl Upstream {
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            // A refused handshake (no or an unknown client certificate) ends here.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -949,5 +973,82 @@ impl TokenServer {
 
     pub fn requests(&self) -> Vec<TokenRequest> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------- a private PKI
+
+/// A private CA with a server certificate for `localhost`/127.0.0.1 and a client certificate,
+/// written as PEM files into `dir` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
+/// `client.key`). `acceptor(require_client)` serves the server certificate.
+pub struct Pki {
+    pub dir: PathBuf,
+    server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    server_key: Vec<u8>,
+    ca: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "toolgate test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (cert, key)
+        };
+        let (server, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+        let (client, client_key) = leaf(vec!["toolgate.client".into()]);
+        for (name, text) in [
+            ("ca.pem", ca.pem()),
+            ("server.pem", server.pem()),
+            ("server.key", server_key.serialize_pem()),
+            ("client.pem", client.pem()),
+            ("client.key", client_key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        Pki {
+            dir: dir.to_path_buf(),
+            server_chain: vec![server.der().clone()],
+            server_key: server_key.serialize_der(),
+            ca: ca.der().clone(),
+        }
+    }
+
+    /// A TLS acceptor with the server certificate; with `require_client`, only clients with
+    /// a certificate from this CA get through the handshake.
+    pub fn acceptor(&self, require_client: bool) -> tokio_rustls::TlsAcceptor {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key.clone().into());
+        let mut config = builder
+            .with_single_cert(self.server_chain.clone(), key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
