@@ -260,19 +260,21 @@ async fn bearer_and_basic_schemes_and_bad_secrets_refused_at_start() {
     }
 }
 
-/// A gateway whose billing upstream gets its tokens from `sts`.
+/// A gateway whose billing upstream gets its tokens from `sts` (`more`: YAML lines at four
+/// spaces after the `credential:` block, e.g. its `tls:`).
 async fn with_token_endpoint(
     gw: &Gateway,
     name: &str,
     sts: &TokenServer,
     mode: &str,
     auth: &str,
+    more: &str,
 ) -> Fronted {
     Fronted::start(
         gw,
         name,
         &format!(
-            "    credential:\n      mode: {mode}\n      token_endpoint: {}\n      client_id: toolgate-test\n      {auth}\n      timeout_seconds: 1\n",
+            "    credential:\n      mode: {mode}\n      token_endpoint: {}\n      client_id: toolgate-test\n      {auth}\n      timeout_seconds: 1\n{more}",
             sts.url()
         ),
     )
@@ -291,6 +293,7 @@ async fn client_credentials_are_asked_for_the_granted_scope_and_kept_while_they_
         &sts,
         "client_credentials",
         "client_secret_file: sts-client",
+        "",
     )
     .await;
     let token = gw.idp.delegated();
@@ -362,6 +365,7 @@ async fn token_endpoint_failures_fail_closed() {
         &sts,
         "client_credentials",
         "client_secret_file: sts-client",
+        "",
     )
     .await;
     let token = gw.idp.delegated();
@@ -431,6 +435,7 @@ async fn token_exchange_sends_the_user_token_and_an_actor_assertion() {
         &sts,
         "exchange",
         "private_key: sts-client.pem",
+        "",
     )
     .await;
     let token = gw.idp.delegated();
@@ -674,4 +679,34 @@ async fn upstreams_over_tls_with_a_private_ca_and_with_mtls() {
         recorder.requests().is_empty(),
         "nothing went to the plain upstream"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_over_tls_is_verified_with_the_upstreams_ca() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let pki = Pki::new(&gw.dir.0);
+    std::fs::write(gw.dir.0.join("sts-client"), "client-secret-77\n").unwrap();
+    let sts = TokenServer::start_tls(pki.acceptor(false)).await;
+    let auth = "client_secret_file: sts-client";
+    // The upstream's own tls settings verify its token endpoint too.
+    let tls = "    tls: { ca_file: ca.pem }\n";
+    let trusting = with_token_endpoint(&gw, "sts-ca", &sts, "client_credentials", auth, tls).await;
+    let token = gw.idp.delegated();
+    let answer = get(&trusting.url("/billing/invoices/1"), &token).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(sts.requests().len(), 1);
+    assert_eq!(
+        header(upstream.requests().last().unwrap(), "authorization"),
+        Some("Bearer sts-1")
+    );
+
+    // Without the CA, the endpoint's certificate is not trusted: no token, nothing forwarded.
+    let untrusting =
+        with_token_endpoint(&gw, "sts-public", &sts, "client_credentials", auth, "").await;
+    let refused = get(&untrusting.url("/billing/invoices/2"), &token).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"], "upstream_credential_unavailable");
+    assert_eq!(sts.requests().len(), 1);
+    assert_eq!(upstream.requests().len(), 1);
 }

@@ -862,6 +862,7 @@ pub struct TokenServer {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<TokenRequest>>>,
     answer: Arc<Mutex<TokenAnswer>>,
+    tls: bool,
 }
 
 /// One request the token endpoint received.
@@ -887,6 +888,16 @@ pub enum TokenAnswer {
 
 impl TokenServer {
     pub async fn start() -> TokenServer {
+        TokenServer::start_with(None).await
+    }
+
+    /// The same endpoint behind TLS.
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> TokenServer {
+        TokenServer::start_with(Some(acceptor)).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> TokenServer {
+        let is_tls = tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -897,7 +908,7 @@ impl TokenServer {
         let (log, how) = (seen.clone(), answer.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (log, how) = (log.clone(), how.clone());
+                let (log, how, tls) = (log.clone(), how.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, how) = (log.clone(), how.clone());
@@ -954,17 +965,39 @@ impl TokenServer {
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        TokenServer { addr, seen, answer }
+        TokenServer {
+            addr,
+            seen,
+            answer,
+            tls: is_tls,
+        }
     }
 
+    /// Its URL (`https://localhost:...` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/token", self.addr)
+        match self.tls {
+            false => format!("http://{}/token", self.addr),
+            true => format!("https://localhost:{}/token", self.addr.port()),
+        }
     }
 
     pub fn answer(&self, how: TokenAnswer) {
