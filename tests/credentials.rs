@@ -710,3 +710,100 @@ async fn a_token_endpoint_over_tls_is_verified_with_the_upstreams_ca() {
     assert_eq!(sts.requests().len(), 1);
     assert_eq!(upstream.requests().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_python_check_accepts_a_minted_credential_only() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let inbound = gw.idp.delegated();
+    assert_eq!(
+        get(&gw.url("/billing/invoices/5"), &inbound).await.status,
+        200
+    );
+    let minted = header(&upstream.requests()[0], "authorization")
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_string();
+    let check = |token: &str, audience: &str| {
+        std::process::Command::new(python())
+            .arg(repo().join("docs/examples/verify_credential.py"))
+            .args([
+                &gw.url("/.well-known/jwks.json"),
+                "https://toolgate.test",
+                audience,
+                token,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = check(&minted, "https://billing.internal");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let claims: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (claims["sub"].as_str(), claims["act"]["sub"].as_str()),
+        (Some("alice"), Some("assistant"))
+    );
+    assert_eq!(claims["scope"], "billing/get_invoice invoices:read");
+    // The Rust check of docs/credentials.md agrees.
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(get(&gw.url("/.well-known/jwks.json"), "").await.json()).unwrap();
+    let claims = verify(
+        &minted,
+        &jwks,
+        "https://toolgate.test",
+        "https://billing.internal",
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], "https://billing.internal");
+    assert!(verify(
+        &minted,
+        &jwks,
+        "https://toolgate.test",
+        "https://records.internal"
+    )
+    .is_err());
+    assert!(verify(
+        &inbound,
+        &jwks,
+        "https://toolgate.test",
+        "https://billing.internal"
+    )
+    .is_err());
+    // Another tool's audience, and the agent's own token, are refused.
+    for (token, audience) in [
+        (minted.as_str(), "https://records.internal"),
+        (inbound.as_str(), "https://billing.internal"),
+    ] {
+        let out = check(token, audience);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("refused: "));
+    }
+}
+
+/// The Rust check of docs/credentials.md, as printed there.
+fn verify(
+    token: &str,
+    jwks: &jsonwebtoken::jwk::JwkSet,
+    issuer: &str,
+    audience: &str,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+    let header = decode_header(token)?;
+    if header.typ.as_deref() != Some("at+jwt") {
+        return Err("not an access token".into());
+    }
+    let kid = header.kid.ok_or("no kid")?;
+    let jwk = jwks
+        .find(&kid)
+        .ok_or("unknown kid: refetch the JWKS once")?;
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[audience]);
+    validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+    validation.leeway = 5;
+    Ok(decode::<serde_json::Value>(token, &DecodingKey::from_jwk(jwk)?, &validation)?.claims)
+}

@@ -20,15 +20,6 @@ when { context.args.amount < 100 };
 @id("mcp-hide-admin") forbid (principal, action == Toolgate::Action::"list", resource == Toolgate::Tool::"tools/admin_reset");
 "#;
 
-fn python() -> std::path::PathBuf {
-    let python = repo().join(".toolgate-test/venv/bin/python");
-    assert!(
-        python.exists(),
-        "the MCP SDK venv is missing: run scripts/test-deps.sh"
-    );
-    python
-}
-
 /// Starts the FastMCP test server and waits (bounded) until it accepts connections.
 async fn start_fastmcp() -> (Killed, String) {
     start_mcp_server("the FastMCP server", |port| {

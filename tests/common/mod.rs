@@ -784,6 +784,16 @@ pub async fn spawn_serve_logging(
     )
 }
 
+/// The Python of the test venv (the MCP SDK 1.x, and PyJWT with it).
+pub fn python() -> PathBuf {
+    let python = repo().join(".toolgate-test/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the test venv is missing: run scripts/test-deps.sh"
+    );
+    python
+}
+
 /// Runs the toolgate binary to completion.
 pub fn toolgate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_toolgate"))
