@@ -303,8 +303,16 @@ impl Gateway {
         record.credential_mode = Some(upstream.config.credential.mode.as_str());
         record.credential_id = Some(id.clone());
         if let Some(task) = &ctx.task {
-            // Unrecorded, the credential could not be listed when the task ends: fail closed.
-            let joined = self.tasks.add_credential(task, &id, unix_now()).await?;
+            // A minted credential is listed in its task, atomically with the task being live:
+            // unrecorded, it could not be revoked when the task ends (fail closed). Other
+            // modes' credentials are not toolgate's to revoke: the task must still be live.
+            let joined = match upstream.credentials {
+                Credentials::Mint => self.tasks.add_credential(task, &id, unix_now()).await?,
+                _ => match self.tasks.get(&task.id).await? {
+                    Some(now) if now.is_live(unix_now()) => Joined::Recorded,
+                    _ => Joined::Ended,
+                },
+            };
             if joined == Joined::AtLimit {
                 record.jti = None;
                 record
