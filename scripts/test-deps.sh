@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus),
-# redis-server, node and npm, curl (the demo's printed lines are run as printed), and the
+# redis-server, node and npm, curl (the demo's printed lines are run as printed), the
 # official MCP SDKs: Python 1.x (.toolgate-test/venv),
-# Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node).
+# Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node), and
+# kubernetes-validate (.toolgate-test/venv-k8s: the Kubernetes schemas, offline, for deploy/).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
@@ -58,4 +59,13 @@ if [ "$(node -p "require('./$node_dir/node_modules/@modelcontextprotocol/sdk/pac
   mkdir -p "$node_dir"
   [ -f "$node_dir/package.json" ] || echo '{"private": true}' > "$node_dir/package.json"
   (cd "$node_dir" && npm install --silent --no-audit --no-fund "@modelcontextprotocol/sdk@$ts_version")
+fi
+
+# The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs).
+venv_k8s=".toolgate-test/venv-k8s"
+k8s_version="1.37.0"
+if ! "$venv_k8s/bin/python" -c "import importlib.metadata as m; assert m.version('kubernetes-validate') == '$k8s_version'" 2>/dev/null; then
+  echo "test-deps: installing kubernetes-validate==$k8s_version into $venv_k8s"
+  python3 -m venv "$venv_k8s"
+  "$venv_k8s/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$k8s_version"
 fi

@@ -95,6 +95,12 @@ enum Command {
         #[command(subcommand)]
         source: SchemaSource,
     },
+    /// Exit 0 when URL answers 200 within 3 s (a container's health check: the image has no
+    /// shell or curl).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
     /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
     Keygen {
         #[arg(long)]
@@ -127,7 +133,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
-        Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(&config))),
+        Command::Serve { config } => Config::load(&config).and_then(|loaded| {
+            init_tracing(Some(&loaded.log))?;
+            runtime()?.block_on(serve(loaded, &config))
+        }),
+        Command::Health { url } => health(&url),
         Command::Demo {
             listen,
             admin_listen,
@@ -177,24 +187,64 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    init_tracing();
+    // A second call (serve set it up from its config first) changes nothing.
+    let _ = init_tracing(None);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logs to stderr: the level from `RUST_LOG`, else the config's `log.level`, else `info`; the
+/// format from `TOOLGATE_LOG_FORMAT`, else the config's `log.format`.
+fn init_tracing(log: Option<&toolgate_gateway::config::Log>) -> Result<(), String> {
+    use toolgate_gateway::config::LogFormat;
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => {
+            let level = log.and_then(|l| l.level.as_deref()).unwrap_or("info");
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| format!("log.level {level:?}: {e}"))?
+        }
+    };
+    let format = match std::env::var("TOOLGATE_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        Ok("text") => LogFormat::Text,
+        Ok(other) => return Err(format!("TOOLGATE_LOG_FORMAT {other:?}: text or json")),
+        Err(_) => log.map_or(LogFormat::Text, |l| l.format),
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => logs.json().try_init(),
+        LogFormat::Text => logs.try_init(),
+    };
+    Ok(())
 }
 
-async fn serve(config_path: &Path) -> Result<ExitCode, String> {
-    let config = Config::load(config_path)?;
+/// `toolgate health`: GET the URL (plain HTTP, loopback in a container) and expect a 200.
+fn health(url: &str) -> Result<ExitCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri));
+        match asked.await {
+            Ok(Ok(answer)) if answer.status() == http::StatusCode::OK => Ok(ExitCode::SUCCESS),
+            Ok(Ok(answer)) => Err(format!("{url}: {}", answer.status())),
+            Ok(Err(e)) => Err(format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: no answer within 3 s")),
+        }
+    })
+}
+
+async fn serve(config: Config, config_path: &Path) -> Result<ExitCode, String> {
     let gateway = Gateway::new(config, Some(config_path.to_path_buf())).await?;
     let running = gateway.start().await?;
     announce(&running);

@@ -86,11 +86,14 @@ impl Gateway {
     /// this listener); every other endpoint needs the admin token.
     pub(crate) async fn admin(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
-            (&Method::GET, "/metrics") => text_response(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
-            ),
+            (&Method::GET, "/metrics") => {
+                self.metrics.audit_backlog.set(self.audit.backlog() as i64);
+                text_response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 if self.ready.load(Ordering::SeqCst) {

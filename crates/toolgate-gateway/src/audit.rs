@@ -121,6 +121,8 @@ pub struct AuditSink {
     tx: mpsc::UnboundedSender<Message>,
     /// `audit.buffer` slots: records queued or being written.
     room: Arc<Semaphore>,
+    /// `audit.buffer`.
+    capacity: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -156,9 +158,16 @@ impl AuditSink {
         let sink = AuditSink {
             tx: tx.clone(),
             room: room.clone(),
+            capacity: buffer.max(1),
             metrics,
         };
         Ok((sink, AuditWriter { tx, room, finished }))
+    }
+
+    /// Room taken now: records queued for the writer, and calls in flight holding room for
+    /// theirs.
+    pub fn backlog(&self) -> usize {
+        self.capacity - self.room.available_permits().min(self.capacity)
     }
 
     /// Takes room for one record, if the writer has any left.

@@ -37,6 +37,28 @@ pub struct Config {
     /// The bearer token of the admin listener's operations; absent: they are disabled (403).
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// Logging (read at start): `RUST_LOG` wins over `level`; `TOOLGATE_LOG_FORMAT` over `format`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter (default `info`).
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Hot reload: policies, JWKS files and the config file are watched (and SIGHUP and
@@ -678,6 +700,7 @@ impl Config {
         differs("limits", self.limits == other.limits);
         differs("public_url", self.public_url == other.public_url);
         differs("reload", self.reload == other.reload);
+        differs("log", self.log == other.log);
         differs(
             "admin_token_file",
             self.admin_token_file == other.admin_token_file,

@@ -3,14 +3,18 @@
 use prometheus::{
     register_histogram_vec_with_registry, register_histogram_with_registry,
     register_int_counter_vec_with_registry, register_int_counter_with_registry,
-    register_int_gauge_with_registry, Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Registry, TextEncoder,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
 };
 
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub decisions: IntCounterVec,
+    /// Decisions on calls to declared tools, by upstream, tool and decision.
+    pub tool_calls: IntCounterVec,
+    pub revoked: IntCounter,
+    pub audit_backlog: IntGauge,
     pub authz_duration: Histogram,
     pub upstream_duration: HistogramVec,
     pub minted: IntCounter,
@@ -41,6 +45,25 @@ impl Metrics {
                 "toolgate_authz_decisions_total",
                 "Authorization decisions, by outcome.",
                 &["decision"],
+                r
+            )
+            .expect("metric"),
+            tool_calls: register_int_counter_vec_with_registry!(
+                "toolgate_tool_calls_total",
+                "Decisions on calls to tools the schema declares, by upstream, tool and decision (none: anything else).",
+                &["upstream", "tool", "decision"],
+                r
+            )
+            .expect("metric"),
+            revoked: register_int_counter_with_registry!(
+                "toolgate_credentials_revoked_total",
+                "Minted credentials revoked by the end of their task.",
+                r
+            )
+            .expect("metric"),
+            audit_backlog: register_int_gauge_with_registry!(
+                "toolgate_audit_backlog",
+                "Audit room taken: records queued for the writer and calls in flight holding room for theirs (at most audit.buffer).",
                 r
             )
             .expect("metric"),
@@ -135,6 +158,15 @@ impl Metrics {
             .expect("metric"),
             registry: r,
         };
+        register_int_gauge_vec_with_registry!(
+            "toolgate_build_info",
+            "1, labelled with the running toolgate's version.",
+            &["version"],
+            m.registry
+        )
+        .expect("metric")
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
         // Make both outcomes visible from the start, so rate() queries have a series.
         for d in ["allow", "deny"] {
             m.decisions.with_label_values(&[d]);

@@ -435,6 +435,18 @@ impl Gateway {
             .decisions
             .with_label_values(&[record.decision.as_str()])
             .inc();
+        // Labelled only with tools the schema declares: an agent's words (an MCP tool name,
+        // a path) must not make new series.
+        let tool = record
+            .action
+            .as_deref()
+            .filter(|action| self.policy.load().has_action(action))
+            .and_then(|action| action.split_once('/'))
+            .unwrap_or(("none", "none"));
+        self.metrics
+            .tool_calls
+            .with_label_values(&[tool.0, tool.1, record.decision.as_str()])
+            .inc();
         self.audit.record(record, slot);
     }
 

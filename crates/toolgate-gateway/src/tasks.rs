@@ -212,6 +212,7 @@ impl Gateway {
         match self.tasks.end(id, state, now).await? {
             Ended::Now(task, revocation) => {
                 self.metrics.tasks_active.dec();
+                self.metrics.revoked.inc_by(revocation.jtis.len() as u64);
                 // Tokens the upstreams' endpoints issued for the task are never used again.
                 for upstream in &self.routing.load().upstreams {
                     if let Credentials::Token { endpoint, .. } = &upstream.credentials {

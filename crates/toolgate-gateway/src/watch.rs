@@ -47,12 +47,14 @@ impl Gateway {
             .collect();
 
         let (tx, rx) = mpsc::channel::<()>(64);
+        let swapped = dirs.clone();
         let relevant = move |path: &Path| {
             files.contains(path)
                 || (path.parent() == Some(policy_dir.as_path())
                     && path
                         .extension()
                         .is_some_and(|e| e == "cedar" || e == "cedarschema" || e == "json"))
+                || is_atomic_swap(path, &swapped)
         };
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -91,14 +93,22 @@ async fn reload_on_change(gateway: Arc<Gateway>, mut changes: mpsc::Receiver<()>
 }
 
 /// The canonical form of a path, or of its parent joined with its name when it does not exist.
+/// The path with its directory resolved, its own name kept: a file that is a symbolic link
+/// (a Kubernetes ConfigMap or Secret volume) is watched where it is mounted, not where its
+/// link points today (a directory the kubelet removes on the next update).
 fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| {
-        match (
-            path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
-            path.file_name(),
-        ) {
-            (Some(parent), Some(name)) => parent.join(name),
-            _ => path.to_path_buf(),
-        }
-    })
+    match (
+        path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
+        path.file_name(),
+    ) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Kubernetes updates a mounted ConfigMap or Secret by writing a new hidden directory and
+/// renaming a `..data` link onto it: every file in the volume changes at that moment.
+fn is_atomic_swap(path: &Path, watched: &HashSet<PathBuf>) -> bool {
+    path.file_name().is_some_and(|n| n == "..data")
+        && path.parent().is_some_and(|dir| watched.contains(dir))
 }

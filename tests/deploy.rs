@@ -1,0 +1,395 @@
+//! What deploy/ ships (issue 13): Kubernetes manifests valid against the Kubernetes schemas
+//! (offline, `kubernetes-validate`), their config and policies accepted by `toolgate check`, a
+//! dashboard that queries only metrics a live gateway exports, the binary run the way the
+//! image runs it, and ConfigMap updates (the kubelet's `..data` swap) reloaded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    repo().join("deploy")
+}
+
+fn kubernetes_validate() -> PathBuf {
+    let tool = repo().join(".toolgate-test/venv-k8s/bin/kubernetes-validate");
+    assert!(
+        tool.exists(),
+        "kubernetes-validate is missing: run scripts/test-deps.sh"
+    );
+    tool
+}
+
+/// The YAML documents of a manifest file.
+fn documents(path: &Path) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    for shape in ["edge", "sidecar"] {
+        let dir = deploy().join("kubernetes").join(shape);
+        let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
+        let mut listed: Vec<String> = kustomization["resources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        let mut present: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+            .collect();
+        listed.sort();
+        present.sort();
+        assert_eq!(
+            listed, present,
+            "{shape}: the kustomization lists every manifest"
+        );
+        let out = Command::new(kubernetes_validate())
+            .arg("--strict")
+            .args(listed.iter().map(|f| dir.join(f)))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{shape}: {said}");
+        assert!(!said.contains("ERROR") && !said.contains("WARN"), "{said}");
+    }
+    // The validator can refuse: a misspelt field fails.
+    let bad = TempDir::new("k8s-bad");
+    let file = bad.0.join("service.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Service\nmetadata: { name: x }\nspec: { portz: [] }\n",
+    )
+    .unwrap();
+    let out = Command::new(kubernetes_validate())
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn the_shipped_configs_and_policies_pass_toolgate_check() {
+    for shape in ["edge", "sidecar"] {
+        let dir = TempDir::new(&format!("k8s-{shape}"));
+        let (policies, secrets) = (dir.0.join("policies"), dir.0.join("secrets"));
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::create_dir_all(&secrets).unwrap();
+        let mut config = None;
+        for doc in documents(
+            &deploy()
+                .join("kubernetes")
+                .join(shape)
+                .join("configmap.yaml"),
+        ) {
+            for (name, text) in doc["data"].as_mapping().unwrap() {
+                let (name, text) = (name.as_str().unwrap(), text.as_str().unwrap());
+                if name == "toolgate.yaml" {
+                    config = Some(text.to_string());
+                } else {
+                    std::fs::write(policies.join(name), text).unwrap();
+                }
+            }
+        }
+        // The Secret's files, made for real.
+        let (_, signing) = toolgate_credential::SigningKey::generate().unwrap();
+        std::fs::write(secrets.join("signing.pem"), signing).unwrap();
+        std::fs::write(secrets.join("admin.token"), ADMIN_TOKEN).unwrap();
+        std::fs::write(secrets.join("crm.key"), "crm-test-key").unwrap();
+        let config = config
+            .expect("a toolgate.yaml in the ConfigMap")
+            .replace(
+                "/etc/toolgate/policies/",
+                &format!("{}/", policies.display()),
+            )
+            .replace("/etc/toolgate/secrets/", &format!("{}/", secrets.display()));
+        let path = dir.0.join("toolgate.yaml");
+        std::fs::write(&path, config).unwrap();
+        let out = toolgate(&["check", "--config", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{shape}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every `toolgate_...` name a dashboard query uses.
+fn dashboard_metrics() -> Vec<String> {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/toolgate.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    exprs.extend(
+        dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["query"].as_str().map(String::from)),
+    );
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.match_indices("toolgate_").map(|(at, _)| {
+                e[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_metrics_a_live_gateway_exports() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let token = gw.idp.delegated();
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1"), &token).await.status,
+        200
+    );
+    let scrape = gw.metrics().await;
+    let names = dashboard_metrics();
+    assert!(names.len() >= 15, "{names:?}");
+    for name in &names {
+        let exported = scrape.lines().any(|l| {
+            !l.starts_with('#')
+                && (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        });
+        assert!(
+            exported,
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
+    // The scrape is valid Prometheus text.
+    let file = gw.dir.0.join("scrape.txt");
+    std::fs::write(&file, &scrape).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The decision by tool is there, and build_info carries the binary's own version.
+    assert_eq!(
+        metric(&scrape, "toolgate_tool_calls_total{decision=\"allow\",tool=\"get_invoice\",upstream=\"billing\"}"),
+        Some(1.0)
+    );
+    let version = String::from_utf8(toolgate(&["--version"]).stdout).unwrap();
+    let version = version.trim().rsplit(' ').next().unwrap();
+    assert!(
+        scrape.contains(&format!("toolgate_build_info{{version=\"{version}\"}} 1")),
+        "{version}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_as_the_image_runs_it() {
+    // As deploy/Dockerfile runs it: uid 65532, the config from a read-only mounted directory,
+    // logs in JSON on stderr, the audit on stdout, and `toolgate health` as the health check.
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let mount = std::env::temp_dir().join(format!("toolgate-mount-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mount);
+    copy_dir(&gw.dir.0, &mount);
+    let config = mount.join("toolgate.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("path: audit.jsonl", "path: \"-\"");
+    std::fs::write(&config, text + "log: { format: json }\n").unwrap();
+    let root = current_uid() == 0;
+    let mut command = if root {
+        // Owned by root, readable by all, writable by none: what a read-only volume gives.
+        Command::new("chmod")
+            .args(["-R", "a+rX,a-w"])
+            .arg(&mount)
+            .status()
+            .unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65532", "--regid=65532", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_toolgate"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_toolgate"))
+    };
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Killed(command.spawn().unwrap());
+    let stdout = child.0.stdout.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
+    // The announcement, then the audit lines (drained, so the gateway never blocks on them).
+    let (announced_tx, announced_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let _ = announced_tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let logs = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut logs);
+        logs
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), announced_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let announced: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line:?}"));
+    let admin = announced["admin"].as_str().unwrap().to_string();
+    let listen = announced["listen"].as_str().unwrap().to_string();
+    if root {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uid.split_whitespace().skip(1).all(|u| u == "65532"),
+            "{uid}"
+        );
+    }
+    let health =
+        |url: String| tokio::task::spawn_blocking(move || toolgate(&["health", "--url", &url]));
+    let healthy = health(format!("http://{admin}/healthz")).await.unwrap();
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    let missing = health(format!("http://{admin}/nowhere")).await.unwrap();
+    assert!(!missing.status.success());
+    let call = get(
+        &format!("http://{listen}/billing/invoices/3"),
+        &gw.idp.delegated(),
+    )
+    .await;
+    assert_eq!(call.status, 200);
+    // JSON log lines on stderr.
+    child.terminate_and_wait().await;
+    let logs = tokio::task::spawn_blocking(move || logs.join().unwrap())
+        .await
+        .unwrap();
+    let first = logs.lines().next().expect("a log line");
+    let event: Value = serde_json::from_str(first).unwrap_or_else(|_| panic!("not JSON: {first}"));
+    assert!(event["fields"]["message"].is_string(), "{event}");
+    let _ = Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(&mount)
+        .status();
+    let _ = std::fs::remove_dir_all(&mount);
+}
+
+/// The uid this test runs as (`id -u`).
+fn current_uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_is_reloaded() {
+    // The layout the kubelet gives a ConfigMap volume: files are links through `..data` to a
+    // hidden, timestamped directory; an update writes a new one and renames `..data` onto it.
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let volume = gw.dir.0.join("volume");
+    // Each version is a whole copy of the policies; the second freezes everything (a forbid
+    // added to a file that exists in both, so only the `..data` swap announces the change).
+    let version = |name: &str, freeze: bool| {
+        let dir = volume.join(name);
+        copy_dir(&gw.dir.0.join("policies"), &dir);
+        if freeze {
+            let file = dir.join("billing.cedar");
+            let text = std::fs::read_to_string(&file).unwrap();
+            std::fs::write(
+                file,
+                text + "\n@id(\"freeze\")\nforbid (principal, action, resource);\n",
+            )
+            .unwrap();
+        }
+        dir
+    };
+    let first = version("..2026_12_04_10_00_00.1", false);
+    std::os::unix::fs::symlink(first.file_name().unwrap(), volume.join("..data")).unwrap();
+    for entry in std::fs::read_dir(&first).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        std::os::unix::fs::symlink(format!("..data/{name}"), volume.join(name)).unwrap();
+    }
+    let config = gw.edited_config("volume.yaml", |t| {
+        t.replace("policies: policies/", "policies: volume/")
+    });
+    let (child, addr, admin) = spawn_serve(&config).await;
+    let _child = Killed(child);
+    let token = gw.idp.delegated();
+    let url = format!("http://{addr}/billing/invoices/1");
+    assert_eq!(get(&url, &token).await.status, 200);
+
+    // The update, as the kubelet makes it.
+    let second = version("..2026_12_04_10_05_00.2", true);
+    std::os::unix::fs::symlink(second.file_name().unwrap(), volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if get(&url, &token).await.status == 403 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the swap was never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let scrape = send("GET", &format!("http://{admin}/metrics"), &[], b"").await;
+    let scrape = String::from_utf8_lossy(&scrape.body).to_string();
+    assert!(metric(&scrape, "toolgate_policy_reloads_total{result=\"success\"}").unwrap() >= 1.0);
+}
