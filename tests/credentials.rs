@@ -147,7 +147,8 @@ async fn an_injected_secret_reaches_only_the_upstream_and_rotates_on_reload() {
     let lines = g.audit(2).await;
     assert_eq!(lines[0]["credential_mode"], "inject");
     let id = lines[0]["credential_id"].as_str().unwrap();
-    assert!(id.starts_with("sha256:"), "{id}");
+    // Named by an HMAC under the gateway's key: a short secret cannot be guessed from it.
+    assert!(id.starts_with("hmac:"), "{id}");
     assert_eq!(lines[0]["jti"], Value::Null);
     assert_eq!(
         lines[1]["credential_mode"],
@@ -248,9 +249,23 @@ async fn bearer_and_basic_schemes_and_bad_secrets_refused_at_start() {
             "    credential: { mode: mint, secret_file: bearer.key }\n",
             "does not apply to mode mint",
         ),
+        // A secret to a plain-HTTP upstream off loopback (the url is moved below).
+        (
+            "    credential: { mode: inject, scheme: bearer, secret_file: bearer.key }\n    url: http://tools.example/api\n",
+            "needs an https:// url",
+        ),
     ] {
         let config = gw.edited_config("bad.yaml", |t| {
-            t.replace("    timeout_seconds: 30\n", &format!("    timeout_seconds: 30\n{block}"))
+            let moved = if block.contains("url:") {
+                // The harness's own billing url line goes; the block's takes its place.
+                t.lines()
+                    .filter(|l| !(l.starts_with("    url: http://") && l.ends_with("/api")))
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            } else {
+                t
+            };
+            moved.replace("    timeout_seconds: 30\n", &format!("    timeout_seconds: 30\n{block}"))
         });
         let out = toolgate(&["check", "--config", config.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);

@@ -220,7 +220,9 @@ async fn json_rpc_edge_cases() {
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 900, "to": "x"}}},
         {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 9, "to": "x"}}},
         {"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        // A notification passes through; its name must not widen the credential's scope.
+        {"jsonrpc": "2.0", "method": "notifications/x admin:all"}
     ]);
     let answer = post(&gw, &token, batch.to_string().as_bytes()).await;
     assert_eq!(answer.status, 200);
@@ -262,7 +264,7 @@ async fn json_rpc_edge_cases() {
         .collect();
     assert_eq!(
         ids,
-        vec![&json!(1), &json!(3), &json!(4), &Value::Null],
+        vec![&json!(1), &json!(3), &json!(4), &Value::Null, &Value::Null],
         "the denied call was not forwarded"
     );
     assert_eq!(seen[0].headers["mcp-session-id"], "session-1");
@@ -275,6 +277,10 @@ async fn json_rpc_edge_cases() {
         .to_string();
     assert!(
         scope.contains("tools/add") && scope.contains("tools/pay"),
+        "{scope}"
+    );
+    assert!(
+        !scope.contains("admin") && !scope.contains("notifications"),
         "{scope}"
     );
 

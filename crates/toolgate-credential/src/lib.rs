@@ -35,6 +35,9 @@ pub struct SigningKey {
     public_jwk: Value,
     /// The encoded JWS header of a credential (`typ` `at+jwt`), made once: every call signs one.
     credential_header: String,
+    /// Names secrets for the audit (HMAC, keyed from this private key): a plain hash of a
+    /// short secret could be reversed by trying candidates; this needs the key too.
+    id_key: ring::hmac::Key,
 }
 
 /// The `typ` of a minted credential (RFC 9068).
@@ -77,9 +80,17 @@ impl SigningKey {
         )
         .map_err(|e| CredentialError::Key(format!("ring refused the key: {e}")))?;
         let credential_header = encoded_header(CREDENTIAL_TYP, &kid);
+        let id_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &Sha256::new()
+                .chain_update(b"toolgate secret ids\0")
+                .chain_update(der.as_bytes())
+                .finalize(),
+        );
         Ok(SigningKey {
             kid,
             pair: Arc::new(pair),
+            id_key,
             public_jwk,
             credential_header,
         })
@@ -87,6 +98,13 @@ impl SigningKey {
 
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// A secret's name for the audit: `hmac:` and 16 bytes of its HMAC (base64url). The same
+    /// on every replica that holds this key; reveals nothing without it.
+    pub fn secret_id(&self, secret: &str) -> String {
+        let tag = ring::hmac::sign(&self.id_key, secret.as_bytes());
+        format!("hmac:{}", URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16]))
     }
 
     pub fn public_jwk(&self) -> &Value {
@@ -214,6 +232,11 @@ impl Minter {
 
     pub fn ttl_seconds(&self) -> u64 {
         self.ttl_seconds
+    }
+
+    /// A secret's name for the audit (see `SigningKey::secret_id`).
+    pub fn secret_id(&self, secret: &str) -> String {
+        self.key.secret_id(secret)
     }
 
     /// A token for exactly this call: `typ: at+jwt`, unique `jti`, `exp` within ttl and `not_after`.

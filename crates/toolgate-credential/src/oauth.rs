@@ -26,8 +26,12 @@ pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Token answers read at most (a token endpoint answers with a small JSON object).
 const MAX_ANSWER_BYTES: usize = 64 << 10;
-/// Tokens kept at most per endpoint; beyond, the cache starts again.
-const MAX_CACHED: usize = 10_000;
+/// Tokens kept at most per endpoint; beyond, the expired go, then all.
+const MAX_CACHED: usize = 4096;
+/// The longest token taken from an endpoint (a header value; bounds what the cache holds).
+const MAX_TOKEN_BYTES: usize = 8 << 10;
+/// The most of an endpoint's own words (`error_description`, a token type) kept for the audit.
+const MAX_ENDPOINT_TEXT: usize = 200;
 /// A kept token is used until this long before it expires, not up to the last second.
 const EXPIRY_MARGIN_SECONDS: u64 = 10;
 
@@ -36,7 +40,7 @@ pub enum ClientAuth {
     /// `client_secret_basic`.
     Secret(Secret),
     /// `private_key_jwt`: an ES256 assertion signed with this key.
-    PrivateKeyJwt(SigningKey),
+    PrivateKeyJwt(Box<SigningKey>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +71,24 @@ pub enum EndpointError {
     Tls(#[from] TlsError),
 }
 
-/// A token for one upstream call, from the endpoint or kept from an earlier answer.
-#[derive(Debug, Clone)]
+/// SHA-256 of what a token was asked for (whom, task, scope).
+type AskHash = [u8; 32];
+
+/// A token for one upstream call, from the endpoint or kept from an earlier answer. Its
+/// `Debug` names it by its id only.
+#[derive(Clone)]
 pub struct Issued {
     pub token: String,
     /// The token's `jti` if it is a JWT that names one, else a hash of it (for the audit).
     pub id: String,
     /// Unix seconds after which it is not used.
     pub use_until: u64,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Issued({}, until {})", self.id, self.use_until)
+    }
 }
 
 /// What to ask for.
@@ -97,8 +111,9 @@ pub struct TokenEndpoint {
     auth: ClientAuth,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
-    /// Issued tokens by what they were asked for (and for whom), with the task they serve.
-    kept: Mutex<HashMap<String, (Issued, Option<String>)>>,
+    /// Issued tokens by a hash of what they were asked for (and for whom), with the task they
+    /// serve.
+    kept: Mutex<HashMap<AskHash, (Issued, Option<String>)>>,
 }
 
 impl TokenEndpoint {
@@ -135,32 +150,55 @@ impl TokenEndpoint {
 
     /// A token for `scope` (and, for an exchange, for the caller it names), kept from an
     /// earlier answer while it lives, else asked for. `key` names whom the token is for
-    /// besides the scope and task (user, agent); a task's token is used until the task ends at
-    /// most (`not_after`), and forgotten when it ends (`forget_task`).
+    /// besides the scope and task (for an exchange: user, agent and the subject token); a
+    /// token is used until `not_after` at most (the caller's own token's expiry) and, in a
+    /// task, until the task ends, and it is forgotten when the task ends (`forget_task`).
     pub async fn token(
         &self,
         grant: Grant<'_>,
         scope: &[String],
         key: &str,
         task: Option<(&str, u64)>,
+        not_after: Option<u64>,
         now: u64,
     ) -> Result<Issued, TokenError> {
+        // Asked in one order whatever the call's order, so equal asks share a token.
+        let mut scope: Vec<&str> = scope.iter().map(String::as_str).collect();
+        scope.sort_unstable();
+        scope.dedup();
+        // RFC 6749 §3.3: scope tokens are printable, without spaces, quotes or backslashes.
+        if let Some(bad) = scope.iter().find(|s| {
+            s.is_empty()
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        }) {
+            return Err(TokenError::Unusable(format!(
+                "scope value {bad:?} cannot be asked for"
+            )));
+        }
         let scope = scope.join(" ");
         let task_id = task.map(|(id, _)| id);
-        let key = format!(
-            "{}:{key}{}:{}{scope}",
-            key.len(),
-            task_id.map_or(0, str::len),
-            task_id.unwrap_or("")
-        );
+        let key: AskHash = {
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            for part in [key, task_id.unwrap_or(""), &scope] {
+                hash.update((part.len() as u64).to_be_bytes());
+                hash.update(part.as_bytes());
+            }
+            hash.finalize().into()
+        };
         if let Some((kept, _)) = self.kept.lock().expect("not poisoned").get(&key) {
             if kept.use_until > now {
                 return Ok(kept.clone());
             }
         }
-        let not_after = task.map(|(_, end)| end);
+        let limit = [task.map(|(_, end)| end), not_after]
+            .into_iter()
+            .flatten()
+            .min();
         let answer = self.ask(&grant, &scope, now).await?;
-        let issued = checked(answer, &grant, &scope, not_after, now)?;
+        let issued = checked(answer, &grant, &scope, limit, now)?;
         let mut kept = self.kept.lock().expect("not poisoned");
         if kept.len() >= MAX_CACHED {
             kept.retain(|_, (t, _)| t.use_until > now);
@@ -296,7 +334,7 @@ impl TokenEndpoint {
             return Err(TokenError::Refused {
                 status: status.as_u16(),
                 code,
-                description: error.error_description,
+                description: error.error_description.map(|d| endpoint_text(&d)),
             });
         }
         serde_json::from_slice(&body)
@@ -331,7 +369,7 @@ fn checked(
     if !answer.token_type.eq_ignore_ascii_case("bearer") {
         return Err(TokenError::Unusable(format!(
             "token_type {:?}, not Bearer",
-            answer.token_type
+            endpoint_text(&answer.token_type)
         )));
     }
     if let Grant::Exchange { .. } = grant {
@@ -339,22 +377,26 @@ fn checked(
             Some(ACCESS_TOKEN_TYPE | JWT_TOKEN_TYPE) => {}
             other => {
                 return Err(TokenError::Unusable(format!(
-                    "issued_token_type {other:?}, not an access token"
+                    "issued_token_type {:?}, not an access token",
+                    other.map(endpoint_text)
                 )))
             }
         }
     }
-    if answer.access_token.is_empty() || http::HeaderValue::from_str(&answer.access_token).is_err()
+    if answer.access_token.is_empty()
+        || answer.access_token.len() > MAX_TOKEN_BYTES
+        || http::HeaderValue::from_str(&answer.access_token).is_err()
     {
-        return Err(TokenError::Unusable(
-            "access_token is not a header value".into(),
-        ));
+        return Err(TokenError::Unusable(format!(
+            "access_token is not a header value of at most {MAX_TOKEN_BYTES} bytes"
+        )));
     }
     if let Some(granted) = &answer.scope {
         let asked: Vec<&str> = asked.split_whitespace().collect();
         if let Some(wider) = granted.split_whitespace().find(|s| !asked.contains(s)) {
             return Err(TokenError::Unusable(format!(
-                "scope {wider:?} was granted but not asked for"
+                "scope {:?} was granted but not asked for",
+                endpoint_text(wider)
             )));
         }
     }
@@ -363,7 +405,7 @@ fn checked(
         Some(0) => return Err(TokenError::Unusable("expires_in is 0".into())),
         Some(seconds) => {
             let margin = EXPIRY_MARGIN_SECONDS.min(seconds / 10);
-            let until = now + seconds - margin;
+            let until = now.saturating_add(seconds - margin);
             not_after.map_or(until, |limit| until.min(limit))
         }
         None => now,
@@ -374,6 +416,15 @@ fn checked(
         id,
         use_until,
     })
+}
+
+/// An endpoint's own words, as the audit keeps them: printable, and short (it may echo what
+/// toolgate sent it).
+fn endpoint_text(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_ENDPOINT_TEXT)
+        .collect()
 }
 
 /// `jti:<jti>` of a JWT that names one (read, not verified: it is only a name for the audit).

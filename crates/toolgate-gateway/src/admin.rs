@@ -330,7 +330,7 @@ impl Gateway {
         }
         let connect_timeout =
             std::time::Duration::from_secs(self.config.limits.upstream_connect_seconds);
-        match Routing::new(&new.upstreams, &self.client, connect_timeout) {
+        match Routing::new(&new.upstreams, &self.client, connect_timeout, &self.minter) {
             Ok(routing) => {
                 self.routing.store(Arc::new(routing));
                 report.applied.push("upstreams".into());

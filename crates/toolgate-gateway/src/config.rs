@@ -906,12 +906,23 @@ impl Config {
                 errors.push(format!("{at}: timeout_seconds must be positive"));
             }
             errors.extend(up.credential.problems(&up.name));
+            let plain = up.url.starts_with("http://");
             if let Some(tls) = &up.tls {
                 if tls.client_cert.is_some() != tls.client_key.is_some() {
                     errors.push(format!(
                         "{at}: tls.client_cert and tls.client_key go together"
                     ));
                 }
+            }
+            // A long-lived secret, or a token for more than one call, never crosses a network
+            // in the clear (a minted credential lives one call and one audience).
+            let loopback = url::Url::parse(&up.url)
+                .is_ok_and(|u| toolgate_credential::tls::plain_http_allowed(&u));
+            if plain && !loopback && up.credential.mode != CredentialMode::Mint {
+                errors.push(format!(
+                    "{at}: mode {} needs an https:// url (http:// only on loopback)",
+                    up.credential.mode.as_str()
+                ));
             }
             if up.kind == UpstreamKind::Mcp && !up.routes.is_empty() {
                 errors.push(format!("{at}: routes are for rest upstreams only"));

@@ -133,7 +133,8 @@ pub fn check_upstreams(config: &Config) -> Vec<String> {
     config
         .upstreams
         .iter()
-        .filter_map(|up| Upstream::new(up.clone(), &shared, timeout).err())
+        // Only whether each can be set up matters here, not what its secret is named.
+        .filter_map(|up| Upstream::new(up.clone(), &shared, timeout, &|_| String::new()).err())
         .map(|e| answer::error_chain(&e))
         .collect()
 }
@@ -150,12 +151,14 @@ impl Routing {
         upstreams: &[config::UpstreamConfig],
         shared: &HttpClient,
         connect_timeout: std::time::Duration,
+        minter: &Minter,
     ) -> Result<Self, upstream::SetupError> {
+        let name_secret = |secret: &str| minter.secret_id(secret);
         Ok(Routing {
             routes: RouteTable::new(upstreams),
             upstreams: upstreams
                 .iter()
-                .map(|u| Upstream::new(u.clone(), shared, connect_timeout))
+                .map(|u| Upstream::new(u.clone(), shared, connect_timeout, &name_secret))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -208,7 +211,7 @@ impl Gateway {
             std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
         let client = upstream::client(connect_timeout, &Default::default())
             .map_err(|e| format!("outbound TLS: {e}"))?;
-        let routing = Routing::new(&config.upstreams, &client, connect_timeout)
+        let routing = Routing::new(&config.upstreams, &client, connect_timeout, &minter)
             .map_err(|e| answer::error_chain(&e))?;
         let metrics = Arc::new(Metrics::new());
         metrics.policies_loaded.set(engine.policy_count() as i64);

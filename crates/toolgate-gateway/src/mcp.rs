@@ -268,7 +268,8 @@ impl Gateway {
                         Intent::Listen => plan.listens = true,
                         _ => {}
                     }
-                    plan.scope.push(method.to_string());
+                    // The method is the agent's word: the scope names the endpoint instead.
+                    plan.scope.push(format!("{}/mcp", upstream.name()));
                     plan.forward.push(message.clone());
                     continue;
                 }

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use toolgate_credential::oauth::Grant;
+use toolgate_credential::secret::opaque_id;
 use toolgate_credential::Minted;
 use toolgate_identity::{bearer_token, unix_now, Caller};
 use toolgate_mcp::json::{fold_key, misspelled};
@@ -315,6 +316,7 @@ impl Gateway {
             };
             if joined == Joined::AtLimit {
                 record.jti = None;
+                record.credential_id = None;
                 record
                     .errors
                     .push(format!("task {} holds its maximum of credentials", task.id));
@@ -371,7 +373,7 @@ impl Gateway {
                 )?;
                 Ok((bearer(&minted.token)?, minted.claims.jti))
             }
-            Credentials::Inject(secret) => Ok((secret.header(), secret.id())),
+            Credentials::Inject(secret, id) => Ok((secret.header(), id.clone())),
             Credentials::Token { endpoint, exchange } => {
                 let now = unix_now();
                 let caller = ctx.caller;
@@ -385,13 +387,15 @@ impl Gateway {
                         .minter
                         .actor_assertion(&caller.agent, endpoint.url(), now)
                         .map_err(InternalError::Mint)?;
-                    // Whom the token is for: user and agent (as the issuer named them).
+                    // Whom the token is for: user and agent (as the issuer named them), and
+                    // through which of their tokens (a narrower or revoked one is asked anew).
                     let user = caller.user.as_deref().unwrap_or("");
                     let whom = format!(
-                        "{}:{user}{}:{}",
+                        "{}:{user}{}:{}{}",
                         user.len(),
                         caller.agent.len(),
-                        caller.agent
+                        caller.agent,
+                        opaque_id(subject)
                     );
                     let grant = Grant::Exchange {
                         subject_token: subject,
@@ -399,10 +403,14 @@ impl Gateway {
                         audience: &upstream.config.audience,
                         resource: &upstream.config.url,
                     };
-                    endpoint.token(grant, &scope, &whom, task, now).await?
+                    // Never used past the agent's own token.
+                    let until = Some(caller.exp);
+                    endpoint
+                        .token(grant, &scope, &whom, task, until, now)
+                        .await?
                 } else {
                     endpoint
-                        .token(Grant::ClientCredentials, &scope, "", task, now)
+                        .token(Grant::ClientCredentials, &scope, "", task, None, now)
                         .await?
                 };
                 Ok((bearer(&issued.token)?, issued.id))

@@ -105,8 +105,8 @@ pub struct Upstream {
 pub enum Credentials {
     /// toolgate's own per-call token.
     Mint,
-    /// A static secret of the upstream's.
-    Inject(Injected),
+    /// A static secret of the upstream's, and its name for the audit.
+    Inject(Injected, String),
     /// A token from the upstream's own token endpoint.
     Token {
         endpoint: Box<TokenEndpoint>,
@@ -126,16 +126,24 @@ pub enum SetupError {
     Endpoint(String, #[source] EndpointError),
     #[error("upstream {0}: tls: {1}")]
     Tls(String, #[source] TlsError),
+    /// What `Config::check` refuses, met by a config that did not go through it.
+    #[error("upstream {0}: credential: {1}")]
+    Incomplete(String, &'static str),
 }
 
 impl Credentials {
-    fn new(config: &UpstreamConfig) -> Result<Credentials, SetupError> {
+    /// `name_secret` names a static secret for the audit (`Minter::secret_id`).
+    fn new(
+        config: &UpstreamConfig,
+        name_secret: &dyn Fn(&str) -> String,
+    ) -> Result<Credentials, SetupError> {
         let c = &config.credential;
         let name = || config.name.clone();
+        let incomplete = |what| SetupError::Incomplete(config.name.clone(), what);
         let source = |file: &Option<std::path::PathBuf>, env: &Option<String>| match (file, env) {
-            (Some(path), _) => SecretSource::File(path.clone()),
-            (None, Some(var)) => SecretSource::Env(var.clone()),
-            (None, None) => unreachable!("checked by Config::check"),
+            (Some(path), _) => Ok(SecretSource::File(path.clone())),
+            (None, Some(var)) => Ok(SecretSource::Env(var.clone())),
+            (None, None) => Err(incomplete("no secret file or variable")),
         };
         Ok(match c.mode {
             CredentialMode::Mint => Credentials::Mint,
@@ -143,16 +151,16 @@ impl Credentials {
                 let placement = match (&c.header, c.scheme) {
                     (Some(header), _) => Placement::Header(
                         HeaderName::from_bytes(header.as_bytes())
-                            .expect("checked by Config::check"),
+                            .map_err(|_| incomplete("header is not a header name"))?,
                     ),
                     (None, Some(InjectScheme::Bearer)) => Placement::Bearer,
                     (None, Some(InjectScheme::Basic)) => Placement::Basic,
-                    (None, None) => unreachable!("checked by Config::check"),
+                    (None, None) => return Err(incomplete("no header or scheme")),
                 };
-                Credentials::Inject(
-                    Injected::new(placement, &source(&c.secret_file, &c.secret_env))
-                        .map_err(|e| SetupError::Secret(name(), e))?,
-                )
+                let injected = Injected::new(placement, &source(&c.secret_file, &c.secret_env)?)
+                    .map_err(|e| SetupError::Secret(name(), e))?;
+                let id = name_secret(injected.secret().expose());
+                Credentials::Inject(injected, id)
             }
             CredentialMode::Exchange | CredentialMode::ClientCredentials => {
                 let auth = match &c.private_key {
@@ -160,13 +168,13 @@ impl Credentials {
                         let pem = std::fs::read_to_string(path).map_err(|e| {
                             SetupError::Key(name(), format!("{}: {e}", path.display()))
                         })?;
-                        ClientAuth::PrivateKeyJwt(
+                        ClientAuth::PrivateKeyJwt(Box::new(
                             toolgate_credential::SigningKey::from_pkcs8_pem(&pem)
                                 .map_err(|e| SetupError::Key(name(), e.to_string()))?,
-                        )
+                        ))
                     }
                     None => ClientAuth::Secret(
-                        Secret::read(&source(&c.client_secret_file, &c.client_secret_env))
+                        Secret::read(&source(&c.client_secret_file, &c.client_secret_env)?)
                             .map_err(|e| SetupError::Secret(name(), e))?,
                     ),
                 };
@@ -174,8 +182,10 @@ impl Credentials {
                 let endpoint = TokenEndpoint::new(
                     c.token_endpoint
                         .as_deref()
-                        .expect("checked by Config::check"),
-                    c.client_id.as_deref().expect("checked by Config::check"),
+                        .ok_or_else(|| incomplete("no token_endpoint"))?,
+                    c.client_id
+                        .as_deref()
+                        .ok_or_else(|| incomplete("no client_id"))?,
                     auth,
                     &tls,
                     Duration::from_secs(c.timeout_seconds),
@@ -200,6 +210,7 @@ impl Upstream {
         config: UpstreamConfig,
         shared: &HttpClient,
         connect_timeout: Duration,
+        name_secret: &dyn Fn(&str) -> String,
     ) -> Result<Self, SetupError> {
         let base = config.url.trim_end_matches('/').to_string();
         let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
@@ -208,7 +219,7 @@ impl Upstream {
                 .map_err(|e| SetupError::Tls(config.name.clone(), e))?,
             None => shared.clone(),
         };
-        let credentials = Credentials::new(&config)?;
+        let credentials = Credentials::new(&config, name_secret)?;
         Ok(Upstream {
             config,
             base,
@@ -420,14 +431,15 @@ mod tests {
             tls: None,
         };
         let shared = client(Duration::from_secs(1), &TlsFiles::default()).unwrap();
-        let up = Upstream::new(config.clone(), &shared, Duration::from_secs(1)).unwrap();
+        let name = |s: &str| s.to_string();
+        let up = Upstream::new(config.clone(), &shared, Duration::from_secs(1), &name).unwrap();
         assert_eq!(
             up.uri("/invoices/4%202", Some("x=1")).unwrap(),
             "http://127.0.0.1:9/api/invoices/4%202?x=1"
         );
         config.url = "http://127.0.0.1:9".into();
         assert_eq!(
-            Upstream::new(config, &shared, Duration::from_secs(1))
+            Upstream::new(config, &shared, Duration::from_secs(1), &name)
                 .unwrap()
                 .uri("", None)
                 .unwrap(),
