@@ -10,13 +10,10 @@ ulimit -n 65536 2>/dev/null || true
 cd "$(dirname "$0")/.."
 a=$(realpath "$1"); b=$(realpath "$2"); rounds=${3:-3}; seconds=${4:-8}
 oha=$PWD/target/bench-tools/bin/oha
-[ -x /usr/sbin/nginx ] || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
-}
-[ -x "$oha" ] || cargo install oha --locked --root target/bench-tools -q
+source benches/lib.sh
+need_nginx_and_oha
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
-source benches/lib.sh
 if [ "$(nproc)" -ge 2 ]; then load_cpu=0; sut_cpu=1; else load_cpu=0; sut_cpu=0; fi
 launch="taskset -c $sut_cpu"
 cat > "$work/nginx.conf.in" <<NGINX

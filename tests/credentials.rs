@@ -296,21 +296,24 @@ async fn with_token_endpoint(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_credentials_are_asked_for_the_granted_scope_and_kept_while_they_live() {
+/// A recording upstream, the harness's gateway, a token endpoint, and a gateway whose billing
+/// upstream gets client-credentials tokens from it with `secret`.
+async fn with_client_credentials(
+    name: &str,
+    secret: &str,
+) -> (Upstream, Gateway, TokenServer, Fronted) {
     let upstream = Upstream::start().await;
     let gw = Gateway::plain(&upstream).await;
-    std::fs::write(gw.dir.0.join("sts-client"), "client-secret-4410\n").unwrap();
+    std::fs::write(gw.dir.0.join("sts-client"), format!("{secret}\n")).unwrap();
     let sts = TokenServer::start().await;
-    let g = with_token_endpoint(
-        &gw,
-        "cc",
-        &sts,
-        "client_credentials",
-        "client_secret_file: sts-client",
-        "",
-    )
-    .await;
+    let auth = "client_secret_file: sts-client";
+    let g = with_token_endpoint(&gw, name, &sts, "client_credentials", auth, "").await;
+    (upstream, gw, sts, g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_are_asked_for_the_granted_scope_and_kept_while_they_live() {
+    let (upstream, gw, sts, g) = with_client_credentials("cc", "client-secret-4410").await;
     let token = gw.idp.delegated();
 
     assert_eq!(get(&g.url("/billing/invoices/1"), &token).await.status, 200);
@@ -370,19 +373,7 @@ async fn client_credentials_are_asked_for_the_granted_scope_and_kept_while_they_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_failures_fail_closed() {
-    let upstream = Upstream::start().await;
-    let gw = Gateway::plain(&upstream).await;
-    std::fs::write(gw.dir.0.join("sts-client"), "client-secret-9\n").unwrap();
-    let sts = TokenServer::start().await;
-    let g = with_token_endpoint(
-        &gw,
-        "fail",
-        &sts,
-        "client_credentials",
-        "client_secret_file: sts-client",
-        "",
-    )
-    .await;
+    let (upstream, gw, sts, g) = with_client_credentials("fail", "client-secret-9").await;
     let token = gw.idp.delegated();
     let cases = [
         (

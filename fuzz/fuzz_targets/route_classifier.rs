@@ -32,6 +32,8 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         require_task: false,
         max_in_flight: None,
         response_idle_seconds: 300,
+        credential: Default::default(),
+        tls: None,
     }])
 });
 

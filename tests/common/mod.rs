@@ -216,23 +216,7 @@ impl Upstream {
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    match tls {
-                        None => {
-                            let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                        Some(acceptor) => {
-                            // A refused handshake (no or an unknown client certificate) ends here.
-                            if let Ok(stream) = acceptor.accept(stream).await {
-                                let _ = builder
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            }
-                        }
-                    }
+                    serve_test_connection(stream, tls, service).await;
                 });
             }
         });
@@ -267,6 +251,37 @@ impl Upstream {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Serves one accepted connection with `service`, over TLS when `tls` is given (a refused
+/// handshake, e.g. no or an unknown client certificate, ends it there).
+async fn serve_test_connection<S, B>(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    match tls {
+        None => {
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+        Some(acceptor) => {
+            if let Ok(stream) = acceptor.accept(stream).await {
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        }
     }
 }
 
@@ -975,22 +990,7 @@ impl TokenServer {
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    match tls {
-                        None => {
-                            let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                        Some(acceptor) => {
-                            if let Ok(stream) = acceptor.accept(stream).await {
-                                let _ = builder
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            }
-                        }
-                    }
+                    serve_test_connection(stream, tls, service).await;
                 });
             }
         });
