@@ -813,3 +813,24 @@ fn verify(
     validation.leeway = 5;
     Ok(decode::<serde_json::Value>(token, &DecodingKey::from_jwk(jwk)?, &validation)?.claims)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_miss_the_cache_together_ask_the_endpoint_once() {
+    let (upstream, gw, sts, g) = with_client_credentials("herd", "client-secret-5").await;
+    // The endpoint answers slowly: every call below misses the cache while the first asks.
+    sts.answer(TokenAnswer::IssueAfter(Duration::from_millis(300)));
+    let token = gw.idp.delegated();
+    let calls: Vec<_> = (0..6)
+        .map(|n| {
+            let (url, token) = (g.url(&format!("/billing/invoices/{n}")), token.clone());
+            tokio::spawn(async move { get(&url, &token).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    assert_eq!(sts.requests().len(), 1, "one ask for six calls");
+    for call in upstream.requests() {
+        assert_eq!(header(&call, "authorization"), Some("Bearer sts-1"));
+    }
+}

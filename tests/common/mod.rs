@@ -909,6 +909,9 @@ pub enum TokenAnswer {
     Error { status: u16, code: String },
     /// No answer at all (until the test ends).
     Hang,
+    /// `Issue` (300 s, the scope asked), after this long: calls that miss the gateway's cache
+    /// meanwhile would each ask, were they not made to wait for the first.
+    IssueAfter(Duration),
 }
 
 impl TokenServer {
@@ -953,9 +956,17 @@ impl TokenServer {
                                 });
                                 log.len()
                             };
-                            let how = how.lock().unwrap().clone();
+                            let mut how = how.lock().unwrap().clone();
+                            if let TokenAnswer::IssueAfter(wait) = how {
+                                tokio::time::sleep(wait).await;
+                                how = TokenAnswer::Issue {
+                                    expires_in: Some(300),
+                                    scope: None,
+                                };
+                            }
                             let (status, body) = match how {
-                                TokenAnswer::Hang => {
+                                TokenAnswer::Hang | TokenAnswer::IssueAfter(_) => {
+                                    // IssueAfter became an Issue above.
                                     std::future::pending::<()>().await;
                                     unreachable!()
                                 }

@@ -4,7 +4,7 @@
 //! lifetime, never a wider scope than asked) and kept only within their lifetime.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -114,6 +114,9 @@ pub struct TokenEndpoint {
     /// Issued tokens by a hash of what they were asked for (and for whom), with the task they
     /// serve.
     kept: Mutex<HashMap<AskHash, (Issued, Option<String>)>>,
+    /// One ask in flight per key: calls that miss the cache together wait for its answer
+    /// instead of each asking the endpoint.
+    asking: Mutex<HashMap<AskHash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TokenEndpoint {
@@ -145,6 +148,7 @@ impl TokenEndpoint {
             http: Client::builder(TokioExecutor::new()).build(https),
             timeout,
             kept: Mutex::new(HashMap::new()),
+            asking: Mutex::new(HashMap::new()),
         })
     }
 
@@ -188,17 +192,46 @@ impl TokenEndpoint {
             }
             hash.finalize().into()
         };
-        if let Some((kept, _)) = self.kept.lock().expect("not poisoned").get(&key) {
-            if kept.use_until > now {
-                return Ok(kept.clone());
-            }
+        if let Some(kept) = self.kept_token(&key, now) {
+            return Ok(kept);
         }
+        let waiting = Waiting::new(self, key);
+        // Behind another call's ask for as long as an ask may take, then its own.
+        let _turn = tokio::time::timeout(self.timeout, waiting.turn.lock())
+            .await
+            .map_err(|_| TokenError::Timeout(self.timeout))?;
+        // The call before may have been answered meanwhile.
+        if let Some(kept) = self.kept_token(&key, now) {
+            return Ok(kept);
+        }
+        self.ask_and_keep(&grant, &scope, key, task, not_after, now)
+            .await
+    }
+
+    /// The token kept for `key`, while it lives.
+    fn kept_token(&self, key: &AskHash, now: u64) -> Option<Issued> {
+        let kept = self.kept.lock().expect("not poisoned");
+        kept.get(key)
+            .filter(|(t, _)| t.use_until > now)
+            .map(|(t, _)| t.clone())
+    }
+
+    async fn ask_and_keep(
+        &self,
+        grant: &Grant<'_>,
+        scope: &str,
+        key: AskHash,
+        task: Option<(&str, u64)>,
+        not_after: Option<u64>,
+        now: u64,
+    ) -> Result<Issued, TokenError> {
+        let task_id = task.map(|(id, _)| id);
         let limit = [task.map(|(_, end)| end), not_after]
             .into_iter()
             .flatten()
             .min();
-        let answer = self.ask(&grant, &scope, now).await?;
-        let issued = checked(answer, &grant, &scope, limit, now)?;
+        let answer = self.ask(grant, scope, now).await?;
+        let issued = checked(answer, grant, scope, limit, now)?;
         let mut kept = self.kept.lock().expect("not poisoned");
         if kept.len() >= MAX_CACHED {
             kept.retain(|_, (t, _)| t.use_until > now);
@@ -339,6 +372,41 @@ impl TokenEndpoint {
         }
         serde_json::from_slice(&body)
             .map_err(|e| TokenError::Unusable(format!("not a token answer: {e}")))
+    }
+}
+
+/// A call's place in the line of calls asking for one key: the entry goes once nobody is in
+/// it (also when the call is dropped while waiting or asking).
+struct Waiting<'a> {
+    endpoint: &'a TokenEndpoint,
+    key: AskHash,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(endpoint: &'a TokenEndpoint, key: AskHash) -> Self {
+        let turn = endpoint
+            .asking
+            .lock()
+            .expect("not poisoned")
+            .entry(key)
+            .or_default()
+            .clone();
+        Waiting {
+            endpoint,
+            key,
+            turn,
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut asking = self.endpoint.asking.lock().expect("not poisoned");
+        // Held by the map and this call only: nobody else is in line.
+        if Arc::strong_count(&self.turn) <= 2 {
+            asking.remove(&self.key);
+        }
     }
 }
 
