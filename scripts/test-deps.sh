@@ -33,23 +33,23 @@ for tool in promtool redis-server node npm curl; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
 
-# The official MCP Python SDK, in a virtualenv of the project's own (tests/mcp.rs uses it).
-venv=".toolgate-test/venv"
-mcp_version="1.30.0"
-if ! "$venv/bin/python" -c "import mcp, importlib.metadata as m; assert m.version('mcp') == '$mcp_version'" 2>/dev/null; then
-  echo "test-deps: installing mcp==$mcp_version into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "mcp==$mcp_version"
-fi
+# A Python package at an exact version in a virtualenv of the project's own, installed when
+# missing; with a module name, that module must also import.
+python_venv() { # dir package version [module]
+  local dir=$1 package=$2 version=$3 module=${4:-}
+  local check="import importlib.metadata as m; assert m.version('$package') == '$version'"
+  [ -n "$module" ] && check="import $module; $check"
+  if ! "$dir/bin/python" -c "$check" 2>/dev/null; then
+    echo "test-deps: installing $package==$version into $dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check "$package==$version"
+  fi
+}
 
-# The Python SDK 2.x (the 2026-07-28 revision), for the SDK matrix in tests/sdk.rs.
-venv2=".toolgate-test/venv-mcp2"
-mcp2_version="2.3.0"
-if ! "$venv2/bin/python" -c "import mcp, importlib.metadata as m; assert m.version('mcp') == '$mcp2_version'" 2>/dev/null; then
-  echo "test-deps: installing mcp==$mcp2_version into $venv2"
-  python3 -m venv "$venv2"
-  "$venv2/bin/pip" install -q --disable-pip-version-check "mcp==$mcp2_version"
-fi
+# The official MCP Python SDK 1.x (tests/mcp.rs uses it; PyJWT comes with it) and 2.x (the
+# 2026-07-28 revision, for the SDK matrix in tests/sdk.rs).
+python_venv .toolgate-test/venv mcp 1.30.0 mcp
+python_venv .toolgate-test/venv-mcp2 mcp 2.3.0 mcp
 
 # The TypeScript SDK (1.x speaks up to the 2025-11-25 revision), for the same matrix.
 node_dir=".toolgate-test/node"
@@ -62,10 +62,4 @@ if [ "$(node -p "require('./$node_dir/node_modules/@modelcontextprotocol/sdk/pac
 fi
 
 # The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs).
-venv_k8s=".toolgate-test/venv-k8s"
-k8s_version="1.37.0"
-if ! "$venv_k8s/bin/python" -c "import importlib.metadata as m; assert m.version('kubernetes-validate') == '$k8s_version'" 2>/dev/null; then
-  echo "test-deps: installing kubernetes-validate==$k8s_version into $venv_k8s"
-  python3 -m venv "$venv_k8s"
-  "$venv_k8s/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$k8s_version"
-fi
+python_venv .toolgate-test/venv-k8s kubernetes-validate 1.37.0
