@@ -16,18 +16,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
 if [ "$(nproc)" -ge 2 ]; then load_cpu=0; sut_cpu=1; else load_cpu=0; sut_cpu=0; fi
 launch="taskset -c $sut_cpu"
-cat > "$work/nginx.conf.in" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:@PORT@; location / { default_type application/json; return 200 '{"invoice_id":1}'; } }
-}
-NGINX
-start_nginx
+start_backend
 cp -r policies "$work/policies"
 bin=$b
 bench_keys

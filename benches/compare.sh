@@ -33,25 +33,7 @@ if [ "$(nproc)" -ge 2 ]; then load_cpu=0; sut_cpu=1; else load_cpu=0; sut_cpu=0;
 launch="taskset -c $sut_cpu"
 
 # The backend: nginx, one worker, a fixed answer for REST and for MCP.
-cat > "$work/nginx.conf.in" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:@PORT@;
-    location /mcp {
-      default_type application/json;
-      return 200 '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"5"}],"isError":false}}';
-    }
-    location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; }
-  }
-}
-NGINX
-start_nginx
+start_backend
 up=$nginx_port
 
 # nginx as a plain keep-alive reverse proxy.

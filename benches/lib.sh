@@ -30,6 +30,30 @@ serve_announced() { # name
   admin_port=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"].rsplit(":",1)[1])' "$line")
 }
 
+# The backend every comparison proxies to: nginx, one worker, a fixed JSON answer for REST and
+# an MCP tools/call result under /mcp; started through $launch; sets $nginx_port.
+start_backend() {
+  cat > "$work/nginx.conf.in" <<NGINX
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:@PORT@;
+    location /mcp {
+      default_type application/json;
+      return 200 '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"5"}],"isError":false}}';
+    }
+    location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; }
+  }
+}
+NGINX
+  start_nginx
+}
+
 # Starts nginx with $work/nginx.conf on a free port (substituted for @PORT@), trying again on
 # another port if the one found free was taken meanwhile; sets $nginx_port.
 start_nginx() {
