@@ -707,6 +707,9 @@ pub fn coerce(value: &Value, ty: &AttrType, at: At<'_>) -> Result<RestrictedExpr
         (AttrType::Record(_), _) => return Err(mismatch("Record")),
         (AttrType::Entity(type_name), _) => return Err(mismatch(&format!("{type_name} id"))),
         (AttrType::Extension(name), _) => return Err(mismatch(name)),
+        (AttrType::Unreadable(name), _) => {
+            return Err(format!("{at}: type {name} cannot be read by toolgate"))
+        }
     })
 }
 

@@ -16,6 +16,9 @@ pub enum AttrType {
     Record(Record),
     /// Parsed once, with the schema: Cedar's name parser is too slow for every call.
     Entity(cedar_policy::EntityTypeName),
+    /// A type toolgate cannot read (a name that does not parse as an entity type): any value
+    /// given for it is refused, so the call is denied rather than its value dropped unseen.
+    Unreadable(String),
     Extension(String),
 }
 
@@ -127,7 +130,7 @@ impl Resolver<'_> {
                 }
                 AttrType::Record(record)
             }
-            "Entity" => AttrType::Entity(qualify(self.ns, ty.get("name")?.as_str()?).parse().ok()?),
+            "Entity" => entity_type(qualify(self.ns, ty.get("name")?.as_str()?)),
             "Extension" => AttrType::Extension(ty.get("name")?.as_str()?.to_string()),
             "EntityOrCommon" => self.named(ty.get("name")?.as_str()?, depth)?,
             other => self.named(other, depth)?,
@@ -136,6 +139,16 @@ impl Resolver<'_> {
 
     /// A bare type name: a common type, a primitive, an extension, or else an entity type.
     fn named(&self, name: &str, depth: usize) -> Option<AttrType> {
+        // `__cedar::String` names the built-in type even where the schema defines its own.
+        if let Some(builtin) = name.strip_prefix("__cedar::") {
+            return Some(match builtin {
+                "Long" => AttrType::Long,
+                "String" => AttrType::String,
+                "Bool" | "Boolean" => AttrType::Bool,
+                ext if EXTENSIONS.contains(&ext) => AttrType::Extension(ext.to_string()),
+                other => AttrType::Unreadable(format!("__cedar::{other}")),
+            });
+        }
         let local = name
             .strip_prefix(self.ns)
             .and_then(|rest| rest.strip_prefix("::"))
@@ -148,7 +161,37 @@ impl Resolver<'_> {
             "String" => AttrType::String,
             "Bool" | "Boolean" => AttrType::Bool,
             ext if EXTENSIONS.contains(&ext) => AttrType::Extension(ext.to_string()),
-            _ => AttrType::Entity(qualify(self.ns, name).parse().ok()?),
+            _ => entity_type(qualify(self.ns, name)),
         })
+    }
+}
+
+/// An entity type, parsed; a name that does not parse is kept as unreadable (fail closed).
+fn entity_type(name: String) -> AttrType {
+    match name.parse() {
+        Ok(parsed) => AttrType::Entity(parsed),
+        Err(_) => AttrType::Unreadable(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_and_unreadable_names_are_never_dropped() {
+        let attr =
+            |ty: &str| serde_json::json!({"type": "EntityOrCommon", "name": ty, "required": false});
+        let schema = serde_json::json!({"Toolgate": {"entityTypes": {}, "actions": {"a": {
+            "appliesTo": {"context": {"type": "Record", "attributes": {"args": {
+                "type": "Record",
+                "attributes": {"to": attr("__cedar::String"), "odd": attr("__cedar::Nope")}
+            }}}}
+        }}}});
+        let info = SchemaInfo::from_fragment_json(&schema);
+        let args = &info.actions["a"].args;
+        // Dropped, an agent's value would go upstream unseen by the policy.
+        assert_eq!(args["to"].0, AttrType::String);
+        assert_eq!(args["odd"].0, AttrType::Unreadable("__cedar::Nope".into()));
     }
 }
