@@ -197,7 +197,7 @@ impl TokenEndpoint {
         }
         let waiting = Waiting::new(self, key);
         // Behind another call's ask for as long as an ask may take, then its own.
-        let _turn = tokio::time::timeout(self.timeout, waiting.turn.lock())
+        let _turn = tokio::time::timeout(self.timeout, waiting.turn().lock())
             .await
             .map_err(|_| TokenError::Timeout(self.timeout))?;
         // The call before may have been answered meanwhile.
@@ -380,7 +380,8 @@ impl TokenEndpoint {
 struct Waiting<'a> {
     endpoint: &'a TokenEndpoint,
     key: AskHash,
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Cloned and dropped only under the map's lock, so its count there is exact.
+    turn: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl<'a> Waiting<'a> {
@@ -395,16 +396,24 @@ impl<'a> Waiting<'a> {
         Waiting {
             endpoint,
             key,
-            turn,
+            turn: Some(turn),
         }
+    }
+
+    fn turn(&self) -> &tokio::sync::Mutex<()> {
+        self.turn.as_deref().expect("held until dropped")
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut asking = self.endpoint.asking.lock().expect("not poisoned");
-        // Held by the map and this call only: nobody else is in line.
-        if Arc::strong_count(&self.turn) <= 2 {
+        drop(self.turn.take());
+        // Held by the map alone: nobody else is in line.
+        if asking
+            .get(&self.key)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
             asking.remove(&self.key);
         }
     }
