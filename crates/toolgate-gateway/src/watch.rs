@@ -30,15 +30,20 @@ impl Gateway {
             .jwt
             .iter()
             .filter_map(|j| j.jwks_file.as_deref())
-            .map(canonical)
+            .flat_map(watched_forms)
             .collect();
-        files.extend(self.config_path.as_deref().map(canonical));
+        files.extend(
+            self.config_path
+                .as_deref()
+                .into_iter()
+                .flat_map(watched_forms),
+        );
         files.extend(
             self.config
                 .upstreams
                 .iter()
                 .flat_map(|u| u.files())
-                .map(canonical),
+                .flat_map(watched_forms),
         );
         let dirs: HashSet<PathBuf> = files
             .iter()
@@ -104,6 +109,14 @@ fn canonical(path: &Path) -> PathBuf {
         (Some(parent), Some(name)) => parent.join(name),
         _ => path.to_path_buf(),
     }
+}
+
+/// Where a file's changes show: where it is named (a link rewritten or swapped there), and,
+/// when it is a link, where it points now (the target rewritten in place).
+fn watched_forms(path: &Path) -> Vec<PathBuf> {
+    let mut forms = vec![canonical(path)];
+    forms.extend(std::fs::canonicalize(path).ok().filter(|p| *p != forms[0]));
+    forms
 }
 
 /// Kubernetes updates a mounted ConfigMap or Secret by writing a new hidden directory and
