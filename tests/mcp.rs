@@ -117,6 +117,11 @@ async fn official_sdk_client_and_server_through_the_gateway() {
 }
 
 async fn raw_gateway(upstream: &Upstream) -> Gateway {
+    raw_gateway_with(upstream, "").await
+}
+
+/// `raw_gateway` with `extra_config` appended to its config.
+async fn raw_gateway_with(upstream: &Upstream, extra_config: &str) -> Gateway {
     // The fragment from a saved tools/list answer (`--from`).
     let dir = TempDir::new("mcp-schema");
     let saved = dir.0.join("tools.json");
@@ -151,7 +156,7 @@ async fn raw_gateway(upstream: &Upstream) -> Gateway {
         extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
         inbound: None,
         mcp: Some(format!("http://{}/mcp", upstream.addr)),
-        extra_config: "",
+        extra_config,
     })
     .await
 }
@@ -403,4 +408,80 @@ async fn sse_answers_are_streamed_not_buffered() {
             .expect("the rest follows once released");
         assert!(text.contains("\"result\""), "{text}");
     }
+}
+
+#[tokio::test]
+async fn a_batch_is_one_trace_with_a_decision_span_per_message() {
+    let upstream = Upstream::start().await;
+    let collector = Upstream::start().await;
+    let traces = format!("traces:\n  otlp_endpoint: http://{}\n", collector.addr);
+    let gw = raw_gateway_with(&upstream, &traces).await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 900, "to": "x"}}},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 9, "to": "x"}}}
+    ]);
+    let answer = send(
+        "POST",
+        &gw.url("/tools"),
+        &[
+            ("authorization", &format!("Bearer {}", gw.idp.delegated())),
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", "2025-06-18"),
+            ("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        ],
+        batch.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+
+    let spans = trace_of(&collector, trace_id).await;
+    let request = named(&spans, "request");
+    let decisions: Vec<(Value, Value, Value)> = spans
+        .iter()
+        .filter(|s| s["name"] == "authorize")
+        .inspect(|s| assert_eq!(s["parentSpanId"], request["spanId"]))
+        .map(|s| {
+            (
+                attribute(s, "action"),
+                attribute(s, "decision"),
+                attribute(s, "decision_id"),
+            )
+        })
+        .collect();
+    let mut outcomes: Vec<(Value, Value)> = decisions
+        .iter()
+        .map(|(action, decision, _)| (action.clone(), decision.clone()))
+        .collect();
+    outcomes.sort_by_key(|o| o.to_owned().0.to_string() + &o.1.to_string());
+    assert_eq!(
+        outcomes,
+        [
+            (json!("tools/add"), json!("allow")),
+            (json!("tools/pay"), json!("allow")),
+            (json!("tools/pay"), json!("deny")),
+        ]
+    );
+    // Each message's span names its own audit line.
+    for (action, decision, id) in &decisions {
+        let line = gw.audit_line(|l| l["decision_id"] == *id).await;
+        assert_eq!((&line["action"], &line["decision"]), (action, decision));
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s["name"] == "request").count(),
+        1,
+        "one request span for the batch"
+    );
+    assert_eq!(spans.iter().filter(|s| s["name"] == "forward").count(), 1);
+    let forwarded = upstream.requests();
+    let forward = named(&spans, "forward")["spanId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        forwarded.last().unwrap().headers["traceparent"],
+        format!("00-{trace_id}-{forward}-01").as_str()
+    );
 }

@@ -256,7 +256,7 @@ impl Upstream {
 
 /// Serves one accepted connection with `service`, over TLS when `tls` is given (a refused
 /// handshake, e.g. no or an unknown client certificate, ends it there).
-async fn serve_test_connection<S, B>(
+pub async fn serve_test_connection<S, B>(
     stream: tokio::net::TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
     service: S,
@@ -302,6 +302,72 @@ fn jsonrpc_echo(message: &Value) -> Option<Value> {
         other => json!({"method": other}),
     };
     Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+}
+
+// ---------------------------------------------------------------- OTLP receiver
+
+/// The spans a recording upstream received as an OTLP/HTTP (JSON) collector, flattened, each
+/// with its resource's `service.name`; every export checked for the protocol's shape.
+pub fn received_spans(collector: &Upstream) -> Vec<Value> {
+    let mut spans = Vec::new();
+    for export in collector.requests() {
+        assert_eq!(export.method, "POST");
+        assert_eq!(export.uri, "/v1/traces");
+        assert_eq!(export.headers["content-type"], "application/json");
+        let body: Value = serde_json::from_slice(&export.body).expect("OTLP JSON");
+        for resource in body["resourceSpans"].as_array().expect("resourceSpans") {
+            let service = attribute(&resource["resource"], "service.name");
+            for scope in resource["scopeSpans"].as_array().expect("scopeSpans") {
+                assert_eq!(scope["scope"]["name"], "toolgate");
+                for span in scope["spans"].as_array().expect("spans") {
+                    let mut span = span.clone();
+                    span["service"] = service.clone();
+                    spans.push(span);
+                }
+            }
+        }
+    }
+    spans
+}
+
+/// An attribute's value (string or, as OTLP's JSON writes int64, a decimal string).
+pub fn attribute(item: &Value, key: &str) -> Value {
+    item["attributes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|kv| kv["key"] == key)
+        .map(|kv| {
+            let value = &kv["value"];
+            value
+                .get("stringValue")
+                .or_else(|| value.get("intValue"))
+                .cloned()
+                .unwrap_or(Value::Null)
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// The spans of one trace, once its request span has arrived (bounded wait).
+pub async fn trace_of(collector: &Upstream, trace_id: &str) -> Vec<Value> {
+    for _ in 0..100 {
+        let spans: Vec<Value> = received_spans(collector)
+            .into_iter()
+            .filter(|s| s["traceId"] == trace_id)
+            .collect();
+        if spans.iter().any(|s| s["name"] == "request") {
+            return spans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no request span of trace {trace_id} within 5 s");
+}
+
+pub fn named<'a>(spans: &'a [Value], name: &str) -> &'a Value {
+    spans
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} span in {spans:#?}"))
 }
 
 // ---------------------------------------------------------------- keys and tokens

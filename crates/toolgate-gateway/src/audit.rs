@@ -59,6 +59,9 @@ pub struct AuditRecord {
     pub path: String,
     /// The status the agent received.
     pub status: u16,
+    /// The request's trace, when traces are on and this one is recorded.
+    #[serde(skip)]
+    pub trace: crate::trace::TraceSlot,
 }
 
 impl AuditRecord {

@@ -39,6 +39,73 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     #[serde(default)]
     pub log: Log,
+    /// OpenTelemetry traces over OTLP/HTTP; absent: off.
+    #[serde(default)]
+    pub traces: Option<Traces>,
+}
+
+/// Where and how traces are sent (read at start).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Traces {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans are posted to
+    /// `<otlp_endpoint>/v1/traces`, or to the URL itself when it already ends so.
+    pub otlp_endpoint: String,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// The share of new traces recorded (0 to 1); a caller's `traceparent` decides for its own.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Sent with every export (a vendor's API key, say).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tls: Option<OutboundTls>,
+}
+
+fn default_service_name() -> String {
+    "toolgate".to_string()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+impl Traces {
+    pub fn export_uri(&self) -> Result<http::Uri, String> {
+        let base = self.otlp_endpoint.trim_end_matches('/');
+        let url = if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        };
+        match url.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) => Ok(uri),
+            _ => Err(format!(
+                "traces.otlp_endpoint: `{}` is not an http:// or https:// URL",
+                self.otlp_endpoint
+            )),
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.export_uri() {
+            errors.push(e);
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            errors.push("traces.sample_ratio must be between 0 and 1".to_string());
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || http::HeaderValue::from_str(value).is_err()
+            {
+                errors.push(format!("traces.headers: `{name}` is not a valid header"));
+            }
+        }
+        errors.extend(self.tls.as_ref().and_then(|tls| tls.problem("traces")));
+        errors
+    }
 }
 
 /// Logging (read at start): `RUST_LOG` wins over `level`; `TOOLGATE_LOG_FORMAT` over `format`.
@@ -294,6 +361,21 @@ pub struct OutboundTls {
 }
 
 impl OutboundTls {
+    fn paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        [
+            &mut self.ca_file,
+            &mut self.client_cert,
+            &mut self.client_key,
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    fn problem(&self, at: &str) -> Option<String> {
+        (self.client_cert.is_some() != self.client_key.is_some())
+            .then(|| format!("{at}: tls.client_cert and tls.client_key go together"))
+    }
+
     pub fn files(&self) -> toolgate_credential::tls::TlsFiles {
         toolgate_credential::tls::TlsFiles {
             ca_file: self.ca_file.clone(),
@@ -701,6 +783,7 @@ impl Config {
         differs("public_url", self.public_url == other.public_url);
         differs("reload", self.reload == other.reload);
         differs("log", self.log == other.log);
+        differs("traces", self.traces == other.traces);
         differs(
             "admin_token_file",
             self.admin_token_file == other.admin_token_file,
@@ -758,13 +841,11 @@ impl Config {
                 resolve(path);
             }
             if let Some(tls) = upstream.tls.as_mut() {
-                for path in [&mut tls.ca_file, &mut tls.client_cert, &mut tls.client_key]
-                    .into_iter()
-                    .flatten()
-                {
-                    resolve(path);
-                }
+                tls.paths_mut().for_each(resolve);
             }
+        }
+        if let Some(tls) = self.traces.as_mut().and_then(|t| t.tls.as_mut()) {
+            tls.paths_mut().for_each(resolve);
         }
         if let Some(tls) = self.tls.as_mut() {
             resolve(&mut tls.cert);
@@ -883,6 +964,9 @@ impl Config {
                 self.tasks.store
             ));
         }
+        if let Some(traces) = &self.traces {
+            errors.extend(traces.problems());
+        }
         let mut names = HashSet::new();
         for up in &self.upstreams {
             let at = format!("upstream {}", up.name);
@@ -907,13 +991,7 @@ impl Config {
             }
             errors.extend(up.credential.problems(&up.name));
             let plain = up.url.starts_with("http://");
-            if let Some(tls) = &up.tls {
-                if tls.client_cert.is_some() != tls.client_key.is_some() {
-                    errors.push(format!(
-                        "{at}: tls.client_cert and tls.client_key go together"
-                    ));
-                }
-            }
+            errors.extend(up.tls.as_ref().and_then(|tls| tls.problem(&at)));
             // A long-lived secret, or a token for more than one call, never crosses a network
             // in the clear (a minted credential lives one call and one audience).
             let loopback = url::Url::parse(&up.url)

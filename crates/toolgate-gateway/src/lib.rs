@@ -14,6 +14,7 @@ mod rest;
 pub mod routes;
 mod server;
 mod tasks;
+pub mod trace;
 mod upstream;
 mod watch;
 
@@ -63,6 +64,8 @@ pub struct Gateway {
     /// The admin listener's bearer token (`admin_token_file`); None: admin operations are off.
     admin_token: Option<String>,
     ready: AtomicBool,
+    /// Off unless the config has `traces:`.
+    tracer: Option<trace::Tracer>,
 }
 
 fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
@@ -130,13 +133,26 @@ pub fn check_upstreams(config: &Config) -> Vec<String> {
         Ok(client) => client,
         Err(e) => return vec![answer::error_chain(&e)],
     };
-    config
+    let mut errors: Vec<String> = config
         .upstreams
         .iter()
         // Only whether each can be set up matters here, not what its secret is named.
         .filter_map(|up| Upstream::new(up.clone(), &shared, timeout, &|_| String::new()).err())
         .map(|e| answer::error_chain(&e))
-        .collect()
+        .collect();
+    if let Some(Err(e)) = config.traces.as_ref().map(|t| trace_client(t, timeout)) {
+        errors.push(e);
+    }
+    errors
+}
+
+/// The client that sends traces to the collector (its `tls:` files read now).
+fn trace_client(
+    traces: &config::Traces,
+    timeout: std::time::Duration,
+) -> Result<HttpClient, String> {
+    let tls = traces.tls.as_ref().map(|t| t.files()).unwrap_or_default();
+    upstream::client(timeout, &tls).map_err(|e| format!("traces.tls: {}", answer::error_chain(&e)))
 }
 
 /// Where calls go: the route table and the upstreams it names, from one config.
@@ -214,6 +230,13 @@ impl Gateway {
         let routing = Routing::new(&config.upstreams, &client, connect_timeout, &minter)
             .map_err(|e| answer::error_chain(&e))?;
         let metrics = Arc::new(Metrics::new());
+        let tracer = match &config.traces {
+            Some(traces) => {
+                let client = trace_client(traces, connect_timeout)?;
+                Some(trace::Tracer::start(traces, client, metrics.clone())?)
+            }
+            None => None,
+        };
         metrics.policies_loaded.set(engine.policy_count() as i64);
         let (audit, writer) =
             AuditSink::start(&config.audit.path, config.audit.buffer, metrics.clone())
@@ -237,12 +260,13 @@ impl Gateway {
             tasks,
             admin_token,
             ready: AtomicBool::new(false),
+            tracer,
             config,
             config_path,
         }))
     }
 
-    /// Writes out every audit record queued so far; call once the listeners have drained.
+    /// Writes out every audit record queued so far, and sends the traces waiting; call once the listeners have drained.
     /// Waits at most `limits.drain_seconds` (at least `AUDIT_GRACE`) for a writer that cannot write.
     pub async fn finish_audit(&self) {
         let writer = self.audit_writer.lock().expect("not poisoned").take();
@@ -251,6 +275,9 @@ impl Gateway {
             // by a short drain; only a writer that cannot write is given up on.
             let drain = std::time::Duration::from_secs(self.config.limits.drain_seconds);
             writer.finish(drain.max(AUDIT_GRACE)).await;
+        }
+        if let Some(tracer) = &self.tracer {
+            tracer.flush(AUDIT_GRACE).await;
         }
     }
 

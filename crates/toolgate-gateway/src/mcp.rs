@@ -121,7 +121,10 @@ impl Gateway {
                 record,
             ));
         }
-        let bytes = read_limited(body, self.body_limit(self.config.limits.max_body_bytes)).await?;
+        let started = std::time::Instant::now();
+        let bytes = read_limited(body, self.body_limit(self.config.limits.max_body_bytes)).await;
+        record.trace.step("read_arguments", started);
+        let bytes = bytes?;
         let payload = match toolgate_mcp::parse(&bytes) {
             Ok(payload) => payload,
             Err(e) => {

@@ -28,11 +28,21 @@ pub struct Metrics {
     pub shed: IntCounter,
     pub connections_refused: IntCounter,
     pub token_cache: IntGauge,
+    /// Trace spans sent to the collector, and those given up (queue full, export failed).
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounter,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        let trace_spans = register_int_counter_vec_with_registry!(
+            "toolgate_trace_spans_total",
+            "Trace spans, by outcome: exported to the collector, or dropped (queue full, export failed).",
+            &["outcome"],
+            r
+        )
+        .expect("metric");
         let m = Metrics {
             requests: register_int_counter_vec_with_registry!(
                 "toolgate_requests_total",
@@ -156,6 +166,8 @@ impl Metrics {
                 r
             )
             .expect("metric"),
+            trace_spans_exported: trace_spans.with_label_values(&["exported"]),
+            trace_spans_dropped: trace_spans.with_label_values(&["dropped"]),
             registry: r,
         };
         register_int_gauge_vec_with_registry!(

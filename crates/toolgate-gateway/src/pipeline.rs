@@ -31,6 +31,7 @@ use crate::answer::{
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
+use crate::trace::{Outcome, TRACEPARENT};
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 
@@ -109,6 +110,10 @@ impl Gateway {
             gateway: &self,
             record: AuditRecord {
                 source_ip: peer.ip().to_string(),
+                trace: match &self.tracer {
+                    Some(tracer) => tracer.begin(request.headers()),
+                    None => Default::default(),
+                },
                 ..AuditRecord::begin(&request)
             },
             slot: Some(slot),
@@ -162,11 +167,13 @@ impl Gateway {
         check_request_head(&request, &self.config.limits)?;
 
         // authenticate
+        let started = Instant::now();
         let authorization = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let caller = self.auth.authenticate_header(authorization).await;
+        record.trace.step("authenticate", started);
         self.metrics
             .token_cache
             .set(self.auth.cached_tokens() as i64);
@@ -187,16 +194,26 @@ impl Gateway {
         if is_own_endpoint(request.uri().path()) {
             return self.own_endpoint(request, &caller, client, record).await;
         }
-        let call = classify(routing, &request)?;
+        let started = Instant::now();
+        let call = classify(routing, &request);
+        record.trace.step("classify", started);
+        let call = call?;
         *upstream_index = Some(call.upstream());
         let upstream = &routing.upstreams[call.upstream()];
         let require_task = match &call {
             Call::Rest(route) => route.require_task,
             Call::Mcp { .. } => upstream.config.require_task,
         };
+        let task_id = task_header(&request)?;
+        let in_task = task_id.is_some();
+        let started = Instant::now();
         let task = self
-            .joined_task(task_header(&request)?, &caller, require_task, record)
-            .await?;
+            .joined_task(task_id, &caller, require_task, record)
+            .await;
+        if in_task {
+            record.trace.step("task", started);
+        }
+        let task = task?;
         let subject_token = match upstream.credentials {
             Credentials::Token { exchange: true, .. } => {
                 let header = request.headers().get(header::AUTHORIZATION);
@@ -236,14 +253,17 @@ impl Gateway {
             .actions
             .get(tool.as_str())
             .map(|c| &c.args);
-        let (request, args) = crate::rest::read_call(
+        let started = Instant::now();
+        let read = crate::rest::read_call(
             request,
             &route,
             upstream,
             declared,
             self.body_limit(self.config.limits.max_body_bytes),
         )
-        .await?;
+        .await;
+        record.trace.step("read_arguments", started);
+        let (request, args) = read?;
         let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, record);
         if !decision.allowed {
             return Err(Refusal::Forbidden);
@@ -283,6 +303,7 @@ impl Gateway {
             Verdict::Deny
         };
         record.eval_us = Some(elapsed.as_micros() as u64);
+        record.trace.step("authorize", started);
         record.policies = decision.policies.clone();
         record.errors.extend(decision.errors.iter().cloned());
         decision
@@ -300,7 +321,10 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         // mint (or inject, or exchange)
-        let (credential, id) = self.credential(ctx, upstream, scope, record).await?;
+        let started = Instant::now();
+        let credential = self.credential(ctx, upstream, scope, record).await;
+        record.trace.step("credential", started);
+        let (credential, id) = credential?;
         record.credential_mode = Some(upstream.config.credential.mode.as_str());
         record.credential_id = Some(id.clone());
         if let Some(task) = &ctx.task {
@@ -335,8 +359,15 @@ impl Gateway {
         }
 
         // forward
+        let mut request = request;
+        let span = record.trace.span_id();
+        if let Some(traceparent) = span.and_then(|id| record.trace.traceparent(id)) {
+            // The upstream's work continues this trace, under the forward step.
+            request.headers_mut().insert(TRACEPARENT, traceparent);
+        }
         let started = Instant::now();
         let result = upstream.forward(request, credential, &ctx.client).await;
+        record.trace.step_as("forward", span, started);
         self.metrics
             .upstream_duration
             .with_label_values(&[upstream.name()])
@@ -438,7 +469,7 @@ impl Gateway {
 
     /// The one place an outcome is recorded: the decision metric and the audit line, in the
     /// room reserved for it (`None`: any room left).
-    pub(crate) fn finish(&self, record: AuditRecord, slot: Option<AuditSlot>) {
+    pub(crate) fn finish(&self, mut record: AuditRecord, slot: Option<AuditSlot>) {
         self.metrics
             .decisions
             .with_label_values(&[record.decision.as_str()])
@@ -455,7 +486,18 @@ impl Gateway {
             .tool_calls
             .with_label_values(&[tool.0, tool.1, record.decision.as_str()])
             .inc();
+        let mut trace = record.trace.take();
+        if !trace.is_traced() {
+            self.audit.record(record, slot);
+            return;
+        }
+        let outcome = Outcome::of(&record);
+        let started = Instant::now();
         self.audit.record(record, slot);
+        trace.step("record", started);
+        if let Some(tracer) = &self.tracer {
+            tracer.finish(trace, &outcome);
+        }
     }
 
     pub(crate) fn mint(
