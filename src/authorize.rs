@@ -120,6 +120,14 @@ pub fn run(config_path: &Path, request_path: &Path, explain: bool) -> Result<Exi
         "policies": decision.policies,
         "errors": decision.errors,
     });
+    if let Some(shadow) = &decision.shadow {
+        out["shadow"] = json!({
+            "decision": if shadow.allowed { "allow" } else { "deny" },
+            "policies": shadow.policies,
+            "errors": shadow.errors,
+            "flipped_by": shadow.flipped_by,
+        });
+    }
     if explain {
         // Where each determining policy is written.
         out["policies"] = decision

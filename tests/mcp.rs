@@ -117,11 +117,12 @@ async fn official_sdk_client_and_server_through_the_gateway() {
 }
 
 async fn raw_gateway(upstream: &Upstream) -> Gateway {
-    raw_gateway_with(upstream, "").await
+    raw_gateway_with(upstream, "/mcp", "").await
 }
 
-/// `raw_gateway` with `extra_config` appended to its config.
-async fn raw_gateway_with(upstream: &Upstream, extra_config: &str) -> Gateway {
+/// `raw_gateway` with the MCP server at `path` of the upstream (one with `held` in it holds
+/// every call until released), and `extra_config` appended to its config.
+async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -> Gateway {
     // The fragment from a saved tools/list answer (`--from`).
     let dir = TempDir::new("mcp-schema");
     let saved = dir.0.join("tools.json");
@@ -155,7 +156,7 @@ async fn raw_gateway_with(upstream: &Upstream, extra_config: &str) -> Gateway {
         upstream: upstream.addr,
         extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
         inbound: None,
-        mcp: Some(format!("http://{}/mcp", upstream.addr)),
+        mcp: Some(format!("http://{}{path}", upstream.addr)),
         extra_config,
     })
     .await
@@ -415,7 +416,7 @@ async fn a_batch_is_one_trace_with_a_decision_span_per_message() {
     let upstream = Upstream::start().await;
     let collector = Upstream::start().await;
     let traces = format!("traces:\n  otlp_endpoint: http://{}\n", collector.addr);
-    let gw = raw_gateway_with(&upstream, &traces).await;
+    let gw = raw_gateway_with(&upstream, "/mcp", &traces).await;
     let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
     let batch = json!([
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
@@ -484,4 +485,41 @@ async fn a_batch_is_one_trace_with_a_decision_span_per_message() {
         forwarded.last().unwrap().headers["traceparent"],
         format!("00-{trace_id}-{forward}-01").as_str()
     );
+}
+
+/// An agent that goes away while its batch is forwarded still leaves every message's audit
+/// line (status 499), not only the request's.
+#[tokio::test]
+async fn a_cancelled_batch_still_records_each_message() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway_with(&upstream, "/mcp-held", "").await;
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "pay", "arguments": {"amount": 9, "to": "x"}}}
+    ])
+    .to_string();
+    let token = gw.idp.delegated();
+    let url = gw.url("/tools");
+    let call = tokio::spawn(async move {
+        send(
+            "POST",
+            &url,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+                ("mcp-protocol-version", "2025-06-18"),
+            ],
+            batch.as_bytes(),
+        )
+        .await
+    });
+    upstream.wait_for_requests(1).await;
+    call.abort(); // the connection goes while the upstream holds the batch
+    for tool in ["tools/add", "tools/pay"] {
+        let line = gw.audit_line(|l| l["action"] == tool).await;
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["decision"], "allow", "{line}");
+    }
+    upstream.release();
 }

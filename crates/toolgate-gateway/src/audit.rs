@@ -23,6 +23,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub fn of(allowed: bool) -> Verdict {
+        if allowed {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Deny => "deny",
@@ -54,6 +62,14 @@ pub struct AuditRecord {
     pub credential_id: Option<String>,
     pub upstream_status: Option<u16>,
     pub eval_us: Option<u64>,
+    /// What the decision would have been with the `@mode("shadow")` policies enforced too,
+    /// where that differs, and its determining and erring policies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<Verdict>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_policies: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_errors: Vec<String>,
     pub source_ip: String,
     pub method: String,
     pub path: String,

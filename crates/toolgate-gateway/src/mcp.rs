@@ -31,7 +31,7 @@ use crate::answer::{
     UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
-use crate::pipeline::{authz_request, read_limited, CallContext, ToolId};
+use crate::pipeline::{authz_request, read_limited, CallContext, ToolId, Unfinished};
 use crate::rest::check_json_body_headers;
 use crate::upstream::Upstream;
 use crate::Gateway;
@@ -157,9 +157,15 @@ impl Gateway {
             let answer = plan.answered.into_iter().next().unwrap_or(Value::Null);
             return Ok(json_response(single_answer_status(&answer), &answer));
         }
-        // Each decision line of a batch needs its room too before anything is forwarded.
-        let slots = match self.audit_rooms(plan.decisions.len()) {
-            Ok(slots) => slots,
+        // Each decision line of a batch needs its room too before anything is forwarded, and
+        // is written even if this future is dropped while the batch is forwarded.
+        let lines: Vec<Unfinished> = match self.audit_rooms(plan.decisions.len()) {
+            Ok(slots) => plan
+                .decisions
+                .into_iter()
+                .zip(slots)
+                .map(|(line, slot)| Unfinished::new(self, line, slot))
+                .collect(),
             Err(refusal) => {
                 for line in plan.decisions {
                     self.finish(line, None);
@@ -199,7 +205,8 @@ impl Gateway {
         }
         // Each line of a batch is written once the credential (or the failure) is known: an
         // allowed message shares the request's fate (its task may have ended meanwhile).
-        for (mut line, slot) in plan.decisions.into_iter().zip(slots) {
+        for mut pending in lines {
+            let line = &mut pending.record;
             if line.decision == Verdict::Allow {
                 line.decision = record.decision;
                 line.jti = record.jti.clone();
@@ -208,7 +215,7 @@ impl Gateway {
                 line.upstream_status = record.upstream_status;
                 line.errors.extend(failure.iter().cloned());
             }
-            self.finish(line, Some(slot));
+            pending.done();
         }
         let response = forwarded?;
 

@@ -31,6 +31,9 @@ pub struct Metrics {
     /// Trace spans sent to the collector, and those given up (queue full, export failed).
     pub trace_spans_exported: IntCounter,
     pub trace_spans_dropped: IntCounter,
+    /// Decisions the `@mode("shadow")` policies would have turned, by the shadow policy
+    /// responsible and the direction.
+    pub shadow_flips: IntCounterVec,
 }
 
 impl Metrics {
@@ -163,6 +166,13 @@ impl Metrics {
             audit_write_errors: register_int_counter_with_registry!(
                 "toolgate_audit_write_errors_total",
                 "Failed writes or reopens of the audit log (each is retried).",
+                r
+            )
+            .expect("metric"),
+            shadow_flips: register_int_counter_vec_with_registry!(
+                "toolgate_shadow_flips_total",
+                "Decisions a @mode(\"shadow\") policy would have turned (allow_to_deny, deny_to_allow), by that policy.",
+                &["policy", "flip"],
                 r
             )
             .expect("metric"),

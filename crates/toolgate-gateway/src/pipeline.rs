@@ -106,18 +106,15 @@ impl Gateway {
         let host = request_host(&request);
         // Written even if this future is dropped (the agent reset the stream or went away)
         // after the call was forwarded: a forwarded call always has its line.
-        let mut pending = Unfinished {
-            gateway: &self,
-            record: AuditRecord {
-                source_ip: peer.ip().to_string(),
-                trace: match &self.tracer {
-                    Some(tracer) => tracer.begin(request.headers()),
-                    None => Default::default(),
-                },
-                ..AuditRecord::begin(&request)
+        let record = AuditRecord {
+            source_ip: peer.ip().to_string(),
+            trace: match &self.tracer {
+                Some(tracer) => tracer.begin(request.headers()),
+                None => Default::default(),
             },
-            slot: Some(slot),
+            ..AuditRecord::begin(&request)
         };
+        let mut pending = Unfinished::new(&self, record, slot);
         let record = &mut pending.record;
         let mut upstream = None;
         let response = match self
@@ -297,12 +294,24 @@ impl Gateway {
         };
         let elapsed = started.elapsed();
         self.metrics.authz_duration.observe(elapsed.as_secs_f64());
-        record.decision = if decision.allowed {
-            Verdict::Allow
-        } else {
-            Verdict::Deny
-        };
+        record.decision = Verdict::of(decision.allowed);
         record.eval_us = Some(elapsed.as_micros() as u64);
+        if let Some(shadow) = &decision.shadow {
+            let flip = if shadow.allowed {
+                "deny_to_allow"
+            } else {
+                "allow_to_deny"
+            };
+            for policy in &shadow.flipped_by {
+                self.metrics
+                    .shadow_flips
+                    .with_label_values(&[policy, flip])
+                    .inc();
+            }
+            record.shadow_decision = Some(Verdict::of(shadow.allowed));
+            record.shadow_policies = shadow.policies.clone();
+            record.shadow_errors = shadow.errors.clone();
+        }
         record.trace.step("authorize", started);
         record.policies = decision.policies.clone();
         record.errors.extend(decision.errors.iter().cloned());
@@ -527,17 +536,25 @@ impl Gateway {
     }
 }
 
-/// A request's audit line until it is finished: dropped unfinished (the request's future was
-/// cancelled), it is written anyway, with status 499.
-struct Unfinished<'a> {
+/// A request's audit line (or a batch message's) until it is finished: dropped unfinished (the
+/// request's future was cancelled), it is written anyway, with status 499.
+pub(crate) struct Unfinished<'a> {
     gateway: &'a Gateway,
-    record: AuditRecord,
+    pub record: AuditRecord,
     slot: Option<AuditSlot>,
 }
 
-impl Unfinished<'_> {
+impl<'a> Unfinished<'a> {
+    pub fn new(gateway: &'a Gateway, record: AuditRecord, slot: AuditSlot) -> Self {
+        Unfinished {
+            gateway,
+            record,
+            slot: Some(slot),
+        }
+    }
+
     /// Records the outcome, in the room reserved for it.
-    fn done(mut self) {
+    pub fn done(mut self) {
         let record = std::mem::take(&mut self.record);
         self.gateway.finish(record, self.slot.take());
     }

@@ -81,6 +81,20 @@ pub struct Decision {
     pub errors: Vec<String>,
     /// `@grants` of the determining permit policies (empty on deny).
     pub grants: Vec<String>,
+    /// What the `@mode("shadow")` policies would have made of it, when that differs.
+    pub shadow: Option<ShadowDecision>,
+}
+
+/// The decision the enforced and the shadow policies together would make, where it differs
+/// from the enforced one. It never decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowDecision {
+    pub allowed: bool,
+    /// Its determining policies, and the policies that erred (each erring policy denies).
+    pub policies: Vec<String>,
+    pub errors: Vec<String>,
+    /// The shadow policies that make the difference: among its determining or erring ones.
+    pub flipped_by: Vec<String>,
 }
 
 impl Decision {
@@ -90,6 +104,7 @@ impl Decision {
             policies: Vec::new(),
             errors: vec![error],
             grants: Vec::new(),
+            shadow: None,
         }
     }
 }
@@ -110,10 +125,11 @@ pub struct CedarOutcome {
 pub struct PolicyEngine {
     schema: Schema,
     info: SchemaInfo,
-    all: Arc<PolicySet>,
-    by_action: HashMap<EntityUid, ActionPolicies>,
-    /// Per-principal sets built (`ActionPolicies::built`), over all actions.
-    principal_sets: AtomicUsize,
+    /// The policies that decide.
+    enforced: IndexedSet,
+    /// The enforced and the `@mode("shadow")` policies together, for the actions some shadow
+    /// policy can apply to; `None` without shadow policies.
+    shadow: Option<(IndexedSet, HashSet<EntityUid>)>,
     sources: HashMap<PolicyId, PolicySource>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
@@ -167,13 +183,35 @@ impl PolicyEngine {
                 entity_json.insert(uid, entry.clone());
             }
         }
-        let by_action = index_by_action(&schema, &entities, &policies);
+        let is_shadow = |p: &Policy| sources.get(p.id()).is_some_and(|s| s.shadow);
+        let (enforced, shadow) = if policies.policies().any(is_shadow) {
+            let only = |shadow: bool| {
+                let mut set = PolicySet::new();
+                for policy in policies.policies().filter(|p| is_shadow(p) == shadow) {
+                    // Ids are unique in `policies`, so adding cannot clash.
+                    let _ = set.add(policy.clone());
+                }
+                set
+            };
+            // The actions a shadow policy can apply to: only there can the two sets differ.
+            let reached = index_by_action(&schema, &entities, &only(true))
+                .into_iter()
+                .filter(|(_, p)| p.general.num_of_policies() > 0 || !p.own.is_empty())
+                .map(|(action, _)| action)
+                .collect();
+            let enforced = only(false);
+            (
+                enforced,
+                Some((IndexedSet::new(&schema, &entities, policies), reached)),
+            )
+        } else {
+            (policies, None)
+        };
         Ok(PolicyEngine {
             info: SchemaInfo::from_fragment_json(&schema_json),
+            enforced: IndexedSet::new(&schema, &entities, enforced),
+            shadow,
             schema,
-            all: Arc::new(policies),
-            by_action,
-            principal_sets: AtomicUsize::new(0),
             sources,
             entities,
             authorizer: Authorizer::new(),
@@ -181,8 +219,12 @@ impl PolicyEngine {
         })
     }
 
+    /// Policies loaded, enforced and shadow.
     pub fn policy_count(&self) -> usize {
-        self.all.num_of_policies()
+        match &self.shadow {
+            Some((all, _)) => all.all.num_of_policies(),
+            None => self.enforced.all.num_of_policies(),
+        }
     }
 
     pub fn source(&self, policy_id: &str) -> Option<&PolicySource> {
@@ -217,12 +259,48 @@ impl PolicyEngine {
             Ok(built) => built,
             Err(error) => return Decision::deny_with(error),
         };
-        let policies = if indexed {
-            self.policies_for(&action, request.principal())
-        } else {
-            self.all.clone()
+        let set_of = |index: &IndexedSet| {
+            if indexed {
+                index.policies_for(&action, request.principal())
+            } else {
+                index.all.clone()
+            }
         };
-        self.evaluate(&request, &entities, &policies).1
+        let mut decision = self
+            .evaluate(&request, &entities, &set_of(&self.enforced))
+            .1;
+        if let Some((with_shadow, reached)) = &self.shadow {
+            if reached.contains(&action) {
+                let (response, shadow) = self.evaluate(&request, &entities, &set_of(with_shadow));
+                if shadow.allowed != decision.allowed {
+                    decision.shadow = Some(self.shadow_decision(&response, shadow));
+                }
+            }
+        }
+        decision
+    }
+
+    fn shadow_decision(
+        &self,
+        response: &cedar_policy::Response,
+        decision: Decision,
+    ) -> ShadowDecision {
+        let is_shadow = |id: &String| self.source(id).is_some_and(|s| s.shadow);
+        let mut flipped_by: Vec<String> = decision
+            .policies
+            .iter()
+            .cloned()
+            .chain(erring_policies(response))
+            .filter(is_shadow)
+            .collect();
+        flipped_by.sort();
+        flipped_by.dedup();
+        ShadowDecision {
+            allowed: decision.allowed,
+            policies: decision.policies,
+            errors: decision.errors,
+            flipped_by,
+        }
     }
 
     /// Asks Cedar, and turns its response into toolgate's decision.
@@ -257,6 +335,7 @@ impl PolicyEngine {
             policies: determining,
             errors,
             grants,
+            shadow: None,
         };
         (response, decision)
     }
@@ -266,8 +345,8 @@ impl PolicyEngine {
     /// against Cedar's corpus, whose requests are built by the corpus, not from a call.
     pub fn decide_request(&self, request: &Request, entities: &Entities) -> CedarOutcome {
         let policies = match request.action() {
-            Some(action) => self.policies_for(action, request.principal()),
-            None => self.all.clone(),
+            Some(action) => self.enforced.policies_for(action, request.principal()),
+            None => self.enforced.all.clone(),
         };
         let (response, decision) = self.evaluate(request, entities, &policies);
         let mut reason: Vec<String> = response
@@ -275,15 +354,7 @@ impl PolicyEngine {
             .reason()
             .map(ToString::to_string)
             .collect();
-        let mut errors: Vec<String> = response
-            .diagnostics()
-            .errors()
-            .map(|e| match e {
-                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
-                    e.policy_id().to_string()
-                }
-            })
-            .collect();
+        let mut errors = erring_policies(&response);
         reason.sort();
         errors.sort();
         CedarOutcome {
@@ -521,6 +592,17 @@ impl PolicyEngine {
             slice.insert(id, entity);
         }
     }
+}
+
+/// The ids of the policies that erred in a response (Cedar skips them; toolgate denies).
+fn erring_policies(response: &cedar_policy::Response) -> Vec<String> {
+    response
+        .diagnostics()
+        .errors()
+        .map(|e| match e {
+            cedar_policy::AuthorizationError::PolicyEvaluationError(e) => e.policy_id().to_string(),
+        })
+        .collect()
 }
 
 /// The resource's uid: `Tool::"<upstream>/<tool>"` or `Task::"<id>"`.
@@ -776,7 +858,23 @@ struct ActionPolicies {
 /// Per-principal sets kept per snapshot, over all actions; beyond, they start again.
 const MAX_PRINCIPAL_SETS: usize = 4096;
 
-impl PolicyEngine {
+/// A policy set and its index by action.
+struct IndexedSet {
+    all: Arc<PolicySet>,
+    by_action: HashMap<EntityUid, ActionPolicies>,
+    /// Per-principal sets built (`ActionPolicies::built`), over all actions.
+    principal_sets: AtomicUsize,
+}
+
+impl IndexedSet {
+    fn new(schema: &Schema, entities: &Entities, policies: PolicySet) -> IndexedSet {
+        IndexedSet {
+            by_action: index_by_action(schema, entities, &policies),
+            all: Arc::new(policies),
+            principal_sets: AtomicUsize::new(0),
+        }
+    }
+
     /// The policies that can apply to a request for `action`: its slice of the index, or the
     /// whole set for an action the schema does not declare (only unvalidated requests have one).
     fn policies_for(&self, action: &EntityUid, principal: Option<&EntityUid>) -> Arc<PolicySet> {
@@ -1162,6 +1260,143 @@ mod load_tests {
         assert!(err.to_string().contains("worker failed"), "{err}");
         // Without the fault the same directory loads: the failure came from the panic.
         assert!(PolicyEngine::load(&dir.0).is_ok());
+    }
+
+    /// alice's assistant calling `action` with `args` (a finance agent, as entities.json says).
+    fn decide_for(engine: &PolicyEngine, action: &str, args: Value) -> Decision {
+        let none = Map::new();
+        let (upstream, tool) = action.split_once('/').unwrap();
+        engine.authorize(&AuthzRequest {
+            agent: Principal {
+                id: "assistant",
+                claims: &none,
+            },
+            user: Some(Principal {
+                id: "alice",
+                claims: &none,
+            }),
+            action,
+            resource: Resource::Tool { upstream, tool },
+            args: args.as_object().cloned().unwrap_or_default(),
+            env: Env {
+                source_ip: "127.0.0.1".parse().unwrap(),
+                time: "2026-11-23T10:15:00Z".parse().unwrap(),
+            },
+            task: None,
+            issuer: "",
+        })
+    }
+
+    #[test]
+    fn shadow_policies_never_decide_and_say_what_they_would_flip() {
+        let shadow = "@id(\"no-small-refunds\")\n@mode(\"shadow\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context.args.amount < 100 };\n\
+            @id(\"records-delete\")\n@mode(\"shadow\")\npermit (principal, action == Toolgate::Action::\"records/delete_patient_record\", resource);\n\
+            @id(\"enforced-by-name\")\n@mode(\"enforce\")\npermit (principal, action == Toolgate::Action::\"billing/list_invoices\", resource);\n";
+        let dir = dir_with(&[("shadow.cedar", shadow)]);
+        let engine = PolicyEngine::load(&dir.0).unwrap();
+        let plain = PolicyEngine::load(&dir_with(&[]).0).unwrap();
+        assert_eq!(engine.policy_count(), plain.policy_count() + 3);
+
+        // Allowed, and the shadow forbid would deny: the call stays allowed.
+        let refund = json!({"invoice_id": 1, "amount": 50});
+        let decision = decide_for(&engine, "billing/refund", refund.clone());
+        assert!(decision.allowed);
+        assert_eq!(decision.policies, ["billing-refund"]);
+        assert_eq!(decision.grants, ["refunds:write"]);
+        let flip = decision.shadow.expect("a flip");
+        assert!(!flip.allowed);
+        assert_eq!(flip.policies, ["no-small-refunds"]);
+        assert_eq!(flip.flipped_by, ["no-small-refunds"]);
+        // Without the shadow policy, the very same decision.
+        let without = decide_for(&plain, "billing/refund", refund);
+        assert_eq!(
+            Decision {
+                shadow: None,
+                ..decision
+            },
+            without
+        );
+
+        // Where the shadow set agrees, nothing is said.
+        let large = decide_for(
+            &engine,
+            "billing/refund",
+            json!({"invoice_id": 1, "amount": 200}),
+        );
+        assert!(large.allowed && large.shadow.is_none());
+
+        // Denied (no permit), and the shadow permit would allow: still denied.
+        let delete = decide_for(
+            &engine,
+            "records/delete_patient_record",
+            json!({"patient_id": "p-1"}),
+        );
+        assert!(!delete.allowed);
+        assert!(delete.policies.is_empty());
+        let flip = delete.shadow.expect("a flip");
+        assert!(flip.allowed);
+        assert_eq!(flip.flipped_by, ["records-delete"]);
+
+        // `@mode("enforce")` is an ordinary policy; an action no shadow policy reaches is
+        // decided once.
+        let list = decide_for(&engine, "billing/list_invoices", json!({}));
+        assert!(list.allowed && list.shadow.is_none());
+        assert!(list.policies.contains(&"enforced-by-name".to_string()));
+        // Unindexed, the same.
+        let refund = json!({"invoice_id": 1, "amount": 50});
+        let indexed = decide_for(&engine, "billing/refund", refund.clone());
+        let none = Map::new();
+        let request = AuthzRequest {
+            agent: Principal {
+                id: "assistant",
+                claims: &none,
+            },
+            user: Some(Principal {
+                id: "alice",
+                claims: &none,
+            }),
+            action: "billing/refund",
+            resource: Resource::Tool {
+                upstream: "billing",
+                tool: "refund",
+            },
+            args: refund.as_object().cloned().unwrap(),
+            env: Env {
+                source_ip: "127.0.0.1".parse().unwrap(),
+                time: "2026-11-23T10:15:00Z".parse().unwrap(),
+            },
+            task: None,
+            issuer: "",
+        };
+        assert_eq!(engine.authorize_unindexed(&request), indexed);
+    }
+
+    #[test]
+    fn an_erring_shadow_policy_is_a_would_be_deny() {
+        let shadow = "@id(\"erring\")\n@mode(\"shadow\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context.args.amount + 9223372036854775807 < 0 };\n";
+        let engine = PolicyEngine::load(&dir_with(&[("shadow.cedar", shadow)]).0).unwrap();
+        // The sum overflows a Long: the policy errs, which would deny.
+        let decision = decide_for(
+            &engine,
+            "billing/refund",
+            json!({"invoice_id": 1, "amount": 5}),
+        );
+        assert!(decision.allowed, "{decision:?}");
+        let flip = decision.shadow.expect("a flip");
+        assert!(!flip.allowed && !flip.errors.is_empty());
+        assert_eq!(flip.flipped_by, ["erring"]);
+    }
+
+    #[test]
+    fn an_unknown_mode_fails_the_load() {
+        let dir = dir_with(&[(
+            "modes.cedar",
+            "permit(principal, action == Toolgate::Action::\"list\", resource);\n\n@mode(\"shaddow\")\npermit(principal, action == Toolgate::Action::\"list\", resource);\n",
+        )]);
+        let err = PolicyEngine::load(&dir.0).err().expect("refused");
+        let text = err.to_string();
+        assert!(text.contains("modes.cedar:3:"), "{text}");
+        assert!(text.contains("shaddow"), "{text}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod validate;
 
 pub use engine::{
     coerce, coerce_record, uid, utc_millis, At, AuthzRequest, CedarOutcome, Decision, Env,
-    PolicyEngine, Principal, Resource, TaskContext, NAMESPACE,
+    PolicyEngine, Principal, Resource, ShadowDecision, TaskContext, NAMESPACE,
 };
 pub use load::{
     load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file, LoadCache,

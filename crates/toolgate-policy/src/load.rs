@@ -66,6 +66,8 @@ pub struct PolicySource {
     pub line: usize,
     /// `@grants("a b")` annotation values, split on whitespace.
     pub grants: Vec<String>,
+    /// `@mode("shadow")`: evaluated beside the enforced policies, never deciding.
+    pub shadow: bool,
 }
 
 /// The parsed (and, once validated, trusted) content of a policy directory.
@@ -474,11 +476,23 @@ pub fn parse_policy_file(
             .count();
         cursor = offset;
         // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
-        let (mut id, mut grants) = (None, Vec::new());
+        let (mut id, mut grants, mut shadow) = (None, Vec::new(), false);
         for (key, value) in policy.annotations() {
             match key {
                 "id" => id = Some(value.to_string()),
                 "grants" => grants = value.split_whitespace().map(String::from).collect(),
+                // A mistyped mode must not quietly enforce (or quietly not).
+                "mode" => match value {
+                    "enforce" => shadow = false,
+                    "shadow" => shadow = true,
+                    other => {
+                        return Err(LoadError::one(
+                            path,
+                            line,
+                            format!("@mode(\"{other}\"): a policy's mode is \"enforce\" (the default) or \"shadow\""),
+                        ))
+                    }
+                },
                 _ => {}
             }
         }
@@ -489,6 +503,7 @@ pub fn parse_policy_file(
                 file: path.to_path_buf(),
                 line,
                 grants,
+                shadow,
             },
         ));
     }
