@@ -440,6 +440,23 @@ async fn a_batch_is_one_trace_with_a_decision_span_per_message() {
 
     let spans = trace_of(&collector, trace_id).await;
     let request = named(&spans, "request");
+    let ids: std::collections::HashSet<&str> = spans
+        .iter()
+        .map(|s| s["spanId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), spans.len(), "span ids are unique");
+    for step in [
+        "authenticate",
+        "classify",
+        "read_arguments",
+        "credential",
+        "record",
+    ] {
+        let count = spans.iter().filter(|s| s["name"] == step).count();
+        // `record`: the request's line and each message's.
+        let expected = if step == "record" { 4 } else { 1 };
+        assert_eq!(count, expected, "{step}: {spans:#?}");
+    }
     let decisions: Vec<(Value, Value, Value)> = spans
         .iter()
         .filter(|s| s["name"] == "authorize")

@@ -79,12 +79,14 @@ impl Traces {
         } else {
             format!("{base}/v1/traces")
         };
+        // Not echoed: the value could hold a key.
         match url.parse::<http::Uri>() {
+            Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => Err(
+                "traces.otlp_endpoint: no user info in the URL (a key goes in traces.headers)"
+                    .to_string(),
+            ),
             Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) => Ok(uri),
-            _ => Err(format!(
-                "traces.otlp_endpoint: `{}` is not an http:// or https:// URL",
-                self.otlp_endpoint
-            )),
+            _ => Err("traces.otlp_endpoint must be an http:// or https:// URL".to_string()),
         }
     }
 
@@ -95,6 +97,18 @@ impl Traces {
         }
         if !(0.0..=1.0).contains(&self.sample_ratio) {
             errors.push("traces.sample_ratio must be between 0 and 1".to_string());
+        }
+        // Headers carry a vendor's key: never in the clear across a network.
+        let plain_remote = self.export_uri().is_ok_and(|uri| {
+            uri.scheme_str() == Some("http")
+                && !url::Url::parse(&uri.to_string())
+                    .is_ok_and(|u| toolgate_credential::tls::plain_http_allowed(&u))
+        });
+        if plain_remote && !self.headers.is_empty() {
+            errors.push(
+                "traces.headers need an https:// otlp_endpoint (http:// only on loopback)"
+                    .to_string(),
+            );
         }
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err()

@@ -277,7 +277,8 @@ impl Gateway {
             writer.finish(drain.max(AUDIT_GRACE)).await;
         }
         if let Some(tracer) = &self.tracer {
-            tracer.flush(AUDIT_GRACE).await;
+            // Best effort, briefly: a hung collector must not hold the exit.
+            tracer.flush(std::time::Duration::from_secs(2)).await;
         }
     }
 

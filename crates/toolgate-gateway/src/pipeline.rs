@@ -31,7 +31,7 @@ use crate::answer::{
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
-use crate::trace::{Outcome, TRACEPARENT};
+use crate::trace::{Outcome, TRACEPARENT, TRACESTATE};
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 
@@ -312,7 +312,9 @@ impl Gateway {
             record.shadow_policies = shadow.policies.clone();
             record.shadow_errors = shadow.errors.clone();
         }
-        record.trace.step("authorize", started);
+        let mut trace = record.trace.take();
+        trace.decided(started, record);
+        record.trace = trace;
         record.policies = decision.policies.clone();
         record.errors.extend(decision.errors.iter().cloned());
         decision
@@ -371,8 +373,12 @@ impl Gateway {
         let mut request = request;
         let span = record.trace.span_id();
         if let Some(traceparent) = span.and_then(|id| record.trace.traceparent(id)) {
-            // The upstream's work continues this trace, under the forward step.
+            // The upstream's work continues this trace, under the forward step; the caller's
+            // `tracestate` only goes with the caller's trace.
             request.headers_mut().insert(TRACEPARENT, traceparent);
+            if record.trace.restarted() {
+                request.headers_mut().remove(TRACESTATE);
+            }
         }
         let started = Instant::now();
         let result = upstream.forward(request, credential, &ctx.client).await;

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +23,7 @@ use crate::upstream::HttpClient;
 
 /// The W3C trace context header (https://www.w3.org/TR/trace-context/).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Finished requests whose spans wait for the exporter; past this, spans are dropped.
 const QUEUE: usize = 4096;
@@ -29,6 +31,10 @@ const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 1024;
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest text attribute (OpenTelemetry's attribute value length limit).
+const MAX_ATTRIBUTE_BYTES: usize = 256;
+/// What is read of a collector's answer (to keep the connection) before it is dropped.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// A parsed `traceparent`: the caller's trace, its span, and whether it records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +104,8 @@ struct CallTrace {
     request_span: u64,
     /// Set on the line that owns the request's span: the caller's span it continues, if any.
     owner: Option<Option<u64>>,
+    /// Whether a valid `traceparent` came (the trace is the caller's).
+    continued: bool,
     started: Instant,
     started_unix_nanos: u64,
     steps: Vec<Step>,
@@ -109,6 +117,7 @@ struct Step {
     span_id: u64,
     start: Instant,
     end: Instant,
+    attributes: Vec<KeyValue>,
 }
 
 impl Clone for TraceSlot {
@@ -143,14 +152,38 @@ impl TraceSlot {
 
     /// Records a step under the id given out by `span_id`.
     pub fn step_as(&mut self, name: &'static str, span_id: Option<u64>, start: Instant) {
+        self.push(name, span_id, start, Vec::new);
+    }
+
+    /// Records the authorize step with the decision it made (a later step can still turn an
+    /// allow into a deny: the request span has the final word).
+    pub fn decided(&mut self, start: Instant, record: &AuditRecord) {
+        let span_id = self.span_id();
+        self.push("authorize", span_id, start, || decision_attributes(record));
+    }
+
+    fn push(
+        &mut self,
+        name: &'static str,
+        span_id: Option<u64>,
+        start: Instant,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) {
         if let (Some(trace), Some(span_id)) = (self.0.as_mut(), span_id) {
             trace.steps.push(Step {
                 name,
                 span_id,
                 start,
                 end: Instant::now(),
+                attributes: attributes(),
             });
         }
+    }
+
+    /// Whether the trace started here (no valid `traceparent` came): the caller's
+    /// `tracestate` then belongs to no trace the upstream will see, and is not passed on.
+    pub fn restarted(&self) -> bool {
+        self.0.as_ref().is_some_and(|t| !t.continued)
     }
 
     pub fn take(&mut self) -> TraceSlot {
@@ -164,9 +197,7 @@ impl TraceSlot {
 
 /// What the spans of a request say about it, read from its audit line.
 pub struct Outcome {
-    decision_id: String,
-    action: Option<String>,
-    decision: &'static str,
+    decision: Vec<KeyValue>,
     agent: Option<String>,
     task_id: Option<String>,
     credential_mode: Option<&'static str>,
@@ -178,9 +209,7 @@ pub struct Outcome {
 impl Outcome {
     pub fn of(record: &AuditRecord) -> Outcome {
         Outcome {
-            decision_id: record.decision_id.clone(),
-            action: record.action.clone(),
-            decision: record.decision.as_str(),
+            decision: decision_attributes(record),
             agent: record.agent.clone(),
             task_id: record.task_id.clone(),
             credential_mode: record.credential_mode,
@@ -189,17 +218,18 @@ impl Outcome {
             status: record.status,
         }
     }
+}
 
-    fn decision_attributes(&self) -> Vec<KeyValue> {
-        let mut attributes = vec![
-            KeyValue::string("decision_id", &self.decision_id),
-            KeyValue::string("decision", self.decision),
-        ];
-        if let Some(action) = &self.action {
-            attributes.push(KeyValue::string("action", action));
-        }
-        attributes
+/// `decision_id`, `decision` and `action` as the record has them now.
+fn decision_attributes(record: &AuditRecord) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        KeyValue::string("decision_id", &record.decision_id),
+        KeyValue::string("decision", record.decision.as_str()),
+    ];
+    if let Some(action) = &record.action {
+        attributes.push(KeyValue::string("action", action));
     }
+    attributes
 }
 
 /// An OTLP span in the JSON encoding (ids in hex, times as decimal strings, enums as numbers).
@@ -228,13 +258,13 @@ struct Status {
     code: u8,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct KeyValue {
     key: &'static str,
     value: AnyValue,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 enum AnyValue {
     StringValue(String),
@@ -243,10 +273,16 @@ enum AnyValue {
 }
 
 impl KeyValue {
+    /// A text attribute, cut to `MAX_ATTRIBUTE_BYTES`: an agent's words (an MCP method or
+    /// tool name) must not make spans, and the queue holding them, large.
     fn string(key: &'static str, value: &str) -> KeyValue {
+        let mut end = value.len().min(MAX_ATTRIBUTE_BYTES);
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
         KeyValue {
             key,
-            value: AnyValue::StringValue(value.to_string()),
+            value: AnyValue::StringValue(value[..end].to_string()),
         }
     }
 
@@ -265,15 +301,14 @@ impl CallTrace {
     }
 
     /// The spans of the finished request (or batch line), ending now.
-    fn into_spans(self, outcome: &Outcome) -> Vec<Span> {
+    fn into_spans(mut self, outcome: &Outcome) -> Vec<Span> {
         let trace_id = format!("{:032x}", self.trace_id);
         let request_span = format!("{:016x}", self.request_span);
         let mut spans = Vec::with_capacity(self.steps.len() + 1);
-        for step in &self.steps {
-            let mut attributes = Vec::new();
+        for step in std::mem::take(&mut self.steps) {
+            let mut attributes = step.attributes;
             let mut failed = false;
             match step.name {
-                "authorize" => attributes = outcome.decision_attributes(),
                 "credential" => {
                     if let Some(mode) = outcome.credential_mode {
                         attributes.push(KeyValue::string("credential_mode", mode));
@@ -282,7 +317,8 @@ impl CallTrace {
                 "forward" => match outcome.upstream_status {
                     Some(status) => {
                         attributes.push(KeyValue::int("http.response.status_code", status));
-                        failed = status >= 500;
+                        // A client span fails on any error answer.
+                        failed = status >= 400;
                     }
                     None => failed = true,
                 },
@@ -307,7 +343,7 @@ impl CallTrace {
             });
         }
         if let Some(caller_span) = self.owner {
-            let mut attributes = outcome.decision_attributes();
+            let mut attributes = outcome.decision.clone();
             // Not the path: it can hold argument values (a patient id); `action` names it.
             attributes.extend([
                 KeyValue::string("http.request.method", &outcome.method),
@@ -394,9 +430,12 @@ impl Tracer {
     /// The trace of a request arriving with `headers`: continues the caller's trace and
     /// follows its sampling choice, else starts one, recorded at `sample_ratio`.
     pub fn begin(&self, headers: &HeaderMap) -> TraceSlot {
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| TraceParent::parse(v.as_bytes()));
+        // Two `traceparent` headers name no one parent: the trace starts here.
+        let mut given = headers.get_all(TRACEPARENT).iter();
+        let parent = match (given.next(), given.next()) {
+            (Some(value), None) => TraceParent::parse(value.as_bytes()),
+            _ => None,
+        };
         let (trace_id, sampled) = match parent {
             Some(parent) => (parent.trace_id, parent.sampled),
             None => {
@@ -421,6 +460,7 @@ impl Tracer {
             trace_id,
             request_span: new_span_id(),
             owner: Some(parent.map(|p| p.span_id)),
+            continued: parent.is_some(),
             started: Instant::now(),
             started_unix_nanos,
             steps: Vec::with_capacity(8),
@@ -437,12 +477,15 @@ impl Tracer {
         }
     }
 
-    /// Sends what is queued; waits at most `limit`.
+    /// Sends what is queued; waits at most `limit` in all.
     pub async fn flush(&self, limit: Duration) {
         let (done, finished) = oneshot::channel();
-        if self.queue.send(Export::Flush(done)).await.is_ok() {
-            let _ = tokio::time::timeout(limit, finished).await;
-        }
+        let _ = tokio::time::timeout(limit, async {
+            if self.queue.send(Export::Flush(done)).await.is_ok() {
+                let _ = finished.await;
+            }
+        })
+        .await;
     }
 }
 
@@ -499,10 +542,13 @@ impl Exporter {
         let failure = match outcome {
             Err(_) => Some("timed out".to_string()),
             Ok(Err(e)) => Some(crate::answer::error_chain(&e)),
-            Ok(Ok(response)) if !response.status().is_success() => {
-                Some(format!("answered {}", response.status()))
+            Ok(Ok(response)) => {
+                let status = response.status();
+                // Read (bounded) to its end, so the connection goes back to the pool.
+                let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES);
+                let _ = tokio::time::timeout(EXPORT_TIMEOUT, body.collect()).await;
+                (!status.is_success()).then(|| format!("answered {status}"))
             }
-            Ok(Ok(_)) => None,
         };
         match failure {
             None => self.metrics.trace_spans_exported.inc_by(count),
@@ -551,12 +597,27 @@ mod tests {
     }
 
     #[test]
+    fn text_attributes_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_ATTRIBUTE_BYTES);
+        let AnyValue::StringValue(cut) = KeyValue::string("action", &long).value else {
+            panic!("a string")
+        };
+        assert_eq!(cut.len(), MAX_ATTRIBUTE_BYTES);
+        let odd = format!("x{long}");
+        let AnyValue::StringValue(cut) = KeyValue::string("action", &odd).value else {
+            panic!("a string")
+        };
+        assert_eq!(cut.len(), MAX_ATTRIBUTE_BYTES - 1, "never half a character");
+    }
+
+    #[test]
     fn a_batch_line_hangs_its_steps_from_the_request_span() {
         let started = Instant::now();
         let mut slot = TraceSlot(Some(Box::new(CallTrace {
             trace_id: 7,
             request_span: 9,
             owner: Some(None),
+            continued: false,
             started,
             started_unix_nanos: 1_000,
             steps: Vec::new(),
