@@ -49,10 +49,20 @@ pub struct AuditRecord {
     pub iss: Option<String>,
     pub action: Option<String>,
     pub resource: Option<String>,
+    /// The declared arguments as the policy read them; `@sensitive` ones, and long ones, as
+    /// `sha256:<hex>` of their JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Map<String, serde_json::Value>>,
     pub decision: Verdict,
     pub policies: Vec<String>,
+    /// Each determining policy's version (`PolicySource::version`) when it decided.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub policy_versions: std::collections::BTreeMap<String, String>,
     pub errors: Vec<String>,
     pub task_id: Option<String>,
+    /// A started task's intent (on its `start_task` line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
     /// The human approval the decision relied on, if the call ran in an approved task.
     pub approval: Option<toolgate_tasks::Approval>,
     pub jti: Option<String>,
@@ -60,6 +70,9 @@ pub struct AuditRecord {
     /// `client_credentials`), and the credential's id: the `jti` of a JWT, else a hash.
     pub credential_mode: Option<&'static str>,
     pub credential_id: Option<String>,
+    /// When a minted credential expires (its `exp`, seconds since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_exp: Option<u64>,
     pub upstream_status: Option<u16>,
     pub eval_us: Option<u64>,
     /// What the decision would have been with the `@mode("shadow")` policies enforced too,
@@ -91,6 +104,38 @@ impl AuditRecord {
             ..AuditRecord::default()
         }
     }
+}
+
+/// Arguments longer than this (as JSON) are recorded as their hash.
+const MAX_AUDITED_ARG_BYTES: usize = 1024;
+
+/// The arguments of a call as its audit line keeps them: the declared ones (the policy never
+/// saw others), each as given, or as `sha256:<hex>` of its JSON where the schema marks it
+/// `@sensitive` or it is longer than `MAX_AUDITED_ARG_BYTES`.
+pub fn audited_args(
+    args: &serde_json::Map<String, serde_json::Value>,
+    declared: &toolgate_policy::ActionContext,
+) -> serde_json::Map<String, serde_json::Value> {
+    args.iter()
+        .filter(|(name, _)| declared.args.contains_key(*name))
+        .map(|(name, value)| {
+            let text = value.to_string();
+            let kept = if declared.sensitive.contains(name) || text.len() > MAX_AUDITED_ARG_BYTES {
+                serde_json::Value::String(value_hash(&text))
+            } else {
+                value.clone()
+            };
+            (name.clone(), kept)
+        })
+        .collect()
+}
+
+/// `sha256:<hex>` of a value's JSON text.
+pub fn value_hash(json: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// Room for one record in the writer's queue, taken before the call it records goes anywhere:

@@ -281,6 +281,9 @@ impl Gateway {
     ) -> Decision {
         let started = Instant::now();
         let declared = ctx.engine.schema_info().actions.get(action);
+        if let Some(declared) = declared.filter(|_| !args.is_empty()) {
+            record.args = Some(crate::audit::audited_args(&args, declared));
+        }
         let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
             Some((key, why)) => Decision::deny_with(format!("argument `{key}` {why}")),
             None => {
@@ -316,6 +319,11 @@ impl Gateway {
         trace.decided(started, record);
         record.trace = trace;
         record.policies = decision.policies.clone();
+        record.policy_versions = decision
+            .policies
+            .iter()
+            .filter_map(|id| Some((id.clone(), ctx.engine.source(id)?.version.clone())))
+            .collect();
         record.errors.extend(decision.errors.iter().cloned());
         decision
     }
@@ -538,6 +546,7 @@ impl Gateway {
             .map_err(InternalError::Mint)?;
         self.metrics.minted.inc();
         record.jti = Some(minted.claims.jti.clone());
+        record.credential_exp = Some(minted.claims.exp);
         Ok(minted)
     }
 }

@@ -138,6 +138,7 @@ impl Gateway {
         task.shared_with = start.share_with;
         record.resource = Some(format!("task:{}", task.id));
         record.task_id = Some(task.id.clone());
+        record.intent = Some(task.intent.clone());
         let ctx = CallContext {
             caller,
             client,

@@ -68,6 +68,9 @@ pub struct PolicySource {
     pub grants: Vec<String>,
     /// `@mode("shadow")`: evaluated beside the enforced policies, never deciding.
     pub shadow: bool,
+    /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
+    /// records it, so a later reader can tell whether the policy changed since.
+    pub version: String,
 }
 
 /// The parsed (and, once validated, trusted) content of a policy directory.
@@ -504,10 +507,19 @@ pub fn parse_policy_file(
                 line,
                 grants,
                 shadow,
+                version: policy_version(policy),
             },
         ));
     }
     Ok(out)
+}
+
+/// The first 12 hex digits of the SHA-256 of the policy's Cedar text (as Cedar prints it, so
+/// comments and spacing do not count).
+pub fn policy_version(policy: &Policy) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(policy.to_string().as_bytes());
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Validation errors as `file:line: message`, one per policy, kind and place: Cedar reports

@@ -30,6 +30,8 @@ pub type Record = BTreeMap<String, (AttrType, bool)>;
 pub struct ActionContext {
     pub keys: Record,
     pub args: Record,
+    /// Arguments annotated `@sensitive` in the schema: the audit keeps only their hash.
+    pub sensitive: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,8 +75,24 @@ impl SchemaInfo {
                         Some((AttrType::Record(args), _)) => args.clone(),
                         _ => Record::new(),
                     };
-                    info.actions
-                        .insert(name.clone(), ActionContext { keys, args });
+                    let sensitive = def
+                        .pointer("/appliesTo/context")
+                        .and_then(|ctx| resolver.attributes(ctx, 0))
+                        .and_then(|ctx| ctx.get("args"))
+                        .and_then(|args| resolver.attributes(args, 0))
+                        .into_iter()
+                        .flatten()
+                        .filter(|(_, attr)| attr.pointer("/annotations/sensitive").is_some())
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    info.actions.insert(
+                        name.clone(),
+                        ActionContext {
+                            keys,
+                            args,
+                            sensitive,
+                        },
+                    );
                 }
             }
         }
@@ -95,7 +113,30 @@ struct Resolver<'a> {
     common: Option<&'a serde_json::Map<String, Value>>,
 }
 
-impl Resolver<'_> {
+impl<'a> Resolver<'a> {
+    /// The declared attributes (as written, annotations and all) of a record type or of the
+    /// common type naming one.
+    fn attributes(
+        &self,
+        ty: &'a Value,
+        depth: usize,
+    ) -> Option<&'a serde_json::Map<String, Value>> {
+        if depth > 32 {
+            return None;
+        }
+        let kind = ty.get("type")?.as_str()?;
+        let name = match kind {
+            "Record" => return ty.get("attributes")?.as_object(),
+            "EntityOrCommon" => ty.get("name")?.as_str()?,
+            other => other,
+        };
+        let local = name
+            .strip_prefix(self.ns)
+            .and_then(|rest| rest.strip_prefix("::"))
+            .unwrap_or(name);
+        self.attributes(self.common?.get(local)?, depth + 1)
+    }
+
     /// The attributes of a record type (or of a common type naming one); empty otherwise.
     fn record(&self, ty: &Value) -> Record {
         match self.resolve(ty, 0) {
@@ -177,6 +218,27 @@ fn entity_type(name: String) -> AttrType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sensitive_arguments_are_read_from_schema_annotations() {
+        let text = r#"namespace Toolgate {
+            type Payment = { amount: Long, @sensitive card: String };
+            entity A; entity T;
+            action "pay/direct" appliesTo { principal: A, resource: T, context: { args: { @sensitive("hash it") ssn: String, name: String } } };
+            action "pay/typed" appliesTo { principal: A, resource: T, context: { args: Payment } };
+        }"#;
+        let (fragment, _) = cedar_policy::SchemaFragment::from_cedarschema_str(text).unwrap();
+        let info = SchemaInfo::from_fragment_json(&fragment.to_json_value().unwrap());
+        let names = |action: &str| -> Vec<&str> {
+            info.actions[action]
+                .sensitive
+                .iter()
+                .map(String::as_str)
+                .collect()
+        };
+        assert_eq!(names("pay/direct"), ["ssn"]);
+        assert_eq!(names("pay/typed"), ["card"]);
+    }
 
     #[test]
     fn builtin_and_unreadable_names_are_never_dropped() {
