@@ -1,6 +1,7 @@
-//! The `toolgate` command: serve, demo, check, test, authorize, token.
+//! The `toolgate` command: serve, demo, check, test, authorize, token, audit, schema.
 #![forbid(unsafe_code)]
 
+mod audit_cmd;
 mod authorize;
 mod demo;
 mod policy_test;
@@ -90,6 +91,11 @@ enum Command {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
+    /// Read the audit log: why a decision was made; what agents use of what they may.
+    Audit {
+        #[command(subcommand)]
+        query: AuditQuery,
+    },
     /// Generate a Cedar schema fragment (print it to stdout).
     Schema {
         #[command(subcommand)]
@@ -107,6 +113,39 @@ enum Command {
         private: PathBuf,
         #[arg(long)]
         jwks: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditQuery {
+    /// Who, on whose behalf, what, in which task, under which policies, when, and whether the
+    /// credential still lives.
+    Why {
+        /// A decision_id, or a credential's jti (or id).
+        id: String,
+        #[arg(long)]
+        audit: PathBuf,
+        /// The config whose current policies locate (and compare) the deciding ones.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The admin listener's URL, asked whether the credential's task has ended (with the
+        /// config's admin_token_file).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Per agent: the actions it called, those the policies permit that it never called, and
+    /// the permits behind them.
+    Report {
+        #[arg(long)]
+        audit: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// Only lines this recent: 7d, 12h, 30m (default: the whole file).
+        #[arg(long)]
+        since: Option<String>,
+        /// Also print, per agent, a permit covering exactly the actions it was allowed.
+        #[arg(long)]
+        suggest: bool,
     },
 }
 
@@ -160,6 +199,24 @@ fn main() -> ExitCode {
             claims,
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
+        Command::Audit {
+            query:
+                AuditQuery::Why {
+                    id,
+                    audit,
+                    config,
+                    admin,
+                },
+        } => audit_cmd::why(&id, &audit, config.as_deref(), admin.as_deref()),
+        Command::Audit {
+            query:
+                AuditQuery::Report {
+                    audit,
+                    config,
+                    since,
+                    suggest,
+                },
+        } => audit_cmd::report(&audit, &config, since.as_deref(), suggest),
         Command::Schema {
             source:
                 SchemaSource::Mcp {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use toolgate_policy::AttrType;
+
 use crate::metrics::Metrics;
 
 /// What was decided about a request (or one MCP message): each audit line is one decision.
@@ -119,15 +121,41 @@ pub fn audited_args(
     args.iter()
         .filter(|(name, _)| declared.args.contains_key(*name))
         .map(|(name, value)| {
+            let value = match &declared.args[name].0 {
+                ty @ (AttrType::Long | AttrType::Bool) => as_read(value, ty),
+                AttrType::Set(ty) => match value {
+                    serde_json::Value::Array(items) => {
+                        items.iter().map(|item| as_read(item, ty)).collect()
+                    }
+                    other => other.clone(),
+                },
+                _ => value.clone(),
+            };
             let text = value.to_string();
             let kept = if declared.sensitive.contains(name) || text.len() > MAX_AUDITED_ARG_BYTES {
                 serde_json::Value::String(value_hash(&text))
             } else {
-                value.clone()
+                value
             };
             (name.clone(), kept)
         })
         .collect()
+}
+
+/// A path or query string as the policy read it: `"42"` declared `Long` is 42.
+fn as_read(value: &serde_json::Value, ty: &AttrType) -> serde_json::Value {
+    let serde_json::Value::String(text) = value else {
+        return value.clone();
+    };
+    match ty {
+        AttrType::Long => text
+            .parse::<i64>()
+            .map_or_else(|_| value.clone(), Into::into),
+        AttrType::Bool => text
+            .parse::<bool>()
+            .map_or_else(|_| value.clone(), Into::into),
+        _ => value.clone(),
+    }
 }
 
 /// `sha256:<hex>` of a value's JSON text.
@@ -415,5 +443,26 @@ mod tests {
         assert_eq!(sink.reserve_many(2).map(|s| s.len()), Some(2));
         drop(one);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn audited_args_are_the_declared_ones_as_read_with_sensitive_ones_hashed() {
+        let mut declared = toolgate_policy::ActionContext::default();
+        declared.args.insert("id".into(), (AttrType::Long, true));
+        declared.args.insert("flag".into(), (AttrType::Bool, false));
+        declared.args.insert("ssn".into(), (AttrType::String, true));
+        declared
+            .args
+            .insert("note".into(), (AttrType::String, false));
+        declared.sensitive.insert("ssn".into());
+        let args = serde_json::json!({"id": "42", "flag": "true", "ssn": "123-45-6789",
+                          "note": "x".repeat(2000), "undeclared": 1});
+        let audited = audited_args(args.as_object().unwrap(), &declared);
+        assert_eq!(audited["id"], 42);
+        assert_eq!(audited["flag"], true);
+        assert_eq!(audited["ssn"], value_hash("\"123-45-6789\""));
+        assert!(audited["note"].as_str().unwrap().starts_with("sha256:"));
+        assert!(!audited.contains_key("undeclared"));
+        assert!(!serde_json::to_string(&audited).unwrap().contains("6789"));
     }
 }

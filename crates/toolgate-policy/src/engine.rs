@@ -244,6 +244,69 @@ impl PolicyEngine {
         self.info.actions.contains_key(action)
     }
 
+    /// For each of `actions` (tool actions, `"<upstream>/<tool>"`), the enforced permit
+    /// policies whose scope admits `agent` calling it on its tool: those that could permit the
+    /// call, their `when`/`unless` conditions aside (scope and entity hierarchy only).
+    pub fn permits_in_scope(
+        &self,
+        agent: &str,
+        actions: &[&str],
+    ) -> Result<Vec<(String, Vec<String>)>, String> {
+        let mut scopes = PolicySet::new();
+        for policy in self.enforced.all.policies() {
+            if policy.effect() != cedar_policy::Effect::Permit {
+                continue;
+            }
+            let mut json = policy.to_json().map_err(|e| error_chain(&e))?;
+            json["conditions"] = json!([]);
+            let scope = Policy::from_json(Some(policy.id().clone()), json)
+                .map_err(|e| format!("policy {}: {}", policy.id(), error_chain(&e)))?;
+            let _ = scopes.add(scope);
+        }
+        let principal = uid("Agent", agent)?;
+        let mut added: HashMap<EntityUid, Entity> = HashMap::new();
+        let mut absent = |id: EntityUid, parents: HashSet<EntityUid>| {
+            if self.entities.get(&id).is_none() {
+                added
+                    .entry(id.clone())
+                    .or_insert_with(|| Entity::new_no_attrs(id, parents));
+            }
+        };
+        absent(principal.clone(), HashSet::new());
+        let mut asked = Vec::new();
+        for action in actions {
+            let (upstream, tool) = action
+                .split_once('/')
+                .ok_or_else(|| format!("`{action}` is not a tool action"))?;
+            let upstream_uid = uid("Upstream", upstream)?;
+            let resource = resource_uid(&Resource::Tool { upstream, tool })?;
+            absent(upstream_uid.clone(), HashSet::new());
+            absent(resource.clone(), HashSet::from([upstream_uid]));
+            asked.push((*action, uid("Action", action)?, resource));
+        }
+        let entities = self
+            .entities
+            .clone()
+            .add_entities(added.into_values(), None)
+            .map_err(|e| error_chain(&e))?;
+        asked
+            .into_iter()
+            .map(|(name, action, resource)| {
+                let request =
+                    Request::new(principal.clone(), action, resource, Context::empty(), None)
+                        .map_err(|e| error_chain(&e))?;
+                let response = self.authorizer.is_authorized(&request, &scopes, &entities);
+                let mut permits: Vec<String> = response
+                    .diagnostics()
+                    .reason()
+                    .map(ToString::to_string)
+                    .collect();
+                permits.sort();
+                Ok((name.to_string(), permits))
+            })
+            .collect()
+    }
+
     /// Decides with only the policies that can apply to the action.
     pub fn authorize(&self, req: &AuthzRequest<'_>) -> Decision {
         self.decide(req, true)

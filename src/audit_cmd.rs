@@ -1,0 +1,512 @@
+//! `toolgate audit why` and `toolgate audit report`: reading the audit log back. Both stream
+//! the file (one line at a time, each parsed into only the fields they read).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use toolgate_gateway::Config;
+use toolgate_policy::PolicyEngine;
+
+/// The fields of an audit line these commands read; the rest is skipped unparsed.
+#[derive(Deserialize)]
+struct Line {
+    decision_id: String,
+    time: String,
+    agent: Option<String>,
+    user: Option<String>,
+    iss: Option<String>,
+    action: Option<String>,
+    args: Option<Map<String, Value>>,
+    decision: String,
+    #[serde(default)]
+    policies: Vec<String>,
+    #[serde(default)]
+    policy_versions: BTreeMap<String, String>,
+    #[serde(default)]
+    errors: Vec<String>,
+    task_id: Option<String>,
+    intent: Option<String>,
+    jti: Option<String>,
+    credential_mode: Option<String>,
+    credential_id: Option<String>,
+    credential_exp: Option<u64>,
+    upstream_status: Option<u16>,
+    shadow_decision: Option<String>,
+    #[serde(default)]
+    shadow_policies: Vec<String>,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    status: u16,
+}
+
+impl Line {
+    /// A decision on a call to a tool (`<upstream>/<tool>`), not the gateway's own endpoints.
+    fn is_tool_call(&self) -> bool {
+        self.action
+            .as_deref()
+            .is_some_and(|a| a.contains('/') && !a.starts_with("mcp:"))
+    }
+}
+
+/// Reads the audit file line by line; `visit` sees each line that parses (others are counted).
+fn each_line(path: &Path, mut visit: impl FnMut(Line)) -> Result<usize, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut text = String::new();
+    let mut unreadable = 0;
+    loop {
+        text.clear();
+        let read = reader
+            .read_line(&mut text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if read == 0 {
+            return Ok(unreadable);
+        }
+        match serde_json::from_str::<Line>(&text) {
+            Ok(line) => visit(line),
+            Err(_) if text.trim().is_empty() => {}
+            Err(_) => unreadable += 1,
+        }
+    }
+}
+
+/// What the audit says of a task: who started it, why, and when it ended.
+#[derive(Default)]
+struct TaskStory {
+    started: Option<(String, String, Option<String>)>,
+    ended: Option<(String, String)>,
+}
+
+pub fn why(
+    id: &str,
+    audit: &Path,
+    config: Option<&Path>,
+    admin: Option<&str>,
+) -> Result<ExitCode, String> {
+    let mut found = Vec::new();
+    let mut tasks: HashMap<String, TaskStory> = HashMap::new();
+    each_line(audit, |line| {
+        if let Some(task) = &line.task_id {
+            let ok = (200..300).contains(&line.status);
+            match line.action.as_deref() {
+                Some("start_task") if ok => {
+                    tasks.entry(task.clone()).or_default().started = Some((
+                        line.time.clone(),
+                        line.agent.clone().unwrap_or_default(),
+                        line.intent.clone(),
+                    ));
+                }
+                Some(end @ ("complete_task" | "cancel_task")) if ok => {
+                    let state = if end == "complete_task" {
+                        "completed"
+                    } else {
+                        "cancelled"
+                    };
+                    tasks.entry(task.clone()).or_default().ended =
+                        Some((line.time.clone(), state.to_string()));
+                }
+                _ => {}
+            }
+        }
+        let named = line.decision_id == id
+            || line.jti.as_deref() == Some(id)
+            || line.credential_id.as_deref() == Some(id);
+        if named {
+            found.push(line);
+        }
+    })?;
+    // A batch's credential covers each message's decision: those, not the request's line.
+    if found.iter().any(Line::is_tool_call) {
+        found.retain(Line::is_tool_call);
+    }
+    if found.is_empty() {
+        return Err(format!(
+            "{id}: no decision or credential with this id in {}",
+            audit.display()
+        ));
+    }
+    let current = match config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let engine = PolicyEngine::load(&config.policies).map_err(|e| e.to_string())?;
+            Some((config, engine))
+        }
+        None => None,
+    };
+    let now = Utc::now();
+    for line in &found {
+        let mut out = String::new();
+        let mut say = |key: &str, value: String| out.push_str(&format!("  {key:<11} {value}\n"));
+        println!("decision {} at {}", line.decision_id, line.time);
+        let mut who = format!(
+            "agent {}",
+            line.agent.as_deref().unwrap_or("(unauthenticated)")
+        );
+        if let Some(user) = &line.user {
+            who.push_str(&format!(", on behalf of user {user}"));
+        }
+        if let Some(iss) = &line.iss {
+            who.push_str(&format!(", token from {iss}"));
+        }
+        say("who:", who);
+        say(
+            "what:",
+            format!(
+                "{} ({} {})",
+                line.action.as_deref().unwrap_or("-"),
+                line.method,
+                line.path
+            ),
+        );
+        if let Some(args) = &line.args {
+            say("arguments:", Value::Object(args.clone()).to_string());
+        }
+        let mut decided = format!("{}, answered {}", line.decision, line.status);
+        if let Some(status) = line.upstream_status {
+            decided.push_str(&format!(" (upstream {status})"));
+        }
+        say("decision:", decided);
+        for (n, policy) in line.policies.iter().enumerate() {
+            let recorded = line.policy_versions.get(policy);
+            let place = match &current {
+                None => "(give --config to locate it)".to_string(),
+                Some((_, engine)) => match engine.source(policy) {
+                    None => "no longer in the policy set".to_string(),
+                    Some(source) => {
+                        let note = match recorded {
+                            Some(v) if *v == source.version => "unchanged since",
+                            Some(_) => "CHANGED since this decision",
+                            None => "no version recorded",
+                        };
+                        format!("{}:{} ({note})", source.file.display(), source.line)
+                    }
+                },
+            };
+            say(
+                if n == 0 { "policies:" } else { "" },
+                format!("{policy} at {place}"),
+            );
+        }
+        if line.policies.is_empty() {
+            let why = if line.decision == "deny" && line.errors.is_empty() {
+                "none (no policy permits: default deny)".to_string()
+            } else {
+                "none".to_string()
+            };
+            say("policies:", why);
+        }
+        for error in &line.errors {
+            say("error:", error.clone());
+        }
+        if let Some(shadow) = &line.shadow_decision {
+            say(
+                "shadow:",
+                format!(
+                    "would have been {shadow} by {}",
+                    line.shadow_policies.join(", ")
+                ),
+            );
+        }
+        let story = line.task_id.as_ref().and_then(|t| tasks.get(t));
+        if let Some(task) = &line.task_id {
+            let mut text = task.clone();
+            if let Some((at, agent, intent)) = story.and_then(|s| s.started.as_ref()) {
+                if let Some(intent) = intent {
+                    text.push_str(&format!(", intent {intent:?}"));
+                }
+                text.push_str(&format!(", started {at} by {agent}"));
+            }
+            if let Some((at, state)) = story.and_then(|s| s.ended.as_ref()) {
+                text.push_str(&format!(", {state} {at}"));
+            }
+            say("task:", text);
+        }
+        let ended_in_audit = story.and_then(|s| s.ended.clone());
+        let ended_now = match (admin, &line.task_id, &current) {
+            (Some(url), Some(task), Some((config, _))) => admin_task_ended(url, config, task)?,
+            (Some(_), Some(_), None) => {
+                return Err("--admin needs --config (its admin_token_file)".into())
+            }
+            _ => None,
+        };
+        say(
+            "credential:",
+            credential(line, now, ended_in_audit, ended_now, admin.is_some()),
+        );
+        print!("{out}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The credential's id and mode, and whether it is still live.
+fn credential(
+    line: &Line,
+    now: DateTime<Utc>,
+    ended_in_audit: Option<(String, String)>,
+    ended_now: Option<String>,
+    asked_admin: bool,
+) -> String {
+    let Some(id) = line.credential_id.as_deref().or(line.jti.as_deref()) else {
+        return "none (nothing was forwarded)".to_string();
+    };
+    let mode = line.credential_mode.as_deref().unwrap_or("mint");
+    let head = format!("{id} ({mode})");
+    let Some(exp) = line.credential_exp else {
+        return format!("{head}: its lifetime is its issuer's, not toolgate's");
+    };
+    let expires = DateTime::<Utc>::from_timestamp(exp as i64, 0)
+        .map_or_else(|| exp.to_string(), |t| t.to_rfc3339());
+    let live = if (exp as i64) <= now.timestamp() {
+        format!("not live: expired {expires}")
+    } else if let Some(state) = ended_now {
+        format!("not live: revoked, its task is {state} (admin listener)")
+    } else if let Some((at, state)) = ended_in_audit {
+        format!("not live: revoked when its task was {state} at {at}")
+    } else if line.task_id.is_some() && !asked_admin {
+        format!("live until {expires}, unless its task has ended since (--admin asks)")
+    } else {
+        format!("live until {expires}")
+    };
+    format!("{head}: {live}")
+}
+
+/// The task's state when the admin listener says it has ended, else `None`.
+fn admin_task_ended(url: &str, config: &Config, task: &str) -> Result<Option<String>, String> {
+    let token_file = config
+        .admin_token_file
+        .as_ref()
+        .ok_or("--admin: the config has no admin_token_file")?;
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| format!("{}: {e}", token_file.display()))?;
+    let uri: http::Uri = format!("{}/admin/tasks/{task}", url.trim_end_matches('/'))
+        .parse()
+        .map_err(|e| format!("--admin {url}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let request = http::Request::get(uri)
+            .header("authorization", format!("Bearer {}", token.trim()))
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request))
+                .await
+                .map_err(|_| format!("--admin {url}: no answer within 5 s"))?
+                .map_err(|e| format!("--admin {url}: {e}"))?;
+        let status = answer.status();
+        use http_body_util::BodyExt as _;
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if status == http::StatusCode::NOT_FOUND {
+            return Ok(Some("unknown to the gateway".to_string()));
+        }
+        if !status.is_success() {
+            return Err(format!("--admin {url}: answered {status}"));
+        }
+        let task: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let state = task["state"].as_str().unwrap_or("unknown").to_string();
+        Ok((state != "active").then_some(state))
+    })
+}
+
+/// `7d`, `12h`, `30m`, `90s`, `2w`, or several (`1d12h`).
+pub fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
+    let bad = || format!("--since {text}: a duration like 7d, 12h, 30m (s, m, h, d, w)");
+    let mut total = 0i64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: i64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(bad)?;
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(chrono::Duration::seconds(total))
+}
+
+/// What one agent did in the window.
+#[derive(Default)]
+struct Usage {
+    /// Action → (allowed calls, denied calls, last time).
+    actions: BTreeMap<String, (u64, u64, String)>,
+}
+
+pub fn report(
+    audit: &Path,
+    config: &Path,
+    since: Option<&str>,
+    suggest: bool,
+) -> Result<ExitCode, String> {
+    let config = Config::load(config)?;
+    let engine = PolicyEngine::load(&config.policies).map_err(|e| e.to_string())?;
+    let from = since
+        .map(parse_duration)
+        .transpose()?
+        .map(|window| Utc::now() - window);
+    let mut agents: BTreeMap<String, Usage> = BTreeMap::new();
+    let mut lines = 0u64;
+    let unreadable = each_line(audit, |line| {
+        lines += 1;
+        let (Some(agent), true) = (&line.agent, line.is_tool_call()) else {
+            return;
+        };
+        if let Some(from) = from {
+            match DateTime::parse_from_rfc3339(&line.time) {
+                Ok(at) if at >= from => {}
+                _ => return,
+            }
+        }
+        let action = line.action.clone().unwrap_or_default();
+        let entry = agents
+            .entry(agent.clone())
+            .or_default()
+            .actions
+            .entry(action)
+            .or_default();
+        if line.decision == "allow" {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+        if line.time > entry.2 {
+            entry.2 = line.time.clone();
+        }
+    })?;
+    let window = since.map_or_else(|| "the whole file".to_string(), |s| format!("the last {s}"));
+    println!(
+        "# {} lines read from {} ({unreadable} unreadable); window: {window}",
+        lines,
+        audit.display()
+    );
+    let mut tools: Vec<&str> = engine
+        .schema_info()
+        .actions
+        .keys()
+        .map(String::as_str)
+        .filter(|a| a.contains('/'))
+        .collect();
+    tools.sort();
+    for (agent, usage) in &agents {
+        println!("\nagent {agent}");
+        println!("  called:");
+        for (action, (allowed, denied, last)) in &usage.actions {
+            let denied = if *denied > 0 {
+                format!(", {denied} denied")
+            } else {
+                String::new()
+            };
+            println!("    {action}: {allowed} allowed{denied}, last {last}");
+        }
+        let permitted = engine.permits_in_scope(agent, &tools)?;
+        let unused: Vec<_> = permitted
+            .iter()
+            .filter(|(action, permits)| {
+                !permits.is_empty()
+                    && usage
+                        .actions
+                        .get(action)
+                        .is_none_or(|(allowed, _, _)| *allowed == 0)
+            })
+            .collect();
+        if unused.is_empty() {
+            println!("  permitted but never called: none");
+        } else {
+            println!("  permitted but never called:");
+            for (action, permits) in unused {
+                let by: Vec<String> = permits
+                    .iter()
+                    .map(|id| match engine.source(id) {
+                        Some(s) => format!("{id} ({}:{})", s.file.display(), s.line),
+                        None => id.clone(),
+                    })
+                    .collect();
+                println!("    {action}: by {}", by.join(", "));
+            }
+        }
+        if suggest {
+            let used: Vec<&String> = usage
+                .actions
+                .iter()
+                .filter(|(_, (allowed, _, _))| *allowed > 0)
+                .map(|(action, _)| action)
+                .collect();
+            if !used.is_empty() {
+                println!("\n{}", suggested_permit(agent, &used, &window)?);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A permit covering exactly what `agent` was allowed to call, as Cedar text.
+fn suggested_permit(agent: &str, used: &[&String], window: &str) -> Result<String, String> {
+    let principal = toolgate_policy::uid("Agent", agent)?;
+    let actions: Vec<String> = used
+        .iter()
+        .map(|a| toolgate_policy::uid("Action", a).map(|u| u.to_string()))
+        .collect::<Result<_, _>>()?;
+    let id: String = agent
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(format!(
+        "// Suggested: what agent {agent:?} was allowed to call in {window}, and nothing more.\n\
+         @id(\"suggested-{id}\")\n\
+         permit (\n  principal == {principal},\n  action in [{}],\n  resource\n);",
+        actions.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d").unwrap().num_seconds(), 7 * 86_400);
+        assert_eq!(parse_duration("1d12h").unwrap().num_seconds(), 36 * 3600);
+        assert_eq!(parse_duration("90s").unwrap().num_seconds(), 90);
+        for bad in ["", "7", "d", "7x", "0h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

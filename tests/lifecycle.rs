@@ -1,0 +1,297 @@
+//! The policy lifecycle (issue 14): shadow policies beside the enforced ones, and the audit log
+//! read back (`toolgate audit why`, `toolgate audit report`) from what a running gateway wrote.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const SHADOW: &str = r#"
+@id("no-invoice-7")
+@mode("shadow")
+forbid (principal, action == Toolgate::Action::"billing/get_invoice", resource)
+when { context.args.invoice_id == 7 };
+
+@id("would-delete")
+@mode("shadow")
+permit (principal, action == Toolgate::Action::"records/delete_patient_record", resource);
+"#;
+
+#[tokio::test]
+async fn shadow_policies_never_decide_and_the_audit_and_metrics_show_their_flips() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("shadow.cedar", SHADOW)],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let token = gw.idp.delegated();
+
+    // Enforced: allow; shadow: deny. The call goes through.
+    assert_eq!(
+        get(&gw.url("/billing/invoices/7"), &token).await.status,
+        200
+    );
+    assert_eq!(upstream.requests().len(), 1);
+    let line = gw.audit_line(|l| l["args"]["invoice_id"] == 7).await;
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["shadow_decision"], "deny", "{line}");
+    assert_eq!(line["shadow_policies"], json!(["no-invoice-7"]));
+
+    // Enforced: deny (no permit); shadow: allow. The call is refused.
+    let delete = send(
+        "DELETE",
+        &gw.url("/records/patients/p-100/record"),
+        &[("authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(delete.status, 403);
+    assert_eq!(upstream.requests().len(), 1, "nothing more forwarded");
+    let id = delete.json()["decision_id"].clone();
+    let line = gw.audit_line(|l| l["decision_id"] == id).await;
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["shadow_decision"], "allow", "{line}");
+    assert_eq!(line["shadow_policies"], json!(["would-delete"]));
+
+    // Where the shadow policies agree, the line says nothing of them.
+    assert_eq!(
+        get(&gw.url("/billing/invoices/8"), &token).await.status,
+        200
+    );
+    let line = gw.audit_line(|l| l["args"]["invoice_id"] == 8).await;
+    assert!(line.get("shadow_decision").is_none(), "{line}");
+
+    let metrics = gw.metrics().await;
+    let flips = |policy: &str, flip: &str| {
+        metric(
+            &metrics,
+            &format!("toolgate_shadow_flips_total{{flip=\"{flip}\",policy=\"{policy}\"}}"),
+        )
+    };
+    assert_eq!(
+        flips("no-invoice-7", "allow_to_deny"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        flips("would-delete", "deny_to_allow"),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // `toolgate authorize` says the same offline.
+    let request = gw.dir.0.join("request.json");
+    std::fs::write(
+        &request,
+        json!({"agent": "assistant", "user": "alice", "action": "billing/get_invoice",
+               "args": {"invoice_id": 7}})
+        .to_string(),
+    )
+    .unwrap();
+    let config = gw.dir.0.join("toolgate.yaml");
+    let out = toolgate(&[
+        "authorize",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        request.to_str().unwrap(),
+    ]);
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["decision"], "allow", "{answer}");
+    assert_eq!(answer["shadow"]["decision"], "deny", "{answer}");
+    assert_eq!(answer["shadow"]["flipped_by"], json!(["no-invoice-7"]));
+}
+
+/// `toolgate audit ...` on the gateway's audit file and config; stdout, checked to succeed.
+fn audit_cmd(gw: &Gateway, args: &[&str]) -> String {
+    let config = gw.dir.0.join("toolgate.yaml");
+    let audit = gw.audit_path.to_str().unwrap().to_string();
+    let mut all = vec!["audit"];
+    all.extend_from_slice(args);
+    all.extend(["--audit", &audit, "--config", config.to_str().unwrap()]);
+    let out = toolgate(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The minted credential's jti the upstream received last.
+fn last_jti(upstream: &Upstream) -> String {
+    let seen = upstream.requests().last().unwrap().headers["authorization"]
+        .to_str()
+        .unwrap()[7..]
+        .to_string();
+    claims_of(&seen)["jti"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn audit_why_and_report_read_what_a_running_gateway_wrote() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::plain(&upstream).await;
+    let token = gw.idp.delegated();
+    let auth = format!("Bearer {token}");
+
+    // A task: started, one call in it, completed (its credential revoked).
+    let started = send(
+        "POST",
+        &gw.url("/v1/tasks"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        json!({"intent": "review invoice 42", "ttl_seconds": 600})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(started.status, 201);
+    let task = started.json()["task_id"].as_str().unwrap().to_string();
+    let in_task = send(
+        "GET",
+        &gw.url("/billing/invoices/42"),
+        &[("authorization", &auth), ("toolgate-task", &task)],
+        b"",
+    )
+    .await;
+    assert_eq!(in_task.status, 200);
+    let revoked = last_jti(&upstream);
+    let completed = send(
+        "POST",
+        &gw.url(&format!("/v1/tasks/{task}/complete")),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(completed.status, 200);
+    // A call outside any task: its credential lives until it expires.
+    assert_eq!(
+        get(&gw.url("/billing/invoices/43"), &token).await.status,
+        200
+    );
+    let live = last_jti(&upstream);
+    // A denial.
+    let denied = send(
+        "DELETE",
+        &gw.url("/records/patients/p-100/record"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    let denied_id = denied.json()["decision_id"].as_str().unwrap().to_string();
+    gw.audit_line(|l| l["decision_id"] == denied_id.as_str())
+        .await;
+
+    // The deciding policy is rewritten afterwards (the rotation `why` must notice).
+    let billing = gw.dir.0.join("policies/billing.cedar");
+    let text = std::fs::read_to_string(&billing).unwrap();
+    let rotated = text.replacen(
+        "when { context has user };",
+        "when { context has user && context.env.hour >= 0 };",
+        1,
+    );
+    assert_ne!(rotated, text);
+    std::fs::write(&billing, rotated).unwrap();
+
+    let why = audit_cmd(&gw, &["why", &revoked]);
+    for expected in [
+        "agent assistant, on behalf of user alice, token from https://idp.test",
+        "billing/get_invoice (GET /billing/invoices/42)",
+        r#"{"invoice_id":42}"#,
+        "allow, answered 200 (upstream 200)",
+        &format!("{task}, intent \"review invoice 42\", started"),
+        "completed",
+        "billing-read at ",
+        "billing.cedar:2 (CHANGED since this decision)",
+        "not live: revoked when its task was completed",
+    ] {
+        assert!(why.contains(expected), "missing {expected:?} in:\n{why}");
+    }
+    // The admin listener is asked when given.
+    let admin = format!("http://{}", gw.admin);
+    let why_admin = audit_cmd(&gw, &["why", &revoked, "--admin", &admin]);
+    assert!(
+        why_admin.contains("not live: revoked, its task is completed (admin listener)"),
+        "{why_admin}"
+    );
+
+    let why_live = audit_cmd(&gw, &["why", &live]);
+    assert!(why_live.contains("(mint): live until "), "{why_live}");
+    assert!(!why_live.contains("task:"), "{why_live}");
+
+    let why_denied = audit_cmd(&gw, &["why", &denied_id]);
+    for expected in [
+        "records/delete_patient_record",
+        "deny, answered 403",
+        "none (no policy permits: default deny)",
+        "credential: none (nothing was forwarded)",
+    ] {
+        assert!(
+            why_denied.contains(expected),
+            "missing {expected:?} in:\n{why_denied}"
+        );
+    }
+    let unknown = toolgate(&[
+        "audit",
+        "why",
+        "no-such-id",
+        "--audit",
+        gw.audit_path.to_str().unwrap(),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no decision or credential"));
+
+    // The report: what assistant called, and what it may call but never did.
+    let report = audit_cmd(&gw, &["report", "--since", "1h", "--suggest"]);
+    for expected in [
+        "agent assistant",
+        "billing/get_invoice: 2 allowed, last ",
+        "records/delete_patient_record: 0 allowed, 1 denied",
+        "permitted but never called:",
+        "billing/list_invoices: by billing-read (",
+        "billing/refund: by billing-refund (",
+        "records/get_patient_record: by own-record-only (",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
+    assert!(
+        !report.contains("    billing/get_invoice: by"),
+        "a called action is not unused:\n{report}"
+    );
+    // The suggested permit covers exactly the allowed calls, and `toolgate check` takes it.
+    let suggested = &report[report.find("// Suggested").expect("a suggestion")..];
+    assert!(
+        suggested.contains(r#"action in [Toolgate::Action::"billing/get_invoice"]"#),
+        "{suggested}"
+    );
+    std::fs::write(gw.dir.0.join("policies/suggested.cedar"), suggested).unwrap();
+    let config = gw.dir.0.join("toolgate.yaml");
+    let check = toolgate(&["check", "--config", config.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // A window that is not a duration is refused.
+    let bad = toolgate(&[
+        "audit",
+        "report",
+        "--audit",
+        gw.audit_path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--since",
+        "soon",
+    ]);
+    assert!(!bad.status.success());
+}
