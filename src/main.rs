@@ -3,7 +3,9 @@
 
 mod audit_cmd;
 mod authorize;
+mod cedar_types;
 mod demo;
+mod openapi_cmd;
 mod policy_test;
 mod schema_cmd;
 
@@ -96,6 +98,11 @@ enum Command {
         #[command(subcommand)]
         query: AuditQuery,
     },
+    /// Make an upstream, its routes and its Cedar actions from an API description.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
     /// Generate a Cedar schema fragment (print it to stdout).
     Schema {
         #[command(subcommand)]
@@ -113,6 +120,26 @@ enum Command {
         private: PathBuf,
         #[arg(long)]
         jwks: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportSource {
+    /// From an OpenAPI 3.0 or 3.1 document (YAML or JSON): writes NAME.upstream.yaml,
+    /// NAME.cedarschema and (when absent) a starter NAME.cedar into --out.
+    Openapi {
+        spec: PathBuf,
+        /// The upstream's name: its routes are under /NAME/, its actions NAME/<tool>.
+        #[arg(long)]
+        upstream: String,
+        /// The API's base URL (default: the document's first absolute server URL).
+        #[arg(long)]
+        url: Option<String>,
+        /// The audience of the credentials minted for it (default: the URL).
+        #[arg(long)]
+        audience: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -199,6 +226,16 @@ fn main() -> ExitCode {
             claims,
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
+        Command::Import {
+            source:
+                ImportSource::Openapi {
+                    spec,
+                    upstream,
+                    url,
+                    audience,
+                    out,
+                },
+        } => openapi_cmd::run(&spec, &upstream, url.as_deref(), audience.as_deref(), &out),
         Command::Audit {
             query:
                 AuditQuery::Why {

@@ -10,7 +10,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use toolgate_mcp::{cedar_schema_for_tools, SseSplitter};
+use toolgate_mcp::SseSplitter;
+
+use crate::cedar_types::cedar_schema_for_tools;
 
 const PROTOCOL_VERSION: &str = "2025-06-18";
 

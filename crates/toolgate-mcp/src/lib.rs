@@ -3,12 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod json;
-mod schema;
 mod sse;
 
 use serde_json::{json, Map, Value};
 
-pub use schema::cedar_schema_for_tools;
 pub use sse::{rewrite_event_data, SseSplitter};
 
 /// JSON-RPC error codes toolgate answers with.

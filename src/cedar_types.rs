@@ -1,0 +1,256 @@
+//! Cedar schema text from JSON Schema: an MCP tool's `inputSchema` (`toolgate schema mcp`) or
+//! an OpenAPI operation's parameters and body (`toolgate import openapi`). One action per
+//! tool, in group `call`, with `context.args` typed from the schema; what has no Cedar form is
+//! left out (a policy cannot name it) and said in `Typer::skipped`.
+
+use serde_json::Value;
+
+/// Nesting deeper than this is left out.
+const MAX_DEPTH: usize = 8;
+
+/// One attribute of a record: its name, whether it is required, its Cedar type.
+pub struct Field {
+    pub name: String,
+    pub required: bool,
+    pub ty: String,
+}
+
+/// Turns JSON Schema into Cedar types, noting each part it leaves out.
+#[derive(Default)]
+pub struct Typer {
+    /// `<where>: <why>`, one per part left out.
+    pub skipped: Vec<String>,
+}
+
+impl Typer {
+    /// The properties of an object schema as Cedar attributes (`allOf` parts merged).
+    pub fn fields(&mut self, schema: &Value, at: &str, depth: usize) -> Vec<Field> {
+        let mut fields = Vec::new();
+        let parts: Vec<&Value> = match schema.get("allOf").and_then(Value::as_array) {
+            Some(parts) => parts.iter().chain([schema]).collect(),
+            None => vec![schema],
+        };
+        let required: Vec<&str> = parts
+            .iter()
+            .filter_map(|p| p.get("required").and_then(Value::as_array))
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for part in parts {
+            let Some(properties) = part.get("properties").and_then(Value::as_object) else {
+                continue;
+            };
+            for (name, prop) in properties {
+                if fields.iter().any(|f: &Field| &f.name == name) {
+                    continue;
+                }
+                if let Some(ty) = self.cedar_type(prop, &format!("{at}.{name}"), depth) {
+                    fields.push(Field {
+                        name: name.clone(),
+                        required: required.contains(&name.as_str()),
+                        ty,
+                    });
+                }
+            }
+        }
+        fields
+    }
+
+    /// A JSON Schema value's Cedar type, or `None` (noted) when it has none.
+    pub fn cedar_type(&mut self, prop: &Value, at: &str, depth: usize) -> Option<String> {
+        let mut skip = |why: &str| {
+            self.skipped.push(format!("{at}: {why}"));
+            None
+        };
+        if depth > MAX_DEPTH {
+            return skip("nested too deep");
+        }
+        // `anyOf: [{type: T}, {type: null}]` (an optional argument) is T.
+        for key in ["anyOf", "oneOf"] {
+            if let Some(alternatives) = prop.get(key).and_then(Value::as_array) {
+                let concrete: Vec<&Value> = alternatives
+                    .iter()
+                    .filter(|a| a.get("type").and_then(Value::as_str) != Some("null"))
+                    .collect();
+                return match concrete.as_slice() {
+                    [only] => self.cedar_type(only, at, depth),
+                    _ => skip(&format!("{key} of several types has no Cedar form")),
+                };
+            }
+        }
+        // OpenAPI 3.1 writes a nullable type as `[T, "null"]`.
+        let kind: &str = match prop.get("type") {
+            Some(Value::String(kind)) => kind,
+            Some(Value::Array(kinds)) => {
+                let mut concrete = kinds
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .filter(|k| *k != "null");
+                match (concrete.next(), concrete.next()) {
+                    (Some(only), None) => only,
+                    _ => return skip("a value of several types has no Cedar form"),
+                }
+            }
+            _ if prop.get("properties").is_some() || prop.get("allOf").is_some() => "object",
+            _ => return skip("no type"),
+        };
+        Some(match kind {
+            "integer" => "Long".into(),
+            "boolean" => "Bool".into(),
+            // Cedar's decimal: up to 4 digits after the point; a value it cannot hold denies.
+            "number" => "decimal".into(),
+            "string" => match prop.get("format").and_then(Value::as_str) {
+                Some("ipv4" | "ipv6") => "ipaddr".into(),
+                Some("date-time") => "datetime".into(),
+                _ => "String".into(),
+            },
+            "array" => match prop.get("items") {
+                Some(items) => format!(
+                    "Set<{}>",
+                    self.cedar_type(items, &format!("{at}[]"), depth + 1)?
+                ),
+                None => return skip("an array without items"),
+            },
+            "object" => {
+                let declared = prop.get("properties").is_some() || prop.get("allOf").is_some();
+                if !declared {
+                    return skip("an object without properties (a map) has no Cedar form");
+                }
+                render_record(&self.fields(prop, at, depth + 1))
+            }
+            other => return skip(&format!("type {other} has no Cedar form")),
+        })
+    }
+}
+
+/// `{ a: Long, b?: String }`.
+pub fn render_record(fields: &[Field]) -> String {
+    if fields.is_empty() {
+        return "{}".to_string();
+    }
+    let fields: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            let optional = if f.required { "" } else { "?" };
+            format!("{}{optional}: {}", quote(&f.name), f.ty)
+        })
+        .collect();
+    format!("{{ {} }}", fields.join(", "))
+}
+
+/// One tool's action declaration, using the main schema's `Agent`, `Tool`, `User`, `Env`,
+/// `TaskInfo` and action `call`.
+pub fn action_declaration(action: &str, summary: Option<&str>, args: &str) -> String {
+    let comment = summary
+        .and_then(|s| s.lines().next())
+        .map(|first| format!("  // {first}\n"))
+        .unwrap_or_default();
+    format!(
+        "{comment}  action {} in [call] appliesTo {{\n    principal: Agent, resource: Tool,\n    context: {{ user?: User, env: Env, task?: TaskInfo, args: {args} }}\n  }};\n",
+        quote(action)
+    )
+}
+
+/// The fragment, in the Cedar schema syntax, for namespace `Toolgate`, of an MCP server's
+/// tools.
+pub fn cedar_schema_for_tools(upstream: &str, tools: &[Value]) -> String {
+    let mut out = format!(
+        "// Generated by `toolgate schema mcp` for upstream `{upstream}`: one action per tool.\nnamespace Toolgate {{\n"
+    );
+    let mut typer = Typer::default();
+    for tool in tools {
+        let Some(name) = tool.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        let args = tool
+            .get("inputSchema")
+            .map(|s| render_record(&typer.fields(s, name, 2)))
+            .unwrap_or_else(|| "{}".to_string());
+        let description = tool.get("description").and_then(Value::as_str);
+        out.push_str(&action_declaration(
+            &format!("{upstream}/{name}"),
+            description,
+            &args,
+        ));
+    }
+    out.push_str("}\n");
+    for skipped in &typer.skipped {
+        out.push_str(&format!("// left out: {skipped}\n"));
+    }
+    out
+}
+
+/// A Cedar identifier as is, anything else as a string literal.
+pub fn quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        s.to_string()
+    } else {
+        serde_json::to_string(s).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn types_follow_input_schema() {
+        let tools = vec![json!({
+            "name": "pay",
+            "description": "Pay someone.\nMore.",
+            "inputSchema": {"type": "object", "required": ["amount", "to"], "properties": {
+                "amount": {"type": "integer"},
+                "to": {"type": "string"},
+                "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "rate": {"type": "number"},
+                "meta": {"type": "object", "properties": {"ip": {"type": "string", "format": "ipv4"}}},
+                "blob": {}
+            }}
+        })];
+        let text = cedar_schema_for_tools("wallet", &tools);
+        assert!(text.contains("action \"wallet/pay\" in [call]"), "{text}");
+        assert!(text.contains("// Pay someone."), "{text}");
+        for field in [
+            "amount: Long",
+            "to: String",
+            "note?: String",
+            "tags?: Set<String>",
+            "rate?: decimal",
+            "meta?: { ip?: ipaddr }",
+        ] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        assert!(!text.contains("blob?"), "{text}");
+        assert!(text.contains("// left out: pay.blob: no type"), "{text}");
+    }
+
+    #[test]
+    fn all_of_merges_and_what_cedar_cannot_say_is_reported() {
+        let mut typer = Typer::default();
+        let schema = json!({"type": "object", "allOf": [
+            {"type": "object", "required": ["email"], "properties": {"email": {"type": "string"}}},
+            {"type": "object", "required": ["kind"], "properties": {
+                "kind": {"type": "string", "enum": ["a", "b"]},
+                "maybe": {"type": ["integer", "null"]},
+                "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                "map": {"type": "object", "additionalProperties": {"type": "integer"}}
+            }}
+        ]});
+        let record = render_record(&typer.fields(&schema, "op", 0));
+        assert_eq!(record, "{ email: String, kind: String, maybe?: Long }");
+        assert_eq!(
+            typer.skipped,
+            [
+                "op.either: oneOf of several types has no Cedar form",
+                "op.map: an object without properties (a map) has no Cedar form"
+            ]
+        );
+    }
+}

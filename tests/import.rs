@@ -1,0 +1,490 @@
+//! `toolgate import openapi` (issue 14) on two real, public documents of different styles
+//! (tests/fixtures/openapi: Swagger Petstore, OpenAPI 3.0; Redocly Museum, OpenAPI 3.1): each
+//! imported, checked with the starter policies that permit nothing, then served by a running
+//! gateway whose calls are classified to the right tool with typed arguments.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::{json, Value};
+use toolgate_credential::SigningKey;
+
+/// `toolgate import openapi` into `out`; its stdout.
+fn import(spec: &Path, upstream: &str, url: Option<&str>, out: &Path) -> String {
+    let mut args = vec![
+        "import",
+        "openapi",
+        spec.to_str().unwrap(),
+        "--upstream",
+        upstream,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if let Some(url) = url {
+        args.extend(["--url", url]);
+    }
+    let output = toolgate(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A gateway directory whose config's only upstream is the imported one, as written (the
+/// list indented under `upstreams:`), with the example policies and the imported files.
+struct Imported {
+    dir: TempDir,
+    idp: Idp,
+}
+
+impl Imported {
+    fn new(upstream: &str, imported: &Path) -> Imported {
+        let dir = TempDir::new("import");
+        let idp = Idp::new(&dir.0);
+        let policies = write_policies(&dir.0, &[]);
+        for ext in ["cedarschema", "cedar"] {
+            let name = format!("{upstream}.{ext}");
+            std::fs::copy(imported.join(&name), policies.join(&name)).unwrap();
+        }
+        let (_, signing_pem) = SigningKey::generate().unwrap();
+        std::fs::write(dir.0.join("signing.pem"), signing_pem).unwrap();
+        let entry: String =
+            std::fs::read_to_string(imported.join(format!("{upstream}.upstream.yaml")))
+                .unwrap()
+                .lines()
+                .map(|l| format!("  {l}\n"))
+                .collect();
+        let config = format!(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nissuer: https://toolgate.test\npolicies: policies/\n\
+             inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_file: idp.jwks.json\n      audiences: [{AUDIENCE}]\n\
+             credentials:\n  signing_key: signing.pem\n  ttl_seconds: 60\naudit:\n  path: audit.jsonl\nupstreams:\n{entry}"
+        );
+        std::fs::write(dir.0.join("toolgate.yaml"), config).unwrap();
+        Imported { dir, idp }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.0.join("toolgate.yaml")
+    }
+
+    fn check(&self) -> std::process::Output {
+        toolgate(&["check", "--config", self.config().to_str().unwrap()])
+    }
+
+    fn permit(&self, upstream: &str, policies: &str) {
+        std::fs::write(
+            self.dir.0.join(format!("policies/{upstream}.cedar")),
+            policies,
+        )
+        .unwrap();
+        let check = self.check();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+
+    async fn serve(&self) -> (Killed, std::net::SocketAddr) {
+        let (child, addr, _) = spawn_serve(&self.config()).await;
+        (Killed(child), addr)
+    }
+
+    /// The audit line of `decision_id` (bounded wait).
+    async fn audit_line(&self, decision_id: &str) -> Value {
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(self.dir.0.join("audit.jsonl")).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| l["decision_id"] == decision_id)
+            {
+                return line;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("no audit line {decision_id}");
+    }
+}
+
+/// Calls through the gateway at `addr`; the answer and its audit line (from the decision id
+/// in the minted credential the upstream got, or the 403 body).
+async fn call(
+    imported: &Imported,
+    upstream: &Upstream,
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (Answer, Value) {
+    let token = format!("Bearer {}", imported.idp.delegated());
+    let mut headers = vec![("authorization", token.as_str())];
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    let before = upstream.requests().len();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let answer = send(
+        method,
+        &format!("http://{addr}{path}"),
+        &headers,
+        body.as_bytes(),
+    )
+    .await;
+    let decision_id = if answer.status == 200 {
+        assert_eq!(upstream.requests().len(), before + 1);
+        let minted = upstream.requests().last().unwrap().headers["authorization"]
+            .to_str()
+            .unwrap()[7..]
+            .to_string();
+        claims_of(&minted)["decision_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    } else {
+        assert_eq!(upstream.requests().len(), before, "{:?}", answer.body);
+        answer.json()["decision_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let line = imported.audit_line(&decision_id).await;
+    (answer, line)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/openapi").join(name)
+}
+
+#[tokio::test]
+async fn petstore_3_0_is_imported_checked_and_served() {
+    let upstream = Upstream::start().await;
+    let out = TempDir::new("import-out");
+    let url = format!("http://{}", upstream.addr);
+    let said = import(
+        &fixture("petstore-3.0.yaml"),
+        "petstore",
+        Some(&url),
+        &out.0,
+    );
+    assert!(said.contains("imported 19 operations"), "{said}");
+    for reported in [
+        "deletePet: header parameter `api_key`",
+        "uploadFile: a body of type application/octet-stream",
+        "createUsersWithListInput: the JSON body is not an object",
+        "findPetsByTags: query parameter `tags` is an array",
+    ] {
+        assert!(said.contains(reported), "{reported} in {said}");
+    }
+    let schema = std::fs::read_to_string(out.0.join("petstore.cedarschema")).unwrap();
+    for declared in [
+        r#"action "petstore/getPetById" in [call]"#,
+        "args: { petId: Long }",
+        // operationId names the tool; the form's query arguments, with the path's.
+        r#"action "petstore/updatePetWithForm" in [call]"#,
+        "args: { petId: Long, name?: String, status?: String }",
+        // The body's object, required fields kept, nested records and sets.
+        "name: String, category?: { id?: Long, name?: String }, photoUrls: Set<String>",
+    ] {
+        assert!(schema.contains(declared), "{declared} in {schema}");
+    }
+    let routes = std::fs::read_to_string(out.0.join("petstore.upstream.yaml")).unwrap();
+    assert!(routes.contains("arguments: query"), "{routes}");
+
+    // As written, with the starter policies that permit nothing, `toolgate check` passes.
+    let imported = Imported::new("petstore", &out.0);
+    let check = imported.check();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    imported.permit(
+        "petstore",
+        r#"
+@id("pets")
+permit (principal, action, resource in Toolgate::Upstream::"petstore");
+
+@id("no-big-ids")
+forbid (principal, action == Toolgate::Action::"petstore/getPetById", resource)
+when { context.args.petId > 100 };
+"#,
+    );
+    let (_child, addr) = imported.serve().await;
+
+    // The literal segment wins over the template beside it.
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "GET",
+        "/petstore/pet/findByStatus?status=sold",
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "petstore/findPetsByStatus");
+    assert_eq!(line["args"], json!({"status": "sold"}));
+    assert_eq!(
+        upstream.requests().last().unwrap().uri,
+        "/pet/findByStatus?status=sold"
+    );
+
+    let (answer, line) = call(&imported, &upstream, addr, "GET", "/petstore/pet/42", None).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "petstore/getPetById");
+    assert_eq!(
+        line["args"],
+        json!({"petId": 42}),
+        "typed as the Long it is"
+    );
+    let (answer, line) = call(&imported, &upstream, addr, "GET", "/petstore/pet/101", None).await;
+    assert_eq!(answer.status, 403, "the policy compares the Long");
+    assert_eq!(line["policies"], json!(["no-big-ids"]));
+
+    let pet = json!({"name": "rex", "photoUrls": ["p.png"], "status": "available", "category": {"id": 1, "name": "dogs"}});
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "POST",
+        "/petstore/pet",
+        Some(pet.clone()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "petstore/addPet");
+    assert_eq!(line["args"], pet);
+    // A required body field missing: the request does not fit the schema, so it is denied.
+    let (answer, _) = call(
+        &imported,
+        &upstream,
+        addr,
+        "POST",
+        "/petstore/pet",
+        Some(json!({"name": "rex"})),
+    )
+    .await;
+    assert_eq!(answer.status, 403);
+
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "GET",
+        "/petstore/user/alice",
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "petstore/getUserByName");
+    let (_, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "GET",
+        "/petstore/user/login?username=a&password=b",
+        None,
+    )
+    .await;
+    assert_eq!(line["action"], "petstore/loginUser");
+}
+
+#[tokio::test]
+async fn museum_3_1_is_imported_checked_and_served() {
+    let upstream = Upstream::start().await;
+    let out = TempDir::new("import-out");
+    // The document's own server URL is taken when --url is not given.
+    let said = import(&fixture("museum-3.1.yaml"), "museum", None, &out.0);
+    assert!(said.contains("imported 8 operations"), "{said}");
+    assert!(said.contains("webhook `publishNewEvent`"), "{said}");
+    let routes = std::fs::read_to_string(out.0.join("museum.upstream.yaml")).unwrap();
+    assert!(routes.contains("url: https://"), "{routes}");
+    let schema = std::fs::read_to_string(out.0.join("museum.cedarschema")).unwrap();
+    for declared in [
+        // allOf merged, enums as String, required kept.
+        "args: { email?: String, ticketId?: String, ticketDate: String, ticketType: String, eventId?: String }",
+        // number as decimal; an array of dates as a Set.
+        "dates: Set<String>, price: decimal",
+        "args: { startDate?: String, page?: Long, limit?: Long }",
+    ] {
+        assert!(schema.contains(declared), "{declared} in {schema}");
+    }
+    // Served by the recording upstream instead of the museum's.
+    let text = routes.replace(
+        routes.lines().find(|l| l.contains("url: ")).unwrap(),
+        &format!("  url: http://{}", upstream.addr),
+    );
+    std::fs::write(out.0.join("museum.upstream.yaml"), text).unwrap();
+    let imported = Imported::new("museum", &out.0);
+    let check = imported.check();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    imported.permit(
+        "museum",
+        r#"
+@id("museum")
+permit (principal, action, resource in Toolgate::Upstream::"museum");
+
+@id("no-dear-events")
+forbid (principal, action == Toolgate::Action::"museum/createSpecialEvent", resource)
+when { context.args.price.greaterThan(decimal("100.0")) };
+"#,
+    );
+    let (_child, addr) = imported.serve().await;
+
+    let event = json!({"name": "Night", "location": "Hall", "eventDescription": "Late", "dates": ["2026-12-24"], "price": 12.5});
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "POST",
+        "/museum/special-events",
+        Some(event.clone()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "museum/createSpecialEvent");
+    assert_eq!(line["args"], event);
+    let dear = json!({"name": "Gala", "location": "Hall", "eventDescription": "Dear", "dates": ["2026-12-31"], "price": 150});
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "POST",
+        "/museum/special-events",
+        Some(dear),
+    )
+    .await;
+    assert_eq!(answer.status, 403, "the policy compares the decimal");
+    assert_eq!(line["policies"], json!(["no-dear-events"]));
+
+    let id = "3be6453c-03eb-4357-ae5a-984a0e574a54";
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "PATCH",
+        &format!("/museum/special-events/{id}"),
+        Some(json!({"price": 20})),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "museum/updateSpecialEvent");
+    assert_eq!(line["args"], json!({"eventId": id, "price": 20}));
+    let ticket =
+        json!({"ticketType": "general", "ticketDate": "2026-12-24", "email": "a@example.com"});
+    let (answer, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "POST",
+        "/museum/tickets",
+        Some(ticket.clone()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(line["action"], "museum/buyMuseumTickets");
+    assert_eq!(line["args"], ticket);
+    let (_, line) = call(
+        &imported,
+        &upstream,
+        addr,
+        "GET",
+        "/museum/museum-hours?page=2",
+        None,
+    )
+    .await;
+    assert_eq!(line["action"], "museum/getMuseumHours");
+    assert_eq!(line["args"], json!({"page": 2}));
+}
+
+#[test]
+fn a_newer_document_is_reported_as_added_removed_and_changed() {
+    let out = TempDir::new("import-rerun");
+    let first = import(
+        &fixture("petstore-3.0.yaml"),
+        "petstore",
+        Some("https://pets.example"),
+        &out.0,
+    );
+    assert!(!first.contains("since the last import"), "{first}");
+    // The team writes its policies; a re-import must keep them.
+    let mine = "// mine\n";
+    std::fs::write(out.0.join("petstore.cedar"), mine).unwrap();
+
+    let text = std::fs::read_to_string(fixture("petstore-3.0.yaml")).unwrap();
+    // A newer version: logout gone, login renamed, orderId typed as a string, a new operation.
+    let newer = text
+        .replacen("operationId: logoutUser", "operationId: signOut", 1)
+        .replacen("/store/order/{orderId}:", "/store/orders/{orderId}:", 1)
+        .replacen(
+            "  /user/{username}:",
+            "  /user/{username}/avatar:\n    get:\n      operationId: getAvatar\n      parameters:\n        - name: username\n          in: path\n          required: true\n          schema:\n            type: string\n      responses:\n        '200':\n          description: ok\n  /user/{username}:",
+            1,
+        );
+    assert_ne!(newer, text);
+    let spec = out.0.join("petstore-newer.yaml");
+    std::fs::write(&spec, newer).unwrap();
+    let second = import(&spec, "petstore", Some("https://pets.example"), &out.0);
+    for change in [
+        "added petstore/signOut (GET /user/logout)",
+        "added petstore/getAvatar (GET /user/{username}/avatar)",
+        "removed petstore/logoutUser",
+        "changed petstore/getOrderById: GET /store/order/{orderId} is now GET /store/orders/{orderId}",
+        "changed petstore/deleteOrder: DELETE /store/order/{orderId} is now DELETE /store/orders/{orderId}",
+    ] {
+        assert!(second.contains(change), "{change} in {second}");
+    }
+    assert!(second.contains("kept "), "{second}");
+    assert_eq!(
+        std::fs::read_to_string(out.0.join("petstore.cedar")).unwrap(),
+        mine
+    );
+    // Argument types count as a change.
+    let retyped = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replacen("name: petId\n          in: path\n          description: ID of pet to return\n          required: true\n          schema:\n            type: integer", "name: petId\n          in: path\n          description: ID of pet to return\n          required: true\n          schema:\n            type: string", 1);
+    std::fs::write(&spec, retyped).unwrap();
+    let third = import(&spec, "petstore", Some("https://pets.example"), &out.0);
+    assert!(
+        third.contains("changed petstore/getPetById: its arguments changed"),
+        "{third}"
+    );
+    assert!(!third.contains("added"), "{third}");
+}
+
+#[test]
+fn what_cannot_be_imported_is_refused_by_name() {
+    let out = TempDir::new("import-bad");
+    let cases = [
+        ("swagger.yaml", "swagger: '2.0'\ninfo: {title: t, version: '1'}\npaths: {}\n", "only OpenAPI 3.0 and 3.1"),
+        ("relative.yaml", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nservers: [{url: /api}]\npaths:\n  /a:\n    get: {responses: {'200': {description: ok}}}\n", "give --url"),
+        ("external.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a:\n    get:\n      parameters: [{$ref: 'other.yaml#/p'}]\n      responses: {'200': {description: ok}}\n", "only references inside the document"),
+    ];
+    for (name, text, says) in cases {
+        let spec = out.0.join(name);
+        std::fs::write(&spec, text).unwrap();
+        let output = toolgate(&[
+            "import",
+            "openapi",
+            spec.to_str().unwrap(),
+            "--upstream",
+            "x",
+            "--out",
+            out.0.join("o").to_str().unwrap(),
+        ]);
+        assert!(!output.status.success(), "{name}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{name}: {stderr}");
+    }
+}
