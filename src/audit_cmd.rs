@@ -144,8 +144,15 @@ pub fn why(
     let now = Utc::now();
     for line in &found {
         let mut out = String::new();
-        let mut say = |key: &str, value: String| out.push_str(&format!("  {key:<11} {value}\n"));
-        println!("decision {} at {}", line.decision_id, line.time);
+        // Agents name tools and arguments: what is printed holds no terminal control.
+        let mut say = |key: &str, value: String| {
+            out.push_str(&format!("  {key:<11} {}\n", printable(&value)))
+        };
+        println!(
+            "decision {} at {}",
+            printable(&line.decision_id),
+            printable(&line.time)
+        );
         let mut who = format!(
             "agent {}",
             line.agent.as_deref().unwrap_or("(unauthenticated)")
@@ -244,6 +251,22 @@ pub fn why(
         print!("{out}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` with control characters escaped (`\u{1b}`), so it cannot drive a terminal.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The credential's id and mode, and whether it is still live.
@@ -420,7 +443,7 @@ pub fn report(
         .collect();
     tools.sort();
     for (agent, usage) in &agents {
-        println!("\nagent {agent}");
+        println!("\nagent {}", printable(agent));
         println!("  called:");
         for (action, (allowed, denied, last)) in &usage.actions {
             let denied = if *denied > 0 {
@@ -428,7 +451,11 @@ pub fn report(
             } else {
                 String::new()
             };
-            println!("    {action}: {allowed} allowed{denied}, last {last}");
+            println!(
+                "    {}: {allowed} allowed{denied}, last {}",
+                printable(action),
+                printable(last)
+            );
         }
         let permitted = engine.permits_in_scope(agent, &tools)?;
         let unused: Vec<_> = permitted
@@ -499,6 +526,12 @@ fn suggested_permit(agent: &str, used: &[&String], window: &str) -> Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_never_printed() {
+        assert_eq!(printable("tools/add"), "tools/add");
+        assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\n");
+    }
 
     #[test]
     fn durations() {

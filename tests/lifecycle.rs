@@ -6,23 +6,30 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-const SHADOW: &str = r#"
-@id("no-invoice-7")
-@mode("shadow")
-forbid (principal, action == Toolgate::Action::"billing/get_invoice", resource)
-when { context.args.invoice_id == 7 };
-
-@id("would-delete")
-@mode("shadow")
-permit (principal, action == Toolgate::Action::"records/delete_patient_record", resource);
-"#;
+/// The shadow policies of docs/policy-guide.md's worked example, as written there.
+fn guide_shadow_policies() -> String {
+    let guide = std::fs::read_to_string(repo().join("docs/policy-guide.md")).unwrap();
+    let start = guide
+        .find("<!-- shadow-example -->")
+        .expect("the example's marker");
+    let block = &guide[start..guide.find("<!-- /shadow-example -->").expect("its end")];
+    block
+        .lines()
+        .skip_while(|l| !l.starts_with("```cedar"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 
 #[tokio::test]
 async fn shadow_policies_never_decide_and_the_audit_and_metrics_show_their_flips() {
     let upstream = Upstream::start().await;
+    let shadow = guide_shadow_policies();
+    assert!(shadow.contains("@mode(\"shadow\")"), "{shadow}");
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,
-        extra_policies: &[("shadow.cedar", SHADOW)],
+        extra_policies: &[("shadow.cedar", &shadow)],
         inbound: None,
         mcp: None,
         extra_config: "",
