@@ -60,19 +60,20 @@ impl Line {
 fn each_line(path: &Path, mut visit: impl FnMut(Line)) -> Result<usize, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let mut unreadable = 0;
     loop {
-        text.clear();
+        bytes.clear();
+        // Bytes, not text: a torn or foreign line is counted, and the rest still read.
         let read = reader
-            .read_line(&mut text)
+            .read_until(b'\n', &mut bytes)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         if read == 0 {
             return Ok(unreadable);
         }
-        match serde_json::from_str::<Line>(&text) {
+        match serde_json::from_slice::<Line>(&bytes) {
             Ok(line) => visit(line),
-            Err(_) if text.trim().is_empty() => {}
+            Err(_) if bytes.trim_ascii().is_empty() => {}
             Err(_) => unreadable += 1,
         }
     }
@@ -237,10 +238,15 @@ pub fn why(
             say("task:", text);
         }
         let ended_in_audit = story.and_then(|s| s.ended.clone());
+        let has_credential = line.credential_exp.is_some();
         let ended_now = match (admin, &line.task_id, &current) {
-            (Some(url), Some(task), Some((config, _))) => admin_task_ended(url, config, task)?,
-            (Some(_), Some(_), None) => {
+            (Some(_), _, None) => {
                 return Err("--admin needs --config (its admin_token_file)".into())
+            }
+            // One line's question failing does not stop the others.
+            (Some(url), Some(task), Some((config, _))) if has_credential => {
+                admin_task_ended(url, config, task)
+                    .unwrap_or_else(|e| Some(format!("not known: {e}")))
             }
             _ => None,
         };
@@ -255,19 +261,30 @@ pub fn why(
 
 /// `text` with control characters escaped (`\u{1b}`), so it cannot drive a terminal.
 fn printable(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(unprintable) {
         return text.to_string();
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
+            if unprintable(c) {
+                c.escape_unicode().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
 }
+
+/// Control characters, and the invisible ones that reorder or hide text (bidi overrides,
+/// zero-width marks).
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// What revocation means for a token an upstream verifies by itself.
+const SIGNATURE_ONLY: &str =
+    "; introspection says inactive, but an upstream that only checks its signature takes it until";
 
 /// The credential's id and mode, and whether it is still live.
 fn credential(
@@ -289,10 +306,12 @@ fn credential(
         .map_or_else(|| exp.to_string(), |t| t.to_rfc3339());
     let live = if (exp as i64) <= now.timestamp() {
         format!("not live: expired {expires}")
-    } else if let Some(state) = ended_now {
-        format!("not live: revoked, its task is {state} (admin listener)")
+    } else if let Some(state) = ended_now.as_deref().filter(|s| !s.starts_with("not known")) {
+        format!("not live: revoked, its task is {state} (admin listener){SIGNATURE_ONLY} {expires}")
     } else if let Some((at, state)) = ended_in_audit {
-        format!("not live: revoked when its task was {state} at {at}")
+        format!("not live: revoked when its task was {state} at {at}{SIGNATURE_ONLY} {expires}")
+    } else if let Some(unknown) = ended_now {
+        format!("live until {expires} unless its task has ended (the admin listener: {unknown})")
     } else if line.task_id.is_some() && !asked_admin {
         format!("live until {expires}, unless its task has ended since (--admin asks)")
     } else {
@@ -309,6 +328,13 @@ fn admin_task_ended(url: &str, config: &Config, task: &str) -> Result<Option<Str
         .ok_or("--admin: the config has no admin_token_file")?;
     let token = std::fs::read_to_string(token_file)
         .map_err(|e| format!("{}: {e}", token_file.display()))?;
+    // The task id came from an agent's header: one path segment, encoded.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let task = percent_encoding::utf8_percent_encode(task, SEGMENT);
     let uri: http::Uri = format!("{}/admin/tasks/{task}", url.trim_end_matches('/'))
         .parse()
         .map_err(|e| format!("--admin {url}: {e}"))?;
@@ -338,7 +364,9 @@ fn admin_task_ended(url: &str, config: &Config, task: &str) -> Result<Option<Str
             .map_err(|e| e.to_string())?
             .to_bytes();
         if status == http::StatusCode::NOT_FOUND {
-            return Ok(Some("unknown to the gateway".to_string()));
+            return Err(
+                "the admin listener does not know the task (another replica's memory?)".into(),
+            );
         }
         if !status.is_success() {
             return Err(format!("--admin {url}: answered {status}"));
@@ -377,7 +405,7 @@ pub fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
     if !number.is_empty() || total == 0 {
         return Err(bad());
     }
-    Ok(chrono::Duration::seconds(total))
+    chrono::Duration::try_seconds(total).ok_or_else(bad)
 }
 
 /// What one agent did in the window.
@@ -395,10 +423,11 @@ pub fn report(
 ) -> Result<ExitCode, String> {
     let config = Config::load(config)?;
     let engine = PolicyEngine::load(&config.policies).map_err(|e| e.to_string())?;
+    // A window longer than the calendar reaches back covers everything.
     let from = since
         .map(parse_duration)
         .transpose()?
-        .map(|window| Utc::now() - window);
+        .and_then(|window| Utc::now().checked_sub_signed(window));
     let mut agents: BTreeMap<String, Usage> = BTreeMap::new();
     let mut lines = 0u64;
     let unreadable = each_line(audit, |line| {
@@ -406,13 +435,17 @@ pub fn report(
         let (Some(agent), true) = (&line.agent, line.is_tool_call()) else {
             return;
         };
+        // An undeclared name is an agent's word (an unknown MCP tool): one bucket for all.
+        let action = match line.action.as_deref() {
+            Some(action) if engine.has_action(action) => action.to_string(),
+            _ => "(undeclared tools)".to_string(),
+        };
         if let Some(from) = from {
             match DateTime::parse_from_rfc3339(&line.time) {
                 Ok(at) if at >= from => {}
                 _ => return,
             }
         }
-        let action = line.action.clone().unwrap_or_default();
         let entry = agents
             .entry(agent.clone())
             .or_default()
@@ -487,7 +520,7 @@ pub fn report(
             let used: Vec<&String> = usage
                 .actions
                 .iter()
-                .filter(|(_, (allowed, _, _))| *allowed > 0)
+                .filter(|(action, (allowed, _, _))| *allowed > 0 && engine.has_action(action))
                 .map(|(action, _)| action)
                 .collect();
             if !used.is_empty() {
@@ -505,8 +538,10 @@ fn suggested_permit(agent: &str, used: &[&String], window: &str) -> Result<Strin
         .iter()
         .map(|a| toolgate_policy::uid("Action", a).map(|u| u.to_string()))
         .collect::<Result<_, _>>()?;
-    let id: String = agent
+    // Readable, and unique: agents whose ids read alike (`a.b`, `a_b`) get different ids.
+    let readable: String = agent
         .chars()
+        .take(40)
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
                 c
@@ -515,6 +550,12 @@ fn suggested_permit(agent: &str, used: &[&String], window: &str) -> Result<Strin
             }
         })
         .collect();
+    let digest = {
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest(agent.as_bytes());
+        format!("{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
+    };
+    let id = format!("{readable}-{digest}");
     Ok(format!(
         "// Suggested: what agent {agent:?} was allowed to call in {window}, and nothing more.\n\
          @id(\"suggested-{id}\")\n\
@@ -530,7 +571,8 @@ mod tests {
     #[test]
     fn control_characters_are_never_printed() {
         assert_eq!(printable("tools/add"), "tools/add");
-        assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\n");
+        assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\u{a}");
+        assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
     }
 
     #[test]
@@ -538,7 +580,15 @@ mod tests {
         assert_eq!(parse_duration("7d").unwrap().num_seconds(), 7 * 86_400);
         assert_eq!(parse_duration("1d12h").unwrap().num_seconds(), 36 * 3600);
         assert_eq!(parse_duration("90s").unwrap().num_seconds(), 90);
-        for bad in ["", "7", "d", "7x", "0h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "7",
+            "d",
+            "7x",
+            "0h",
+            "99999999999999999999d",
+            "9999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

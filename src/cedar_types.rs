@@ -13,6 +13,25 @@ pub struct Field {
     pub name: String,
     pub required: bool,
     pub ty: String,
+    /// Annotated `@sensitive`: the audit keeps only a keyed hash of its value.
+    pub sensitive: bool,
+}
+
+/// A secret by its description: `format: password`, `writeOnly`, or a name saying so.
+pub fn looks_sensitive(name: &str, schema: &Value) -> bool {
+    let lower = name.to_ascii_lowercase().replace(['-', '_'], "");
+    schema.get("format").and_then(Value::as_str) == Some("password")
+        || schema.get("writeOnly").and_then(Value::as_bool) == Some(true)
+        || [
+            "password",
+            "passwd",
+            "secret",
+            "token",
+            "apikey",
+            "privatekey",
+        ]
+        .iter()
+        .any(|word| lower.contains(word))
 }
 
 /// Turns JSON Schema into Cedar types, noting each part it leaves out.
@@ -49,6 +68,7 @@ impl Typer {
                         name: name.clone(),
                         required: required.contains(&name.as_str()),
                         ty,
+                        sensitive: looks_sensitive(name, prop),
                     });
                 }
             }
@@ -132,7 +152,8 @@ pub fn render_record(fields: &[Field]) -> String {
         .iter()
         .map(|f| {
             let optional = if f.required { "" } else { "?" };
-            format!("{}{optional}: {}", quote(&f.name), f.ty)
+            let sensitive = if f.sensitive { "@sensitive " } else { "" };
+            format!("{sensitive}{}{optional}: {}", quote(&f.name), f.ty)
         })
         .collect();
     format!("{{ {} }}", fields.join(", "))
@@ -143,7 +164,7 @@ pub fn render_record(fields: &[Field]) -> String {
 pub fn action_declaration(action: &str, summary: Option<&str>, args: &str) -> String {
     let comment = summary
         .and_then(|s| s.lines().next())
-        .map(|first| format!("  // {first}\n"))
+        .map(|first| format!("  // {}\n", one_line(first)))
         .unwrap_or_default();
     format!(
         "{comment}  action {} in [call] appliesTo {{\n    principal: Agent, resource: Tool,\n    context: {{ user?: User, env: Env, task?: TaskInfo, args: {args} }}\n  }};\n",
@@ -175,9 +196,17 @@ pub fn cedar_schema_for_tools(upstream: &str, tools: &[Value]) -> String {
     }
     out.push_str("}\n");
     for skipped in &typer.skipped {
-        out.push_str(&format!("// left out: {skipped}\n"));
+        out.push_str(&format!("// left out: {}\n", one_line(skipped)));
     }
     out
+}
+
+/// Text from a document, safe inside a `//` or `#` comment: control characters (a `\r` ends
+/// a Cedar comment, a `\n` any) become spaces.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// A Cedar identifier as is, anything else as a string literal.
@@ -228,6 +257,17 @@ mod tests {
             assert!(text.contains(field), "{field} in {text}");
         }
         assert!(!text.contains("blob?"), "{text}");
+        let secret = cedar_schema_for_tools(
+            "s",
+            &[
+                json!({"name": "login\rx", "description": "a\rpermit", "inputSchema": {"properties": {
+                    "password": {"type": "string"}, "key": {"type": "string", "format": "password"}
+                }}}),
+            ],
+        );
+        assert!(secret.contains("@sensitive password?: String"), "{secret}");
+        assert!(secret.contains("@sensitive key?: String"), "{secret}");
+        assert!(secret.contains("// a permit\n"), "{secret}");
         assert!(text.contains("// left out: pay.blob: no type"), "{text}");
     }
 

@@ -11,7 +11,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use toolgate_policy::{ActionContext, SchemaInfo};
 
-use crate::cedar_types::{action_declaration, render_record, Field, Typer};
+use crate::cedar_types::{
+    action_declaration, looks_sensitive, one_line, render_record, Field, Typer,
+};
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -108,10 +110,11 @@ pub fn run(
         .pointer("/info/version")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let origin = format!(
+    // The document's words go into comments: on one line each.
+    let origin = one_line(&format!(
         "{title} {doc_version} ({}, openapi {version})",
         spec.file_name().unwrap_or_default().to_string_lossy()
-    );
+    ));
     let entry = UpstreamEntry {
         name: upstream.to_string(),
         audience: audience.unwrap_or(&url).to_string(),
@@ -200,6 +203,18 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
     let mut tools: Vec<Tool> = Vec::new();
     let mut names = BTreeSet::new();
     for (path, item) in paths {
+        if let Some(why) = unroutable(path) {
+            skipped.push(format!(
+                "path `{}`: {why}; its operations are left out",
+                one_line(path)
+            ));
+            continue;
+        }
+        if path.len() > 1 && path.ends_with('/') {
+            skipped.push(format!(
+                "path `{path}`: toolgate forwards it without the trailing /"
+            ));
+        }
         let item = resolve(doc, item, 0)?;
         let shared = item.get("parameters").cloned().unwrap_or(Value::Null);
         for method in METHODS {
@@ -227,6 +242,26 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
         }
     }
     Ok(tools)
+}
+
+/// Why toolgate cannot route a path template as written, if it cannot.
+fn unroutable(path: &str) -> Option<&'static str> {
+    if !path.starts_with('/') {
+        return Some("not a path");
+    }
+    if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Some("control characters or spaces");
+    }
+    let partial = path.split('/').any(|segment| {
+        let whole = segment.starts_with('{')
+            && segment.ends_with('}')
+            && segment.matches('{').count() == 1
+            && segment.matches('}').count() == 1;
+        (segment.contains('{') || segment.contains('}')) && !whole
+    });
+    partial.then_some(
+        "a parameter that is not a whole segment (toolgate's templates take whole segments)",
+    )
 }
 
 /// A stable tool name: the operationId (or method and path) in [A-Za-z0-9_-].
@@ -304,7 +339,7 @@ fn operation_tool(
         // A path segment or query value is one text: toolgate refuses a repeated query name.
         if schema.get("type").and_then(Value::as_str) == Some("array") {
             typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an array: toolgate takes one value per name (a repeated one is refused), so it is declared as one item"
+                "{place} parameter `{pname}` is an array: declared as one item, so a call repeating the name is denied, and a value the upstream splits (`a,b`) is one text to policies"
             ));
             schema = schema.get("items").cloned().unwrap_or(Value::Null);
         }
@@ -323,7 +358,12 @@ fn operation_tool(
                     continue;
                 };
                 if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
-                    add(&mut args, typer, Field { name: safe.clone(), required: true, ty });
+                    let sensitive = looks_sensitive(pname, &schema);
+                    add(
+                        &mut args,
+                        typer,
+                        Field { name: safe.clone(), required: true, ty, sensitive },
+                    );
                 }
             }
             "query" => {
@@ -332,11 +372,15 @@ fn operation_tool(
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
                 if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
-                    query.push(Field { name: pname.to_string(), required, ty });
+                    let sensitive = looks_sensitive(pname, &schema);
+                    query.push(Field { name: pname.to_string(), required, ty, sensitive });
                 }
             }
+            "cookie" => typer.skipped.push(format!(
+                "cookie parameter `{pname}`: toolgate never forwards cookies, so calls that need it fail"
+            )),
             other => typer.skipped.push(format!(
-                "{other} parameter `{pname}`: not an argument (toolgate reads path, query and JSON body)"
+                "{other} parameter `{pname}`: forwarded to the upstream but not seen by policies (they read path, query and JSON body)"
             )),
         }
     }
@@ -377,7 +421,7 @@ fn operation_tool(
                     body_fields = Some(fields);
                 } else {
                     typer.skipped.push(
-                        "the JSON body is not an object: toolgate reads arguments only from an object body, and refuses others (400)".into(),
+                        "the JSON body is not an object: toolgate refuses a JSON body that is not an object (400), and streams a body of another type unread".into(),
                     );
                 }
             }
@@ -412,7 +456,7 @@ fn operation_tool(
         Some(fields) => {
             for field in &query {
                 typer.skipped.push(format!(
-                    "query parameter `{}`: this route reads its arguments from the body",
+                    "query parameter `{}`: forwarded to the upstream but not seen by policies (this route reads its arguments from the JSON body)",
                     field.name
                 ));
             }
@@ -564,7 +608,9 @@ fn starter_policies(upstream: &str, tools: &[Tool]) -> String {
     for tool in tools {
         text.push_str(&format!(
             "//   {upstream}/{}  ({} {})\n",
-            tool.route.tool, tool.route.method, tool.route.path
+            tool.route.tool,
+            tool.route.method,
+            one_line(&tool.route.path)
         ));
     }
     text

@@ -190,6 +190,8 @@ async fn petstore_3_0_is_imported_checked_and_served() {
         "args: { petId: Long, name?: String, status?: String }",
         // The body's object, required fields kept, nested records and sets.
         "name: String, category?: { id?: Long, name?: String }, photoUrls: Set<String>",
+        // A password is marked sensitive: the audit keeps a keyed hash of it.
+        "args: { username?: String, @sensitive password?: String }",
     ] {
         assert!(schema.contains(declared), "{declared} in {schema}");
     }
@@ -289,11 +291,17 @@ when { context.args.petId > 100 };
         &upstream,
         addr,
         "GET",
-        "/petstore/user/login?username=a&password=b",
+        "/petstore/user/login?username=a&password=hunter2",
         None,
     )
     .await;
     assert_eq!(line["action"], "petstore/loginUser");
+    assert_eq!(line["args"]["username"], "a");
+    let hashed = line["args"]["password"].as_str().unwrap();
+    assert!(
+        hashed.starts_with("hmac:") && !hashed.contains("hunter2"),
+        "{line}"
+    );
 }
 
 #[tokio::test]
@@ -470,6 +478,7 @@ fn what_cannot_be_imported_is_refused_by_name() {
         ("swagger.yaml", "swagger: '2.0'\ninfo: {title: t, version: '1'}\npaths: {}\n", "only OpenAPI 3.0 and 3.1"),
         ("relative.yaml", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nservers: [{url: /api}]\npaths:\n  /a:\n    get: {responses: {'200': {description: ok}}}\n", "give --url"),
         ("external.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a:\n    get:\n      parameters: [{$ref: 'other.yaml#/p'}]\n      responses: {'200': {description: ok}}\n", "only references inside the document"),
+        ("partial.yaml", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a/{id}.json:\n    get: {responses: {'200': {description: ok}}}\n", "no operations"),
     ];
     for (name, text, says) in cases {
         let spec = out.0.join(name);

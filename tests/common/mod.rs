@@ -706,9 +706,11 @@ audit:
     /// The audit lines written so far; waits (bounded) until at least `at_least` are there.
     pub async fn audit(&self, at_least: usize) -> Vec<Value> {
         for _ in 0..100 {
+            // Only whole lines: the writer may be half way through the last one.
             let lines: Vec<Value> = std::fs::read_to_string(&self.audit_path)
                 .unwrap_or_default()
-                .lines()
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
                 .collect();
             if lines.len() >= at_least {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use toolgate_policy::AttrType;
+use serde_json::{Map, Value};
+use toolgate_policy::{ActionContext, AttrType};
 
 use crate::metrics::Metrics;
 
@@ -111,59 +112,128 @@ impl AuditRecord {
 /// Arguments longer than this (as JSON) are recorded as their hash.
 const MAX_AUDITED_ARG_BYTES: usize = 1024;
 
-/// The arguments of a call as its audit line keeps them: the declared ones (the policy never
-/// saw others), each as given, or as `sha256:<hex>` of its JSON where the schema marks it
-/// `@sensitive` or it is longer than `MAX_AUDITED_ARG_BYTES`.
+/// The arguments of a call as its audit line keeps them: what the policy read, projected
+/// through the declared types (an undeclared field, at any depth, the policy never saw), with
+/// each value the schema marks `@sensitive`, and each longer than `MAX_AUDITED_ARG_BYTES`,
+/// replaced by `hash` of its JSON (a keyed hash: a short secret cannot be guessed back).
 pub fn audited_args(
-    args: &serde_json::Map<String, serde_json::Value>,
-    declared: &toolgate_policy::ActionContext,
-) -> serde_json::Map<String, serde_json::Value> {
+    args: &Map<String, Value>,
+    declared: &ActionContext,
+    hash: &dyn Fn(&str) -> String,
+) -> Map<String, Value> {
+    let audited = |value: &Value, path: &str, ty: &AttrType| {
+        let kept = project(value, ty, path, &declared.sensitive, hash);
+        let text = kept.to_string();
+        if text.len() > MAX_AUDITED_ARG_BYTES {
+            Value::String(hash(&text))
+        } else {
+            kept
+        }
+    };
     args.iter()
-        .filter(|(name, _)| declared.args.contains_key(*name))
-        .map(|(name, value)| {
-            let value = match &declared.args[name].0 {
-                ty @ (AttrType::Long | AttrType::Bool) => as_read(value, ty),
-                AttrType::Set(ty) => match value {
-                    serde_json::Value::Array(items) => {
-                        items.iter().map(|item| as_read(item, ty)).collect()
-                    }
-                    other => other.clone(),
-                },
-                _ => value.clone(),
-            };
-            let text = value.to_string();
-            let kept = if declared.sensitive.contains(name) || text.len() > MAX_AUDITED_ARG_BYTES {
-                serde_json::Value::String(value_hash(&text))
-            } else {
-                value
-            };
-            (name.clone(), kept)
+        .filter_map(|(name, value)| {
+            let (ty, _) = declared.args.get(name)?;
+            Some((name.clone(), audited(value, name, ty)))
         })
         .collect()
 }
 
-/// A path or query string as the policy read it: `"42"` declared `Long` is 42.
-fn as_read(value: &serde_json::Value, ty: &AttrType) -> serde_json::Value {
-    let serde_json::Value::String(text) = value else {
-        return value.clone();
-    };
-    match ty {
-        AttrType::Long => text
+/// `value` as the policy read it through `ty`: records keep their declared fields only, path
+/// and query strings become the numbers and booleans they were read as, and a `sensitive`
+/// path (`payment.card`) is hashed.
+fn project(
+    value: &Value,
+    ty: &AttrType,
+    path: &str,
+    sensitive: &std::collections::BTreeSet<String>,
+    hash: &dyn Fn(&str) -> String,
+) -> Value {
+    if sensitive.contains(path) {
+        return Value::String(hash(&value.to_string()));
+    }
+    match (ty, value) {
+        (AttrType::Record(fields), Value::Object(map)) => Value::Object(
+            map.iter()
+                .filter_map(|(name, inner)| {
+                    let (ty, _) = fields.get(name)?;
+                    let path = format!("{path}.{name}");
+                    Some((name.clone(), project(inner, ty, &path, sensitive, hash)))
+                })
+                .collect(),
+        ),
+        (AttrType::Set(item), Value::Array(items)) => items
+            .iter()
+            .map(|inner| project(inner, item, path, sensitive, hash))
+            .collect(),
+        (AttrType::Long, Value::String(text)) => text
+            .trim()
             .parse::<i64>()
             .map_or_else(|_| value.clone(), Into::into),
-        AttrType::Bool => text
+        (AttrType::Bool, Value::String(text)) => text
+            .trim()
             .parse::<bool>()
             .map_or_else(|_| value.clone(), Into::into),
         _ => value.clone(),
     }
 }
 
-/// `sha256:<hex>` of a value's JSON text.
-pub fn value_hash(json: &str) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(json.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+/// The texts of the `@sensitive` values among `args` (as given and as JSON), for scrubbing
+/// from error messages that quote them (Cedar's among them).
+pub fn sensitive_texts(args: &Map<String, Value>, declared: &ActionContext) -> Vec<String> {
+    fn walk(
+        value: &Value,
+        ty: &AttrType,
+        path: &str,
+        sensitive: &std::collections::BTreeSet<String>,
+        out: &mut Vec<String>,
+    ) {
+        if sensitive.contains(path) {
+            if let Value::String(text) = value {
+                out.push(text.clone());
+            }
+            out.push(value.to_string());
+            return;
+        }
+        match (ty, value) {
+            (AttrType::Record(fields), Value::Object(map)) => {
+                for (name, inner) in map {
+                    if let Some((ty, _)) = fields.get(name) {
+                        walk(inner, ty, &format!("{path}.{name}"), sensitive, out);
+                    }
+                }
+            }
+            (AttrType::Set(item), Value::Array(items)) => {
+                for inner in items {
+                    walk(inner, item, path, sensitive, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if declared.sensitive.is_empty() {
+        return out;
+    }
+    for (name, value) in args {
+        if let Some((ty, _)) = declared.args.get(name) {
+            walk(value, ty, name, &declared.sensitive, &mut out);
+        }
+    }
+    // Longest first, so a value is replaced whole before a part of it is.
+    out.retain(|t| !t.is_empty());
+    out.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    out
+}
+
+/// `texts` replaced by `<sensitive>` in `messages`.
+pub fn scrub(messages: &mut [String], texts: &[String]) {
+    for message in messages {
+        for text in texts {
+            if message.contains(text.as_str()) {
+                *message = message.replace(text.as_str(), "<sensitive>");
+            }
+        }
+    }
 }
 
 /// Room for one record in the writer's queue, taken before the call it records goes anywhere:
@@ -446,23 +516,44 @@ mod tests {
     }
 
     #[test]
-    fn audited_args_are_the_declared_ones_as_read_with_sensitive_ones_hashed() {
-        let mut declared = toolgate_policy::ActionContext::default();
+    fn audited_args_are_what_the_policy_read_with_sensitive_ones_hashed() {
+        let mut declared = ActionContext::default();
+        let mut payment = toolgate_policy::Record::new();
+        payment.insert("card".into(), (AttrType::String, true));
+        payment.insert("amount".into(), (AttrType::Long, true));
         declared.args.insert("id".into(), (AttrType::Long, true));
         declared.args.insert("flag".into(), (AttrType::Bool, false));
         declared.args.insert("ssn".into(), (AttrType::String, true));
         declared
             .args
             .insert("note".into(), (AttrType::String, false));
+        declared
+            .args
+            .insert("payment".into(), (AttrType::Record(payment), true));
         declared.sensitive.insert("ssn".into());
+        declared.sensitive.insert("payment.card".into());
         let args = serde_json::json!({"id": "42", "flag": "true", "ssn": "123-45-6789",
-                          "note": "x".repeat(2000), "undeclared": 1});
-        let audited = audited_args(args.as_object().unwrap(), &declared);
+            "note": "x".repeat(2000), "undeclared": 1,
+            "payment": {"card": "4111111111111111", "amount": 5, "cvv": "999"}});
+        let hash = |text: &str| format!("hmac:{}", text.len());
+        let audited = audited_args(args.as_object().unwrap(), &declared, &hash);
         assert_eq!(audited["id"], 42);
         assert_eq!(audited["flag"], true);
-        assert_eq!(audited["ssn"], value_hash("\"123-45-6789\""));
-        assert!(audited["note"].as_str().unwrap().starts_with("sha256:"));
+        assert_eq!(audited["ssn"], "hmac:13");
+        assert_eq!(
+            audited["payment"],
+            serde_json::json!({"card": "hmac:18", "amount": 5})
+        );
+        assert!(audited["note"].as_str().unwrap().starts_with("hmac:"));
         assert!(!audited.contains_key("undeclared"));
-        assert!(!serde_json::to_string(&audited).unwrap().contains("6789"));
+        let text = serde_json::to_string(&audited).unwrap();
+        for secret in ["6789", "4111", "999"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        // Errors that quote a sensitive value lose it.
+        let secrets = sensitive_texts(args.as_object().unwrap(), &declared);
+        let mut errors = vec!["bad value \"4111111111111111\" at payment.card".to_string()];
+        scrub(&mut errors, &secrets);
+        assert_eq!(errors, ["bad value <sensitive> at payment.card"]);
     }
 }

@@ -212,6 +212,7 @@ impl Gateway {
                 line.jti = record.jti.clone();
                 line.credential_mode = record.credential_mode;
                 line.credential_id = record.credential_id.clone();
+                line.credential_exp = record.credential_exp;
                 line.upstream_status = record.upstream_status;
                 line.errors.extend(failure.iter().cloned());
             }

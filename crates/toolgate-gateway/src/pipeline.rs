@@ -281,8 +281,11 @@ impl Gateway {
     ) -> Decision {
         let started = Instant::now();
         let declared = ctx.engine.schema_info().actions.get(action);
+        let mut secrets = Vec::new();
         if let Some(declared) = declared.filter(|_| !args.is_empty()) {
-            record.args = Some(crate::audit::audited_args(&args, declared));
+            let hash = |text: &str| self.minter.secret_id(text);
+            record.args = Some(crate::audit::audited_args(&args, declared, &hash));
+            secrets = crate::audit::sensitive_texts(&args, declared);
         }
         let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
             Some((key, why)) => Decision::deny_with(format!("argument `{key}` {why}")),
@@ -324,7 +327,13 @@ impl Gateway {
             .iter()
             .filter_map(|id| Some((id.clone(), ctx.engine.source(id)?.version.clone())))
             .collect();
+        let errors_before = record.errors.len();
         record.errors.extend(decision.errors.iter().cloned());
+        if !secrets.is_empty() {
+            // Cedar's messages can quote a value; a sensitive one never reaches the audit.
+            crate::audit::scrub(&mut record.errors[errors_before..], &secrets);
+            crate::audit::scrub(&mut record.shadow_errors, &secrets);
+        }
         decision
     }
 

@@ -358,9 +358,18 @@ impl PolicyEngine {
             .collect();
         flipped_by.sort();
         flipped_by.dedup();
+        // Denied for an erring policy, Cedar's reasons are the permits it still found: the
+        // determining policies are the erring ones.
+        let policies = if !decision.allowed && response.decision() == CedarDecision::Allow {
+            let mut erring = erring_policies(response);
+            erring.sort();
+            erring
+        } else {
+            decision.policies
+        };
         ShadowDecision {
             allowed: decision.allowed,
-            policies: decision.policies,
+            policies,
             errors: decision.errors,
             flipped_by,
         }
@@ -800,7 +809,18 @@ impl std::fmt::Display for At<'_> {
 /// Turns a JSON value (often a string from a path or query) into a Cedar value of the
 /// declared type, or says why it cannot.
 pub fn coerce(value: &Value, ty: &AttrType, at: At<'_>) -> Result<RestrictedExpression, String> {
-    let mismatch = |want: &str| format!("{at}: expected {want}, got {value}");
+    // The value is not echoed: it is the agent's, and may be a secret (`@sensitive`).
+    let mismatch = |want: &str| {
+        let got = match value {
+            Value::String(s) => format!("a string of {} bytes", s.len()),
+            Value::Number(_) => "a number".to_string(),
+            Value::Bool(_) => "a boolean".to_string(),
+            Value::Array(items) => format!("a list of {}", items.len()),
+            Value::Object(_) => "an object".to_string(),
+            Value::Null => "null".to_string(),
+        };
+        format!("{at}: expected {want}, got {got}")
+    };
     Ok(match (ty, value) {
         (AttrType::Long, Value::Number(n)) => {
             RestrictedExpression::new_long(n.as_i64().ok_or_else(|| mismatch("Long"))?)
@@ -1435,6 +1455,35 @@ mod load_tests {
     }
 
     #[test]
+    fn permits_in_scope_follow_principal_action_and_resource_scopes() {
+        let engine = PolicyEngine::load(&dir_with(&[]).0).unwrap();
+        let actions = [
+            "billing/get_invoice",
+            "billing/refund",
+            "records/get_patient_record",
+            "records/delete_patient_record",
+        ];
+        let assistant: HashMap<String, Vec<String>> = engine
+            .permits_in_scope("assistant", &actions)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(assistant["billing/get_invoice"], ["billing-read"]);
+        assert_eq!(assistant["billing/refund"], ["billing-refund"]);
+        assert_eq!(assistant["records/get_patient_record"], ["own-record-only"]);
+        assert!(assistant["records/delete_patient_record"].is_empty());
+        // In no team: no team's permit admits it.
+        let intern = engine.permits_in_scope("intern-bot", &actions).unwrap();
+        assert!(
+            intern.iter().all(|(_, permits)| permits.is_empty()),
+            "{intern:?}"
+        );
+        // An agent the entities do not know is in no team either.
+        let stranger = engine.permits_in_scope("nobody", &actions).unwrap();
+        assert!(stranger.iter().all(|(_, permits)| permits.is_empty()));
+    }
+
+    #[test]
     fn an_erring_shadow_policy_is_a_would_be_deny() {
         let shadow = "@id(\"erring\")\n@mode(\"shadow\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context.args.amount + 9223372036854775807 < 0 };\n";
         let engine = PolicyEngine::load(&dir_with(&[("shadow.cedar", shadow)]).0).unwrap();
@@ -1448,6 +1497,11 @@ mod load_tests {
         let flip = decision.shadow.expect("a flip");
         assert!(!flip.allowed && !flip.errors.is_empty());
         assert_eq!(flip.flipped_by, ["erring"]);
+        assert_eq!(
+            flip.policies,
+            ["erring"],
+            "not the permits Cedar still found"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub type Record = BTreeMap<String, (AttrType, bool)>;
 pub struct ActionContext {
     pub keys: Record,
     pub args: Record,
-    /// Arguments annotated `@sensitive` in the schema: the audit keeps only their hash.
+    /// Arguments annotated `@sensitive` in the schema, by path (`ssn`, `payment.card`; an
+    /// element of a set by the set's path): the audit keeps only their hash.
     pub sensitive: std::collections::BTreeSet<String>,
 }
 
@@ -75,16 +76,15 @@ impl SchemaInfo {
                         Some((AttrType::Record(args), _)) => args.clone(),
                         _ => Record::new(),
                     };
-                    let sensitive = def
+                    let mut sensitive = std::collections::BTreeSet::new();
+                    if let Some(args) = def
                         .pointer("/appliesTo/context")
                         .and_then(|ctx| resolver.attributes(ctx, 0))
                         .and_then(|ctx| ctx.get("args"))
                         .and_then(|args| resolver.attributes(args, 0))
-                        .into_iter()
-                        .flatten()
-                        .filter(|(_, attr)| attr.pointer("/annotations/sensitive").is_some())
-                        .map(|(name, _)| name.clone())
-                        .collect();
+                    {
+                        resolver.sensitive_paths(args, "", 0, &mut sensitive);
+                    }
                     info.actions.insert(
                         name.clone(),
                         ActionContext {
@@ -135,6 +135,36 @@ impl<'a> Resolver<'a> {
             .and_then(|rest| rest.strip_prefix("::"))
             .unwrap_or(name);
         self.attributes(self.common?.get(local)?, depth + 1)
+    }
+
+    /// The paths of the attributes annotated `@sensitive`, at any depth.
+    fn sensitive_paths(
+        &self,
+        attributes: &'a serde_json::Map<String, Value>,
+        prefix: &str,
+        depth: usize,
+        out: &mut std::collections::BTreeSet<String>,
+    ) {
+        if depth > 32 {
+            return;
+        }
+        for (name, attr) in attributes {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            if attr.pointer("/annotations/sensitive").is_some() {
+                out.insert(path.clone());
+            }
+            let inner = match attr.get("type").and_then(Value::as_str) {
+                Some("Set") => attr.get("element"),
+                _ => Some(attr),
+            };
+            if let Some(fields) = inner.and_then(|t| self.attributes(t, 0)) {
+                self.sensitive_paths(fields, &path, depth + 1, out);
+            }
+        }
     }
 
     /// The attributes of a record type (or of a common type naming one); empty otherwise.
@@ -222,7 +252,7 @@ mod tests {
     #[test]
     fn sensitive_arguments_are_read_from_schema_annotations() {
         let text = r#"namespace Toolgate {
-            type Payment = { amount: Long, @sensitive card: String };
+            type Payment = { amount: Long, @sensitive card: String, holder: { @sensitive name: String } };
             entity A; entity T;
             action "pay/direct" appliesTo { principal: A, resource: T, context: { args: { @sensitive("hash it") ssn: String, name: String } } };
             action "pay/typed" appliesTo { principal: A, resource: T, context: { args: Payment } };
@@ -237,7 +267,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(names("pay/direct"), ["ssn"]);
-        assert_eq!(names("pay/typed"), ["card"]);
+        assert_eq!(names("pay/typed"), ["card", "holder.name"]);
     }
 
     #[test]
