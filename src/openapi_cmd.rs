@@ -524,8 +524,24 @@ fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
 }
 
 /// A schema with every `$ref` inside it followed (a recursive one stops at `MAX_REF_DEPTH`,
-/// where Cedar could not follow it anyway).
+/// where Cedar could not follow it anyway), in at most `MAX_INLINED_NODES` values: references
+/// that fan out at every level would otherwise multiply past any memory.
 fn inline(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+    let mut budget = MAX_INLINED_NODES;
+    inline_within(doc, value, depth, &mut budget)
+}
+
+const MAX_INLINED_NODES: usize = 200_000;
+
+fn inline_within(
+    doc: &Value,
+    value: &Value,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Value, String> {
+    *budget = budget.checked_sub(1).ok_or_else(|| {
+        format!("a schema expands past {MAX_INLINED_NODES} values through its $refs")
+    })?;
     let value = resolve(doc, value, depth)?;
     if depth > MAX_REF_DEPTH {
         return Ok(Value::Object(Map::new()));
@@ -533,13 +549,13 @@ fn inline(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
     Ok(match value {
         Value::Object(map) => Value::Object(
             map.into_iter()
-                .map(|(k, v)| Ok((k, inline(doc, &v, depth + 1)?)))
+                .map(|(k, v)| Ok((k, inline_within(doc, &v, depth + 1, budget)?)))
                 .collect::<Result<_, String>>()?,
         ),
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|v| inline(doc, v, depth + 1))
+                .map(|v| inline_within(doc, v, depth + 1, budget))
                 .collect::<Result<_, _>>()?,
         ),
         other => other,
@@ -731,6 +747,24 @@ mod tests {
         )
         .is_ok());
         assert!(inline(&doc, &serde_json::json!({"$ref": "other.yaml#/Id"}), 0).is_err());
+        // Ten references per level, sixteen levels deep: refused, not expanded.
+        let mut schemas = serde_json::Map::new();
+        for level in 0..16 {
+            let next: Vec<Value> = (0..10)
+                .map(
+                    |_| serde_json::json!({"$ref": format!("#/components/schemas/L{}", level + 1)}),
+                )
+                .collect();
+            schemas.insert(format!("L{level}"), serde_json::json!({"allOf": next}));
+        }
+        schemas.insert("L16".into(), serde_json::json!({"type": "string"}));
+        let fan = serde_json::json!({"components": {"schemas": schemas}});
+        let refused = inline(
+            &fan,
+            &serde_json::json!({"$ref": "#/components/schemas/L0"}),
+            0,
+        );
+        assert!(refused.unwrap_err().contains("expands past"));
         assert!(inline(
             &doc,
             &serde_json::json!({"$ref": "#/components/schemas/Nope"}),
