@@ -335,46 +335,22 @@ fn admin_task_ended(url: &str, config: &Config, task: &str) -> Result<Option<Str
         .remove(b'_')
         .remove(b'~');
     let task = percent_encoding::utf8_percent_encode(task, SEGMENT);
-    let uri: http::Uri = format!("{}/admin/tasks/{task}", url.trim_end_matches('/'))
-        .parse()
-        .map_err(|e| format!("--admin {url}: {e}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let request = http::Request::get(uri)
-            .header("authorization", format!("Bearer {}", token.trim()))
-            .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
-        let answer =
-            tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request))
-                .await
-                .map_err(|_| format!("--admin {url}: no answer within 5 s"))?
-                .map_err(|e| format!("--admin {url}: {e}"))?;
-        let status = answer.status();
-        use http_body_util::BodyExt as _;
-        let body = answer
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if status == http::StatusCode::NOT_FOUND {
-            return Err(
-                "the admin listener does not know the task (another replica's memory?)".into(),
-            );
-        }
-        if !status.is_success() {
-            return Err(format!("--admin {url}: answered {status}"));
-        }
-        let task: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        let state = task["state"].as_str().unwrap_or("unknown").to_string();
-        Ok((state != "active").then_some(state))
-    })
+    let asked = format!("{}/admin/tasks/{task}", url.trim_end_matches('/'));
+    let (status, body) = crate::plain_get(
+        &asked,
+        Some(token.trim()),
+        std::time::Duration::from_secs(5),
+    )
+    .map_err(|e| format!("--admin: {e}"))?;
+    if status == http::StatusCode::NOT_FOUND {
+        return Err("the admin listener does not know the task (another replica's memory?)".into());
+    }
+    if !status.is_success() {
+        return Err(format!("--admin {url}: answered {status}"));
+    }
+    let task: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let state = task["state"].as_str().unwrap_or("unknown").to_string();
+    Ok((state != "active").then_some(state))
 }
 
 /// `7d`, `12h`, `30m`, `90s`, `2w`, or several (`1d12h`).

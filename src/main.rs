@@ -319,7 +319,28 @@ fn init_tracing(log: Option<&toolgate_gateway::config::Log>) -> Result<(), Strin
 
 /// `toolgate health`: GET the URL (plain HTTP, loopback in a container) and expect a 200.
 fn health(url: &str) -> Result<ExitCode, String> {
+    match plain_get(url, None, std::time::Duration::from_secs(3))? {
+        (http::StatusCode::OK, _) => Ok(ExitCode::SUCCESS),
+        (status, _) => Err(format!("{url}: {status}")),
+    }
+}
+
+/// A plain-HTTP GET (the admin listener's), with a bearer token if given: its status and body
+/// (at most 1 MiB), or why there is none within `limit`.
+fn plain_get(
+    url: &str,
+    bearer: Option<&str>,
+    limit: std::time::Duration,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
+    use http_body_util::BodyExt as _;
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let mut request = http::Request::get(uri);
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -327,14 +348,23 @@ fn health(url: &str) -> Result<ExitCode, String> {
     rt.block_on(async {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let asked = tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri));
-        match asked.await {
-            Ok(Ok(answer)) if answer.status() == http::StatusCode::OK => Ok(ExitCode::SUCCESS),
-            Ok(Ok(answer)) => Err(format!("{url}: {}", answer.status())),
-            Ok(Err(e)) => Err(format!("{url}: {e}")),
-            Err(_) => Err(format!("{url}: no answer within 3 s")),
-        }
+                .build_http();
+        let asked = async {
+            let answer = client
+                .request(request)
+                .await
+                .map_err(|e| format!("{url}: {e}"))?;
+            let status = answer.status();
+            let body = http_body_util::Limited::new(answer.into_body(), 1 << 20)
+                .collect()
+                .await
+                .map_err(|e| format!("{url}: {e}"))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(limit, asked)
+            .await
+            .map_err(|_| format!("{url}: no answer within {} s", limit.as_secs()))?
     })
 }
 

@@ -76,6 +76,18 @@ impl Imported {
         toolgate(&["check", "--config", self.config().to_str().unwrap()])
     }
 
+    /// `new`, checked as written: with the starter policies that permit nothing.
+    fn checked(upstream: &str, imported: &Path) -> Imported {
+        let made = Imported::new(upstream, imported);
+        let check = made.check();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        made
+    }
+
     fn permit(&self, upstream: &str, policies: &str) {
         std::fs::write(
             self.dir.0.join(format!("policies/{upstream}.cedar")),
@@ -199,13 +211,7 @@ async fn petstore_3_0_is_imported_checked_and_served() {
     assert!(routes.contains("arguments: query"), "{routes}");
 
     // As written, with the starter policies that permit nothing, `toolgate check` passes.
-    let imported = Imported::new("petstore", &out.0);
-    let check = imported.check();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let imported = Imported::checked("petstore", &out.0);
 
     imported.permit(
         "petstore",
@@ -330,13 +336,7 @@ async fn museum_3_1_is_imported_checked_and_served() {
         &format!("  url: http://{}", upstream.addr),
     );
     std::fs::write(out.0.join("museum.upstream.yaml"), text).unwrap();
-    let imported = Imported::new("museum", &out.0);
-    let check = imported.check();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let imported = Imported::checked("museum", &out.0);
     imported.permit(
         "museum",
         r#"
