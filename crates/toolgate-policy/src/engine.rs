@@ -246,7 +246,8 @@ impl PolicyEngine {
 
     /// For each of `actions` (tool actions, `"<upstream>/<tool>"`), the enforced permit
     /// policies whose scope admits `agent` calling it on its tool: those that could permit the
-    /// call, their `when`/`unless` conditions aside (scope and entity hierarchy only).
+    /// call, their `when`/`unless` conditions aside (scope and entity hierarchy only); none
+    /// where a forbid without conditions covers the call.
     pub fn permits_in_scope(
         &self,
         agent: &str,
@@ -254,10 +255,12 @@ impl PolicyEngine {
     ) -> Result<Vec<(String, Vec<String>)>, String> {
         let mut scopes = PolicySet::new();
         for policy in self.enforced.all.policies() {
-            if policy.effect() != cedar_policy::Effect::Permit {
+            let mut json = policy.to_json().map_err(|e| error_chain(&e))?;
+            let unconditional = json["conditions"].as_array().is_none_or(Vec::is_empty);
+            // A forbid counts only when nothing can narrow it: then it always wins.
+            if policy.effect() != cedar_policy::Effect::Permit && !unconditional {
                 continue;
             }
-            let mut json = policy.to_json().map_err(|e| error_chain(&e))?;
             json["conditions"] = json!([]);
             let scope = Policy::from_json(Some(policy.id().clone()), json)
                 .map_err(|e| format!("policy {}: {}", policy.id(), error_chain(&e)))?;
@@ -296,11 +299,14 @@ impl PolicyEngine {
                     Request::new(principal.clone(), action, resource, Context::empty(), None)
                         .map_err(|e| error_chain(&e))?;
                 let response = self.authorizer.is_authorized(&request, &scopes, &entities);
-                let mut permits: Vec<String> = response
-                    .diagnostics()
-                    .reason()
-                    .map(ToString::to_string)
-                    .collect();
+                let mut permits: Vec<String> = match response.decision() {
+                    CedarDecision::Allow => response
+                        .diagnostics()
+                        .reason()
+                        .map(ToString::to_string)
+                        .collect(),
+                    CedarDecision::Deny => Vec::new(),
+                };
                 permits.sort();
                 Ok((name.to_string(), permits))
             })
@@ -1478,6 +1484,19 @@ mod load_tests {
             intern.iter().all(|(_, permits)| permits.is_empty()),
             "{intern:?}"
         );
+        // A forbid without conditions leaves nothing to permit.
+        let forbidding = dir_with(&[(
+            "no-refunds.cedar",
+            "forbid (principal == Toolgate::Agent::\"assistant\", action == Toolgate::Action::\"billing/refund\", resource);",
+        )]);
+        let engine_forbidding = PolicyEngine::load(&forbidding.0).unwrap();
+        let forbidden: HashMap<String, Vec<String>> = engine_forbidding
+            .permits_in_scope("assistant", &actions)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(forbidden["billing/refund"].is_empty());
+        assert_eq!(forbidden["billing/get_invoice"], ["billing-read"]);
         // An agent the entities do not know is in no team either.
         let stranger = engine.permits_in_scope("nobody", &actions).unwrap();
         assert!(stranger.iter().all(|(_, permits)| permits.is_empty()));
