@@ -170,7 +170,6 @@ async fn post(gw: &Gateway, token: &str, body: &[u8]) -> Answer {
             ("authorization", &format!("Bearer {token}")),
             ("content-type", "application/json"),
             ("accept", "application/json, text/event-stream"),
-            ("mcp-session-id", "session-1"),
             ("mcp-protocol-version", "2025-06-18"),
         ],
         body,
@@ -273,7 +272,6 @@ async fn json_rpc_edge_cases() {
         vec![&json!(1), &json!(3), &json!(4), &Value::Null, &Value::Null],
         "the denied call was not forwarded"
     );
-    assert_eq!(seen[0].headers["mcp-session-id"], "session-1");
     assert_eq!(seen[0].headers["mcp-protocol-version"], "2025-06-18");
     let credential = seen[0].headers["authorization"].to_str().unwrap();
     assert!(!credential.contains(&token));
@@ -539,4 +537,80 @@ async fn a_cancelled_batch_still_records_each_message() {
         assert_eq!(line["decision"], "allow", "{line}");
     }
     upstream.release();
+}
+
+/// A server's session id reaches the caller bound to it: only that caller (agent, user, issuer)
+/// can use it; another, or an id the gateway never gave out, is told the session is unknown
+/// (404, as a server says), and nothing is forwarded.
+#[tokio::test]
+async fn sessions_are_bound_to_the_caller_they_were_given_to() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway(&upstream).await;
+    let alice = gw.idp.delegated();
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let opened = post(&gw, &alice, initialize.to_string().as_bytes()).await;
+    assert_eq!(opened.status, 200);
+    let bound = opened.headers["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        bound.starts_with("srv-session-1.") && bound.len() > 20,
+        "{bound}"
+    );
+
+    let in_session = |token: &str, session: &str| {
+        let (url, token, session) = (gw.url("/tools"), token.to_string(), session.to_string());
+        async move {
+            send(
+                "POST",
+                &url,
+                &[
+                    ("authorization", &format!("Bearer {token}")),
+                    ("content-type", "application/json"),
+                    ("accept", "application/json, text/event-stream"),
+                    ("mcp-protocol-version", "2025-06-18"),
+                    ("mcp-session-id", &session),
+                ],
+                br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
+            )
+            .await
+        }
+    };
+    // Its caller: forwarded with the server's own id.
+    assert_eq!(in_session(&alice, &bound).await.status, 200);
+    assert_eq!(upstream.requests().len(), 2);
+    assert_eq!(
+        upstream.requests()[1].headers["mcp-session-id"],
+        "srv-session-1"
+    );
+
+    // Another agent, the same agent for another user, the raw id, a forged tag: unknown.
+    let intern = gw
+        .idp
+        .sign(json!({"sub": "alice", "act": {"sub": "intern-bot"}}));
+    let for_bob = gw
+        .idp
+        .sign(json!({"sub": "bob", "act": {"sub": "assistant"}}));
+    let forged = format!("srv-session-1.{}", "A".repeat(22));
+    for (token, session) in [
+        (&intern, bound.as_str()),
+        (&for_bob, bound.as_str()),
+        (&alice, "srv-session-1"),
+        (&alice, forged.as_str()),
+    ] {
+        let refused = in_session(token, session).await;
+        assert_eq!(refused.status, 404, "{session}: {:?}", refused.body);
+        assert_eq!(refused.json()["error"], "session_not_found");
+    }
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "nothing refused was forwarded"
+    );
+    let line = gw
+        .audit_line(|l| l["errors"][0] == "Mcp-Session-Id was not issued to this caller")
+        .await;
+    assert_eq!(line["status"], 404);
 }

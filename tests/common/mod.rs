@@ -199,14 +199,22 @@ impl Upstream {
                                 .unwrap_or_default();
                                 return Ok(held_stream(id, release.subscribe()));
                             }
-                            let answer = serde_json::from_slice::<Value>(
+                            let message = serde_json::from_slice::<Value>(
                                 &log.lock().unwrap().last().unwrap().body,
                             )
-                            .ok()
-                            .and_then(|m| jsonrpc_echo(&m))
-                            .unwrap_or_else(|| json!({"ok": true}));
+                            .ok();
+                            let answer = message
+                                .as_ref()
+                                .and_then(jsonrpc_echo)
+                                .unwrap_or_else(|| json!({"ok": true}));
                             let mut response =
                                 Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
+                            // As an MCP server does, `initialize` opens a session.
+                            if message.is_some_and(|m| m["method"] == "initialize") {
+                                response
+                                    .headers_mut()
+                                    .insert("mcp-session-id", "srv-session-1".parse().unwrap());
+                            }
                             response
                                 .headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());

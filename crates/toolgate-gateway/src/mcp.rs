@@ -38,6 +38,8 @@ use crate::Gateway;
 
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
+/// The MCP session header, bound to its caller on the way out and checked on the way in.
+const SESSION_HEADER: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
 /// The most one SSE event may hold when the stream must be rewritten.
 const MAX_SSE_EVENT: usize = 16 << 20;
 
@@ -94,6 +96,17 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri("", None)?;
+        // A session is the caller's that the gateway gave it to: another caller's (or a made
+        // up) id is unknown here, as a server says of a session it does not have.
+        if let Some(bound) = parts.headers.get(SESSION_HEADER) {
+            let Some(session) = self.session_of(ctx, upstream, bound) else {
+                record
+                    .errors
+                    .push("Mcp-Session-Id was not issued to this caller".into());
+                return Err(Refusal::NotFound("session_not_found"));
+            };
+            parts.headers.insert(SESSION_HEADER, session);
+        }
         if parts.method != Method::POST {
             // GET opens the server's event stream, DELETE ends the session: authentication is
             // enough, and no body goes with either.
@@ -103,7 +116,8 @@ impl Gateway {
             let scope = vec![format!("{}/mcp", upstream.name())];
             let opens_stream = parts.method == Method::GET;
             let request = Request::from_parts(parts, full(Bytes::new()));
-            let response = self.forward(ctx, upstream, request, scope, record).await?;
+            let mut response = self.forward(ctx, upstream, request, scope, record).await?;
+            self.bind_session(ctx, upstream, response.headers_mut());
             if !(opens_stream && is_event_stream(response.headers())) {
                 return Ok(response);
             }
@@ -218,7 +232,8 @@ impl Gateway {
             }
             pending.done();
         }
-        let response = forwarded?;
+        let mut response = forwarded?;
+        self.bind_session(ctx, upstream, response.headers_mut());
 
         if plan.list_ids.is_empty() && plan.answered.is_empty() && !plan.listens {
             return Ok(response);
@@ -234,6 +249,60 @@ impl Gateway {
             batch,
         )
         .await
+    }
+
+    /// The tag binding a server's session id to this caller on this upstream.
+    fn session_tag(&self, ctx: &CallContext<'_>, upstream: &Upstream, session: &str) -> String {
+        let caller = ctx.caller;
+        let user = caller.user.as_deref().unwrap_or("");
+        // As a JSON array: no two different callers or sessions write the same text.
+        let bound = json!([
+            "mcp-session",
+            upstream.name(),
+            caller.issuer,
+            caller.agent,
+            user,
+            session
+        ])
+        .to_string();
+        let id = self.minter.secret_id(&bound);
+        id.strip_prefix("hmac:").unwrap_or(&id).to_string()
+    }
+
+    /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this
+    /// caller can use it (checked by `session_of`, with no state to share between replicas).
+    fn bind_session(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        headers: &mut http::HeaderMap,
+    ) {
+        let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
+            headers.remove(SESSION_HEADER);
+            return;
+        };
+        let bound = format!("{session}.{}", self.session_tag(ctx, upstream, session));
+        match HeaderValue::from_str(&bound) {
+            Ok(value) => {
+                headers.insert(SESSION_HEADER, value);
+            }
+            Err(_) => {
+                headers.remove(SESSION_HEADER);
+            }
+        }
+    }
+
+    /// The server's session id inside a bound one, when it was bound to this caller.
+    fn session_of(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        bound: &HeaderValue,
+    ) -> Option<HeaderValue> {
+        let (session, tag) = bound.to_str().ok()?.rsplit_once('.')?;
+        let expected = self.session_tag(ctx, upstream, session);
+        crate::admin::constant_time_eq(tag.as_bytes(), expected.as_bytes())
+            .then(|| HeaderValue::from_str(session).ok())?
     }
 
     /// Classifies and authorizes each message.
