@@ -613,4 +613,31 @@ async fn sessions_are_bound_to_the_caller_they_were_given_to() {
         .audit_line(|l| l["errors"][0] == "Mcp-Session-Id was not issued to this caller")
         .await;
     assert_eq!(line["status"], 404);
+    assert_eq!(line["action"], "mcp:POST");
+
+    // Two headers: the first decides, and only the server's id goes on.
+    let two = |first: &str, second: &str| {
+        let (url, token) = (gw.url("/tools"), format!("Bearer {alice}"));
+        let (first, second) = (first.to_string(), second.to_string());
+        async move {
+            send(
+                "DELETE",
+                &url,
+                &[
+                    ("authorization", &token),
+                    ("mcp-session-id", &first),
+                    ("mcp-session-id", &second),
+                ],
+                b"",
+            )
+            .await
+        }
+    };
+    assert_eq!(two(&forged, &bound).await.status, 404);
+    assert_eq!(upstream.requests().len(), 2);
+    assert_eq!(two(&bound, &forged).await.status, 200);
+    let ended = upstream.requests().last().unwrap().clone();
+    assert_eq!(ended.method, "DELETE");
+    let sent: Vec<_> = ended.headers.get_all("mcp-session-id").iter().collect();
+    assert_eq!(sent, ["srv-session-1"]);
 }

@@ -38,6 +38,8 @@ pub struct SigningKey {
     /// Names secrets for the audit (HMAC, keyed from this private key): a plain hash of a
     /// short secret could be reversed by trying candidates; this needs the key too.
     id_key: ring::hmac::Key,
+    /// Binds MCP session ids to their caller (`Minter::session_tag`).
+    session_key: ring::hmac::Key,
 }
 
 /// The `typ` of a minted credential (RFC 9068).
@@ -80,17 +82,23 @@ impl SigningKey {
         )
         .map_err(|e| CredentialError::Key(format!("ring refused the key: {e}")))?;
         let credential_header = encoded_header(CREDENTIAL_TYP, &kid);
-        let id_key = ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            &Sha256::new()
-                .chain_update(b"toolgate secret ids\0")
-                .chain_update(der.as_bytes())
-                .finalize(),
-        );
+        // One key per use: a tag of one kind can never be had as a hash of the other.
+        let derived = |label: &[u8]| {
+            ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &Sha256::new()
+                    .chain_update(label)
+                    .chain_update(der.as_bytes())
+                    .finalize(),
+            )
+        };
+        let id_key = derived(b"toolgate secret ids\0");
+        let session_key = derived(b"toolgate mcp sessions\0");
         Ok(SigningKey {
             kid,
             pair: Arc::new(pair),
             id_key,
+            session_key,
             public_jwk,
             credential_header,
         })
@@ -105,6 +113,13 @@ impl SigningKey {
     pub fn secret_id(&self, secret: &str) -> String {
         let tag = ring::hmac::sign(&self.id_key, secret.as_bytes());
         format!("hmac:{}", URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16]))
+    }
+
+    /// The tag binding an MCP session to its caller (`bound`: who and which session), 16
+    /// bytes of an HMAC under a key of its own, base64url.
+    pub fn session_tag(&self, bound: &str) -> String {
+        let tag = ring::hmac::sign(&self.session_key, bound.as_bytes());
+        URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16])
     }
 
     pub fn public_jwk(&self) -> &Value {
@@ -239,6 +254,25 @@ impl Minter {
         self.key.secret_id(secret)
     }
 
+    /// A session's tag under the current key.
+    pub fn session_tag(&self, bound: &str) -> String {
+        self.key.session_tag(bound)
+    }
+
+    /// Whether `tag` is a session's tag under the current key or one before a rotation
+    /// (sessions opened before it go on).
+    pub fn is_session_tag(&self, bound: &str, tag: &str) -> bool {
+        self.keys().any(|key| {
+            let expected = key.session_tag(bound);
+            expected.len() == tag.len()
+                && expected
+                    .bytes()
+                    .zip(tag.bytes())
+                    .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
+        })
+    }
+
     /// A token for exactly this call: `typ: at+jwt`, unique `jti`, `exp` within ttl and `not_after`.
     pub fn mint(&self, grant: &Grant<'_>, now: u64) -> Result<Minted, CredentialError> {
         let mut exp = now + self.ttl_seconds;
@@ -323,6 +357,31 @@ impl Minter {
 mod tests {
     use super::*;
     use jsonwebtoken::{decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, Validation};
+
+    #[test]
+    fn session_tags_outlive_a_rotation_and_are_not_secret_ids() {
+        let (old, old_pem) = SigningKey::generate().unwrap();
+        let (new, _) = SigningKey::generate().unwrap();
+        let before = Minter::new(old, "https://t", 60);
+        let tag = before.session_tag("[\"s\"]");
+        assert!(before.is_session_tag("[\"s\"]", &tag));
+        assert!(!before.is_session_tag("[\"t\"]", &tag));
+        // A secret id of the same text is another value: the audit cannot hand out tags.
+        assert_ne!(before.secret_id("[\"s\"]"), format!("hmac:{tag}"));
+        let rotated = Minter::new(new, "https://t", 60)
+            .with_previous_keys(vec![SigningKey::from_pkcs8_pem(&old_pem).unwrap()]);
+        assert!(
+            rotated.is_session_tag("[\"s\"]", &tag),
+            "a session opened before goes on"
+        );
+        assert_ne!(
+            rotated.session_tag("[\"s\"]"),
+            tag,
+            "new sessions use the new key"
+        );
+        let (other, _) = SigningKey::generate().unwrap();
+        assert!(!Minter::new(other, "https://t", 60).is_session_tag("[\"s\"]", &tag));
+    }
 
     #[test]
     fn minted_token_verifies_against_the_published_jwks() {

@@ -98,6 +98,7 @@ impl Gateway {
         parts.uri = upstream.uri("", None)?;
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
+        record.action = Some(format!("mcp:{}", parts.method));
         if let Some(bound) = parts.headers.get(SESSION_HEADER) {
             let Some(session) = self.session_of(ctx, upstream, bound) else {
                 record
@@ -251,8 +252,8 @@ impl Gateway {
         .await
     }
 
-    /// The tag binding a server's session id to this caller on this upstream.
-    fn session_tag(&self, ctx: &CallContext<'_>, upstream: &Upstream, session: &str) -> String {
+    /// What a session's tag binds: this caller, on this upstream, to this server's id.
+    fn session_binding(ctx: &CallContext<'_>, upstream: &Upstream, session: &str) -> String {
         let caller = ctx.caller;
         let user = caller.user.as_deref().unwrap_or("");
         // As a JSON array: no two different callers or sessions write the same text.
@@ -265,8 +266,7 @@ impl Gateway {
             session
         ])
         .to_string();
-        let id = self.minter.secret_id(&bound);
-        id.strip_prefix("hmac:").unwrap_or(&id).to_string()
+        bound
     }
 
     /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this
@@ -281,7 +281,10 @@ impl Gateway {
             headers.remove(SESSION_HEADER);
             return;
         };
-        let bound = format!("{session}.{}", self.session_tag(ctx, upstream, session));
+        let tag = self
+            .minter
+            .session_tag(&Self::session_binding(ctx, upstream, session));
+        let bound = format!("{session}.{tag}");
         match HeaderValue::from_str(&bound) {
             Ok(value) => {
                 headers.insert(SESSION_HEADER, value);
@@ -300,8 +303,9 @@ impl Gateway {
         bound: &HeaderValue,
     ) -> Option<HeaderValue> {
         let (session, tag) = bound.to_str().ok()?.rsplit_once('.')?;
-        let expected = self.session_tag(ctx, upstream, session);
-        crate::admin::constant_time_eq(tag.as_bytes(), expected.as_bytes())
+        let binding = Self::session_binding(ctx, upstream, session);
+        self.minter
+            .is_session_tag(&binding, tag)
             .then(|| HeaderValue::from_str(session).ok())?
     }
 

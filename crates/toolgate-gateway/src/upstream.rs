@@ -269,6 +269,11 @@ impl Upstream {
         for name in AGENT_ONLY {
             headers.remove(name);
         }
+        // Sessions are bound to their caller on MCP upstreams (mcp.rs); a REST route must not
+        // carry a bare one to a server that is also served as MCP.
+        if self.config.kind == crate::config::UpstreamKind::Rest {
+            headers.remove("mcp-session-id");
+        }
         // Servers behind CGI-style header maps (nginx, PHP, Rack, WSGI) read `_` as `-`:
         // `X_HTTP_Method_Override` would pass for a header removed above. Dropped as nginx
         // does by default.
