@@ -338,8 +338,10 @@ async fn expiry_unknown_tasks_required_tasks_and_approvals() {
     .await;
     assert_eq!(outside.status, 403);
 
-    // Expiry: a one-second task refuses calls once its deadline passes.
-    let short = start_task(&base, &token, 1).await.json()["task_id"]
+    // Expiry: a short task refuses calls once its deadline passes. Two seconds, not one:
+    // deadlines are whole seconds, so a one-second task started late in a second could
+    // already be over when its first call comes a millisecond later.
+    let short = start_task(&base, &token, 2).await.json()["task_id"]
         .as_str()
         .unwrap()
         .to_string();
