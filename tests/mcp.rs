@@ -163,18 +163,20 @@ async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -
 }
 
 async fn post(gw: &Gateway, token: &str, body: &[u8]) -> Answer {
-    send(
-        "POST",
-        &gw.url("/tools"),
-        &[
-            ("authorization", &format!("Bearer {token}")),
-            ("content-type", "application/json"),
-            ("accept", "application/json, text/event-stream"),
-            ("mcp-protocol-version", "2025-06-18"),
-        ],
-        body,
-    )
-    .await
+    post_with(gw, token, body, &[]).await
+}
+
+/// `post` with more headers.
+async fn post_with(gw: &Gateway, token: &str, body: &[u8], more: &[(&str, &str)]) -> Answer {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    headers.extend_from_slice(more);
+    send("POST", &gw.url("/tools"), &headers, body).await
 }
 
 #[tokio::test]
@@ -560,23 +562,11 @@ async fn sessions_are_bound_to_the_caller_they_were_given_to() {
         "{bound}"
     );
 
+    let ping = br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
     let in_session = |token: &str, session: &str| {
-        let (url, token, session) = (gw.url("/tools"), token.to_string(), session.to_string());
-        async move {
-            send(
-                "POST",
-                &url,
-                &[
-                    ("authorization", &format!("Bearer {token}")),
-                    ("content-type", "application/json"),
-                    ("accept", "application/json, text/event-stream"),
-                    ("mcp-protocol-version", "2025-06-18"),
-                    ("mcp-session-id", &session),
-                ],
-                br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#,
-            )
-            .await
-        }
+        let (token, session) = (token.to_string(), session.to_string());
+        let gw = &gw;
+        async move { post_with(gw, &token, ping, &[("mcp-session-id", &session)]).await }
     };
     // Its caller: forwarded with the server's own id.
     assert_eq!(in_session(&alice, &bound).await.status, 200);

@@ -115,41 +115,54 @@ const MAX_AUDITED_ARG_BYTES: usize = 1024;
 /// The arguments of a call as its audit line keeps them: what the policy read, projected
 /// through the declared types (an undeclared field, at any depth, the policy never saw), with
 /// each value the schema marks `@sensitive`, and each longer than `MAX_AUDITED_ARG_BYTES`,
-/// replaced by `hash` of its JSON (a keyed hash: a short secret cannot be guessed back).
+/// replaced by `hash` of its JSON (a keyed hash: a short secret cannot be guessed back). Also
+/// the sensitive values' texts (as given and as JSON), to `scrub` from error messages that
+/// quote them (Cedar's among them), longest first.
 pub fn audited_args(
     args: &Map<String, Value>,
     declared: &ActionContext,
     hash: &dyn Fn(&str) -> String,
-) -> Map<String, Value> {
-    let audited = |value: &Value, path: &str, ty: &AttrType| {
-        let kept = project(value, ty, path, &declared.sensitive, hash);
-        let text = kept.to_string();
-        if text.len() > MAX_AUDITED_ARG_BYTES {
-            Value::String(hash(&text))
-        } else {
-            kept
-        }
-    };
-    args.iter()
+) -> (Map<String, Value>, Vec<String>) {
+    let mut secrets = Vec::new();
+    let audited = args
+        .iter()
         .filter_map(|(name, value)| {
             let (ty, _) = declared.args.get(name)?;
-            Some((name.clone(), audited(value, name, ty)))
+            let kept = project(value, ty, name, &declared.sensitive, hash, &mut secrets);
+            let text = kept.to_string();
+            let kept = if text.len() > MAX_AUDITED_ARG_BYTES {
+                Value::String(hash(&text))
+            } else {
+                kept
+            };
+            Some((name.clone(), kept))
         })
-        .collect()
+        .collect();
+    secrets.retain(|t| !t.is_empty());
+    // Longest first, so a value is replaced whole before a part of it is.
+    secrets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    (audited, secrets)
 }
 
 /// `value` as the policy read it through `ty`: records keep their declared fields only, path
 /// and query strings become the numbers and booleans they were read as, and a `sensitive`
-/// path (`payment.card`) is hashed.
+/// path (`payment.card`) is hashed, its texts kept in `secrets`.
 fn project(
     value: &Value,
     ty: &AttrType,
     path: &str,
     sensitive: &std::collections::BTreeSet<String>,
     hash: &dyn Fn(&str) -> String,
+    secrets: &mut Vec<String>,
 ) -> Value {
     if sensitive.contains(path) {
-        return Value::String(hash(&value.to_string()));
+        let json = value.to_string();
+        if let Value::String(text) = value {
+            secrets.push(text.clone());
+        }
+        let hashed = Value::String(hash(&json));
+        secrets.push(json);
+        return hashed;
     }
     match (ty, value) {
         (AttrType::Record(fields), Value::Object(map)) => Value::Object(
@@ -157,13 +170,16 @@ fn project(
                 .filter_map(|(name, inner)| {
                     let (ty, _) = fields.get(name)?;
                     let path = format!("{path}.{name}");
-                    Some((name.clone(), project(inner, ty, &path, sensitive, hash)))
+                    Some((
+                        name.clone(),
+                        project(inner, ty, &path, sensitive, hash, secrets),
+                    ))
                 })
                 .collect(),
         ),
         (AttrType::Set(item), Value::Array(items)) => items
             .iter()
-            .map(|inner| project(inner, item, path, sensitive, hash))
+            .map(|inner| project(inner, item, path, sensitive, hash, secrets))
             .collect(),
         (AttrType::Long, Value::String(text)) => text
             .trim()
@@ -175,54 +191,6 @@ fn project(
             .map_or_else(|_| value.clone(), Into::into),
         _ => value.clone(),
     }
-}
-
-/// The texts of the `@sensitive` values among `args` (as given and as JSON), for scrubbing
-/// from error messages that quote them (Cedar's among them).
-pub fn sensitive_texts(args: &Map<String, Value>, declared: &ActionContext) -> Vec<String> {
-    fn walk(
-        value: &Value,
-        ty: &AttrType,
-        path: &str,
-        sensitive: &std::collections::BTreeSet<String>,
-        out: &mut Vec<String>,
-    ) {
-        if sensitive.contains(path) {
-            if let Value::String(text) = value {
-                out.push(text.clone());
-            }
-            out.push(value.to_string());
-            return;
-        }
-        match (ty, value) {
-            (AttrType::Record(fields), Value::Object(map)) => {
-                for (name, inner) in map {
-                    if let Some((ty, _)) = fields.get(name) {
-                        walk(inner, ty, &format!("{path}.{name}"), sensitive, out);
-                    }
-                }
-            }
-            (AttrType::Set(item), Value::Array(items)) => {
-                for inner in items {
-                    walk(inner, item, path, sensitive, out);
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    if declared.sensitive.is_empty() {
-        return out;
-    }
-    for (name, value) in args {
-        if let Some((ty, _)) = declared.args.get(name) {
-            walk(value, ty, name, &declared.sensitive, &mut out);
-        }
-    }
-    // Longest first, so a value is replaced whole before a part of it is.
-    out.retain(|t| !t.is_empty());
-    out.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    out
 }
 
 /// `texts` replaced by `<sensitive>` in `messages`.
@@ -536,7 +504,7 @@ mod tests {
             "note": "x".repeat(2000), "undeclared": 1,
             "payment": {"card": "4111111111111111", "amount": 5, "cvv": "999"}});
         let hash = |text: &str| format!("hmac:{}", text.len());
-        let audited = audited_args(args.as_object().unwrap(), &declared, &hash);
+        let (audited, secrets) = audited_args(args.as_object().unwrap(), &declared, &hash);
         assert_eq!(audited["id"], 42);
         assert_eq!(audited["flag"], true);
         assert_eq!(audited["ssn"], "hmac:13");
@@ -551,7 +519,6 @@ mod tests {
             assert!(!text.contains(secret), "{text}");
         }
         // Errors that quote a sensitive value lose it.
-        let secrets = sensitive_texts(args.as_object().unwrap(), &declared);
         let mut errors = vec!["bad value \"4111111111111111\" at payment.card".to_string()];
         scrub(&mut errors, &secrets);
         assert_eq!(errors, ["bad value <sensitive> at payment.card"]);

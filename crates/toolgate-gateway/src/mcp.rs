@@ -111,7 +111,6 @@ impl Gateway {
         if parts.method != Method::POST {
             // GET opens the server's event stream, DELETE ends the session: authentication is
             // enough, and no body goes with either.
-            record.action = Some(format!("mcp:{}", parts.method));
             record.decision = Verdict::Allow;
             parts.headers.remove(header::CONTENT_LENGTH);
             let scope = vec![format!("{}/mcp", upstream.name())];
@@ -257,7 +256,7 @@ impl Gateway {
         let caller = ctx.caller;
         let user = caller.user.as_deref().unwrap_or("");
         // As a JSON array: no two different callers or sessions write the same text.
-        let bound = json!([
+        json!([
             "mcp-session",
             upstream.name(),
             caller.issuer,
@@ -265,8 +264,7 @@ impl Gateway {
             user,
             session
         ])
-        .to_string();
-        bound
+        .to_string()
     }
 
     /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this

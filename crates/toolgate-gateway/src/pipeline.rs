@@ -284,8 +284,9 @@ impl Gateway {
         let mut secrets = Vec::new();
         if let Some(declared) = declared.filter(|_| !args.is_empty()) {
             let hash = |text: &str| self.minter.secret_id(text);
-            record.args = Some(crate::audit::audited_args(&args, declared, &hash));
-            secrets = crate::audit::sensitive_texts(&args, declared);
+            let (audited, sensitive) = crate::audit::audited_args(&args, declared, &hash);
+            record.args = Some(audited);
+            secrets = sensitive;
         }
         let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
             Some((key, why)) => Decision::deny_with(format!("argument `{key}` {why}")),
@@ -318,9 +319,7 @@ impl Gateway {
             record.shadow_policies = shadow.policies.clone();
             record.shadow_errors = shadow.errors.clone();
         }
-        let mut trace = record.trace.take();
-        trace.decided(started, record);
-        record.trace = trace;
+        record.trace_decision(started);
         record.policies = decision.policies.clone();
         record.policy_versions = decision
             .policies

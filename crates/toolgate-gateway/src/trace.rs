@@ -152,14 +152,7 @@ impl TraceSlot {
 
     /// Records a step under the id given out by `span_id`.
     pub fn step_as(&mut self, name: &'static str, span_id: Option<u64>, start: Instant) {
-        self.push(name, span_id, start, Vec::new);
-    }
-
-    /// Records the authorize step with the decision it made (a later step can still turn an
-    /// allow into a deny: the request span has the final word).
-    pub fn decided(&mut self, start: Instant, record: &AuditRecord) {
-        let span_id = self.span_id();
-        self.push("authorize", span_id, start, || decision_attributes(record));
+        self.push(name, span_id, start, Vec::new());
     }
 
     fn push(
@@ -167,7 +160,7 @@ impl TraceSlot {
         name: &'static str,
         span_id: Option<u64>,
         start: Instant,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
+        attributes: Vec<KeyValue>,
     ) {
         if let (Some(trace), Some(span_id)) = (self.0.as_mut(), span_id) {
             trace.steps.push(Step {
@@ -175,7 +168,7 @@ impl TraceSlot {
                 span_id,
                 start,
                 end: Instant::now(),
-                attributes: attributes(),
+                attributes,
             });
         }
     }
@@ -192,6 +185,18 @@ impl TraceSlot {
 
     pub fn is_traced(&self) -> bool {
         self.0.is_some()
+    }
+}
+
+impl AuditRecord {
+    /// Records the authorize step with the decision it made (a later step can still turn an
+    /// allow into a deny: the request span has the final word).
+    pub fn trace_decision(&mut self, start: Instant) {
+        if self.trace.is_traced() {
+            let attributes = decision_attributes(self);
+            let span_id = self.trace.span_id();
+            self.trace.push("authorize", span_id, start, attributes);
+        }
     }
 }
 

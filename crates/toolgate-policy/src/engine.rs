@@ -354,21 +354,21 @@ impl PolicyEngine {
         response: &cedar_policy::Response,
         decision: Decision,
     ) -> ShadowDecision {
-        let is_shadow = |id: &String| self.source(id).is_some_and(|s| s.shadow);
+        let is_shadow = |id: &&String| self.source(id).is_some_and(|s| s.shadow);
+        let mut erring = erring_policies(response);
+        erring.sort();
         let mut flipped_by: Vec<String> = decision
             .policies
             .iter()
-            .cloned()
-            .chain(erring_policies(response))
+            .chain(&erring)
             .filter(is_shadow)
+            .cloned()
             .collect();
         flipped_by.sort();
         flipped_by.dedup();
         // Denied for an erring policy, Cedar's reasons are the permits it still found: the
         // determining policies are the erring ones.
         let policies = if !decision.allowed && response.decision() == CedarDecision::Allow {
-            let mut erring = erring_policies(response);
-            erring.sort();
             erring
         } else {
             decision.policies
