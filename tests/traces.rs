@@ -216,6 +216,19 @@ async fn a_call_is_a_trace_of_its_steps_with_its_decision_continued_upstream() {
             .all(|export| export.headers["x-collector-key"] == "k-123"),
         "the configured headers go with every export"
     );
+    // A caller with no valid token does not choose its trace: its traceparent is set aside.
+    let intruder = "22222222222222222222222222222222";
+    let unauthenticated = send(
+        "GET",
+        &gw.url("/billing/invoices/1"),
+        &[("traceparent", &format!("00-{intruder}-{CALLER_SPAN}-01"))],
+        b"",
+    )
+    .await;
+    assert_eq!(unauthenticated.status, 401);
+    let refused_id = unauthenticated.json()["decision_id"].clone();
+    let refused_trace = loop_until_trace_with(&collector, &refused_id).await;
+    assert_ne!(refused_trace, intruder);
     let metrics = gw.metrics().await;
     let exported = metric(&metrics, "toolgate_trace_spans_total{outcome=\"exported\"}");
     assert!(exported.unwrap() >= 8.0, "{metrics}");

@@ -157,9 +157,7 @@ fn project(
 ) -> Value {
     if sensitive.contains(path) {
         let json = value.to_string();
-        if let Value::String(text) = value {
-            secrets.push(text.clone());
-        }
+        leaf_texts(value, secrets);
         let hashed = Value::String(hash(&json));
         secrets.push(json);
         return hashed;
@@ -181,15 +179,36 @@ fn project(
             .iter()
             .map(|inner| project(inner, item, path, sensitive, hash, secrets))
             .collect(),
+        // As the policy reads it (`coerce`): one value where a set is declared is a set of one.
+        (AttrType::Set(item), single) => {
+            Value::Array(vec![project(single, item, path, sensitive, hash, secrets)])
+        }
         (AttrType::Long, Value::String(text)) => text
             .trim()
             .parse::<i64>()
             .map_or_else(|_| value.clone(), Into::into),
-        (AttrType::Bool, Value::String(text)) => text
-            .trim()
-            .parse::<bool>()
-            .map_or_else(|_| value.clone(), Into::into),
+        (AttrType::Bool, Value::String(text)) if text == "true" || text == "false" => {
+            Value::Bool(text == "true")
+        }
         _ => value.clone(),
+    }
+}
+
+/// Every way an error message may quote a sensitive value's parts: each text as given and as
+/// Cedar escapes it, and each number as read (`" 042"` is 42 to Cedar).
+fn leaf_texts(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(text) => {
+            out.push(text.clone());
+            out.push(format!("{text:?}"));
+            if let Ok(n) = text.trim().parse::<i64>() {
+                out.push(n.to_string());
+            }
+        }
+        Value::Number(n) => out.push(n.to_string()),
+        Value::Array(items) => items.iter().for_each(|item| leaf_texts(item, out)),
+        Value::Object(map) => map.values().for_each(|item| leaf_texts(item, out)),
+        Value::Bool(_) | Value::Null => {}
     }
 }
 
@@ -519,8 +538,29 @@ mod tests {
             assert!(!text.contains(secret), "{text}");
         }
         // Errors that quote a sensitive value lose it.
-        let mut errors = vec!["bad value \"4111111111111111\" at payment.card".to_string()];
+        let mut errors = vec![
+            "bad value \"4111111111111111\" at payment.card".to_string(),
+            "overflow adding `4111111111111111` and 1".to_string(),
+        ];
         scrub(&mut errors, &secrets);
-        assert_eq!(errors, ["bad value <sensitive> at payment.card"]);
+        assert_eq!(
+            errors,
+            [
+                "bad value <sensitive> at payment.card",
+                "overflow adding `<sensitive>` and 1"
+            ]
+        );
+        // One object where a set of records is declared is read as a set of one: projected
+        // so, its sensitive field hashed and its undeclared one left out.
+        let mut card = toolgate_policy::Record::new();
+        card.insert("number".into(), (AttrType::String, true));
+        declared.args.insert(
+            "cards".into(),
+            (AttrType::Set(Box::new(AttrType::Record(card))), true),
+        );
+        declared.sensitive.insert("cards.number".into());
+        let single = serde_json::json!({"cards": {"number": "4111111111111111", "x": "y"}});
+        let (audited, _) = audited_args(single.as_object().unwrap(), &declared, &hash);
+        assert_eq!(audited["cards"], serde_json::json!([{"number": "hmac:18"}]));
     }
 }

@@ -170,6 +170,11 @@ impl Gateway {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let caller = self.auth.authenticate_header(authorization).await;
+        if let (Err(_), Some(tracer)) = (&caller, &self.tracer) {
+            // Whether, and in which trace, a call is recorded is not an unknown caller's to
+            // choose: its `traceparent` is set aside and `sample_ratio` decides.
+            record.trace = tracer.begin(&http::HeaderMap::new());
+        }
         record.trace.step("authenticate", started);
         self.metrics
             .token_cache
