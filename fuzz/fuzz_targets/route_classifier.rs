@@ -16,6 +16,9 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         require_task: false,
         arguments: None,
         dots_in_params: false,
+        undeclared_arguments: None,
+        header_arguments: Vec::new(),
+        forward_headers: Vec::new(),
     };
     RouteTable::new(&[UpstreamConfig {
         name: "billing".into(),
@@ -34,6 +37,8 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         response_idle_seconds: 300,
         credential: Default::default(),
         tls: None,
+        undeclared_arguments: None,
+        forward_headers: Vec::new(),
     }])
 });
 

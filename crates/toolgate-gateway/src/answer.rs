@@ -16,7 +16,7 @@ pub enum Refusal {
     #[error("{0}")]
     Unauthenticated(#[from] AuthError),
     #[error("forbidden")]
-    Forbidden,
+    Forbidden(Denial),
     #[error("tool_not_found")]
     ToolNotFound,
     /// Not found, named (`task_not_found`).
@@ -27,6 +27,9 @@ pub enum Refusal {
     Unavailable(#[from] toolgate_tasks::StoreError),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An argument that is undeclared, ambiguous, not representable or not of its type.
+    #[error("{code}: {0}", code = .0.problem.code())]
+    Argument(#[from] crate::args::ArgRefusal),
     /// A body the action's arguments cannot be read from (not JSON, encoded, a form).
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
@@ -65,6 +68,36 @@ pub enum Refusal {
     /// The upstream's token endpoint gave no usable token: nothing is forwarded.
     #[error("no credential for the upstream")]
     NoUpstreamToken(#[from] toolgate_credential::oauth::TokenError),
+}
+
+/// What the agent is told of a policy's deny: the `@reason` of the policy that determined it,
+/// or that a policy could not be evaluated. Nothing else about the policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Option<String>,
+    pub evaluation_error: bool,
+}
+
+impl Denial {
+    pub fn of(decision: &toolgate_policy::Decision) -> Denial {
+        Denial {
+            reason: decision.reason.clone(),
+            evaluation_error: decision.is_evaluation_error(),
+        }
+    }
+
+    /// The 403 body (and, less `error`, a JSON-RPC error's `data`).
+    pub fn body(&self, decision_id: &str) -> Value {
+        let mut body = json!({"error": "forbidden", "decision_id": decision_id});
+        if let Some(reason) = &self.reason {
+            body["reason"] = json!(reason);
+        }
+        if self.evaluation_error {
+            // Told apart from a policy's word: an operator's fix, not the agent's.
+            body["evaluation_error"] = json!(true);
+        }
+        body
+    }
 }
 
 /// What went wrong on the way to or back from an upstream (502).
@@ -107,10 +140,10 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Refusal::Forbidden => StatusCode::FORBIDDEN,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
             Refusal::ToolNotFound | Refusal::NotFound(_) => StatusCode::NOT_FOUND,
             Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadRequest(_) | Refusal::Argument(_) => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::AdminUnauthorized => StatusCode::UNAUTHORIZED,
@@ -148,13 +181,18 @@ impl Refusal {
             Refusal::Unauthenticated(e) => {
                 json!({"error": "invalid_token", "error_description": e.to_string(), "decision_id": decision_id})
             }
-            Refusal::Forbidden => json!({"error": "forbidden", "decision_id": decision_id}),
+            Refusal::Forbidden(denial) => denial.body(decision_id),
             Refusal::ToolNotFound => json!({"error": "tool_not_found"}),
             Refusal::NotFound(what) => json!({"error": what}),
             Refusal::Unavailable(_) => {
                 json!({"error": "task_store_unavailable", "decision_id": decision_id})
             }
             Refusal::BadRequest(why) => json!({"error": "bad_request", "error_description": why}),
+            Refusal::Argument(refusal) => json!({
+                "error": refusal.problem.code(),
+                "argument": refusal.argument,
+                "error_description": refusal.to_string(),
+            }),
             Refusal::UnsupportedMediaType(why) => {
                 json!({"error": "unsupported_media_type", "error_description": why})
             }

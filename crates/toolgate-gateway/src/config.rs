@@ -265,6 +265,13 @@ pub struct UpstreamConfig {
     /// Outbound TLS to this upstream and its token endpoint.
     #[serde(default)]
     pub tls: Option<OutboundTls>,
+    /// Arguments the schema does not declare: refused (400) or forwarded unseen by policies.
+    /// An MCP upstream's setting; a route's own setting wins over it.
+    #[serde(default)]
+    pub undeclared_arguments: Option<crate::args::Undeclared>,
+    /// Non-standard agent headers passed on to this upstream (others are dropped).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 impl UpstreamConfig {
@@ -512,6 +519,16 @@ pub struct RouteConfig {
     /// `42` in JSON format, not the `42.json` the policy would see.
     #[serde(default)]
     pub dots_in_params: bool,
+    /// Arguments the schema does not declare: refused (400, the default) or forwarded.
+    #[serde(default)]
+    pub undeclared_arguments: Option<crate::args::Undeclared>,
+    /// Request headers the API reads as arguments (OpenAPI `in: header`), by their argument
+    /// name: decided like the others and forwarded as decided.
+    #[serde(default)]
+    pub header_arguments: Vec<String>,
+    /// Non-standard agent headers passed on for this route (besides the upstream's).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 /// Where an upstream reads a route's arguments besides the path.

@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod answer;
+pub mod args;
 pub mod audit;
 pub mod config;
 mod conn_io;
@@ -66,6 +67,8 @@ pub struct Gateway {
     ready: AtomicBool,
     /// Off unless the config has `traces:`.
     tracer: Option<trace::Tracer>,
+    /// MCP tools' input schemas, as their servers listed them (for `ambiguous_argument`).
+    tool_schemas: Arc<mcp::ToolSchemas>,
 }
 
 fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
@@ -261,6 +264,7 @@ impl Gateway {
             admin_token,
             ready: AtomicBool::new(false),
             tracer,
+            tool_schemas: Default::default(),
             config,
             config_path,
         }))

@@ -21,20 +21,60 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use toolgate_identity::Caller;
 use toolgate_mcp::{
-    code, error_response, filter_tools, intent, rewrite_event_data, transport_headers_match,
-    Intent, Payload, RpcError, SseSplitter,
+    canonical_uri, code, error_response, filter_listing, intent, is_listing, mark_private,
+    rewrite_event_data, tool_input_error, transport_headers_match, ArgsPlace, Intent, Listed,
+    Payload, RpcError, SseSplitter,
 };
 use toolgate_policy::{PolicyEngine, Resource};
 
+use crate::args::{render, ArgRefusal, Origin, Rules};
+
 use crate::answer::{
-    error_chain, full, is_event_stream, json_response, Body, BoxError, InternalError, Refusal,
-    UpstreamError,
+    error_chain, full, is_event_stream, json_response, Body, BoxError, Denial, InternalError,
+    Refusal, UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{authz_request, read_limited, CallContext, ToolId, Unfinished};
 use crate::rest::check_json_body_headers;
-use crate::upstream::Upstream;
+use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
+
+/// MCP tools' input schemas by upstream and tool, as the servers listed them: where a string
+/// argument may also be read as JSON of another type. Bounded; past it, starts again empty.
+#[derive(Default)]
+pub(crate) struct ToolSchemas(
+    std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Value>>>,
+);
+
+const MAX_TOOL_SCHEMAS: usize = 10_000;
+
+impl ToolSchemas {
+    fn get(&self, upstream: &str, tool: &str) -> Option<Arc<Value>> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&(upstream.to_string(), tool.to_string())).cloned()
+    }
+
+    fn learn(&self, upstream: &str, listing: &Value) {
+        let Some(tools) = listing.pointer("/result/tools").and_then(Value::as_array) else {
+            return;
+        };
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() + tools.len() > MAX_TOOL_SCHEMAS {
+            map.clear();
+        }
+        for tool in tools {
+            if let (Some(name), Some(schema)) = (
+                tool.get("name").and_then(Value::as_str),
+                tool.get("inputSchema"),
+            ) {
+                map.insert(
+                    (upstream.to_string(), name.to_string()),
+                    Arc::new(schema.clone()),
+                );
+            }
+        }
+    }
+}
 
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
@@ -52,6 +92,8 @@ struct Plan {
     answered: Vec<Value>,
     /// Ids of listing requests whose answers get filtered.
     list_ids: Vec<Value>,
+    /// Ids of requests decided (or answered by a listing): their results are marked private.
+    decided_ids: Vec<Value>,
     /// A `subscriptions/listen` is forwarded: its stream is filtered.
     listens: bool,
     scope: Vec<String>,
@@ -69,6 +111,19 @@ fn rpc_refusal(
 ) -> Response<Body> {
     record.errors.push(message.to_string());
     json_response(status, &error_response(None, code, message, None))
+}
+
+/// The first MCP revision without JSON-RPC batches.
+const BATCHES_REMOVED_IN: &str = "2025-06-18";
+
+/// Batches are read only for the revisions that had them (the version header absent means
+/// 2025-03-26, as the transport says).
+fn batches_allowed(headers: &http::HeaderMap) -> bool {
+    match headers.get("mcp-protocol-version").map(|v| v.to_str()) {
+        None => true,
+        Some(Ok(version)) => version < BATCHES_REMOVED_IN,
+        Some(Err(_)) => false,
+    }
 }
 
 /// `Mcp-Method` and `Mcp-Name` against the body; a value that is not text never matches.
@@ -96,6 +151,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri("", None)?;
+        keep_standard_headers(&mut parts.headers, &[&upstream.config.forward_headers]);
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
         record.action = Some(format!("mcp:{}", parts.method));
@@ -123,7 +179,12 @@ impl Gateway {
             }
             // The server's own stream carries resource updates, and replays earlier answers
             // (`Last-Event-ID`), listings among them: both filtered.
-            let filter = answer_filter(Listings::All, true, Visibility::new(ctx, upstream));
+            let filter = answer_filter(
+                Listings::All,
+                true,
+                Visibility::new(ctx, upstream),
+                Some(self.learn_tools(upstream)),
+            );
             return rewrite_answer(response, filter, Vec::new(), false).await;
         }
 
@@ -159,10 +220,20 @@ impl Gateway {
             ));
         }
         let batch = matches!(payload, Payload::Batch(_));
+        if batch && !batches_allowed(&parts.headers) {
+            return Ok(rpc_refusal(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                "JSON-RPC batches are not part of MCP since 2025-06-18: send one message per request",
+                record,
+            ));
+        }
         let plan = self.plan(ctx, upstream, &payload, record);
 
         if plan.forward.is_empty() {
-            for line in plan.decisions {
+            for mut line in plan.decisions {
+                // The batch's answer carries each message's.
+                line.status = StatusCode::OK.as_u16();
                 self.finish(line, None);
             }
             if batch {
@@ -213,14 +284,20 @@ impl Gateway {
             .await;
         let mut failure = record.errors[errors_before..].to_vec();
         if let Err(refusal) = &forwarded {
-            if !matches!(refusal, Refusal::Forbidden) {
+            if !matches!(refusal, Refusal::Forbidden(_)) {
                 failure.push(error_chain(refusal));
             }
         }
         // Each line of a batch is written once the credential (or the failure) is known: an
         // allowed message shares the request's fate (its task may have ended meanwhile).
+        // The HTTP status that carries each message's answer (a batch's answer is a 200).
+        let carried = match &forwarded {
+            Ok(_) => StatusCode::OK,
+            Err(refusal) => refusal.status(),
+        };
         for mut pending in lines {
             let line = &mut pending.record;
+            line.status = carried.as_u16();
             if line.decision == Verdict::Allow {
                 line.decision = record.decision;
                 line.jti = record.jti.clone();
@@ -235,20 +312,34 @@ impl Gateway {
         let mut response = forwarded?;
         self.bind_session(ctx, upstream, response.headers_mut());
 
-        if plan.list_ids.is_empty() && plan.answered.is_empty() && !plan.listens {
+        let nothing_to_rewrite = plan.list_ids.is_empty()
+            && plan.decided_ids.is_empty()
+            && plan.answered.is_empty()
+            && !plan.listens;
+        if nothing_to_rewrite {
             return Ok(response);
         }
+        let listings = Listings::Ids {
+            listings: plan.list_ids,
+            decided: plan.decided_ids,
+        };
         rewrite_answer(
             response,
             answer_filter(
-                Listings::Ids(plan.list_ids),
+                listings,
                 plan.listens,
                 Visibility::new(ctx, upstream),
+                Some(self.learn_tools(upstream)),
             ),
             plan.answered,
             batch,
         )
         .await
+    }
+
+    /// Where the tools an upstream lists are remembered.
+    fn learn_tools(&self, upstream: &Upstream) -> (Arc<ToolSchemas>, String) {
+        (self.tool_schemas.clone(), upstream.name().to_string())
     }
 
     /// What a session's tag binds: this caller, on this upstream, to this server's id.
@@ -326,7 +417,7 @@ impl Gateway {
             if !batch {
                 record.action = Some(format!("mcp:{method}"));
             }
-            let (tool, args) = match intent(message) {
+            let (action, args, place) = match intent(message) {
                 Err(e) => {
                     record.errors.push(e.message.clone());
                     plan.answered
@@ -344,10 +435,11 @@ impl Gateway {
                     continue;
                 }
                 // Authentication is enough; listings and listen streams are filtered later.
-                Ok(passing @ (Intent::Pass | Intent::ListTools | Intent::Listen)) => {
+                Ok(passing @ (Intent::Pass | Intent::List | Intent::Listen)) => {
                     match passing {
-                        Intent::ListTools => plan.list_ids.extend(id.cloned()),
+                        Intent::List => plan.list_ids.extend(id.cloned()),
                         Intent::Listen => plan.listens = true,
+                        _ if method == "server/discover" => plan.decided_ids.extend(id.cloned()),
                         _ => {}
                     }
                     // The method is the agent's word: the scope names the endpoint instead.
@@ -355,12 +447,11 @@ impl Gateway {
                     plan.forward.push(message.clone());
                     continue;
                 }
-                Ok(Intent::CallTool { name, arguments }) => {
-                    (ToolId::new(upstream.name(), &name), arguments)
-                }
-                Ok(Intent::Guarded { method, params }) => {
-                    (ToolId::new(upstream.name(), &method), params)
-                }
+                Ok(Intent::Decide {
+                    action,
+                    args,
+                    place,
+                }) => (action, args, place),
             };
 
             // One audit line per decision: the request's own for a single message.
@@ -370,36 +461,116 @@ impl Gateway {
                 ..record.clone()
             });
             let line = own.as_mut().unwrap_or(record);
+            let tool = ToolId::new(upstream.name(), &action);
             line.action = Some(tool.to_string());
             line.resource = Some(tool.to_string());
-            if !ctx.engine.has_action(tool.as_str()) {
-                line.errors.push("tool_not_found".into());
-                plan.answered.push(error_response(
-                    id,
-                    code::INVALID_PARAMS,
-                    &format!("unknown tool: {tool}"),
-                    None,
-                ));
-            } else {
-                let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, line);
-                if decision.allowed {
+            let answer = self.decide_message(ctx, upstream, message, &tool, args, place, line);
+            match answer {
+                Ok((forward, grants)) => {
                     plan.scope.push(tool.to_string());
-                    plan.scope.extend(decision.grants);
-                    plan.forward.push(message.clone());
-                } else {
-                    let data = json!({"decision_id": line.decision_id});
-                    plan.answered.push(error_response(
-                        id,
-                        code::FORBIDDEN,
-                        "forbidden by policy",
-                        Some(data),
-                    ));
+                    plan.scope.extend(grants);
+                    plan.decided_ids.extend(id.cloned());
+                    plan.forward.push(forward);
                 }
+                Err(answer) => plan.answered.push(answer),
             }
             plan.decisions.extend(own);
         }
         plan
     }
+
+    /// Reads one message's arguments as declared and decides it: the message to forward,
+    /// rendered from the decided arguments, with the grants; or the gateway's own answer.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_message(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        message: &Value,
+        tool: &ToolId,
+        args: Map<String, Value>,
+        place: ArgsPlace,
+        line: &mut AuditRecord,
+    ) -> Result<(Value, Vec<String>), Value> {
+        let id = message.get("id");
+        let Some(context) = ctx.engine.schema_info().actions.get(tool.as_str()) else {
+            line.errors.push("tool_not_found".into());
+            return Err(error_response(
+                id,
+                code::INVALID_PARAMS,
+                &format!("unknown tool: {tool}"),
+                None,
+            ));
+        };
+        let input_schema = match place {
+            ArgsPlace::Arguments => {
+                let name = &tool.as_str()[upstream.name().len() + 1..];
+                Some(self.tool_schemas.get(upstream.name(), name))
+            }
+            _ => None,
+        };
+        let rules = Rules {
+            undeclared: upstream.config.undeclared_arguments.unwrap_or_default(),
+            reads: ctx.engine.arg_reads(tool.as_str()),
+            free_form: &context.free_form,
+            json_text: input_schema.as_ref().map(|s| s.as_deref()),
+        };
+        let rendered = match render(args, &context.args, Origin::Json, &rules) {
+            Ok(rendered) => rendered,
+            Err(refusal) => {
+                line.errors.push(refusal.to_string());
+                return Err(argument_answer(id, place, &refusal));
+            }
+        };
+        let decision = self.authorize(ctx, tool.as_str(), tool.resource(), rendered.policy, line);
+        if !decision.allowed {
+            let mut data = Denial::of(&decision).body(&line.decision_id);
+            if let Some(data) = data.as_object_mut() {
+                data.remove("error");
+            }
+            return Err(error_response(
+                id,
+                code::FORBIDDEN,
+                "forbidden by policy",
+                Some(data),
+            ));
+        }
+        Ok((
+            rendered_message(message, place, rendered.forward),
+            decision.grants,
+        ))
+    }
+}
+
+/// The gateway's answer to a message whose arguments it refused: a tool error for `tools/call`
+/// (the model reads it and can correct the call), invalid params otherwise.
+fn argument_answer(id: Option<&Value>, place: ArgsPlace, refusal: &ArgRefusal) -> Value {
+    let code = refusal.problem.code();
+    match place {
+        ArgsPlace::Arguments => tool_input_error(id, code, &refusal.argument, &refusal.to_string()),
+        _ => error_response(
+            id,
+            code::INVALID_PARAMS,
+            &refusal.to_string(),
+            Some(json!({"error": code, "argument": refusal.argument})),
+        ),
+    }
+}
+
+/// The message as forwarded: its decided arguments replaced by their rendering.
+fn rendered_message(message: &Value, place: ArgsPlace, forward: Map<String, Value>) -> Value {
+    let mut out = message.clone();
+    let Some(params) = out.get_mut("params").and_then(Value::as_object_mut) else {
+        return out;
+    };
+    match place {
+        ArgsPlace::Arguments => {
+            params.insert("arguments".into(), Value::Object(forward));
+        }
+        ArgsPlace::Params => params.extend(forward),
+        ArgsPlace::Unchanged => {}
+    }
+    out
 }
 
 type Rewrite = Arc<dyn Fn(&mut Value) -> bool + Send + Sync>;
@@ -415,25 +586,44 @@ fn single_answer_status(answer: &Value) -> StatusCode {
     }
 }
 
-/// Which answers are `tools/list` answers.
+/// Which answers are filtered listings, and which results the gateway decided.
 enum Listings {
-    /// The answers to these requests (a POST's own).
-    Ids(Vec<Value>),
-    /// Any answer with `result.tools` (a stream that may replay earlier answers).
+    /// The answers to these requests (a POST's own): listings, and results decided.
+    Ids {
+        listings: Vec<Value>,
+        decided: Vec<Value>,
+    },
+    /// Any listing answer (a stream that may replay earlier answers).
     All,
 }
 
-/// Filters what the server answers: the tools of `tools/list` answers, and on a
-/// `subscriptions/listen` stream the resource updates the caller may not read. Says whether it
-/// changed the message (a dropped one becomes `null`).
-fn answer_filter(listings: Listings, listens: bool, visible: Arc<Visibility>) -> Rewrite {
+/// Filters what the server answers: the items of listing answers, and on a
+/// `subscriptions/listen` stream the resource updates the caller may not read; marks what the
+/// gateway decided or filtered as private to this caller. Says whether it changed the message
+/// (a dropped one becomes `null`).
+fn answer_filter(
+    listings: Listings,
+    listens: bool,
+    visible: Arc<Visibility>,
+    schemas: Option<(Arc<ToolSchemas>, String)>,
+) -> Rewrite {
     Arc::new(move |message: &mut Value| {
-        let listing = match &listings {
-            Listings::Ids(ids) => message.get("id").is_some_and(|id| ids.contains(id)),
-            Listings::All => message.pointer("/result/tools").is_some(),
+        let id = message.get("id");
+        let (listing, decided) = match &listings {
+            Listings::Ids { listings, decided } => (
+                id.is_some_and(|id| listings.contains(id)),
+                id.is_some_and(|id| decided.contains(id)),
+            ),
+            Listings::All => (is_listing(message), false),
         };
         if listing {
-            return filter_tools(message, &|tool| visible.tool(tool)) > 0;
+            if let Some((schemas, upstream)) = &schemas {
+                schemas.learn(upstream, message);
+            }
+            filter_listing(message, &|item| visible.item(item));
+        }
+        if listing || decided {
+            return mark_private(message) || listing;
         }
         if listens
             && message.get("method").and_then(Value::as_str)
@@ -467,13 +657,32 @@ impl Visibility {
         })
     }
 
-    /// A tool in a listing: the schema knows it and `list` permits it.
-    fn tool(&self, tool: &str) -> bool {
-        let id = ToolId::new(&self.upstream, tool);
-        self.engine.has_action(id.as_str()) && self.allowed("list", id.resource(), Map::new())
+    /// An item of a listing: shown where the call that reads it would be permitted (a tool
+    /// where `list` permits it); hidden where that decision errs.
+    fn item(&self, item: Listed<'_>) -> bool {
+        match item {
+            Listed::Tool(tool) => {
+                let id = ToolId::new(&self.upstream, tool);
+                self.engine.has_action(id.as_str())
+                    && self.allowed("list", id.resource(), Map::new())
+            }
+            Listed::Resource(uri) => {
+                let uri = canonical_uri(uri).unwrap_or_else(|_| uri.to_string());
+                self.resource(Value::String(uri))
+            }
+            // A template is decided as a read of its text: a policy over uris sees the
+            // template's fixed parts.
+            Listed::Template(template) => self.resource(Value::String(template.to_string())),
+            Listed::Prompt(name) => {
+                let id = ToolId::new(&self.upstream, "prompts/get");
+                let args = Map::from_iter([("name".to_string(), Value::String(name.into()))]);
+                self.engine.has_action(id.as_str())
+                    && self.allowed(id.as_str(), id.resource(), args)
+            }
+        }
     }
 
-    /// A resource update: the caller could read the resource.
+    /// A resource (listed, or updated on a stream): the caller could read it.
     fn resource(&self, uri: Value) -> bool {
         let id = ToolId::new(&self.upstream, "resources/read");
         let args = Map::from_iter([("uri".to_string(), uri)]);

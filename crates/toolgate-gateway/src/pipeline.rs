@@ -19,14 +19,13 @@ use toolgate_credential::oauth::Grant;
 use toolgate_credential::secret::opaque_id;
 use toolgate_credential::Minted;
 use toolgate_identity::{bearer_token, unix_now, Caller};
-use toolgate_mcp::json::{fold_key, misspelled};
 use toolgate_policy::{
-    AttrType, AuthzRequest, Decision, Env, PolicyEngine, Principal, Record, Resource, TaskContext,
+    AuthzRequest, Decision, Env, PolicyEngine, Principal, Resource, TaskContext,
 };
 use toolgate_tasks::{Joined, Task};
 
 use crate::answer::{
-    can_keep_alive, error_chain, json_response, keep_alive, Body, InternalError, Refusal,
+    can_keep_alive, error_chain, json_response, keep_alive, Body, Denial, InternalError, Refusal,
 };
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
@@ -34,6 +33,11 @@ use crate::routes::{Classified, ClassifyError};
 use crate::trace::{Outcome, TRACEPARENT, TRACESTATE};
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
+
+/// What an action without a declaration (or without `@json` arguments) declares.
+pub(crate) static NO_ARGS: toolgate_policy::Record = toolgate_policy::Record::new();
+pub(crate) static NO_FREE_FORM: std::collections::BTreeSet<String> =
+    std::collections::BTreeSet::new();
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const TASK_HEADER: &str = "toolgate-task";
@@ -123,7 +127,7 @@ impl Gateway {
         {
             Ok(response) => response,
             Err(refusal) => {
-                if !matches!(refusal, Refusal::Forbidden) {
+                if !matches!(refusal, Refusal::Forbidden(_)) {
                     record.errors.push(error_chain(&refusal));
                 }
                 let metadata = matches!(refusal, Refusal::Unauthenticated(_))
@@ -249,18 +253,22 @@ impl Gateway {
         let tool = ToolId::new(upstream.name(), &route.tool);
         record.action = Some(tool.to_string());
         record.resource = Some(tool.to_string());
-        let declared = ctx
-            .engine
-            .schema_info()
-            .actions
-            .get(tool.as_str())
-            .map(|c| &c.args);
+        let context = ctx.engine.schema_info().actions.get(tool.as_str());
+        let declared = crate::rest::Declared {
+            args: context.map_or(&NO_ARGS, |c| &c.args),
+            rules: crate::args::Rules {
+                undeclared: route.undeclared,
+                reads: ctx.engine.arg_reads(tool.as_str()),
+                free_form: context.map_or(&NO_FREE_FORM, |c| &c.free_form),
+                json_text: None,
+            },
+        };
         let started = Instant::now();
         let read = crate::rest::read_call(
             request,
             &route,
             upstream,
-            declared,
+            &declared,
             self.body_limit(self.config.limits.max_body_bytes),
         )
         .await;
@@ -268,7 +276,7 @@ impl Gateway {
         let (request, args) = read?;
         let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, record);
         if !decision.allowed {
-            return Err(Refusal::Forbidden);
+            return Err(Refusal::Forbidden(Denial::of(&decision)));
         }
         let mut scope = vec![tool.to_string()];
         scope.extend(decision.grants);
@@ -293,17 +301,12 @@ impl Gateway {
             record.args = Some(audited);
             secrets = sensitive;
         }
-        let decision = match declared.and_then(|d| misspelled_arg(&args, &d.args)) {
-            Some((key, why)) => Decision::deny_with(format!("argument `{key}` {why}")),
-            None => {
-                let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
-                request.task = ctx
-                    .task
-                    .as_ref()
-                    .map(|t| task_context(t, action, &ctx.caller.agent, record));
-                ctx.engine.authorize(&request)
-            }
-        };
+        let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
+        request.task = ctx
+            .task
+            .as_ref()
+            .map(|t| task_context(t, action, &ctx.caller.agent, record));
+        let decision = ctx.engine.authorize(&request);
         let elapsed = started.elapsed();
         self.metrics.authz_duration.observe(elapsed.as_secs_f64());
         record.decision = Verdict::of(decision.allowed);
@@ -386,7 +389,7 @@ impl Gateway {
                 record
                     .errors
                     .push(format!("task {} ended before the call", task.id));
-                return Err(Refusal::Forbidden);
+                return Err(Refusal::Forbidden(Default::default()));
             }
         }
 
@@ -816,82 +819,6 @@ pub(crate) fn authz_request<'a>(
         },
         task: None,
         issuer: &caller.issuer,
-    }
-}
-
-/// An argument key, at any depth the schema declares, that a server matching keys without
-/// regard to case reads as a declared one although it is spelled otherwise: the policy would
-/// not see the value that server uses (an undeclared key is otherwise dropped unseen).
-/// Why an argument might be read by the upstream in place of a declared one the policy saw:
-/// a key that folds to a declared name (`Amount` for `amount`), one that differs from it only
-/// in separators (`toAccount`, `to~account` for `to_account`, as camelCase binders read it),
-/// or an object holding a name declared beside it (`{"refund": {"amount": 5000}}` beside
-/// `amount`, as Rails' `wrap_parameters` reads it). At any depth the schema declares.
-fn misspelled_arg(args: &Map<String, Value>, declared: &Record) -> Option<(String, String)> {
-    if let Some(key) = misspelled(args, declared.keys().map(String::as_str)) {
-        let why = "differs from a declared one only in letter case";
-        return Some((key.to_string(), why.to_string()));
-    }
-    // Declared names as a binder that ignores case and separators reads them, folded once.
-    let loose: Vec<(String, &String)> = declared
-        .keys()
-        .map(|name| (without_separators(name), name))
-        .collect();
-    let alias_of = |key: &str| {
-        let folded = without_separators(key);
-        loose
-            .iter()
-            .find(|(l, _)| *l == folded)
-            .map(|(_, name)| *name)
-    };
-    for (key, value) in args {
-        let own = declared.get(key);
-        if own.is_none() {
-            if let Some(name) = alias_of(key) {
-                let why =
-                    format!("differs from declared `{name}` only in letter case or separators");
-                return Some((key.clone(), why));
-            }
-        }
-        // An object holding a name declared at this level (and not in the object's own
-        // declared record) is what a wrapping binder reads in its place.
-        let own_fields = match own {
-            Some((AttrType::Record(fields), _)) => Some(fields),
-            _ => None,
-        };
-        if let Some(name) = value.as_object().and_then(|inner| {
-            inner
-                .keys()
-                .filter(|k| !own_fields.is_some_and(|f| f.contains_key(*k)))
-                .find_map(|k| alias_of(k))
-        }) {
-            let why = format!("holds declared `{name}` where an upstream may read it instead");
-            return Some((key.clone(), why));
-        }
-    }
-    declared.iter().find_map(|(name, (ty, _))| {
-        let (inner, why) = misspelled_within(args.get(name)?, ty)?;
-        Some((format!("{name}.{inner}"), why))
-    })
-}
-
-/// A key as a binder that ignores case and word separators compares it. Anything but a letter
-/// or digit counts as a separator: camelizers split on any punctuation or space (lodash on
-/// `~`, `$`, `:`; others on `.`, spaces, U+00A0).
-fn without_separators(key: &str) -> String {
-    fold_key(key)
-        .chars()
-        .filter(|c| c.is_alphanumeric())
-        .collect()
-}
-
-fn misspelled_within(value: &Value, ty: &AttrType) -> Option<(String, String)> {
-    match (ty, value) {
-        (AttrType::Record(declared), Value::Object(fields)) => misspelled_arg(fields, declared),
-        (AttrType::Set(element), Value::Array(items)) => items
-            .iter()
-            .find_map(|item| misspelled_within(item, element)),
-        _ => None,
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use percent_encoding::percent_decode_str;
 use toolgate_mcp::json::fold_key;
 
+use crate::args::Undeclared;
 use crate::config::{ArgumentsIn, UpstreamConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,17 @@ impl Template {
             }
         }
         Ok(Template { segments })
+    }
+
+    /// For each segment, the parameter it is (`None`: a literal).
+    fn param_names(&self) -> Vec<Option<String>> {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Param(name) => Some(name.clone()),
+                Segment::Literal(_) => None,
+            })
+            .collect()
     }
 
     /// Matches decoded segments; returns the parameters.
@@ -92,6 +104,9 @@ struct Route {
     require_task: bool,
     arguments: ArgumentsIn,
     dots_in_params: bool,
+    undeclared: Undeclared,
+    header_arguments: Vec<String>,
+    forward_headers: Vec<String>,
 }
 
 /// A classified REST call.
@@ -107,6 +122,13 @@ pub struct Classified {
     pub require_task: bool,
     /// Where the upstream reads the other arguments.
     pub arguments: ArgumentsIn,
+    /// For each of `segments`, the parameter it holds (`None`: a literal).
+    pub param_at: Vec<Option<String>>,
+    pub undeclared: Undeclared,
+    /// Headers read as arguments, by argument name.
+    pub header_arguments: Vec<String>,
+    /// Non-standard agent headers let through on this route (besides the upstream's).
+    pub forward_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +161,12 @@ impl RouteTable {
                         require_task: r.require_task || up.require_task,
                         arguments: r.arguments_in(),
                         dots_in_params: r.dots_in_params,
+                        undeclared: r
+                            .undeclared_arguments
+                            .or(up.undeclared_arguments)
+                            .unwrap_or_default(),
+                        header_arguments: r.header_arguments.clone(),
+                        forward_headers: r.forward_headers.clone(),
                     })
                 })
                 .collect();
@@ -209,6 +237,10 @@ impl RouteTable {
             segments,
             require_task: route.require_task,
             arguments: route.arguments,
+            param_at: route.template.param_names(),
+            undeclared: route.undeclared,
+            header_arguments: route.header_arguments.clone(),
+            forward_headers: route.forward_headers.clone(),
         })
     }
 }
@@ -226,6 +258,9 @@ mod tests {
             require_task: false,
             arguments: None,
             dots_in_params: tool == "file",
+            undeclared_arguments: None,
+            header_arguments: Vec::new(),
+            forward_headers: Vec::new(),
         };
         RouteTable::new(&[UpstreamConfig {
             name: "billing".into(),
@@ -245,6 +280,8 @@ mod tests {
             response_idle_seconds: 300,
             credential: Default::default(),
             tls: None,
+            undeclared_arguments: None,
+            forward_headers: Vec::new(),
         }])
     }
 

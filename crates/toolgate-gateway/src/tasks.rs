@@ -155,7 +155,7 @@ impl Gateway {
             record,
         );
         if !decision.allowed {
-            return Err(Refusal::Forbidden);
+            return Err(Refusal::Forbidden(crate::answer::Denial::of(&decision)));
         }
         match self.tasks.create(task).await? {
             Created::Yes => {}
@@ -192,7 +192,7 @@ impl Gateway {
             record
                 .errors
                 .push(format!("task {id} was started by another agent"));
-            return Err(Refusal::Forbidden);
+            return Err(Refusal::Forbidden(Default::default()));
         }
         record.decision = Verdict::Allow;
         Ok(task)
@@ -254,7 +254,7 @@ impl Gateway {
                 record
                     .errors
                     .push("this tool is only called inside a task".into());
-                return Err(Refusal::Forbidden);
+                return Err(Refusal::Forbidden(Default::default()));
             }
             return Ok(None);
         };
@@ -269,7 +269,7 @@ impl Gateway {
             None => format!("task {id} is unknown"),
         };
         record.errors.push(refusal);
-        Err(Refusal::Forbidden)
+        Err(Refusal::Forbidden(Default::default()))
     }
 
     /// RFC 7662: a credential this gateway minted is active while it verifies, has not

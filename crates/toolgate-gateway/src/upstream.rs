@@ -59,6 +59,58 @@ const AGENT_ONLY: [&str; 17] = [
 /// Any other `x-forwarded-*` (host, port, prefix, server, ...) is the agent's word, not ours.
 const FORWARDED_PREFIX: &str = "x-forwarded-";
 
+/// The agent's request headers passed on to every upstream: content negotiation, conditional
+/// requests and caching, tracing, and MCP's own. Any other is dropped unless `forward_headers:`
+/// lists it: an API may read a header as a parameter that no policy saw (OpenAPI `in: header`
+/// ones are declared as arguments instead, `header_arguments:`).
+const STANDARD_HEADERS: [&str; 27] = [
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "cache-control",
+    "pragma",
+    "content-type",
+    "content-length",
+    "content-language",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    "range",
+    "user-agent",
+    "origin",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "last-event-id",
+    "mcp-method",
+    "mcp-name",
+    "toolgate-task",
+];
+
+/// Drops the agent's non-standard headers, but those `listed` (case-insensitive).
+pub(crate) fn keep_standard_headers(headers: &mut HeaderMap, listed: &[&[String]]) {
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            !STANDARD_HEADERS.contains(&name.as_str())
+                && !listed
+                    .iter()
+                    .flat_map(|l| l.iter())
+                    .any(|l| l.eq_ignore_ascii_case(name.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in dropped {
+        headers.remove(name);
+    }
+}
+
 /// Headers an injected secret may not use: those toolgate removes or sets itself on the way
 /// out (they would be dropped, or say something else), and hop-by-hop ones.
 pub(crate) fn never_injected(name: &HeaderName) -> bool {
@@ -434,6 +486,8 @@ mod tests {
             response_idle_seconds: 300,
             credential: Default::default(),
             tls: None,
+            undeclared_arguments: None,
+            forward_headers: Vec::new(),
         };
         let shared = client(Duration::from_secs(1), &TlsFiles::default()).unwrap();
         let name = |s: &str| s.to_string();

@@ -4,10 +4,12 @@
 
 pub mod json;
 mod sse;
+mod uri;
 
 use serde_json::{json, Map, Value};
 
 pub use sse::{rewrite_event_data, SseSplitter};
+pub use uri::{canonical_uri, expand_template};
 
 /// JSON-RPC error codes toolgate answers with.
 pub mod code {
@@ -150,64 +152,39 @@ fn check_message(m: &Value) -> Result<(), RpcError> {
 /// What a message asks for, as far as authorization is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Intent {
-    /// `tools/call`: authorized as `<upstream>/<name>` with the arguments.
-    CallTool {
-        name: String,
-        arguments: Map<String, Value>,
+    /// Decided as the action `<upstream>/<action>` on `args`; what is forwarded is rendered
+    /// from the decided arguments as `place` says.
+    Decide {
+        action: String,
+        args: Map<String, Value>,
+        place: ArgsPlace,
     },
-    /// `tools/list`: forwarded; the answer is filtered.
-    ListTools,
+    /// A listing (`tools/list`, `resources/list`, `resources/templates/list`, `prompts/list`):
+    /// forwarded; each item in the answer is shown only where reading it would be permitted.
+    List,
     /// `subscriptions/listen` (2026-07-28): forwarded; what it streams is filtered.
     Listen,
-    /// `resources/read`, `prompts/get`: authorized as `<upstream>/<method>` with the params;
-    /// `resources/subscribe` as the `resources/read` of its `uri`.
-    Guarded {
-        method: String,
-        params: Map<String, Value>,
-    },
-    /// Authentication is enough: initialize, ping, notifications, listings, responses.
+    /// Authentication is enough: initialize, server/discover, ping, notifications, responses.
     Pass,
     /// A request method toolgate does not know: refused.
     Unknown(String),
 }
 
-/// Requests that need nothing beyond authentication.
-const PASS_METHODS: [&str; 9] = [
-    "initialize",
-    "server/discover",
-    "ping",
-    "resources/list",
-    "resources/templates/list",
-    "prompts/list",
-    "completion/complete",
-    "logging/setLevel",
-    "resources/unsubscribe",
-];
+/// Where a decided message's arguments go back once rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgsPlace {
+    /// `params.arguments` (`tools/call`): the tool's own arguments.
+    Arguments,
+    /// The decided members of `params` (`prompts/get`'s name and arguments, a `uri`).
+    Params,
+    /// Nothing is rendered back: the message is forwarded as read (`completion/complete`,
+    /// decided as the read it would complete).
+    Unchanged,
+}
 
 pub fn intent(message: &Value) -> Result<Intent, RpcError> {
     let Some(method) = message.get("method").and_then(Value::as_str) else {
         return Ok(Intent::Pass);
-    };
-    // The params the gateway reads, exactly as spelled: a server that folds case would
-    // otherwise take `Arguments` or `URI` the policy never saw.
-    let params = |read: &[&str]| {
-        let params = match message.get("params") {
-            Some(Value::Object(p)) => p.clone(),
-            None => Map::new(),
-            Some(_) => {
-                return Err(RpcError::new(
-                    code::INVALID_PARAMS,
-                    "params must be an object",
-                ))
-            }
-        };
-        match json::misspelled(&params, read.iter().copied().chain(["_meta"])) {
-            Some(key) => Err(RpcError::new(
-                code::INVALID_PARAMS,
-                format!("params member `{key}` is not spelled as MCP defines it"),
-            )),
-            None => Ok(params),
-        }
     };
     if message.get("id").is_none() {
         // A request sent as a notification would run on the server with no answer to filter
@@ -220,6 +197,12 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
         }
         return Ok(Intent::Pass);
     }
+    let params = |read: &[&str]| read_params(message, read);
+    let decide = |action: &str, args: Map<String, Value>, place| Intent::Decide {
+        action: action.to_string(),
+        args,
+        place,
+    };
     Ok(match method {
         "tools/call" => {
             let params = params(&["name", "arguments"])?;
@@ -227,55 +210,146 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
                 .get("name")
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| RpcError::new(code::INVALID_PARAMS, "tools/call needs a tool name"))?
-                .to_string();
-            let arguments = match params.get("arguments") {
-                None | Some(Value::Null) => Map::new(),
-                Some(Value::Object(a)) => a.clone(),
-                Some(_) => {
-                    return Err(RpcError::new(
-                        code::INVALID_PARAMS,
-                        "arguments must be an object",
-                    ))
-                }
-            };
-            Intent::CallTool { name, arguments }
+                .ok_or_else(|| {
+                    RpcError::new(code::INVALID_PARAMS, "tools/call needs a tool name")
+                })?;
+            decide(
+                name,
+                object_member(&params, "arguments")?,
+                ArgsPlace::Arguments,
+            )
         }
-        "tools/list" => Intent::ListTools,
+        "prompts/get" => {
+            let params = params(&["name", "arguments"])?;
+            let mut args = Map::new();
+            for key in ["name", "arguments"] {
+                if let Some(value) = params.get(key) {
+                    args.insert(key.to_string(), value.clone());
+                }
+            }
+            decide(method, args, ArgsPlace::Params)
+        }
+        // Watching a resource (or ceasing to) tells what changes in it: decided as reading it.
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => decide(
+            "resources/read",
+            canonical_uri_param(params(&["uri"])?)?,
+            ArgsPlace::Params,
+        ),
+        "logging/setLevel" => {
+            let params = params(&["level"])?;
+            let level = params.get("level").cloned().unwrap_or(Value::Null);
+            decide(
+                method,
+                Map::from_iter([("level".into(), level)]),
+                ArgsPlace::Params,
+            )
+        }
+        "completion/complete" => {
+            let (action, args) = completion(&params(&["ref", "argument", "context"])?)?;
+            decide(action, args, ArgsPlace::Unchanged)
+        }
+        "tools/list" | "resources/list" | "resources/templates/list" | "prompts/list" => {
+            Intent::List
+        }
         "subscriptions/listen" => Intent::Listen,
-        "resources/read" => Intent::Guarded {
-            method: method.to_string(),
-            params: normal_uri(params(&["uri"])?)?,
-        },
-        "prompts/get" => Intent::Guarded {
-            method: method.to_string(),
-            params: params(&["name", "arguments"])?,
-        },
-        // Watching a resource tells what changes in it: allowed to those who may read it.
-        "resources/subscribe" => Intent::Guarded {
-            method: "resources/read".to_string(),
-            params: normal_uri(params(&["uri"])?)?,
-        },
-        m if PASS_METHODS.contains(&m) => Intent::Pass,
+        "initialize" | "server/discover" | "ping" => Intent::Pass,
         other => Intent::Unknown(other.to_string()),
     })
 }
 
-/// A resource's `uri` must be an absolute URI already in its WHATWG normal form: servers that
-/// parse it (the Python SDK's `AnyUrl`) would otherwise act on another one than the policy saw
-/// (`file:///public/../secret` is `file:///secret`, `FILE:` is `file:`).
-fn normal_uri(params: Map<String, Value>) -> Result<Map<String, Value>, RpcError> {
-    let refuse = |why: String| Err(RpcError::new(code::INVALID_PARAMS, why));
-    let Some(Value::String(uri)) = params.get("uri") else {
-        return refuse("a resource uri (a string) is required".into());
+/// The params object, with the members the gateway reads spelled exactly as MCP defines them:
+/// a server that folds case would otherwise take `Arguments` or `URI` the policy never saw.
+fn read_params(message: &Value, read: &[&str]) -> Result<Map<String, Value>, RpcError> {
+    let params = match message.get("params") {
+        Some(Value::Object(p)) => p.clone(),
+        None => Map::new(),
+        Some(_) => {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "params must be an object",
+            ))
+        }
     };
-    match url::Url::parse(uri) {
-        Ok(parsed) if parsed.as_str() == uri => Ok(params),
-        Ok(parsed) => refuse(format!(
-            "resource uri is not in normal form: send `{}`",
-            parsed.as_str()
+    match json::misspelled(&params, read.iter().copied().chain(["_meta"])) {
+        Some(key) => Err(RpcError::new(
+            code::INVALID_PARAMS,
+            format!("params member `{key}` is not spelled as MCP defines it"),
         )),
-        Err(e) => refuse(format!("resource uri is not an absolute URI: {e}")),
+        None => Ok(params),
+    }
+}
+
+/// An object member that may be absent (or null): empty then.
+fn object_member(params: &Map<String, Value>, name: &str) -> Result<Map<String, Value>, RpcError> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(a)) => Ok(a.clone()),
+        Some(_) => Err(RpcError::new(
+            code::INVALID_PARAMS,
+            format!("{name} must be an object"),
+        )),
+    }
+}
+
+/// `{uri}` in its canonical form (`uri::canonical_uri`).
+fn canonical_uri_param(params: Map<String, Value>) -> Result<Map<String, Value>, RpcError> {
+    let Some(Value::String(uri)) = params.get("uri") else {
+        return Err(RpcError::new(
+            code::INVALID_PARAMS,
+            "a resource uri (a string) is required",
+        ));
+    };
+    let canonical = canonical_uri(uri).map_err(|e| RpcError::new(code::INVALID_PARAMS, e))?;
+    Ok(Map::from_iter([("uri".into(), Value::String(canonical))]))
+}
+
+/// A completion is decided as the call it completes: `prompts/get` of the prompt with the
+/// context's arguments and the completed one's current value, or `resources/read` of the uri
+/// the template expands to with them.
+fn completion(params: &Map<String, Value>) -> Result<(&'static str, Map<String, Value>), RpcError> {
+    let invalid = |why: &str| RpcError::new(code::INVALID_PARAMS, why.to_string());
+    let reference = object_member(params, "ref")?;
+    let argument = object_member(params, "argument")?;
+    let name = argument
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("completion/complete needs argument.name"))?;
+    let value = argument
+        .get("value")
+        .filter(|v| v.is_string())
+        .ok_or_else(|| invalid("completion/complete needs argument.value, a string"))?;
+    let context = params
+        .get("context")
+        .map(|c| read_params(&json!({"params": c}), &["arguments"]))
+        .transpose()?
+        .unwrap_or_default();
+    let mut arguments = object_member(&context, "arguments")?;
+    arguments.insert(name.to_string(), value.clone());
+    match reference.get("type").and_then(Value::as_str) {
+        Some("ref/prompt") => {
+            let prompt = reference
+                .get("name")
+                .filter(|n| n.is_string())
+                .ok_or_else(|| invalid("a prompt reference needs a name"))?;
+            let args = Map::from_iter([
+                ("name".into(), prompt.clone()),
+                ("arguments".into(), Value::Object(arguments)),
+            ]);
+            Ok(("prompts/get", args))
+        }
+        Some("ref/resource") => {
+            let template = reference
+                .get("uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("a resource reference needs a uri"))?;
+            let uri = expand_template(template, &arguments)
+                .map_err(|e| RpcError::new(code::INVALID_PARAMS, e))?;
+            let args = Map::from_iter([("uri".into(), Value::String(uri))]);
+            Ok(("resources/read", canonical_uri_param(args)?))
+        }
+        _ => Err(invalid(
+            "completion/complete: ref.type is ref/prompt or ref/resource",
+        )),
     }
 }
 
@@ -358,17 +432,93 @@ pub fn error_response(id: Option<&Value>, code: i64, message: &str, data: Option
     json!({"jsonrpc": "2.0", "id": id.cloned().unwrap_or(Value::Null), "error": error})
 }
 
-/// Removes from a `tools/list` result every tool `keep` refuses. Returns how many were removed.
-pub fn filter_tools(response: &mut Value, keep: &dyn Fn(&str) -> bool) -> usize {
-    let Some(tools) = response
-        .pointer_mut("/result/tools")
-        .and_then(Value::as_array_mut)
-    else {
-        return 0;
+/// One item of a listing answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed<'a> {
+    Tool(&'a str),
+    Resource(&'a str),
+    /// A resource template, by its `uriTemplate`.
+    Template(&'a str),
+    Prompt(&'a str),
+}
+
+/// The listings MCP defines: the result member, and the item's key member.
+const LISTINGS: [(&str, &str); 4] = [
+    ("tools", "name"),
+    ("resources", "uri"),
+    ("resourceTemplates", "uriTemplate"),
+    ("prompts", "name"),
+];
+
+/// Whether a message is a listing answer (a result holding one of the listings).
+pub fn is_listing(message: &Value) -> bool {
+    let result = message.get("result");
+    LISTINGS.iter().any(|(member, _)| {
+        result
+            .and_then(|r| r.get(member))
+            .is_some_and(Value::is_array)
+    })
+}
+
+/// Removes from a listing answer every item `keep` refuses (and any without its key). Returns
+/// how many were removed.
+pub fn filter_listing(response: &mut Value, keep: &dyn Fn(Listed<'_>) -> bool) -> usize {
+    let mut removed = 0;
+    for (member, key) in LISTINGS {
+        let Some(items) = response
+            .pointer_mut(&format!("/result/{member}"))
+            .and_then(Value::as_array_mut)
+        else {
+            continue;
+        };
+        let before = items.len();
+        items.retain(|item| {
+            let Some(id) = item.get(key).and_then(Value::as_str) else {
+                return false;
+            };
+            keep(match member {
+                "tools" => Listed::Tool(id),
+                "resources" => Listed::Resource(id),
+                "resourceTemplates" => Listed::Template(id),
+                _ => Listed::Prompt(id),
+            })
+        });
+        removed += before - items.len();
+    }
+    removed
+}
+
+/// The longest a client may cache a result the gateway decided or filtered: a narrowed policy
+/// takes effect within it.
+pub const MAX_DECIDED_TTL_MS: u64 = 60_000;
+
+/// Marks a result as decided for this caller (MCP 2026-07-28 caching): `cacheScope: "private"`,
+/// and any `ttlMs` capped at `MAX_DECIDED_TTL_MS`. Says whether it changed the message.
+pub fn mark_private(message: &mut Value) -> bool {
+    let Some(result) = message.get_mut("result").and_then(Value::as_object_mut) else {
+        return false;
     };
-    let before = tools.len();
-    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(keep));
-    before - tools.len()
+    result.insert("cacheScope".into(), json!("private"));
+    if let Some(ttl) = result.get_mut("ttlMs") {
+        if ttl.as_u64().is_none_or(|t| t > MAX_DECIDED_TTL_MS) {
+            *ttl = json!(MAX_DECIDED_TTL_MS);
+        }
+    }
+    true
+}
+
+/// The answer to a `tools/call` whose arguments were refused: a tool error the model can read
+/// and correct (SEP-1303), with the machine-readable code in `structuredContent`.
+pub fn tool_input_error(id: Option<&Value>, code: &str, argument: &str, message: &str) -> Value {
+    json!({
+        "jsonrpc": "2.0",
+        "id": id.cloned().unwrap_or(Value::Null),
+        "result": {
+            "content": [{"type": "text", "text": message}],
+            "isError": true,
+            "structuredContent": {"error": code, "argument": argument},
+        }
+    })
 }
 
 #[cfg(test)]
@@ -383,9 +533,10 @@ mod tests {
         };
         assert_eq!(
             intent(&m).unwrap(),
-            Intent::CallTool {
-                name: "add".into(),
-                arguments: json!({"a": 1}).as_object().unwrap().clone()
+            Intent::Decide {
+                action: "add".into(),
+                args: json!({"a": 1}).as_object().unwrap().clone(),
+                place: ArgsPlace::Arguments,
             }
         );
         let batch = br#"[{"jsonrpc":"2.0","id":"a","method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
@@ -470,10 +621,17 @@ mod tests {
     #[test]
     fn intents() {
         let m = |v: Value| intent(&v).unwrap();
-        assert_eq!(
-            m(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"})),
-            Intent::ListTools
-        );
+        for listing in [
+            "tools/list",
+            "resources/list",
+            "resources/templates/list",
+            "prompts/list",
+        ] {
+            assert_eq!(
+                m(json!({"jsonrpc":"2.0","id":1,"method":listing})),
+                Intent::List
+            );
+        }
         assert_eq!(
             m(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{}})),
             Intent::Pass
@@ -491,7 +649,10 @@ mod tests {
             m(
                 json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}})
             ),
-            Intent::Guarded { .. }
+            Intent::Decide {
+                place: ArgsPlace::Params,
+                ..
+            }
         ));
         assert!(
             intent(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}})).is_err()
@@ -516,6 +677,7 @@ mod tests {
         for uri in [
             "file:///public/../secret",
             "file:///public/%2e%2e/secret",
+            "file:///public/x%2F..%2Fsecret",
             "FILE:///secret",
             "https://example.com",
             "notes/1",
@@ -531,10 +693,56 @@ mod tests {
             let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":uri}});
             assert!(intent(&m).is_ok(), "{uri}");
         }
-        // Subscribing is reading.
-        let m = json!({"jsonrpc":"2.0","id":1,"method":"resources/subscribe","params":{"uri":"file:///x"}});
+        // Subscribing (and ceasing to) is reading; the uri is decided in its canonical form.
+        for method in [
+            "resources/subscribe",
+            "resources/unsubscribe",
+            "resources/read",
+        ] {
+            let m =
+                json!({"jsonrpc":"2.0","id":1,"method":method,"params":{"uri":"notes://bo%62/x"}});
+            assert_eq!(
+                intent(&m).unwrap(),
+                Intent::Decide {
+                    action: "resources/read".into(),
+                    args: json!({"uri": "notes://bob/x"}).as_object().unwrap().clone(),
+                    place: ArgsPlace::Params,
+                }
+            );
+        }
+        // A completion is decided as what it completes; setting the log level is an action.
+        let complete = |reference: Value| {
+            let params = json!({"ref": reference, "argument": {"name": "user", "value": "bo"},
+                "context": {"arguments": {"kind": "salary"}}});
+            intent(&json!({"jsonrpc":"2.0","id":1,"method":"completion/complete","params":params}))
+        };
+        assert_eq!(
+            complete(json!({"type": "ref/prompt", "name": "greet"})).unwrap(),
+            Intent::Decide {
+                action: "prompts/get".into(),
+                args: json!({"name": "greet", "arguments": {"user": "bo", "kind": "salary"}})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                place: ArgsPlace::Unchanged,
+            }
+        );
+        assert_eq!(
+            complete(json!({"type": "ref/resource", "uri": "notes://{user}/{kind}"})).unwrap(),
+            Intent::Decide {
+                action: "resources/read".into(),
+                args: json!({"uri": "notes://bo/salary"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                place: ArgsPlace::Unchanged,
+            }
+        );
+        assert!(complete(json!({"type": "ref/other"})).is_err());
+        let m =
+            json!({"jsonrpc":"2.0","id":1,"method":"logging/setLevel","params":{"level":"debug"}});
         assert!(
-            matches!(intent(&m).unwrap(), Intent::Guarded { method, .. } if method == "resources/read")
+            matches!(intent(&m).unwrap(), Intent::Decide { action, .. } if action == "logging/setLevel")
         );
     }
 
@@ -615,7 +823,7 @@ mod tests {
                 members.join(",")
             );
             if let Ok(Payload::Single(m)) = parse(body.as_bytes()) {
-                let Ok(Intent::CallTool { arguments, .. }) = intent(&m) else {
+                let Ok(Intent::Decide { args: arguments, .. }) = intent(&m) else {
                     return Ok(());
                 };
                 let mut folded = std::collections::BTreeMap::new();
@@ -634,7 +842,26 @@ mod tests {
     #[test]
     fn tools_are_filtered() {
         let mut r = json!({"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"},{"name":"pay"},{"nameless":true}]}});
-        assert_eq!(filter_tools(&mut r, &|n| n == "add"), 2);
+        assert!(is_listing(&r));
+        assert_eq!(filter_listing(&mut r, &|n| n == Listed::Tool("add")), 2);
         assert_eq!(r["result"]["tools"], json!([{"name": "add"}]));
+        let mut r = json!({"jsonrpc":"2.0","id":1,"result":{
+            "resources":[{"uri":"a://1"},{"uri":"a://2"}],
+            "resourceTemplates":[{"uriTemplate":"a://{x}"}],
+            "prompts":[{"name":"greet"},{"name":"secret"}]}});
+        let keep =
+            |item: Listed<'_>| matches!(item, Listed::Resource("a://1") | Listed::Prompt("greet"));
+        assert_eq!(filter_listing(&mut r, &keep), 3);
+        assert_eq!(r["result"]["resources"], json!([{"uri": "a://1"}]));
+        assert_eq!(r["result"]["prompts"], json!([{"name": "greet"}]));
+        let mut r = json!({"jsonrpc":"2.0","id":1,"result":{"ttlMs": 3600000}});
+        assert!(mark_private(&mut r));
+        assert_eq!(
+            r["result"],
+            json!({"ttlMs": MAX_DECIDED_TTL_MS, "cacheScope": "private"})
+        );
+        assert!(!mark_private(
+            &mut json!({"jsonrpc":"2.0","id":1,"error":{}})
+        ));
     }
 }

@@ -18,6 +18,7 @@ use chrono::{DateTime, Timelike, Utc};
 use serde_json::{json, Map, Value};
 
 use crate::load::{error_chain, load_dir, LoadError, Loaded, PolicySource};
+use crate::reads::ArgReads;
 use crate::schema_info::{AttrType, Record, SchemaInfo};
 
 pub const NAMESPACE: &str = "Toolgate";
@@ -83,6 +84,8 @@ pub struct Decision {
     pub grants: Vec<String>,
     /// What the `@mode("shadow")` policies would have made of it, when that differs.
     pub shadow: Option<ShadowDecision>,
+    /// On a deny: the `@reason` of the first determining policy that has one, for the agent.
+    pub reason: Option<String>,
 }
 
 /// The decision the enforced and the shadow policies together would make, where it differs
@@ -105,7 +108,14 @@ impl Decision {
             errors: vec![error],
             grants: Vec::new(),
             shadow: None,
+            reason: None,
         }
+    }
+
+    /// Denied because a policy could not be evaluated (or the request not built), rather than
+    /// by what a policy says.
+    pub fn is_evaluation_error(&self) -> bool {
+        !self.allowed && !self.errors.is_empty()
     }
 }
 
@@ -131,6 +141,8 @@ pub struct PolicyEngine {
     /// policy can apply to; `None` without shadow policies.
     shadow: Option<(IndexedSet, HashSet<EntityUid>)>,
     sources: HashMap<PolicyId, PolicySource>,
+    /// Per action id, the arguments its policies (enforced and shadow) read.
+    arg_reads: HashMap<String, ArgReads>,
     /// Static entities (entities.json + the schema's action entities), transitively closed.
     entities: Entities,
     authorizer: Authorizer,
@@ -183,6 +195,7 @@ impl PolicyEngine {
                 entity_json.insert(uid, entry.clone());
             }
         }
+        let arg_reads = arg_reads_by_action(&schema, &entities, &policies);
         let is_shadow = |p: &Policy| sources.get(p.id()).is_some_and(|s| s.shadow);
         let (enforced, shadow) = if policies.policies().any(is_shadow) {
             let only = |shadow: bool| {
@@ -213,6 +226,7 @@ impl PolicyEngine {
             shadow,
             schema,
             sources,
+            arg_reads,
             entities,
             authorizer: Authorizer::new(),
             slices: RwLock::new(HashMap::new()),
@@ -237,6 +251,12 @@ impl PolicyEngine {
 
     pub fn schema_info(&self) -> &SchemaInfo {
         &self.info
+    }
+
+    /// The arguments the policies of `action` read (all, for an action not declared).
+    pub fn arg_reads(&self, action: &str) -> &ArgReads {
+        static ALL: ArgReads = ArgReads::All;
+        self.arg_reads.get(action).unwrap_or(&ALL)
     }
 
     /// Whether the schema declares this action (e.g. `"billing/get_invoice"`).
@@ -408,12 +428,20 @@ impl PolicyEngine {
         } else {
             Vec::new()
         };
+        let reason = if allowed {
+            None
+        } else {
+            determining
+                .iter()
+                .find_map(|id| self.source(id)?.reason.clone())
+        };
         let decision = Decision {
             allowed,
             policies: determining,
             errors,
             grants,
             shadow: None,
+            reason,
         };
         (response, decision)
     }
@@ -997,6 +1025,70 @@ impl IndexedSet {
     }
 }
 
+/// The schema's actions, each with its ancestors (the groups it is `in`).
+fn actions_with_ancestors(
+    schema: &Schema,
+    entities: &Entities,
+) -> Vec<(EntityUid, HashSet<EntityUid>)> {
+    schema
+        .actions()
+        .map(|a| {
+            let up = entities
+                .ancestors(a)
+                .map(|it| it.cloned().collect())
+                .unwrap_or_default();
+            (a.clone(), up)
+        })
+        .collect()
+}
+
+/// The actions whose requests `policy`'s action scope can match.
+fn policy_targets<'a>(
+    policy: &Policy,
+    actions: &'a [(EntityUid, HashSet<EntityUid>)],
+) -> Vec<&'a EntityUid> {
+    match policy.action_constraint() {
+        ActionConstraint::Any => actions.iter().map(|(a, _)| a).collect(),
+        ActionConstraint::Eq(a) => actions
+            .iter()
+            .map(|(action, _)| action)
+            .filter(|action| **action == a)
+            .take(1)
+            .collect(),
+        ActionConstraint::In(groups) => actions
+            .iter()
+            .filter(|(action, up)| groups.iter().any(|g| g == action || up.contains(g)))
+            .map(|(action, _)| action)
+            .collect(),
+    }
+}
+
+/// Per action id, the arguments read by the policies that can apply to it.
+fn arg_reads_by_action(
+    schema: &Schema,
+    entities: &Entities,
+    policies: &PolicySet,
+) -> HashMap<String, ArgReads> {
+    let actions = actions_with_ancestors(schema, entities);
+    let mut out: HashMap<String, ArgReads> = actions
+        .iter()
+        .map(|(a, _)| (a.id().unescaped().to_string(), ArgReads::none()))
+        .collect();
+    for policy in policies.policies() {
+        // A policy whose form cannot be read is taken to read everything.
+        let reads = policy
+            .to_json()
+            .map(|json| ArgReads::of_policy(&json))
+            .unwrap_or(ArgReads::All);
+        for action in policy_targets(policy, &actions) {
+            if let Some(entry) = out.get_mut(action.id().unescaped()) {
+                entry.add(&reads);
+            }
+        }
+    }
+    out
+}
+
 /// For each action in the schema, the policies whose action scope can match it, split by
 /// `principal ==` scope.
 fn index_by_action(
@@ -1004,37 +1096,12 @@ fn index_by_action(
     entities: &Entities,
     policies: &PolicySet,
 ) -> HashMap<EntityUid, ActionPolicies> {
-    let actions: Vec<EntityUid> = schema.actions().cloned().collect();
-    let ancestors: HashMap<&EntityUid, HashSet<EntityUid>> = actions
-        .iter()
-        .map(|a| {
-            let up = entities
-                .ancestors(a)
-                .map(|it| it.cloned().collect())
-                .unwrap_or_default();
-            (a, up)
-        })
-        .collect();
+    let actions = actions_with_ancestors(schema, entities);
     // Per action: the policies open to any principal, and those naming one.
     let mut general: HashMap<&EntityUid, Vec<&Policy>> = HashMap::new();
     let mut named: HashMap<&EntityUid, HashMap<EntityUid, Vec<&Policy>>> = HashMap::new();
     for policy in policies.policies() {
-        let targets: Vec<&EntityUid> = match policy.action_constraint() {
-            ActionConstraint::Any => actions.iter().collect(),
-            ActionConstraint::Eq(a) => actions
-                .iter()
-                .filter(|action| **action == a)
-                .take(1)
-                .collect(),
-            ActionConstraint::In(groups) => actions
-                .iter()
-                .filter(|action| {
-                    groups.iter().any(|g| {
-                        g == *action || ancestors.get(action).is_some_and(|up| up.contains(g))
-                    })
-                })
-                .collect(),
-        };
+        let targets = policy_targets(policy, &actions);
         let principal = match policy.principal_constraint() {
             PrincipalConstraint::Eq(p) => Some(p),
             _ => None,
@@ -1061,7 +1128,7 @@ fn index_by_action(
     };
     actions
         .iter()
-        .map(|action| {
+        .map(|(action, _)| {
             let open = general.get(action).map(Vec::as_slice).unwrap_or_default();
             let own = named
                 .remove(action)

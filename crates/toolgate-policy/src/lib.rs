@@ -4,6 +4,7 @@
 
 mod engine;
 mod load;
+mod reads;
 mod schema_info;
 #[doc(hidden)]
 pub mod testing;
@@ -17,5 +18,6 @@ pub use load::{
     load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file, LoadCache,
     LoadError, Loaded, PolicySource, Problem, ENTITIES_FILE, SCHEMA_FILE,
 };
+pub use reads::ArgReads;
 pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};
 pub use validate::{validate_whole, SlicedValidator};

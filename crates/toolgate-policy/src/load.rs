@@ -68,6 +68,8 @@ pub struct PolicySource {
     pub grants: Vec<String>,
     /// `@mode("shadow")`: evaluated beside the enforced policies, never deciding.
     pub shadow: bool,
+    /// `@reason("...")`: told to the agent when this policy determines a deny.
+    pub reason: Option<String>,
     /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
     /// records it, so a later reader can tell whether the policy changed since.
     pub version: String,
@@ -479,11 +481,12 @@ pub fn parse_policy_file(
             .count();
         cursor = offset;
         // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
-        let (mut id, mut grants, mut shadow) = (None, Vec::new(), false);
+        let (mut id, mut grants, mut shadow, mut reason) = (None, Vec::new(), false, None);
         for (key, value) in policy.annotations() {
             match key {
                 "id" => id = Some(value.to_string()),
                 "grants" => grants = value.split_whitespace().map(String::from).collect(),
+                "reason" => reason = Some(value.to_string()),
                 // A mistyped mode must not quietly enforce (or quietly not).
                 "mode" => match value {
                     "enforce" => shadow = false,
@@ -507,6 +510,7 @@ pub fn parse_policy_file(
                 line,
                 grants,
                 shadow,
+                reason,
                 version: policy_version(policy),
             },
         ));

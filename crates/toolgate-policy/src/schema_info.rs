@@ -33,6 +33,9 @@ pub struct ActionContext {
     /// Arguments annotated `@sensitive` in the schema, by path (`ssn`, `payment.card`; an
     /// element of a set by the set's path): the audit keeps only their hash.
     pub sensitive: std::collections::BTreeSet<String>,
+    /// Arguments annotated `@json` (declared `String`): free-form JSON, which the policy reads
+    /// as its canonical text and the upstream receives as that same JSON value.
+    pub free_form: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -77,13 +80,15 @@ impl SchemaInfo {
                         _ => Record::new(),
                     };
                     let mut sensitive = std::collections::BTreeSet::new();
+                    let mut free_form = std::collections::BTreeSet::new();
                     if let Some(args) = def
                         .pointer("/appliesTo/context")
                         .and_then(|ctx| resolver.attributes(ctx, 0))
                         .and_then(|ctx| ctx.get("args"))
                         .and_then(|args| resolver.attributes(args, 0))
                     {
-                        resolver.sensitive_paths(args, "", 0, &mut sensitive);
+                        resolver.annotated_paths("sensitive", args, "", 0, &mut sensitive);
+                        resolver.annotated_paths("json", args, "", 0, &mut free_form);
                     }
                     info.actions.insert(
                         name.clone(),
@@ -91,6 +96,7 @@ impl SchemaInfo {
                             keys,
                             args,
                             sensitive,
+                            free_form,
                         },
                     );
                 }
@@ -137,9 +143,10 @@ impl<'a> Resolver<'a> {
         self.attributes(self.common?.get(local)?, depth + 1)
     }
 
-    /// The paths of the attributes annotated `@sensitive`, at any depth.
-    fn sensitive_paths(
+    /// The paths of the attributes annotated `@<annotation>`, at any depth.
+    fn annotated_paths(
         &self,
+        annotation: &str,
         attributes: &'a serde_json::Map<String, Value>,
         prefix: &str,
         depth: usize,
@@ -154,7 +161,10 @@ impl<'a> Resolver<'a> {
             } else {
                 format!("{prefix}.{name}")
             };
-            if attr.pointer("/annotations/sensitive").is_some() {
+            if attr
+                .get("annotations")
+                .is_some_and(|a| a.get(annotation).is_some())
+            {
                 out.insert(path.clone());
             }
             let inner = match attr.get("type").and_then(Value::as_str) {
@@ -162,7 +172,7 @@ impl<'a> Resolver<'a> {
                 _ => Some(attr),
             };
             if let Some(fields) = inner.and_then(|t| self.attributes(t, 0)) {
-                self.sensitive_paths(fields, &path, depth + 1, out);
+                self.annotated_paths(annotation, fields, &path, depth + 1, out);
             }
         }
     }
