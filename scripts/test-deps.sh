@@ -3,7 +3,9 @@
 # redis-server, node and npm, curl (the demo's printed lines are run as printed), the
 # official MCP SDKs: Python 1.x (.toolgate-test/venv),
 # Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node), and
-# kubernetes-validate (.toolgate-test/venv-k8s: the Kubernetes schemas, offline, for deploy/).
+# kubernetes-validate (.toolgate-test/venv-k8s: the Kubernetes schemas, offline, for deploy/),
+# and the upstream frameworks the gateway is proven against (tests/frameworks.rs): FastAPI with
+# Pydantic 2 (.toolgate-test/venv-fastapi) and Express 5 with qs (.toolgate-test/node).
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
@@ -34,15 +36,16 @@ for tool in promtool redis-server node npm curl; do
 done
 
 # A Python package at an exact version in a virtualenv of the project's own, installed when
-# missing; with a module name, that module must also import.
-python_venv() { # dir package version [module]
+# missing; with a module name, that module must also import; more packages (pinned) may follow.
+python_venv() { # dir package version [module [package==version ...]]
   local dir=$1 package=$2 version=$3 module=${4:-}
+  shift 4 2>/dev/null || shift $#
   local check="import importlib.metadata as m; assert m.version('$package') == '$version'"
   [ -n "$module" ] && check="import $module; $check"
   if ! "$dir/bin/python" -c "$check" 2>/dev/null; then
-    echo "test-deps: installing $package==$version into $dir"
+    echo "test-deps: installing $package==$version $* into $dir"
     python3 -m venv "$dir"
-    "$dir/bin/pip" install -q --disable-pip-version-check "$package==$version"
+    "$dir/bin/pip" install -q --disable-pip-version-check "$package==$version" "$@"
   fi
 }
 
@@ -60,6 +63,16 @@ if [ "$(node -p "require('./$node_dir/node_modules/@modelcontextprotocol/sdk/pac
   [ -f "$node_dir/package.json" ] || echo '{"private": true}' > "$node_dir/package.json"
   (cd "$node_dir" && npm install --silent --no-audit --no-fund "@modelcontextprotocol/sdk@$ts_version")
 fi
+
+# Express 5 (its `extended` query parser is qs), beside the TypeScript SDK.
+express_version="5.3.0"
+if [ "$(node -p "require('./$node_dir/node_modules/express/package.json').version" 2>/dev/null)" != "$express_version" ]; then
+  echo "test-deps: installing express@$express_version into $node_dir"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund "express@$express_version")
+fi
+
+# FastAPI on Pydantic 2, served by uvicorn (tests/frameworks.rs).
+python_venv .toolgate-test/venv-fastapi fastapi 0.163.2 fastapi uvicorn==0.54.0
 
 # The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs).
 python_venv .toolgate-test/venv-k8s kubernetes-validate 1.37.0

@@ -162,6 +162,9 @@ async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -
     .await
 }
 
+/// The last MCP revision with JSON-RPC batches.
+const OLD_REVISION: &str = "2025-03-26";
+
 async fn post(gw: &Gateway, token: &str, body: &[u8]) -> Answer {
     post_with(gw, token, body, &[]).await
 }
@@ -173,8 +176,10 @@ async fn post_with(gw: &Gateway, token: &str, body: &[u8], more: &[(&str, &str)]
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
         ("accept", "application/json, text/event-stream"),
-        ("mcp-protocol-version", "2025-06-18"),
     ];
+    if !more.iter().any(|(name, _)| *name == "mcp-protocol-version") {
+        headers.push(("mcp-protocol-version", "2025-06-18"));
+    }
     headers.extend_from_slice(more);
     send("POST", &gw.url("/tools"), &headers, body).await
 }
@@ -231,7 +236,19 @@ async fn json_rpc_edge_cases() {
         // A notification passes through; its name must not widen the credential's scope.
         {"jsonrpc": "2.0", "method": "notifications/x admin:all"}
     ]);
-    let answer = post(&gw, &token, batch.to_string().as_bytes()).await;
+    // Batches are gone from MCP since 2025-06-18: refused there, read on the revisions that had
+    // them.
+    let refused = post(&gw, &token, batch.to_string().as_bytes()).await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["error"]["code"], -32600);
+    assert!(upstream.requests().is_empty());
+    let answer = post_with(
+        &gw,
+        &token,
+        batch.to_string().as_bytes(),
+        &[("mcp-protocol-version", OLD_REVISION)],
+    )
+    .await;
     assert_eq!(answer.status, 200);
     let answers = answer.json();
     let by_id = |id: i64| {
@@ -274,7 +291,7 @@ async fn json_rpc_edge_cases() {
         vec![&json!(1), &json!(3), &json!(4), &Value::Null, &Value::Null],
         "the denied call was not forwarded"
     );
-    assert_eq!(seen[0].headers["mcp-protocol-version"], "2025-06-18");
+    assert_eq!(seen[0].headers["mcp-protocol-version"], OLD_REVISION);
     let credential = seen[0].headers["authorization"].to_str().unwrap();
     assert!(!credential.contains(&token));
     let scope = claims_of(credential.strip_prefix("Bearer ").unwrap())["scope"]
@@ -430,7 +447,7 @@ async fn a_batch_is_one_trace_with_a_decision_span_per_message() {
             ("authorization", &format!("Bearer {}", gw.idp.delegated())),
             ("content-type", "application/json"),
             ("accept", "application/json, text/event-stream"),
-            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-protocol-version", OLD_REVISION),
             ("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01")),
         ],
         batch.to_string().as_bytes(),
@@ -525,7 +542,7 @@ async fn a_cancelled_batch_still_records_each_message() {
                 ("authorization", &format!("Bearer {token}")),
                 ("content-type", "application/json"),
                 ("accept", "application/json, text/event-stream"),
-                ("mcp-protocol-version", "2025-06-18"),
+                ("mcp-protocol-version", OLD_REVISION),
             ],
             batch.as_bytes(),
         )

@@ -537,10 +537,10 @@ async fn batch_and_depth_limits_hold_at_their_exact_bounds() {
     assert_eq!(over.status, 400);
     assert_eq!(over.json()["error"]["code"], -32600);
 
-    // Message (1), params (2), arguments (3), then `levels - 3` arrays around a number.
+    // Message (1), params (2), `_meta` (3), then `levels - 3` arrays around a number.
     let nested = |levels: usize| {
         format!(
-            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"add","arguments":{{"x":{}1{}}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"add","arguments":{{"a":1}},"_meta":{{"x":{}1{}}}}}}}"#,
             "[".repeat(levels - 3),
             "]".repeat(levels - 3)
         )

@@ -608,7 +608,8 @@ impl Gateway {
         let dir = TempDir::new("e2e");
         let idp = Idp::new(&dir.0);
         write_policies(&dir.0, options.extra_policies);
-        // A tool that declares no arguments: its bodies stream through unread.
+        // A tool that declares no arguments, on a route that forwards what is undeclared: its
+        // bodies stream through unread.
         std::fs::write(
             dir.0.join("policies/harness.cedarschema"),
             "namespace Toolgate { action \"billing/export\" in [call] appliesTo { principal: Agent, resource: Tool, context: { user?: User, env: Env } }; }",
@@ -630,7 +631,8 @@ impl Gateway {
         let up = options.upstream;
         let mcp = options
             .mcp
-            .map(|url| format!("  - name: tools\n    url: {url}\n    audience: https://tools.internal\n    kind: mcp\n"))
+            // The recording upstream's own controls are not standard headers: let through.
+            .map(|url| format!("  - name: tools\n    url: {url}\n    audience: https://tools.internal\n    kind: mcp\n    forward_headers: [X-Test-Replay, X-Test-Stream]\n"))
             .unwrap_or_default();
         let config = format!(
             r#"listen: 127.0.0.1:0
@@ -651,7 +653,7 @@ upstreams:
       - {{ tool: get_invoice, method: GET, path: "/invoices/{{invoice_id}}" }}
       - {{ tool: list_invoices, method: GET, path: /invoices }}
       - {{ tool: refund, method: POST, path: /refunds }}
-      - {{ tool: export, method: POST, path: /export }}
+      - {{ tool: export, method: POST, path: /export, undeclared_arguments: forward }}
       - {{ tool: list_invoices, method: GET, path: /in-task/invoices, require_task: true }}
   - name: records
     url: http://{up}

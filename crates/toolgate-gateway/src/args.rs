@@ -300,6 +300,8 @@ fn render_decimal(
         ));
     };
     match decimal.cedar() {
+        // The number as sent where Cedar reads its text alike (the audit shows it so).
+        Some(_) if value.is_number() && !text.contains(['e', 'E']) => Ok((value, forward)),
         Some(exact) => Ok((Value::String(exact), forward)),
         None if rules.reads.reads(path) => Err(ArgRefusal::new(
             ArgProblem::NotRepresentable,
@@ -776,7 +778,7 @@ mod tests {
         .unwrap();
         assert_eq!(out.forward["duration"], json!(0.12345));
         assert_eq!(out.policy["duration"], json!("0.1235"));
-        assert_eq!(out.policy["rate"], json!("1.5"));
+        assert_eq!(out.policy["rate"], json!(1.5));
         let err = render(
             obj(json!({"duration": 1, "rate": 0.00001})),
             &declared,

@@ -63,8 +63,9 @@ const FORWARDED_PREFIX: &str = "x-forwarded-";
 /// requests and caching, tracing, and MCP's own. Any other is dropped unless `forward_headers:`
 /// lists it: an API may read a header as a parameter that no policy saw (OpenAPI `in: header`
 /// ones are declared as arguments instead, `header_arguments:`).
-const STANDARD_HEADERS: [&str; 27] = [
+const STANDARD_HEADERS: [&str; 28] = [
     "accept",
+    "content-encoding",
     "accept-charset",
     "accept-encoding",
     "accept-language",
@@ -93,12 +94,17 @@ const STANDARD_HEADERS: [&str; 27] = [
     "toolgate-task",
 ];
 
+/// MCP 2026-07-28 mirrors arguments a tool marks `x-mcp-header` into `Mcp-Param-*` headers;
+/// the server checks them against the (rendered) body.
+const MCP_PARAM_PREFIX: &str = "mcp-param-";
+
 /// Drops the agent's non-standard headers, but those `listed` (case-insensitive).
 pub(crate) fn keep_standard_headers(headers: &mut HeaderMap, listed: &[&[String]]) {
     let dropped: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
             !STANDARD_HEADERS.contains(&name.as_str())
+                && !name.as_str().starts_with(MCP_PARAM_PREFIX)
                 && !listed
                     .iter()
                     .flat_map(|l| l.iter())
