@@ -605,6 +605,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(options: GatewayOptions<'_>) -> Gateway {
+        Gateway::start_with_upstreams(options, "").await
+    }
+
+    /// `start`, with more upstream entries (YAML, as items of `upstreams:`).
+    pub async fn start_with_upstreams(options: GatewayOptions<'_>, more: &str) -> Gateway {
         let dir = TempDir::new("e2e");
         let idp = Idp::new(&dir.0);
         write_policies(&dir.0, options.extra_policies);
@@ -662,7 +667,7 @@ upstreams:
     routes:
       - {{ tool: get_patient_record, method: GET, path: "/patients/{{patient_id}}/record" }}
       - {{ tool: delete_patient_record, method: DELETE, path: "/patients/{{patient_id}}/record" }}
-{mcp}limits:
+{mcp}{more}limits:
   max_body_bytes: 4096
   max_header_bytes: 8192
 audit:

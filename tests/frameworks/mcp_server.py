@@ -51,10 +51,10 @@ def salary(user: str) -> str:
     return f"salary of {user}"
 
 
-@server.resource("file:///public/{name}")
-def public_file(name: str) -> str:
-    ran.append({"public_file": {"name": name}})
-    return f"file {name}"
+@server.resource("file:///public/{folder}/{name}")
+def public_file(folder: str, name: str) -> str:
+    ran.append({"public_file": {"folder": folder, "name": name}})
+    return f"file {folder}/{name}"
 
 
 @server.prompt()

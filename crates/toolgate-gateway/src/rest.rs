@@ -63,9 +63,14 @@ pub(crate) async fn read_call(
     max_body: BodyLimit,
 ) -> Result<(Request<Body>, Map<String, Value>), Refusal> {
     let (mut parts, body) = request.into_parts();
+    // Header arguments are read (and set as decided) below.
     keep_standard_headers(
         &mut parts.headers,
-        &[&upstream.config.forward_headers, &route.forward_headers],
+        &[
+            &upstream.config.forward_headers,
+            &route.forward_headers,
+            &route.header_arguments,
+        ],
     );
     let mut args = Map::new();
     let path = render_path(route, declared, &mut args)?;
