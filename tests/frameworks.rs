@@ -449,14 +449,31 @@ async fn the_python_mcp_sdk_runs_only_what_the_policy_saw() {
     let call = |name: &str, arguments: Value| {
         s.rpc("tools/call", json!({"name": name, "arguments": arguments}))
     };
+    // The code is the structured content, or in `_meta` where the tool's output schema is
+    // what clients check structured content against.
     let tool_error = |answer: &Value, code: &str, argument: &str| {
-        assert_eq!(answer["result"]["isError"], true, "{answer}");
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true, "{answer}");
+        let refusal = match &result["structuredContent"] {
+            Value::Null => &result["_meta"]["io.toolgate/refusal"],
+            structured => structured,
+        };
         assert_eq!(
-            answer["result"]["structuredContent"],
-            json!({"error": code, "argument": argument}),
+            refusal,
+            &json!({"error": code, "argument": argument}),
             "{answer}"
         );
     };
+    // The listing shows the declared, permitted tools; the gateway learns their input schemas.
+    let tools = s.rpc("tools/list", json!({})).await;
+    let mut names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["list_notes", "send_mail", "wait"], "{tools}");
     // JSON text the SDK's pre_parse_json decodes: a list of recipients, None for "every owner".
     let mail = call(
         "send_mail",
@@ -492,10 +509,11 @@ async fn the_python_mcp_sdk_runs_only_what_the_policy_saw() {
     assert_eq!(level["error"]["code"], -32602, "{level}");
     assert_eq!(s.mcp_executed().await, json!([]), "nothing ran");
 
-    // Honest calls, as the policies say; the deny says why.
+    // Honest calls, as the policies say; the deny says why. A subject that reads as a JSON
+    // number is text to a tool whose schema takes only text.
     let mail = call(
         "send_mail",
-        json!({"to": ["bob@corp.example"], "subject": "hi"}),
+        json!({"to": ["bob@corp.example"], "subject": "2026"}),
     )
     .await;
     assert_eq!(mail["result"]["isError"], false, "{mail}");
@@ -527,7 +545,7 @@ async fn the_python_mcp_sdk_runs_only_what_the_policy_saw() {
     assert_eq!(
         s.mcp_executed().await,
         json!([
-            {"send_mail": {"to": ["bob@corp.example"], "subject": "hi"}},
+            {"send_mail": {"to": ["bob@corp.example"], "subject": "2026"}},
             {"wait": {"duration": "0.12345"}},
             {"list_notes": {"owner": "alice"}},
             {"salary": {"user": "alice"}},

@@ -20,11 +20,16 @@ const SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, task?: TaskInfo, args: { amount: Long, to: String } } };
   action "tools/admin_reset" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, task?: TaskInfo } };
+  action "tools/prompts/get" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo,
+      args: { name: String, arguments?: { name?: String, target?: String } } } };
 }"#;
 const POLICIES: &str = r#"
 @id("sdk-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
 @id("sdk-pay-small") permit (principal, action == Toolgate::Action::"tools/pay", resource)
 when { context.args.amount < 100 };
+@id("sdk-greet") permit (principal, action == Toolgate::Action::"tools/prompts/get", resource)
+when { context.args.name == "greet" };
 @id("sdk-hide-admin") forbid (principal, action == Toolgate::Action::"list", resource == Toolgate::Tool::"tools/admin_reset");
 "#;
 
@@ -134,6 +139,22 @@ async fn every_official_sdk_pairing_works_through_the_gateway() {
             assert_eq!(
                 out["pay_small"]["text"],
                 json!(["paid 50 to bob"]),
+                "{pairing}: {out}"
+            );
+            // The canonical example prompt, its own `name` argument beside the prompt's name.
+            assert_eq!(out["greet"], json!(["Hello, Ada!"]), "{pairing}: {out}");
+            assert_eq!(out["prompts"], json!(["greet"]), "{pairing}: {out}");
+            assert_eq!(out["exfiltrate"]["code"], -32003, "{pairing}: {out}");
+            // An undeclared argument: a tool error the model can read, naming it.
+            let undeclared = &out["pay_undeclared"];
+            assert_eq!(
+                (&undeclared["ok"], &undeclared["is_error"]),
+                (&json!(true), &json!(true)),
+                "{pairing}: {out}"
+            );
+            let text = undeclared["text"][0].as_str().unwrap_or_default();
+            assert!(
+                text.starts_with("undeclared_argument") && text.contains("`memo`"),
                 "{pairing}: {out}"
             );
             let denied = &out["pay_large"];

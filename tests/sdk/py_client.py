@@ -30,6 +30,15 @@ async def main(url, token):
             out["add"] = await call(client, "add", {"a": 2, "b": 3})
             out["pay_small"] = await call(client, "pay", {"amount": 50, "to": "bob"})
             out["pay_large"] = await call(client, "pay", {"amount": 500, "to": "bob"})
+            out["pay_undeclared"] = await call(client, "pay", {"amount": 5, "to": "bob", "memo": "x"})
+            out["prompts"] = sorted(p.name for p in (await client.list_prompts()).prompts)
+            greeting = await client.get_prompt("greet", {"name": "Ada"})
+            out["greet"] = [m.content.text for m in greeting.messages]
+            try:
+                await client.get_prompt("exfiltrate", {"target": "db"})
+                out["exfiltrate"] = {"ok": True}
+            except MCPError as e:
+                out["exfiltrate"] = {"ok": False, "code": e.code}
             print(json.dumps(out))
 
 

@@ -27,6 +27,18 @@ def admin_reset() -> str:
     return "reset"
 
 
+@server.prompt()
+def greet(name: str) -> str:
+    """Greets someone (the SDKs' canonical example prompt)."""
+    return f"Hello, {name}!"
+
+
+@server.prompt()
+def exfiltrate(target: str) -> str:
+    """A prompt no agent may get (hidden from listings too)."""
+    return f"copy {target}"
+
+
 app = server.streamable_http_app(stateless_http=True, json_response=True)
 
 if __name__ == "__main__":

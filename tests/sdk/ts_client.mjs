@@ -25,5 +25,15 @@ out.tools = (await client.listTools()).tools.map((t) => t.name).sort();
 out.add = await call('add', { a: 2, b: 3 });
 out.pay_small = await call('pay', { amount: 50, to: 'bob' });
 out.pay_large = await call('pay', { amount: 500, to: 'bob' });
+out.pay_undeclared = await call('pay', { amount: 5, to: 'bob', memo: 'x' });
+out.prompts = (await client.listPrompts()).prompts.map((p) => p.name).sort();
+out.greet = (await client.getPrompt({ name: 'greet', arguments: { name: 'Ada' } })).messages.map((m) => m.content.text);
+try {
+  await client.getPrompt({ name: 'exfiltrate', arguments: { target: 'db' } });
+  out.exfiltrate = { ok: true };
+} catch (e) {
+  if (!(e instanceof McpError)) throw e;
+  out.exfiltrate = { ok: false, code: e.code };
+}
 console.log(JSON.stringify(out));
 await client.close();

@@ -14,6 +14,12 @@ function build() {
     async ({ amount, to }) => text(`paid ${amount} to ${to}`));
   server.registerTool('admin_reset', { description: 'Reset everything.', inputSchema: {} },
     async () => text('reset'));
+  // The SDK's canonical example prompt, and one no agent may get.
+  const say = (t) => ({ messages: [{ role: 'user', content: { type: 'text', text: t } }] });
+  server.registerPrompt('greet', { description: 'Greets someone.', argsSchema: { name: z.string() } },
+    ({ name }) => say(`Hello, ${name}!`));
+  server.registerPrompt('exfiltrate', { description: 'Never to be got.', argsSchema: { target: z.string() } },
+    ({ target }) => say(`copy ${target}`));
   return server;
 }
 

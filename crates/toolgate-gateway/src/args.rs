@@ -346,14 +346,15 @@ fn check_json_text(text: &str, path: &str, rules: &Rules<'_>) -> Result<(), ArgR
     Ok(())
 }
 
-/// The JSON Schema of the property at `path` (`a.b`; arrays are stepped through to `items`).
+/// The JSON Schema of the property at `path` (`a.b`; a list on the way is stepped through to
+/// its `items`).
 fn schema_at<'a>(schema: &'a Value, path: &str) -> Option<&'a Value> {
     let mut here = schema;
     for name in path.split('.') {
         here = through_items(here);
         here = here.get("properties")?.get(name)?;
     }
-    Some(through_items(here))
+    Some(here)
 }
 
 fn through_items(schema: &Value) -> &Value {

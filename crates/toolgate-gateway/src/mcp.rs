@@ -49,6 +49,7 @@ pub(crate) struct ToolSchemas(
 const MAX_TOOL_SCHEMAS: usize = 10_000;
 
 impl ToolSchemas {
+    /// The tool's listing entry (its `inputSchema`, `outputSchema`, ...), when seen.
     fn get(&self, upstream: &str, tool: &str) -> Option<Arc<Value>> {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
         map.get(&(upstream.to_string(), tool.to_string())).cloned()
@@ -63,14 +64,12 @@ impl ToolSchemas {
             map.clear();
         }
         for tool in tools {
-            if let (Some(name), Some(schema)) = (
-                tool.get("name").and_then(Value::as_str),
-                tool.get("inputSchema"),
-            ) {
-                map.insert(
-                    (upstream.to_string(), name.to_string()),
-                    Arc::new(schema.clone()),
-                );
+            if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                let entry = json!({
+                    "inputSchema": tool.get("inputSchema"),
+                    "outputSchema": tool.get("outputSchema"),
+                });
+                map.insert((upstream.to_string(), name.to_string()), Arc::new(entry));
             }
         }
     }
@@ -502,7 +501,7 @@ impl Gateway {
                 None,
             ));
         };
-        let input_schema = match place {
+        let listed = match place {
             ArgsPlace::Arguments => {
                 let name = &tool.as_str()[upstream.name().len() + 1..];
                 Some(self.tool_schemas.get(upstream.name(), name))
@@ -513,13 +512,18 @@ impl Gateway {
             undeclared: upstream.config.undeclared_arguments.unwrap_or_default(),
             reads: ctx.engine.arg_reads(tool.as_str()),
             free_form: &context.free_form,
-            json_text: input_schema.as_ref().map(|s| s.as_deref()),
+            json_text: listed.as_ref().map(|entry| input_schema(entry.as_deref())),
         };
         let rendered = match render(args, &context.args, Origin::Json, &rules) {
             Ok(rendered) => rendered,
             Err(refusal) => {
                 line.errors.push(refusal.to_string());
-                return Err(argument_answer(id, place, &refusal));
+                // A client checks structured content against the tool's output schema, even
+                // on an error (the TypeScript SDK): there the code goes in `_meta`.
+                let has_output_schema = listed
+                    .flatten()
+                    .is_some_and(|e| e.get("outputSchema").is_some_and(|s| !s.is_null()));
+                return Err(argument_answer(id, place, &refusal, !has_output_schema));
             }
         };
         let decision = self.authorize(ctx, tool.as_str(), tool.resource(), rendered.policy, line);
@@ -542,12 +546,25 @@ impl Gateway {
     }
 }
 
+/// A listed tool's input schema, when it has one.
+fn input_schema(entry: Option<&Value>) -> Option<&Value> {
+    entry
+        .and_then(|e| e.get("inputSchema"))
+        .filter(|s| !s.is_null())
+}
+
 /// The gateway's answer to a message whose arguments it refused: a tool error for `tools/call`
 /// (the model reads it and can correct the call), invalid params otherwise.
-fn argument_answer(id: Option<&Value>, place: ArgsPlace, refusal: &ArgRefusal) -> Value {
+fn argument_answer(
+    id: Option<&Value>,
+    place: ArgsPlace,
+    refusal: &ArgRefusal,
+    structured: bool,
+) -> Value {
     let code = refusal.problem.code();
+    let message = refusal.to_string();
     match place {
-        ArgsPlace::Arguments => tool_input_error(id, code, &refusal.argument, &refusal.to_string()),
+        ArgsPlace::Arguments => tool_input_error(id, code, &refusal.argument, &message, structured),
         _ => error_response(
             id,
             code::INVALID_PARAMS,
@@ -836,5 +853,26 @@ impl http_body::Body for SseRewrite {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_tools_are_remembered_with_their_schemas() {
+        let schemas = ToolSchemas::default();
+        let listing = json!({"jsonrpc": "2.0", "id": 0, "result": {"tools": [
+            {"name": "pay", "inputSchema": {"type": "object"}, "outputSchema": {"type": "object"}},
+            {"name": "add", "inputSchema": {"type": "object"}},
+        ]}});
+        schemas.learn("tools", &listing);
+        let pay = schemas.get("tools", "pay").unwrap();
+        assert!(input_schema(Some(&pay)).is_some());
+        assert!(pay.get("outputSchema").is_some_and(|s| !s.is_null()));
+        let add = schemas.get("tools", "add").unwrap();
+        assert!(add.get("outputSchema").is_some_and(Value::is_null));
+        assert!(schemas.get("other", "pay").is_none());
     }
 }

@@ -332,13 +332,14 @@ enum QueryForm {
     Brackets,
 }
 
+/// How each query parameter was written.
+type QueryForms = HashMap<String, QueryForm>;
+
 /// Query pairs (`+` is a space, as in forms), by name: one value, or a list where the name
 /// repeats or ends in `[]`.
-fn read_query(
-    query: Option<&str>,
-) -> Result<(Map<String, Value>, HashMap<String, QueryForm>), Refusal> {
+fn read_query(query: Option<&str>) -> Result<(Map<String, Value>, QueryForms), Refusal> {
     let mut args: Map<String, Value> = Map::new();
-    let mut forms: HashMap<String, QueryForm> = HashMap::new();
+    let mut forms = QueryForms::new();
     let mut folded: HashMap<String, String> = HashMap::new();
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Ok((args, forms));

@@ -507,18 +507,32 @@ pub fn mark_private(message: &mut Value) -> bool {
     true
 }
 
+/// Where a refusal's code goes when it cannot be the structured content.
+pub const REFUSAL_META: &str = "io.toolgate/refusal";
+
 /// The answer to a `tools/call` whose arguments were refused: a tool error the model can read
-/// and correct (SEP-1303), with the machine-readable code in `structuredContent`.
-pub fn tool_input_error(id: Option<&Value>, code: &str, argument: &str, message: &str) -> Value {
-    json!({
-        "jsonrpc": "2.0",
-        "id": id.cloned().unwrap_or(Value::Null),
-        "result": {
-            "content": [{"type": "text", "text": message}],
-            "isError": true,
-            "structuredContent": {"error": code, "argument": argument},
-        }
-    })
+/// and correct (SEP-1303), with the machine-readable code in `structuredContent`, or (where the
+/// tool declares an output schema the code would not match) in `_meta`.
+pub fn tool_input_error(
+    id: Option<&Value>,
+    code: &str,
+    argument: &str,
+    message: &str,
+    structured: bool,
+) -> Value {
+    let refusal = json!({"error": code, "argument": argument});
+    // `resultType` is required from 2026-07-28 on, and ignored before.
+    let mut result = json!({
+        "resultType": "complete",
+        "content": [{"type": "text", "text": format!("{code}: {message}")}],
+        "isError": true,
+    });
+    if structured {
+        result["structuredContent"] = refusal;
+    } else {
+        result["_meta"] = json!({ REFUSAL_META: refusal });
+    }
+    json!({"jsonrpc": "2.0", "id": id.cloned().unwrap_or(Value::Null), "result": result})
 }
 
 #[cfg(test)]
