@@ -1,11 +1,11 @@
 //! Cedar schema text from JSON Schema: an MCP tool's `inputSchema` (`toolgate schema mcp`) or
 //! an OpenAPI operation's parameters and body (`toolgate import openapi`). One action per
 //! tool, in group `call`, with `context.args` typed from the schema; what has no Cedar form is
-//! left out (a policy cannot name it) and said in `Typer::skipped`.
+//! declared `@json` (policies read its canonical JSON text) and said in `Typer::skipped`.
 
 use serde_json::Value;
 
-/// Nesting deeper than this is left out.
+/// Nesting deeper than this is declared `@json`.
 const MAX_DEPTH: usize = 8;
 
 /// One attribute of a record: its name, whether it is required, its Cedar type.
@@ -16,6 +16,9 @@ pub struct Field {
     /// Annotated `@sensitive`: the audit keeps only a keyed hash of its value.
     pub sensitive: bool,
 }
+
+/// The Cedar type of a free-form object (a map, `{}`): its canonical JSON text, annotated.
+pub const FREE_FORM: &str = "@json String";
 
 /// A secret by its description: `format: password`, `writeOnly`, or a name saying so.
 pub fn looks_sensitive(name: &str, schema: &Value) -> bool {
@@ -37,7 +40,7 @@ pub fn looks_sensitive(name: &str, schema: &Value) -> bool {
 /// Turns JSON Schema into Cedar types, noting each part it leaves out.
 #[derive(Default)]
 pub struct Typer {
-    /// `<where>: <why>`, one per part left out.
+    /// `<where>: <why>`, one per part declared `@json` or left out.
     pub skipped: Vec<String>,
 }
 
@@ -78,12 +81,15 @@ impl Typer {
 
     /// A JSON Schema value's Cedar type, or `None` (noted) when it has none.
     pub fn cedar_type(&mut self, prop: &Value, at: &str, depth: usize) -> Option<String> {
-        let mut skip = |why: &str| {
-            self.skipped.push(format!("{at}: {why}"));
-            None
+        // What Cedar has no type for is read by policies as its canonical JSON text (`@json`).
+        let mut free_form = |why: &str| {
+            self.skipped.push(format!(
+                "{at}: {why}: policies read it as its JSON text (@json)"
+            ));
+            Some(FREE_FORM.to_string())
         };
         if depth > MAX_DEPTH {
-            return skip("nested too deep");
+            return free_form("nested too deep");
         }
         // `anyOf: [{type: T}, {type: null}]` (an optional argument) is T.
         for key in ["anyOf", "oneOf"] {
@@ -94,7 +100,7 @@ impl Typer {
                     .collect();
                 return match concrete.as_slice() {
                     [only] => self.cedar_type(only, at, depth),
-                    _ => skip(&format!("{key} of several types has no Cedar form")),
+                    _ => free_form(&format!("{key} of several types")),
                 };
             }
         }
@@ -108,11 +114,11 @@ impl Typer {
                     .filter(|k| *k != "null");
                 match (concrete.next(), concrete.next()) {
                     (Some(only), None) => only,
-                    _ => return skip("a value of several types has no Cedar form"),
+                    _ => return free_form("a value of several types"),
                 }
             }
             _ if prop.get("properties").is_some() || prop.get("allOf").is_some() => "object",
-            _ => return skip("no type"),
+            _ => return free_form("no type"),
         };
         Some(match kind {
             "integer" => "Long".into(),
@@ -125,20 +131,27 @@ impl Typer {
                 _ => "String".into(),
             },
             "array" => match prop.get("items") {
-                Some(items) => format!(
-                    "Set<{}>",
-                    self.cedar_type(items, &format!("{at}[]"), depth + 1)?
-                ),
-                None => return skip("an array without items"),
+                // A list of maps is free-form as a whole.
+                Some(items) => match self.cedar_type(items, &format!("{at}[]"), depth + 1)? {
+                    item if item == FREE_FORM => FREE_FORM.into(),
+                    item => format!("Set<{item}>"),
+                },
+                None => return Some(FREE_FORM.into()),
             },
             "object" => {
                 let declared = prop.get("properties").is_some() || prop.get("allOf").is_some();
                 if !declared {
-                    return skip("an object without properties (a map) has no Cedar form");
+                    // A map: policies read its canonical JSON text (`@json`).
+                    return Some(FREE_FORM.into());
                 }
                 render_record(&self.fields(prop, at, depth + 1))
             }
-            other => return skip(&format!("type {other} has no Cedar form")),
+            other => {
+                self.skipped.push(format!(
+                    "{at}: type {other}: policies read it as its JSON text (@json)"
+                ));
+                FREE_FORM.into()
+            }
         })
     }
 }
@@ -153,7 +166,12 @@ pub fn render_record(fields: &[Field]) -> String {
         .map(|f| {
             let optional = if f.required { "" } else { "?" };
             let sensitive = if f.sensitive { "@sensitive " } else { "" };
-            format!("{sensitive}{}{optional}: {}", quote(&f.name), f.ty)
+            // An annotation goes before the name, not in the type.
+            let (annotation, ty) = match f.ty.strip_prefix("@json ") {
+                Some(ty) => ("@json ", ty),
+                None => ("", f.ty.as_str()),
+            };
+            format!("{sensitive}{annotation}{}{optional}: {ty}", quote(&f.name))
         })
         .collect();
     format!("{{ {} }}", fields.join(", "))
@@ -196,7 +214,7 @@ pub fn cedar_schema_for_tools(upstream: &str, tools: &[Value]) -> String {
     }
     out.push_str("}\n");
     for skipped in &typer.skipped {
-        out.push_str(&format!("// left out: {}\n", one_line(skipped)));
+        out.push_str(&format!("// note: {}\n", one_line(skipped)));
     }
     out
 }
@@ -256,7 +274,8 @@ mod tests {
         ] {
             assert!(text.contains(field), "{field} in {text}");
         }
-        assert!(!text.contains("blob?"), "{text}");
+        // A value of any type is declared, as its JSON text.
+        assert!(text.contains("@json blob?: String"), "{text}");
         let secret = cedar_schema_for_tools(
             "s",
             &[
@@ -268,7 +287,10 @@ mod tests {
         assert!(secret.contains("@sensitive password?: String"), "{secret}");
         assert!(secret.contains("@sensitive key?: String"), "{secret}");
         assert!(secret.contains("// a permit\n"), "{secret}");
-        assert!(text.contains("// left out: pay.blob: no type"), "{text}");
+        assert!(
+            text.contains("pay.blob: no type: policies read it as its JSON text (@json)"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -284,13 +306,13 @@ mod tests {
             }}
         ]});
         let record = render_record(&typer.fields(&schema, "op", 0));
-        assert_eq!(record, "{ email: String, kind: String, maybe?: Long }");
+        assert_eq!(
+            record,
+            "{ email: String, kind: String, maybe?: Long, @json either?: String, @json map?: String }"
+        );
         assert_eq!(
             typer.skipped,
-            [
-                "op.either: oneOf of several types has no Cedar form",
-                "op.map: an object without properties (a map) has no Cedar form"
-            ]
+            ["op.either: oneOf of several types: policies read it as its JSON text (@json)"]
         );
     }
 }

@@ -39,6 +39,9 @@ struct Route {
     /// is not where the operation's arguments are.
     #[serde(skip_serializing_if = "Option::is_none")]
     arguments: Option<&'static str>,
+    /// Request headers the operation reads as parameters (`in: header`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    header_arguments: Vec<String>,
 }
 
 /// One imported operation.
@@ -137,6 +140,13 @@ pub fn run(
         ));
     }
     schema.push_str("}\n");
+    if schema.len() > MAX_SCHEMA_BYTES {
+        return Err(format!(
+            "the schema would be {} MiB, more than {} MiB: the document's types fan out too far",
+            schema.len() >> 20,
+            MAX_SCHEMA_BYTES >> 20
+        ));
+    }
 
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let routes_path = out.join(format!("{upstream}.upstream.yaml"));
@@ -163,7 +173,7 @@ pub fn run(
         println!("kept {} (your policies)", policy_path.display());
     }
     if !skipped.is_empty() {
-        println!("left out (Cedar cannot say it, or toolgate does not read it):");
+        println!("notes (read as JSON text where Cedar has no type; left out where toolgate does not read it):");
         for line in &skipped {
             println!("  {line}");
         }
@@ -202,6 +212,9 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
     };
     let mut tools: Vec<Tool> = Vec::new();
     let mut names = BTreeSet::new();
+    // One expansion budget for the whole document: references fanning out across operations
+    // are bounded as those within one.
+    let mut budget = MAX_INLINED_NODES;
     for (path, item) in paths {
         if let Some(why) = unroutable(path) {
             skipped.push(format!(
@@ -236,7 +249,14 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
                 name = format!("{base}_{n}");
             }
             let mut typer = Typer::default();
-            let tool = operation_tool(doc, &name, method, path, &shared, &operation, &mut typer)?;
+            let operation = Operation {
+                name: &name,
+                method,
+                path,
+                shared: &shared,
+                operation: &operation,
+            };
+            let tool = operation_tool(doc, &operation, &mut typer, &mut budget)?;
             skipped.extend(typer.skipped.into_iter().map(|s| format!("{name}: {s}")));
             tools.push(tool);
         }
@@ -280,15 +300,29 @@ fn tool_name(text: &str) -> String {
     name.trim_end_matches('_').to_string()
 }
 
+/// One operation of the document, where it is.
+struct Operation<'a> {
+    name: &'a str,
+    method: &'a str,
+    path: &'a str,
+    /// The path item's parameters.
+    shared: &'a Value,
+    operation: &'a Value,
+}
+
 fn operation_tool(
     doc: &Value,
-    name: &str,
-    method: &str,
-    path: &str,
-    shared: &Value,
-    operation: &Value,
+    op: &Operation<'_>,
     typer: &mut Typer,
+    budget: &mut usize,
 ) -> Result<Tool, String> {
+    let Operation {
+        name,
+        method,
+        path,
+        shared,
+        operation,
+    } = *op;
     let mut parameters: Vec<Value> = Vec::new();
     for list in [shared, operation.get("parameters").unwrap_or(&Value::Null)] {
         for parameter in list.as_array().into_iter().flatten() {
@@ -328,18 +362,21 @@ fn operation_tool(
 
     let mut args: Vec<Field> = Vec::new();
     let mut query = Vec::new();
+    let mut headers = Vec::new();
     for parameter in &parameters {
         let pname = parameter.get("name").and_then(Value::as_str).unwrap_or("");
         let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
         let mut schema = parameter
             .get("schema")
-            .map(|s| inline(doc, s, 0))
+            .map(|s| inline_within(doc, s, 0, budget))
             .transpose()?
             .unwrap_or_else(|| serde_json::json!({"type": "string"}));
-        // A path segment or query value is one text: toolgate refuses a repeated query name.
-        if schema.get("type").and_then(Value::as_str) == Some("array") {
+        // `statuses[]` is the parameter `statuses`, a set, as toolgate reads queries.
+        let pname = pname.strip_suffix("[]").unwrap_or(pname);
+        let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
+        if is_array && place != "query" {
             typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an array: declared as one item, so a call repeating the name is denied, and a value the upstream splits (`a,b`) is one text to policies"
+                "{place} parameter `{pname}` is an array: declared as one item, and a value the upstream splits (`a,b`) is one text to policies"
             ));
             schema = schema.get("items").cloned().unwrap_or(Value::Null);
         }
@@ -376,11 +413,21 @@ fn operation_tool(
                     query.push(Field { name: pname.to_string(), required, ty, sensitive });
                 }
             }
+            "header" => {
+                let required = parameter
+                    .get("required")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
+                    let sensitive = looks_sensitive(pname, &schema);
+                    headers.push(Field { name: pname.to_string(), required, ty, sensitive });
+                }
+            }
             "cookie" => typer.skipped.push(format!(
                 "cookie parameter `{pname}`: toolgate never forwards cookies, so calls that need it fail"
             )),
             other => typer.skipped.push(format!(
-                "{other} parameter `{pname}`: forwarded to the upstream but not seen by policies (they read path, query and JSON body)"
+                "{other} parameter `{pname}`: toolgate does not read it, so calls that need it fail"
             )),
         }
     }
@@ -403,7 +450,7 @@ fn operation_tool(
             Some((_, media)) => {
                 let schema = media
                     .get("schema")
-                    .map(|s| inline(doc, s, 0))
+                    .map(|s| inline_within(doc, s, 0, budget))
                     .transpose()?
                     .unwrap_or(Value::Null);
                 let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
@@ -474,6 +521,10 @@ fn operation_tool(
         }
     }
 
+    let header_arguments = headers.iter().map(|f| f.name.clone()).collect();
+    for field in headers {
+        add(&mut args, typer, field);
+    }
     let summary = operation
         .get("summary")
         .or_else(|| operation.get("description"))
@@ -485,6 +536,7 @@ fn operation_tool(
             method: method_upper,
             path: template,
             arguments,
+            header_arguments,
         },
         summary,
         args,
@@ -526,12 +578,16 @@ fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
 /// A schema with every `$ref` inside it followed (a recursive one stops at `MAX_REF_DEPTH`,
 /// where Cedar could not follow it anyway), in at most `MAX_INLINED_NODES` values: references
 /// that fan out at every level would otherwise multiply past any memory.
+#[cfg(test)]
 fn inline(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
     let mut budget = MAX_INLINED_NODES;
     inline_within(doc, value, depth, &mut budget)
 }
 
 const MAX_INLINED_NODES: usize = 200_000;
+
+/// The largest Cedar schema an import writes.
+const MAX_SCHEMA_BYTES: usize = 4 << 20;
 
 fn inline_within(
     doc: &Value,
@@ -771,5 +827,67 @@ mod tests {
             0
         )
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod declaration_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn header_parameters_query_arrays_and_maps_are_declared() {
+        let doc = json!({"paths": {"/incidents": {
+            "get": {"operationId": "listIncidents", "parameters": [
+                {"name": "statuses[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}}
+            ]},
+            "post": {"operationId": "createIncident",
+                "parameters": [{"name": "From", "in": "header", "required": true, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["incident"], "properties": {"incident": {
+                        "type": "object", "required": ["type", "body"], "properties": {
+                            "type": {"type": "string"},
+                            "body": {"type": "object", "required": ["type"]}
+                        }}}}}}}}
+        }}});
+        let mut notes = Vec::new();
+        let tools = operations(&doc, &mut notes).unwrap();
+        let list = tools
+            .iter()
+            .find(|t| t.route.tool == "listIncidents")
+            .unwrap();
+        assert_eq!(render_record(&list.args), "{ statuses?: Set<String> }");
+        let create = tools
+            .iter()
+            .find(|t| t.route.tool == "createIncident")
+            .unwrap();
+        assert_eq!(create.route.header_arguments, ["From"]);
+        assert_eq!(
+            render_record(&create.args),
+            "{ incident: { type: String, @json body: String }, From: String }"
+        );
+    }
+
+    #[test]
+    fn one_expansion_budget_bounds_the_whole_document() {
+        // Each operation's body expands to some 5,000 values: under the budget alone, over it
+        // across sixty operations.
+        let wide: serde_json::Map<String, Value> = (0..5_000)
+            .map(|i| (format!("f{i}"), json!({"type": "string"})))
+            .collect();
+        let mut paths = serde_json::Map::new();
+        for n in 0..60 {
+            paths.insert(
+                format!("/op{n}"),
+                json!({"post": {"requestBody": {"content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Wide"}}}}}}),
+            );
+        }
+        let doc = json!({"paths": paths, "components": {"schemas": {
+            "Wide": {"type": "object", "properties": wide}}}});
+        let err = operations(&doc, &mut Vec::new()).err().expect("refused");
+        assert!(err.contains("expand"), "{err}");
+        let one = json!({"paths": {"/op": doc["paths"]["/op0"].clone()}, "components": doc["components"].clone()});
+        assert!(operations(&one, &mut Vec::new()).is_ok());
     }
 }

@@ -78,6 +78,8 @@ pub struct Rules<'a> {
     pub reads: &'a ArgReads,
     /// Arguments declared `@json` (free-form).
     pub free_form: &'a std::collections::BTreeSet<String>,
+    /// Arguments declared `@path`: refused unless in normal form.
+    pub paths: &'a std::collections::BTreeSet<String>,
     /// Whether strings that hold JSON text are checked (MCP tools, whose SDKs may decode them),
     /// and against which input schema (`None`: not known, any other type counts).
     pub json_text: Option<Option<&'a Value>>,
@@ -197,6 +199,9 @@ fn render_value(
             if origin == Origin::Json {
                 check_json_text(&s, path, rules)?;
             }
+            if rules.paths.contains(path) {
+                check_normal_path(&s, path)?;
+            }
             Ok((Value::String(s.clone()), Value::String(s)))
         }
         (AttrType::Set(element), Value::Array(items)) => {
@@ -310,6 +315,32 @@ fn render_decimal(
         )),
         None => Ok((Value::String(decimal.cedar_rounded()), forward)),
     }
+}
+
+/// A path in normal form: no `.` or `..` segment, no empty one but a leading or trailing `/`'s,
+/// no backslash (a separator on Windows and to WHATWG parsers) and no NUL. Otherwise a policy's
+/// `like "/public/*"` would admit `/public/../private`.
+fn check_normal_path(text: &str, path: &str) -> Result<(), ArgRefusal> {
+    let refuse = |why: &str| {
+        Err(ArgRefusal::new(
+            ArgProblem::Invalid,
+            path,
+            format!("is a path {why}: send it in normal form"),
+        ))
+    };
+    if text.contains(['\\', '\0']) {
+        return refuse("with a backslash or NUL");
+    }
+    let segments: Vec<&str> = text.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." | ".." => return refuse("with a `.` or `..` segment"),
+            "" if i != 0 && i != last => return refuse("with an empty segment"),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A string whose text is JSON of another type the tool accepts at `path`: an SDK that decodes
@@ -600,9 +631,41 @@ mod tests {
             undeclared: Undeclared::Refuse,
             reads,
             free_form: free,
+            paths: free,
             json_text: None,
         }
     }
+
+    #[test]
+    fn paths_must_be_in_normal_form() {
+        let declared = record(&[("file", AttrType::String, true)]);
+        let reads = ArgReads::All;
+        let marked = BTreeSet::from(["file".to_string()]);
+        let rules = Rules {
+            free_form: &NO_NAMES,
+            ..rules(&reads, &marked)
+        };
+        for (file, ok) in [
+            ("/public/a.txt", true),
+            ("public/a.txt", true),
+            ("/public/dir/", true),
+            ("/public/../private/s.txt", false),
+            ("public/../private", false),
+            ("./x", false),
+            ("/public//x", false),
+            ("/public/..", false),
+            ("c:\\x", false),
+        ] {
+            let raw = obj(json!({ "file": file }));
+            assert_eq!(
+                render(raw, &declared, Origin::Json, &rules).is_ok(),
+                ok,
+                "{file}"
+            );
+        }
+    }
+
+    static NO_NAMES: BTreeSet<String> = BTreeSet::new();
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()

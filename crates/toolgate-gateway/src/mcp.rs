@@ -512,6 +512,7 @@ impl Gateway {
             undeclared: upstream.config.undeclared_arguments.unwrap_or_default(),
             reads: ctx.engine.arg_reads(tool.as_str()),
             free_form: &context.free_form,
+            paths: &context.paths,
             json_text: listed.as_ref().map(|entry| input_schema(entry.as_deref())),
         };
         let rendered = match render(args, &context.args, Origin::Json, &rules) {

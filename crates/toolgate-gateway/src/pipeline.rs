@@ -34,10 +34,9 @@ use crate::trace::{Outcome, TRACEPARENT, TRACESTATE};
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 
-/// What an action without a declaration (or without `@json` arguments) declares.
+/// What an action without a declaration declares: no arguments, none annotated.
 pub(crate) static NO_ARGS: toolgate_policy::Record = toolgate_policy::Record::new();
-pub(crate) static NO_FREE_FORM: std::collections::BTreeSet<String> =
-    std::collections::BTreeSet::new();
+pub(crate) static NO_NAMES: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 pub const TASK_HEADER: &str = "toolgate-task";
@@ -259,7 +258,8 @@ impl Gateway {
             rules: crate::args::Rules {
                 undeclared: route.undeclared,
                 reads: ctx.engine.arg_reads(tool.as_str()),
-                free_form: context.map_or(&NO_FREE_FORM, |c| &c.free_form),
+                free_form: context.map_or(&NO_NAMES, |c| &c.free_form),
+                paths: context.map_or(&NO_NAMES, |c| &c.paths),
                 json_text: None,
             },
         };

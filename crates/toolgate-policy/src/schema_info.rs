@@ -36,6 +36,8 @@ pub struct ActionContext {
     /// Arguments annotated `@json` (declared `String`): free-form JSON, which the policy reads
     /// as its canonical text and the upstream receives as that same JSON value.
     pub free_form: std::collections::BTreeSet<String>,
+    /// Arguments annotated `@path` (file or URL paths): refused unless in normal form.
+    pub paths: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -81,6 +83,7 @@ impl SchemaInfo {
                     };
                     let mut sensitive = std::collections::BTreeSet::new();
                     let mut free_form = std::collections::BTreeSet::new();
+                    let mut paths = std::collections::BTreeSet::new();
                     if let Some(args) = def
                         .pointer("/appliesTo/context")
                         .and_then(|ctx| resolver.attributes(ctx, 0))
@@ -89,6 +92,7 @@ impl SchemaInfo {
                     {
                         resolver.annotated_paths("sensitive", args, "", 0, &mut sensitive);
                         resolver.annotated_paths("json", args, "", 0, &mut free_form);
+                        resolver.annotated_paths("path", args, "", 0, &mut paths);
                     }
                     info.actions.insert(
                         name.clone(),
@@ -97,6 +101,7 @@ impl SchemaInfo {
                             args,
                             sensitive,
                             free_form,
+                            paths,
                         },
                     );
                 }
