@@ -20,6 +20,8 @@ const SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, task?: TaskInfo, args: { amount: Long, to: String } } };
   action "tools/admin_reset" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, task?: TaskInfo } };
+  action "tools/slow_add" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo, args: { a: Long, b: Long } } };
   action "tools/prompts/get" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, task?: TaskInfo,
       args: { name: String, arguments?: { name?: String, target?: String } } } };
@@ -28,6 +30,7 @@ const POLICIES: &str = r#"
 @id("sdk-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
 @id("sdk-pay-small") permit (principal, action == Toolgate::Action::"tools/pay", resource)
 when { context.args.amount < 100 };
+@id("sdk-slow-add") permit (principal, action == Toolgate::Action::"tools/slow_add", resource);
 @id("sdk-greet") permit (principal, action == Toolgate::Action::"tools/prompts/get", resource)
 when { context.args.name == "greet" };
 @id("sdk-hide-admin") forbid (principal, action == Toolgate::Action::"list", resource == Toolgate::Tool::"tools/admin_reset");
@@ -87,7 +90,12 @@ async fn start_server(sdk: Sdk) -> (Killed, String) {
 
 /// Runs an SDK client against `url` (bounded); returns what it printed.
 async fn run_client(sdk: Sdk, url: &str, token: &str) -> Value {
-    let mut command = program(sdk, "client");
+    run(sdk, "client", url, token).await
+}
+
+/// Runs an SDK program of `role` (`client`, `resume_client`) against `url`.
+async fn run(sdk: Sdk, role: &str, url: &str, token: &str) -> Value {
+    let mut command = program(sdk, role);
     command.arg(url).arg(token);
     let output = tokio::time::timeout(
         Duration::from_secs(60),
@@ -175,5 +183,43 @@ async fn every_official_sdk_pairing_works_through_the_gateway() {
             .audit_line(|l| l["action"] == "tools/add" && l["decision"] == "allow")
             .await;
         assert!(allowed["jti"].is_string(), "{allowed}");
+    }
+}
+
+/// SEP-1699: the server closes its SSE stream mid-call (the TypeScript SDK's `closeSSEStream`,
+/// after a priming event that carries the id to resume from), and the client resumes with
+/// `Last-Event-ID` on a GET: through the gateway, each SDK's client gets the answer, every time.
+/// (The gateway dropped priming events, whose data is empty, and passed on a priming event
+/// replayed from the server's store as `{}`, which clients cannot read.)
+#[tokio::test]
+async fn a_stream_closed_mid_call_is_resumed_through_the_gateway() {
+    let (_server, url) = start_mcp_server("TypeScript resume server", |port| {
+        let mut command = program(Sdk::TypeScript, "resume_server");
+        command
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await;
+    let rest = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: rest.addr,
+        extra_policies: &[("tools.cedarschema", SCHEMA), ("sdk.cedar", POLICIES)],
+        inbound: None,
+        mcp: Some(url),
+        extra_config: "",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    for client in [Sdk::Python, Sdk::TypeScript] {
+        for round in 1..=3 {
+            let out = run(client, "resume_client", &gw.url("/tools"), &token).await;
+            assert_eq!(
+                out["text"],
+                json!(["5"]),
+                "{client:?} client, round {round}: {out}"
+            );
+        }
     }
 }

@@ -210,7 +210,10 @@ impl TokenEndpoint {
 
     /// The token kept for `key`, while it lives.
     fn kept_token(&self, key: &AskHash, now: u64) -> Option<Issued> {
-        let kept = self.kept.lock().expect("not poisoned");
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         kept.get(key)
             .filter(|(t, _)| t.use_until > now)
             .map(|(t, _)| t.clone())
@@ -232,7 +235,10 @@ impl TokenEndpoint {
             .min();
         let answer = self.ask(grant, scope, now).await?;
         let issued = checked(answer, grant, scope, limit, now)?;
-        let mut kept = self.kept.lock().expect("not poisoned");
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if kept.len() >= MAX_CACHED {
             kept.retain(|_, (t, _)| t.use_until > now);
             if kept.len() >= MAX_CACHED {
@@ -253,13 +259,16 @@ impl TokenEndpoint {
     pub fn forget_task(&self, id: &str) {
         self.kept
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|_, (_, task)| task.as_deref() != Some(id));
     }
 
     /// Tokens kept now.
     pub fn kept(&self) -> usize {
-        self.kept.lock().expect("not poisoned").len()
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// The token request: the grant's form, and the client's authentication.
@@ -389,7 +398,7 @@ impl<'a> Waiting<'a> {
         let turn = endpoint
             .asking
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(key)
             .or_default()
             .clone();
@@ -407,7 +416,11 @@ impl<'a> Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut asking = self.endpoint.asking.lock().expect("not poisoned");
+        let mut asking = self
+            .endpoint
+            .asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         drop(self.turn.take());
         // Held by the map alone: nobody else is in line.
         if asking

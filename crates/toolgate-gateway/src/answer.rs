@@ -70,6 +70,33 @@ pub enum Refusal {
     NoUpstreamToken(#[from] toolgate_credential::oauth::TokenError),
 }
 
+/// Where a refusal comes from (pingora's habit): the agent's request, the upstream, a dependency
+/// the decision needs (the task store, a token endpoint), or the gateway itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Agent,
+    Upstream,
+    Dependency,
+    Gateway,
+}
+
+/// The body for a token endpoint that gave no usable token. The endpoint's own error code is
+/// the operator's clue; its description stays in the audit line (it may echo what toolgate
+/// sent).
+fn token_refusal_body(error: &TokenError, decision_id: &str) -> Value {
+    match error {
+        TokenError::Refused { code, .. } => {
+            json!({"error": "upstream_credential_refused", "token_endpoint_error": code, "decision_id": decision_id})
+        }
+        TokenError::Unusable(_) => {
+            json!({"error": "upstream_credential_unusable", "decision_id": decision_id})
+        }
+        TokenError::Timeout(_) | TokenError::Unreachable(_) => {
+            json!({"error": "upstream_credential_unavailable", "decision_id": decision_id})
+        }
+    }
+}
+
 /// What the agent is told of a policy's deny: the `@reason` of the policy that determined it,
 /// or that a policy could not be evaluated. Nothing else about the policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -167,14 +194,32 @@ impl Refusal {
         }
     }
 
+    /// Where the refusal comes from: what fails closed, and whose doing it is.
+    pub fn source(&self) -> Source {
+        match self {
+            Refusal::Unavailable(_) | Refusal::NoUpstreamToken(_) => Source::Dependency,
+            Refusal::UpstreamUnreachable(_) | Refusal::UpstreamTimeout => Source::Upstream,
+            Refusal::Internal(_) | Refusal::AuditUnavailable | Refusal::AtCapacity(_) => {
+                Source::Gateway
+            }
+            _ => Source::Agent,
+        }
+    }
+
     /// The answer to the agent. Upstream and internal details stay in the audit log.
     pub fn into_response(
         self,
         decision_id: &str,
         resource_metadata: Option<&str>,
     ) -> Response<Body> {
-        let status = self.status();
-        let body = match &self {
+        let mut response = json_response(self.status(), &self.body(decision_id));
+        self.add_headers(response.headers_mut(), resource_metadata);
+        response
+    }
+
+    /// The JSON body: the machine-readable `error`, and what the agent may be told.
+    fn body(&self, decision_id: &str) -> Value {
+        match self {
             Refusal::Unauthenticated(AuthError::Missing) => {
                 json!({"error": "unauthorized", "decision_id": decision_id})
             }
@@ -216,41 +261,28 @@ impl Refusal {
             }
             Refusal::Internal(_) => json!({"error": "internal_error", "decision_id": decision_id}),
             Refusal::AuditUnavailable => json!({"error": "audit_unavailable"}),
-            // The endpoint's own error code is the operator's clue; its description stays in
-            // the audit line (it may echo what toolgate sent).
-            Refusal::NoUpstreamToken(e) => match e {
-                TokenError::Refused { code, .. } => {
-                    json!({"error": "upstream_credential_refused", "token_endpoint_error": code, "decision_id": decision_id})
-                }
-                TokenError::Unusable(_) => {
-                    json!({"error": "upstream_credential_unusable", "decision_id": decision_id})
-                }
-                TokenError::Timeout(_) | TokenError::Unreachable(_) => {
-                    json!({"error": "upstream_credential_unavailable", "decision_id": decision_id})
-                }
-            },
-        };
-        let mut response = json_response(status, &body);
-        if let Refusal::MethodNotAllowed(allow) = &self {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            Refusal::NoUpstreamToken(e) => token_refusal_body(e, decision_id),
+        }
+    }
+
+    /// `Allow`, `Retry-After` and the `WWW-Authenticate` challenges.
+    fn add_headers(&self, headers: &mut http::HeaderMap, resource_metadata: Option<&str>) {
+        if let Refusal::MethodNotAllowed(allow) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         if let Refusal::AuditUnavailable
         | Refusal::AtCapacity(_)
-        | Refusal::NoUpstreamToken(TokenError::Timeout(_) | TokenError::Unreachable(_)) = &self
+        | Refusal::NoUpstreamToken(TokenError::Timeout(_) | TokenError::Unreachable(_)) = self
         {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let Refusal::AdminUnauthorized = &self {
-            response.headers_mut().insert(
+        if let Refusal::AdminUnauthorized = self {
+            headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"toolgate-admin\""),
             );
         }
-        if let Refusal::Unauthenticated(e) = &self {
+        if let Refusal::Unauthenticated(e) = self {
             let mut challenge = String::from("Bearer realm=\"toolgate\"");
             if !matches!(e, AuthError::Missing) {
                 challenge.push_str(", error=\"invalid_token\"");
@@ -259,10 +291,9 @@ impl Refusal {
                 challenge.push_str(&format!(", resource_metadata=\"{url}\""));
             }
             if let Ok(v) = HeaderValue::from_str(&challenge) {
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                headers.insert(header::WWW_AUTHENTICATE, v);
             }
         }
-        response
     }
 }
 

@@ -128,12 +128,11 @@ fn render_record(
             }
         };
         if value.is_null() {
-            // Absent to the policy, and sent as the null the agent wrote (a server reads it
-            // as absent, or as "clear" where it tells the two apart).
+            // Absent to the policy, and so absent upstream: a server may read `null` otherwise
+            // than a missing argument (no default applied, "clear", "unlimited").
             if *required {
                 return Err(ArgRefusal::new(ArgProblem::Invalid, &path, "is required"));
             }
-            out.forward.insert(name, Value::Null);
             continue;
         }
         let (policy, forward) = render_value(value, ty, origin, rules, &path)?;
@@ -160,35 +159,15 @@ fn render_value(
     path: &str,
 ) -> Result<(Value, Value), ArgRefusal> {
     if rules.free_form.contains(path) && origin == Origin::Json {
+        if let Value::String(text) = &value {
+            // A free-form argument takes any type: JSON text in a string is ambiguous there.
+            check_json_text(text, path, rules)?;
+        }
         // One canonical text (keys sorted, no spaces): what the policy compares.
         return Ok((Value::String(sorted(&value).to_string()), value));
     }
-    let invalid = |want: &str, got: &Value| {
-        ArgRefusal::new(
-            ArgProblem::Invalid,
-            path,
-            format!("expected {want}, got {}", kind_of(got)),
-        )
-    };
     match (ty, value) {
-        (AttrType::Long, Value::Number(n)) => match n.as_i64() {
-            Some(_) => Ok((Value::Number(n.clone()), Value::Number(n))),
-            None if n.is_u64() => Err(ArgRefusal::new(
-                ArgProblem::NotRepresentable,
-                path,
-                "is beyond a Long's range",
-            )),
-            None => Err(invalid("an integer", &Value::Number(n))),
-        },
-        (AttrType::Long, Value::String(s)) if origin == Origin::Text => match parse_long(&s) {
-            Some(Ok(n)) => Ok((Value::from(n), Value::String(n.to_string()))),
-            Some(Err(())) => Err(ArgRefusal::new(
-                ArgProblem::NotRepresentable,
-                path,
-                "is beyond a Long's range",
-            )),
-            None => Err(invalid("an integer", &Value::String(s))),
-        },
+        (AttrType::Long, value) => render_long(value, origin, path),
         (AttrType::Bool, Value::Bool(b)) => Ok((Value::Bool(b), Value::Bool(b))),
         (AttrType::Bool, Value::String(s))
             if origin == Origin::Text && (s == "true" || s == "false") =>
@@ -204,26 +183,8 @@ fn render_value(
             }
             Ok((Value::String(s.clone()), Value::String(s)))
         }
-        (AttrType::Set(element), Value::Array(items)) => {
-            let mut policy = Vec::with_capacity(items.len());
-            let mut forward = Vec::with_capacity(items.len());
-            // SDKs decode JSON text in an argument's own value, not in a list's items.
-            let items_rules = Rules {
-                json_text: None,
-                ..*rules
-            };
-            for item in items {
-                let (p, f) = render_value(item, element, origin, &items_rules, path)?;
-                policy.push(p);
-                forward.push(f);
-            }
-            Ok((Value::Array(policy), Value::Array(forward)))
-        }
-        // One value in a query or path where a set is declared: a set of one. In JSON a set
-        // is an array: a lone value is the upstream's to read (as a list of one, or not).
-        (AttrType::Set(element), single) if origin == Origin::Text => {
-            let (p, f) = render_value(single, element, origin, rules, path)?;
-            Ok((Value::Array(vec![p]), f))
+        (AttrType::Set(element), value) if value.is_array() || origin == Origin::Text => {
+            render_set(value, element, origin, rules, path)
         }
         (AttrType::Record(fields), Value::Object(raw)) if origin == Origin::Json => {
             let inner = render_record(raw, fields, origin, rules, path)?;
@@ -245,9 +206,65 @@ fn render_value(
                 // A list or number sent as its JSON text: say so, it is the likelier mistake.
                 check_json_text(text, path, rules)?;
             }
-            Err(invalid(type_name(ty), &value))
+            Err(invalid(path, type_name(ty), &value))
         }
     }
+}
+
+fn invalid(path: &str, want: &str, got: &Value) -> ArgRefusal {
+    let detail = format!("expected {want}, got {}", kind_of(got));
+    ArgRefusal::new(ArgProblem::Invalid, path, detail)
+}
+
+/// A Long: a JSON integer, or an integer's text (forwarded as its canonical text).
+fn render_long(value: Value, origin: Origin, path: &str) -> Result<(Value, Value), ArgRefusal> {
+    let beyond = || {
+        ArgRefusal::new(
+            ArgProblem::NotRepresentable,
+            path,
+            "is beyond a Long's range",
+        )
+    };
+    match value {
+        Value::Number(n) if n.is_i64() => Ok((Value::Number(n.clone()), Value::Number(n))),
+        Value::Number(n) if n.is_u64() => Err(beyond()),
+        Value::String(s) if origin == Origin::Text => match parse_long(&s) {
+            Some(Ok(n)) => Ok((Value::from(n), Value::String(n.to_string()))),
+            Some(Err(())) => Err(beyond()),
+            None => Err(invalid(path, "an integer", &Value::String(s))),
+        },
+        other => Err(invalid(path, "an integer", &other)),
+    }
+}
+
+/// A set: a JSON array, or from text a list (a repeated query name) or one value, a set of
+/// one. In JSON a lone value is the upstream's to read (as a list of one, or not): refused.
+fn render_set(
+    value: Value,
+    element: &AttrType,
+    origin: Origin,
+    rules: &Rules<'_>,
+    path: &str,
+) -> Result<(Value, Value), ArgRefusal> {
+    let Value::Array(items) = value else {
+        refuse_split_item(&value, origin, path)?;
+        let (p, f) = render_value(value, element, origin, rules, path)?;
+        return Ok((Value::Array(vec![p]), f));
+    };
+    // SDKs decode JSON text in an argument's own value, not in a list's items.
+    let items_rules = Rules {
+        json_text: None,
+        ..*rules
+    };
+    let mut policy = Vec::with_capacity(items.len());
+    let mut forward = Vec::with_capacity(items.len());
+    for item in items {
+        refuse_split_item(&item, origin, path)?;
+        let (p, f) = render_value(item, element, origin, &items_rules, path)?;
+        policy.push(p);
+        forward.push(f);
+    }
+    Ok((Value::Array(policy), Value::Array(forward)))
 }
 
 /// A JSON value with every object's keys in sorted order.
@@ -264,6 +281,20 @@ fn sorted(value: &Value) -> Value {
         }
         Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
         other => other.clone(),
+    }
+}
+
+/// An item of a list read from text (a query) holding a comma: Spring, and any API whose list
+/// parameters are not exploded (`style: form, explode: false`), split it into several items the
+/// policy never saw.
+fn refuse_split_item(item: &Value, origin: Origin, path: &str) -> Result<(), ArgRefusal> {
+    match item {
+        Value::String(text) if origin == Origin::Text && text.contains(',') => Err(ArgRefusal::new(
+            ArgProblem::Ambiguous,
+            path,
+            "is a list item holding a comma, which some servers split into several: repeat the parameter instead",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -331,10 +362,17 @@ fn check_normal_path(text: &str, path: &str) -> Result<(), ArgRefusal> {
     if text.contains(['\\', '\0']) {
         return refuse("with a backslash or NUL");
     }
+    // Servers that decode before normalising (nginx, Express static, WHATWG URLs) read `%2e%2e`
+    // as `..`.
+    let lower = text.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+        return refuse("with an escaped `.`, `/` or `\\`");
+    }
     let segments: Vec<&str> = text.split('/').collect();
     let last = segments.len() - 1;
     for (i, segment) in segments.iter().enumerate() {
-        match *segment {
+        // Tomcat and Spring read `..;x` as `..`.
+        match segment.split(';').next().unwrap_or_default() {
             "." | ".." => return refuse("with a `.` or `..` segment"),
             "" if i != 0 && i != last => return refuse("with an empty segment"),
             _ => {}
@@ -349,20 +387,9 @@ fn check_json_text(text: &str, path: &str, rules: &Rules<'_>) -> Result<(), ArgR
     let Some(schema) = rules.json_text else {
         return Ok(());
     };
-    let starts_like_json = text
-        .trim_start()
-        .starts_with(|c: char| c == '[' || c == '{' || c == '-' || c.is_ascii_digit())
-        || matches!(text.trim(), "true" | "false" | "null");
-    if !starts_like_json {
-        return Ok(());
-    }
-    let Ok(parsed) = serde_json::from_str::<Value>(text) else {
+    let Some(kind) = json_kind_of_text(text) else {
         return Ok(());
     };
-    let kind = json_type(&parsed);
-    if kind == "string" {
-        return Ok(());
-    }
     let accepted = match schema {
         Some(schema) => schema_at(schema, path).is_none_or(|s| accepts(s, kind, 0)),
         None => true,
@@ -375,6 +402,25 @@ fn check_json_text(text: &str, path: &str, rules: &Rules<'_>) -> Result<(), ArgR
         ));
     }
     Ok(())
+}
+
+/// The JSON type other than string that a decoder may read a string's text as. A list or an
+/// object is told by its brackets, not by parsing: decoders differ on what they accept inside
+/// (Python's takes lone surrogates, `NaN`, deeper nesting). A number or a boolean as JSON
+/// reads it.
+fn json_kind_of_text(text: &str) -> Option<&'static str> {
+    // The white space JSON (and Python's `json.loads`) skips around a value.
+    let trimmed = text.trim_matches([' ', '\t', '\n', '\r']);
+    let kind = match (trimmed.chars().next()?, trimmed.chars().last()?) {
+        ('[', ']') => "array",
+        ('{', '}') => "object",
+        _ if trimmed == "null" => "null",
+        (first, _) if first == '-' || first.is_ascii_digit() || first == 't' || first == 'f' => {
+            json_type(&serde_json::from_str::<Value>(trimmed).ok()?)
+        }
+        _ => return None,
+    };
+    (kind != "string").then_some(kind)
 }
 
 /// The JSON Schema of the property at `path` (`a.b`; a list on the way is stepped through to
@@ -485,6 +531,10 @@ fn parse_long(text: &str) -> Option<Result<i64, ()>> {
     Some(text.parse::<i64>().map_err(|_| ()))
 }
 
+/// The largest decimal exponent read (a double's is 308), and the longest mantissa.
+const MAX_EXPONENT: i64 = 400;
+const MAX_MANTISSA: usize = 400;
+
 /// A decimal number's exact value: sign, digits, and the position of the point.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Decimal {
@@ -510,7 +560,10 @@ impl Decimal {
             }
             None => (rest, 0),
         };
-        if exponent.abs() > 10_000 {
+        // Bounded, so the plain form (written out digit by digit) stays small; `checked_abs`:
+        // `i64::MIN` has no absolute value.
+        if exponent.checked_abs().is_none_or(|e| e > MAX_EXPONENT) || mantissa.len() > MAX_MANTISSA
+        {
             return None;
         }
         let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -655,6 +708,10 @@ mod tests {
             ("/public//x", false),
             ("/public/..", false),
             ("c:\\x", false),
+            ("/public/%2e%2e/private/s.txt", false),
+            ("/public/%2E./private", false),
+            ("/public/..;/private", false),
+            ("/public/a;v=1/b", true),
         ] {
             let raw = obj(json!({ "file": file }));
             assert_eq!(
@@ -736,6 +793,8 @@ mod tests {
             obj(json!({"id": "42", "tags": "a", "on": "true", "rate": "1.5"}))
         );
         for (raw, problem) in [
+            (json!({"tags": "open,deleted"}), ArgProblem::Ambiguous),
+            (json!({"tags": ["open", "a,b"]}), ArgProblem::Ambiguous),
             (json!({"id": "4 2"}), ArgProblem::Invalid),
             (json!({"id": "+42"}), ArgProblem::Invalid),
             (
@@ -780,7 +839,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.policy, obj(json!({"to": ["a"]})));
-        assert_eq!(out.forward, obj(json!({"to": ["a"], "owner": null})));
+        assert_eq!(out.forward, obj(json!({"to": ["a"]})));
     }
 
     #[test]
@@ -812,6 +871,16 @@ mod tests {
             (json!({"owner": "alice"}), &unknown, false),
             (json!({"owner": "[not json"}), &unknown, false),
             (json!({"to": ["[1]"]}), &known, false),
+            // Python reads a lone surrogate or NaN in a list that serde refuses.
+            (
+                json!({"to": " [\"ceo@corp.example\", \"\\ud800\"] "}),
+                &known,
+                true,
+            ),
+            (json!({"to": "[NaN]"}), &unknown, true),
+            (json!({"owner": "[WIP] draft"}), &unknown, false),
+            (json!({"owner": "{name}"}), &known, false),
+            (json!({"owner": "true"}), &unknown, true),
         ] {
             let result = render(obj(raw.clone()), &declared, Origin::Json, rules);
             assert_eq!(
@@ -874,7 +943,20 @@ mod tests {
             assert_eq!(d.cedar().as_deref(), cedar, "{text}");
             assert_eq!(d.cedar_rounded(), rounded, "{text}");
         }
-        for bad in ["", "-", "1.", ".5", "1e", "0x1", "1.2.3", "1e99999"] {
+        let long = "1".repeat(MAX_MANTISSA + 1);
+        for bad in [
+            "",
+            "-",
+            "1.",
+            ".5",
+            "1e",
+            "0x1",
+            "1.2.3",
+            "1e99999",
+            "1e-9223372036854775808",
+            "1.5e-9223372036854775808",
+            &long,
+        ] {
             assert!(Decimal::parse(bad).is_none(), "{bad}");
         }
     }

@@ -408,6 +408,7 @@ impl OutboundTls {
 
 impl CredentialConfig {
     /// What is wrong with this upstream's `credential:` for its mode.
+    #[allow(clippy::too_many_lines)] // config checking, not the request path: one rule a line
     fn problems(&self, upstream: &str) -> Vec<String> {
         let mut errors = Vec::new();
         let at = format!("upstream {upstream}: credential");
@@ -890,6 +891,7 @@ impl Config {
     }
 
     /// Everything wrong with the config that the types cannot say.
+    #[allow(clippy::too_many_lines)] // config checking, not the request path: one rule a line
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
         if self.inbound.jwt.is_empty() {

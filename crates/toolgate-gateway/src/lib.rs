@@ -1,6 +1,7 @@
 //! The toolgate server: listeners, the call pipeline, the upstream pool, admin endpoints,
 //! metrics, audit and configuration.
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 mod admin;
 pub mod answer;
@@ -189,6 +190,7 @@ const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 impl Gateway {
     /// Builds the gateway; refuses to start on an invalid policy set, config or key.
     /// `config_path` is where `config` was read from, for reloads (`None`: not reloadable).
+    #[allow(clippy::too_many_lines)] // start-up, not the request path
     pub async fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, String> {
         let mut load_cache = LoadCache::default();
         let engine = check(&config, &mut load_cache).map_err(|e| e.join("\n"))?;
@@ -273,7 +275,11 @@ impl Gateway {
     /// Writes out every audit record queued so far, and sends the traces waiting; call once the listeners have drained.
     /// Waits at most `limits.drain_seconds` (at least `AUDIT_GRACE`) for a writer that cannot write.
     pub async fn finish_audit(&self) {
-        let writer = self.audit_writer.lock().expect("not poisoned").take();
+        let writer = self
+            .audit_writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(writer) = writer {
             // Never less than a few seconds: a healthy writer's queue must not be cut short
             // by a short drain; only a writer that cannot write is given up on.

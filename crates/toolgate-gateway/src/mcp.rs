@@ -34,7 +34,7 @@ use crate::answer::{
     Refusal, UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
-use crate::pipeline::{authz_request, read_limited, CallContext, ToolId, Unfinished};
+use crate::pipeline::{authz_request, read_limited, ActionId, CallContext, Unfinished};
 use crate::rest::check_json_body_headers;
 use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
@@ -53,6 +53,11 @@ impl ToolSchemas {
     fn get(&self, upstream: &str, tool: &str) -> Option<Arc<Value>> {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
         map.get(&(upstream.to_string(), tool.to_string())).cloned()
+    }
+
+    fn forget(&self, upstream: &str) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(up, _), _| up != upstream);
     }
 
     fn learn(&self, upstream: &str, listing: &Value) {
@@ -100,6 +105,38 @@ struct Plan {
     decisions: Vec<AuditRecord>,
 }
 
+impl Plan {
+    /// A message that passes on authentication: listings and listen streams are filtered in
+    /// the answer, and `server/discover`'s answer is marked private.
+    fn pass(&mut self, upstream: &Upstream, message: &Value, method: &str, intent: Intent) {
+        let id = message.get("id").cloned();
+        match intent {
+            Intent::List => self.list_ids.extend(id),
+            Intent::Listen => self.listens = true,
+            _ if method == "server/discover" => self.decided_ids.extend(id),
+            _ => {}
+        }
+        // The method is the agent's word: the scope names the endpoint instead.
+        self.scope
+            .push(ActionId::endpoint(upstream.name()).to_string());
+        self.forward.push(message.clone());
+    }
+
+    /// A message the policy allowed, forwarded as rendered.
+    fn decided(
+        &mut self,
+        tool: &ActionId,
+        id: Option<&Value>,
+        forward: Value,
+        grants: Vec<String>,
+    ) {
+        self.scope.push(tool.to_string());
+        self.scope.extend(grants);
+        self.decided_ids.extend(id.cloned());
+        self.forward.push(forward);
+    }
+}
+
 /// A JSON-RPC error as the whole answer, with an HTTP status: for what is refused before any
 /// message is read (media type, syntax, transport headers).
 fn rpc_refusal(
@@ -110,6 +147,18 @@ fn rpc_refusal(
 ) -> Response<Body> {
     record.errors.push(message.to_string());
     json_response(status, &error_response(None, code, message, None))
+}
+
+/// `Mcp-Name` as the forwarded message names it (a resource's canonical `uri`): a 2026-07-28
+/// server checks the header against the body.
+fn name_header_as_decided(headers: &mut http::HeaderMap, message: &Value) {
+    if !headers.contains_key("mcp-name") {
+        return;
+    }
+    let uri = message.pointer("/params/uri").and_then(Value::as_str);
+    if let Some(value) = uri.and_then(|u| HeaderValue::from_str(u).ok()) {
+        headers.insert("mcp-name", value);
+    }
 }
 
 /// The first MCP revision without JSON-RPC batches.
@@ -141,6 +190,8 @@ fn check_transport_headers(payload: &Payload, headers: &http::HeaderMap) -> Resu
 }
 
 impl Gateway {
+    /// An MCP request: the session checked, then a GET or DELETE passed on, or a POST's
+    /// messages read, decided one by one, and the decided ones forwarded as rendered.
     pub(crate) async fn mcp_call(
         &self,
         ctx: &CallContext<'_>,
@@ -151,9 +202,9 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri("", None)?;
         keep_standard_headers(&mut parts.headers, &[&upstream.config.forward_headers]);
+        record.action = Some(format!("mcp:{}", parts.method));
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
-        record.action = Some(format!("mcp:{}", parts.method));
         if let Some(bound) = parts.headers.get(SESSION_HEADER) {
             let Some(session) = self.session_of(ctx, upstream, bound) else {
                 record
@@ -164,92 +215,113 @@ impl Gateway {
             parts.headers.insert(SESSION_HEADER, session);
         }
         if parts.method != Method::POST {
-            // GET opens the server's event stream, DELETE ends the session: authentication is
-            // enough, and no body goes with either.
-            record.decision = Verdict::Allow;
-            parts.headers.remove(header::CONTENT_LENGTH);
-            let scope = vec![format!("{}/mcp", upstream.name())];
-            let opens_stream = parts.method == Method::GET;
-            let request = Request::from_parts(parts, full(Bytes::new()));
-            let mut response = self.forward(ctx, upstream, request, scope, record).await?;
-            self.bind_session(ctx, upstream, response.headers_mut());
-            if !(opens_stream && is_event_stream(response.headers())) {
-                return Ok(response);
-            }
-            // The server's own stream carries resource updates, and replays earlier answers
-            // (`Last-Event-ID`), listings among them: both filtered.
-            let filter = answer_filter(
-                Listings::All,
-                true,
-                Visibility::new(ctx, upstream),
-                Some(self.learn_tools(upstream)),
-            );
-            return rewrite_answer(response, filter, Vec::new(), false).await;
+            return self.mcp_stream_or_end(ctx, upstream, parts, record).await;
         }
+        let payload = match self.read_payload(&parts.headers, body, record).await? {
+            Ok(payload) => payload,
+            Err(refused) => return Ok(refused),
+        };
+        let plan = self.plan(ctx, upstream, &payload, record);
+        let batch = matches!(payload, Payload::Batch(_));
+        if plan.forward.is_empty() {
+            return Ok(self.answer_alone(plan, batch));
+        }
+        self.forward_plan(ctx, upstream, parts, plan, batch, record)
+            .await
+    }
 
-        if let Err(refusal) = check_json_body_headers(&parts.headers) {
-            return Ok(rpc_refusal(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    /// GET opens the server's event stream, DELETE ends the session: authentication is enough,
+    /// and no body goes with either. The stream carries resource updates and replays earlier
+    /// answers (`Last-Event-ID`), listings among them: both filtered.
+    async fn mcp_stream_or_end(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        mut parts: http::request::Parts,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        record.decision = Verdict::Allow;
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let scope = vec![ActionId::endpoint(upstream.name()).to_string()];
+        let opens_stream = parts.method == Method::GET;
+        let request = Request::from_parts(parts, full(Bytes::new()));
+        let mut response = self.forward(ctx, upstream, request, scope, record).await?;
+        self.bind_session(ctx, upstream, response.headers_mut());
+        if !(opens_stream && is_event_stream(response.headers())) {
+            return Ok(response);
+        }
+        let filter = answer_filter(
+            Listings::All,
+            true,
+            Visibility::new(ctx, upstream),
+            Some(self.learn_tools(upstream)),
+        );
+        rewrite_answer(response, filter, Vec::new(), false).await
+    }
+
+    /// A POST's JSON-RPC payload, or the gateway's answer refusing it (media type, syntax,
+    /// transport headers, a batch on a revision without them).
+    async fn read_payload(
+        &self,
+        headers: &http::HeaderMap,
+        body: Incoming,
+        record: &mut AuditRecord,
+    ) -> Result<Result<Payload, Response<Body>>, Refusal> {
+        if let Err(refusal) = check_json_body_headers(headers) {
+            let status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            let message = refusal.to_string();
+            return Ok(Err(rpc_refusal(
+                status,
                 code::INVALID_REQUEST,
-                &refusal.to_string(),
+                &message,
                 record,
-            ));
+            )));
         }
         let started = std::time::Instant::now();
         let bytes = read_limited(body, self.body_limit(self.config.limits.max_body_bytes)).await;
         record.trace.step("read_arguments", started);
-        let bytes = bytes?;
-        let payload = match toolgate_mcp::parse(&bytes) {
-            Ok(payload) => payload,
-            Err(e) => {
-                return Ok(rpc_refusal(
-                    StatusCode::BAD_REQUEST,
-                    e.code,
-                    &e.message,
-                    record,
-                ))
+        let payload = toolgate_mcp::parse(&bytes?).and_then(|payload| {
+            check_transport_headers(&payload, headers)?;
+            if matches!(payload, Payload::Batch(_)) && !batches_allowed(headers) {
+                return Err(RpcError {
+                    code: code::INVALID_REQUEST,
+                    message: "JSON-RPC batches are not part of MCP since 2025-06-18: send one message per request".into(),
+                });
             }
-        };
-        if let Err(e) = check_transport_headers(&payload, &parts.headers) {
-            return Ok(rpc_refusal(
-                StatusCode::BAD_REQUEST,
-                e.code,
-                &e.message,
-                record,
-            ));
-        }
-        let batch = matches!(payload, Payload::Batch(_));
-        if batch && !batches_allowed(&parts.headers) {
-            return Ok(rpc_refusal(
-                StatusCode::BAD_REQUEST,
-                code::INVALID_REQUEST,
-                "JSON-RPC batches are not part of MCP since 2025-06-18: send one message per request",
-                record,
-            ));
-        }
-        let plan = self.plan(ctx, upstream, &payload, record);
+            Ok(payload)
+        });
+        Ok(payload.map_err(|e| rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record)))
+    }
 
-        if plan.forward.is_empty() {
-            for mut line in plan.decisions {
-                // The batch's answer carries each message's.
-                line.status = StatusCode::OK.as_u16();
-                self.finish(line, None);
-            }
-            if batch {
-                return Ok(json_response(StatusCode::OK, &Value::Array(plan.answered)));
-            }
-            let answer = plan.answered.into_iter().next().unwrap_or(Value::Null);
-            return Ok(json_response(single_answer_status(&answer), &answer));
+    /// Nothing to forward: the gateway's own answers, each batch line written.
+    fn answer_alone(&self, plan: Plan, batch: bool) -> Response<Body> {
+        for mut line in plan.decisions {
+            // The batch's answer carries each message's.
+            line.status = StatusCode::OK.as_u16();
+            self.finish(line, None);
         }
+        if batch {
+            return json_response(StatusCode::OK, &Value::Array(plan.answered));
+        }
+        let answer = plan.answered.into_iter().next().unwrap_or(Value::Null);
+        json_response(single_answer_status(&answer), &answer)
+    }
+
+    /// Forwards the decided messages as rendered, writes each batch line with the outcome, and
+    /// filters the answer.
+    async fn forward_plan(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        mut parts: http::request::Parts,
+        plan: Plan,
+        batch: bool,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
         // Each decision line of a batch needs its room too before anything is forwarded, and
         // is written even if this future is dropped while the batch is forwarded.
-        let lines: Vec<Unfinished> = match self.audit_rooms(plan.decisions.len()) {
-            Ok(slots) => plan
-                .decisions
-                .into_iter()
-                .zip(slots)
-                .map(|(line, slot)| Unfinished::new(self, line, slot))
-                .collect(),
+        let slots = match self.audit_rooms(plan.decisions.len()) {
+            Ok(slots) => slots,
             Err(refusal) => {
                 for line in plan.decisions {
                     self.finish(line, None);
@@ -257,60 +329,33 @@ impl Gateway {
                 return Err(refusal);
             }
         };
+        let lines: Vec<Unfinished> = plan
+            .decisions
+            .into_iter()
+            .zip(slots)
+            .map(|(line, slot)| Unfinished::new(self, line, slot))
+            .collect();
         record.decision = Verdict::Allow;
         let body = if batch {
             serde_json::to_vec(&plan.forward)
         } else {
+            name_header_as_decided(&mut parts.headers, &plan.forward[0]);
             serde_json::to_vec(&plan.forward[0])
         }
         .map_err(|e| InternalError::Serialise("JSON-RPC", e))?;
         for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
             parts.headers.remove(name);
         }
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let json = HeaderValue::from_static("application/json");
+        parts.headers.insert(header::CONTENT_TYPE, json);
         let errors_before = record.errors.len();
+        let request = Request::from_parts(parts, full(body));
         let forwarded = self
-            .forward(
-                ctx,
-                upstream,
-                Request::from_parts(parts, full(body)),
-                plan.scope,
-                record,
-            )
+            .forward(ctx, upstream, request, plan.scope, record)
             .await;
-        let mut failure = record.errors[errors_before..].to_vec();
-        if let Err(refusal) = &forwarded {
-            if !matches!(refusal, Refusal::Forbidden(_)) {
-                failure.push(error_chain(refusal));
-            }
-        }
-        // Each line of a batch is written once the credential (or the failure) is known: an
-        // allowed message shares the request's fate (its task may have ended meanwhile).
-        // The HTTP status that carries each message's answer (a batch's answer is a 200).
-        let carried = match &forwarded {
-            Ok(_) => StatusCode::OK,
-            Err(refusal) => refusal.status(),
-        };
-        for mut pending in lines {
-            let line = &mut pending.record;
-            line.status = carried.as_u16();
-            if line.decision == Verdict::Allow {
-                line.decision = record.decision;
-                line.jti = record.jti.clone();
-                line.credential_mode = record.credential_mode;
-                line.credential_id = record.credential_id.clone();
-                line.credential_exp = record.credential_exp;
-                line.upstream_status = record.upstream_status;
-                line.errors.extend(failure.iter().cloned());
-            }
-            pending.done();
-        }
+        finish_lines(lines, &forwarded, record, errors_before);
         let mut response = forwarded?;
         self.bind_session(ctx, upstream, response.headers_mut());
-
         let nothing_to_rewrite = plan.list_ids.is_empty()
             && plan.decided_ids.is_empty()
             && plan.answered.is_empty()
@@ -322,18 +367,14 @@ impl Gateway {
             listings: plan.list_ids,
             decided: plan.decided_ids,
         };
-        rewrite_answer(
-            response,
-            answer_filter(
-                listings,
-                plan.listens,
-                Visibility::new(ctx, upstream),
-                Some(self.learn_tools(upstream)),
-            ),
-            plan.answered,
-            batch,
-        )
-        .await
+        let visible = Visibility::new(ctx, upstream);
+        let filter = answer_filter(
+            listings,
+            plan.listens,
+            visible,
+            Some(self.learn_tools(upstream)),
+        );
+        rewrite_answer(response, filter, plan.answered, batch).await
     }
 
     /// Where the tools an upstream lists are remembered.
@@ -417,42 +458,29 @@ impl Gateway {
                 record.action = Some(format!("mcp:{method}"));
             }
             let (action, args, place) = match intent(message) {
+                Ok(Intent::Decide {
+                    action,
+                    args,
+                    place,
+                }) => (action, args, place),
+                Ok(passing @ (Intent::Pass | Intent::List | Intent::Listen)) => {
+                    plan.pass(upstream, message, method, passing);
+                    continue;
+                }
+                Ok(Intent::Unknown(m)) => {
+                    record.errors.push(format!("method not allowed: {m}"));
+                    let message = format!("method not found: {m}");
+                    let answer = error_response(id, code::METHOD_NOT_FOUND, &message, None);
+                    plan.answered.push(answer);
+                    continue;
+                }
                 Err(e) => {
                     record.errors.push(e.message.clone());
                     plan.answered
                         .push(error_response(id, e.code, &e.message, None));
                     continue;
                 }
-                Ok(Intent::Unknown(m)) => {
-                    record.errors.push(format!("method not allowed: {m}"));
-                    plan.answered.push(error_response(
-                        id,
-                        code::METHOD_NOT_FOUND,
-                        &format!("method not found: {m}"),
-                        None,
-                    ));
-                    continue;
-                }
-                // Authentication is enough; listings and listen streams are filtered later.
-                Ok(passing @ (Intent::Pass | Intent::List | Intent::Listen)) => {
-                    match passing {
-                        Intent::List => plan.list_ids.extend(id.cloned()),
-                        Intent::Listen => plan.listens = true,
-                        _ if method == "server/discover" => plan.decided_ids.extend(id.cloned()),
-                        _ => {}
-                    }
-                    // The method is the agent's word: the scope names the endpoint instead.
-                    plan.scope.push(format!("{}/mcp", upstream.name()));
-                    plan.forward.push(message.clone());
-                    continue;
-                }
-                Ok(Intent::Decide {
-                    action,
-                    args,
-                    place,
-                }) => (action, args, place),
             };
-
             // One audit line per decision: the request's own for a single message.
             let mut own = batch.then(|| AuditRecord {
                 decision_id: uuid::Uuid::now_v7().to_string(),
@@ -460,17 +488,11 @@ impl Gateway {
                 ..record.clone()
             });
             let line = own.as_mut().unwrap_or(record);
-            let tool = ToolId::new(upstream.name(), &action);
+            let tool = ActionId::new(upstream.name(), &action);
             line.action = Some(tool.to_string());
             line.resource = Some(tool.to_string());
-            let answer = self.decide_message(ctx, upstream, message, &tool, args, place, line);
-            match answer {
-                Ok((forward, grants)) => {
-                    plan.scope.push(tool.to_string());
-                    plan.scope.extend(grants);
-                    plan.decided_ids.extend(id.cloned());
-                    plan.forward.push(forward);
-                }
+            match self.decide_message(ctx, upstream, message, &tool, args, place, line) {
+                Ok((forward, grants)) => plan.decided(&tool, id, forward, grants),
                 Err(answer) => plan.answered.push(answer),
             }
             plan.decisions.extend(own);
@@ -486,7 +508,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         message: &Value,
-        tool: &ToolId,
+        tool: &ActionId,
         args: Map<String, Value>,
         place: ArgsPlace,
         line: &mut AuditRecord,
@@ -502,10 +524,7 @@ impl Gateway {
             ));
         };
         let listed = match place {
-            ArgsPlace::Arguments => {
-                let name = &tool.as_str()[upstream.name().len() + 1..];
-                Some(self.tool_schemas.get(upstream.name(), name))
-            }
+            ArgsPlace::Arguments => Some(self.tool_schemas.get(upstream.name(), tool.tool())),
             _ => None,
         };
         let rules = Rules {
@@ -604,6 +623,41 @@ fn single_answer_status(answer: &Value) -> StatusCode {
     }
 }
 
+/// Writes each batch line once the credential (or the failure) is known: an allowed message
+/// shares the request's fate (its task may have ended meanwhile), and each line records the
+/// HTTP status that carried its answer (a batch's answer is a 200).
+fn finish_lines(
+    lines: Vec<Unfinished<'_>>,
+    forwarded: &Result<Response<Body>, Refusal>,
+    record: &AuditRecord,
+    errors_before: usize,
+) {
+    let mut failure = record.errors[errors_before..].to_vec();
+    let carried = match forwarded {
+        Ok(_) => StatusCode::OK,
+        Err(refusal) => {
+            if !matches!(refusal, Refusal::Forbidden(_)) {
+                failure.push(error_chain(refusal));
+            }
+            refusal.status()
+        }
+    };
+    for mut pending in lines {
+        let line = &mut pending.record;
+        line.status = carried.as_u16();
+        if line.decision == Verdict::Allow {
+            line.decision = record.decision;
+            line.jti = record.jti.clone();
+            line.credential_mode = record.credential_mode;
+            line.credential_id = record.credential_id.clone();
+            line.credential_exp = record.credential_exp;
+            line.upstream_status = record.upstream_status;
+            line.errors.extend(failure.iter().cloned());
+        }
+        pending.done();
+    }
+}
+
 /// Which answers are filtered listings, and which results the gateway decided.
 enum Listings {
     /// The answers to these requests (a POST's own): listings, and results decided.
@@ -634,6 +688,16 @@ fn answer_filter(
             ),
             Listings::All => (is_listing(message), false),
         };
+        let method = message
+            .get("method")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if let (Some("notifications/tools/list_changed"), Some((schemas, upstream))) =
+            (method.as_deref(), &schemas)
+        {
+            // The tools changed: what was learned of them may no longer hold.
+            schemas.forget(upstream);
+        }
         if listing {
             if let Some((schemas, upstream)) = &schemas {
                 schemas.learn(upstream, message);
@@ -643,10 +707,7 @@ fn answer_filter(
         if listing || decided {
             return mark_private(message) || listing;
         }
-        if listens
-            && message.get("method").and_then(Value::as_str)
-                == Some("notifications/resources/updated")
-        {
+        if listens && method.as_deref() == Some("notifications/resources/updated") {
             let uri = message.pointer("/params/uri").cloned().unwrap_or_default();
             if !visible.resource(uri) {
                 *message = Value::Null;
@@ -680,7 +741,7 @@ impl Visibility {
     fn item(&self, item: Listed<'_>) -> bool {
         match item {
             Listed::Tool(tool) => {
-                let id = ToolId::new(&self.upstream, tool);
+                let id = ActionId::new(&self.upstream, tool);
                 self.engine.has_action(id.as_str())
                     && self.allowed("list", id.resource(), Map::new())
             }
@@ -692,7 +753,7 @@ impl Visibility {
             // template's fixed parts.
             Listed::Template(template) => self.resource(Value::String(template.to_string())),
             Listed::Prompt(name) => {
-                let id = ToolId::new(&self.upstream, "prompts/get");
+                let id = ActionId::new(&self.upstream, "prompts/get");
                 let args = Map::from_iter([("name".to_string(), Value::String(name.into()))]);
                 self.engine.has_action(id.as_str())
                     && self.allowed(id.as_str(), id.resource(), args)
@@ -702,7 +763,7 @@ impl Visibility {
 
     /// A resource (listed, or updated on a stream): the caller could read it.
     fn resource(&self, uri: Value) -> bool {
-        let id = ToolId::new(&self.upstream, "resources/read");
+        let id = ActionId::new(&self.upstream, "resources/read");
         let args = Map::from_iter([("uri".to_string(), uri)]);
         self.engine.has_action(id.as_str()) && self.allowed(id.as_str(), id.resource(), args)
     }

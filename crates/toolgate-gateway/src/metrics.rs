@@ -37,6 +37,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    #[allow(clippy::too_many_lines)] // start-up: one registration a few lines
     pub fn new() -> Self {
         let r = Registry::new();
         let trace_spans = register_int_counter_vec_with_registry!(

@@ -87,14 +87,8 @@ impl Gateway {
             Ok(slot) => slot,
             Err(refusal) => return refusal.into_response("", None),
         };
-        if request.method() == Method::GET {
-            let path = request.uri().path();
-            if path == JWKS_PATH {
-                return json_response(StatusCode::OK, &self.minter.jwks());
-            }
-            if let Some(resource) = path.strip_prefix(RESOURCE_METADATA_PATH) {
-                return self.resource_metadata(&self.routing.load(), &request, resource);
-            }
+        if let Some(answer) = self.public_document(&request) {
+            return answer;
         }
         let routing = self.routing.load_full();
         // An upstream's own in-flight limit, like the global one, before any work.
@@ -134,23 +128,38 @@ impl Gateway {
                 refusal.into_response(&record.decision_id, metadata.as_deref())
             }
         };
-        // An upstream's event stream is kept alive while the tool works quietly.
-        let response = if upstream.is_some() && can_keep_alive(response.headers()) {
+        let response = self.kept_alive(response, upstream.is_some());
+        record.status = response.status().as_u16();
+        let upstream_name = upstream.map_or("none", |i| routing.upstreams[i].name());
+        self.metrics
+            .requests
+            .with_label_values(&[upstream_name, response.status().as_str()])
+            .inc();
+        pending.done();
+        response
+    }
+
+    /// The documents served to anyone: the credential keys (JWKS) and the RFC 9728 metadata.
+    fn public_document(&self, request: &Request<Incoming>) -> Option<Response<Body>> {
+        if request.method() != Method::GET {
+            return None;
+        }
+        let path = request.uri().path();
+        if path == JWKS_PATH {
+            return Some(json_response(StatusCode::OK, &self.minter.jwks()));
+        }
+        let resource = path.strip_prefix(RESOURCE_METADATA_PATH)?;
+        Some(self.resource_metadata(&self.routing.load(), request, resource))
+    }
+
+    /// An upstream's event stream is kept alive while the tool works quietly.
+    fn kept_alive(&self, response: Response<Body>, forwarded: bool) -> Response<Body> {
+        if forwarded && can_keep_alive(response.headers()) {
             let every = Duration::from_secs(self.config.limits.sse_keepalive_seconds);
             response.map(|body| keep_alive(body, every))
         } else {
             response
-        };
-        record.status = response.status().as_u16();
-        self.metrics
-            .requests
-            .with_label_values(&[
-                upstream.map_or("none", |i| routing.upstreams[i].name()),
-                response.status().as_str(),
-            ])
-            .inc();
-        pending.done();
-        response
+        }
     }
 
     /// The phases in order. Authentication comes first, so nothing about routes or tools is
@@ -166,26 +175,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         check_request_head(&request, &self.config.limits)?;
 
-        // authenticate
-        let started = Instant::now();
-        let authorization = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let caller = self.auth.authenticate_header(authorization).await;
-        if let (Err(_), Some(tracer)) = (&caller, &self.tracer) {
-            // Whether, and in which trace, a call is recorded is not an unknown caller's to
-            // choose: its `traceparent` is set aside and `sample_ratio` decides.
-            record.trace = tracer.begin(&http::HeaderMap::new());
-        }
-        record.trace.step("authenticate", started);
-        self.metrics
-            .token_cache
-            .set(self.auth.cached_tokens() as i64);
-        let caller = caller?;
-        record.agent = Some(caller.agent.clone());
-        record.user = caller.user.clone();
-        record.iss = Some(caller.issuer.clone());
+        let caller = self.authenticate(&request, record).await?;
         let client = ClientView {
             ip: client_ip,
             scheme: if self.config.tls.is_some() {
@@ -209,16 +199,9 @@ impl Gateway {
             Call::Rest(route) => route.require_task,
             Call::Mcp { .. } => upstream.config.require_task,
         };
-        let task_id = task_header(&request)?;
-        let in_task = task_id.is_some();
-        let started = Instant::now();
         let task = self
-            .joined_task(task_id, &caller, require_task, record)
-            .await;
-        if in_task {
-            record.trace.step("task", started);
-        }
-        let task = task?;
+            .call_task(&request, &caller, require_task, record)
+            .await?;
         let subject_token = match upstream.credentials {
             Credentials::Token { exchange: true, .. } => {
                 let header = request.headers().get(header::AUTHORIZATION);
@@ -241,6 +224,54 @@ impl Gateway {
         }
     }
 
+    /// The caller, from the bearer token: the agent, the user it acts for, the issuer.
+    async fn authenticate(
+        &self,
+        request: &Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Caller, Refusal> {
+        let started = Instant::now();
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let caller = self.auth.authenticate_header(authorization).await;
+        if let (Err(_), Some(tracer)) = (&caller, &self.tracer) {
+            // Whether, and in which trace, a call is recorded is not an unknown caller's to
+            // choose: its `traceparent` is set aside and `sample_ratio` decides.
+            record.trace = tracer.begin(&http::HeaderMap::new());
+        }
+        record.trace.step("authenticate", started);
+        self.metrics
+            .token_cache
+            .set(self.auth.cached_tokens() as i64);
+        let caller = caller?;
+        record.agent = Some(caller.agent.clone());
+        record.user = caller.user.clone();
+        record.iss = Some(caller.issuer.clone());
+        Ok(caller)
+    }
+
+    /// The task the call names in `Toolgate-Task`, joined (or refused).
+    async fn call_task(
+        &self,
+        request: &Request<Incoming>,
+        caller: &Caller,
+        require_task: bool,
+        record: &mut AuditRecord,
+    ) -> Result<Option<Task>, Refusal> {
+        let task_id = task_header(request)?;
+        let in_task = task_id.is_some();
+        let started = Instant::now();
+        let task = self
+            .joined_task(task_id, caller, require_task, record)
+            .await;
+        if in_task {
+            record.trace.step("task", started);
+        }
+        task
+    }
+
     async fn rest_call(
         &self,
         ctx: &CallContext<'_>,
@@ -249,7 +280,7 @@ impl Gateway {
         request: Request<Incoming>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
-        let tool = ToolId::new(upstream.name(), &route.tool);
+        let tool = ActionId::new(upstream.name(), &route.tool);
         record.action = Some(tool.to_string());
         record.resource = Some(tool.to_string());
         let context = ctx.engine.schema_info().actions.get(tool.as_str());
@@ -642,23 +673,35 @@ fn classify<B>(routing: &Routing, request: &Request<B>) -> Result<Call, Refusal>
     Ok(Call::Rest(route))
 }
 
-/// `<upstream>/<tool>`: a tool's Cedar action id and resource id.
+/// `<upstream>/<tool>`: a tool's (or an MCP method's) Cedar action id and resource id. Made
+/// once from its parts and read back by them, never re-parsed from text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ToolId {
+pub(crate) struct ActionId {
     id: String,
     split: usize,
 }
 
-impl ToolId {
-    pub fn new(upstream: &str, tool: &str) -> ToolId {
-        ToolId {
+impl ActionId {
+    pub fn new(upstream: &str, tool: &str) -> ActionId {
+        ActionId {
             id: format!("{upstream}/{tool}"),
             split: upstream.len(),
         }
     }
 
+    /// An MCP endpoint's own scope, `<upstream>/mcp`: what a credential for messages that pass
+    /// on authentication names (the method is the agent's word).
+    pub fn endpoint(upstream: &str) -> ActionId {
+        ActionId::new(upstream, "mcp")
+    }
+
     pub fn as_str(&self) -> &str {
         &self.id
+    }
+
+    /// The tool (or method) part, after `<upstream>/`.
+    pub fn tool(&self) -> &str {
+        &self.id[self.split + 1..]
     }
 
     pub fn resource(&self) -> Resource<'_> {
@@ -669,7 +712,7 @@ impl ToolId {
     }
 }
 
-impl std::fmt::Display for ToolId {
+impl std::fmt::Display for ActionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.id)
     }

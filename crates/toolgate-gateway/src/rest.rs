@@ -64,17 +64,42 @@ pub(crate) async fn read_call(
 ) -> Result<(Request<Body>, Map<String, Value>), Refusal> {
     let (mut parts, body) = request.into_parts();
     // Header arguments are read (and set as decided) below.
-    keep_standard_headers(
-        &mut parts.headers,
-        &[
-            &upstream.config.forward_headers,
-            &route.forward_headers,
-            &route.header_arguments,
-        ],
-    );
+    let listed = [
+        &upstream.config.forward_headers,
+        &route.forward_headers,
+        &route.header_arguments,
+    ];
+    keep_standard_headers(&mut parts.headers, &listed.map(Vec::as_slice));
     let mut args = Map::new();
     let path = render_path(route, declared, &mut args)?;
-    let (query_args, forms) = read_query(parts.uri.query())?;
+    let query = render_query_arguments(parts.uri.query(), route, declared, &mut args)?;
+    render_header_arguments(&mut parts.headers, route, declared, &mut args)?;
+    parts.uri = upstream.uri(&path, query.as_deref())?;
+
+    let media = media_type(&parts.headers)?;
+    let json = media.as_deref().is_some_and(is_json);
+    if declared.rules.undeclared == Undeclared::Forward && declared.args.is_empty() && !json {
+        // No policy can read an argument of this action, and its route forwards what it does
+        // not declare: a body streams as sent, unless a framework could mine it for a method
+        // override (a form, or one whose type it guesses).
+        refuse_overridable_body(&body, media.as_deref())?;
+        let body = body.map_err(Into::into).boxed();
+        return Ok((Request::from_parts(parts, body), args));
+    }
+    let bytes = read_body(&parts.headers, body, max_body).await?;
+    let body = render_body(&mut parts.headers, &bytes, route, declared, &mut args)?;
+    Ok((Request::from_parts(parts, full(body)), args))
+}
+
+/// The query's arguments, typed, and the forwarded query rendered from them in the forms they
+/// came in.
+fn render_query_arguments(
+    query: Option<&str>,
+    route: &Classified,
+    declared: &Declared<'_>,
+    args: &mut Map<String, Value>,
+) -> Result<Option<String>, Refusal> {
+    let (query_args, forms) = read_query(query)?;
     let in_body = route.arguments == ArgumentsIn::Body;
     if let Some(name) = query_args
         .keys()
@@ -86,45 +111,38 @@ pub(crate) async fn read_call(
         )));
     }
     let query = render(query_args, declared.args, Origin::Text, &declared.rules)?;
-    let query_text = render_query(&query.forward, &forms);
-    merge_args(&mut args, query.policy)?;
-    render_header_arguments(&mut parts.headers, route, declared, &mut args)?;
-    parts.uri = upstream.uri(&path, query_text.as_deref())?;
+    merge_args(args, query.policy)?;
+    Ok(render_query(&query.forward, &forms))
+}
 
-    let media = media_type(&parts.headers)?;
-    let json = media.as_deref().is_some_and(is_json);
-    if declared.rules.undeclared == Undeclared::Forward && declared.args.is_empty() && !json {
-        // No policy can read an argument of this action, and its route forwards what it does
-        // not declare: a body streams as sent, unless a framework could mine it for a method
-        // override (a form, or one whose type it guesses).
-        refuse_overridable_body(&body, media.as_deref())?;
-        return Ok((
-            Request::from_parts(parts, body.map_err(Into::into).boxed()),
-            args,
-        ));
-    }
-
-    let bytes = read_body(&parts.headers, body, max_body).await?;
+/// The JSON body's arguments, typed, and the body forwarded: serialised from them, or none.
+fn render_body(
+    headers: &mut HeaderMap,
+    bytes: &[u8],
+    route: &Classified,
+    declared: &Declared<'_>,
+    args: &mut Map<String, Value>,
+) -> Result<Bytes, Refusal> {
     if bytes.is_empty() {
         for name in [
             header::CONTENT_LENGTH,
             header::CONTENT_ENCODING,
             header::CONTENT_TYPE,
         ] {
-            parts.headers.remove(name);
+            headers.remove(name);
         }
-        return Ok((Request::from_parts(parts, full(Bytes::new())), args));
+        return Ok(Bytes::new());
     }
-    if !in_body {
+    if route.arguments != ArgumentsIn::Body {
         return Err(Refusal::BadRequest(
             "this route reads its arguments from the path and query: a body is refused".into(),
         ));
     }
-    check_json_body_headers(&parts.headers)?;
+    check_json_body_headers(headers)?;
     for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
-        parts.headers.remove(name);
+        headers.remove(name);
     }
-    let Value::Object(fields) = strict_json(&bytes)? else {
+    let Value::Object(fields) = strict_json(bytes)? else {
         return Err(Refusal::BadRequest(
             "the body must be a JSON object of arguments".into(),
         ));
@@ -136,12 +154,12 @@ pub(crate) async fn read_call(
         render(fields, declared.args, Origin::Json, &declared.rules)?;
     let canonical =
         serde_json::to_vec(&forward).map_err(|e| InternalError::Serialise("the body", e))?;
-    merge_args(&mut args, policy)?;
-    parts.headers.insert(
+    merge_args(args, policy)?;
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Ok((Request::from_parts(parts, full(canonical)), args))
+    Ok(Bytes::from(canonical))
 }
 
 /// The path parameters, typed, and the forwarded path rendered from them.

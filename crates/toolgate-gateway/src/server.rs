@@ -58,6 +58,7 @@ impl Running {
 
 impl Gateway {
     /// Binds both listeners and serves until `Running::shutdown` is triggered.
+    #[allow(clippy::too_many_lines)] // start-up, not the request path
     pub async fn start(self: &Arc<Self>) -> Result<Running, String> {
         let tls = match &self.config.tls {
             Some(tls) => Some(tls_acceptor(&tls.cert, &tls.key)?),
@@ -177,6 +178,7 @@ struct ConnectionBounds {
     refused: prometheus::IntCounter,
 }
 
+#[allow(clippy::too_many_lines)] // one per listener: the connection-level layers in order
 async fn accept_loop<F, S, E, Fut>(
     listener: TcpListener,
     bounds: ConnectionBounds,

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use toolgate_identity::{unix_now, Caller};
 use toolgate_policy::Resource;
-use toolgate_tasks::{Created, Ended, State, Task, MAX_TTL_SECONDS};
+use toolgate_tasks::{Created, Ended, Revocation, State, Task, MAX_TTL_SECONDS};
 
 use std::time::Duration;
 
@@ -101,14 +101,8 @@ impl Gateway {
         }
     }
 
-    async fn start_task(
-        &self,
-        request: Request<Incoming>,
-        caller: &Caller,
-        client: ClientView,
-        record: &mut AuditRecord,
-    ) -> Result<Response<Body>, Refusal> {
-        record.action = Some("start_task".into());
+    /// `{intent, ttl_seconds, share_with?}`, within bounds.
+    async fn read_start_task(&self, request: Request<Incoming>) -> Result<StartTask, Refusal> {
         crate::rest::check_json_body_headers(request.headers())?;
         let body = read_limited(request.into_body(), self.body_limit(MAX_TASK_BODY)).await?;
         let start: StartTask =
@@ -128,6 +122,18 @@ impl Gateway {
                 "ttl_seconds must be 1 to {MAX_TTL_SECONDS}"
             )));
         }
+        Ok(start)
+    }
+
+    async fn start_task(
+        &self,
+        request: Request<Incoming>,
+        caller: &Caller,
+        client: ClientView,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        record.action = Some("start_task".into());
+        let start = self.read_start_task(request).await?;
         let mut task = Task::new(
             &caller.agent,
             caller.user.as_deref(),
@@ -343,21 +349,7 @@ impl Gateway {
                 })
             })
             .filter_map(move |event| {
-                let line = match event {
-                    Ok(revocation) => {
-                        if for_agent
-                            .as_ref()
-                            .is_some_and(|a| !revocation.agents.contains(a))
-                        {
-                            return None;
-                        }
-                        format!(
-                            "event: revocation\ndata: {}\n\n",
-                            serde_json::to_string(&revocation).ok()?
-                        )
-                    }
-                    Err(missed) => format!("event: lagged\ndata: {{\"missed\": {missed}}}\n\n"),
-                };
+                let line = feed_line(event, for_agent.as_deref())?;
                 Some(Ok::<_, BoxError>(Frame::data(Bytes::from(line))))
             });
         // A first comment, so clients see the stream open at once.
@@ -392,5 +384,20 @@ impl Gateway {
             http::HeaderValue::from_static("no-cache"),
         );
         Ok(response)
+    }
+}
+
+/// One event of the revocation feed: a revocation the subscriber may see (`for_agent`: only an
+/// agent's own), or how many it missed.
+fn feed_line(event: Result<Revocation, u64>, for_agent: Option<&str>) -> Option<String> {
+    match event {
+        Ok(revocation) => {
+            if for_agent.is_some_and(|a| !revocation.agents.iter().any(|x| x == a)) {
+                return None;
+            }
+            let data = serde_json::to_string(&revocation).ok()?;
+            Some(format!("event: revocation\ndata: {data}\n\n"))
+        }
+        Err(missed) => Some(format!("event: lagged\ndata: {{\"missed\": {missed}}}\n\n")),
     }
 }

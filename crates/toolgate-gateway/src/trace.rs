@@ -312,23 +312,7 @@ impl CallTrace {
         let mut spans = Vec::with_capacity(self.steps.len() + 1);
         for step in std::mem::take(&mut self.steps) {
             let mut attributes = step.attributes;
-            let mut failed = false;
-            match step.name {
-                "credential" => {
-                    if let Some(mode) = outcome.credential_mode {
-                        attributes.push(KeyValue::string("credential_mode", mode));
-                    }
-                }
-                "forward" => match outcome.upstream_status {
-                    Some(status) => {
-                        attributes.push(KeyValue::int("http.response.status_code", status));
-                        // A client span fails on any error answer.
-                        failed = status >= 400;
-                    }
-                    None => failed = true,
-                },
-                _ => {}
-            }
+            let failed = step_outcome(step.name, outcome, &mut attributes);
             spans.push(Span {
                 trace_id: trace_id.clone(),
                 span_id: format!("{:016x}", step.span_id),
@@ -564,6 +548,27 @@ impl Exporter {
                 tracing::warn!(collector, "trace export of {count} spans failed: {why}");
             }
         }
+    }
+}
+
+/// What the outcome adds to a step's span, and whether the step failed: the credential's mode,
+/// and for the forward step the upstream's status (a client span fails on any error answer).
+fn step_outcome(name: &str, outcome: &Outcome, attributes: &mut Vec<KeyValue>) -> bool {
+    match name {
+        "credential" => {
+            if let Some(mode) = outcome.credential_mode {
+                attributes.push(KeyValue::string("credential_mode", mode));
+            }
+            false
+        }
+        "forward" => match outcome.upstream_status {
+            Some(status) => {
+                attributes.push(KeyValue::int("http.response.status_code", status));
+                status >= 400
+            }
+            None => true,
+        },
+        _ => false,
     }
 }
 

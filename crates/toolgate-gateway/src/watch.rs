@@ -19,6 +19,7 @@ pub struct FileWatch {
 
 impl Gateway {
     /// Starts watching; `None` when watching is off in the config.
+    #[allow(clippy::too_many_lines)] // start-up, not the request path
     pub fn watch_files(self: &Arc<Self>) -> Result<Option<FileWatch>, String> {
         if !self.config.reload.watch {
             return Ok(None);

@@ -26,6 +26,9 @@ pub mod code {
 
 /// Nesting allowed in one message (objects and arrays).
 pub const MAX_DEPTH: usize = 32;
+/// The largest integer id read: every JSON reader holds it exactly (2^53 - 1).
+const MAX_EXACT_ID: u64 = (1 << 53) - 1;
+
 /// Messages allowed in one batch.
 pub const MAX_BATCH: usize = 64;
 
@@ -78,8 +81,20 @@ pub fn parse(body: &[u8]) -> Result<Payload, RpcError> {
                     format!("a batch holds 1 to {MAX_BATCH} messages"),
                 ));
             }
+            let mut ids = Vec::new();
             for item in &items {
                 check_message(item)?;
+                // Answers are matched to requests by id: two requests sharing one would let
+                // one's answer be taken for the other's (a listing left unfiltered).
+                if let (Some(id), Some(_)) = (item.get("id"), item.get("method")) {
+                    if ids.contains(&id) {
+                        return Err(RpcError::new(
+                            code::INVALID_REQUEST,
+                            "two requests in a batch share an id",
+                        ));
+                    }
+                    ids.push(id);
+                }
             }
             Ok(Payload::Batch(items))
         }
@@ -111,10 +126,13 @@ fn check_message(m: &Value) -> Result<(), RpcError> {
         ));
     }
     if let Some(id) = obj.get("id") {
-        if !(id.is_string() || id.is_i64() || id.is_u64()) {
+        // Beyond 2^53 a server reading numbers as doubles answers with another id, and the
+        // answer would not be recognised (nor filtered) as the request's.
+        let exact = |n: i64| n.unsigned_abs() <= MAX_EXACT_ID;
+        if !(id.is_string() || id.as_i64().is_some_and(exact)) {
             return Err(RpcError::new(
                 code::INVALID_REQUEST,
-                "id must be a string or an integer",
+                "id must be a string or an integer within ±(2^53 - 1)",
             ));
         }
     }
@@ -170,6 +188,9 @@ pub enum Intent {
     Unknown(String),
 }
 
+/// The actions MCP methods are decided as, beside tools' own (`<upstream>/<action>`).
+pub const METHOD_ACTIONS: [&str; 3] = ["resources/read", "prompts/get", "logging/setLevel"];
+
 /// Where a decided message's arguments go back once rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgsPlace {
@@ -213,6 +234,19 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
                 .ok_or_else(|| {
                     RpcError::new(code::INVALID_PARAMS, "tools/call needs a tool name")
                 })?;
+            if METHOD_ACTIONS.contains(&name) {
+                // Decided as `<upstream>/<name>`, it would be taken for the method's action.
+                return Err(RpcError::new(
+                    code::INVALID_PARAMS,
+                    format!("a tool named `{name}` cannot be told from the MCP method's action"),
+                ));
+            }
+            if params.contains_key("task") {
+                return Err(RpcError::new(
+                    code::INVALID_PARAMS,
+                    "task-augmented calls are not taken: the tasks extension is not bound to callers yet",
+                ));
+            }
             decide(
                 name,
                 object_member(&params, "arguments")?,
@@ -555,6 +589,11 @@ mod tests {
         );
         let batch = br#"[{"jsonrpc":"2.0","id":"a","method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
         assert_eq!(parse(batch).unwrap().messages().len(), 2);
+        let twice = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":1,"method":"ping"}]"#;
+        assert_eq!(parse(twice).unwrap_err().code, code::INVALID_REQUEST);
+        let wide = br#"{"jsonrpc":"2.0","id":9007199254740993,"method":"tools/list"}"#;
+        assert_eq!(parse(wide).unwrap_err().code, code::INVALID_REQUEST);
+        assert!(parse(br#"{"jsonrpc":"2.0","id":-9007199254740991,"method":"ping"}"#).is_ok());
     }
 
     #[test]
@@ -684,10 +723,14 @@ mod tests {
         let m =
             json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"URI":"file:///x"}});
         assert!(intent(&m).is_err());
-        assert!(intent(
-            &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","task":{}}})
-        )
-        .is_ok());
+        // The tasks extension is not taken; a tool may not pass for a method's action.
+        for params in [
+            json!({"name":"a","task":{}}),
+            json!({"name":"resources/read","arguments":{"uri":"notes://alice/x"}}),
+        ] {
+            let m = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":params});
+            assert_eq!(intent(&m).unwrap_err().code, code::INVALID_PARAMS, "{m}");
+        }
         for uri in [
             "file:///public/../secret",
             "file:///public/%2e%2e/secret",

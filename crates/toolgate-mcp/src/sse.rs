@@ -98,6 +98,29 @@ fn event_lines(text: &str) -> Vec<&str> {
     lines
 }
 
+/// A JSON-RPC message, or a batch of them.
+fn is_message(value: &Value) -> bool {
+    let one = |v: &Value| v.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
+    match value {
+        Value::Array(items) => !items.is_empty() && items.iter().all(one),
+        other => one(other),
+    }
+}
+
+/// The event with its data emptied: its `id`, `retry` and `event` lines kept.
+fn without_data(lines: &[&str]) -> Vec<u8> {
+    let mut out = String::new();
+    for line in lines
+        .iter()
+        .filter(|l| !l.is_empty() && !l.starts_with("data:"))
+    {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("data: \n\n");
+    out.into_bytes()
+}
+
 /// Applies `rewrite` to the event's JSON data. Returns the new event text when `rewrite`
 /// changed something (it says so by returning true), or `None` to pass the event unchanged.
 /// A rewrite that replaces the message with `null` drops the event (empty text).
@@ -117,13 +140,21 @@ pub fn rewrite_event_data(
                 .map(|d| d.strip_prefix(' ').unwrap_or(d))
         })
         .collect();
-    if data.is_empty() {
+    let joined = data.join("\n");
+    // No message: a comment, or a priming event (SEP-1699: an `id` to resume from, empty data),
+    // which the client needs to resume a stream the server closes.
+    if joined.trim().is_empty() {
         return None;
     }
     // Data that is not JSON cannot be checked: dropped, never passed unfiltered.
-    let Ok(mut value) = serde_json::from_str::<Value>(&data.join("\n")) else {
+    let Ok(mut value) = serde_json::from_str::<Value>(&joined) else {
         return Some(Vec::new());
     };
+    if !is_message(&value) {
+        // JSON that is no JSON-RPC message (a replayed priming event stored as `{}`, which
+        // clients fail to read): kept as the priming event it stands for, its id with it.
+        return Some(without_data(&lines));
+    }
     if !rewrite(&mut value) {
         return None;
     }
@@ -252,7 +283,7 @@ mod tests {
 
     #[test]
     fn rewrites_data_and_keeps_other_fields() {
-        let event = b"event: message\nid: 7\ndata: {\"x\":\ndata: 1}\n\n";
+        let event = b"event: message\nid: 7\ndata: {\"jsonrpc\":\"2.0\",\"x\":\ndata: 1}\n\n";
         let out = rewrite_event_data(event, |v| {
             v["x"] = json!(2);
             true
@@ -260,9 +291,27 @@ mod tests {
         .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "event: message\nid: 7\ndata: {\"x\":2}\n\n"
+            "event: message\nid: 7\ndata: {\"jsonrpc\":\"2.0\",\"x\":2}\n\n"
         );
         assert!(rewrite_event_data(event, |_| false).is_none());
         assert!(rewrite_event_data(b": comment\n\n", |_| true).is_none());
+    }
+
+    #[test]
+    fn priming_events_keep_their_id() {
+        // SEP-1699: an id to resume from, and no message.
+        let priming = b"id: s1_5_a\nretry: 50\ndata: \n\n";
+        assert!(rewrite_event_data(priming, |_| true).is_none());
+        // The same event replayed from a store as `{}`: no message either, its id kept.
+        let replayed = b"event: message\nid: s1_5_a\ndata: {}\n\n";
+        assert_eq!(
+            String::from_utf8(rewrite_event_data(replayed, |_| true).unwrap()).unwrap(),
+            "event: message\nid: s1_5_a\ndata: \n\n"
+        );
+        // Data that is not JSON at all is dropped, never passed unchecked.
+        assert_eq!(
+            rewrite_event_data(b"data: {oops\n\n", |_| true),
+            Some(Vec::new())
+        );
     }
 }

@@ -3,9 +3,14 @@
 
 use serde_json::{Map, Value};
 
-/// Escapes that change a URI's structure once a server decodes them: `/`, `.` (dot segments),
-/// `?`, `#`, and `\` (read as `/` by WHATWG parsers).
-const STRUCTURAL: [u8; 5] = [b'/', b'.', b'?', b'#', b'\\'];
+/// Escapes refused: once a server decodes them (the Python SDK's URI templates `unquote` every
+/// variable), they change the URI's structure (`/`, `.` for dot segments, `?`, `#`, `\` read
+/// as `/` by WHATWG parsers), stand for a delimiter written literally elsewhere (`%40` for `@`,
+/// the other RFC 3986 reserved characters), escape an escape (`%25`), or are control bytes. The
+/// policy and the server then read one text for one resource.
+fn refused_escape(byte: u8) -> bool {
+    byte.is_ascii_control() || b"/.?#\\:[]@!$&'()*+,;=%".contains(&byte)
+}
 
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -33,10 +38,9 @@ pub fn canonical_uri(uri: &str) -> Result<String, String> {
         let Some(byte) = hex else {
             return Err("resource uri has a `%` that is not an escape".into());
         };
-        if STRUCTURAL.contains(&byte) {
+        if refused_escape(byte) {
             return Err(format!(
-                "resource uri escapes `{}` (%{byte:02X}), which changes its structure once decoded",
-                byte as char
+                "resource uri escapes %{byte:02X}, which a server reads as another uri once decoded: write the character itself, or leave it out"
             ));
         }
         if unreserved(byte) {
@@ -149,7 +153,13 @@ mod tests {
                 "file:///public/%69nternal/keys.txt",
                 Ok("file:///public/internal/keys.txt"),
             ),
-            ("file:///a%2a%7e", Ok("file:///a%2A~")),
+            ("file:///a%c3%a9%7e", Ok("file:///a%C3%A9~")),
+            ("file:///a%20b", Ok("file:///a%20b")),
+            ("mail://ceo%40corp.example/inbox", Err(())),
+            ("notes://a/b%2a", Err(())),
+            ("notes://a/b%25", Err(())),
+            ("notes://a/b%00", Err(())),
+            ("notes://a/b%0A", Err(())),
             ("memo://insights", Ok("memo://insights")),
             ("https://example.com/a?b=c", Ok("https://example.com/a?b=c")),
             ("file:///public/x%2F..%2Finternal%2Fkeys.txt", Err(())),

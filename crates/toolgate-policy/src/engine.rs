@@ -521,7 +521,12 @@ impl PolicyEngine {
     /// is a task, whose ids never repeat).
     fn slice(&self, req: &AuthzRequest<'_>, action: &EntityUid) -> Result<Arc<Entities>, String> {
         let key = self.slice_key(req);
-        if let Some(slice) = self.slices.read().expect("not poisoned").get(&key) {
+        if let Some(slice) = self
+            .slices
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
             return Ok(slice.clone());
         }
         let mut slice: HashMap<EntityUid, Entity> = HashMap::new();
@@ -536,7 +541,10 @@ impl PolicyEngine {
                 .map_err(|e| format!("entities: {}", error_chain(&e)))?,
         );
         if matches!(req.resource, Resource::Tool { .. }) {
-            let mut slices = self.slices.write().expect("not poisoned");
+            let mut slices = self
+                .slices
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if slices.len() >= MAX_SLICES {
                 slices.clear();
             }
@@ -946,7 +954,9 @@ fn extension_value(
     if text.len() > MAX_EXTENSION_TEXT {
         return build(text);
     }
-    let mut values = EXTENSION_VALUES[kind].lock().expect("not poisoned");
+    let mut values = EXTENSION_VALUES[kind]
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(value) = values.get(text) {
         return value.clone();
     }
@@ -1001,7 +1011,12 @@ impl IndexedSet {
         let Some(own) = policies.own.get(principal) else {
             return policies.general.clone();
         };
-        if let Some(set) = policies.built.read().expect("not poisoned").get(principal) {
+        if let Some(set) = policies
+            .built
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(principal)
+        {
             return set.clone();
         }
         let mut set = (*policies.general).clone();
@@ -1012,14 +1027,18 @@ impl IndexedSet {
         let set = Arc::new(set);
         if self.principal_sets.fetch_add(1, Ordering::Relaxed) >= MAX_PRINCIPAL_SETS {
             for other in self.by_action.values() {
-                other.built.write().expect("not poisoned").clear();
+                other
+                    .built
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
             }
             self.principal_sets.store(1, Ordering::Relaxed);
         }
         policies
             .built
             .write()
-            .expect("not poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(principal.clone(), set.clone());
         set
     }
