@@ -24,7 +24,7 @@ async fn admin_body(
     limit: BodyLimit,
 ) -> Result<serde_json::Value, Refusal> {
     let (parts, body) = request.into_parts();
-    let bytes = read_limited(body, limit).await?;
+    let bytes = read_limited(crate::pipeline::boxed(body), limit).await?;
     if bytes.is_empty() && !required && !parts.headers.contains_key(http::header::CONTENT_TYPE) {
         return Ok(serde_json::Value::Null);
     }

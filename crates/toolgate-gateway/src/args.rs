@@ -227,7 +227,14 @@ fn render_long(value: Value, origin: Origin, path: &str) -> Result<(Value, Value
     };
     match value {
         Value::Number(n) if n.is_i64() => Ok((Value::Number(n.clone()), Value::Number(n))),
-        Value::Number(n) if n.is_u64() => Err(beyond()),
+        // Beyond i64: a u64, or an integer literal too long for one (read as a double).
+        Value::Number(n)
+            if n.is_u64()
+                || n.as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.abs() >= 9.2e18) =>
+        {
+            Err(beyond())
+        }
         Value::String(s) if origin == Origin::Text => match parse_long(&s) {
             Some(Ok(n)) => Ok((Value::from(n), Value::String(n.to_string()))),
             Some(Err(())) => Err(beyond()),

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use toolgate_identity::Caller;
 use toolgate_mcp::{
@@ -34,7 +33,7 @@ use crate::answer::{
     Refusal, UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
-use crate::pipeline::{authz_request, read_limited, ActionId, CallContext, Unfinished};
+use crate::pipeline::{authz_request, read_limited, ActionId, CallContext, Collected, Unfinished};
 use crate::rest::check_json_body_headers;
 use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
@@ -196,7 +195,7 @@ impl Gateway {
         &self,
         ctx: &CallContext<'_>,
         upstream: &Upstream,
-        request: Request<Incoming>,
+        request: Request<Body>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         let (mut parts, body) = request.into_parts();
@@ -264,7 +263,7 @@ impl Gateway {
     async fn read_payload(
         &self,
         headers: &http::HeaderMap,
-        body: Incoming,
+        body: Body,
         record: &mut AuditRecord,
     ) -> Result<Result<Payload, Response<Body>>, Refusal> {
         if let Err(refusal) = check_json_body_headers(headers) {
@@ -840,18 +839,13 @@ fn rewrite_json(
 }
 
 /// Reads an upstream answer whole, refusing more than `MAX_JSON_ANSWER` bytes.
-async fn read_answer(mut body: Body) -> Result<Bytes, Refusal> {
-    let mut out = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Refusal::from(UpstreamError::Read(e)))?;
-        if let Ok(data) = frame.into_data() {
-            if out.len() + data.len() > MAX_JSON_ANSWER {
-                return Err(UpstreamError::TooLarge(MAX_JSON_ANSWER).into());
-            }
-            out.extend_from_slice(&data);
-        }
-    }
-    Ok(out.freeze())
+async fn read_answer(body: Body) -> Result<Bytes, Refusal> {
+    crate::pipeline::collect_at_most(body, MAX_JSON_ANSWER)
+        .await
+        .map_err(|e| match e {
+            Collected::TooLarge => UpstreamError::TooLarge(MAX_JSON_ANSWER).into(),
+            Collected::Read(e) => UpstreamError::Read(e).into(),
+        })
 }
 
 /// An SSE body rewritten event by event; nothing is held beyond the event being read.

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 use toolgate_credential::oauth::Grant;
 use toolgate_credential::secret::opaque_id;
@@ -74,12 +73,14 @@ pub(crate) struct CallContext<'a> {
 
 impl Gateway {
     /// Serves one request on the agent listener. Never panics on input; every outcome is
-    /// answered, counted and recorded.
-    pub async fn handle(
-        self: Arc<Self>,
-        mut request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    /// answered, counted and recorded. Any body type: hyper's from a connection, or a test's
+    /// own, driven in-process.
+    pub async fn handle<B>(self: Arc<Self>, request: Request<B>, peer: SocketAddr) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let mut request = request.map(boxed);
         strip_hop_by_hop(request.headers_mut());
         // Room for this request's audit line first: without it nothing is done, let alone
         // forwarded.
@@ -140,7 +141,7 @@ impl Gateway {
     }
 
     /// The documents served to anyone: the credential keys (JWKS) and the RFC 9728 metadata.
-    fn public_document(&self, request: &Request<Incoming>) -> Option<Response<Body>> {
+    fn public_document(&self, request: &Request<Body>) -> Option<Response<Body>> {
         if request.method() != Method::GET {
             return None;
         }
@@ -168,7 +169,7 @@ impl Gateway {
     async fn call(
         &self,
         routing: &Routing,
-        request: Request<Incoming>,
+        request: Request<Body>,
         client_ip: IpAddr,
         record: &mut AuditRecord,
         upstream_index: &mut Option<usize>,
@@ -227,7 +228,7 @@ impl Gateway {
     /// The caller, from the bearer token: the agent, the user it acts for, the issuer.
     async fn authenticate(
         &self,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
         record: &mut AuditRecord,
     ) -> Result<Caller, Refusal> {
         let started = Instant::now();
@@ -255,7 +256,7 @@ impl Gateway {
     /// The task the call names in `Toolgate-Task`, joined (or refused).
     async fn call_task(
         &self,
-        request: &Request<Incoming>,
+        request: &Request<Body>,
         caller: &Caller,
         require_task: bool,
         record: &mut AuditRecord,
@@ -277,7 +278,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         route: Classified,
-        request: Request<Incoming>,
+        request: Request<Body>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         let tool = ActionId::new(upstream.name(), &route.tool);
@@ -891,6 +892,16 @@ fn check_request_head<B>(request: &Request<B>, limits: &Limits) -> Result<(), Re
     Ok(())
 }
 
+/// Any request body as the one type the pipeline reads.
+pub(crate) fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    body.map_err(|e| Box::new(e) as crate::answer::BoxError)
+        .boxed()
+}
+
 /// How much of a request body is read, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyLimit {
@@ -909,16 +920,32 @@ impl Gateway {
 
 /// Reads a request body whole, refusing more than `limit.bytes` (413) and a body that takes
 /// longer than `limit.within` to arrive (408: a stalled upload holds nothing for long).
-pub(crate) async fn read_limited(body: Incoming, limit: BodyLimit) -> Result<Bytes, Refusal> {
-    tokio::time::timeout(limit.within, Limited::new(body, limit.bytes).collect())
+pub(crate) async fn read_limited(body: Body, limit: BodyLimit) -> Result<Bytes, Refusal> {
+    tokio::time::timeout(limit.within, collect_at_most(body, limit.bytes))
         .await
         .map_err(|_| Refusal::RequestTimeout)?
-        .map(|b| b.to_bytes())
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Refusal::PayloadTooLarge
-            } else {
-                Refusal::BadRequest(format!("cannot read body: {e}"))
-            }
+        .map_err(|e| match e {
+            Collected::TooLarge => Refusal::PayloadTooLarge,
+            Collected::Read(e) => Refusal::BadRequest(format!("cannot read body: {e}")),
         })
+}
+
+/// Why a body was not read whole.
+pub(crate) enum Collected {
+    TooLarge,
+    Read(crate::answer::BoxError),
+}
+
+/// A body read whole, refusing more than `max` bytes (a request's, or an answer to rewrite).
+pub(crate) async fn collect_at_most(mut body: Body, max: usize) -> Result<Bytes, Collected> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(Collected::Read)?.into_data() {
+            if out.len() + data.len() > max {
+                return Err(Collected::TooLarge);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
 }

@@ -10,8 +10,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{Map, Value};
 use toolgate_mcp::json::{fold_key, parse_strict, JsonError};
@@ -56,7 +54,7 @@ pub(crate) struct Declared<'a> {
 /// Reads a REST call's arguments (path, query, header arguments, JSON body) and renders the
 /// request forwarded for them. Returns it with the arguments as the policy reads them.
 pub(crate) async fn read_call(
-    request: Request<Incoming>,
+    request: Request<Body>,
     route: &Classified,
     upstream: &Upstream,
     declared: &Declared<'_>,
@@ -83,7 +81,6 @@ pub(crate) async fn read_call(
         // not declare: a body streams as sent, unless a framework could mine it for a method
         // override (a form, or one whose type it guesses).
         refuse_overridable_body(&body, media.as_deref())?;
-        let body = body.map_err(Into::into).boxed();
         return Ok((Request::from_parts(parts, body), args));
     }
     let bytes = read_body(&parts.headers, body, max_body).await?;
@@ -226,7 +223,7 @@ fn render_header_arguments(
 
 /// A body on an action that declares no arguments, forwarded as sent: refused where a
 /// framework could read it as a form (a method override) or has no type to go by.
-fn refuse_overridable_body(body: &Incoming, media: Option<&str>) -> Result<(), Refusal> {
+fn refuse_overridable_body(body: &Body, media: Option<&str>) -> Result<(), Refusal> {
     if http_body::Body::is_end_stream(body) {
         return Ok(());
     }
@@ -328,11 +325,7 @@ pub(crate) fn check_json_body_headers(headers: &HeaderMap) -> Result<(), Refusal
     Ok(())
 }
 
-async fn read_body(
-    headers: &HeaderMap,
-    body: Incoming,
-    limit: BodyLimit,
-) -> Result<Bytes, Refusal> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: BodyLimit) -> Result<Bytes, Refusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());

@@ -8,7 +8,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -67,7 +66,7 @@ impl Gateway {
     /// other path under them is 404. The caller is already authenticated.
     pub(crate) async fn own_endpoint(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         caller: &Caller,
         client: ClientView,
         record: &mut AuditRecord,
@@ -102,7 +101,7 @@ impl Gateway {
     }
 
     /// `{intent, ttl_seconds, share_with?}`, within bounds.
-    async fn read_start_task(&self, request: Request<Incoming>) -> Result<StartTask, Refusal> {
+    async fn read_start_task(&self, request: Request<Body>) -> Result<StartTask, Refusal> {
         crate::rest::check_json_body_headers(request.headers())?;
         let body = read_limited(request.into_body(), self.body_limit(MAX_TASK_BODY)).await?;
         let start: StartTask =
@@ -127,7 +126,7 @@ impl Gateway {
 
     async fn start_task(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         caller: &Caller,
         client: ClientView,
         record: &mut AuditRecord,
@@ -282,7 +281,7 @@ impl Gateway {
     /// expired, and (when minted in a task) the task is live and minted it.
     async fn introspect(
         &self,
-        request: Request<Incoming>,
+        request: Request<Body>,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         record.action = Some("introspect".into());
