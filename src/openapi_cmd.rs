@@ -403,24 +403,18 @@ fn operation_tool(
                     );
                 }
             }
-            "query" => {
+            "query" | "header" => {
                 let required = parameter
                     .get("required")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
                 if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
                     let sensitive = looks_sensitive(pname, &schema);
-                    query.push(Field { name: pname.to_string(), required, ty, sensitive });
-                }
-            }
-            "header" => {
-                let required = parameter
-                    .get("required")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
-                    let sensitive = looks_sensitive(pname, &schema);
-                    headers.push(Field { name: pname.to_string(), required, ty, sensitive });
+                    let field = Field { name: pname.to_string(), required, ty, sensitive };
+                    match place {
+                        "query" => query.push(field),
+                        _ => headers.push(field),
+                    }
                 }
             }
             "cookie" => typer.skipped.push(format!(

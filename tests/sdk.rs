@@ -77,8 +77,13 @@ fn program(sdk: Sdk, role: &str) -> Command {
 
 /// Starts an SDK server on a free loopback port; waits (bounded) until it accepts connections.
 async fn start_server(sdk: Sdk) -> (Killed, String) {
-    start_mcp_server(&format!("{sdk:?} server"), |port| {
-        let mut command = program(sdk, "server");
+    start_role(sdk, "server").await
+}
+
+/// Starts an SDK program of `role` that serves on the port it is given.
+async fn start_role(sdk: Sdk, role: &str) -> (Killed, String) {
+    start_mcp_server(&format!("{sdk:?} {role}"), |port| {
+        let mut command = program(sdk, role);
         command
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -86,6 +91,21 @@ async fn start_server(sdk: Sdk) -> (Killed, String) {
         command
     })
     .await
+}
+
+/// A gateway with the SDK schema and policies in front of the MCP server at `url` (the REST
+/// upstream it also needs is a recorder, returned to keep it alive).
+async fn gateway_in_front_of(url: String) -> (Upstream, Gateway) {
+    let rest = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: rest.addr,
+        extra_policies: &[("tools.cedarschema", SCHEMA), ("sdk.cedar", POLICIES)],
+        inbound: None,
+        mcp: Some(url),
+        extra_config: "",
+    })
+    .await;
+    (rest, gw)
 }
 
 /// Runs an SDK client against `url` (bounded); returns what it printed.
@@ -118,15 +138,7 @@ async fn run(sdk: Sdk, role: &str, url: &str, token: &str) -> Value {
 async fn every_official_sdk_pairing_works_through_the_gateway() {
     for server_sdk in [Sdk::Python, Sdk::TypeScript] {
         let (_server, url) = start_server(server_sdk).await;
-        let rest = Upstream::start().await;
-        let gw = Gateway::start(GatewayOptions {
-            upstream: rest.addr,
-            extra_policies: &[("tools.cedarschema", SCHEMA), ("sdk.cedar", POLICIES)],
-            inbound: None,
-            mcp: Some(url),
-            extra_config: "",
-        })
-        .await;
+        let (_rest, gw) = gateway_in_front_of(url).await;
         let token = gw.idp.delegated();
         for client_sdk in [Sdk::Python, Sdk::TypeScript] {
             let pairing = format!("{client_sdk:?} client, {server_sdk:?} server");
@@ -193,24 +205,8 @@ async fn every_official_sdk_pairing_works_through_the_gateway() {
 /// replayed from the server's store as `{}`, which clients cannot read.)
 #[tokio::test]
 async fn a_stream_closed_mid_call_is_resumed_through_the_gateway() {
-    let (_server, url) = start_mcp_server("TypeScript resume server", |port| {
-        let mut command = program(Sdk::TypeScript, "resume_server");
-        command
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        command
-    })
-    .await;
-    let rest = Upstream::start().await;
-    let gw = Gateway::start(GatewayOptions {
-        upstream: rest.addr,
-        extra_policies: &[("tools.cedarschema", SCHEMA), ("sdk.cedar", POLICIES)],
-        inbound: None,
-        mcp: Some(url),
-        extra_config: "",
-    })
-    .await;
+    let (_server, url) = start_role(Sdk::TypeScript, "resume_server").await;
+    let (_rest, gw) = gateway_in_front_of(url).await;
     let token = gw.idp.delegated();
     for client in [Sdk::Python, Sdk::TypeScript] {
         for round in 1..=3 {
