@@ -58,7 +58,9 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
         .map_err(|e| e.to_string())?;
 
     let config = Config::load(&config_path)?;
-    let gateway = Gateway::new(config, Some(config_path.clone())).await?;
+    let gateway = Gateway::new(config, Some(config_path.clone()))
+        .await
+        .map_err(|e| toolgate_gateway::answer::error_chain(&e))?;
     let running = gateway.start().await?;
     crate::announce(&running);
     crate::reload_on_sighup(gateway.clone());

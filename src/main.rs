@@ -369,7 +369,9 @@ fn plain_get(
 }
 
 async fn serve(config: Config, config_path: &Path) -> Result<ExitCode, String> {
-    let gateway = Gateway::new(config, Some(config_path.to_path_buf())).await?;
+    let gateway = Gateway::new(config, Some(config_path.to_path_buf()))
+        .await
+        .map_err(|e| toolgate_gateway::answer::error_chain(&e))?;
     let running = gateway.start().await?;
     announce(&running);
     reload_on_sighup(gateway.clone());

@@ -72,21 +72,69 @@ pub struct Gateway {
     tool_schemas: Arc<mcp::ToolSchemas>,
 }
 
-fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, String> {
-    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    SigningKey::from_pkcs8_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+/// Why the gateway did not start: what failed, with its cause kept as the error's source
+/// where the part that failed gives one (`answer::error_chain` writes it out on one line).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config, policies, schema or entities (each problem as `file:line: message`).
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error("signing key {}", path.display())]
+    SigningKey {
+        path: PathBuf,
+        #[source]
+        source: KeyFileError,
+    },
+    #[error("inbound: {0}")]
+    Inbound(String),
+    #[error("admin_token_file {}: {why}", path.display())]
+    AdminToken { path: PathBuf, why: String },
+    #[error("tasks.store")]
+    TaskStore(#[source] toolgate_tasks::StoreError),
+    #[error("outbound TLS")]
+    OutboundTls(#[source] toolgate_credential::tls::TlsError),
+    #[error("upstreams")]
+    Upstreams(#[source] upstream::SetupError),
+    #[error("traces: {0}")]
+    Traces(String),
+    #[error("audit {path}")]
+    Audit {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a key file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("not a usable key")]
+    Parse(#[source] toolgate_credential::CredentialError),
+}
+
+fn load_signing_key(path: &std::path::Path) -> Result<SigningKey, StartError> {
+    let failed = |source| StartError::SigningKey {
+        path: path.to_path_buf(),
+        source,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| failed(KeyFileError::Read(e)))?;
+    SigningKey::from_pkcs8_pem(&pem).map_err(|e| failed(KeyFileError::Parse(e)))
 }
 
 /// The admin token: the file's text without surrounding white space; at least 16 characters,
 /// so a placeholder never guards the admin listener.
-fn read_admin_token(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("admin_token_file {}: {e}", path.display()))?;
+fn read_admin_token(path: &std::path::Path) -> Result<String, StartError> {
+    let refused = |why: String| StartError::AdminToken {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| refused(e.to_string()))?;
     let token = text.trim();
     if token.len() < 16 || token.contains(char::is_whitespace) {
-        return Err(format!(
-            "admin_token_file {}: the token must be at least 16 characters, without spaces",
-            path.display()
+        return Err(refused(
+            "the token must be at least 16 characters, without spaces".into(),
         ));
     }
     Ok(token.to_string())
@@ -191,9 +239,12 @@ impl Gateway {
     /// Builds the gateway; refuses to start on an invalid policy set, config or key.
     /// `config_path` is where `config` was read from, for reloads (`None`: not reloadable).
     #[allow(clippy::too_many_lines)] // start-up, not the request path
-    pub async fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, String> {
+    pub async fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Arc<Gateway>, StartError> {
         let mut load_cache = LoadCache::default();
-        let engine = check(&config, &mut load_cache).map_err(|e| e.join("\n"))?;
+        let engine = check(&config, &mut load_cache).map_err(StartError::Invalid)?;
         let key = load_signing_key(&config.credentials.signing_key)?;
         let previous = config
             .credentials
@@ -220,25 +271,28 @@ impl Gateway {
                 },
             })
             .collect();
-        let auth = Authenticator::with_cache(issuers, config.inbound.token_cache_size).await?;
+        let auth = Authenticator::with_cache(issuers, config.inbound.token_cache_size)
+            .await
+            .map_err(StartError::Inbound)?;
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(read_admin_token(path)?),
             None => None,
         };
         let tasks = toolgate_tasks::Store::open(&config.tasks.store, config.tasks.bounds())
             .await
-            .map_err(|e| format!("tasks.store: {e}"))?;
+            .map_err(StartError::TaskStore)?;
         let connect_timeout =
             std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
         let client = upstream::client(connect_timeout, &Default::default())
-            .map_err(|e| format!("outbound TLS: {e}"))?;
+            .map_err(StartError::OutboundTls)?;
         let routing = Routing::new(&config.upstreams, &client, connect_timeout, &minter)
-            .map_err(|e| answer::error_chain(&e))?;
+            .map_err(StartError::Upstreams)?;
         let metrics = Arc::new(Metrics::new());
         let tracer = match &config.traces {
             Some(traces) => {
-                let client = trace_client(traces, connect_timeout)?;
-                Some(trace::Tracer::start(traces, client, metrics.clone())?)
+                let client = trace_client(traces, connect_timeout).map_err(StartError::Traces)?;
+                let tracer = trace::Tracer::start(traces, client, metrics.clone());
+                Some(tracer.map_err(StartError::Traces)?)
             }
             None => None,
         };
@@ -246,7 +300,10 @@ impl Gateway {
         let (audit, writer) =
             AuditSink::start(&config.audit.path, config.audit.buffer, metrics.clone())
                 .await
-                .map_err(|e| format!("audit {}: {e}", config.audit.path))?;
+                .map_err(|source| StartError::Audit {
+                    path: config.audit.path.clone(),
+                    source,
+                })?;
         Ok(Arc::new(Gateway {
             policy_dir: config.policies.clone(),
             routing: ArcSwap::from_pointee(routing),
