@@ -403,6 +403,9 @@ fn operation_tool(
                     );
                 }
             }
+            "header" if !header_argument_allowed(pname) => typer.skipped.push(format!(
+                "header parameter `{pname}`: toolgate does not forward it as the agent's (OpenAPI ignores Accept, Content-Type and Authorization; names with `_` are dropped)"
+            )),
             "query" | "header" => {
                 let required = parameter
                     .get("required")
@@ -535,6 +538,16 @@ fn operation_tool(
         summary,
         args,
     })
+}
+
+/// A header parameter toolgate can take as an argument and forward as decided.
+fn header_argument_allowed(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !name.contains('_')
+        && !matches!(
+            lower.as_str(),
+            "accept" | "content-type" | "authorization" | "cookie" | "host" | "content-length"
+        )
 }
 
 /// Adds an argument, unless one of that name is there already (noted).

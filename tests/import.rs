@@ -188,6 +188,7 @@ async fn petstore_3_0_is_imported_checked_and_served() {
     for reported in [
         "uploadFile: a body of type application/octet-stream",
         "createUsersWithListInput: the JSON body is not an object",
+        "deletePet: header parameter `api_key`: toolgate does not forward it",
     ] {
         assert!(said.contains(reported), "{reported} in {said}");
     }
@@ -202,8 +203,7 @@ async fn petstore_3_0_is_imported_checked_and_served() {
         "name: String, category?: { id?: Long, name?: String }, photoUrls: Set<String>",
         // A password is marked sensitive: the audit keeps a keyed hash of it.
         "args: { username?: String, @sensitive password?: String }",
-        // A header parameter is an argument (an API key: sensitive); a query array a set.
-        "args: { petId: Long, @sensitive api_key?: String }",
+        // A query array is a set.
         "args: { tags?: Set<String> }",
     ] {
         assert!(schema.contains(declared), "{declared} in {schema}");

@@ -138,6 +138,8 @@ pub enum UpstreamError {
     InvalidJson(#[source] serde_json::Error),
     #[error("its answer is larger than {0} bytes, too large to filter")]
     TooLarge(usize),
+    #[error("its answer is encoded although it was asked not to be: it cannot be filtered")]
+    Encoded,
 }
 
 /// A failure of the gateway itself (500); never the agent's doing.

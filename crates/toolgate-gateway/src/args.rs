@@ -6,6 +6,7 @@
 //! other types).
 
 use serde_json::{Map, Value};
+use toolgate_mcp::json::fold_key;
 use toolgate_policy::{ArgReads, AttrType, Record};
 
 /// Why an argument is refused (400; MCP: invalid params, or a tool error for `tools/call`).
@@ -122,6 +123,13 @@ fn render_record(
                     ))
                 }
                 Undeclared::Forward => {
+                    if let Some(declared_name) = shadowed(&name, declared) {
+                        return Err(ArgRefusal::new(
+                            ArgProblem::Ambiguous,
+                            &path,
+                            format!("is not declared, and an upstream may read it as declared `{declared_name}`"),
+                        ));
+                    }
                     out.forward.insert(name, value);
                     continue;
                 }
@@ -142,6 +150,16 @@ fn render_record(
     Ok(out)
 }
 
+/// The declared argument an undeclared name may stand for to some binder: the same name in
+/// another case, or one structured under it (`a[0]`, `a[x]`, `a.b`: qs, Rails, PHP, Spring).
+fn shadowed<'a>(name: &str, declared: &'a Record) -> Option<&'a str> {
+    let root = fold_key(name.split(['[', '.']).next().unwrap_or_default());
+    declared
+        .keys()
+        .find(|d| fold_key(d) == root)
+        .map(String::as_str)
+}
+
 fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         name.to_string()
@@ -158,13 +176,8 @@ fn render_value(
     rules: &Rules<'_>,
     path: &str,
 ) -> Result<(Value, Value), ArgRefusal> {
-    if rules.free_form.contains(path) && origin == Origin::Json {
-        if let Value::String(text) = &value {
-            // A free-form argument takes any type: JSON text in a string is ambiguous there.
-            check_json_text(text, path, rules)?;
-        }
-        // One canonical text (keys sorted, no spaces): what the policy compares.
-        return Ok((Value::String(sorted(&value).to_string()), value));
+    if rules.free_form.contains(path) {
+        return render_free_form(value, origin, rules, path);
     }
     match (ty, value) {
         (AttrType::Long, value) => render_long(value, origin, path),
@@ -187,7 +200,12 @@ fn render_value(
             render_set(value, element, origin, rules, path)
         }
         (AttrType::Record(fields), Value::Object(raw)) if origin == Origin::Json => {
-            let inner = render_record(raw, fields, origin, rules, path)?;
+            // SDKs decode JSON text in a tool's own arguments, not in fields within them.
+            let fields_rules = Rules {
+                json_text: None,
+                ..*rules
+            };
+            let inner = render_record(raw, fields, origin, &fields_rules, path)?;
             Ok((Value::Object(inner.policy), Value::Object(inner.forward)))
         }
         (AttrType::Extension(name), value) if name == "decimal" => {
@@ -208,6 +226,33 @@ fn render_value(
             }
             Err(invalid(path, type_name(ty), &value))
         }
+    }
+}
+
+/// A free-form (`@json`) argument: the policy reads its canonical JSON text (keys sorted, no
+/// spaces). From JSON the upstream gets the value as sent; from text (a query) the text must be
+/// JSON, and the upstream gets the canonical text the policy read.
+fn render_free_form(
+    value: Value,
+    origin: Origin,
+    rules: &Rules<'_>,
+    path: &str,
+) -> Result<(Value, Value), ArgRefusal> {
+    match (origin, value) {
+        (Origin::Json, value) => {
+            if let Value::String(text) = &value {
+                // A free-form argument takes any type: JSON text in a string is ambiguous.
+                check_json_text(text, path, rules)?;
+            }
+            Ok((Value::String(sorted(&value).to_string()), value))
+        }
+        (Origin::Text, Value::String(text)) => {
+            let parsed: Value = serde_json::from_str(&text)
+                .map_err(|_| invalid(path, "JSON text", &Value::String(text)))?;
+            let canonical = Value::String(sorted(&parsed).to_string());
+            Ok((canonical.clone(), canonical))
+        }
+        (Origin::Text, other) => Err(invalid(path, "JSON text", &other)),
     }
 }
 
@@ -561,8 +606,12 @@ impl Decimal {
         };
         let (mantissa, exponent) = match rest.find(['e', 'E']) {
             Some(at) => {
+                // JSON's exponent: an optional sign, then digits (`1e+-5` is no number).
                 let exp = &rest[at + 1..];
-                let exp = exp.strip_prefix('+').unwrap_or(exp);
+                let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
                 (&rest[..at], exp.parse::<i64>().ok()?)
             }
             None => (rest, 0),
@@ -771,6 +820,15 @@ mod tests {
             &forward,
         )
         .unwrap();
+        // Forwarded unseen, but never as a name a binder reads as a declared one.
+        for shadow in ["Amount", "amount[0]", "amount.x"] {
+            let raw = obj(json!({"amount": 1, shadow: 900}));
+            let err = render(raw, &declared, Origin::Json, &forward).unwrap_err();
+            assert_eq!(
+                (err.problem, err.argument.as_str()),
+                (ArgProblem::Ambiguous, shadow)
+            );
+        }
         assert_eq!(out.policy, obj(json!({"amount": 1})));
         assert_eq!(out.forward, obj(json!({"amount": 1, "dest": "x"})));
     }
@@ -962,6 +1020,8 @@ mod tests {
             "1e99999",
             "1e-9223372036854775808",
             "1.5e-9223372036854775808",
+            "1e+-5",
+            "1e++5",
             &long,
         ] {
             assert!(Decimal::parse(bad).is_none(), "{bad}");
@@ -988,5 +1048,12 @@ mod tests {
             out.forward["metadata"],
             json!({"b": [1, {"d": 1, "c": 2}], "a": "x"})
         );
+        // From a query: the text must be JSON, and is forwarded as the canonical text.
+        let text = obj(json!({"metadata": "{\"env\" : \"prod\"}"}));
+        let out = render(text, &declared, Origin::Text, &rules(&reads, &free)).unwrap();
+        assert_eq!(out.policy["metadata"], json!("{\"env\":\"prod\"}"));
+        assert_eq!(out.forward["metadata"], json!("{\"env\":\"prod\"}"));
+        let bad = obj(json!({"metadata": "{oops"}));
+        assert!(render(bad, &declared, Origin::Text, &rules(&reads, &free)).is_err());
     }
 }

@@ -1054,6 +1054,14 @@ impl Config {
                 if let Err(e) = crate::routes::Template::parse(&route.path) {
                     errors.push(format!("{at}: tool {}: {e}", route.tool));
                 }
+                for name in &route.header_arguments {
+                    if let Err(why) = crate::upstream::header_argument_name(name) {
+                        errors.push(format!(
+                            "{at}: tool {}: header argument `{name}`: {why}",
+                            route.tool
+                        ));
+                    }
+                }
             }
         }
         if errors.is_empty() {

@@ -241,6 +241,8 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         record.decision = Verdict::Allow;
         parts.headers.remove(header::CONTENT_LENGTH);
+        let identity = HeaderValue::from_static("identity");
+        parts.headers.insert(header::ACCEPT_ENCODING, identity);
         let scope = vec![ActionId::endpoint(upstream.name()).to_string()];
         let opens_stream = parts.method == Method::GET;
         let request = Request::from_parts(parts, full(Bytes::new()));
@@ -347,6 +349,9 @@ impl Gateway {
         }
         let json = HeaderValue::from_static("application/json");
         parts.headers.insert(header::CONTENT_TYPE, json);
+        // The answer is read to be filtered: it must come unencoded.
+        let identity = HeaderValue::from_static("identity");
+        parts.headers.insert(header::ACCEPT_ENCODING, identity);
         let errors_before = record.errors.len();
         let request = Request::from_parts(parts, full(body));
         let forwarded = self
@@ -782,6 +787,15 @@ async fn rewrite_answer(
 ) -> Result<Response<Body>, Refusal> {
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
+    // Asked for unencoded (`forward_plan`): an encoded answer cannot be read, so not filtered.
+    if parts
+        .headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(UpstreamError::Encoded.into());
+    }
     if is_event_stream(&parts.headers) {
         let body = SseRewrite::new(body, rewrite, answer_events(&answered));
         return Ok(Response::from_parts(parts, body.boxed()));
@@ -796,6 +810,24 @@ async fn rewrite_answer(
         HeaderValue::from_static("application/json"),
     );
     Ok(Response::from_parts(parts, full(value.to_string())))
+}
+
+/// The rewrite applied to one message, or to each of a batch (a 2025-03-26 server may batch
+/// its answers, in a body or in one event); a dropped message leaves the batch. Says whether
+/// anything changed.
+fn apply(rewrite: &Rewrite, value: &mut Value) -> bool {
+    let Value::Array(items) = value else {
+        return rewrite(value);
+    };
+    let mut changed = false;
+    for item in items.iter_mut() {
+        changed |= rewrite(item);
+    }
+    items.retain(|item| !item.is_null());
+    if items.is_empty() && changed {
+        *value = Value::Null;
+    }
+    changed
 }
 
 /// The gateway's answers as SSE events, sent ahead of the upstream's.
@@ -817,16 +849,7 @@ fn rewrite_json(
     } else {
         serde_json::from_slice(bytes).map_err(|e| Refusal::from(UpstreamError::InvalidJson(e)))?
     };
-    match &mut value {
-        Value::Array(items) => {
-            for item in items {
-                rewrite(item);
-            }
-        }
-        single => {
-            rewrite(single);
-        }
-    }
+    apply(rewrite, &mut value);
     if batch && !answered.is_empty() {
         let mut all = match value {
             Value::Array(items) => items,
@@ -888,9 +911,12 @@ impl http_body::Body for SseRewrite {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.done = true;
+                    // An unterminated last event is filtered like the others, never passed raw.
                     let rest = self.splitter.finish();
-                    if !rest.is_empty() {
-                        self.pending.push_back(Bytes::from(rest));
+                    let rewrite = self.rewrite.clone();
+                    let out = rewrite_event_data(&rest, |m| apply(&rewrite, m)).unwrap_or(rest);
+                    if !out.is_empty() {
+                        self.pending.push_back(Bytes::from(out));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
@@ -899,7 +925,8 @@ impl http_body::Body for SseRewrite {
                         let events = self.splitter.push(&data).map_err(BoxError::from)?;
                         let rewrite = self.rewrite.clone();
                         for event in events {
-                            let out = rewrite_event_data(&event, |m| rewrite(m)).unwrap_or(event);
+                            let out =
+                                rewrite_event_data(&event, |m| apply(&rewrite, m)).unwrap_or(event);
                             if !out.is_empty() {
                                 self.pending.push_back(Bytes::from(out));
                             }

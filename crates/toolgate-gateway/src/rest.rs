@@ -36,6 +36,24 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// A route's literal segment as written in the config: RFC 3986 `pchar`s (sub-delims, `:`, `@`)
+/// stay as they are (`/items:batchGet`, `/$metadata`, `/users/@me`), since routers match the
+/// raw path.
+const PATH_LITERAL: &AsciiSet = &COMPONENT
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
 /// Names (after folding case and `-` to `_`) under which frameworks take an HTTP method
 /// override from parameters or a JSON body (Laravel, Symfony, Express method-override, Rails).
 const METHOD_OVERRIDES: [&str; 4] = [
@@ -68,6 +86,7 @@ pub(crate) async fn read_call(
         &route.header_arguments,
     ];
     keep_standard_headers(&mut parts.headers, &listed.map(Vec::as_slice));
+    drop_mcp_headers(&mut parts.headers);
     let mut args = Map::new();
     let path = render_path(route, declared, &mut args)?;
     let query = render_query_arguments(parts.uri.query(), route, declared, &mut args)?;
@@ -86,6 +105,18 @@ pub(crate) async fn read_call(
     let bytes = read_body(&parts.headers, body, max_body).await?;
     let body = render_body(&mut parts.headers, &bytes, route, declared, &mut args)?;
     Ok((Request::from_parts(parts, full(body)), args))
+}
+
+/// MCP's own headers mean nothing to a REST upstream: dropped, not read there as something else.
+fn drop_mcp_headers(headers: &mut HeaderMap) {
+    let mcp: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("mcp-") || name.as_str() == "last-event-id")
+        .cloned()
+        .collect();
+    for name in mcp {
+        headers.remove(name);
+    }
 }
 
 /// The query's arguments, typed, and the forwarded query rendered from them in the forms they
@@ -107,9 +138,27 @@ fn render_query_arguments(
             "argument `{name}` is read from the body on this route, not the query"
         )));
     }
+    refuse_header_arguments_elsewhere(query_args.keys(), route, "the query")?;
     let query = render(query_args, declared.args, Origin::Text, &declared.rules)?;
     merge_args(args, query.policy)?;
     Ok(render_query(&query.forward, &forms))
+}
+
+/// A header argument comes from its header: given in the query or the body, the policy would
+/// read it while the upstream, reading the header, sees none (and takes its default).
+fn refuse_header_arguments_elsewhere<'a>(
+    names: impl Iterator<Item = &'a String>,
+    route: &Classified,
+    place: &str,
+) -> Result<(), Refusal> {
+    for name in names {
+        if route.header_arguments.contains(name) {
+            return Err(Refusal::BadRequest(format!(
+                "argument `{name}` is read from its header on this route, not {place}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The JSON body's arguments, typed, and the body forwarded: serialised from them, or none.
@@ -147,6 +196,7 @@ fn render_body(
     for name in fields.keys() {
         refuse_override(name)?;
     }
+    refuse_header_arguments_elsewhere(fields.keys(), route, "the body")?;
     let Rendered { policy, forward } =
         render(fields, declared.args, Origin::Json, &declared.rules)?;
     let canonical =
@@ -172,15 +222,25 @@ fn render_path(
         .collect();
     let Rendered { policy, forward } = render(raw, declared.args, Origin::Text, &declared.rules)?;
     args.extend(policy);
+    // A parameter is re-encoded from its rendered value (all but unreserved characters
+    // escaped); a literal is the route's own text, escaped only where a path must be.
     let segment = |index: usize| -> String {
         let name = route.param_at.get(index).and_then(Option::as_ref);
-        match name.and_then(|n| forward.get(n)) {
-            Some(Value::String(text)) => text.clone(),
-            _ => route.segments[index].clone(),
+        match name {
+            Some(name) => {
+                let text = match forward.get(name) {
+                    Some(Value::String(text)) => text.as_str(),
+                    _ => route.segments[index].as_str(),
+                };
+                format!("/{}", utf8_percent_encode(text, COMPONENT))
+            }
+            None => format!(
+                "/{}",
+                utf8_percent_encode(&route.segments[index], PATH_LITERAL)
+            ),
         }
     };
-    let segments: Vec<String> = (0..route.segments.len()).map(segment).collect();
-    Ok(canonical_path(&segments))
+    Ok((0..route.segments.len()).map(segment).collect())
 }
 
 /// Header arguments (`header_arguments:`): each read as text, typed, and set upstream as the
@@ -447,6 +507,7 @@ fn decode_query_part(raw: &str) -> Result<String, Refusal> {
 }
 
 /// `/seg/seg`, each decoded segment re-encoded.
+#[cfg(test)]
 pub(crate) fn canonical_path(segments: &[String]) -> String {
     segments
         .iter()

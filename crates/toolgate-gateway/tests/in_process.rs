@@ -24,6 +24,8 @@ const SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, args: { invoice_id: Long, expand?: Set<String> } } };
   action "billing/refund" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, args: { amount: Long, memo?: { to?: String } } } };
+  action "pd/create_incident" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, args: { From: String, title: String } } };
   action "tools/send_mail" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, args: { to: Set<String> } } };
 }"#;
@@ -173,6 +175,9 @@ async fn what_no_policy_can_see_is_refused_before_anything_is_forwarded() {
             ("refund", "POST", "/refunds"),
         ],
     )
+    .upstream(json!({"name": "pd", "url": "http://127.0.0.1:1", "audience": "pd", "routes": [
+        {"tool": "create_incident", "method": "POST", "path": "/incidents", "header_arguments": ["From"]}
+    ]}))
     .mcp("tools")
     .start()
     .await;
@@ -239,14 +244,26 @@ async fn what_no_policy_can_see_is_refused_before_anything_is_forwarded() {
             "argument_not_representable",
             "amount",
         ),
+        // A header argument comes from its header only (the upstream reads the header).
+        (
+            "POST",
+            "/pd/incidents",
+            &json,
+            r#"{"From":"a@corp.example","title":"t"}"#,
+            400,
+            "bad_request",
+            "",
+        ),
     ] {
         let (got, answer) = call(&gw, &token, method, path, headers, body).await;
         assert_eq!(got.as_u16(), status, "{method} {path} {body}: {answer}");
         assert_eq!(
-            (answer["error"].as_str(), answer["argument"].as_str()),
-            (Some(error), Some(argument)),
+            answer["error"].as_str(),
+            Some(error),
             "{method} {path} {body}"
         );
+        let named = answer["argument"].as_str().unwrap_or_default();
+        assert_eq!(named, argument, "{method} {path} {body}");
     }
     // MCP: JSON text where the tool takes a list is a tool error; a batch on 2025-11-25 is 400.
     let (status, answer) = call(&gw, &token, "POST", "/tools", &mcp, mail).await;
