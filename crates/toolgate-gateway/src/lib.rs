@@ -49,7 +49,7 @@ pub struct Gateway {
     /// What the last load parsed and validated; held during a reload, so reloads run one at a time.
     load_cache: tokio::sync::Mutex<LoadCache>,
     auth: Authenticator,
-    minter: Minter,
+    minter: Arc<Minter>,
     /// Routes and upstreams: swapped whole when the config's `upstreams` section reloads.
     routing: ArcSwap<Routing>,
     client: HttpClient,
@@ -310,7 +310,7 @@ impl Gateway {
             policy: ArcSwap::from_pointee(engine),
             load_cache: tokio::sync::Mutex::new(load_cache),
             auth,
-            minter,
+            minter: Arc::new(minter),
             client,
             metrics,
             audit,

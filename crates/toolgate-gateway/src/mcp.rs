@@ -7,6 +7,7 @@
 //! by id, and a batch can mix allowed and denied calls in one HTTP exchange. An HTTP 403 would
 //! fail the whole exchange in the client's transport instead of the one call.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -79,6 +80,79 @@ impl ToolSchemas {
     }
 }
 
+/// What a server gives a caller to come back with: a session, a task handle.
+const SESSION: &str = "mcp-session";
+const TASK: &str = "mcp-task";
+
+/// Ids a server gives out (session ids, task handles) bound to the caller they were given to:
+/// `<id>.<tag>`, a tag keyed by the gateway of the upstream, the caller and the id. Another
+/// caller's (or a made-up) id is unknown, with no state to share between replicas.
+#[derive(Clone)]
+struct Binder {
+    minter: Arc<toolgate_credential::Minter>,
+    upstream: String,
+    issuer: String,
+    agent: String,
+    user: String,
+}
+
+impl Binder {
+    fn new(gateway: &Gateway, ctx: &CallContext<'_>, upstream: &Upstream) -> Binder {
+        Binder {
+            minter: gateway.minter.clone(),
+            upstream: upstream.name().to_string(),
+            issuer: ctx.caller.issuer.clone(),
+            agent: ctx.caller.agent.clone(),
+            user: ctx.caller.user.clone().unwrap_or_default(),
+        }
+    }
+
+    /// As a JSON array: no two different callers or ids write the same text.
+    fn binding(&self, kind: &str, id: &str) -> String {
+        json!([kind, self.upstream, self.issuer, self.agent, self.user, id]).to_string()
+    }
+
+    fn bind(&self, kind: &str, id: &str) -> String {
+        format!("{id}.{}", self.minter.session_tag(&self.binding(kind, id)))
+    }
+
+    /// The server's id inside a bound one, when it was bound to this caller.
+    fn unbind<'a>(&self, kind: &str, bound: &'a str) -> Option<&'a str> {
+        let (id, tag) = bound.rsplit_once('.')?;
+        self.minter
+            .is_session_tag(&self.binding(kind, id), tag)
+            .then_some(id)
+    }
+
+    /// Binds every task handle in an answer given to this caller: a task created for its call
+    /// (`result.task`), a task's own answers (`result.taskId`, `tasks/result`'s related-task
+    /// `_meta`), and status notifications on its streams.
+    fn bind_task_handles(&self, message: &mut Value) -> bool {
+        let mut changed = false;
+        for pointer in [
+            "/result/task/taskId",
+            "/result/taskId",
+            "/result/_meta/io.modelcontextprotocol~1related-task/taskId",
+            "/params/taskId",
+            "/params/_meta/io.modelcontextprotocol~1related-task/taskId",
+        ] {
+            if let Some(Value::String(id)) = message.pointer_mut(pointer) {
+                *id = self.bind(TASK, id);
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// Whether a message names a task: a handle the caller could not be told apart from another's
+/// where no caller owns the stream.
+fn names_a_task(message: &Value) -> bool {
+    ["/result/task/taskId", "/result/taskId", "/params/taskId"]
+        .iter()
+        .any(|p| message.pointer(p).is_some())
+}
+
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
 /// The MCP session header, bound to its caller on the way out and checked on the way in.
@@ -119,6 +193,40 @@ impl Plan {
         self.scope
             .push(ActionId::endpoint(upstream.name()).to_string());
         self.forward.push(message.clone());
+    }
+
+    /// A message on a task: its handle must be one the caller was given, and is forwarded as
+    /// the server's own id. `tasks/get`, `tasks/result` and `tasks/cancel` are forwarded (their
+    /// answers are the caller's: handles bound, marked private); a `tasks/update` is returned
+    /// with its input, to be decided.
+    fn task(
+        &mut self,
+        upstream: &Upstream,
+        binder: &Binder,
+        message: &Value,
+        handle: &str,
+        update: Option<Map<String, Value>>,
+        record: &mut AuditRecord,
+    ) -> Option<(Map<String, Value>, Value)> {
+        let id = message.get("id");
+        let Some(task) = binder.unbind(TASK, handle) else {
+            record
+                .errors
+                .push("task handle not issued to this caller".into());
+            let answer = error_response(id, code::INVALID_PARAMS, "unknown task", None);
+            self.answered.push(answer);
+            return None;
+        };
+        let mut message = message.clone();
+        message["params"]["taskId"] = json!(task);
+        if let Some(input) = update {
+            return Some((input, message));
+        }
+        self.decided_ids.extend(id.cloned());
+        self.scope
+            .push(ActionId::endpoint(upstream.name()).to_string());
+        self.forward.push(message);
+        None
     }
 
     /// A message the policy allowed, forwarded as rendered.
@@ -202,10 +310,11 @@ impl Gateway {
         parts.uri = upstream.uri("", None)?;
         keep_standard_headers(&mut parts.headers, &[&upstream.config.forward_headers]);
         record.action = Some(format!("mcp:{}", parts.method));
+        let binder = Binder::new(self, ctx, upstream);
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
         if let Some(bound) = parts.headers.get(SESSION_HEADER) {
-            let Some(session) = self.session_of(ctx, upstream, bound) else {
+            let Some(session) = Self::session_of(&binder, bound) else {
                 record
                     .errors
                     .push("Mcp-Session-Id was not issued to this caller".into());
@@ -214,18 +323,20 @@ impl Gateway {
             parts.headers.insert(SESSION_HEADER, session);
         }
         if parts.method != Method::POST {
-            return self.mcp_stream_or_end(ctx, upstream, parts, record).await;
+            return self
+                .mcp_stream_or_end(ctx, upstream, parts, &binder, record)
+                .await;
         }
         let payload = match self.read_payload(&parts.headers, body, record).await? {
             Ok(payload) => payload,
             Err(refused) => return Ok(refused),
         };
-        let plan = self.plan(ctx, upstream, &payload, record);
+        let plan = self.plan(ctx, upstream, &payload, &binder, record);
         let batch = matches!(payload, Payload::Batch(_));
         if plan.forward.is_empty() {
             return Ok(self.answer_alone(plan, batch));
         }
-        self.forward_plan(ctx, upstream, parts, plan, batch, record)
+        self.forward_plan(ctx, upstream, parts, (plan, batch), binder, record)
             .await
     }
 
@@ -237,9 +348,16 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         mut parts: http::request::Parts,
+        binder: &Binder,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         record.decision = Verdict::Allow;
+        // A stream of the caller's own session is the caller's: task handles on it are bound to
+        // the caller. Without a session nobody owns it, and what names a task is left out.
+        let owner = parts
+            .headers
+            .contains_key(SESSION_HEADER)
+            .then(|| binder.clone());
         parts.headers.remove(header::CONTENT_LENGTH);
         let identity = HeaderValue::from_static("identity");
         parts.headers.insert(header::ACCEPT_ENCODING, identity);
@@ -247,14 +365,14 @@ impl Gateway {
         let opens_stream = parts.method == Method::GET;
         let request = Request::from_parts(parts, full(Bytes::new()));
         let mut response = self.forward(ctx, upstream, request, scope, record).await?;
-        self.bind_session(ctx, upstream, response.headers_mut());
+        self.bind_session(binder, response.headers_mut());
         if !(opens_stream && is_event_stream(response.headers())) {
             return Ok(response);
         }
         let filter = answer_filter(
             Listings::All,
             true,
-            Visibility::new(ctx, upstream),
+            Visibility::new(ctx, upstream, owner),
             Some(self.learn_tools(upstream)),
         );
         rewrite_answer(response, filter, Vec::new(), false).await
@@ -315,8 +433,8 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         mut parts: http::request::Parts,
-        plan: Plan,
-        batch: bool,
+        (plan, batch): (Plan, bool),
+        binder: Binder,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         // Each decision line of a batch needs its room too before anything is forwarded, and
@@ -359,7 +477,7 @@ impl Gateway {
             .await;
         finish_lines(lines, &forwarded, record, errors_before);
         let mut response = forwarded?;
-        self.bind_session(ctx, upstream, response.headers_mut());
+        self.bind_session(&binder, response.headers_mut());
         let nothing_to_rewrite = plan.list_ids.is_empty()
             && plan.decided_ids.is_empty()
             && plan.answered.is_empty()
@@ -371,7 +489,7 @@ impl Gateway {
             listings: plan.list_ids,
             decided: plan.decided_ids,
         };
-        let visible = Visibility::new(ctx, upstream);
+        let visible = Visibility::new(ctx, upstream, Some(binder));
         let filter = answer_filter(
             listings,
             plan.listens,
@@ -386,39 +504,14 @@ impl Gateway {
         (self.tool_schemas.clone(), upstream.name().to_string())
     }
 
-    /// What a session's tag binds: this caller, on this upstream, to this server's id.
-    fn session_binding(ctx: &CallContext<'_>, upstream: &Upstream, session: &str) -> String {
-        let caller = ctx.caller;
-        let user = caller.user.as_deref().unwrap_or("");
-        // As a JSON array: no two different callers or sessions write the same text.
-        json!([
-            "mcp-session",
-            upstream.name(),
-            caller.issuer,
-            caller.agent,
-            user,
-            session
-        ])
-        .to_string()
-    }
-
     /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this
     /// caller can use it (checked by `session_of`, with no state to share between replicas).
-    fn bind_session(
-        &self,
-        ctx: &CallContext<'_>,
-        upstream: &Upstream,
-        headers: &mut http::HeaderMap,
-    ) {
+    fn bind_session(&self, binder: &Binder, headers: &mut http::HeaderMap) {
         let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
             headers.remove(SESSION_HEADER);
             return;
         };
-        let tag = self
-            .minter
-            .session_tag(&Self::session_binding(ctx, upstream, session));
-        let bound = format!("{session}.{tag}");
-        match HeaderValue::from_str(&bound) {
+        match HeaderValue::from_str(&binder.bind(SESSION, session)) {
             Ok(value) => {
                 headers.insert(SESSION_HEADER, value);
             }
@@ -429,17 +522,9 @@ impl Gateway {
     }
 
     /// The server's session id inside a bound one, when it was bound to this caller.
-    fn session_of(
-        &self,
-        ctx: &CallContext<'_>,
-        upstream: &Upstream,
-        bound: &HeaderValue,
-    ) -> Option<HeaderValue> {
-        let (session, tag) = bound.to_str().ok()?.rsplit_once('.')?;
-        let binding = Self::session_binding(ctx, upstream, session);
-        self.minter
-            .is_session_tag(&binding, tag)
-            .then(|| HeaderValue::from_str(session).ok())?
+    fn session_of(binder: &Binder, bound: &HeaderValue) -> Option<HeaderValue> {
+        let session = binder.unbind(SESSION, bound.to_str().ok()?)?;
+        HeaderValue::from_str(session).ok()
     }
 
     /// Classifies and authorizes each message.
@@ -448,6 +533,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         payload: &Payload,
+        binder: &Binder,
         record: &mut AuditRecord,
     ) -> Plan {
         let batch = matches!(payload, Payload::Batch(_));
@@ -461,12 +547,21 @@ impl Gateway {
             if !batch {
                 record.action = Some(format!("mcp:{method}"));
             }
-            let (action, args, place) = match intent(message) {
+            let (action, args, place, message) = match intent(message) {
                 Ok(Intent::Decide {
                     action,
                     args,
                     place,
-                }) => (action, args, place),
+                }) => (action, args, place, Cow::Borrowed(message)),
+                Ok(Intent::Task { task_id, update }) => {
+                    let unbound = plan.task(upstream, binder, message, &task_id, update, record);
+                    let Some((input, message)) = unbound else {
+                        continue;
+                    };
+                    // `tasks/update` carries input the task acts on: decided like arguments.
+                    let action = "tasks/update".to_string();
+                    (action, input, ArgsPlace::Unchanged, Cow::Owned(message))
+                }
                 Ok(passing @ (Intent::Pass | Intent::List | Intent::Listen)) => {
                     plan.pass(upstream, message, method, passing);
                     continue;
@@ -495,7 +590,7 @@ impl Gateway {
             let tool = ActionId::new(upstream.name(), &action);
             line.action = Some(tool.to_string());
             line.resource = Some(tool.to_string());
-            match self.decide_message(ctx, upstream, message, &tool, args, place, line) {
+            match self.decide_message(ctx, upstream, &message, &tool, args, place, line) {
                 Ok((forward, grants)) => plan.decided(&tool, id, forward, grants),
                 Err(answer) => plan.answered.push(answer),
             }
@@ -708,6 +803,10 @@ fn answer_filter(
             }
             filter_listing(message, &|item| visible.item(item));
         }
+        let tasks = visible.task_handles(message);
+        if message.is_null() {
+            return true;
+        }
         if listing || decided {
             return mark_private(message) || listing;
         }
@@ -718,7 +817,7 @@ fn answer_filter(
                 return true;
             }
         }
-        false
+        tasks
     })
 }
 
@@ -728,16 +827,31 @@ struct Visibility {
     caller: Caller,
     upstream: String,
     client_ip: IpAddr,
+    /// Binds task handles in answers owned by the caller; `None`: nobody owns the stream.
+    owner: Option<Binder>,
 }
 
 impl Visibility {
-    fn new(ctx: &CallContext<'_>, upstream: &Upstream) -> Arc<Visibility> {
+    fn new(ctx: &CallContext<'_>, upstream: &Upstream, owner: Option<Binder>) -> Arc<Visibility> {
         Arc::new(Visibility {
             engine: ctx.engine.clone(),
             caller: ctx.caller.clone(),
             upstream: upstream.name().to_string(),
             client_ip: ctx.client.ip,
+            owner,
         })
+    }
+
+    /// Task handles: bound to the caller who owns the answer, or left out where nobody does.
+    fn task_handles(&self, message: &mut Value) -> bool {
+        match &self.owner {
+            Some(binder) => binder.bind_task_handles(message),
+            None if names_a_task(message) => {
+                *message = Value::Null;
+                true
+            }
+            None => false,
+        }
     }
 
     /// An item of a listing: shown where the call that reads it would be permitted (a tool
@@ -942,6 +1056,47 @@ impl http_body::Body for SseRewrite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn binder(agent: &str) -> Binder {
+        let (key, _) = toolgate_credential::SigningKey::generate().unwrap();
+        Binder {
+            minter: Arc::new(toolgate_credential::Minter::new(key, "https://tg", 60)),
+            upstream: "tools".into(),
+            issuer: "https://idp".into(),
+            agent: agent.into(),
+            user: "alice".into(),
+        }
+    }
+
+    #[test]
+    fn task_handles_are_bound_to_the_caller_they_were_given_to() {
+        let alice = binder("assistant");
+        let mut created = json!({"jsonrpc": "2.0", "id": 1, "result": {"resultType": "task",
+            "task": {"taskId": "t.1", "status": "working"}}});
+        assert!(alice.bind_task_handles(&mut created));
+        let handle = created["result"]["task"]["taskId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(handle.starts_with("t.1."));
+        assert_eq!(alice.unbind(TASK, &handle), Some("t.1"));
+        // Another agent (same key), a bare id, a session's tag: unknown.
+        let mallory = Binder {
+            agent: "mallory".into(),
+            ..alice.clone()
+        };
+        assert_eq!(mallory.unbind(TASK, &handle), None);
+        assert_eq!(alice.unbind(TASK, "t.1"), None);
+        assert_eq!(alice.unbind(SESSION, &handle), None);
+        let mut status = json!({"jsonrpc": "2.0", "method": "notifications/tasks/status",
+            "params": {"taskId": "t.2", "status": "completed"}});
+        assert!(names_a_task(&status));
+        assert!(alice.bind_task_handles(&mut status));
+        assert_ne!(status["params"]["taskId"], "t.2");
+        assert!(!names_a_task(
+            &json!({"jsonrpc": "2.0", "id": 1, "result": {}})
+        ));
+    }
 
     #[test]
     fn listed_tools_are_remembered_with_their_schemas() {

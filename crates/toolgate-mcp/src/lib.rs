@@ -182,6 +182,12 @@ pub enum Intent {
     List,
     /// `subscriptions/listen` (2026-07-28): forwarded; what it streams is filtered.
     Listen,
+    /// `tasks/get`, `tasks/result`, `tasks/cancel` on the task handle the caller was given
+    /// (bound to it); `tasks/update` is also decided as `<upstream>/tasks/update` on its input.
+    Task {
+        task_id: String,
+        update: Option<Map<String, Value>>,
+    },
     /// Authentication is enough: initialize, server/discover, ping, notifications, responses.
     Pass,
     /// A request method toolgate does not know: refused.
@@ -189,7 +195,12 @@ pub enum Intent {
 }
 
 /// The actions MCP methods are decided as, beside tools' own (`<upstream>/<action>`).
-pub const METHOD_ACTIONS: [&str; 3] = ["resources/read", "prompts/get", "logging/setLevel"];
+pub const METHOD_ACTIONS: [&str; 4] = [
+    "resources/read",
+    "prompts/get",
+    "logging/setLevel",
+    "tasks/update",
+];
 
 /// Where a decided message's arguments go back once rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,12 +252,6 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
                     format!("a tool named `{name}` cannot be told from the MCP method's action"),
                 ));
             }
-            if params.contains_key("task") {
-                return Err(RpcError::new(
-                    code::INVALID_PARAMS,
-                    "task-augmented calls are not taken: the tasks extension is not bound to callers yet",
-                ));
-            }
             decide(
                 name,
                 object_member(&params, "arguments")?,
@@ -286,6 +291,21 @@ pub fn intent(message: &Value) -> Result<Intent, RpcError> {
             Intent::List
         }
         "subscriptions/listen" => Intent::Listen,
+        "tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/update" => {
+            let mut params = params(&["taskId"])?;
+            let task_id = match params.remove("taskId") {
+                Some(Value::String(id)) if !id.is_empty() => id,
+                _ => {
+                    return Err(RpcError::new(
+                        code::INVALID_PARAMS,
+                        format!("{method} needs a taskId"),
+                    ))
+                }
+            };
+            params.remove("_meta");
+            let update = (method == "tasks/update").then_some(params);
+            Intent::Task { task_id, update }
+        }
         "initialize" | "server/discover" | "ping" => Intent::Pass,
         other => Intent::Unknown(other.to_string()),
     })
@@ -723,10 +743,21 @@ mod tests {
         let m =
             json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"URI":"file:///x"}});
         assert!(intent(&m).is_err());
-        // The tasks extension is not taken; a tool may not pass for a method's action.
+        // A tool may not pass for a method's action; a task's methods name its handle.
+        assert!(intent(
+            &json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","task":{}}})
+        )
+        .is_ok());
+        assert_eq!(
+            intent(&json!({"jsonrpc":"2.0","id":1,"method":"tasks/update","params":{"taskId":"t.x","inputResponses":{}}})).unwrap(),
+            Intent::Task {
+                task_id: "t.x".into(),
+                update: Some(json!({"inputResponses": {}}).as_object().unwrap().clone()),
+            }
+        );
         for params in [
-            json!({"name":"a","task":{}}),
             json!({"name":"resources/read","arguments":{"uri":"notes://alice/x"}}),
+            json!({"name":"tasks/update","arguments":{}}),
         ] {
             let m = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":params});
             assert_eq!(intent(&m).unwrap_err().code, code::INVALID_PARAMS, "{m}");
