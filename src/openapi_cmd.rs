@@ -404,7 +404,7 @@ fn operation_tool(
                 }
             }
             "header" if !header_argument_allowed(pname) => typer.skipped.push(format!(
-                "header parameter `{pname}`: toolgate does not forward it as the agent's (OpenAPI ignores Accept, Content-Type and Authorization; names with `_` are dropped)"
+                "header parameter `{pname}`: toolgate does not forward it as the agent's (OpenAPI ignores Accept, Content-Type and Authorization; the gateway sets or drops the others it refuses, names with `_` among them)"
             )),
             "query" | "header" => {
                 let required = parameter
@@ -542,12 +542,9 @@ fn operation_tool(
 
 /// A header parameter toolgate can take as an argument and forward as decided.
 fn header_argument_allowed(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    !name.contains('_')
-        && !matches!(
-            lower.as_str(),
-            "accept" | "content-type" | "authorization" | "cookie" | "host" | "content-length"
-        )
+    // OpenAPI ignores `in: header` parameters named Accept, Content-Type and Authorization.
+    toolgate_gateway::config::header_argument_name(name).is_ok()
+        && !name.eq_ignore_ascii_case("accept")
 }
 
 /// Adds an argument, unless one of that name is there already (noted).

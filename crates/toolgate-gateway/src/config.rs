@@ -1055,7 +1055,7 @@ impl Config {
                     errors.push(format!("{at}: tool {}: {e}", route.tool));
                 }
                 for name in &route.header_arguments {
-                    if let Err(why) = crate::upstream::header_argument_name(name) {
+                    if let Err(why) = header_argument_name(name) {
                         errors.push(format!(
                             "{at}: tool {}: header argument `{name}`: {why}",
                             route.tool
@@ -1070,6 +1070,28 @@ impl Config {
             Err(errors)
         }
     }
+}
+
+/// Whether a request header can carry an argument: one the gateway forwards as it sets it.
+/// Refused: names with `_` (dropped on the way out: CGI-style servers read them as `-`), the
+/// agent's credentials and the headers the gateway removes or sets itself, hop-by-hop ones, the
+/// body's own (`Content-Type`, `Content-Length`, `Content-Encoding`), and MCP's own (dropped on
+/// REST upstreams).
+pub fn header_argument_name(name: &str) -> Result<(), &'static str> {
+    let Ok(parsed) = http::HeaderName::from_bytes(name.as_bytes()) else {
+        return Err("not a header name");
+    };
+    let lower = parsed.as_str();
+    if crate::upstream::never_injected(&parsed)
+        || matches!(
+            lower,
+            "content-encoding" | "authorization" | "last-event-id"
+        )
+        || lower.starts_with("mcp-")
+    {
+        return Err("the gateway removes or sets this header itself");
+    }
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {

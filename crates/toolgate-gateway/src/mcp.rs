@@ -123,34 +123,80 @@ impl Binder {
             .is_session_tag(&self.binding(kind, id), tag)
             .then_some(id)
     }
+}
 
-    /// Binds every task handle in an answer given to this caller: a task created for its call
-    /// (`result.task`), a task's own answers (`result.taskId`, `tasks/result`'s related-task
-    /// `_meta`), and status notifications on its streams.
-    fn bind_task_handles(&self, message: &mut Value) -> bool {
+/// Where a server's task id stands in an answer, and in a notification (or a server's request).
+const TASK_IN_RESULT: [&str; 3] = [
+    "/result/task/taskId",
+    "/result/taskId",
+    "/result/_meta/io.modelcontextprotocol~1related-task/taskId",
+];
+const TASK_IN_PARAMS: [&str; 2] = [
+    "/params/taskId",
+    "/params/_meta/io.modelcontextprotocol~1related-task/taskId",
+];
+
+/// The task handles one request may be given: in the answers to its own messages (a task
+/// created for its call, a handle returned unasked, a task's own answers), and, in what else
+/// the server sends on its streams, only the tasks those answers or its own `tasks/*` messages
+/// named. Any other message naming a task is another caller's (a server routing to the wrong
+/// stream) or nobody's: left out.
+struct TaskHandles {
+    binder: Binder,
+    /// Ids of the request's forwarded messages.
+    answers_to: Vec<Value>,
+    /// The server's task ids this request owns.
+    owned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl TaskHandles {
+    fn new(binder: Binder, answers_to: Vec<Value>, owned: Vec<String>) -> TaskHandles {
+        TaskHandles {
+            binder,
+            answers_to,
+            owned: std::sync::Mutex::new(owned.into_iter().collect()),
+        }
+    }
+
+    /// Binds the task ids of a message the request owns; drops one naming another's task.
+    fn apply(&self, message: &mut Value) -> bool {
+        let method = message.get("method").and_then(Value::as_str);
+        // The server's own requests about the client's tasks name the client's ids.
+        if method.is_some_and(|m| m.starts_with("tasks/")) {
+            return false;
+        }
+        let is_answer = message.get("result").is_some();
+        let ours = is_answer
+            && message
+                .get("id")
+                .is_some_and(|id| self.answers_to.contains(id));
+        let pointers: &[&str] = if is_answer {
+            &TASK_IN_RESULT
+        } else {
+            &TASK_IN_PARAMS
+        };
         let mut changed = false;
-        for pointer in [
-            "/result/task/taskId",
-            "/result/taskId",
-            "/result/_meta/io.modelcontextprotocol~1related-task/taskId",
-            "/params/taskId",
-            "/params/_meta/io.modelcontextprotocol~1related-task/taskId",
-        ] {
-            if let Some(Value::String(id)) = message.pointer_mut(pointer) {
-                *id = self.bind(TASK, id);
-                changed = true;
+        for pointer in pointers {
+            let Some(Value::String(id)) = message.pointer_mut(pointer) else {
+                continue;
+            };
+            let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+            let known = if ours {
+                owned.insert(id.clone());
+                true
+            } else {
+                owned.contains(id.as_str())
+            };
+            drop(owned);
+            if !known {
+                *message = Value::Null;
+                return true;
             }
+            *id = self.binder.bind(TASK, id);
+            changed = true;
         }
         changed
     }
-}
-
-/// Whether a message names a task: a handle the caller could not be told apart from another's
-/// where no caller owns the stream.
-fn names_a_task(message: &Value) -> bool {
-    ["/result/task/taskId", "/result/taskId", "/params/taskId"]
-        .iter()
-        .any(|p| message.pointer(p).is_some())
 }
 
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
@@ -171,6 +217,8 @@ struct Plan {
     list_ids: Vec<Value>,
     /// Ids of requests decided (or answered by a listing): their results are marked private.
     decided_ids: Vec<Value>,
+    /// The server's task ids this request's `tasks/*` messages name (the caller's own).
+    owned_tasks: Vec<String>,
     /// A `subscriptions/listen` is forwarded: its stream is filtered.
     listens: bool,
     scope: Vec<String>,
@@ -217,6 +265,7 @@ impl Plan {
             self.answered.push(answer);
             return None;
         };
+        self.owned_tasks.push(task.to_string());
         let mut message = message.clone();
         message["params"]["taskId"] = json!(task);
         if let Some(input) = update {
@@ -352,12 +401,8 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         record.decision = Verdict::Allow;
-        // A stream of the caller's own session is the caller's: task handles on it are bound to
-        // the caller. Without a session nobody owns it, and what names a task is left out.
-        let owner = parts
-            .headers
-            .contains_key(SESSION_HEADER)
-            .then(|| binder.clone());
+        // No request of this one's is answered on the stream: what names a task is left out.
+        let tasks = TaskHandles::new(binder.clone(), Vec::new(), Vec::new());
         parts.headers.remove(header::CONTENT_LENGTH);
         let identity = HeaderValue::from_static("identity");
         parts.headers.insert(header::ACCEPT_ENCODING, identity);
@@ -372,7 +417,7 @@ impl Gateway {
         let filter = answer_filter(
             Listings::All,
             true,
-            Visibility::new(ctx, upstream, owner),
+            Visibility::new(ctx, upstream, tasks),
             Some(self.learn_tools(upstream)),
         );
         rewrite_answer(response, filter, Vec::new(), false).await
@@ -433,7 +478,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         mut parts: http::request::Parts,
-        (plan, batch): (Plan, bool),
+        (mut plan, batch): (Plan, bool),
         binder: Binder,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
@@ -448,8 +493,7 @@ impl Gateway {
                 return Err(refusal);
             }
         };
-        let lines: Vec<Unfinished> = plan
-            .decisions
+        let lines: Vec<Unfinished> = std::mem::take(&mut plan.decisions)
             .into_iter()
             .zip(slots)
             .map(|(line, slot)| Unfinished::new(self, line, slot))
@@ -473,15 +517,44 @@ impl Gateway {
         let errors_before = record.errors.len();
         let request = Request::from_parts(parts, full(body));
         let forwarded = self
-            .forward(ctx, upstream, request, plan.scope, record)
+            .forward(
+                ctx,
+                upstream,
+                request,
+                std::mem::take(&mut plan.scope),
+                record,
+            )
             .await;
         finish_lines(lines, &forwarded, record, errors_before);
         let mut response = forwarded?;
         self.bind_session(&binder, response.headers_mut());
+        let answer = Answer {
+            response,
+            plan,
+            batch,
+        };
+        self.filter_answer(ctx, upstream, answer, binder).await
+    }
+
+    /// The upstream's answer, filtered: listings, decided results marked private, task handles
+    /// bound, the gateway's own answers added.
+    async fn filter_answer(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        Answer {
+            response,
+            plan,
+            batch,
+        }: Answer,
+        binder: Binder,
+    ) -> Result<Response<Body>, Refusal> {
+        // An event stream is always read: whatever it carries is filtered.
         let nothing_to_rewrite = plan.list_ids.is_empty()
             && plan.decided_ids.is_empty()
             && plan.answered.is_empty()
-            && !plan.listens;
+            && !plan.listens
+            && !is_event_stream(response.headers());
         if nothing_to_rewrite {
             return Ok(response);
         }
@@ -489,7 +562,13 @@ impl Gateway {
             listings: plan.list_ids,
             decided: plan.decided_ids,
         };
-        let visible = Visibility::new(ctx, upstream, Some(binder));
+        let answers_to = plan
+            .forward
+            .iter()
+            .filter_map(|m| m.get("id").cloned())
+            .collect();
+        let tasks = TaskHandles::new(binder, answers_to, plan.owned_tasks);
+        let visible = Visibility::new(ctx, upstream, tasks);
         let filter = answer_filter(
             listings,
             plan.listens,
@@ -560,7 +639,7 @@ impl Gateway {
                     };
                     // `tasks/update` carries input the task acts on: decided like arguments.
                     let action = "tasks/update".to_string();
-                    (action, input, ArgsPlace::Unchanged, Cow::Owned(message))
+                    (action, input, ArgsPlace::Params, Cow::Owned(message))
                 }
                 Ok(passing @ (Intent::Pass | Intent::List | Intent::Listen)) => {
                     plan.pass(upstream, message, method, passing);
@@ -757,6 +836,13 @@ fn finish_lines(
     }
 }
 
+/// The upstream's answer to a plan's messages.
+struct Answer {
+    response: Response<Body>,
+    plan: Plan,
+    batch: bool,
+}
+
 /// Which answers are filtered listings, and which results the gateway decided.
 enum Listings {
     /// The answers to these requests (a POST's own): listings, and results decided.
@@ -803,12 +889,12 @@ fn answer_filter(
             }
             filter_listing(message, &|item| visible.item(item));
         }
-        let tasks = visible.task_handles(message);
+        let tasks = visible.tasks.apply(message);
         if message.is_null() {
             return true;
         }
         if listing || decided {
-            return mark_private(message) || listing;
+            return mark_private(message) | listing | tasks;
         }
         if listens && method.as_deref() == Some("notifications/resources/updated") {
             let uri = message.pointer("/params/uri").cloned().unwrap_or_default();
@@ -827,31 +913,19 @@ struct Visibility {
     caller: Caller,
     upstream: String,
     client_ip: IpAddr,
-    /// Binds task handles in answers owned by the caller; `None`: nobody owns the stream.
-    owner: Option<Binder>,
+    /// The task handles the caller may be given on this answer or stream.
+    tasks: TaskHandles,
 }
 
 impl Visibility {
-    fn new(ctx: &CallContext<'_>, upstream: &Upstream, owner: Option<Binder>) -> Arc<Visibility> {
+    fn new(ctx: &CallContext<'_>, upstream: &Upstream, tasks: TaskHandles) -> Arc<Visibility> {
         Arc::new(Visibility {
             engine: ctx.engine.clone(),
             caller: ctx.caller.clone(),
             upstream: upstream.name().to_string(),
             client_ip: ctx.client.ip,
-            owner,
+            tasks,
         })
-    }
-
-    /// Task handles: bound to the caller who owns the answer, or left out where nobody does.
-    fn task_handles(&self, message: &mut Value) -> bool {
-        match &self.owner {
-            Some(binder) => binder.bind_task_handles(message),
-            None if names_a_task(message) => {
-                *message = Value::Null;
-                true
-            }
-            None => false,
-        }
     }
 
     /// An item of a listing: shown where the call that reads it would be permitted (a tool
@@ -963,7 +1037,12 @@ fn rewrite_json(
     } else {
         serde_json::from_slice(bytes).map_err(|e| Refusal::from(UpstreamError::InvalidJson(e)))?
     };
+    let was_batch = value.is_array();
     apply(rewrite, &mut value);
+    if was_batch && value.is_null() {
+        // Every answer of a batch dropped: an empty batch, not `null`.
+        value = Value::Array(Vec::new());
+    }
     if batch && !answered.is_empty() {
         let mut all = match value {
             Value::Array(items) => items,
@@ -1071,9 +1150,11 @@ mod tests {
     #[test]
     fn task_handles_are_bound_to_the_caller_they_were_given_to() {
         let alice = binder("assistant");
+        // The answer to alice's own call (id 1) creates a task: bound to her.
+        let handles = TaskHandles::new(alice.clone(), vec![json!(1)], Vec::new());
         let mut created = json!({"jsonrpc": "2.0", "id": 1, "result": {"resultType": "task",
             "task": {"taskId": "t.1", "status": "working"}}});
-        assert!(alice.bind_task_handles(&mut created));
+        assert!(handles.apply(&mut created));
         let handle = created["result"]["task"]["taskId"]
             .as_str()
             .unwrap()
@@ -1088,14 +1169,26 @@ mod tests {
         assert_eq!(mallory.unbind(TASK, &handle), None);
         assert_eq!(alice.unbind(TASK, "t.1"), None);
         assert_eq!(alice.unbind(SESSION, &handle), None);
-        let mut status = json!({"jsonrpc": "2.0", "method": "notifications/tasks/status",
-            "params": {"taskId": "t.2", "status": "completed"}});
-        assert!(names_a_task(&status));
-        assert!(alice.bind_task_handles(&mut status));
-        assert_ne!(status["params"]["taskId"], "t.2");
-        assert!(!names_a_task(
-            &json!({"jsonrpc": "2.0", "id": 1, "result": {}})
-        ));
+        // Status of her task on the same stream: bound; of another's task: left out.
+        let status = |id: &str| {
+            json!({"jsonrpc": "2.0", "method": "notifications/tasks/status",
+            "params": {"taskId": id, "status": "completed"}})
+        };
+        let mut own = status("t.1");
+        assert!(handles.apply(&mut own));
+        assert_eq!(own["params"]["taskId"], json!(handle));
+        let mut other = status("t.2");
+        assert!(handles.apply(&mut other));
+        assert!(other.is_null());
+        // An answer to a request that is not hers, naming a task: left out.
+        let mut stray = json!({"jsonrpc": "2.0", "id": 7, "result": {"task": {"taskId": "t.3"}}});
+        assert!(handles.apply(&mut stray));
+        assert!(stray.is_null());
+        // The server's own request about the client's task is the client's id: untouched.
+        let mut ask =
+            json!({"jsonrpc": "2.0", "id": 9, "method": "tasks/get", "params": {"taskId": "c.1"}});
+        assert!(!handles.apply(&mut ask));
+        assert_eq!(ask["params"]["taskId"], "c.1");
     }
 
     #[test]

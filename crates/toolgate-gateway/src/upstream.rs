@@ -117,20 +117,6 @@ pub(crate) fn keep_standard_headers(headers: &mut HeaderMap, listed: &[&[String]
     }
 }
 
-/// Whether a request header can carry an argument: one the gateway forwards as it sets it.
-/// Refused: names with `_` (dropped on the way out: CGI-style servers read them as `-`), the
-/// agent's credentials and the headers the gateway removes or sets itself, hop-by-hop ones, and
-/// the body's own (`Content-Type`, `Content-Length`, `Content-Encoding`).
-pub(crate) fn header_argument_name(name: &str) -> Result<(), &'static str> {
-    let Ok(parsed) = HeaderName::from_bytes(name.as_bytes()) else {
-        return Err("not a header name");
-    };
-    if never_injected(&parsed) || matches!(parsed.as_str(), "content-encoding" | "authorization") {
-        return Err("the gateway removes or sets this header itself");
-    }
-    Ok(())
-}
-
 /// Headers an injected secret may not use: those toolgate removes or sets itself on the way
 /// out (they would be dropped, or say something else), and hop-by-hop ones.
 pub(crate) fn never_injected(name: &HeaderName) -> bool {
