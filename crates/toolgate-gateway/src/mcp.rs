@@ -20,6 +20,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 use toolgate_identity::Caller;
+use toolgate_mcp::json::{number_texts, to_vec_with_numbers};
 use toolgate_mcp::{
     canonical_uri, code, error_response, filter_listing, intent, is_listing, mark_private,
     rewrite_event_data, tool_input_error, transport_headers_match, ArgsPlace, Intent, Listed,
@@ -376,7 +377,7 @@ impl Gateway {
                 .mcp_stream_or_end(ctx, upstream, parts, &binder, record)
                 .await;
         }
-        let payload = match self.read_payload(&parts.headers, body, record).await? {
+        let (payload, raw) = match self.read_payload(&parts.headers, body, record).await? {
             Ok(payload) => payload,
             Err(refused) => return Ok(refused),
         };
@@ -385,7 +386,7 @@ impl Gateway {
         if plan.forward.is_empty() {
             return Ok(self.answer_alone(plan, batch));
         }
-        self.forward_plan(ctx, upstream, parts, (plan, batch), binder, record)
+        self.forward_plan(ctx, upstream, parts, (plan, batch, raw), binder, record)
             .await
     }
 
@@ -430,7 +431,7 @@ impl Gateway {
         headers: &http::HeaderMap,
         body: Body,
         record: &mut AuditRecord,
-    ) -> Result<Result<Payload, Response<Body>>, Refusal> {
+    ) -> Result<Result<(Payload, Bytes), Response<Body>>, Refusal> {
         if let Err(refusal) = check_json_body_headers(headers) {
             let status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
             let message = refusal.to_string();
@@ -444,7 +445,8 @@ impl Gateway {
         let started = std::time::Instant::now();
         let bytes = read_limited(body, self.body_limit(self.config.limits.max_body_bytes)).await;
         record.trace.step("read_arguments", started);
-        let payload = toolgate_mcp::parse(&bytes?).and_then(|payload| {
+        let bytes = bytes?;
+        let payload = toolgate_mcp::parse(&bytes).and_then(|payload| {
             check_transport_headers(&payload, headers)?;
             if matches!(payload, Payload::Batch(_)) && !batches_allowed(headers) {
                 return Err(RpcError {
@@ -452,7 +454,7 @@ impl Gateway {
                     message: "JSON-RPC batches are not part of MCP since 2025-06-18: send one message per request".into(),
                 });
             }
-            Ok(payload)
+            Ok((payload, bytes))
         });
         Ok(payload.map_err(|e| rpc_refusal(StatusCode::BAD_REQUEST, e.code, &e.message, record)))
     }
@@ -478,7 +480,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         upstream: &Upstream,
         mut parts: http::request::Parts,
-        (mut plan, batch): (Plan, bool),
+        (mut plan, batch, raw): (Plan, bool, Bytes),
         binder: Binder,
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
@@ -499,13 +501,24 @@ impl Gateway {
             .map(|(line, slot)| Unfinished::new(self, line, slot))
             .collect();
         record.decision = Verdict::Allow;
-        let body = if batch {
-            serde_json::to_vec(&plan.forward)
+        // The ids answered: their answers' task handles are the caller's.
+        let answers_to = plan
+            .forward
+            .iter()
+            .filter_map(|m| m.get("id").cloned())
+            .collect();
+        let forwarded = if batch {
+            Value::Array(std::mem::take(&mut plan.forward))
         } else {
             name_header_as_decided(&mut parts.headers, &plan.forward[0]);
-            serde_json::to_vec(&plan.forward[0])
-        }
-        .map_err(|e| InternalError::Serialise("JSON-RPC", e))?;
+            plan.forward.swap_remove(0)
+        };
+        // Numbers reach the server with the digits the agent sent, not as a double.
+        let body = match number_texts(&raw) {
+            Some(texts) => to_vec_with_numbers(&forwarded, &texts),
+            None => serde_json::to_vec(&forwarded)
+                .map_err(|e| InternalError::Serialise("JSON-RPC", e))?,
+        };
         for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
             parts.headers.remove(name);
         }
@@ -532,6 +545,7 @@ impl Gateway {
             response,
             plan,
             batch,
+            answers_to,
         };
         self.filter_answer(ctx, upstream, answer, binder).await
     }
@@ -546,6 +560,7 @@ impl Gateway {
             response,
             plan,
             batch,
+            answers_to,
         }: Answer,
         binder: Binder,
     ) -> Result<Response<Body>, Refusal> {
@@ -562,11 +577,6 @@ impl Gateway {
             listings: plan.list_ids,
             decided: plan.decided_ids,
         };
-        let answers_to = plan
-            .forward
-            .iter()
-            .filter_map(|m| m.get("id").cloned())
-            .collect();
         let tasks = TaskHandles::new(binder, answers_to, plan.owned_tasks);
         let visible = Visibility::new(ctx, upstream, tasks);
         let filter = answer_filter(
@@ -841,6 +851,8 @@ struct Answer {
     response: Response<Body>,
     plan: Plan,
     batch: bool,
+    /// The ids of the messages forwarded.
+    answers_to: Vec<Value>,
 }
 
 /// Which answers are filtered listings, and which results the gateway decided.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{Map, Value};
-use toolgate_mcp::json::{fold_key, parse_strict, JsonError};
+use toolgate_mcp::json::{fold_key, number_texts, parse_strict, to_vec_with_numbers, JsonError};
 
 use crate::answer::{full, Body, InternalError, Refusal};
 use crate::args::{render, Origin, Rendered, Rules, Undeclared};
@@ -199,8 +199,13 @@ fn render_body(
     refuse_header_arguments_elsewhere(fields.keys(), route, "the body")?;
     let Rendered { policy, forward } =
         render(fields, declared.args, Origin::Json, &declared.rules)?;
-    let canonical =
-        serde_json::to_vec(&forward).map_err(|e| InternalError::Serialise("the body", e))?;
+    // Numbers reach the upstream with the digits the agent sent, not as a double.
+    let canonical = match number_texts(bytes) {
+        Some(texts) => to_vec_with_numbers(&Value::Object(forward), &texts),
+        None => {
+            serde_json::to_vec(&forward).map_err(|e| InternalError::Serialise("the body", e))?
+        }
+    };
     merge_args(args, policy)?;
     headers.insert(
         header::CONTENT_TYPE,

@@ -26,6 +26,8 @@ const SCHEMA: &str = r#"namespace Toolgate {
     context: { user?: User, env: Env, args: { amount: Long, memo?: { to?: String } } } };
   action "pd/create_incident" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, args: { From: String, title: String } } };
+  action "lab/measure" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, args: { duration: decimal, samples?: Set<decimal> } } };
   action "tools/send_mail" in [call] appliesTo { principal: Agent, resource: Tool,
     context: { user?: User, env: Env, args: { to: Set<String> } } };
 }"#;
@@ -276,4 +278,67 @@ async fn what_no_policy_can_see_is_refused_before_anything_is_forwarded() {
     let (status, answer) = call(&gw, &token, "POST", "/tools", &mcp, batch).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     assert_eq!(answer["error"]["code"], -32600);
+}
+
+/// A one-request upstream on a loopback port: answers `{}` and hands back the request's body.
+async fn recorder() -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            seen.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&seen).to_string();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length || n == 0 {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                stream.write_all(answer).await.unwrap();
+                return body.as_bytes().to_vec();
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn numbers_reach_the_upstream_with_the_digits_sent() {
+    let dir = TempDir::new();
+    let (idp, _) = SigningKey::generate().unwrap();
+    let (upstream, received) = recorder().await;
+    let gw = TestConfig::new(
+        &dir.0,
+        &idp,
+        &[("schema.cedarschema", SCHEMA), ("all.cedar", POLICIES)],
+    )
+    .upstream(
+        json!({"name": "lab", "url": format!("http://{upstream}"), "audience": "lab", "routes": [
+            {"tool": "measure", "method": "POST", "path": "/measurements"}
+        ]}),
+    )
+    .start()
+    .await;
+    // No policy reads these decimals: more digits than Cedar (or a double) holds pass as sent.
+    let body = r#"{"duration": 0.123456789012345678901, "samples": [1.50, 2e-7]}"#;
+    let json = [("content-type", "application/json")];
+    let (status, answer) = call(&gw, &token(&idp), "POST", "/lab/measurements", &json, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let forwarded = String::from_utf8(received.await.unwrap()).unwrap();
+    assert_eq!(
+        forwarded,
+        r#"{"duration":0.123456789012345678901,"samples":[1.50,2e-7]}"#
+    );
 }

@@ -195,9 +195,114 @@ impl<'de> Visitor<'de> for Strict {
     }
 }
 
+/// The number literals of a JSON document as written, in document order (a JSON value is
+/// parsed to `f64` where it is not an integer, so its digits beyond a double's are otherwise
+/// lost). `None` when every one is a plain integer, which the parsed value writes back alike.
+pub fn number_texts(bytes: &[u8]) -> Option<Vec<&str>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut out = Vec::new();
+    let mut plain = true;
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '"' => {
+                // Skip the string, escapes and all.
+                while let Some((_, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '-' | '0'..='9' => {
+                let mut end = at + c.len_utf8();
+                while let Some(&(next, c)) = chars.peek() {
+                    if !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')) {
+                        break;
+                    }
+                    end = next + c.len_utf8();
+                    chars.next();
+                }
+                let literal = &text[at..end];
+                plain &= literal.len() <= 15 && !literal.contains(['.', 'e', 'E']);
+                out.push(literal);
+            }
+            _ => {}
+        }
+    }
+    (!plain).then_some(out)
+}
+
+/// Writes `value` as JSON with its numbers spelled as `texts` says, in order, where a text reads
+/// as the same number (the digits the agent sent, beyond a double's); any other number is
+/// written as parsed.
+pub fn to_vec_with_numbers(value: &Value, texts: &[&str]) -> Vec<u8> {
+    let mut out = String::new();
+    let mut next = 0;
+    write_value(value, texts, &mut next, &mut out);
+    out.into_bytes()
+}
+
+fn write_value(value: &Value, texts: &[&str], next: &mut usize, out: &mut String) {
+    match value {
+        Value::Number(n) => {
+            let text = texts.get(*next).copied();
+            *next += 1;
+            let same = text.and_then(|t| t.parse::<f64>().ok()) == n.as_f64();
+            match text {
+                Some(t) if same && serde_json::from_str::<Number>(t).is_ok() => out.push_str(t),
+                _ => out.push_str(&n.to_string()),
+            }
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(item, texts, next, out);
+            }
+            out.push(']');
+        }
+        Value::Object(fields) => {
+            out.push('{');
+            for (i, (key, item)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_value(item, texts, next, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_written_back_with_their_digits() {
+        let body = br#"{"a": 0.123456789012345678901, "s": "1.50 \" 2", "n": [1, -2.50e3, 7]}"#;
+        let texts = number_texts(body).expect("not all plain integers");
+        assert_eq!(texts, ["0.123456789012345678901", "1", "-2.50e3", "7"]);
+        let value = parse_strict(body, 8).unwrap();
+        let out = String::from_utf8(to_vec_with_numbers(&value, &texts)).unwrap();
+        assert_eq!(
+            out,
+            r#"{"a":0.123456789012345678901,"s":"1.50 \" 2","n":[1,-2.50e3,7]}"#
+        );
+        // A text that reads as another number is not used (a value rendered otherwise).
+        let other = parse_strict(br#"{"a": 5.5}"#, 8).unwrap();
+        assert_eq!(to_vec_with_numbers(&other, &["7.25"]), br#"{"a":5.5}"#);
+        assert!(number_texts(br#"{"a": 1, "b": [2, 3]}"#).is_none());
+    }
     use serde_json::json;
 
     #[test]
