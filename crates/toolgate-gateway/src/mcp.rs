@@ -507,18 +507,7 @@ impl Gateway {
             .iter()
             .filter_map(|m| m.get("id").cloned())
             .collect();
-        let forwarded = if batch {
-            Value::Array(std::mem::take(&mut plan.forward))
-        } else {
-            name_header_as_decided(&mut parts.headers, &plan.forward[0]);
-            plan.forward.swap_remove(0)
-        };
-        // Numbers reach the server with the digits the agent sent, not as a double.
-        let body = match number_texts(&raw) {
-            Some(texts) => to_vec_with_numbers(&forwarded, &texts),
-            None => serde_json::to_vec(&forwarded)
-                .map_err(|e| InternalError::Serialise("JSON-RPC", e))?,
-        };
+        let body = forwarded_body(&mut parts.headers, &mut plan, batch, &raw)?;
         for name in [header::CONTENT_LENGTH, header::CONTENT_ENCODING] {
             parts.headers.remove(name);
         }
@@ -809,6 +798,28 @@ fn single_answer_status(answer: &Value) -> StatusCode {
         Some(code::INVALID_REQUEST | code::PARSE_ERROR) => StatusCode::BAD_REQUEST,
         _ => StatusCode::OK,
     }
+}
+
+/// The message (or batch) forwarded: the plan's, with the digits the agent sent for its numbers.
+fn forwarded_body(
+    headers: &mut http::HeaderMap,
+    plan: &mut Plan,
+    batch: bool,
+    raw: &[u8],
+) -> Result<Bytes, Refusal> {
+    let forwarded = if batch {
+        Value::Array(std::mem::take(&mut plan.forward))
+    } else {
+        name_header_as_decided(headers, &plan.forward[0]);
+        plan.forward.swap_remove(0)
+    };
+    let body = match number_texts(raw) {
+        Some(texts) => to_vec_with_numbers(&forwarded, &texts),
+        None => {
+            serde_json::to_vec(&forwarded).map_err(|e| InternalError::Serialise("JSON-RPC", e))?
+        }
+    };
+    Ok(Bytes::from(body))
 }
 
 /// Writes each batch line once the credential (or the failure) is known: an allowed message
