@@ -374,11 +374,18 @@ fn operation_tool(
         // `statuses[]` is the parameter `statuses`, a set, as toolgate reads queries.
         let pname = pname.strip_suffix("[]").unwrap_or(pname);
         let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
-        if is_array && place != "query" {
+        // A query list is a set where its items come one per name (`form`, exploded: OpenAPI's
+        // default); one value the upstream splits (`a,b`) is declared as that one text.
+        let exploded = parameter.get("explode").and_then(Value::as_bool) != Some(false)
+            && parameter
+                .get("style")
+                .and_then(Value::as_str)
+                .is_none_or(|style| style == "form");
+        if is_array && (place != "query" || !exploded) {
             typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an array: declared as one item, and a value the upstream splits (`a,b`) is one text to policies"
+                "{place} parameter `{pname}` is an array the upstream splits from one value (`a,b`): declared as that one text, which policies read whole"
             ));
-            schema = schema.get("items").cloned().unwrap_or(Value::Null);
+            schema = serde_json::json!({"type": "string"});
         }
         if schema.get("type").and_then(Value::as_str) == Some("object") {
             typer.skipped.push(format!(
@@ -843,7 +850,8 @@ mod declaration_tests {
     fn header_parameters_query_arrays_and_maps_are_declared() {
         let doc = json!({"paths": {"/incidents": {
             "get": {"operationId": "listIncidents", "parameters": [
-                {"name": "statuses[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}}
+                {"name": "statuses[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                {"name": "ids", "in": "query", "explode": false, "schema": {"type": "array", "items": {"type": "integer"}}}
             ]},
             "post": {"operationId": "createIncident",
                 "parameters": [{"name": "From", "in": "header", "required": true, "schema": {"type": "string"}}],
@@ -860,7 +868,11 @@ mod declaration_tests {
             .iter()
             .find(|t| t.route.tool == "listIncidents")
             .unwrap();
-        assert_eq!(render_record(&list.args), "{ statuses?: Set<String> }");
+        // Exploded (the default), a set; `explode: false`, the one text the upstream splits.
+        assert_eq!(
+            render_record(&list.args),
+            "{ statuses?: Set<String>, ids?: String }"
+        );
         let create = tools
             .iter()
             .find(|t| t.route.tool == "createIncident")
