@@ -1055,3 +1055,65 @@ async fn tls_listener_negotiates_h2_and_refuses_plain_http() {
     );
     assert_eq!(upstream.requests().len(), 1);
 }
+
+/// An upstream that answers in HTTP/1.0 (Python's `http.server`, common for small tools) is
+/// answered to the agent in the gateway's own HTTP/1.1 (RFC 9110 §6.2), on a connection kept
+/// alive for the next call.
+#[tokio::test]
+async fn an_http_1_0_upstream_is_answered_in_the_gateways_own_version() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files = TempDir::new("http10");
+    std::fs::write(files.0.join("hello.txt"), "hello").unwrap();
+    let directory = files.0.to_string_lossy().to_string();
+    let (_server, port) = start_on_free_port("python http.server", |port| {
+        let mut command = std::process::Command::new("python3");
+        command
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--directory", &directory])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command
+    })
+    .await;
+    let recorder = Upstream::start().await;
+    let schema = r#"namespace Toolgate { action "files/get" in [call] appliesTo { principal: Agent, resource: Tool, context: { user?: User, env: Env, args: { name: String } } }; }"#;
+    let policy = r#"permit (principal, action == Toolgate::Action::"files/get", resource);"#;
+    let upstreams = format!(
+        "  - name: files\n    url: http://127.0.0.1:{port}\n    audience: files\n    routes:\n      - {{ tool: get, method: GET, path: \"/{{name}}\", dots_in_params: true }}\n"
+    );
+    let options = GatewayOptions {
+        upstream: recorder.addr,
+        extra_policies: &[("files.cedarschema", schema), ("files.cedar", policy)],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    };
+    let gw = Gateway::start_with_upstreams(options, &upstreams).await;
+    let token = gw.idp.delegated();
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /files/hello.txt HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    for call in 1..=2 {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).ends_with("hello") {
+            let within = std::time::Duration::from_secs(10);
+            let read = tokio::time::timeout(within, stream.read(&mut chunk))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(read > 0, "call {call}: the connection closed: {seen:?}");
+            seen.extend_from_slice(&chunk[..read]);
+        }
+        let answer = String::from_utf8_lossy(&seen);
+        assert!(answer.starts_with("HTTP/1.1 200"), "call {call}: {answer}");
+    }
+}

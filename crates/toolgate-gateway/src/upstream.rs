@@ -363,6 +363,9 @@ impl Upstream {
 fn into_downstream(response: Response<Incoming>, idle: Duration) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // A proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the upstream spoke: an
+    // HTTP/1.0 upstream must not turn the agent's keep-alive HTTP/1.1 into a closing 1.0.
+    parts.version = http::Version::default();
     Response::from_parts(parts, IdleBody::new(body, idle).boxed())
 }
 
