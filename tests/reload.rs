@@ -52,6 +52,33 @@ async fn delete_status(gw: &Gateway, token: &str) -> u16 {
     .as_u16()
 }
 
+/// The config named as the README spells it, `--config toolgate.yaml` in its own folder: the
+/// policy folder is watched all the same.
+#[tokio::test]
+async fn files_are_watched_when_the_config_is_named_relative_to_its_folder() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream, "reload:\n  debounce_ms: 100\n").await;
+    let (child, addr, _) = spawn_serve_in(&gw.dir.0, "toolgate.yaml").await;
+    let _child = Killed(child);
+    let token = gw.idp.delegated();
+    let status = async || {
+        let url = format!("http://{addr}/records/patients/p-100/record");
+        let auth = format!("Bearer {token}");
+        send("DELETE", &url, &[("authorization", &auth)], b"")
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(status().await, 403);
+    std::fs::write(gw.dir.0.join("policies/extra.cedar"), PERMIT_DELETE).unwrap();
+    eventually(
+        "permit picked up by the relatively named gateway",
+        200,
+        status,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn policy_files_are_watched() {
     let upstream = Upstream::start().await;

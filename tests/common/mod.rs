@@ -845,12 +845,35 @@ pub async fn spawn_serve_logging(
         Some(dir) => Stdio::from(std::fs::File::create(dir.join("stderr.log")).unwrap()),
         None => Stdio::inherit(),
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_toolgate"));
+    command
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", rust_log)
+        .stderr(stderr);
+    announced_serve(command, output).await
+}
+
+/// `toolgate serve --config NAME` run in `dir`: the config given by a bare relative name, as
+/// the README spells it.
+pub async fn spawn_serve_in(dir: &Path, name: &str) -> (Child, SocketAddr, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_toolgate"));
+    command
+        .current_dir(dir)
+        .args(["serve", "--config", name])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
+    announced_serve(command, None).await
+}
+
+/// Starts `command` (a `toolgate serve`) and waits (bounded) for its announcement: the
+/// listener and admin addresses.
+async fn announced_serve(
+    mut command: Command,
+    output: Option<&Path>,
+) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = command
         .stdout(Stdio::piped())
-        .stderr(stderr)
         .spawn()
         .expect("spawn toolgate");
     let stdout = child.stdout.take().unwrap();

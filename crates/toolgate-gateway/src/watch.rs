@@ -80,6 +80,10 @@ impl Gateway {
                 .watch(dir, RecursiveMode::NonRecursive)
                 .map_err(|e| format!("file watch {}: {e}", dir.display()))?;
         }
+        tracing::info!(
+            folders = dirs.len(),
+            "watching the config, policies, keys and secrets for changes"
+        );
         tokio::spawn(reload_on_change(
             self.clone(),
             rx,
@@ -103,10 +107,12 @@ async fn reload_on_change(gateway: Arc<Gateway>, mut changes: mpsc::Receiver<()>
 /// (a Kubernetes ConfigMap or Secret volume) is watched where it is mounted, not where its
 /// link points today (a directory the kubelet removes on the next update).
 fn canonical(path: &Path) -> PathBuf {
-    match (
-        path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
-        path.file_name(),
-    ) {
+    // A bare name (`toolgate.yaml`) has an empty parent: the current folder.
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent).ok(), path.file_name()) {
         (Some(parent), Some(name)) => parent.join(name),
         _ => path.to_path_buf(),
     }
