@@ -765,6 +765,27 @@ async fn check_authorize_and_token_commands() {
         String::from_utf8_lossy(&ok.stderr)
     );
 
+    // What `serve` would refuse to start on, `check` refuses too: a missing JWKS file, an
+    // audit file in a folder that does not exist.
+    for (name, from, to) in [
+        (
+            "no-jwks.yaml",
+            "jwks_file: idp.jwks.json",
+            "jwks_file: missing.jwks.json",
+        ),
+        (
+            "no-audit-dir.yaml",
+            "path: audit.jsonl",
+            "path: missing/audit.jsonl",
+        ),
+    ] {
+        let broken = gw.edited_config(name, |t| t.replace(from, to));
+        let out = toolgate(&["check", "--config", broken.to_str().unwrap()]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {said}");
+        assert!(said.contains("missing"), "{name}: {said}");
+    }
+
     let request = gw.dir.0.join("request.yaml");
     std::fs::write(
         &request,

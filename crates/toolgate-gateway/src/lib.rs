@@ -140,6 +140,40 @@ fn read_admin_token(path: &std::path::Path) -> Result<String, StartError> {
     Ok(token.to_string())
 }
 
+/// What `serve` reads from local files at start beyond policies and signing keys, read as it
+/// reads them: the inbound JWKS files, the admin token, the audit file's folder. (Network
+/// sources, `jwks_url` and the task store, are not reached by `check`.)
+fn local_files_problems(config: &Config) -> Vec<String> {
+    let mut errors = Vec::new();
+    for jwks in config
+        .inbound
+        .jwt
+        .iter()
+        .filter_map(|j| j.jwks_file.as_ref())
+    {
+        let read = std::fs::read(jwks).map_err(|e| format!("cannot read it: {e}"));
+        if let Err(why) = read.and_then(|doc| toolgate_identity::KeySet::from_jwks(&doc)) {
+            errors.push(format!("{}:1: {why}", jwks.display()));
+        }
+    }
+    if let Some(path) = &config.admin_token_file {
+        if let Err(e) = read_admin_token(path) {
+            errors.push(format!("{}:1: {e}", path.display()));
+        }
+    }
+    if config.audit.path != "-" {
+        let audit = std::path::Path::new(&config.audit.path);
+        let folder = audit.parent().filter(|p| !p.as_os_str().is_empty());
+        if folder.is_some_and(|f| !f.is_dir()) {
+            errors.push(format!(
+                "audit.path {}: its folder does not exist (serve would not start)",
+                audit.display()
+            ));
+        }
+    }
+    errors
+}
+
 /// Loads what the config names and checks that it fits together: policies valid, keys
 /// readable, every route's action declared in the schema.
 pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec<String>> {
@@ -168,9 +202,10 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
         std::iter::once(&config.credentials.signing_key).chain(&config.credentials.previous_keys)
     {
         if let Err(e) = load_signing_key(path) {
-            errors.push(format!("{}:1: {e}", path.display()));
+            errors.push(format!("{}:1: {}", path.display(), answer::error_chain(&e)));
         }
     }
+    errors.extend(local_files_problems(config));
     if errors.is_empty() {
         Ok(engine)
     } else {
