@@ -13,7 +13,8 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("{0}")]
+    /// Said once: the authentication error is this refusal's text, not also its cause.
+    #[error(transparent)]
     Unauthenticated(#[from] AuthError),
     #[error("forbidden")]
     Forbidden(Denial),
@@ -405,6 +406,12 @@ impl http_body::Body for KeepAlive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_authentication_refusal_is_said_once() {
+        let refusal = Refusal::Unauthenticated(AuthError::Missing);
+        assert_eq!(error_chain(&refusal), "no bearer token");
+    }
 
     #[test]
     fn comments_go_only_into_plain_unframed_event_streams() {
