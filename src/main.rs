@@ -5,6 +5,7 @@ mod audit_cmd;
 mod authorize;
 mod cedar_types;
 mod demo;
+mod init_cmd;
 mod openapi_cmd;
 mod policy_test;
 mod schema_cmd;
@@ -113,6 +114,12 @@ enum Command {
     Health {
         #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
         url: String,
+    },
+    /// Write a working project in DIR (default: here): config, base schema, an example tool
+    /// with its policy and tests, an example request, development keys. Overwrites nothing.
+    Init {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
     },
     /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
     Keygen {
@@ -226,6 +233,7 @@ fn main() -> ExitCode {
             claims,
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
+        Command::Init { dir } => init_cmd::run(&dir),
         Command::Import {
             source:
                 ImportSource::Openapi {
