@@ -32,8 +32,23 @@ const IDP: &str = "https://idp.demo";
 const BILLING_AUD: &str = "https://billing.demo";
 const RECORDS_AUD: &str = "https://records.demo";
 
-pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, String> {
-    let dir = std::env::temp_dir().join(format!("toolgate-demo-{}", std::process::id()));
+/// `keep`: the folder to write the demo's config, keys and policies in, and leave there at the
+/// end (otherwise a temporary one, removed).
+pub async fn run(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    keep: Option<&std::path::Path>,
+) -> Result<ExitCode, String> {
+    let dir = match keep {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::temp_dir().join(format!("toolgate-demo-{}", std::process::id())),
+    };
+    if keep.is_some() && dir.join("toolgate.yaml").exists() {
+        return Err(format!(
+            "{}: holds a toolgate.yaml already; the demo overwrites nothing",
+            dir.display()
+        ));
+    }
     std::fs::create_dir_all(dir.join("policies")).map_err(|e| e.to_string())?;
     for (name, text) in POLICIES {
         std::fs::write(dir.join("policies").join(name), text).map_err(|e| e.to_string())?;
@@ -76,7 +91,9 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCod
     running.shutdown.trigger();
     running.wait().await;
     gateway.finish_audit().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -47,6 +47,9 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: std::net::SocketAddr,
+        /// Write the demo's config, keys and policies in this folder and keep them after.
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
     /// Validate config, schema, policies and entities (strict); exit 1 with file:line errors.
     Check {
@@ -214,7 +217,8 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
-        } => runtime().and_then(|rt| rt.block_on(demo::run(listen, admin_listen))),
+            keep,
+        } => runtime().and_then(|rt| rt.block_on(demo::run(listen, admin_listen, keep.as_deref()))),
         Command::Check { config } => return check(&config),
         Command::Test { path } => policy_test::run(&path),
         Command::Authorize {

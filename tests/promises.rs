@@ -752,6 +752,8 @@ async fn audit_to_stdout() {
 /// table promises, run as printed (with curl's status code added).
 #[tokio::test]
 async fn the_demo_does_what_its_tour_says() {
+    // `--keep`: its config, keys and policies are written there and left after it stops.
+    let kept = TempDir::new("demo-keep");
     let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
         .args([
             "demo",
@@ -759,7 +761,9 @@ async fn the_demo_does_what_its_tour_says() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--keep",
         ])
+        .arg(&kept.0)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -786,7 +790,7 @@ async fn the_demo_does_what_its_tour_says() {
         .await
         .expect("the demo printed its tour")
         .unwrap();
-    let _demo = Killed(demo);
+    let mut demo = Killed(demo);
     let export = |name: &str| {
         tour.iter()
             .find_map(|l| l.strip_prefix(&format!("export {name}=")))
@@ -857,6 +861,10 @@ async fn the_demo_does_what_its_tour_says() {
             status,
             "{line}"
         );
+    }
+    demo.terminate_and_wait().await;
+    for kept_file in ["toolgate.yaml", "idp.pem", "policies/schema.cedarschema"] {
+        assert!(kept.0.join(kept_file).exists(), "{kept_file} kept");
     }
 }
 
