@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use serde_json::{json, Value};
@@ -81,19 +81,6 @@ when { context.args.name == "secret_plan" };
 @id("fw-list") permit (principal, action == Toolgate::Action::"list", resource);
 "#;
 
-/// A framework's app as a child process on a free port.
-async fn start_app(what: &str, program: impl Fn() -> Command) -> (Killed, u16) {
-    start_on_free_port(what, |port| {
-        let mut command = program();
-        command
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        command
-    })
-    .await
-}
-
 fn python(venv: &str, script: &str) -> Command {
     let python = repo().join(format!(".toolgate-test/{venv}/bin/python"));
     assert!(python.exists(), "run scripts/test-deps.sh ({venv})");
@@ -129,9 +116,9 @@ struct Stage {
 
 async fn stage() -> Stage {
     let (fastapi_app, fastapi) =
-        start_app("FastAPI", || python("venv-fastapi", "fastapi_app.py")).await;
-    let (express_app, express) = start_app("Express", express).await;
-    let (mcp_app, mcp_port) = start_app("the MCP SDK server", || {
+        start_program("FastAPI", || python("venv-fastapi", "fastapi_app.py")).await;
+    let (express_app, express) = start_program("Express", express).await;
+    let (mcp_app, mcp_port) = start_program("the MCP SDK server", || {
         python("venv-mcp2", "mcp_server.py")
     })
     .await;

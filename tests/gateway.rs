@@ -1086,19 +1086,10 @@ async fn an_http_1_0_upstream_is_answered_in_the_gateways_own_version() {
     let files = TempDir::new("http10");
     std::fs::write(files.0.join("hello.txt"), "hello").unwrap();
     let directory = files.0.to_string_lossy().to_string();
-    let (_server, port) = start_on_free_port("python http.server", |port| {
+    let (_server, port) = start_program("python http.server", || {
         let mut command = std::process::Command::new("python3");
-        command
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--directory", &directory])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        let quiet_server = ["-m", "http.server", "--bind", "127.0.0.1", "--directory"];
+        command.args(quiet_server).arg(&directory);
         command
     })
     .await;

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -80,17 +80,10 @@ async fn start_server(sdk: Sdk) -> (Killed, String) {
     start_role(sdk, "server").await
 }
 
-/// Starts an SDK program of `role` that serves on the port it is given.
+/// Starts an SDK program of `role` that serves on the port it is given; its endpoint URL.
 async fn start_role(sdk: Sdk, role: &str) -> (Killed, String) {
-    start_mcp_server(&format!("{sdk:?} {role}"), |port| {
-        let mut command = program(sdk, role);
-        command
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        command
-    })
-    .await
+    let (server, port) = start_program(&format!("{sdk:?} {role}"), || program(sdk, role)).await;
+    (server, format!("http://127.0.0.1:{port}/mcp"))
 }
 
 /// A gateway with the SDK schema and policies in front of the MCP server at `url` (the REST

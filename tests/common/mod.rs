@@ -587,6 +587,19 @@ pub async fn start_on_free_port(
     panic!("{what} exited at start five times");
 }
 
+/// Starts a program that takes its port as its last argument, quiet, on a free port.
+pub async fn start_program(what: &str, program: impl Fn() -> Command) -> (Killed, u16) {
+    start_on_free_port(what, |port| {
+        let mut command = program();
+        command
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await
+}
+
 /// Starts an MCP server (`command(port)`) on a free port; returns it and its endpoint URL.
 pub async fn start_mcp_server(what: &str, command: impl FnMut(u16) -> Command) -> (Killed, String) {
     let (server, port) = start_on_free_port(what, command).await;

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 use toolgate_mcp::json::fold_key;
-use toolgate_policy::{ArgReads, AttrType, Record};
+use toolgate_policy::{described, ArgReads, AttrType, Record};
 
 /// Why an argument is refused (400; MCP: invalid params, or a tool error for `tools/call`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +257,7 @@ fn render_free_form(
 }
 
 fn invalid(path: &str, want: &str, got: &Value) -> ArgRefusal {
-    let detail = format!("expected {want}, got {}", kind_of(got));
+    let detail = format!("expected {want}, got {}", described(got));
     ArgRefusal::new(ArgProblem::Invalid, path, detail)
 }
 
@@ -366,7 +366,7 @@ fn render_decimal(
             return Err(ArgRefusal::new(
                 ArgProblem::Invalid,
                 path,
-                format!("expected a decimal number, got {}", kind_of(other)),
+                format!("expected a decimal number, got {}", described(other)),
             ))
         }
     };
@@ -547,17 +547,6 @@ fn json_type(value: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
-    }
-}
-
-fn kind_of(value: &Value) -> String {
-    match value {
-        Value::String(s) => format!("a string of {} bytes", s.len()),
-        Value::Number(_) => "a number".into(),
-        Value::Bool(_) => "a boolean".into(),
-        Value::Array(items) => format!("a list of {}", items.len()),
-        Value::Object(_) => "an object".into(),
-        Value::Null => "null".into(),
     }
 }
 

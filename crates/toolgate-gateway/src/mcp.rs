@@ -358,7 +358,8 @@ impl Gateway {
     ) -> Result<Response<Body>, Refusal> {
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream.uri("", None)?;
-        keep_standard_headers(&mut parts.headers, &[&upstream.config.forward_headers]);
+        let listed = [upstream.config.forward_headers.as_slice()];
+        keep_standard_headers(&mut parts.headers, &listed, upstream.config.kind);
         record.action = Some(format!("mcp:{}", parts.method));
         let binder = Binder::new(self, ctx, upstream);
         // A session is the caller's that the gateway gave it to: another caller's (or a made

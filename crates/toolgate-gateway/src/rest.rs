@@ -85,8 +85,8 @@ pub(crate) async fn read_call(
         &route.forward_headers,
         &route.header_arguments,
     ];
-    keep_standard_headers(&mut parts.headers, &listed.map(Vec::as_slice));
-    drop_mcp_headers(&mut parts.headers);
+    let kind = upstream.config.kind;
+    keep_standard_headers(&mut parts.headers, &listed.map(Vec::as_slice), kind);
     let mut args = Map::new();
     let path = render_path(route, declared, &mut args)?;
     let query = render_query_arguments(parts.uri.query(), route, declared, &mut args)?;
@@ -105,18 +105,6 @@ pub(crate) async fn read_call(
     let bytes = read_body(&parts.headers, body, max_body).await?;
     let body = render_body(&mut parts.headers, &bytes, route, declared, &mut args)?;
     Ok((Request::from_parts(parts, full(body)), args))
-}
-
-/// MCP's own headers mean nothing to a REST upstream: dropped, not read there as something else.
-fn drop_mcp_headers(headers: &mut HeaderMap) {
-    let mcp: Vec<http::HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("mcp-") || name.as_str() == "last-event-id")
-        .cloned()
-        .collect();
-    for name in mcp {
-        headers.remove(name);
-    }
 }
 
 /// The query's arguments, typed, and the forwarded query rendered from them in the forms they

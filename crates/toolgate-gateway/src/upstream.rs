@@ -60,10 +60,10 @@ const AGENT_ONLY: [&str; 17] = [
 const FORWARDED_PREFIX: &str = "x-forwarded-";
 
 /// The agent's request headers passed on to every upstream: content negotiation, conditional
-/// requests and caching, tracing, and MCP's own. Any other is dropped unless `forward_headers:`
-/// lists it: an API may read a header as a parameter that no policy saw (OpenAPI `in: header`
-/// ones are declared as arguments instead, `header_arguments:`).
-const STANDARD_HEADERS: [&str; 28] = [
+/// requests and caching, tracing. Any other is dropped unless `forward_headers:` lists it: an
+/// API may read a header as a parameter that no policy saw (OpenAPI `in: header` ones are
+/// declared as arguments instead, `header_arguments:`).
+const STANDARD_HEADERS: [&str; 23] = [
     "accept",
     "content-encoding",
     "accept-charset",
@@ -86,30 +86,48 @@ const STANDARD_HEADERS: [&str; 28] = [
     "traceparent",
     "tracestate",
     "baggage",
+    "toolgate-task",
+];
+
+/// MCP's own request headers: passed on to MCP upstreams, and to no REST one, listed or not.
+const MCP_HEADERS: [&str; 5] = [
     "mcp-protocol-version",
     "mcp-session-id",
     "last-event-id",
     "mcp-method",
     "mcp-name",
-    "toolgate-task",
 ];
 
 /// MCP 2026-07-28 mirrors arguments a tool marks `x-mcp-header` into `Mcp-Param-*` headers;
 /// the server checks them against the (rendered) body.
 const MCP_PARAM_PREFIX: &str = "mcp-param-";
 
-/// Drops the agent's non-standard headers, but those `listed` (case-insensitive).
-pub(crate) fn keep_standard_headers(headers: &mut HeaderMap, listed: &[&[String]]) {
-    let dropped: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            !STANDARD_HEADERS.contains(&name.as_str())
-                && !name.as_str().starts_with(MCP_PARAM_PREFIX)
-                && !listed
+/// Drops the agent's headers but the standard ones, MCP's own on an MCP upstream, and those
+/// `listed` (case-insensitive; never MCP's own on a REST upstream, which reads them as nothing).
+pub(crate) fn keep_standard_headers(
+    headers: &mut HeaderMap,
+    listed: &[&[String]],
+    kind: crate::config::UpstreamKind,
+) {
+    let mcp_own = |name: &str| name.starts_with("mcp-") || MCP_HEADERS.contains(&name);
+    let keep = |name: &str| match kind {
+        crate::config::UpstreamKind::Rest if mcp_own(name) => false,
+        crate::config::UpstreamKind::Mcp
+            if MCP_HEADERS.contains(&name) || name.starts_with(MCP_PARAM_PREFIX) =>
+        {
+            true
+        }
+        _ => {
+            STANDARD_HEADERS.contains(&name)
+                || listed
                     .iter()
                     .flat_map(|l| l.iter())
-                    .any(|l| l.eq_ignore_ascii_case(name.as_str()))
-        })
+                    .any(|l| l.eq_ignore_ascii_case(name))
+        }
+    };
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| !keep(name.as_str()))
         .cloned()
         .collect();
     for name in dropped {

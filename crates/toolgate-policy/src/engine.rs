@@ -848,21 +848,23 @@ impl std::fmt::Display for At<'_> {
     }
 }
 
+/// What a value is, for an error message, without echoing it: it is the agent's, and may be a
+/// secret (`@sensitive`).
+pub fn described(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("a string of {} bytes", s.len()),
+        Value::Number(_) => "a number".to_string(),
+        Value::Bool(_) => "a boolean".to_string(),
+        Value::Array(items) => format!("a list of {}", items.len()),
+        Value::Object(_) => "an object".to_string(),
+        Value::Null => "null".to_string(),
+    }
+}
+
 /// Turns a JSON value (often a string from a path or query) into a Cedar value of the
 /// declared type, or says why it cannot.
 pub fn coerce(value: &Value, ty: &AttrType, at: At<'_>) -> Result<RestrictedExpression, String> {
-    // The value is not echoed: it is the agent's, and may be a secret (`@sensitive`).
-    let mismatch = |want: &str| {
-        let got = match value {
-            Value::String(s) => format!("a string of {} bytes", s.len()),
-            Value::Number(_) => "a number".to_string(),
-            Value::Bool(_) => "a boolean".to_string(),
-            Value::Array(items) => format!("a list of {}", items.len()),
-            Value::Object(_) => "an object".to_string(),
-            Value::Null => "null".to_string(),
-        };
-        format!("{at}: expected {want}, got {got}")
-    };
+    let mismatch = |want: &str| format!("{at}: expected {want}, got {}", described(value));
     Ok(match (ty, value) {
         (AttrType::Long, Value::Number(n)) => {
             RestrictedExpression::new_long(n.as_i64().ok_or_else(|| mismatch("Long"))?)
