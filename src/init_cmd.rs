@@ -16,10 +16,11 @@ issuer: https://toolgate.local  # `iss` of the credentials minted for each call
 policies: policies/             # every *.cedarschema and *.cedar there
 inbound:
   jwt:
-    # Development only: tokens from `toolgate token --key keys/idp.pem`. Put your identity
-    # provider here (jwks_url: or discovery_url:) before any real use.
+    # Development only: tokens from `toolgate token --key idp.pem` (`toolgate keygen --private
+    # idp.pem --jwks idp.jwks.json` makes a new pair). Put your identity provider here
+    # (jwks_url: or discovery_url:) before any real use.
     - issuer: https://idp.example
-      jwks_file: keys/idp.jwks.json
+      jwks_file: idp.jwks.json
       audiences: [toolgate]
 credentials:
   signing_key: keys/toolgate-signing.pem   # the gateway's own ES256 key
@@ -90,7 +91,7 @@ tests:
     expect: deny
 "#;
 
-const EXAMPLE_REQUEST: &str = r#"# `toolgate authorize --config toolgate.yaml --request request.yaml`
+const EXAMPLE_REQUEST: &str = r#"# `toolgate authorize --config toolgate.yaml --request req.yaml`
 agent: assistant
 user: alice
 action: example/get_item
@@ -103,14 +104,11 @@ const FILES: [(&str, &str); 6] = [
     ("policies/example.cedarschema", EXAMPLE_SCHEMA),
     ("policies/example.cedar", EXAMPLE_POLICY),
     ("policies/tests/example.yaml", EXAMPLE_TESTS),
-    ("request.yaml", EXAMPLE_REQUEST),
+    ("req.yaml", EXAMPLE_REQUEST),
 ];
 
-const KEYS: [&str; 3] = [
-    "keys/idp.pem",
-    "keys/idp.jwks.json",
-    "keys/toolgate-signing.pem",
-];
+/// Where README.md's offline tour looks for them, run in the project as printed.
+const KEYS: [&str; 3] = ["idp.pem", "idp.jwks.json", "keys/toolgate-signing.pem"];
 
 pub fn run(dir: &Path) -> Result<ExitCode, String> {
     let names = FILES.iter().map(|(name, _)| *name).chain(KEYS);
@@ -126,21 +124,19 @@ pub fn run(dir: &Path) -> Result<ExitCode, String> {
     let (idp, idp_pem) = SigningKey::generate().map_err(|e| e.to_string())?;
     let (_, signing_pem) = SigningKey::generate().map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dir.join("keys")).map_err(|e| format!("{}: {e}", dir.display()))?;
-    crate::write_private(&dir.join("keys/idp.pem"), &idp_pem)?;
+    crate::write_private(&dir.join("idp.pem"), &idp_pem)?;
     crate::write_private(&dir.join("keys/toolgate-signing.pem"), &signing_pem)?;
     let jwks = json!({"keys": [idp.public_jwk()]});
     write(
-        &dir.join("keys/idp.jwks.json"),
+        &dir.join("idp.jwks.json"),
         &serde_json::to_string_pretty(&jwks).unwrap_or_default(),
     )?;
     println!("wrote a toolgate project in {}", dir.display());
     println!("next, from there:");
     println!("  toolgate check --config toolgate.yaml");
     println!("  toolgate test policies/tests");
-    println!("  toolgate authorize --config toolgate.yaml --request request.yaml");
-    println!(
-        "  toolgate token --config toolgate.yaml --key keys/idp.pem --sub alice --act assistant"
-    );
+    println!("  toolgate authorize --config toolgate.yaml --request req.yaml");
+    println!("  toolgate token --config toolgate.yaml --key idp.pem --sub alice --act assistant");
     println!("  toolgate serve --config toolgate.yaml");
     Ok(ExitCode::SUCCESS)
 }

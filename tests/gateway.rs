@@ -1161,7 +1161,7 @@ async fn init_writes_a_project_the_offline_tour_runs_in() {
         "--config",
         &at("toolgate.yaml"),
         "--request",
-        &at("request.yaml"),
+        &at("req.yaml"),
     ]);
     let decision: Value = serde_json::from_slice(&decision.stdout).unwrap();
     assert_eq!(decision["decision"], "allow", "{decision}");
@@ -1171,7 +1171,7 @@ async fn init_writes_a_project_the_offline_tour_runs_in() {
         "--config",
         &at("toolgate.yaml"),
         "--key",
-        &at("keys/idp.pem"),
+        &at("idp.pem"),
         "--sub",
         "alice",
         "--act",
