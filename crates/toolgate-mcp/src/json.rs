@@ -236,24 +236,36 @@ pub fn number_texts(bytes: &[u8]) -> Option<Vec<&str>> {
     (!plain).then_some(out)
 }
 
-/// Writes `value` as JSON with its numbers spelled as `texts` says, in order, where a text reads
-/// as the same number (the digits the agent sent, beyond a double's); any other number is
-/// written as parsed.
-pub fn to_vec_with_numbers(value: &Value, texts: &[&str]) -> Vec<u8> {
+/// Writes `value` as JSON with its numbers spelled as `texts` says, in order, where `same` says
+/// a text denotes exactly the number the value holds (`1.50` for 1.5, `2e-7`); any other number
+/// is written as parsed. Exactly: a text that only rounds to the same double (more digits than
+/// a double holds, another message's literal) would send a number nobody decided on.
+pub fn to_vec_with_numbers(
+    value: &Value,
+    texts: &[&str],
+    same: &dyn Fn(&str, &Number) -> bool,
+) -> Vec<u8> {
     let mut out = String::new();
     let mut next = 0;
-    write_value(value, texts, &mut next, &mut out);
+    write_value(value, texts, same, &mut next, &mut out);
     out.into_bytes()
 }
 
-fn write_value(value: &Value, texts: &[&str], next: &mut usize, out: &mut String) {
+fn write_value(
+    value: &Value,
+    texts: &[&str],
+    same: &dyn Fn(&str, &Number) -> bool,
+    next: &mut usize,
+    out: &mut String,
+) {
     match value {
         Value::Number(n) => {
             let text = texts.get(*next).copied();
             *next += 1;
-            let same = text.and_then(|t| t.parse::<f64>().ok()) == n.as_f64();
             match text {
-                Some(t) if same && serde_json::from_str::<Number>(t).is_ok() => out.push_str(t),
+                Some(t) if same(t, n) && serde_json::from_str::<Number>(t).is_ok() => {
+                    out.push_str(t)
+                }
                 _ => out.push_str(&n.to_string()),
             }
         }
@@ -263,7 +275,7 @@ fn write_value(value: &Value, texts: &[&str], next: &mut usize, out: &mut String
                 if i > 0 {
                     out.push(',');
                 }
-                write_value(item, texts, next, out);
+                write_value(item, texts, same, next, out);
             }
             out.push(']');
         }
@@ -275,7 +287,7 @@ fn write_value(value: &Value, texts: &[&str], next: &mut usize, out: &mut String
                 }
                 out.push_str(&Value::String(key.clone()).to_string());
                 out.push(':');
-                write_value(item, texts, next, out);
+                write_value(item, texts, same, next, out);
             }
             out.push('}');
         }
@@ -293,14 +305,19 @@ mod tests {
         let texts = number_texts(body).expect("not all plain integers");
         assert_eq!(texts, ["0.123456789012345678901", "1", "-2.50e3", "7"]);
         let value = parse_strict(body, 8).unwrap();
-        let out = String::from_utf8(to_vec_with_numbers(&value, &texts)).unwrap();
+        // As the caller judges: here, a text whose double is the value's.
+        let same = |t: &str, n: &Number| t.parse::<f64>().ok() == n.as_f64();
+        let out = String::from_utf8(to_vec_with_numbers(&value, &texts, &same)).unwrap();
         assert_eq!(
             out,
             r#"{"a":0.123456789012345678901,"s":"1.50 \" 2","n":[1,-2.50e3,7]}"#
         );
         // A text that reads as another number is not used (a value rendered otherwise).
         let other = parse_strict(br#"{"a": 5.5}"#, 8).unwrap();
-        assert_eq!(to_vec_with_numbers(&other, &["7.25"]), br#"{"a":5.5}"#);
+        assert_eq!(
+            to_vec_with_numbers(&other, &["7.25"], &same),
+            br#"{"a":5.5}"#
+        );
         assert!(number_texts(br#"{"a": 1, "b": [2, 3]}"#).is_none());
     }
     use serde_json::json;

@@ -378,7 +378,12 @@ fn completion(params: &Map<String, Value>) -> Result<(&'static str, Map<String, 
         .transpose()?
         .unwrap_or_default();
     let mut arguments = object_member(&context, "arguments")?;
-    arguments.insert(name.to_string(), value.clone());
+    // The completed argument once: the server's handler would read the context's copy.
+    if arguments.insert(name.to_string(), value.clone()).is_some() {
+        return Err(invalid(
+            "completion/complete: argument.name is also in context.arguments",
+        ));
+    }
     match reference.get("type").and_then(Value::as_str) {
         Some("ref/prompt") => {
             let prompt = reference
@@ -827,6 +832,11 @@ mod tests {
             }
         );
         assert!(complete(json!({"type": "ref/other"})).is_err());
+        let twice = json!({"ref": {"type": "ref/prompt", "name": "p"},
+            "argument": {"name": "owner", "value": "me"},
+            "context": {"arguments": {"owner": "victim"}}});
+        let m = json!({"jsonrpc":"2.0","id":1,"method":"completion/complete","params":twice});
+        assert_eq!(intent(&m).unwrap_err().code, code::INVALID_PARAMS);
         let m =
             json!({"jsonrpc":"2.0","id":1,"method":"logging/setLevel","params":{"level":"debug"}});
         assert!(
