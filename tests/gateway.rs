@@ -548,12 +548,33 @@ async fn metrics_move_and_admin_endpoints_answer() {
         value("toolgate_authz_decisions_total{decision=\"allow\"}"),
         2.0
     );
-    // The DELETE denied by policy, and the 401 for /metrics on the agent listener: every
-    // refusal is a decision.
+    // The DELETE denied by policy; the 401 for /metrics on the agent listener is counted
+    // apart, so a scanner does not move the deny rate.
     assert_eq!(
         value("toolgate_authz_decisions_total{decision=\"deny\"}"),
+        1.0
+    );
+    assert_eq!(value("toolgate_unauthenticated_total"), 1.0);
+    assert_eq!(
+        value("toolgate_tool_calls_total{decision=\"deny\",tool=\"delete_patient_record\",upstream=\"records\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("toolgate_request_duration_seconds_count{upstream=\"billing\"}"),
         2.0
     );
+    assert_eq!(
+        value("toolgate_request_duration_seconds_count{upstream=\"none\"}"),
+        1.0
+    );
+    assert_eq!(value("toolgate_config_watch_active"), 1.0);
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(metrics.contains(name), "{name}");
+    }
     assert_eq!(value("toolgate_credentials_minted_total"), 2.0);
     assert_eq!(
         value("toolgate_requests_total{code=\"200\",upstream=\"billing\"}"),

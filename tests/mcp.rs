@@ -648,3 +648,28 @@ async fn sessions_are_bound_to_the_caller_they_were_given_to() {
     let sent: Vec<_> = ended.headers.get_all("mcp-session-id").iter().collect();
     assert_eq!(sent, ["srv-session-1"]);
 }
+
+/// MCP's own messages are counted by upstream and method, an unknown method as `other`,
+/// never under `upstream="none"`.
+#[tokio::test]
+async fn protocol_messages_are_counted_per_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = raw_gateway(&upstream).await;
+    let token = gw.idp.delegated();
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        r#"{"jsonrpc":"2.0","id":3,"method":"made/up-by-the-agent"}"#,
+    ] {
+        post(&gw, &token, body.as_bytes()).await;
+    }
+    let metrics = gw.metrics().await;
+    for (method, n) in [("initialize", 1.0), ("tools/list", 1.0), ("other", 1.0)] {
+        let series =
+            format!("toolgate_mcp_messages_total{{method=\"{method}\",upstream=\"tools\"}}");
+        assert_eq!(metric(&metrics, &series), Some(n), "{series} in\n{metrics}");
+    }
+    assert!(!metrics.contains("made/up"), "{metrics}");
+    let protocol = "toolgate_tool_calls_total{decision=\"allow\",tool=\"none\",upstream=\"tools\"}";
+    assert!(metric(&metrics, protocol).is_some(), "{metrics}");
+}

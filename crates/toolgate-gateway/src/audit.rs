@@ -52,6 +52,9 @@ pub struct AuditRecord {
     pub iss: Option<String>,
     pub action: Option<String>,
     pub resource: Option<String>,
+    /// The upstream the call was routed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
     /// The declared arguments as the policy read them; `@sensitive` ones, and long ones, as
     /// `sha256:<hex>` of their JSON.
     #[serde(skip_serializing_if = "Option::is_none")]

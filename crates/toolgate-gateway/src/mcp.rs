@@ -618,11 +618,8 @@ impl Gateway {
         let batch = matches!(payload, Payload::Batch(_));
         let mut plan = Plan::default();
         for message in payload.messages() {
+            let method = self.count_message(upstream, message);
             let id = message.get("id");
-            let method = message
-                .get("method")
-                .and_then(Value::as_str)
-                .unwrap_or("response");
             if !batch {
                 record.action = Some(format!("mcp:{method}"));
             }
@@ -676,6 +673,19 @@ impl Gateway {
             plan.decisions.extend(own);
         }
         plan
+    }
+
+    /// Counts an agent's message by upstream and method; its method (`response` for an
+    /// answer to the server).
+    fn count_message<'m>(&self, upstream: &Upstream, message: &'m Value) -> &'m str {
+        self.metrics
+            .mcp_messages
+            .with_label_values(&[upstream.name(), toolgate_mcp::method_label(message)])
+            .inc();
+        message
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or("response")
     }
 
     /// Reads one message's arguments as declared and decides it: the message to forward,

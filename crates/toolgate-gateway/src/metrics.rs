@@ -17,6 +17,15 @@ pub struct Metrics {
     pub audit_backlog: IntGauge,
     pub authz_duration: Histogram,
     pub upstream_duration: HistogramVec,
+    pub request_duration: HistogramVec,
+    /// 401s: no or an invalid inbound token. Kept apart from the policy's decisions, so a
+    /// scanner does not move the deny rate.
+    pub unauthenticated: IntCounter,
+    /// MCP messages by upstream and method (a method MCP defines, else `other`).
+    pub mcp_messages: IntCounterVec,
+    /// 1 while the config, policy and key files are watched for changes; 0 when watching is
+    /// off or failed (reload then only by `POST /admin/reload`).
+    pub watching: IntGauge,
     pub minted: IntCounter,
     pub reloads: IntCounterVec,
     pub reload_duration: Histogram,
@@ -99,6 +108,36 @@ impl Metrics {
                     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0, 30.0
                 ],
+                r
+            )
+            .expect("metric"),
+            request_duration: register_histogram_vec_with_registry!(
+                "toolgate_request_duration_seconds",
+                "Time from a request's arrival on the agent listener to its answer's headers, by upstream (none: not routed).",
+                &["upstream"],
+                vec![
+                    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0
+                ],
+                r
+            )
+            .expect("metric"),
+            unauthenticated: register_int_counter_with_registry!(
+                "toolgate_unauthenticated_total",
+                "Requests answered 401: no or an invalid inbound token (not counted as authorization decisions).",
+                r
+            )
+            .expect("metric"),
+            mcp_messages: register_int_counter_vec_with_registry!(
+                "toolgate_mcp_messages_total",
+                "MCP JSON-RPC messages from agents, by upstream and method (other: a method MCP does not define).",
+                &["upstream", "method"],
+                r
+            )
+            .expect("metric"),
+            watching: register_int_gauge_with_registry!(
+                "toolgate_config_watch_active",
+                "1 while config, policy and key files are watched for changes; 0 when watching is off or could not start.",
                 r
             )
             .expect("metric"),
@@ -190,6 +229,12 @@ impl Metrics {
         .expect("metric")
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
+        #[cfg(target_os = "linux")]
+        if let Err(e) = m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!("process metrics unavailable: {e}");
+        }
         // Make both outcomes visible from the start, so rate() queries have a series.
         for d in ["allow", "deny"] {
             m.decisions.with_label_values(&[d]);

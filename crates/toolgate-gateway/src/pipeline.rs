@@ -80,6 +80,7 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let arrived = Instant::now();
         let mut request = request.map(boxed);
         strip_hop_by_hop(request.headers_mut());
         // Room for this request's audit line first: without it nothing is done, let alone
@@ -136,6 +137,10 @@ impl Gateway {
             .requests
             .with_label_values(&[upstream_name, response.status().as_str()])
             .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[upstream_name])
+            .observe(arrived.elapsed().as_secs_f64());
         pending.done();
         response
     }
@@ -196,6 +201,7 @@ impl Gateway {
         let call = call?;
         *upstream_index = Some(call.upstream());
         let upstream = &routing.upstreams[call.upstream()];
+        record.upstream = Some(upstream.name().to_string());
         let require_task = match &call {
             Call::Rest(route) => route.require_task,
             Call::Mcp { .. } => upstream.config.require_task,
@@ -522,6 +528,24 @@ impl Gateway {
 
     /// Room for one audit line, taken before the call it records does anything; without it
     /// the call is refused (counted), never run unrecorded.
+    fn count_decision(&self, record: &AuditRecord) {
+        let decision = record.decision.as_str();
+        self.metrics.decisions.with_label_values(&[decision]).inc();
+        // Labelled only with tools the schema declares: an agent's words (an MCP tool name,
+        // a path) must not make new series.
+        let tool = record
+            .action
+            .as_deref()
+            .filter(|action| self.policy.load().has_action(action))
+            .and_then(|action| action.split_once('/'))
+            .map_or("none", |(_, tool)| tool);
+        let upstream = record.upstream.as_deref().unwrap_or("none");
+        self.metrics
+            .tool_calls
+            .with_label_values(&[upstream, tool, decision])
+            .inc();
+    }
+
     pub(crate) fn audit_room(&self) -> Result<AuditSlot, Refusal> {
         self.audit.reserve().ok_or_else(|| self.audit_refused())
     }
@@ -541,22 +565,11 @@ impl Gateway {
     /// The one place an outcome is recorded: the decision metric and the audit line, in the
     /// room reserved for it (`None`: any room left).
     pub(crate) fn finish(&self, mut record: AuditRecord, slot: Option<AuditSlot>) {
-        self.metrics
-            .decisions
-            .with_label_values(&[record.decision.as_str()])
-            .inc();
-        // Labelled only with tools the schema declares: an agent's words (an MCP tool name,
-        // a path) must not make new series.
-        let tool = record
-            .action
-            .as_deref()
-            .filter(|action| self.policy.load().has_action(action))
-            .and_then(|action| action.split_once('/'))
-            .unwrap_or(("none", "none"));
-        self.metrics
-            .tool_calls
-            .with_label_values(&[tool.0, tool.1, record.decision.as_str()])
-            .inc();
+        if record.status == StatusCode::UNAUTHORIZED.as_u16() {
+            self.metrics.unauthenticated.inc();
+        } else {
+            self.count_decision(&record);
+        }
         let mut trace = record.trace.take();
         if !trace.is_traced() {
             self.audit.record(record, slot);

@@ -132,7 +132,15 @@ impl Gateway {
                 })
             },
         ));
-        let watch = self.watch_files()?;
+        // A watcher that cannot start (no inotify room, a folder gone) does not stop the
+        // gateway: it says so in the log and in toolgate_config_watch_active.
+        let watch = self.watch_files().unwrap_or_else(|why| {
+            tracing::warn!(
+                "{why}: files are NOT watched; changes take effect only on POST /admin/reload"
+            );
+            None
+        });
+        self.metrics.watching.set(i64::from(watch.is_some()));
         self.ready.store(true, Ordering::SeqCst);
         Ok(Running {
             agent_addr,

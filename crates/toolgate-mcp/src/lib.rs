@@ -202,6 +202,45 @@ pub const METHOD_ACTIONS: [&str; 4] = [
     "tasks/update",
 ];
 
+/// What an agent's message is counted as: a method MCP defines for clients to send
+/// (requests and notifications), `response` for an answer to the server, else `other`, so an
+/// agent's words never make new metric series.
+pub fn method_label(message: &Value) -> &'static str {
+    const CLIENT_METHODS: [&str; 24] = [
+        "initialize",
+        "ping",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "subscriptions/listen",
+        "tasks/get",
+        "tasks/result",
+        "tasks/cancel",
+        "tasks/list",
+        "tasks/update",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    ];
+    match message.get("method").and_then(Value::as_str) {
+        None => "response",
+        Some(method) => CLIENT_METHODS
+            .into_iter()
+            .find(|known| *known == method)
+            .unwrap_or("other"),
+    }
+}
+
 /// Where a decided message's arguments go back once rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgsPlace {
