@@ -32,19 +32,32 @@ use toolgate_gateway::{Config, Gateway};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text or JSON (default: TOOLGATE_LOG_FORMAT, else the config's
+    /// log.format, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway until SIGTERM/SIGINT, then drain.
     Serve {
+        /// The config file (YAML); reloaded when it changes.
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
     },
     /// Gateway + demo tool API + demo keys + the example policies, with ready curl lines.
     Demo {
+        /// Where agents call the demo gateway.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// The admin listener: metrics, health, reload, tasks' admin API.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: std::net::SocketAddr,
         /// Write the demo's config, keys and policies in this folder and keep them after.
@@ -53,6 +66,7 @@ enum Command {
     },
     /// Validate config, schema, policies and entities (strict); exit 1 with file:line errors.
     Check {
+        /// The config file whose policies, keys and files are checked as serve loads them.
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
     },
@@ -63,6 +77,7 @@ enum Command {
     },
     /// One offline decision; prints {decision, policies, errors}.
     Authorize {
+        /// The config whose policies decide.
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
         /// A JSON or YAML request file (see docs/policy-guide.md).
@@ -74,6 +89,7 @@ enum Command {
     },
     /// Dev helper: mint an inbound test token with a local key (never used by serve).
     Token {
+        /// The config whose first inbound issuer gives the default --iss and --aud.
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
         /// PKCS#8 PEM P-256 private key of a test identity provider.
@@ -91,6 +107,7 @@ enum Command {
         /// Issuer (default: the first inbound issuer in the config).
         #[arg(long)]
         iss: Option<String>,
+        /// Seconds until the token expires.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
         /// Extra claims, NAME=VALUE (VALUE parsed as JSON when it is JSON).
@@ -115,21 +132,30 @@ enum Command {
     /// Exit 0 when URL answers 200 within 3 s (a container's health check: the image has no
     /// shell or curl).
     Health {
+        /// The URL to GET.
         #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
         url: String,
     },
     /// Write a working project in DIR (default: here): config, base schema, an example tool
     /// with its policy and tests, an example request, development keys. Overwrites nothing.
     Init {
+        /// The project folder (created if missing).
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
     /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
     Keygen {
+        /// Where to write the private key (created readable by its owner only).
         #[arg(long)]
         private: PathBuf,
+        /// Where to write the public key as a JWKS document.
         #[arg(long)]
         jwks: Option<PathBuf>,
+    },
+    /// Print a shell completion script: `toolgate completions bash > /etc/bash_completion.d/toolgate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -138,6 +164,7 @@ enum ImportSource {
     /// From an OpenAPI 3.0 or 3.1 document (YAML or JSON): writes NAME.upstream.yaml,
     /// NAME.cedarschema and (when absent) a starter NAME.cedar into --out.
     Openapi {
+        /// The OpenAPI document (YAML or JSON).
         spec: PathBuf,
         /// The upstream's name: its routes are under /NAME/, its actions NAME/<tool>.
         #[arg(long)]
@@ -148,6 +175,7 @@ enum ImportSource {
         /// The audience of the credentials minted for it (default: the URL).
         #[arg(long)]
         audience: Option<String>,
+        /// The folder to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -160,6 +188,7 @@ enum AuditQuery {
     Why {
         /// A decision_id, or a credential's jti (or id).
         id: String,
+        /// The audit log (JSON lines) to search.
         #[arg(long)]
         audit: PathBuf,
         /// The config whose current policies locate (and compare) the deciding ones.
@@ -173,8 +202,10 @@ enum AuditQuery {
     /// Per agent: the actions it called, those the policies permit that it never called, and
     /// the permits behind them.
     Report {
+        /// The audit log (JSON lines) to read.
         #[arg(long)]
         audit: PathBuf,
+        /// The config whose policies say what each agent may do.
         #[arg(long)]
         config: PathBuf,
         /// Only lines this recent: 7d, 12h, 30m (default: the whole file).
@@ -207,6 +238,14 @@ enum SchemaSource {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(format) = cli.log_format {
+        let name = match format {
+            LogFormatArg::Text => "text",
+            LogFormatArg::Json => "json",
+        };
+        // Read by init_tracing, before anything logs; nothing else runs yet.
+        std::env::set_var("TOOLGATE_LOG_FORMAT", name);
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Serve { config } => Config::load(&config).and_then(|loaded| {
@@ -238,6 +277,16 @@ fn main() -> ExitCode {
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
         Command::Init { dir } => init_cmd::run(&dir),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "toolgate",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Import {
             source:
                 ImportSource::Openapi {
@@ -319,11 +368,16 @@ fn init_tracing(log: Option<&toolgate_gateway::config::Log>) -> Result<(), Strin
         Ok(other) => return Err(format!("TOOLGATE_LOG_FORMAT {other:?}: text or json")),
         Err(_) => log.map_or(LogFormat::Text, |l| l.format),
     };
+    // Colours only for a person at a terminal: a file, a pipe or a log shipper gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     let _ = match format {
-        LogFormat::Json => logs.json().try_init(),
+        // `message` and the event's fields at the top level, as Loki and Elasticsearch expect.
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
         LogFormat::Text => logs.try_init(),
     };
     Ok(())
@@ -536,4 +590,28 @@ pub fn write_private(path: &Path, pem: &str) -> Result<(), String> {
         .open(path)
         .and_then(|mut f| f.write_all(pem.as_bytes()))
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// `--help` explains every option and argument of every command.
+    #[test]
+    fn every_option_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !["help", "version"].contains(&id) && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "toolgate", &mut missing);
+        assert!(missing.is_empty(), "no help: {missing:?}");
+    }
 }

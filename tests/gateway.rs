@@ -1212,3 +1212,58 @@ async fn init_writes_a_project_the_offline_tour_runs_in() {
     let again = toolgate(&["init", &at("")]);
     assert!(!again.status.success(), "init overwrote the project");
 }
+
+/// Logs for machines: `--log-format json` puts `message` at the top level of each line, and
+/// nothing written to a file carries terminal colours.
+#[tokio::test]
+async fn logs_have_a_flag_a_flat_json_shape_and_no_colours_off_a_terminal() {
+    let dir = TempDir::new("logs");
+    let project = dir.0.join("project");
+    let init = toolgate(&["init", &project.to_string_lossy()]);
+    assert!(init.status.success());
+    let config = project.join("toolgate.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    for format in ["json", "text"] {
+        let stderr = dir.0.join(format!("{format}.log"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"));
+        command
+            .args(["--log-format", format, "serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env_remove("TOOLGATE_LOG_FORMAT")
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let (child, _, _) = announced_serve(command, None).await;
+        let _serving = Killed(child);
+        // The log line follows the announcement on stdout.
+        let mut logged = String::new();
+        for _ in 0..100 {
+            logged = std::fs::read_to_string(&stderr).unwrap();
+            if logged.contains("toolgate serving") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!logged.contains('\u{1b}'), "colours in a file: {logged}");
+        let serving = logged
+            .lines()
+            .find(|l| l.contains("toolgate serving"))
+            .unwrap_or_else(|| panic!("{logged}"));
+        if format == "json" {
+            let line: Value = serde_json::from_str(serving).unwrap();
+            assert_eq!(line["message"], "toolgate serving", "{line}");
+            assert!(line["listen"].is_string(), "{line}");
+        } else {
+            assert!(serde_json::from_str::<Value>(serving).is_err(), "{serving}");
+        }
+    }
+    let completions = toolgate(&["completions", "bash"]);
+    let script = String::from_utf8_lossy(&completions.stdout);
+    assert!(
+        completions.status.success() && script.contains("import"),
+        "{script}"
+    );
+}

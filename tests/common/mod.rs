@@ -881,7 +881,7 @@ pub async fn spawn_serve_in(dir: &Path, name: &str) -> (Child, SocketAddr, Socke
 
 /// Starts `command` (a `toolgate serve`) and waits (bounded) for its announcement: the
 /// listener and admin addresses.
-async fn announced_serve(
+pub async fn announced_serve(
     mut command: Command,
     output: Option<&Path>,
 ) -> (Child, SocketAddr, SocketAddr) {
