@@ -370,7 +370,7 @@ fn init_tracing(log: Option<&toolgate_gateway::config::Log>) -> Result<(), Strin
     };
     // Colours only for a person at a terminal: a file, a pipe or a log shipper gets plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        && std::env::var_os("NO_COLOR").unwrap_or_default().is_empty();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
