@@ -113,7 +113,7 @@ pub fn run(config_path: &Path, request_path: &Path, explain: bool) -> Result<Exi
     let text = std::fs::read_to_string(request_path)
         .map_err(|e| format!("{}: {e}", request_path.display()))?;
     let request: RequestFile =
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", request_path.display()))?;
+        serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", request_path.display()))?;
     let decision = request.decide(&engine)?;
     let mut out = json!({
         "decision": if decision.allowed { "allow" } else { "deny" },

@@ -52,7 +52,7 @@ pub fn run(path: &Path) -> Result<ExitCode, String> {
     for file in files {
         let text =
             std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let spec: TestFile = serde_yaml::from_str(&text).map_err(|e| {
+        let spec: TestFile = serde_norway::from_str(&text).map_err(|e| {
             let line = e.location().map_or(1, |l| l.line());
             format!("{}:{line}: {e}", file.display())
         })?;

@@ -827,7 +827,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+        let mut config: Config = serde_norway::from_str(&text).map_err(|e| {
             let line = e.location().map_or(1, |l| l.line());
             format!("{}:{line}: {e}", path.display())
         })?;
