@@ -4,6 +4,8 @@
 # official MCP SDKs: Python 1.x (.toolgate-test/venv),
 # Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node), and
 # kubernetes-validate (.toolgate-test/venv-k8s: the Kubernetes schemas, offline, for deploy/),
+# kubectl's built-in kustomize (renders deploy/kubernetes/ as `kubectl apply -k` would; kubectl
+# comes with this machine kind, from the Google Cloud CLI packages, and is checked, not installed),
 # and the upstream frameworks the gateway is proven against (tests/frameworks.rs): FastAPI with
 # Pydantic 2 (.toolgate-test/venv-fastapi) and Express 5 with qs (.toolgate-test/node).
 # Idempotent; needs root (or sudo) and the Debian package registry.
@@ -34,6 +36,9 @@ fi
 for tool in promtool redis-server node npm curl; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
+# Debian's kubernetes-client is too old (kustomize 2: no `patches`, no `components`).
+kubectl kustomize --help >/dev/null 2>&1 \
+  || { echo "test-deps: kubectl (with kustomize 5) is missing: install the Google Cloud CLI's kubectl" >&2; exit 1; }
 
 # A Python package at an exact version in a virtualenv of the project's own, installed when
 # missing; with a module name, that module must also import; more packages (pinned) may follow.

@@ -26,17 +26,66 @@ fn kubernetes_validate() -> PathBuf {
 }
 
 /// The YAML documents of a manifest file.
-fn documents(path: &Path) -> Vec<serde_yaml::Value> {
+fn documents(path: &Path) -> Vec<serde_norway::Value> {
+    parse_documents(&std::fs::read_to_string(path).unwrap())
+}
+
+fn parse_documents(text: &str) -> Vec<serde_norway::Value> {
     use serde::Deserialize;
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .filter(|d| !d.is_null())
         .collect()
+}
+
+/// The deployment shapes: each a kustomization applied as it is (`kubectl apply -k`).
+const SHAPES: [&str; 2] = ["edge", "sidecar"];
+
+/// Files in a shape's folder that are deliberately not among its kustomization's resources.
+fn not_applied(name: &str) -> bool {
+    // An example Secret: a re-apply must never overwrite the real one with placeholders. And the
+    // edge's config: it names the Redis password, so it goes into a Secret made out of band.
+    name.ends_with(".example.yaml") || name == "toolgate.yaml"
+}
+
+/// What `kubectl kustomize DIR` renders: the objects `kubectl apply -k DIR` would apply.
+fn kustomize(dir: &Path) -> Vec<serde_norway::Value> {
+    parse_documents(&kustomize_text(dir))
+}
+
+/// `kubectl kustomize DIR`'s own text (kept as it is: re-serialized, a YAML 1.2 writer leaves
+/// `yes` bare, which the validator's YAML 1.1 reads as a boolean).
+fn kustomize_text(dir: &Path) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl (its built-in kustomize) is missing: run scripts/test-deps.sh");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs kubernetes-validate --strict on these files; returns whether it passed, and what it said.
+fn validate(files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(kubernetes_validate())
+        .arg("--strict")
+        .args(files)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let clean = out.status.success() && !said.contains("ERROR") && !said.contains("WARN");
+    (clean, said)
 }
 
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
-    for shape in ["edge", "sidecar"] {
+    for shape in SHAPES {
         let dir = deploy().join("kubernetes").join(shape);
         let kustomization = &documents(&dir.join("kustomization.yaml"))[0];
         let mut listed: Vec<String> = kustomization["resources"]
@@ -45,26 +94,28 @@ fn manifests_validate_against_the_kubernetes_schemas() {
             .iter()
             .map(|r| r.as_str().unwrap().to_string())
             .collect();
-        let mut present: Vec<String> = std::fs::read_dir(&dir)
+        let (mut present, examples): (Vec<String>, Vec<String>) = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
-            .collect();
+            .partition(|n| !not_applied(n));
         listed.sort();
         present.sort();
         assert_eq!(
             listed, present,
-            "{shape}: the kustomization lists every manifest"
+            "{shape}: the kustomization lists every manifest but the examples"
         );
-        let out = Command::new(kubernetes_validate())
-            .arg("--strict")
-            .args(listed.iter().map(|f| dir.join(f)))
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{shape}: {said}");
-        assert!(!said.contains("ERROR") && !said.contains("WARN"), "{said}");
+        // The files as written, the examples too (they are applied by hand, so valid as well).
+        let examples = examples.iter().filter(|f| f.ends_with(".example.yaml"));
+        let files: Vec<PathBuf> = listed.iter().chain(examples).map(|f| dir.join(f)).collect();
+        let (clean, said) = validate(&files);
+        assert!(clean, "{shape}: {said}");
+        // And what the kustomization renders, as `kubectl apply -k` would send it.
+        let rendered = TempDir::new(&format!("k8s-{shape}-rendered"));
+        let file = rendered.0.join("all.yaml");
+        std::fs::write(&file, kustomize_text(&dir)).unwrap();
+        let (clean, said) = validate(&[file]);
+        assert!(clean, "{shape}, rendered: {said}");
     }
     // The validator can refuse: a misspelt field fails.
     let bad = TempDir::new("k8s-bad");
@@ -74,58 +125,248 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         "apiVersion: v1\nkind: Service\nmetadata: { name: x }\nspec: { portz: [] }\n",
     )
     .unwrap();
-    let out = Command::new(kubernetes_validate())
-        .arg("--strict")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!validate(&[file]).0);
+}
+
+#[test]
+fn a_reapply_never_overwrites_a_real_secret() {
+    for shape in SHAPES {
+        let dir = deploy().join("kubernetes").join(shape);
+        let objects = kustomize(&dir);
+        let kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert!(kinds.contains(&"Deployment"), "{shape}: {kinds:?}");
+        assert!(
+            !kinds.contains(&"Secret"),
+            "{shape} applies a Secret: {kinds:?}"
+        );
+        // Every Secret the pods read is one the example shows how to make.
+        let examples: Vec<String> = documents(&dir.join("secret.example.yaml"))
+            .iter()
+            .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        for name in secrets_read(&objects) {
+            assert!(
+                examples.contains(&name),
+                "{shape}: {name} is in no example: {examples:?}"
+            );
+        }
+    }
+}
+
+/// The names of the Secrets the rendered workloads mount or read keys of.
+fn secrets_read(objects: &[serde_norway::Value]) -> Vec<String> {
+    let mut names = Vec::new();
+    for spec in objects.iter().map(|o| &o["spec"]["template"]["spec"]) {
+        for volume in spec["volumes"].as_sequence().into_iter().flatten() {
+            if let Some(name) = volume["secret"]["secretName"].as_str() {
+                names.push(name.to_string());
+            }
+        }
+        for container in containers(spec) {
+            for env in container["env"].as_sequence().into_iter().flatten() {
+                if let Some(name) = env["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A pod spec's containers, init containers (native sidecars) included.
+fn containers(spec: &serde_norway::Value) -> Vec<&serde_norway::Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_sequence().into_iter().flatten())
+        .collect()
+}
+
+/// A shape's config, as the pod reads it: the edge's is a file of its own (kept in a Secret,
+/// since it names the Redis password), the sidecar's is in its ConfigMap.
+fn shipped_config(shape: &str) -> serde_norway::Value {
+    let dir = deploy().join("kubernetes").join(shape);
+    let file = dir.join("toolgate.yaml");
+    if file.exists() {
+        return documents(&file).remove(0);
+    }
+    let text = documents(&dir.join("configmap.yaml"))
+        .iter()
+        .find_map(|d| d["data"]["toolgate.yaml"].as_str().map(String::from))
+        .expect("a toolgate.yaml in the ConfigMap");
+    serde_norway::from_str(&text).unwrap()
+}
+
+/// Lays a shape out in `root` as its pod mounts it under /etc/toolgate/: the ConfigMaps'
+/// policies, the Secret's files made for real, and the config with every /etc/toolgate/ path
+/// moved under `root`. Returns the config, for the caller to amend and write.
+fn lay_out(shape: &str, root: &Path) -> serde_norway::Value {
+    let (policies, secrets) = (root.join("policies"), root.join("secrets"));
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::create_dir_all(&secrets).unwrap();
+    let configmaps = deploy()
+        .join("kubernetes")
+        .join(shape)
+        .join("configmap.yaml");
+    for doc in documents(&configmaps) {
+        for (name, text) in doc["data"].as_mapping().unwrap() {
+            let (name, text) = (name.as_str().unwrap(), text.as_str().unwrap());
+            if name != "toolgate.yaml" {
+                std::fs::write(policies.join(name), text).unwrap();
+            }
+        }
+    }
+    let (_, signing) = toolgate_credential::SigningKey::generate().unwrap();
+    std::fs::write(secrets.join("signing.pem"), signing).unwrap();
+    std::fs::write(secrets.join("admin.token"), ADMIN_TOKEN).unwrap();
+    std::fs::write(secrets.join("crm.key"), "crm-test-key").unwrap();
+    let mut config = shipped_config(shape);
+    relocate(&mut config, root);
+    config
+}
+
+/// Every string value naming a path under /etc/toolgate/ names the same path under `root`.
+fn relocate(value: &mut serde_norway::Value, root: &Path) {
+    use serde_norway::Value as Y;
+    match value {
+        Y::String(s) => {
+            if let Some(rest) = s.strip_prefix("/etc/toolgate/") {
+                let moved = root.join(rest).display().to_string();
+                *s = if rest.ends_with('/') {
+                    moved + "/"
+                } else {
+                    moved
+                };
+            }
+        }
+        Y::Sequence(items) => items.iter_mut().for_each(|v| relocate(v, root)),
+        Y::Mapping(map) => map.iter_mut().for_each(|(_, v)| relocate(v, root)),
+        _ => {}
+    }
+}
+
+fn toolgate_check(config: &serde_norway::Value, root: &Path) -> std::process::Output {
+    let path = root.join("toolgate.yaml");
+    std::fs::write(&path, serde_norway::to_string(config).unwrap()).unwrap();
+    toolgate(&["check", "--config", path.to_str().unwrap()])
 }
 
 #[test]
 fn the_shipped_configs_and_policies_pass_toolgate_check() {
-    for shape in ["edge", "sidecar"] {
+    for shape in SHAPES {
         let dir = TempDir::new(&format!("k8s-{shape}"));
-        let (policies, secrets) = (dir.0.join("policies"), dir.0.join("secrets"));
-        std::fs::create_dir_all(&policies).unwrap();
-        std::fs::create_dir_all(&secrets).unwrap();
-        let mut config = None;
-        for doc in documents(
-            &deploy()
-                .join("kubernetes")
-                .join(shape)
-                .join("configmap.yaml"),
-        ) {
-            for (name, text) in doc["data"].as_mapping().unwrap() {
-                let (name, text) = (name.as_str().unwrap(), text.as_str().unwrap());
-                if name == "toolgate.yaml" {
-                    config = Some(text.to_string());
-                } else {
-                    std::fs::write(policies.join(name), text).unwrap();
-                }
-            }
-        }
-        // The Secret's files, made for real.
-        let (_, signing) = toolgate_credential::SigningKey::generate().unwrap();
-        std::fs::write(secrets.join("signing.pem"), signing).unwrap();
-        std::fs::write(secrets.join("admin.token"), ADMIN_TOKEN).unwrap();
-        std::fs::write(secrets.join("crm.key"), "crm-test-key").unwrap();
-        let config = config
-            .expect("a toolgate.yaml in the ConfigMap")
-            .replace(
-                "/etc/toolgate/policies/",
-                &format!("{}/", policies.display()),
-            )
-            .replace("/etc/toolgate/secrets/", &format!("{}/", secrets.display()));
-        let path = dir.0.join("toolgate.yaml");
-        std::fs::write(&path, config).unwrap();
-        let out = toolgate(&["check", "--config", path.to_str().unwrap()]);
+        let config = lay_out(shape, &dir.0);
+        let out = toolgate_check(&config, &dir.0);
         assert!(
             out.status.success(),
             "{shape}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// The StatefulSet's Redis container, rendered.
+fn edge_redis() -> serde_norway::Value {
+    let objects = kustomize(&deploy().join("kubernetes/edge"));
+    let set = objects
+        .into_iter()
+        .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "toolgate-redis")
+        .expect("the Redis StatefulSet");
+    set["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_redis_asks_for_the_password_the_config_carries() {
+    // Redis takes its password from the Secret, expanded by the kubelet into its arguments.
+    let redis = edge_redis();
+    let from_secret = redis["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "REDIS_PASSWORD")
+        .map(|e| e["valueFrom"]["secretKeyRef"].clone())
+        .expect("REDIS_PASSWORD from a Secret");
+    assert_eq!(from_secret["name"], "toolgate-redis");
+    assert_eq!(from_secret["key"], "password");
+    let args: Vec<String> = redis["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| a == "--requirepass")
+        .expect("--requirepass");
+    assert_eq!(args[at + 1], "$(REDIS_PASSWORD)");
+    // The gateway's store URL names the Service and carries a password: redis://:PASSWORD@host:port.
+    let store = shipped_config("edge")["tasks"]["store"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (userinfo, host) = store
+        .strip_prefix("redis://")
+        .and_then(|rest| rest.rsplit_once('@'))
+        .unwrap_or_else(|| panic!("no password in {store}"));
+    assert!(userinfo.starts_with(':') && userinfo.len() > 1, "{store}");
+    assert_eq!(host, "toolgate-redis.toolgate.svc.cluster.local:6379");
+
+    // Run as the manifest runs it (the kubelet's expansion made here), then a gateway with the
+    // config's URL form: the password in it is taken, a wrong one is refused (fail closed).
+    let password = "0123456789abcdef0123456789abcdef";
+    let data = TempDir::new("redis-password");
+    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
+        let mut command = Command::new("redis-server");
+        command
+            .args(
+                args.iter()
+                    .map(|a| a.replace("$(REDIS_PASSWORD)", password)),
+            )
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&data.0)
+            .stdout(std::process::Stdio::null());
+        command
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    for (given, status) in [(password, 201), ("not-the-password", 503)] {
+        let gw = Gateway::start(GatewayOptions {
+            upstream: upstream.addr,
+            extra_policies: &[],
+            inbound: None,
+            mcp: None,
+            extra_config: &format!("tasks:\n  store: redis://:{given}@127.0.0.1:{port}\n"),
+        })
+        .await;
+        let body = br#"{"intent": "read invoice 1", "ttl_seconds": 60}"#;
+        let auth = format!("Bearer {}", gw.idp.delegated());
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let answer = send("POST", &gw.url("/v1/tasks"), &headers, body).await;
+        assert_eq!(
+            answer.status,
+            status,
+            "{given}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        if status == 503 {
+            assert_eq!(answer.json()["error"], "task_store_unavailable");
+        }
     }
 }
 
@@ -304,7 +545,7 @@ async fn the_binary_runs_as_the_image_runs_it() {
         .unwrap();
     let first = logs.lines().next().expect("a log line");
     let event: Value = serde_json::from_str(first).unwrap_or_else(|_| panic!("not JSON: {first}"));
-    assert!(event["fields"]["message"].is_string(), "{event}");
+    assert!(event["message"].is_string(), "{event}");
     let _ = Command::new("chmod")
         .args(["-R", "u+w"])
         .arg(&mount)
