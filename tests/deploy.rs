@@ -156,6 +156,50 @@ fn a_reapply_never_overwrites_a_real_secret() {
     }
 }
 
+#[test]
+fn the_gateway_and_redis_run_restricted_with_no_cpu_limit() {
+    let mut seen = Vec::new();
+    for shape in SHAPES {
+        for object in kustomize(&deploy().join("kubernetes").join(shape)) {
+            let spec = &object["spec"]["template"]["spec"];
+            for container in containers(spec) {
+                let name = container["name"].as_str().unwrap();
+                if !["toolgate", "redis"].contains(&name) {
+                    continue; // the example agent is the user's own
+                }
+                seen.push(format!("{shape}/{name}"));
+                // The container's own setting, else the pod's.
+                let set = |key: &str| match &container["securityContext"][key] {
+                    serde_norway::Value::Null => spec["securityContext"][key].clone(),
+                    own => own.clone(),
+                };
+                let at = format!("{shape}/{name}");
+                assert_eq!(set("runAsNonRoot"), true, "{at}");
+                assert_eq!(set("allowPrivilegeEscalation"), false, "{at}");
+                assert_eq!(set("readOnlyRootFilesystem"), true, "{at}");
+                assert_eq!(set("seccompProfile")["type"], "RuntimeDefault", "{at}");
+                let drop = &set("capabilities")["drop"];
+                assert_eq!(drop.as_sequence().map(Vec::len), Some(1), "{at}");
+                assert_eq!(drop[0], "ALL", "{at}");
+                let resources = &container["resources"];
+                assert!(
+                    resources["limits"]["memory"].is_string(),
+                    "{at}: a memory limit"
+                );
+                assert!(
+                    !resources["requests"]["cpu"].is_null(),
+                    "{at}: a CPU request"
+                );
+                if name == "toolgate" {
+                    // A CPU limit throttles the proxy for the rest of each CFS period: latency.
+                    assert!(resources["limits"]["cpu"].is_null(), "{at}: a CPU limit");
+                }
+            }
+        }
+    }
+    assert_eq!(seen, ["edge/toolgate", "edge/redis", "sidecar/toolgate"]);
+}
+
 /// The names of the Secrets the rendered workloads mount or read keys of.
 fn secrets_read(objects: &[serde_norway::Value]) -> Vec<String> {
     let mut names = Vec::new();
