@@ -79,5 +79,6 @@ fi
 # FastAPI on Pydantic 2, served by uvicorn (tests/frameworks.rs).
 python_venv .toolgate-test/venv-fastapi fastapi 0.163.2 fastapi uvicorn==0.54.0
 
-# The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs).
-python_venv .toolgate-test/venv-k8s kubernetes-validate 1.37.0
+# The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs); its
+# jsonschema also checks the PodMonitors against the Prometheus Operator's CRD (tests/data).
+python_venv .toolgate-test/venv-k8s kubernetes-validate 1.37.0 jsonschema

@@ -230,6 +230,134 @@ fn containers(spec: &serde_norway::Value) -> Vec<&serde_norway::Value> {
         .collect()
 }
 
+/// The Prometheus Operator's PodMonitor CRD (tests/data/prometheus-operator, Apache-2.0).
+fn podmonitor_crd() -> PathBuf {
+    repo().join("tests/data/prometheus-operator/monitoring.coreos.com_podmonitors.yaml")
+}
+
+/// Validates the custom resources on stdin against a CRD's `openAPIV3Schema` (argv[1]), as
+/// strictly as `kubectl apply --validate=strict`: a field the schema does not declare is an error
+/// (the API server would prune it, silently).
+const VALIDATE_CUSTOM_RESOURCES: &str = r#"
+import sys, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+schemas = {group + "/" + v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
+def strict(s):
+    if isinstance(s, dict):
+        if (s.get("type") == "object" and "properties" in s and "additionalProperties" not in s
+                and not s.get("x-kubernetes-preserve-unknown-fields")):
+            s["additionalProperties"] = False
+        for v in s.values():
+            strict(v)
+    elif isinstance(s, list):
+        for v in s:
+            strict(v)
+errors, count = 0, 0
+for doc in yaml.safe_load_all(sys.stdin):
+    if not doc:
+        continue
+    count += 1
+    name = doc.get("metadata", {}).get("name")
+    if doc.get("kind") != kind or doc.get("apiVersion") not in schemas:
+        print(f"{name}: not a {kind} of {sorted(schemas)}")
+        errors += 1
+        continue
+    schema = schemas[doc["apiVersion"]]
+    strict(schema)
+    for e in jsonschema.Draft7Validator(schema).iter_errors(doc):
+        print(f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}")
+        errors += 1
+print(f"{count} validated, {errors} errors")
+sys.exit(1 if errors or not count else 0)
+"#;
+
+/// Runs VALIDATE_CUSTOM_RESOURCES on `text` against `crd`: whether it passed, what it said.
+fn validate_custom_resources(crd: &Path, text: &str) -> (bool, String) {
+    use std::io::Write;
+    let python = repo().join(".toolgate-test/venv-k8s/bin/python");
+    let mut child = Command::new(python)
+        .arg("-c")
+        .arg(VALIDATE_CUSTOM_RESOURCES)
+        .arg(crd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the venv of kubernetes-validate (jsonschema): run scripts/test-deps.sh");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
+#[test]
+fn the_pod_monitors_validate_against_the_prometheus_operator_crd() {
+    for shape in SHAPES {
+        let dir = deploy().join("kubernetes/monitoring").join(shape);
+        let (clean, said) = validate_custom_resources(&podmonitor_crd(), &kustomize_text(&dir));
+        assert!(clean, "{shape}: {said}");
+        // It scrapes the shape's gateway: its namespace, its pods, the admin listener's port.
+        let monitor = kustomize(&dir).remove(0);
+        let workload = kustomize(&deploy().join("kubernetes").join(shape))
+            .into_iter()
+            .find(|o| o["kind"] == "Deployment")
+            .unwrap();
+        assert_eq!(
+            monitor["metadata"]["namespace"],
+            workload["metadata"]["namespace"]
+        );
+        let pod = &workload["spec"]["template"];
+        for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+            .as_mapping()
+            .unwrap()
+        {
+            assert_eq!(
+                &pod["metadata"]["labels"][key], value,
+                "{shape}: selects the pods"
+            );
+        }
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["path"], "/metrics");
+        let port = containers(&pod["spec"])
+            .into_iter()
+            .filter(|c| c["name"] == "toolgate")
+            .flat_map(|c| c["ports"].as_sequence().unwrap())
+            .find(|p| p["name"] == endpoint["port"])
+            .unwrap_or_else(|| panic!("{shape}: no gateway port named {:?}", endpoint["port"]));
+        let admin = shipped_config(shape)["admin_listen"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            admin.ends_with(&format!(":{}", port["containerPort"].as_u64().unwrap())),
+            "{shape}: {admin}"
+        );
+    }
+    // The check can refuse: a misspelt field, and a value of the wrong type.
+    use serde_norway::Value as Y;
+    let good = kustomize(&deploy().join("kubernetes/monitoring/edge")).remove(0);
+    let edits: [(&str, fn(&mut Y)); 2] = [
+        ("scrapeTimout", |endpoint| {
+            endpoint["scrapeTimout"] = Y::from("10s");
+        }),
+        ("port", |endpoint| endpoint["port"] = Y::from(9090)),
+    ];
+    for (field, edit) in edits {
+        let mut bad = good.clone();
+        edit(&mut bad["spec"]["podMetricsEndpoints"][0]);
+        let text = serde_norway::to_string(&bad).unwrap();
+        let (clean, said) = validate_custom_resources(&podmonitor_crd(), &text);
+        assert!(!clean && said.contains(field), "{text}\n{said}");
+    }
+}
+
 /// A shape's config, as the pod reads it: the edge's is a file of its own (kept in a Secret,
 /// since it names the Redis password), the sidecar's is in its ConfigMap.
 fn shipped_config(shape: &str) -> serde_norway::Value {
