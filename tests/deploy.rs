@@ -41,6 +41,24 @@ fn parse_documents(text: &str) -> Vec<serde_norway::Value> {
 /// The deployment shapes: each a kustomization applied as it is (`kubectl apply -k`).
 const SHAPES: [&str; 2] = ["edge", "sidecar"];
 
+/// Overlays of a shape (applied instead of it): their patches are partial objects, so only
+/// what they render is validated.
+const OVERLAYS: [&str; 1] = ["edge-tls"];
+
+/// Every Secret that an example under deploy/kubernetes/ shows how to make, by name.
+fn example_secrets() -> Vec<serde_norway::Value> {
+    let root = deploy().join("kubernetes");
+    let mut secrets = Vec::new();
+    for dir in std::fs::read_dir(&root).unwrap() {
+        let example = dir.unwrap().path().join("secret.example.yaml");
+        if example.exists() {
+            secrets.extend(documents(&example));
+        }
+    }
+    assert!(secrets.iter().all(|s| s["kind"] == "Secret"));
+    secrets
+}
+
 /// Files in a shape's folder that are deliberately not among its kustomization's resources.
 fn not_applied(name: &str) -> bool {
     // An example Secret: a re-apply must never overwrite the real one with placeholders. And the
@@ -117,6 +135,14 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         let (clean, said) = validate(&[file]);
         assert!(clean, "{shape}, rendered: {said}");
     }
+    for overlay in OVERLAYS {
+        let dir = deploy().join("kubernetes").join(overlay);
+        let rendered = TempDir::new(&format!("k8s-{overlay}-rendered"));
+        let file = rendered.0.join("all.yaml");
+        std::fs::write(&file, kustomize_text(&dir)).unwrap();
+        let (clean, said) = validate(&[file, dir.join("secret.example.yaml")]);
+        assert!(clean, "{overlay}: {said}");
+    }
     // The validator can refuse: a misspelt field fails.
     let bad = TempDir::new("k8s-bad");
     let file = bad.0.join("service.yaml");
@@ -130,27 +156,26 @@ fn manifests_validate_against_the_kubernetes_schemas() {
 
 #[test]
 fn a_reapply_never_overwrites_a_real_secret() {
-    for shape in SHAPES {
-        let dir = deploy().join("kubernetes").join(shape);
-        let objects = kustomize(&dir);
+    let examples: Vec<String> = example_secrets()
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in SHAPES.iter().chain(&OVERLAYS) {
+        let objects = kustomize(&deploy().join("kubernetes").join(name));
         let kinds: Vec<&str> = objects
             .iter()
             .map(|o| o["kind"].as_str().unwrap())
             .collect();
-        assert!(kinds.contains(&"Deployment"), "{shape}: {kinds:?}");
+        assert!(kinds.contains(&"Deployment"), "{name}: {kinds:?}");
         assert!(
             !kinds.contains(&"Secret"),
-            "{shape} applies a Secret: {kinds:?}"
+            "{name} applies a Secret: {kinds:?}"
         );
-        // Every Secret the pods read is one the example shows how to make.
-        let examples: Vec<String> = documents(&dir.join("secret.example.yaml"))
-            .iter()
-            .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
-            .collect();
-        for name in secrets_read(&objects) {
+        // Every Secret the pods read is one an example shows how to make.
+        for secret in secrets_read(&objects) {
             assert!(
-                examples.contains(&name),
-                "{shape}: {name} is in no example: {examples:?}"
+                examples.contains(&secret),
+                "{name}: {secret} is in no example: {examples:?}"
             );
         }
     }
@@ -440,6 +465,91 @@ fn the_shipped_configs_and_policies_pass_toolgate_check() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_overlay_mounts_what_the_config_names() {
+    // Where the overlay mounts the kubernetes.io/tls Secret in the gateway's container.
+    let tls = example_secrets()
+        .into_iter()
+        .find(|s| s["type"] == "kubernetes.io/tls")
+        .expect("an example TLS Secret");
+    let objects = kustomize(&deploy().join("kubernetes/edge-tls"));
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let spec = &deployment["spec"]["template"]["spec"];
+    let volume = spec["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == tls["metadata"]["name"])
+        .expect("the TLS Secret as a volume");
+    let toolgate = containers(spec)
+        .into_iter()
+        .find(|c| c["name"] == "toolgate")
+        .unwrap();
+    let mount = toolgate["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the TLS volume mounted in the gateway");
+    assert_eq!(mount["readOnly"], true);
+    let mount = mount["mountPath"].as_str().unwrap().to_string();
+    let service = objects
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "toolgate");
+    assert_eq!(service.unwrap()["spec"]["ports"][0]["appProtocol"], "https");
+
+    // The edge's config with the `tls:` the overlay documents passes `toolgate check`.
+    let dir = TempDir::new("k8s-edge-tls");
+    let tls: serde_norway::Value = serde_norway::from_str(&format!(
+        "{{ cert: {mount}/tls.crt, key: {mount}/tls.key }}"
+    ))
+    .unwrap();
+    let mut config = lay_out("edge", &dir.0);
+    config["tls"] = tls.clone();
+    relocate(&mut config, &dir.0);
+    let out = toolgate_check(&config, &dir.0);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A gateway given those file names, holding a certificate and key as a CA issues them
+    // (what the Secret's tls.crt and tls.key become), serves TLS with them.
+    let files = dir.0.join(mount.strip_prefix("/etc/toolgate/").unwrap());
+    std::fs::create_dir_all(&files).unwrap();
+    let pki = Pki::new(&files);
+    std::fs::copy(pki.dir.join("server.pem"), files.join("tls.crt")).unwrap();
+    std::fs::copy(pki.dir.join("server.key"), files.join("tls.key")).unwrap();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: None,
+        extra_config: &format!("tls: {}\n", serde_json::to_string(&config["tls"]).unwrap()),
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}/.well-known/jwks.json", gw.addr.port());
+    let ca = pki.dir.join("ca.pem");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(ca)
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The StatefulSet's Redis container, rendered.
