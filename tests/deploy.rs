@@ -368,15 +368,10 @@ fn the_pod_monitors_validate_against_the_prometheus_operator_crd() {
     // The check can refuse: a misspelt field, and a value of the wrong type.
     use serde_norway::Value as Y;
     let good = kustomize(&deploy().join("kubernetes/monitoring/edge")).remove(0);
-    let edits: [(&str, fn(&mut Y)); 2] = [
-        ("scrapeTimout", |endpoint| {
-            endpoint["scrapeTimout"] = Y::from("10s");
-        }),
-        ("port", |endpoint| endpoint["port"] = Y::from(9090)),
-    ];
-    for (field, edit) in edits {
+    // (field, value): a field the CRD does not declare, and `port` (a name) as a number.
+    for (field, value) in [("scrapeTimout", Y::from("10s")), ("port", Y::from(9090))] {
         let mut bad = good.clone();
-        edit(&mut bad["spec"]["podMetricsEndpoints"][0]);
+        bad["spec"]["podMetricsEndpoints"][0][field] = value;
         let text = serde_norway::to_string(&bad).unwrap();
         let (clean, said) = validate_custom_resources(&podmonitor_crd(), &text);
         assert!(!clean && said.contains(field), "{text}\n{said}");
@@ -652,64 +647,311 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
     }
 }
 
-/// Every `toolgate_...` name a dashboard query uses.
-fn dashboard_metrics() -> Vec<String> {
-    let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy().join("grafana/toolgate.json")).unwrap(),
-    )
-    .unwrap();
-    let mut exprs: Vec<String> = dashboard["panels"]
-        .as_array()
+/// The dashboard's panels (row panels hold none of their own when expanded).
+fn dashboard() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(deploy().join("grafana/toolgate.json")).unwrap())
         .unwrap()
+}
+
+/// Every panel query: (panel title, PromQL as the dashboard writes it).
+fn dashboard_queries() -> Vec<(String, String)> {
+    let dashboard = dashboard();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap().to_string();
+            queries.push((title, target["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    queries
+}
+
+/// A query as Grafana sends it: its variables given values (all instances, a 1 h range).
+fn as_sent(expr: &str) -> String {
+    expr.replace("$__rate_interval", "2m")
+        .replace("$__range", "1h")
+        .replace("$__interval", "30s")
+        .replace("$instance", ".*")
+}
+
+/// The metric names a query reads (toolgate's own and the process collector's).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names: Vec<String> = ["toolgate_", "process_"]
         .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter())
-        .map(|t| t["expr"].as_str().unwrap().to_string())
-        .collect();
-    exprs.extend(
-        dashboard["templating"]["list"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|v| v["query"].as_str().map(String::from)),
-    );
-    let mut names: Vec<String> = exprs
-        .iter()
-        .flat_map(|e| {
-            e.match_indices("toolgate_").map(|(at, _)| {
-                e[at..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect::<String>()
-            })
+        .flat_map(|prefix| expr.match_indices(prefix))
+        .filter(|(at, _)| {
+            // Not the tail of another identifier.
+            !expr[..*at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         })
+        .map(|(at, _)| identifier(&expr[at..]))
         .collect();
     names.sort();
     names.dedup();
     names
 }
 
+fn identifier(text: &str) -> String {
+    text.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The label matchers of a query: (metric, label, operator, value).
+fn matchers(expr: &str) -> Vec<(String, String, String, String)> {
+    let mut found = Vec::new();
+    for name in metric_names(expr) {
+        for (at, _) in expr.match_indices(&format!("{name}{{")) {
+            let inside = &expr[at + name.len() + 1..];
+            let inside = &inside[..inside.find('}').unwrap()];
+            for matcher in inside.split(',').filter(|m| !m.trim().is_empty()) {
+                let label = identifier(matcher.trim());
+                let rest = matcher.trim()[label.len()..].trim_start();
+                let op: String = rest.chars().take_while(|c| "=!~".contains(*c)).collect();
+                let value = rest[op.len()..].trim().trim_matches('"').to_string();
+                found.push((name.clone(), label, op, value));
+            }
+        }
+    }
+    found
+}
+
+/// The labels a query groups or matches on: `by`, `without`, `on`, `ignoring` (...).
+fn grouping_labels(expr: &str) -> Vec<String> {
+    let mut labels = Vec::new();
+    for keyword in ["by", "without", "on", "ignoring"] {
+        for (at, _) in expr.match_indices(&format!("{keyword} (")) {
+            let before = expr[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let inside = &expr[at + keyword.len() + 2..];
+            let inside = &inside[..inside.find(')').unwrap()];
+            labels.extend(inside.split(',').map(|l| l.trim().to_string()));
+        }
+    }
+    labels.sort();
+    labels.dedup();
+    labels
+}
+
+/// Labels Prometheus adds to every scraped series (the target's): never in /metrics itself.
+const TARGET_LABELS: [&str; 2] = ["instance", "job"];
+
+/// Labels with one value per tool, policy or method: hundreds of series on a real gateway.
+const WIDE_LABELS: [&str; 3] = ["tool", "policy", "method"];
+
+#[test]
+fn the_dashboard_queries_parse_and_stay_readable() {
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 30, "{}", queries.len());
+    // promtool parses every query (as a recording rule: `promtool check rules` parses its expr).
+    let dir = TempDir::new("dashboard-rules");
+    let rules: Vec<Value> = queries
+        .iter()
+        .enumerate()
+        .map(|(n, (_, expr))| serde_json::json!({"record": format!("dashboard_query_{n}"), "expr": as_sent(expr)}))
+        .collect();
+    let file = dir.0.join("rules.yaml");
+    let groups = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(&file, serde_json::to_string_pretty(&groups).unwrap()).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The check can refuse: a query that does not parse.
+    std::fs::write(
+        &file,
+        r#"{"groups": [{"name": "x", "rules": [{"record": "x", "expr": "sum by (tool (rate(x[5m]))"}]}]}"#,
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // With hundreds of tools (or shadow policies, or MCP methods), a per-tool graph stays
+    // readable only as a top list.
+    for (title, expr) in &queries {
+        let wide = grouping_labels(expr)
+            .into_iter()
+            .any(|l| WIDE_LABELS.contains(&l.as_str()));
+        assert!(!wide || expr.contains("topk("), "{title}: {expr}");
+    }
+    // Every query is over the chosen instances (but for the join that keeps the process_*
+    // series of toolgate's own targets: `and on (instance, job) toolgate_build_info`).
+    let join = "and on (instance, job) toolgate_build_info";
+    for (title, expr) in &queries {
+        let expr = &expr.replace(join, "");
+        for name in &metric_names(expr) {
+            let scoped = matchers(expr).iter().any(|(m, label, _, value)| {
+                m == name && label == "instance" && value == "$instance"
+            });
+            assert!(
+                scoped,
+                "{title}: {name} is not filtered by $instance: {expr}"
+            );
+        }
+    }
+    // The panels do not overlap.
+    let boxes: Vec<(String, [u64; 4])> = dashboard()["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let g = &p["gridPos"];
+            let v = |k: &str| g[k].as_u64().unwrap();
+            (
+                p["title"].as_str().unwrap().to_string(),
+                [v("x"), v("y"), v("w"), v("h")],
+            )
+        })
+        .collect();
+    for (i, (a, [ax, ay, aw, ah])) in boxes.iter().enumerate() {
+        assert!(ax + aw <= 24, "{a}");
+        for (b, [bx, by, bw, bh]) in &boxes[i + 1..] {
+            let apart = ax + aw <= *bx || bx + bw <= *ax || ay + ah <= *by || by + bh <= *ay;
+            assert!(apart, "{a} overlaps {b}");
+        }
+    }
+}
+
+/// A scrape's series: (name, labels).
+fn scraped_series(scrape: &str) -> Vec<(String, Vec<(String, String)>)> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let name = identifier(line);
+            let mut labels = Vec::new();
+            if let Some(inside) = line[name.len()..].strip_prefix('{') {
+                let inside = &inside[..inside.rfind('}').unwrap()];
+                for pair in inside.split("\",").filter(|p| !p.is_empty()) {
+                    let (label, value) = pair.split_once('=').unwrap();
+                    labels.push((label.to_string(), value.trim_matches('"').to_string()));
+                }
+            }
+            (name, labels)
+        })
+        .collect()
+}
+
+/// A gateway that has seen what the panels show: an allowed call that a shadow policy would
+/// have refused, a denied call, an unauthenticated one, an upstream that is down (502), and
+/// an MCP message.
+async fn gateway_seen_by_the_panels(upstream: &Upstream) -> Gateway {
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let shadow = "@id(\"shadow-freeze\")\n@mode(\"shadow\")\nforbid (principal, action == Toolgate::Action::\"billing/get_invoice\", resource);\n";
+    let down_schema = "namespace Toolgate { action \"down/get_invoice\" in [call] appliesTo { principal: Agent, resource: Tool, context: { user?: User, env: Env, args: { invoice_id: Long } } }; }";
+    let down_policy =
+        "permit (principal, action == Toolgate::Action::\"down/get_invoice\", resource);";
+    let gw = Gateway::start_with_upstreams(
+        GatewayOptions {
+            upstream: upstream.addr,
+            extra_policies: &[
+                ("shadow.cedar", shadow),
+                ("down.cedarschema", down_schema),
+                ("down.cedar", down_policy),
+            ],
+            inbound: None,
+            mcp: Some(format!("http://{}/mcp", upstream.addr)),
+            extra_config: "",
+        },
+        &format!(
+            "  - name: down\n    url: http://{down}\n    audience: https://down.internal\n    routes:\n      - {{ tool: get_invoice, method: GET, path: \"/invoices/{{invoice_id}}\" }}\n"
+        ),
+    )
+    .await;
+    let token = gw.idp.delegated();
+    let auth = format!("Bearer {token}");
+    let (allowed, down) = (gw.url("/billing/invoices/1"), gw.url("/down/invoices/1"));
+    assert_eq!(get(&allowed, &token).await.status, 200);
+    assert_eq!(get(&allowed, "not-a-token").await.status, 401);
+    assert_eq!(get(&down, &token).await.status, 502);
+    let record = gw.url("/records/patients/1/record");
+    let denied = send("DELETE", &record, &[("authorization", &auth)], b"").await;
+    assert_eq!(denied.status, 403);
+    let ping = br#"{"jsonrpc": "2.0", "id": 1, "method": "ping"}"#;
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    send("POST", &gw.url("/tools"), &headers, ping).await;
+    gw
+}
+
+/// Whether a scraped series of `name` has each label, with the value where one is given.
+fn labelled(
+    series: &[(String, Vec<(String, String)>)],
+    name: &str,
+    wanted: &[(&str, Option<&str>)],
+) -> bool {
+    series.iter().any(|(n, labels)| {
+        n == name
+            && wanted.iter().all(|(label, value)| {
+                labels
+                    .iter()
+                    .any(|(l, v)| l == label && value.is_none_or(|x| x == v))
+            })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_metrics_a_live_gateway_exports() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::plain(&upstream).await;
-    let token = gw.idp.delegated();
-    assert_eq!(
-        get(&gw.url("/billing/invoices/1"), &token).await.status,
-        200
-    );
+    let gw = gateway_seen_by_the_panels(&upstream).await;
     let scrape = gw.metrics().await;
-    let names = dashboard_metrics();
-    assert!(names.len() >= 15, "{names:?}");
+    let series = scraped_series(&scrape);
+    let queries = dashboard_queries();
+    let mut names: Vec<String> = queries.iter().flat_map(|(_, e)| metric_names(e)).collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 20, "{names:?}");
     for name in &names {
-        let exported = scrape.lines().any(|l| {
-            !l.starts_with('#')
-                && (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        });
         assert!(
-            exported,
+            labelled(&series, name, &[]),
             "the dashboard queries {name}, which /metrics does not export"
         );
     }
+    // Every label a query matches or groups on is on the metric (or is a target's), and an
+    // exact matcher's value is one the gateway exports.
+    let own = |label: &str| !TARGET_LABELS.contains(&label);
+    for (title, expr) in &queries {
+        for (name, label, op, value) in matchers(expr).into_iter().filter(|m| own(&m.1)) {
+            let exact = (op == "=").then_some(value.as_str());
+            let found = labelled(&series, &name, &[(&label, exact)]);
+            assert!(found, "{title}: {name}{{{label}{op}\"{value}\"}}");
+        }
+        for label in grouping_labels(expr).into_iter().filter(|l| own(l)) {
+            for name in metric_names(expr) {
+                let found = labelled(&series, &name, &[(&label, None)]);
+                assert!(found, "{title}: {name} has no label {label}: {expr}");
+            }
+        }
+    }
+    // The panels' series are there: the 502 under its upstream, the shadow policy's flip.
+    let bad_gateway = [("upstream", Some("down")), ("code", Some("502"))];
+    assert!(labelled(&series, "toolgate_requests_total", &bad_gateway));
+    let flip = [
+        ("policy", Some("shadow-freeze")),
+        ("flip", Some("allow_to_deny")),
+    ];
+    assert!(labelled(&series, "toolgate_shadow_flips_total", &flip));
     // The scrape is valid Prometheus text.
     let file = gw.dir.0.join("scrape.txt");
     std::fs::write(&file, &scrape).unwrap();
