@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, if it is not there yet: promtool (Debian's prometheus),
-# redis-server, node and npm, curl (the demo's printed lines are run as printed), the
+# redis-server, node and npm, curl (the demo's printed lines are run as printed), jq (the
+# audit filter docs/operations.md gives is run as given), the
 # official MCP SDKs: Python 1.x (.toolgate-test/venv),
 # Python 2.x (.toolgate-test/venv-mcp2) and TypeScript (.toolgate-test/node), and
 # kubernetes-validate (.toolgate-test/venv-k8s: the Kubernetes schemas, offline, for deploy/),
@@ -17,6 +18,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
@@ -33,7 +35,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   rm -f "$log"
 fi
-for tool in promtool redis-server node npm curl; do
+for tool in promtool redis-server node npm curl jq; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
 # Debian's kubernetes-client is too old (kustomize 2: no `patches`, no `components`).

@@ -1018,13 +1018,15 @@ async fn the_binary_runs_as_the_image_runs_it() {
     let stderr = child.0.stderr.take().unwrap();
     // The announcement, then the audit lines (drained, so the gateway never blocks on them).
     let (announced_tx, announced_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
+    let audit = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         let _ = announced_tx.send(line);
-        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        let mut audit = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut audit);
+        audit
     });
     let logs = std::thread::spawn(move || {
         let mut logs = String::new();
@@ -1070,11 +1072,87 @@ async fn the_binary_runs_as_the_image_runs_it() {
     let first = logs.lines().next().expect("a log line");
     let event: Value = serde_json::from_str(first).unwrap_or_else(|_| panic!("not JSON: {first}"));
     assert!(event["message"].is_string(), "{event}");
+    // The audit on stdout, mixed with the logs as a container log has them, comes back out.
+    let audit = tokio::task::spawn_blocking(move || audit.join().unwrap())
+        .await
+        .unwrap();
+    the_audit_comes_back_out(&gw.dir.0, &audit, &logs);
     let _ = Command::new("chmod")
         .args(["-R", "u+w"])
         .arg(&mount)
         .status();
     let _ = std::fs::remove_dir_all(&mount);
+}
+
+/// The `jq` program docs/operations.md gives for getting the audit lines out of a container
+/// log (its `kubectl logs ... | jq -cR '...'` line).
+fn documented_audit_filter() -> String {
+    let docs = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let line = docs
+        .lines()
+        .find(|l| l.contains("| jq -cR '"))
+        .expect("docs/operations.md: the jq line for the audit on stdout");
+    let program = line.split("jq -cR '").nth(1).unwrap();
+    program[..program.find('\'').unwrap()].to_string()
+}
+
+/// Runs the documented filter on stdout and stderr interleaved (as the container runtime keeps
+/// them, plus a log event that carries a `decision_id` field): it keeps exactly the audit
+/// lines, and `toolgate audit why` finds the call in what it kept.
+fn the_audit_comes_back_out(dir: &Path, stdout: &str, stderr: &str) {
+    let stray =
+        r#"{"timestamp":"2026-01-01T00:00:00Z","level":"WARN","message":"x","decision_id":"0"}"#;
+    let (mut out, mut err) = (stdout.lines(), stderr.lines().chain([stray]));
+    let mut mixed = String::new();
+    loop {
+        let (a, b) = (out.next(), err.next());
+        if a.is_none() && b.is_none() {
+            break;
+        }
+        for line in [a, b].into_iter().flatten() {
+            mixed += line;
+            mixed.push('\n');
+        }
+    }
+    let log = dir.join("container.log");
+    std::fs::write(&log, mixed).unwrap();
+    let kept = Command::new("jq")
+        .arg("-cR")
+        .arg(documented_audit_filter())
+        .arg(&log)
+        .output()
+        .expect("jq (scripts/test-deps.sh installs it)");
+    assert!(
+        kept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    let kept = String::from_utf8(kept.stdout).unwrap();
+    let audit_lines = stdout
+        .lines()
+        .filter(|l| l.contains("\"decision_id\""))
+        .count();
+    assert!(audit_lines >= 1, "{stdout}");
+    assert_eq!(kept.lines().count(), audit_lines, "{kept}");
+    let records: Vec<Value> = kept
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let call = records
+        .iter()
+        .find(|r| r["action"] == "billing/get_invoice")
+        .unwrap_or_else(|| panic!("{kept}"));
+    let file = dir.join("audit-from-logs.jsonl");
+    std::fs::write(&file, &kept).unwrap();
+    let id = call["decision_id"].as_str().unwrap();
+    let why = toolgate(&["audit", "why", id, "--audit", file.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&why.stdout);
+    assert!(
+        why.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&why.stderr)
+    );
+    assert!(said.contains("get_invoice"), "{said}");
 }
 
 /// The uid this test runs as (`id -u`).
