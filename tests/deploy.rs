@@ -181,6 +181,65 @@ fn a_reapply_never_overwrites_a_real_secret() {
     }
 }
 
+/// The overlay a kustomization's comment shows for generating its Secrets: the lines that
+/// start with `#   `, from `resources:` on.
+fn documented_overlay(shape: &str) -> serde_norway::Value {
+    let dir = deploy().join("kubernetes").join(shape);
+    let text = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "#   resources:")
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| &l[4..])
+        .collect();
+    assert!(!block.is_empty(), "{shape}: no overlay in the comment");
+    serde_norway::from_str(&block.join("\n")).unwrap()
+}
+
+#[test]
+fn the_documented_secret_generator_makes_the_secrets_the_pods_read() {
+    for shape in SHAPES {
+        // The overlay in a folder of its own, its `resources` pointing at the shape (kustomize
+        // takes relative paths only), the files it names beside it.
+        let dir = TempDir::new(&format!("overlay-{shape}"));
+        let mut overlay = documented_overlay(shape);
+        let up = "../".repeat(dir.0.components().count() - 1);
+        let target = deploy().join("kubernetes").join(shape);
+        let relative = format!("{up}{}", target.strip_prefix("/").unwrap().display());
+        overlay["resources"] = serde_norway::Value::from(vec![relative]);
+        for generator in overlay["secretGenerator"].as_sequence().unwrap() {
+            for file in generator["files"].as_sequence().unwrap() {
+                let file = file.as_str().unwrap();
+                let name = file.split_once('=').map_or(file, |(_, f)| f);
+                std::fs::write(dir.0.join(name), "from a safe place").unwrap();
+            }
+        }
+        let text = serde_norway::to_string(&overlay).unwrap();
+        std::fs::write(dir.0.join("kustomization.yaml"), text).unwrap();
+        let objects = kustomize(&dir.0);
+        let mut made: Vec<String> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Secret")
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        made.sort();
+        assert_eq!(
+            made,
+            secrets_read(&objects),
+            "{shape}: the Secrets the pods read"
+        );
+        // Under their own names (no hash suffix): updated in place, and reloaded.
+        let examples: Vec<String> = example_secrets()
+            .iter()
+            .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            made.iter().all(|m| examples.contains(m)),
+            "{shape}: {made:?}"
+        );
+    }
+}
+
 #[test]
 fn the_gateway_and_redis_run_restricted_with_no_cpu_limit() {
     let mut seen = Vec::new();
