@@ -1,7 +1,13 @@
-//! What deploy/ ships (issue 13): Kubernetes manifests valid against the Kubernetes schemas
-//! (offline, `kubernetes-validate`), their config and policies accepted by `toolgate check`, a
-//! dashboard that queries only metrics a live gateway exports, the binary run the way the
-//! image runs it, and ConfigMap updates (the kubelet's `..data` swap) reloaded.
+//! What deploy/ ships (issues 13, 23): Kubernetes manifests valid against the Kubernetes schemas
+//! (offline, `kubernetes-validate`) as written and as `kubectl kustomize` renders them, no Secret
+//! applied by a kustomization (the examples and the documented secretGenerator make the ones
+//! the pods read), restricted containers with no CPU limit on the proxy, the edge's Redis
+//! password wired from its Secret to the gateway's store URL, PodMonitors valid against the
+//! Prometheus Operator's CRD, the TLS overlay's mounted files served, the shipped configs and
+//! policies accepted by `toolgate check`, a dashboard whose queries parse, stay readable with
+//! hundreds of tools and read only metrics, labels and values a live gateway exports, the binary
+//! run the way the image runs it (its audit on stdout brought back out by the documented
+//! filter), and ConfigMap updates (the kubelet's `..data` swap) reloaded.
 
 mod common;
 
