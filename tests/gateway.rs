@@ -786,27 +786,6 @@ async fn check_authorize_and_token_commands() {
         String::from_utf8_lossy(&ok.stderr)
     );
 
-    // What `serve` would refuse to start on, `check` refuses too: a missing JWKS file, an
-    // audit file in a folder that does not exist.
-    for (name, from, to) in [
-        (
-            "no-jwks.yaml",
-            "jwks_file: idp.jwks.json",
-            "jwks_file: missing.jwks.json",
-        ),
-        (
-            "no-audit-dir.yaml",
-            "path: audit.jsonl",
-            "path: missing/audit.jsonl",
-        ),
-    ] {
-        let broken = gw.edited_config(name, |t| t.replace(from, to));
-        let out = toolgate(&["check", "--config", broken.to_str().unwrap()]);
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name}: {said}");
-        assert!(said.contains("missing"), "{name}: {said}");
-    }
-
     let request = gw.dir.0.join("request.yaml");
     std::fs::write(
         &request,
@@ -1265,5 +1244,230 @@ async fn logs_have_a_flag_a_flat_json_shape_and_no_colours_off_a_terminal() {
     assert!(
         completions.status.success() && script.contains("import"),
         "{script}"
+    );
+}
+
+/// `check` passing means `serve` starts, and `check` failing means `serve` refuses: over a
+/// table of broken configs, both refuse, each problem said once at its own file and line.
+#[tokio::test]
+async fn check_and_serve_agree_on_every_broken_config() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let policies = gw.dir.0.join("policies");
+    std::fs::write(gw.dir.0.join("not-a-key.pem"), "not a key").unwrap();
+    // Two policy folders, each the gateway's own plus one broken policy.
+    for (folder, policy) in [
+        ("policies-semicolon", "@id(\"bad\")\npermit (principal, action, resource)\n// next\n\n@id(\"next\")\nforbid (principal, action, resource);\n"),
+        ("policies-typed", "@id(\"bad\")\npermit (principal, action, resource)\nwhen { context.nope > 1 };\n"),
+    ] {
+        let copy = gw.dir.0.join(folder);
+        std::fs::create_dir(&copy).unwrap();
+        for entry in std::fs::read_dir(&policies).unwrap() {
+            let entry = entry.unwrap();
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+            }
+        }
+        std::fs::write(copy.join("bad.cedar"), policy).unwrap();
+    }
+    type Edit = fn(String) -> String;
+    // (name, edit, the file named first (empty: the config), text expected once)
+    let table: Vec<(&str, Edit, &str, &str)> = vec![
+        (
+            "missing JWKS file",
+            |t| t.replace("jwks_file: idp.jwks.json", "jwks_file: missing.jwks.json"),
+            "",
+            "jwks_file",
+        ),
+        (
+            "missing audit folder",
+            |t| t.replace("path: audit.jsonl", "path: missing/audit.jsonl"),
+            "",
+            "its folder does not exist",
+        ),
+        (
+            "missing secret file",
+            |t| {
+                t.replace(
+                    "    audience: https://records.internal\n",
+                    "    audience: https://records.internal\n    credential: { mode: inject, header: X-Key, secret_file: missing.secret }\n",
+                )
+            },
+            "",
+            "No such file or directory",
+        ),
+        (
+            "a route naming an undeclared tool",
+            |t| {
+                t.replace(
+                    "      - { tool: refund, method: POST, path: /refunds }\n",
+                    "      - { tool: refund, method: POST, path: /refunds }\n      - { tool: nope, method: GET, path: /nope }\n",
+                )
+            },
+            "",
+            "\"billing/nope\" is not declared",
+        ),
+        (
+            "an unknown key",
+            |t| t.replace("limits:\n", "limits:\n  max_bodies: 1\n"),
+            "",
+            "unknown field `max_bodies`",
+        ),
+        (
+            "a signing key that is not a key",
+            |t| t.replace("signing_key: signing.pem", "signing_key: not-a-key.pem"),
+            "",
+            "credentials.signing_key",
+        ),
+        (
+            "a missing admin token file",
+            |t| {
+                t.replace(
+                    "admin_token_file: admin.token",
+                    "admin_token_file: gone.token",
+                )
+            },
+            "",
+            "admin_token_file",
+        ),
+        (
+            "a policy without its `;`",
+            |t| t.replace("policies: policies/", "policies: policies-semicolon/"),
+            "bad.cedar:2:",
+            "missing `;` at the end of this policy (the next starts on line 5)",
+        ),
+        (
+            "a policy reading what the schema does not declare",
+            |t| t.replace("policies: policies/", "policies: policies-typed/"),
+            "bad.cedar:3:",
+            "policy `bad`: attribute `nope`",
+        ),
+        (
+            "a TLS certificate file that does not exist",
+            |t| {
+                t.replace(
+                    "limits:\n",
+                    "tls: { cert: missing.crt, key: missing.key }\nlimits:\n",
+                )
+            },
+            "",
+            "tls: ",
+        ),
+        (
+            "a Redis password file that does not exist",
+            |t| {
+                t.replace(
+                    "limits:\n",
+                    "tasks:\n  store: redis://127.0.0.1:1\n  store_password_file: missing.password\nlimits:\n",
+                )
+            },
+            "",
+            "tasks.store_password_file",
+        ),
+        (
+            "a policy directory that does not exist",
+            |t| t.replace("policies: policies/", "policies: nowhere/"),
+            "nowhere",
+            "",
+        ),
+    ];
+    let text = std::fs::read_to_string(gw.dir.0.join("toolgate.yaml")).unwrap();
+    for (i, (name, edit, place, said)) in table.into_iter().enumerate() {
+        let broken = gw.edited_config(&format!("broken-{i}.yaml"), edit);
+        let edited = std::fs::read_to_string(&broken).unwrap();
+        let checked = toolgate(&["check", "--config", broken.to_str().unwrap()]);
+        let problems = String::from_utf8_lossy(&checked.stderr).to_string();
+        assert!(!checked.status.success(), "{name}: check passed");
+        let first = problems.lines().next().unwrap_or_default();
+        let config = format!("{}:", broken.display());
+        let place = if place.is_empty() {
+            config.as_str()
+        } else {
+            place
+        };
+        assert!(first.contains(place), "{name}: {problems}");
+        assert_eq!(
+            problems.matches(said).count().min(1),
+            1,
+            "{name}: {problems}"
+        );
+        if !said.is_empty() {
+            assert_eq!(
+                first.matches(said).count(),
+                1,
+                "{name}: said twice: {first}"
+            );
+        }
+        assert!(!first.contains("for policy"), "{name}: said twice: {first}");
+        // The line is the edit's: a line of the config that differs from the original.
+        if let Some(line) = first
+            .strip_prefix(&format!("{}:", broken.display()))
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let at = edited.lines().nth(line - 1).unwrap_or_default();
+            let near = edited.lines().skip(line.saturating_sub(2)).take(3);
+            assert!(
+                near.clone().any(|l| !text.lines().any(|o| o == l)),
+                "{name}: line {line} ({at:?}) is not near the edit: {problems}"
+            );
+        }
+        let serve = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+            .args(["serve", "--config"])
+            .arg(&broken)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || serve.wait_with_output()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name}: serve kept running where check refused"))
+        .unwrap()
+        .unwrap();
+        assert!(!output.status.success(), "{name}: serve started");
+        let refused = String::from_utf8_lossy(&output.stderr);
+        assert!(refused.contains(said), "{name}: serve said {refused}");
+    }
+    drop(policies);
+}
+
+/// A passing `check` says what it could not promise (what `serve` reaches over the network)
+/// and what is likely a mistake (MCP listings no policy can fill), without failing.
+#[test]
+fn check_warns_of_what_it_cannot_promise() {
+    let dir = TempDir::new("warn");
+    let project = dir.0.join("project");
+    assert!(toolgate(&["init", &project.to_string_lossy()])
+        .status
+        .success());
+    let schema = project.join("policies/schema.cedarschema");
+    let text = std::fs::read_to_string(&schema).unwrap();
+    let start = text.find("  action list appliesTo").unwrap();
+    let end = start + text[start..].find("};\n").unwrap() + 3;
+    std::fs::write(&schema, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let config = project.join("toolgate.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("upstreams:\n", "tasks:\n  store: redis://127.0.0.1:6379\nupstreams:\n  - name: tools\n    url: http://127.0.0.1:9002/mcp\n    audience: https://tools.internal\n    kind: mcp\n");
+    std::fs::write(&config, text).unwrap();
+    let out = toolgate(&["check", "--config", &config.to_string_lossy()]);
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{warned}");
+    assert!(
+        warned.contains("upstream tools: the schema declares no `list` action"),
+        "{warned}"
+    );
+    assert!(
+        warned.contains("tasks.store: the Redis task store"),
+        "{warned}"
+    );
+    assert!(
+        warned
+            .lines()
+            .all(|l| l.starts_with(&format!("warning: {}:", config.display()))),
+        "{warned}"
     );
 }

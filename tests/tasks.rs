@@ -612,3 +612,39 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
     let _ = replica_b.kill();
     let _ = replica_b.wait();
 }
+
+/// `tasks.store_password_file`: the Redis password read from a file (a mounted Secret), so
+/// the config holds none; a wrong one fails closed (503), and no error says the password.
+#[tokio::test]
+async fn the_redis_password_is_read_from_its_file() {
+    let data = TempDir::new("redis-auth");
+    let password = "a-password/with:odd@characters";
+    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
+        let mut command = redis_command(&data.0, port);
+        command.args(["--requirepass", password]);
+        command
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let secret = data.0.join("redis.password");
+    std::fs::write(&secret, format!("{password}\n")).unwrap();
+    let store = format!(
+        "tasks:\n  store: redis://127.0.0.1:{port}\n  store_password_file: {}\n",
+        secret.display()
+    );
+    let gw = gateway(&upstream, &store).await;
+    let token = gw.idp.delegated();
+    let started = start_task(&gw.url(""), &token, 60).await;
+    assert_eq!(started.status, 201, "{:?}", started.body);
+
+    std::fs::write(&secret, "wrong\n").unwrap();
+    let (mut wrong, wrong_addr) = gw.replica().await;
+    let refused = start_task(&format!("http://{wrong_addr}"), &token, 60).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    let said = String::from_utf8_lossy(&refused.body);
+    assert!(
+        !said.contains(password) && !said.contains("wrong"),
+        "{said}"
+    );
+    let _ = wrong.kill();
+}

@@ -54,7 +54,7 @@ pub enum TokenError {
     },
     #[error("the token endpoint did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the token endpoint is unreachable: {0}")]
+    #[error("the token endpoint is unreachable")]
     Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// It answered, but not with a token toolgate may use.
     #[error("the token endpoint's answer is not usable: {0}")]

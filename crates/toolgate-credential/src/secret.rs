@@ -26,7 +26,7 @@ impl std::fmt::Display for SecretSource {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("secret from {0}: cannot read: {1}")]
+    #[error("secret from {0}: cannot read")]
     Unreadable(SecretSource, #[source] std::io::Error),
     #[error("secret from {0}: not set")]
     Unset(SecretSource),

@@ -8,13 +8,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{0}: cannot read: {1}")]
+    #[error("{0}: cannot read")]
     Unreadable(PathBuf, #[source] std::io::Error),
     #[error("{0}: no certificate in it")]
     NoCertificate(PathBuf),
     #[error("{0}: no private key in it")]
     NoKey(PathBuf),
-    #[error("{0}: {1}")]
+    #[error("{0}")]
     Refused(PathBuf, #[source] rustls::Error),
     #[error("client_cert and client_key go together")]
     HalfClientIdentity,

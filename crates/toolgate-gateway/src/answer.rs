@@ -29,7 +29,7 @@ pub enum Refusal {
     #[error("bad request: {0}")]
     BadRequest(String),
     /// An argument that is undeclared, ambiguous, not representable or not of its type.
-    #[error("{code}: {0}", code = .0.problem.code())]
+    #[error("{}", .0.problem.code())]
     Argument(#[from] crate::args::ArgRefusal),
     /// A body the action's arguments cannot be read from (not JSON, encoded, a form).
     #[error("unsupported media type: {0}")]
@@ -155,16 +155,7 @@ pub enum InternalError {
 }
 
 /// An error and every cause below it, for the audit line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use toolgate_policy::error_chain;
 
 impl Refusal {
     pub fn status(&self) -> StatusCode {

@@ -42,6 +42,23 @@ pub struct Config {
     /// OpenTelemetry traces over OTLP/HTTP; absent: off.
     #[serde(default)]
     pub traces: Option<Traces>,
+    /// The file it was read from, for problems found later to name their line.
+    #[serde(skip)]
+    pub source: Source,
+}
+
+/// A config's file and the lines of its nodes. Equal whatever they are: a reload compares
+/// what the config says, not where it said it.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    pub path: PathBuf,
+    pub lines: crate::yaml_lines::YamlLines,
+}
+
+impl PartialEq for Source {
+    fn eq(&self, _: &Source) -> bool {
+        true
+    }
 }
 
 /// Where and how traces are sent (read at start).
@@ -555,6 +572,10 @@ impl RouteConfig {
 pub struct Tasks {
     #[serde(default = "default_task_store")]
     pub store: String,
+    /// A file holding the Redis password (a mounted Secret), so the config itself holds
+    /// none and can live in a ConfigMap.
+    #[serde(default)]
+    pub store_password_file: Option<PathBuf>,
     /// Live tasks one agent may have started (429 `too_many_tasks` beyond).
     #[serde(default = "default_per_agent")]
     pub max_active_per_agent: usize,
@@ -573,6 +594,25 @@ pub struct Tasks {
     pub max_feed_subscribers: usize,
 }
 
+impl Tasks {
+    /// The store as `Store::open` takes it: the URL with the password file's password in it.
+    pub fn store_url(&self) -> Result<String, String> {
+        let Some(file) = &self.store_password_file else {
+            return Ok(self.store.clone());
+        };
+        let at = || format!("tasks.store_password_file {}", file.display());
+        let password = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", at()))?;
+        let password = password.trim_end_matches(['\r', '\n']);
+        if password.is_empty() {
+            return Err(format!("{}: empty", at()));
+        }
+        let mut url = url::Url::parse(&self.store).map_err(|e| format!("tasks.store: {e}"))?;
+        url.set_password(Some(password))
+            .map_err(|()| format!("tasks.store: {} takes no password", url.scheme()))?;
+        Ok(url.to_string())
+    }
+}
+
 fn default_feed_subscribers() -> usize {
     1000
 }
@@ -581,6 +621,7 @@ impl Default for Tasks {
     fn default() -> Self {
         Tasks {
             store: default_task_store(),
+            store_password_file: None,
             max_active_per_agent: default_per_agent(),
             max_tasks: default_total_tasks(),
             max_credentials_per_task: default_credentials_per_task(),
@@ -829,18 +870,81 @@ impl Config {
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let mut config: Config = serde_norway::from_str(&text).map_err(|e| {
             let line = e.location().map_or(1, |l| l.line());
-            format!("{}:{line}: {e}", path.display())
+            // serde's message ends with the place it names at the front.
+            let message = e.to_string();
+            let message = match message.rfind(" at line ") {
+                Some(at) if e.location().is_some() => message[..at].to_string(),
+                _ => message,
+            };
+            format!("{}:{line}: {message}", path.display())
         })?;
+        config.source = Source {
+            path: path.to_path_buf(),
+            lines: crate::yaml_lines::YamlLines::of(&text),
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.check().map_err(|errors| {
             errors
                 .iter()
-                .map(|e| format!("{}:1: {e}", path.display()))
+                .map(|e| config.locate(e))
                 .collect::<Vec<_>>()
                 .join("\n")
         })?;
         Ok(config)
+    }
+
+    /// `file:line: problem`, the line found from the config path the problem opens with:
+    /// `upstream NAME[: tool T | : credential | : tls]`, `inbound.jwt ISSUER`, or a dotted key
+    /// such as `limits.max_in_flight`.
+    pub fn locate(&self, problem: &str) -> String {
+        let line = self.source.lines.line(&self.place_of(problem)).unwrap_or(1);
+        format!("{}:{line}: {problem}", self.source.path.display())
+    }
+
+    fn place_of(&self, problem: &str) -> String {
+        // A name (an issuer is a URL: its own `:` are not the end) up to `: ` or a space.
+        let named = |prefix: &str| {
+            let rest = problem.strip_prefix(prefix)?;
+            let end = [rest.find(": "), rest.find(' ')]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(rest.len());
+            Some((&rest[..end], &rest[end..]))
+        };
+        if let Some((name, rest)) = named("upstream ") {
+            let Some(i) = self.upstreams.iter().position(|u| u.name == name) else {
+                return "upstreams".into();
+            };
+            let tool = rest
+                .strip_prefix(": tool ")
+                .map(|t| t.trim_start_matches('`').split(['`', ':', ' ']).next());
+            if let Some(Some(tool)) = tool {
+                if let Some(j) = self.upstreams[i].routes.iter().position(|r| r.tool == tool) {
+                    return format!("upstreams.{i}.routes.{j}");
+                }
+            }
+            for field in ["credential", "tls"] {
+                if rest.starts_with(&format!(": {field}")) {
+                    return format!("upstreams.{i}.{field}");
+                }
+            }
+            return format!("upstreams.{i}");
+        }
+        if let Some((issuer, rest)) = named("inbound.jwt ") {
+            if let Some(k) = self.inbound.jwt.iter().position(|j| j.issuer == issuer) {
+                let field = rest
+                    .strip_prefix(": ")
+                    .and_then(|r| r.split([' ', ':']).next());
+                return match field {
+                    Some(field) => format!("inbound.jwt.{k}.{field}"),
+                    None => format!("inbound.jwt.{k}"),
+                };
+            }
+        }
+        let key = problem.split([':', ' ']).next().unwrap_or_default();
+        key.to_string()
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -858,6 +962,9 @@ impl Config {
             }
         }
         if let Some(p) = self.admin_token_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.tasks.store_password_file.as_mut() {
             resolve(p);
         }
         for upstream in &mut self.upstreams {
@@ -994,8 +1101,17 @@ impl Config {
         if self.tasks.store != "memory" && !self.tasks.store.starts_with("redis://") {
             errors.push(format!(
                 "tasks.store: `{}` is neither memory nor redis://host:port",
-                self.tasks.store
+                toolgate_tasks::redacted(&self.tasks.store)
             ));
+        }
+        if self.tasks.store_password_file.is_some() {
+            let url = url::Url::parse(&self.tasks.store);
+            if url.as_ref().map_or(true, |u| u.password().is_some()) {
+                errors.push(
+                    "tasks.store_password_file: needs a redis:// store without a password of its own"
+                        .to_string(),
+                );
+            }
         }
         if let Some(traces) = &self.traces {
             errors.extend(traces.problems());

@@ -19,6 +19,7 @@ mod tasks;
 pub mod trace;
 mod upstream;
 mod watch;
+pub mod yaml_lines;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -145,20 +146,28 @@ fn read_admin_token(path: &std::path::Path) -> Result<String, StartError> {
 /// sources, `jwks_url` and the task store, are not reached by `check`.)
 fn local_files_problems(config: &Config) -> Vec<String> {
     let mut errors = Vec::new();
-    for jwks in config
-        .inbound
-        .jwt
-        .iter()
-        .filter_map(|j| j.jwks_file.as_ref())
-    {
+    for jwt in &config.inbound.jwt {
+        let Some(jwks) = &jwt.jwks_file else { continue };
         let read = std::fs::read(jwks).map_err(|e| format!("cannot read it: {e}"));
         if let Err(why) = read.and_then(|doc| toolgate_identity::KeySet::from_jwks(&doc)) {
-            errors.push(format!("{}:1: {why}", jwks.display()));
+            let issuer = &jwt.issuer;
+            errors.push(format!(
+                "inbound.jwt {issuer}: jwks_file {}: {why}",
+                jwks.display()
+            ));
         }
     }
     if let Some(path) = &config.admin_token_file {
         if let Err(e) = read_admin_token(path) {
-            errors.push(format!("{}:1: {e}", path.display()));
+            errors.push(e.to_string());
+        }
+    }
+    if let Err(why) = config.tasks.store_url() {
+        errors.push(why);
+    }
+    if let Some(tls) = &config.tls {
+        if let Err(why) = server::tls_acceptor(&tls.cert, &tls.key) {
+            errors.push(format!("tls: {why}"));
         }
     }
     if config.audit.path != "-" {
@@ -189,23 +198,31 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
             let action = format!("{}/{}", up.name, route.tool);
             if !engine.has_action(&action) {
                 errors.push(format!(
-                    "{}:1: route {} {} of upstream {}: action \"{action}\" is not declared in the schema",
-                    config.policies.join(toolgate_policy::SCHEMA_FILE).display(),
+                    "upstream {}: tool {} ({} {}): action \"{action}\" is not declared in the schema ({})",
+                    up.name,
+                    route.tool,
                     route.method,
                     route.path,
-                    up.name
+                    config.policies.join(toolgate_policy::SCHEMA_FILE).display(),
                 ));
             }
         }
     }
-    for path in
-        std::iter::once(&config.credentials.signing_key).chain(&config.credentials.previous_keys)
-    {
+    for (field, path) in std::iter::once(("signing_key", &config.credentials.signing_key)).chain(
+        config
+            .credentials
+            .previous_keys
+            .iter()
+            .map(|key| ("previous_keys", key)),
+    ) {
         if let Err(e) = load_signing_key(path) {
-            errors.push(format!("{}:1: {}", path.display(), answer::error_chain(&e)));
+            let why = answer::error_chain(&e);
+            errors.push(format!("credentials.{field} {}: {why}", path.display()));
         }
     }
     errors.extend(local_files_problems(config));
+    errors.extend(check_upstreams(config));
+    let errors: Vec<String> = errors.iter().map(|e| config.locate(e)).collect();
     if errors.is_empty() {
         Ok(engine)
     } else {
@@ -213,8 +230,50 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
     }
 }
 
+/// What a passing `check` cannot promise, or what works but is likely not meant: network
+/// dependencies `serve` reaches only once running, and MCP upstreams whose tools no policy
+/// can show.
+pub fn check_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut remote = |place: String, what: &str| {
+        warnings.push(format!(
+            "{place}: {what} is reached over the network once serving; not checked here"
+        ));
+    };
+    for jwt in &config.inbound.jwt {
+        if let Some(url) = &jwt.jwks_url {
+            remote(
+                format!("inbound.jwt {}", jwt.issuer),
+                &format!("jwks_url {url}"),
+            );
+        }
+    }
+    if config.tasks.store.starts_with("redis://") {
+        remote("tasks.store".into(), "the Redis task store");
+    }
+    for up in &config.upstreams {
+        if let Some(url) = &up.credential.token_endpoint {
+            let place = format!("upstream {}: credential", up.name);
+            remote(place, &format!("token_endpoint {url}"));
+        }
+    }
+    let mcp = config
+        .upstreams
+        .iter()
+        .filter(|u| u.kind == config::UpstreamKind::Mcp);
+    if !engine.has_action("list") {
+        for up in mcp {
+            warnings.push(format!(
+                "upstream {}: the schema declares no `list` action, so every tools/list it answers is empty",
+                up.name
+            ));
+        }
+    }
+    warnings.iter().map(|w| config.locate(w)).collect()
+}
+
 /// Sets up each upstream as `serve` would (secrets, keys, TLS files read now): what fails.
-pub fn check_upstreams(config: &Config) -> Vec<String> {
+fn check_upstreams(config: &Config) -> Vec<String> {
     let timeout = std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
     let shared = match upstream::client(timeout, &Default::default()) {
         Ok(client) => client,
@@ -313,7 +372,11 @@ impl Gateway {
             Some(path) => Some(read_admin_token(path)?),
             None => None,
         };
-        let tasks = toolgate_tasks::Store::open(&config.tasks.store, config.tasks.bounds())
+        let store = config
+            .tasks
+            .store_url()
+            .map_err(|why| StartError::TaskStore(toolgate_tasks::StoreError::Unavailable(why)))?;
+        let tasks = toolgate_tasks::Store::open(&store, config.tasks.bounds())
             .await
             .map_err(StartError::TaskStore)?;
         let connect_timeout =

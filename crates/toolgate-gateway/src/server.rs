@@ -291,7 +291,10 @@ pub(crate) fn overloaded(metrics: &crate::metrics::Metrics) -> Response<Body> {
     response
 }
 
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<TlsAcceptor, String> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
     ))

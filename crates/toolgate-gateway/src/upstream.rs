@@ -194,13 +194,13 @@ pub enum Credentials {
 /// Why an upstream cannot be set up (its secrets, keys or TLS files): start and reload refuse.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("upstream {0}: credential: {1}")]
+    #[error("upstream {0}: credential")]
     Secret(String, #[source] SecretError),
     #[error("upstream {0}: credential.private_key: {1}")]
     Key(String, String),
-    #[error("upstream {0}: token endpoint: {1}")]
+    #[error("upstream {0}: token endpoint")]
     Endpoint(String, #[source] EndpointError),
-    #[error("upstream {0}: tls: {1}")]
+    #[error("upstream {0}: tls")]
     Tls(String, #[source] TlsError),
     /// What `Config::check` refuses, met by a config that did not go through it.
     #[error("upstream {0}: credential: {1}")]

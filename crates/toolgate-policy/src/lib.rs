@@ -15,8 +15,8 @@ pub use engine::{
     Env, PolicyEngine, Principal, Resource, ShadowDecision, TaskContext, NAMESPACE,
 };
 pub use load::{
-    load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file, LoadCache,
-    LoadError, Loaded, PolicySource, Problem, ENTITIES_FILE, SCHEMA_FILE,
+    error_chain, load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file,
+    LoadCache, LoadError, Loaded, PolicySource, Problem, ENTITIES_FILE, SCHEMA_FILE,
 };
 pub use reads::ArgReads;
 pub use schema_info::{ActionContext, AttrType, Record, SchemaInfo};

@@ -555,12 +555,19 @@ pub fn validation_problems(
                     .map(|o| line_of(text, o))
                     .or_else(|| source.map(|s| s.line))
                     .unwrap_or(1),
-                message: format!("policy `{}`: {}", e.policy_id(), error_chain(e)),
+                message: policy_message(e.policy_id(), &error_chain(e)),
             }
         })
         .collect();
     problems.sort_by(|a, b| (&a.file, a.line, &a.message).cmp(&(&b.file, b.line, &b.message)));
     problems
+}
+
+/// `policy `x`: …`, without the validator's own `for policy `x`, ` opening.
+fn policy_message(id: &PolicyId, message: &str) -> String {
+    let own = format!("for policy `{id}`, ");
+    let message = message.strip_prefix(&own).unwrap_or(message);
+    format!("policy `{id}`: {message}")
 }
 
 fn diagnostic_error(
@@ -570,8 +577,14 @@ fn diagnostic_error(
 ) -> LoadError {
     let mut problems: Vec<Problem> = Vec::new();
     let mut push = |d: &dyn Diagnostic, fallback: String| {
-        let line = first_label_offset(d).map_or(1, |o| line_of(text, o.min(text.len())));
+        let offset = first_label_offset(d).map(|o| o.min(text.len()));
+        let mut line = offset.map_or(1, |o| line_of(text, o));
         let mut message = fallback;
+        if let Some(end) = offset.and_then(|o| unended_policy(text, o)) {
+            message =
+                format!("missing `;` at the end of this policy (the next starts on line {line})");
+            line = end;
+        }
         if let Some(help) = d.help() {
             message = format!("{message} ({help})");
         }
@@ -594,6 +607,51 @@ fn diagnostic_error(
         None => push(e, error_chain(e)),
     }
     LoadError { problems }
+}
+
+/// The line of a policy left without its `;`, when the parser stumbled on the start of the
+/// next one (`@`, `permit`, `forbid`) at `offset`: the last line of code before it.
+fn unended_policy(text: &str, offset: usize) -> Option<usize> {
+    let mut start = offset;
+    if text[offset..].starts_with('(') {
+        // `permit (`: the parser reads the effect as a name and stumbles on the `(`.
+        let word = text[..offset].trim_end();
+        if word.ends_with("permit") || word.ends_with("forbid") {
+            start = word.len() - "permit".len();
+        }
+    }
+    let rest = &text[start..];
+    if !["@", "permit", "forbid"]
+        .iter()
+        .any(|s| rest.starts_with(s))
+    {
+        return None;
+    }
+    let (index, last) = text[..start]
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let code = l.trim();
+            !code.is_empty() && !code.starts_with("//")
+        })
+        .last()?;
+    (!without_comment(last).trim_end().ends_with(';')).then_some(index + 1)
+}
+
+/// A line without its `//` comment (a `//` inside a string is kept).
+fn without_comment(line: &str) -> &str {
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '/' if !in_string && line[i..].starts_with("//") => return &line[..i],
+            _ => {}
+        }
+    }
+    line
 }
 
 fn first_label_offset(d: &dyn Diagnostic) -> Option<usize> {

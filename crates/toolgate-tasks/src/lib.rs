@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
-pub use redis_store::RedisStore;
+pub use redis_store::{redacted, RedisStore};
 
 /// How long an ended task is remembered (so its credentials keep reading inactive, and its
 /// id keeps being refused) beyond its deadline.

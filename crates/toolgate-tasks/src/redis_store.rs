@@ -52,9 +52,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 impl RedisStore {
     /// Opens the store; a Redis that is down now is connected to later (calls fail closed meanwhile).
+    /// `url` may carry a password (`redis://:PASSWORD@host`): it is never said in errors.
     pub async fn open(url: &str, bounds: Bounds) -> Result<RedisStore, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", redacted(url))))?;
         let events = broadcast::channel(1024).0;
         tokio::spawn(relay_revocations(client.clone(), events.clone()));
         let store = RedisStore {
@@ -292,5 +293,32 @@ async fn relay_revocations(client: redis::Client, events: broadcast::Sender<Revo
             Err(e) => tracing::debug!(error = %e, "revocation channel: Redis not reachable"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A store URL as it may be shown: its user information (a password) replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    #[test]
+    fn passwords_are_never_shown() {
+        for (url, shown) in [
+            ("redis://:s3cret@redis:6379/0", "redis://***@redis:6379/0"),
+            ("redis://user:s3cret@redis", "redis://***@redis"),
+            ("redis://s3cret@redis/a@b", "redis://***@redis/a@b"),
+            ("redis://redis:6379", "redis://redis:6379"),
+        ] {
+            assert_eq!(super::redacted(url), shown);
+        }
     }
 }
