@@ -81,6 +81,8 @@ fn authenticate(c: &mut Criterion) {
             keys: KeySource::File(jwks),
             id_prefix: String::new(),
             refetch_interval: toolgate_identity::REFETCH_INTERVAL,
+            names: Default::default(),
+            leeway_seconds: toolgate_identity::LEEWAY_SECONDS,
         }]))
         .unwrap();
     let now = toolgate_identity::unix_now();

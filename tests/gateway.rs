@@ -1471,3 +1471,72 @@ fn check_warns_of_what_it_cannot_promise() {
         "{warned}"
     );
 }
+
+/// Identity as Okta, Entra ID and Keycloak issue it: the agent named by `agent_claim` (a
+/// client-credentials caller in `azp`), the user by `user_claim` where the token has one, the
+/// keys found through OIDC discovery, and the clock leeway as configured.
+#[tokio::test]
+async fn agent_claim_discovery_and_leeway_as_identity_providers_issue_tokens() {
+    let key = toolgate_credential::SigningKey::generate().unwrap().0;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp = listener.local_addr().unwrap();
+    let discovery = json!({"issuer": IDP, "jwks_uri": format!("http://{idp}/keys")});
+    let jwks = json!({"keys": [key.public_jwk()]});
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (discovery, jwks) = (discovery.clone(), jwks.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let body = match req.uri().path() {
+                        "/.well-known/openid-configuration" => discovery.to_string(),
+                        "/keys" => jwks.to_string(),
+                        _ => String::new(),
+                    };
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: Some(format!(
+            "inbound:\n  jwt:\n    - issuer: {IDP}\n      discovery_url: http://{idp}/.well-known/openid-configuration\n      agent_claim: azp\n      user_claim: on_behalf_of\n      clock_leeway_seconds: 0\n      audiences: [{AUDIENCE}]\n"
+        )),
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let url = gw.url("/billing/invoices/1");
+    let token = |claims: Value| key.sign("JWT", &with_defaults(claims)).unwrap();
+    // A client-credentials token: the agent is `azp`, and there is no user (the policy
+    // permits invoices only on behalf of one).
+    let machine = token(json!({"sub": "service-account-42", "azp": "assistant"}));
+    assert_eq!(get(&url, &machine).await.status, 403);
+    // The same client acting for a user the token names.
+    let delegated =
+        token(json!({"sub": "service-account-42", "azp": "assistant", "on_behalf_of": "alice"}));
+    assert_eq!(get(&url, &delegated).await.status, 200);
+    let audit = gw.audit(2).await;
+    assert_eq!(audit[0]["agent"], "assistant");
+    assert!(audit[0]["user"].is_null(), "{}", audit[0]);
+    assert_eq!(
+        (&audit[1]["agent"], &audit[1]["user"]),
+        (&json!("assistant"), &json!("alice"))
+    );
+    // No leeway: a token expired five seconds ago is refused (the default 30 s would take it).
+    let now = toolgate_identity::unix_now();
+    let expired =
+        token(json!({"sub": "s", "azp": "assistant", "on_behalf_of": "alice", "exp": now - 5}));
+    assert_eq!(get(&url, &expired).await.status, 401);
+}

@@ -209,6 +209,20 @@ pub struct JwtIssuer {
     pub jwks_file: Option<PathBuf>,
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// An OpenID Connect discovery document naming the JWKS (`jwks_uri`). With none of
+    /// jwks_file, jwks_url, discovery_url: the issuer's `/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// The claim naming the agent, as a claim path (`azp`, `client_id`, `appid`, `act.sub`).
+    /// Default: RFC 8693, `act.sub` acting for `sub`, or `sub` alone.
+    #[serde(default)]
+    pub agent_claim: Option<String>,
+    /// With `agent_claim`: the claim naming the user, where the token has it (else no user).
+    #[serde(default)]
+    pub user_claim: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_clock_leeway")]
+    pub clock_leeway_seconds: u64,
     /// `jwks_url`: an unknown `kid` refetches it at most once per this many seconds.
     #[serde(default = "default_jwks_refetch_seconds")]
     pub jwks_refetch_seconds: u64,
@@ -217,6 +231,78 @@ pub struct JwtIssuer {
     /// `<issuer>#` with several), so one issuer can never name another's principals.
     #[serde(default)]
     pub id_prefix: Option<String>,
+}
+
+fn default_clock_leeway() -> u64 {
+    toolgate_identity::LEEWAY_SECONDS
+}
+
+/// The longest clock leeway allowed: beyond it an expired token lives on noticeably.
+const MAX_CLOCK_LEEWAY_SECONDS: u64 = 300;
+
+impl JwtIssuer {
+    /// Where the issuer's keys come from, as `check` has made sure exactly one is said (none:
+    /// the issuer's own discovery document).
+    pub fn key_source(&self) -> toolgate_identity::KeySource {
+        use toolgate_identity::KeySource;
+        match (&self.jwks_file, &self.jwks_url, &self.discovery_url) {
+            (Some(file), _, _) => KeySource::File(file.clone()),
+            (None, Some(url), _) => KeySource::Url(url.clone()),
+            (None, None, Some(url)) => KeySource::Discovery(url.clone()),
+            (None, None, None) => KeySource::Discovery(format!(
+                "{}/.well-known/openid-configuration",
+                self.issuer.trim_end_matches('/')
+            )),
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let at = format!("inbound.jwt {}", self.issuer);
+        let mut errors = Vec::new();
+        if !(1..=3600).contains(&self.jwks_refetch_seconds) {
+            errors.push(format!("{at}: jwks_refetch_seconds must be 1..3600"));
+        }
+        let sources = [
+            self.jwks_file.is_some(),
+            self.jwks_url.is_some(),
+            self.discovery_url.is_some(),
+        ];
+        if sources.iter().filter(|&&s| s).count() > 1 {
+            errors.push(format!(
+                "{at}: set at most one of jwks_file, jwks_url, discovery_url"
+            ));
+        }
+        if !sources.contains(&true) && !self.issuer.starts_with("https://") {
+            errors.push(format!(
+                "{at}: set one of jwks_file, jwks_url, discovery_url (discovery at the issuer needs an https:// issuer)"
+            ));
+        }
+        if self.audiences.is_empty() {
+            errors.push(format!("{at}: audiences must not be empty"));
+        }
+        if self.clock_leeway_seconds > MAX_CLOCK_LEEWAY_SECONDS {
+            errors.push(format!(
+                "{at}: clock_leeway_seconds must be at most {MAX_CLOCK_LEEWAY_SECONDS}"
+            ));
+        }
+        if self.user_claim.is_some() && self.agent_claim.is_none() {
+            errors.push(format!("{at}: user_claim needs agent_claim"));
+        }
+        for (field, path) in [
+            ("agent_claim", &self.agent_claim),
+            ("user_claim", &self.user_claim),
+        ] {
+            if path
+                .as_ref()
+                .is_some_and(|p| p.split('.').any(str::is_empty))
+            {
+                errors.push(format!(
+                    "{at}: {field} must be a claim path such as azp or act.sub"
+                ));
+            }
+        }
+        errors
+    }
 }
 
 impl Inbound {
@@ -1061,24 +1147,7 @@ impl Config {
             ));
         }
         for jwt in &self.inbound.jwt {
-            if !(1..=3600).contains(&jwt.jwks_refetch_seconds) {
-                errors.push(format!(
-                    "inbound.jwt {}: jwks_refetch_seconds must be 1..3600",
-                    jwt.issuer
-                ));
-            }
-            if jwt.jwks_file.is_some() == jwt.jwks_url.is_some() {
-                errors.push(format!(
-                    "inbound.jwt {}: set exactly one of jwks_file, jwks_url",
-                    jwt.issuer
-                ));
-            }
-            if jwt.audiences.is_empty() {
-                errors.push(format!(
-                    "inbound.jwt {}: audiences must not be empty",
-                    jwt.issuer
-                ));
-            }
+            errors.extend(jwt.problems());
         }
         // Distinct prefixes: an id then belongs to the issuer with the longest prefix of it,
         // and authentication refuses an issuer asserting ids under another's.

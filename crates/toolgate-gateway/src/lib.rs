@@ -241,11 +241,13 @@ pub fn check_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
         ));
     };
     for jwt in &config.inbound.jwt {
-        if let Some(url) = &jwt.jwks_url {
-            remote(
-                format!("inbound.jwt {}", jwt.issuer),
-                &format!("jwks_url {url}"),
-            );
+        let at = format!("inbound.jwt {}", jwt.issuer);
+        match jwt.key_source() {
+            KeySource::Url(url) => remote(at, &format!("jwks_url {url}")),
+            KeySource::Discovery(url) => {
+                remote(at, &format!("the discovery document {url}"));
+            }
+            KeySource::File(_) => {}
         }
     }
     if config.tasks.store.starts_with("redis://") {
@@ -358,11 +360,12 @@ impl Gateway {
                 refetch_interval: std::time::Duration::from_secs(j.jwks_refetch_seconds),
                 issuer: j.issuer.clone(),
                 audiences: j.audiences.clone(),
-                keys: match (&j.jwks_file, &j.jwks_url) {
-                    (Some(file), _) => KeySource::File(file.clone()),
-                    (None, Some(url)) => KeySource::Url(url.clone()),
-                    (None, None) => unreachable!("checked by Config::check"),
+                keys: j.key_source(),
+                names: toolgate_identity::ClaimNames {
+                    agent: j.agent_claim.clone(),
+                    user: j.user_claim.clone(),
                 },
+                leeway_seconds: j.clock_leeway_seconds,
             })
             .collect();
         let auth = Authenticator::with_cache(issuers, config.inbound.token_cache_size)

@@ -30,6 +30,8 @@ pub const CACHE_CAPACITY: usize = 65_536;
 pub enum KeySource {
     File(PathBuf),
     Url(String),
+    /// An OpenID Connect discovery document whose `jwks_uri` names the JWKS.
+    Discovery(String),
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +44,19 @@ pub struct IssuerConfig {
     pub id_prefix: String,
     /// A URL-sourced JWKS is refetched on an unknown `kid` at most once per this interval.
     pub refetch_interval: Duration,
+    /// Which claims name the agent and the user (default: `act.sub` and `sub`, RFC 8693).
+    pub names: ClaimNames,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+}
+
+/// The claims naming the agent and the user, as dotted claim paths (`azp`, `client_id`,
+/// `appid`, `act.sub`). `agent: None` is RFC 8693: `act.sub` acting for `sub`, or `sub`
+/// alone. With `agent` set, the user is `user`'s claim where the token has it, else none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimNames {
+    pub agent: Option<String>,
+    pub user: Option<String>,
 }
 
 /// Who is calling, as a verified token says.
@@ -54,6 +69,10 @@ pub struct Caller {
     pub issuer: String,
     pub claims: Arc<Map<String, Value>>,
     pub exp: u64,
+    /// Where the agent's and the user's own claims are: the object holding the claim that
+    /// named each (a dotted path; empty: the token's claims).
+    agent_object: String,
+    user_object: String,
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -65,22 +84,47 @@ pub fn bearer_token(header: Option<&str>) -> Option<&str> {
 static NO_CLAIMS: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
 
 impl Caller {
-    /// The claims that describe the agent: the `act` object when delegated, else the token's.
+    /// The claims that describe the agent: the object holding the claim that named it (the
+    /// `act` object when delegated), else the token's.
     pub fn agent_claims(&self) -> &Map<String, Value> {
-        match self.user {
-            Some(_) => self
-                .claims
-                .get("act")
-                .and_then(Value::as_object)
-                .unwrap_or(&NO_CLAIMS),
-            None => &self.claims,
-        }
+        object_at(&self.claims, &self.agent_object)
     }
 
-    /// The claims that describe the delegating user: the token's own.
+    /// The claims that describe the delegating user: by default the token's own.
     pub fn user_claims(&self) -> Option<&Map<String, Value>> {
-        self.user.as_ref().map(|_| &*self.claims)
+        self.user
+            .as_ref()
+            .map(|_| object_at(&self.claims, &self.user_object))
     }
+}
+
+/// The object at a dotted path of `claims` (empty: `claims` itself).
+fn object_at<'c>(claims: &'c Map<String, Value>, path: &str) -> &'c Map<String, Value> {
+    if path.is_empty() {
+        return claims;
+    }
+    let mut at = claims;
+    for part in path.split('.') {
+        match at.get(part).and_then(Value::as_object) {
+            Some(inner) => at = inner,
+            None => return &NO_CLAIMS,
+        }
+    }
+    at
+}
+
+/// The value at a dotted claim path.
+fn claim_at<'c>(claims: &'c Map<String, Value>, path: &str) -> Option<&'c Value> {
+    let (object, name) = match path.rsplit_once('.') {
+        Some((object, name)) => (object_at(claims, object), name),
+        None => (claims, path),
+    };
+    object.get(name)
+}
+
+/// The object part of a claim path: `act` of `act.sub`, empty for `azp`.
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('.').map_or("", |(object, _)| object)
 }
 
 /// Why a token was refused. Every variant means 401.
@@ -142,11 +186,11 @@ impl Authenticator {
         let fetcher = fetch::Fetcher::new();
         let mut issuers = Vec::with_capacity(configs.len());
         for config in configs {
-            let keys = match load_keys(&fetcher, &config.keys).await {
+            let keys = match load_keys(&fetcher, &config).await {
                 Ok(keys) => keys,
                 Err(e) => match config.keys {
                     KeySource::File(_) => return Err(format!("issuer {}: {e}", config.issuer)),
-                    KeySource::Url(_) => {
+                    KeySource::Url(_) | KeySource::Discovery(_) => {
                         tracing::warn!(issuer = %config.issuer, error = %e, "JWKS not available yet; will retry");
                         KeySet::default()
                     }
@@ -170,7 +214,7 @@ impl Authenticator {
     pub async fn reload_keys(&self) -> Vec<String> {
         let mut errors = Vec::new();
         for issuer in &self.issuers {
-            match load_keys(&self.fetcher, &issuer.config.keys).await {
+            match load_keys(&self.fetcher, &issuer.config).await {
                 Ok(keys) => issuer.keys.store(Arc::new(keys)),
                 Err(e) => errors.push(format!("issuer {}: {e}", issuer.config.issuer)),
             }
@@ -224,7 +268,7 @@ impl Authenticator {
             return Err(AuthError::AlgorithmMismatch);
         }
         let mut validation = Validation::new(key.alg);
-        validation.leeway = LEEWAY_SECONDS;
+        validation.leeway = issuer.config.leeway_seconds;
         validation.validate_nbf = true;
         validation.set_issuer(&[&issuer.config.issuer]);
         validation.set_audience(&issuer.config.audiences);
@@ -243,12 +287,7 @@ impl Authenticator {
             }
         })?;
         check_numeric_dates(&data.claims)?;
-        let caller = caller_from_claims(
-            data.claims,
-            &issuer.config.issuer,
-            &issuer.config.id_prefix,
-            now,
-        )?;
+        let caller = caller_from_claims(data.claims, &issuer.config, now)?;
         self.check_namespace(issuer, &caller)?;
         Ok(caller)
     }
@@ -288,9 +327,9 @@ impl Authenticator {
 
     /// Unknown `kid`: refetch a URL-sourced JWKS, at most once per `refetch_interval`.
     async fn refetch(&self, issuer: &Issuer, kid: Option<&str>) -> Result<VerifyingKey, AuthError> {
-        let KeySource::Url(_) = issuer.config.keys else {
+        if let KeySource::File(_) = issuer.config.keys {
             return Err(AuthError::UnknownKey);
-        };
+        }
         let mut last = issuer.last_fetch.lock().await;
         // Someone may have fetched while we waited for the lock.
         if let Some(key) = issuer.keys.load().find(kid) {
@@ -302,7 +341,7 @@ impl Authenticator {
             return Err(AuthError::UnknownKey);
         }
         *last = Some(Instant::now());
-        match load_keys(&self.fetcher, &issuer.config.keys).await {
+        match load_keys(&self.fetcher, &issuer.config).await {
             Ok(keys) => issuer.keys.store(Arc::new(keys)),
             Err(e) => {
                 tracing::warn!(issuer = %issuer.config.issuer, error = %e, "JWKS refetch failed")
@@ -315,6 +354,38 @@ impl Authenticator {
             .cloned()
             .ok_or(AuthError::UnknownKey)
     }
+}
+
+/// The `jwks_uri` of an OpenID Connect discovery document, which must be the configured
+/// issuer's own (OIDC Discovery §4.3: its `issuer` is exactly the one asked about).
+fn discovered_jwks_uri(doc: &[u8], issuer: &str) -> Result<String, String> {
+    let doc: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
+    if doc.get("issuer").and_then(Value::as_str) != Some(issuer) {
+        return Err(format!("its issuer is not {issuer}"));
+    }
+    let uri = doc
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .ok_or("no jwks_uri")?;
+    let parsed: hyper::Uri = uri.parse().map_err(|e| format!("jwks_uri {uri}: {e}"))?;
+    let loopback = parsed.host().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    let secure = match parsed.scheme_str() {
+        Some("https") => true,
+        Some("http") => loopback,
+        _ => false,
+    };
+    if !secure {
+        return Err(format!(
+            "jwks_uri {uri} must be https:// (http:// only on loopback)"
+        ));
+    }
+    Ok(uri.to_string())
 }
 
 /// One base64url JSON part of a compact JWT (0: header, 1: payload), not yet verified.
@@ -353,47 +424,66 @@ fn check_numeric_dates(claims: &Map<String, Value>) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// Maps verified claims to a caller: with `act`, the agent is `act.sub` and the user `sub`,
-/// each behind the issuer's `id_prefix`.
+/// Maps verified claims to a caller, each id behind the issuer's `id_prefix`: by default,
+/// with `act`, the agent is `act.sub` and the user `sub`; with `names.agent`, the agent is
+/// that claim and the user `names.user`'s where present.
 pub fn caller_from_claims(
     claims: Map<String, Value>,
-    issuer: &str,
-    id_prefix: &str,
+    issuer: &IssuerConfig,
     now: u64,
 ) -> Result<Caller, AuthError> {
-    let non_empty = |v: Option<&Value>, name: &str| -> Result<String, AuthError> {
-        match v.and_then(Value::as_str) {
-            Some(s) if !s.is_empty() => Ok(s.to_string()),
+    let id = |path: &str| -> Result<String, AuthError> {
+        match claim_at(&claims, path).and_then(Value::as_str) {
+            Some(s) if !s.is_empty() => Ok(format!("{}{s}", issuer.id_prefix)),
             _ => Err(AuthError::InvalidClaims(format!(
-                "`{name}` must be a non-empty string"
+                "`{path}` must be a non-empty string"
             ))),
         }
     };
-    let sub = format!("{id_prefix}{}", non_empty(claims.get("sub"), "sub")?);
-    let (agent, user) = match claims.get("act") {
-        None => (sub, None),
-        Some(Value::Object(act)) => (
-            format!("{id_prefix}{}", non_empty(act.get("sub"), "act.sub")?),
-            Some(sub),
-        ),
-        Some(_) => return Err(AuthError::InvalidClaims("`act` must be an object".into())),
+    let (agent, agent_object, user, user_object) = match &issuer.names.agent {
+        Some(agent_claim) => {
+            let user = match issuer.names.user.as_deref() {
+                Some(path) if claim_at(&claims, path).is_some() => Some((id(path)?, path)),
+                _ => None,
+            };
+            (
+                id(agent_claim)?,
+                parent_of(agent_claim),
+                user.as_ref().map(|(user, _)| user.clone()),
+                user.map_or("", |(_, path)| parent_of(path)),
+            )
+        }
+        None => match claims.get("act") {
+            None => (id("sub")?, "", None, ""),
+            Some(Value::Object(_)) => (id("act.sub")?, "act", Some(id("sub")?), ""),
+            Some(_) => return Err(AuthError::InvalidClaims("`act` must be an object".into())),
+        },
     };
+    // `sub` is a required claim whoever it names.
+    id("sub")?;
     let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now);
     Ok(Caller {
         agent,
         user,
-        issuer: issuer.to_string(),
+        issuer: issuer.issuer.clone(),
+        agent_object: agent_object.to_string(),
+        user_object: user_object.to_string(),
         claims: Arc::new(claims),
         exp,
     })
 }
 
-async fn load_keys(fetcher: &fetch::Fetcher, source: &KeySource) -> Result<KeySet, String> {
-    let doc = match source {
+async fn load_keys(fetcher: &fetch::Fetcher, issuer: &IssuerConfig) -> Result<KeySet, String> {
+    let doc = match &issuer.keys {
         KeySource::File(path) => tokio::fs::read(path)
             .await
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
         KeySource::Url(url) => fetcher.get(url).await?,
+        KeySource::Discovery(url) => {
+            let jwks_uri = discovered_jwks_uri(&fetcher.get(url).await?, &issuer.issuer)
+                .map_err(|why| format!("{url}: {why}"))?;
+            fetcher.get(&jwks_uri).await?
+        }
     };
     let (keys, warnings) = KeySet::from_jwks(&doc)?;
     for w in warnings {
@@ -417,14 +507,71 @@ mod tests {
         v.as_object().unwrap().clone()
     }
 
+    fn issuer(name: &str, id_prefix: &str, names: ClaimNames) -> IssuerConfig {
+        IssuerConfig {
+            issuer: name.into(),
+            audiences: vec!["toolgate".into()],
+            keys: KeySource::Url("https://unused".into()),
+            id_prefix: id_prefix.into(),
+            refetch_interval: REFETCH_INTERVAL,
+            names,
+            leeway_seconds: LEEWAY_SECONDS,
+        }
+    }
+
+    fn rfc8693() -> IssuerConfig {
+        issuer("idp", "", ClaimNames::default())
+    }
+
+    /// A client-credentials token as Okta, Entra ID or Keycloak issue it: the caller in `azp`
+    /// (or `client_id`, `appid`), no `act`; with `user_claim`, a user where the token names one.
+    #[test]
+    fn agent_claim_names_a_client_credentials_caller() {
+        let azp = ClaimNames {
+            agent: Some("azp".into()),
+            user: None,
+        };
+        let token = json!({"sub": "service-account-7", "azp": "billing-agent", "team": "x"});
+        let c = caller_from_claims(claims(token.clone()), &issuer("idp", "", azp), 0).unwrap();
+        assert_eq!(c.agent, "billing-agent");
+        assert!(c.user.is_none() && c.user_claims().is_none());
+        assert_eq!(c.agent_claims().get("team"), Some(&json!("x")));
+        let with_user = ClaimNames {
+            agent: Some("azp".into()),
+            user: Some("sub".into()),
+        };
+        let c =
+            caller_from_claims(claims(token), &issuer("idp", "p:", with_user.clone()), 0).unwrap();
+        assert_eq!(
+            (c.agent.as_str(), c.user.as_deref()),
+            ("p:billing-agent", Some("p:service-account-7"))
+        );
+        // A nested path; a user claim the token lacks means no user; a missing agent claim
+        // is refused.
+        let nested = ClaimNames {
+            agent: Some("act.sub".into()),
+            user: Some("oid".into()),
+        };
+        let c = caller_from_claims(
+            claims(json!({"sub": "s", "act": {"sub": "a", "t": 1}})),
+            &issuer("idp", "", nested),
+            0,
+        )
+        .unwrap();
+        assert_eq!((c.agent.as_str(), c.user.as_deref()), ("a", None));
+        assert_eq!(c.agent_claims().get("t"), Some(&json!(1)));
+        assert!(caller_from_claims(
+            claims(json!({"sub": "s"})),
+            &issuer("idp", "", with_user),
+            0
+        )
+        .is_err());
+    }
+
     #[test]
     fn delegated_token_names_agent_and_user() {
         let c = caller_from_claims(
-            claims(json!({"sub": "alice", "act": {"sub": "assistant", "team": "x"}, "patient_id": "p-1"})),
-            "idp",
-            "",
-            0,
-        )
+            claims(json!({"sub": "alice", "act": {"sub": "assistant", "team": "x"}, "patient_id": "p-1"})), &rfc8693(), 0)
         .unwrap();
         assert_eq!(c.agent, "assistant");
         assert_eq!(c.user.as_deref(), Some("alice"));
@@ -438,7 +585,7 @@ mod tests {
     #[test]
     fn plain_token_names_only_the_agent() {
         let c =
-            caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), "idp", "", 0).unwrap();
+            caller_from_claims(claims(json!({"sub": "bot", "team": "y"})), &rfc8693(), 0).unwrap();
         assert_eq!(c.agent, "bot");
         assert!(c.user.is_none() && c.user_claims().is_none());
         assert_eq!(c.agent_claims().get("team"), Some(&json!("y")));
@@ -448,8 +595,7 @@ mod tests {
     fn the_issuer_prefix_qualifies_agent_and_user() {
         let c = caller_from_claims(
             claims(json!({"sub": "alice", "act": {"sub": "assistant"}})),
-            "https://partner",
-            "partner:",
+            &issuer("https://partner", "partner:", ClaimNames::default()),
             0,
         )
         .unwrap();
@@ -485,6 +631,8 @@ mod tests {
                     keys: KeySource::File(fixtures),
                     id_prefix: String::new(),
                     refetch_interval: REFETCH_INTERVAL,
+                    names: ClaimNames::default(),
+                    leeway_seconds: LEEWAY_SECONDS,
                 }])
                 .await
                 .unwrap();
@@ -526,7 +674,7 @@ mod tests {
             json!({"sub": "u", "act": {}}),
         ] {
             assert!(
-                caller_from_claims(claims(bad.clone()), "idp", "", 0).is_err(),
+                caller_from_claims(claims(bad.clone()), &rfc8693(), 0).is_err(),
                 "{bad}"
             );
         }
