@@ -15,11 +15,14 @@ use crate::cedar_types::{
     action_declaration, looks_sensitive, one_line, render_record, Field, Typer,
 };
 
+mod document;
+mod examples;
+
+use document::{yaml_to_json, Document, MAX_REF_DEPTH};
+
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
-/// `$ref`s followed inside one another at most this deep (a recursive schema stops there).
-const MAX_REF_DEPTH: usize = 16;
 
 #[derive(Serialize)]
 struct UpstreamEntry {
@@ -65,24 +68,11 @@ pub fn run(
     {
         return Err(format!("--upstream `{upstream}`: a name of [A-Za-z0-9_-]"));
     }
-    let text = std::fs::read_to_string(spec).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let yaml: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let doc = yaml_to_json(yaml);
-    let version = doc.get("openapi").and_then(Value::as_str).unwrap_or("");
-    if !(version.starts_with("3.0.") || version.starts_with("3.1.")) {
-        let seen = doc
-            .get("swagger")
-            .map(|v| format!("Swagger {v}"))
-            .unwrap_or_else(|| format!("openapi `{version}`"));
-        return Err(format!(
-            "{}: {seen}: only OpenAPI 3.0 and 3.1 documents are read",
-            spec.display()
-        ));
-    }
+    let doc = Document::read(spec)?;
+    let version = openapi_version(&doc.root).map_err(|e| format!("{}: {e}", spec.display()))?;
     let url = match url {
         Some(url) => url.to_string(),
-        None => server_url(&doc).ok_or_else(|| {
+        None => server_url(&doc.root).ok_or_else(|| {
             format!(
                 "{}: no absolute http(s) server URL in `servers`: give --url",
                 spec.display()
@@ -97,7 +87,7 @@ pub fn run(
     if tools.is_empty() {
         return Err(format!("{}: no operations under `paths`", spec.display()));
     }
-    if let Some(webhooks) = doc.get("webhooks").and_then(Value::as_object) {
+    if let Some(webhooks) = doc.root.get("webhooks").and_then(Value::as_object) {
         for name in webhooks.keys() {
             skipped.push(format!(
                 "webhook `{name}`: the API calls out, not an operation an agent calls"
@@ -106,10 +96,12 @@ pub fn run(
     }
 
     let title = doc
+        .root
         .pointer("/info/title")
         .and_then(Value::as_str)
         .unwrap_or("an OpenAPI document");
     let doc_version = doc
+        .root
         .pointer("/info/version")
         .and_then(Value::as_str)
         .unwrap_or("");
@@ -187,6 +179,24 @@ pub fn run(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The document's OpenAPI version, 3.0 or 3.1; anything else is refused, saying what to do.
+fn openapi_version(doc: &Value) -> Result<&str, String> {
+    let version = doc.get("openapi").and_then(Value::as_str).unwrap_or("");
+    if version.starts_with("3.0.") || version.starts_with("3.1.") {
+        return Ok(version);
+    }
+    Err(match doc.get("swagger") {
+        Some(swagger) => format!(
+            "Swagger {}: only OpenAPI 3.0 and 3.1 documents are read: convert it first (e.g. `npx swagger2openapi SPEC -o openapi.yaml`) and import the result",
+            one_line(&swagger.to_string())
+        ),
+        None => format!(
+            "openapi `{}`: only OpenAPI 3.0 and 3.1 documents are read",
+            one_line(version)
+        ),
+    })
+}
+
 fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -206,8 +216,8 @@ fn server_url(doc: &Value) -> Option<String> {
 }
 
 /// Every operation under `paths`, in path order, then method order.
-fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, String> {
-    let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
+fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, String> {
+    let Some(paths) = doc.root.get("paths").and_then(Value::as_object) else {
         return Ok(Vec::new());
     };
     let mut tools: Vec<Tool> = Vec::new();
@@ -272,6 +282,10 @@ fn unroutable(path: &str) -> Option<&'static str> {
     if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Some("control characters or spaces");
     }
+    if path.contains('#') {
+        // Slack and Box describe variants of one operation as `/path#variant`.
+        return Some("it has a #fragment, which HTTP never sends: its operations could not be told apart from those of the path without it");
+    }
     let partial = path.split('/').any(|segment| {
         let whole = segment.starts_with('{')
             && segment.ends_with('}')
@@ -311,7 +325,7 @@ struct Operation<'a> {
 }
 
 fn operation_tool(
-    doc: &Value,
+    doc: &Document,
     op: &Operation<'_>,
     typer: &mut Typer,
     budget: &mut usize,
@@ -457,6 +471,8 @@ fn operation_tool(
                     .map(|s| inline_within(doc, s, 0, budget))
                     .transpose()?
                     .unwrap_or(Value::Null);
+                let examples = request_examples(doc, media)?;
+                let schema = examples::with_examples(schema, &examples, &mut typer.skipped);
                 let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
                     || schema.get("properties").is_some()
                     || schema.get("allOf").is_some();
@@ -547,6 +563,22 @@ fn operation_tool(
     })
 }
 
+/// The media type's example requests: `example`, and the `value` of each of `examples`.
+fn request_examples(doc: &Document, media: &Value) -> Result<Vec<Value>, String> {
+    let mut found: Vec<Value> = media.get("example").cloned().into_iter().collect();
+    for example in media
+        .get("examples")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|e| e.values())
+    {
+        if let Some(value) = resolve(doc, example, 0)?.get("value") {
+            found.push(value.clone());
+        }
+    }
+    Ok(found)
+}
+
 /// A header parameter toolgate can take as an argument and forward as decided.
 fn header_argument_allowed(name: &str) -> bool {
     // OpenAPI ignores `in: header` parameters named Accept, Content-Type and Authorization.
@@ -567,15 +599,15 @@ fn add(args: &mut Vec<Field>, typer: &mut Typer, field: Field) {
 }
 
 /// A value with its own `$ref` (if any) followed, siblings kept over the target's fields.
-fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+fn resolve(doc: &Document, value: &Value, depth: usize) -> Result<Value, String> {
     let Some(reference) = value.get("$ref").and_then(Value::as_str) else {
         return Ok(value.clone());
     };
     if depth > MAX_REF_DEPTH {
         return Ok(Value::Object(Map::new()));
     }
-    let target = pointer(doc, reference)?;
-    let mut resolved = resolve(doc, target, depth + 1)?;
+    let target = doc.target(reference)?;
+    let mut resolved = resolve(doc, &target, depth + 1)?;
     if let (Value::Object(resolved), Value::Object(siblings)) = (&mut resolved, value) {
         for (key, sibling) in siblings {
             if key != "$ref" {
@@ -590,7 +622,7 @@ fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
 /// where Cedar could not follow it anyway), in at most `MAX_INLINED_NODES` values: references
 /// that fan out at every level would otherwise multiply past any memory.
 #[cfg(test)]
-fn inline(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+fn inline(doc: &Document, value: &Value, depth: usize) -> Result<Value, String> {
     let mut budget = MAX_INLINED_NODES;
     inline_within(doc, value, depth, &mut budget)
 }
@@ -601,7 +633,7 @@ const MAX_INLINED_NODES: usize = 200_000;
 const MAX_SCHEMA_BYTES: usize = 4 << 20;
 
 fn inline_within(
-    doc: &Value,
+    doc: &Document,
     value: &Value,
     depth: usize,
     budget: &mut usize,
@@ -627,47 +659,6 @@ fn inline_within(
         ),
         other => other,
     })
-}
-
-/// The value a local `$ref` (`#/components/...`) names.
-fn pointer<'a>(doc: &'a Value, reference: &str) -> Result<&'a Value, String> {
-    let Some(path) = reference.strip_prefix('#') else {
-        return Err(format!(
-            "$ref `{reference}`: only references inside the document (#/...) are read"
-        ));
-    };
-    let decoded = percent_encoding::percent_decode_str(path)
-        .decode_utf8()
-        .map_err(|_| format!("$ref `{reference}`: not UTF-8"))?;
-    doc.pointer(&decoded)
-        .ok_or_else(|| format!("$ref `{reference}`: nothing there"))
-}
-
-/// YAML as JSON (OpenAPI's YAML is JSON's data model; keys like `200` become strings).
-fn yaml_to_json(value: serde_yaml::Value) -> Value {
-    use serde_yaml::Value as Y;
-    match value {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => serde_json::to_value(&n).unwrap_or(Value::Null),
-        Y::String(s) => Value::String(s),
-        Y::Sequence(items) => Value::Array(items.into_iter().map(yaml_to_json).collect()),
-        Y::Mapping(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Y::String(s) => s,
-                        other => serde_yaml::to_string(&other)
-                            .unwrap_or_default()
-                            .trim()
-                            .to_string(),
-                    };
-                    (key, yaml_to_json(v))
-                })
-                .collect(),
-        ),
-        Y::Tagged(tagged) => yaml_to_json(tagged.value),
-    }
 }
 
 fn starter_policies(upstream: &str, tools: &[Tool]) -> String {
@@ -792,10 +783,10 @@ mod tests {
 
     #[test]
     fn refs_are_followed_with_their_siblings_and_external_ones_refused() {
-        let doc = serde_json::json!({"components": {"schemas": {
+        let doc = Document::in_memory(serde_json::json!({"components": {"schemas": {
             "Id": {"type": "integer"},
             "Node": {"type": "object", "properties": {"next": {"$ref": "#/components/schemas/Node"}}}
-        }}});
+        }}}));
         let id = inline(
             &doc,
             &serde_json::json!({"$ref": "#/components/schemas/Id", "description": "x"}),
@@ -825,7 +816,7 @@ mod tests {
             schemas.insert(format!("L{level}"), serde_json::json!({"allOf": next}));
         }
         schemas.insert("L16".into(), serde_json::json!({"type": "string"}));
-        let fan = serde_json::json!({"components": {"schemas": schemas}});
+        let fan = Document::in_memory(serde_json::json!({"components": {"schemas": schemas}}));
         let refused = inline(
             &fan,
             &serde_json::json!({"$ref": "#/components/schemas/L0"}),
@@ -863,7 +854,7 @@ mod declaration_tests {
                         }}}}}}}}
         }}});
         let mut notes = Vec::new();
-        let tools = operations(&doc, &mut notes).unwrap();
+        let tools = operations(&Document::in_memory(doc), &mut notes).unwrap();
         let list = tools
             .iter()
             .find(|t| t.route.tool == "listIncidents")
@@ -901,9 +892,11 @@ mod declaration_tests {
         }
         let doc = json!({"paths": paths, "components": {"schemas": {
             "Wide": {"type": "object", "properties": wide}}}});
-        let err = operations(&doc, &mut Vec::new()).err().expect("refused");
-        assert!(err.contains("expand"), "{err}");
         let one = json!({"paths": {"/op": doc["paths"]["/op0"].clone()}, "components": doc["components"].clone()});
-        assert!(operations(&one, &mut Vec::new()).is_ok());
+        let err = operations(&Document::in_memory(doc), &mut Vec::new())
+            .err()
+            .expect("refused");
+        assert!(err.contains("expand"), "{err}");
+        assert!(operations(&Document::in_memory(one), &mut Vec::new()).is_ok());
     }
 }

@@ -477,9 +477,10 @@ fn a_newer_document_is_reported_as_added_removed_and_changed() {
 fn what_cannot_be_imported_is_refused_by_name() {
     let out = TempDir::new("import-bad");
     let cases = [
-        ("swagger.yaml", "swagger: '2.0'\ninfo: {title: t, version: '1'}\npaths: {}\n", "only OpenAPI 3.0 and 3.1"),
+        ("swagger.yaml", "swagger: '2.0'\ninfo: {title: t, version: '1'}\npaths: {}\n", "convert it first (e.g. `npx swagger2openapi"),
         ("relative.yaml", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nservers: [{url: /api}]\npaths:\n  /a:\n    get: {responses: {'200': {description: ok}}}\n", "give --url"),
-        ("external.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a:\n    get:\n      parameters: [{$ref: 'other.yaml#/p'}]\n      responses: {'200': {description: ok}}\n", "only references inside the document"),
+        ("external.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a:\n    get:\n      parameters: [{$ref: 'other.yaml#/p'}]\n      responses: {'200': {description: ok}}\n", "other.yaml: No such file"),
+        ("url.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a:\n    get:\n      parameters: [{$ref: 'https://x.example/p.yaml#/p'}]\n      responses: {'200': {description: ok}}\n", "does not fetch documents over the network"),
         ("partial.yaml", "openapi: 3.0.3\ninfo: {title: t, version: '1'}\nservers: [{url: 'https://x.example'}]\npaths:\n  /a/{id}.json:\n    get: {responses: {'200': {description: ok}}}\n", "no operations"),
     ];
     for (name, text, says) in cases {
