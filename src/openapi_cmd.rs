@@ -222,9 +222,10 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
     };
     let mut tools: Vec<Tool> = Vec::new();
     let mut names = BTreeSet::new();
-    // One expansion budget for the whole document: references fanning out across operations
-    // are bounded as those within one.
-    let mut budget = MAX_INLINED_NODES;
+    let mut tally = Tally {
+        budget: MAX_INLINED_NODES,
+        standard_headers: 0,
+    };
     for (path, item) in paths {
         if let Some(why) = unroutable(path) {
             skipped.push(format!(
@@ -266,12 +267,27 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
                 shared: &shared,
                 operation: &operation,
             };
-            let tool = operation_tool(doc, &operation, &mut typer, &mut budget)?;
+            let tool = operation_tool(doc, &operation, &mut typer, &mut tally)?;
             skipped.extend(typer.skipped.into_iter().map(|s| format!("{name}: {s}")));
             tools.push(tool);
         }
     }
+    if tally.standard_headers > 0 {
+        skipped.push(format!(
+            "{} header parameters named Accept, Content-Type or Authorization: not arguments (OpenAPI ignores them; the agent's client and the gateway set these headers)",
+            tally.standard_headers
+        ));
+    }
     Ok(tools)
+}
+
+/// What is counted over the whole document.
+struct Tally {
+    /// Values `$ref` expansion may still make: references fanning out across operations are
+    /// bounded as those within one.
+    budget: usize,
+    /// Header parameters named Accept, Content-Type or Authorization, which OpenAPI ignores.
+    standard_headers: usize,
 }
 
 /// Why toolgate cannot route a path template as written, if it cannot.
@@ -328,7 +344,7 @@ fn operation_tool(
     doc: &Document,
     op: &Operation<'_>,
     typer: &mut Typer,
-    budget: &mut usize,
+    tally: &mut Tally,
 ) -> Result<Tool, String> {
     let Operation {
         name,
@@ -380,27 +396,18 @@ fn operation_tool(
     for parameter in &parameters {
         let pname = parameter.get("name").and_then(Value::as_str).unwrap_or("");
         let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
-        let mut schema = parameter
+        let schema = parameter
             .get("schema")
-            .map(|s| inline_within(doc, s, 0, budget))
+            .map(|s| inline_within(doc, s, 0, &mut tally.budget))
             .transpose()?
             .unwrap_or_else(|| serde_json::json!({"type": "string"}));
-        // `statuses[]` is the parameter `statuses`, a set, as toolgate reads queries.
-        let pname = pname.strip_suffix("[]").unwrap_or(pname);
-        let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
-        // A query list is a set where its items come one per name (`form`, exploded: OpenAPI's
-        // default); one value the upstream splits (`a,b`) is declared as that one text.
-        let exploded = parameter.get("explode").and_then(Value::as_bool) != Some(false)
-            && parameter
-                .get("style")
-                .and_then(Value::as_str)
-                .is_none_or(|style| style == "form");
-        if is_array && (place != "query" || !exploded) {
-            typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an array the upstream splits from one value (`a,b`): declared as that one text, which policies read whole"
-            ));
-            schema = serde_json::json!({"type": "string"});
+        if place == "header" && is_standard_header(pname) {
+            tally.standard_headers += 1;
+            continue;
         }
+        let schema = parameter_schema(parameter, schema, typer);
+        // `statuses[]` is the parameter `statuses`, as the gateway reads queries.
+        let pname = pname.strip_suffix("[]").unwrap_or(pname);
         if schema.get("type").and_then(Value::as_str) == Some("object") {
             typer.skipped.push(format!(
                 "{place} parameter `{pname}` is an object: not read from a path or query"
@@ -424,8 +431,8 @@ fn operation_tool(
                     );
                 }
             }
-            "header" if !header_argument_allowed(pname) => typer.skipped.push(format!(
-                "header parameter `{pname}`: toolgate does not forward it as the agent's (OpenAPI ignores Accept, Content-Type and Authorization; the gateway sets or drops the others it refuses, names with `_` among them)"
+            "header" if toolgate_gateway::config::header_argument_name(pname).is_err() => typer.skipped.push(format!(
+                "header parameter `{pname}`: toolgate does not forward it as the agent's (the gateway sets or drops the headers it refuses, names with `_` among them)"
             )),
             "query" | "header" => {
                 let required = parameter
@@ -468,7 +475,7 @@ fn operation_tool(
             Some((_, media)) => {
                 let schema = media
                     .get("schema")
-                    .map(|s| inline_within(doc, s, 0, budget))
+                    .map(|s| inline_within(doc, s, 0, &mut tally.budget))
                     .transpose()?
                     .unwrap_or(Value::Null);
                 let examples = request_examples(doc, media)?;
@@ -579,11 +586,40 @@ fn request_examples(doc: &Document, media: &Value) -> Result<Vec<Value>, String>
     Ok(found)
 }
 
-/// A header parameter toolgate can take as an argument and forward as decided.
-fn header_argument_allowed(name: &str) -> bool {
-    // OpenAPI ignores `in: header` parameters named Accept, Content-Type and Authorization.
-    toolgate_gateway::config::header_argument_name(name).is_ok()
-        && !name.eq_ignore_ascii_case("accept")
+/// A parameter's schema as the gateway reads the parameter: a query parameter given once per
+/// value (`a=1&a=2`, `a[]=1&a[]=2`) is a set; a list in one value (`a,b`) is that one text.
+fn parameter_schema(parameter: &Value, schema: Value, typer: &mut Typer) -> Value {
+    let name = parameter.get("name").and_then(Value::as_str).unwrap_or("");
+    let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
+    let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
+    let explode = parameter.get("explode").and_then(Value::as_bool);
+    let form = parameter
+        .get("style")
+        .and_then(Value::as_str)
+        .is_none_or(|style| style == "form");
+    // The gateway reads `a[]` as a list always. PagerDuty writes `statuses[]` with a scalar
+    // schema and `explode: true` for one value per name; an array is exploded by default.
+    let repeated = place == "query"
+        && (name.ends_with("[]")
+            || explode == Some(true)
+            || (is_array && explode != Some(false) && form));
+    match (is_array, repeated) {
+        (false, true) => serde_json::json!({"type": "array", "items": schema}),
+        (true, false) => {
+            typer.skipped.push(format!(
+                "{place} parameter `{name}` is an array the upstream splits from one value (`a,b`): declared as that one text, which policies read whole"
+            ));
+            serde_json::json!({"type": "string"})
+        }
+        _ => schema,
+    }
+}
+
+/// A header OpenAPI ignores as a parameter: the agent's client and the gateway set it.
+fn is_standard_header(name: &str) -> bool {
+    ["accept", "content-type", "authorization"]
+        .iter()
+        .any(|standard| name.eq_ignore_ascii_case(standard))
 }
 
 /// Adds an argument, unless one of that name is there already (noted).
@@ -841,11 +877,20 @@ mod declaration_tests {
     fn header_parameters_query_arrays_and_maps_are_declared() {
         let doc = json!({"paths": {"/incidents": {
             "get": {"operationId": "listIncidents", "parameters": [
-                {"name": "statuses[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
-                {"name": "ids", "in": "query", "explode": false, "schema": {"type": "array", "items": {"type": "integer"}}}
+                {"name": "service_ids[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                {"name": "ids", "in": "query", "explode": false, "schema": {"type": "array", "items": {"type": "integer"}}},
+                // PagerDuty's: one enum value per `statuses[]`.
+                {"name": "statuses[]", "in": "query", "explode": true, "schema": {"type": "string", "enum": ["triggered", "resolved"]}},
+                {"name": "urgency", "in": "query", "explode": true, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                {"name": "Accept", "in": "header", "required": true, "schema": {"type": "string"}},
+                {"name": "content-type", "in": "header", "schema": {"type": "string"}}
             ]},
             "post": {"operationId": "createIncident",
-                "parameters": [{"name": "From", "in": "header", "required": true, "schema": {"type": "string"}}],
+                "parameters": [
+                    {"name": "From", "in": "header", "required": true, "schema": {"type": "string"}},
+                    {"name": "Accept", "in": "header", "schema": {"type": "string"}}
+                ],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["incident"], "properties": {"incident": {
                         "type": "object", "required": ["type", "body"], "properties": {
@@ -859,10 +904,22 @@ mod declaration_tests {
             .iter()
             .find(|t| t.route.tool == "listIncidents")
             .unwrap();
-        // Exploded (the default), a set; `explode: false`, the one text the upstream splits.
+        // Exploded (the default), a set; `explode: false`, the one text the upstream splits;
+        // one value a name, written `name[]` or `explode: true`, a set.
         assert_eq!(
             render_record(&list.args),
-            "{ statuses?: Set<String>, ids?: String }"
+            "{ service_ids?: Set<String>, ids?: String, statuses?: Set<String>, urgency?: Set<String>, limit?: Long }"
+        );
+        // Accept and Content-Type are counted in one line, not a note each.
+        assert!(
+            !notes
+                .iter()
+                .any(|n| n.contains("`Accept`") || n.contains("`content-type`")),
+            "{notes:?}"
+        );
+        assert!(
+            notes.contains(&"3 header parameters named Accept, Content-Type or Authorization: not arguments (OpenAPI ignores them; the agent's client and the gateway set these headers)".to_string()),
+            "{notes:?}"
         );
         let create = tools
             .iter()
