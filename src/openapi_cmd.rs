@@ -9,10 +9,10 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use toolgate_policy::{ActionContext, SchemaInfo};
+use toolgate_policy::{ActionContext, AttrType, SchemaInfo};
 
 use crate::cedar_types::{
-    action_declaration, looks_sensitive, one_line, render_record, Field, Typer,
+    action_declaration, looks_sensitive, one_line, quote, render_record, Field, Typer,
 };
 
 mod document;
@@ -780,10 +780,8 @@ fn changes_since(
                 if was != now {
                     what.push(format!("{was} is now {now}"));
                 }
-                let args =
-                    |m: &BTreeMap<String, ActionContext>| m.get(&action).map(|a| a.args.clone());
-                if args(&before) != args(&after) {
-                    what.push("its arguments changed".to_string());
+                if let (Some(before), Some(after)) = (before.get(&action), after.get(&action)) {
+                    what.extend(argument_changes(before, after));
                 }
                 if !what.is_empty() {
                     changes.push(format!("changed {action}: {}", what.join("; ")));
@@ -803,6 +801,59 @@ fn changes_since(
         changes.push("no operation added, removed or changed".to_string());
     }
     Ok(Some(changes))
+}
+
+/// How one action's arguments changed: added, removed, retyped (or made optional), or only
+/// their `@sensitive`/`@json` annotations.
+fn argument_changes(before: &ActionContext, after: &ActionContext) -> Vec<String> {
+    let declared = |name: &str, (ty, required): &(AttrType, bool)| {
+        let optional = if *required { "" } else { "?" };
+        one_line(&format!("`{name}{optional}: {}`", cedar_text(ty)))
+    };
+    let mut changes = Vec::new();
+    for (name, now) in &after.args {
+        match before.args.get(name) {
+            None => changes.push(format!("argument {} added", declared(name, now))),
+            Some(was) if was != now => changes.push(format!(
+                "argument {} is now {}",
+                declared(name, was),
+                declared(name, now)
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in before.args.keys().filter(|n| !after.args.contains_key(*n)) {
+        changes.push(one_line(&format!("argument `{name}` removed")));
+    }
+    if changes.is_empty()
+        && (before.sensitive != after.sensitive || before.free_form != after.free_form)
+    {
+        changes.push("@sensitive or @json annotations of its arguments changed".to_string());
+    }
+    changes
+}
+
+/// A declared type as the schema writes it.
+fn cedar_text(ty: &AttrType) -> String {
+    match ty {
+        AttrType::Long => "Long".into(),
+        AttrType::Bool => "Bool".into(),
+        AttrType::String => "String".into(),
+        AttrType::Set(item) => format!("Set<{}>", cedar_text(item)),
+        AttrType::Record(fields) if fields.is_empty() => "{}".into(),
+        AttrType::Record(fields) => {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(name, (ty, required))| {
+                    let optional = if *required { "" } else { "?" };
+                    format!("{}{optional}: {}", quote(name), cedar_text(ty))
+                })
+                .collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        AttrType::Entity(name) => name.to_string(),
+        AttrType::Unreadable(name) | AttrType::Extension(name) => name.clone(),
+    }
 }
 
 #[cfg(test)]
