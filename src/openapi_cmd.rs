@@ -71,19 +71,8 @@ pub fn run(
         return Err(format!("--upstream `{upstream}`: a name of [A-Za-z0-9_-]"));
     }
     let doc = Document::read(spec)?;
-    let version = openapi_version(&doc.root).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let url = match url {
-        Some(url) => url.to_string(),
-        None => server_url(&doc.root).ok_or_else(|| {
-            format!(
-                "{}: no absolute http(s) server URL in `servers`: give --url",
-                spec.display()
-            )
-        })?,
-    };
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!("--url {url}: an http:// or https:// URL"));
-    }
+    openapi_version(&doc.root).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let url = base_url(&doc.root, url).map_err(|e| format!("{}: {e}", spec.display()))?;
     let mut notes = Vec::new();
     let mut tools = operations(&doc, &mut notes)?;
     if tools.is_empty() {
@@ -96,30 +85,17 @@ pub fn run(
             ));
         }
     }
-    let overrides_path = out.join(format!("{upstream}.overrides.yaml"));
+    let overrides_name = format!("{upstream}.overrides.yaml");
+    let overrides_path = out.join(&overrides_name);
     let overrides = match Overrides::read(&overrides_path)? {
         Some(overrides) => Some(overrides.apply(&mut tools)?),
         None => None,
     };
-
-    // The document's words go into comments: on one line each.
-    let origin = one_line(&format!(
-        "{} {} ({}, openapi {version}){}",
-        doc.root
-            .pointer("/info/title")
-            .and_then(Value::as_str)
-            .unwrap_or("an OpenAPI document"),
-        doc.root
-            .pointer("/info/version")
-            .and_then(Value::as_str)
-            .unwrap_or(""),
-        spec.file_name().unwrap_or_default().to_string_lossy(),
-        if overrides.is_some() {
-            format!(" with the changes in {upstream}.overrides.yaml")
-        } else {
-            String::new()
-        }
-    ));
+    let origin = origin(
+        &doc.root,
+        spec,
+        overrides.is_some().then_some(&overrides_name),
+    );
     let entry = UpstreamEntry {
         name: upstream.to_string(),
         audience: audience.unwrap_or(&url).to_string(),
@@ -141,6 +117,28 @@ pub fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The document, for the written files' comments (on one line: they are the document's
+/// words), and the overrides file when one was applied.
+fn origin(doc: &Value, spec: &Path, overrides: Option<&String>) -> String {
+    let text = |pointer: &str, default: &'static str| {
+        doc.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let mut origin = format!(
+        "{} {} ({}, openapi {})",
+        text("/info/title", "an OpenAPI document"),
+        text("/info/version", ""),
+        spec.file_name().unwrap_or_default().to_string_lossy(),
+        text("/openapi", "")
+    );
+    if let Some(overrides) = overrides {
+        origin.push_str(&format!(" with the changes in {overrides}"));
+    }
+    one_line(&origin)
 }
 
 /// What an import made, before it is written.
@@ -266,6 +264,18 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// `--url`, or else the document's first server URL; absolute http(s) either way.
+fn base_url(doc: &Value, given: Option<&str>) -> Result<String, String> {
+    let url = match given {
+        Some(url) => url.to_string(),
+        None => server_url(doc).ok_or("no absolute http(s) server URL in `servers`: give --url")?,
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("--url {url}: an http:// or https:// URL"));
+    }
+    Ok(url)
+}
+
 /// The first server's URL, its variables at their defaults, when it is absolute.
 fn server_url(doc: &Value) -> Option<String> {
     let server = doc.pointer("/servers/0")?;
@@ -311,19 +321,7 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
                 continue;
             };
             let operation = resolve(doc, operation, 0)?;
-            let base = operation
-                .get("operationId")
-                .and_then(Value::as_str)
-                .map(tool_name)
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| tool_name(&format!("{method}{path}")));
-            let mut name = base.clone();
-            for n in 2.. {
-                if names.insert(name.clone()) {
-                    break;
-                }
-                name = format!("{base}_{n}");
-            }
+            let name = unique_name(&mut names, &operation, method, path);
             let mut typer = Typer::default();
             let operation = Operation {
                 name: &name,
@@ -344,6 +342,29 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
         ));
     }
     Ok(tools)
+}
+
+/// The tool's name: its operationId (or method and path), numbered after the first use.
+fn unique_name(
+    names: &mut BTreeSet<String>,
+    operation: &Value,
+    method: &str,
+    path: &str,
+) -> String {
+    let base = operation
+        .get("operationId")
+        .and_then(Value::as_str)
+        .map(tool_name)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| tool_name(&format!("{method}{path}")));
+    let mut name = base.clone();
+    for n in 2.. {
+        if names.insert(name.clone()) {
+            break;
+        }
+        name = format!("{base}_{n}");
+    }
+    name
 }
 
 /// What is counted over the whole document.
@@ -418,18 +439,105 @@ fn operation_tool(
         shared,
         operation,
     } = *op;
+    let parameters = merged_parameters(doc, shared, operation)?;
+    let (template, renamed) = route_template(path, typer);
+
+    let Parameters {
+        mut args,
+        mut query,
+        headers,
+    } = parameter_fields(doc, &parameters, &renamed, typer, tally)?;
+
+    // The JSON body's fields, when there is a JSON object body.
+    let body = request_body(doc, operation, typer, tally)?;
+    let body_streams = matches!(body, Body::Streams);
+    let body_fields = match body {
+        Body::Fields(fields) => Some(fields),
+        Body::Unread | Body::Streams => None,
+    };
+
+    let method_upper = method.to_ascii_uppercase();
+    let query_by_default = matches!(method_upper.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
+    let mut arguments = None;
+    if body_streams {
+        args.clear();
+        query.clear();
+    }
+    match body_fields {
+        Some(fields) if query_by_default => {
+            typer.skipped.push(format!(
+                "a JSON body on {method_upper}: toolgate reads {method_upper} arguments from the query"
+            ));
+            let _ = fields;
+            for field in query {
+                add(&mut args, typer, field);
+            }
+        }
+        Some(fields) => {
+            for field in &query {
+                typer.skipped.push(format!(
+                    "query parameter `{}`: forwarded to the upstream but not seen by policies (this route reads its arguments from the JSON body)",
+                    field.name
+                ));
+            }
+            for field in fields {
+                add(&mut args, typer, field);
+            }
+        }
+        None => {
+            if !query.is_empty() && !query_by_default {
+                arguments = Some("query");
+            }
+            for field in query {
+                add(&mut args, typer, field);
+            }
+        }
+    }
+
+    let header_arguments = headers.iter().map(|f| f.name.clone()).collect();
+    for field in headers {
+        add(&mut args, typer, field);
+    }
+    let summary = operation
+        .get("summary")
+        .or_else(|| operation.get("description"))
+        .and_then(Value::as_str)
+        .map(String::from);
+    Ok(Tool {
+        route: Route {
+            tool: name.to_string(),
+            method: method_upper,
+            path: template,
+            arguments,
+            header_arguments,
+        },
+        summary,
+        args,
+    })
+}
+
+/// The path item's parameters and the operation's, an operation's replacing the path
+/// item's of the same name and place.
+fn merged_parameters(
+    doc: &Document,
+    shared: &Value,
+    operation: &Value,
+) -> Result<Vec<Value>, String> {
     let mut parameters: Vec<Value> = Vec::new();
     for list in [shared, operation.get("parameters").unwrap_or(&Value::Null)] {
         for parameter in list.as_array().into_iter().flatten() {
             let parameter = resolve(doc, parameter, 0)?;
             let key = |p: &Value| (p.get("name").cloned(), p.get("in").cloned());
-            // An operation's parameter replaces the path item's of the same name and place.
             parameters.retain(|p| key(p) != key(&parameter));
             parameters.push(parameter);
         }
     }
-    // toolgate's template names are [A-Za-z0-9_]: others are renamed (the upstream never sees
-    // them, only the segments).
+    Ok(parameters)
+}
+
+/// toolgate's route template for a path, and the path parameters' names in it: toolgate's
+/// are [A-Za-z0-9_], others are renamed (the upstream never sees them, only the segments).
+fn route_template(path: &str, typer: &mut Typer) -> (String, BTreeMap<String, String>) {
     let mut template = String::new();
     let mut renamed = BTreeMap::new();
     for segment in path.split('/').filter(|s| !s.is_empty()) {
@@ -454,11 +562,27 @@ fn operation_tool(
     if template.is_empty() {
         template.push('/');
     }
+    (template, renamed)
+}
 
+/// An operation's parameters as arguments: the path's (in `args`), the query's, the headers'.
+struct Parameters {
+    args: Vec<Field>,
+    query: Vec<Field>,
+    headers: Vec<Field>,
+}
+
+fn parameter_fields(
+    doc: &Document,
+    parameters: &[Value],
+    renamed: &BTreeMap<String, String>,
+    typer: &mut Typer,
+    tally: &mut Tally,
+) -> Result<Parameters, String> {
     let mut args: Vec<Field> = Vec::new();
     let mut query = Vec::new();
     let mut headers = Vec::new();
-    for parameter in &parameters {
+    for parameter in parameters {
         let pname = parameter.get("name").and_then(Value::as_str).unwrap_or("");
         let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
         let schema = parameter
@@ -521,118 +645,79 @@ fn operation_tool(
             )),
         }
     }
-
-    // The JSON body's fields, when there is a JSON object body.
-    let mut body_fields = None;
-    let mut body_streams = false;
-    if let Some(body) = operation.get("requestBody") {
-        let body = resolve(doc, body, 0)?;
-        let body_required = body
-            .get("required")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let content = body.get("content").and_then(Value::as_object);
-        let json = content.and_then(|c| {
-            c.iter()
-                .find(|(media, _)| *media == "application/json" || media.ends_with("+json"))
-        });
-        match json {
-            Some((_, media)) => {
-                let schema = media
-                    .get("schema")
-                    .map(|s| inline_within(doc, s, 0, &mut tally.budget))
-                    .transpose()?
-                    .unwrap_or(Value::Null);
-                let examples = request_examples(doc, media)?;
-                let schema = examples::with_examples(schema, &examples, &mut typer.skipped);
-                let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
-                    || schema.get("properties").is_some()
-                    || schema.get("allOf").is_some();
-                if is_object {
-                    let fields = typer
-                        .fields(&schema, "body", 1)
-                        .into_iter()
-                        .map(|f| Field {
-                            required: f.required && body_required,
-                            ..f
-                        })
-                        .collect::<Vec<_>>();
-                    body_fields = Some(fields);
-                } else {
-                    typer.skipped.push(
-                        "the JSON body is not an object: toolgate refuses a JSON body that is not an object (400), and streams a body of another type unread".into(),
-                    );
-                }
-            }
-            None => {
-                let media: Vec<&String> = content.into_iter().flat_map(|c| c.keys()).collect();
-                typer.skipped.push(format!(
-                    "a body of type {}: no arguments are declared, so it streams to the upstream unread (and its path and query parameters are not seen by policies)",
-                    media.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(" or ")
-                ));
-                body_streams = true;
-            }
-        }
-    }
-
-    let method_upper = method.to_ascii_uppercase();
-    let query_by_default = matches!(method_upper.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
-    let mut arguments = None;
-    if body_streams {
-        args.clear();
-        query.clear();
-    }
-    match body_fields {
-        Some(fields) if query_by_default => {
-            typer.skipped.push(format!(
-                "a JSON body on {method_upper}: toolgate reads {method_upper} arguments from the query"
-            ));
-            let _ = fields;
-            for field in query {
-                add(&mut args, typer, field);
-            }
-        }
-        Some(fields) => {
-            for field in &query {
-                typer.skipped.push(format!(
-                    "query parameter `{}`: forwarded to the upstream but not seen by policies (this route reads its arguments from the JSON body)",
-                    field.name
-                ));
-            }
-            for field in fields {
-                add(&mut args, typer, field);
-            }
-        }
-        None => {
-            if !query.is_empty() && !query_by_default {
-                arguments = Some("query");
-            }
-            for field in query {
-                add(&mut args, typer, field);
-            }
-        }
-    }
-
-    let header_arguments = headers.iter().map(|f| f.name.clone()).collect();
-    for field in headers {
-        add(&mut args, typer, field);
-    }
-    let summary = operation
-        .get("summary")
-        .or_else(|| operation.get("description"))
-        .and_then(Value::as_str)
-        .map(String::from);
-    Ok(Tool {
-        route: Route {
-            tool: name.to_string(),
-            method: method_upper,
-            path: template,
-            arguments,
-            header_arguments,
-        },
-        summary,
+    Ok(Parameters {
         args,
+        query,
+        headers,
     })
+}
+
+/// What an operation's request body gives its tool.
+enum Body {
+    /// No body, or a JSON one that is not an object.
+    Unread,
+    /// A JSON object: its fields are arguments.
+    Fields(Vec<Field>),
+    /// Another media type: it streams to the upstream unread.
+    Streams,
+}
+
+fn request_body(
+    doc: &Document,
+    operation: &Value,
+    typer: &mut Typer,
+    tally: &mut Tally,
+) -> Result<Body, String> {
+    let Some(body) = operation.get("requestBody") else {
+        return Ok(Body::Unread);
+    };
+    let body = resolve(doc, body, 0)?;
+    let body_required = body
+        .get("required")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let content = body.get("content").and_then(Value::as_object);
+    let json = content.and_then(|c| {
+        c.iter()
+            .find(|(media, _)| *media == "application/json" || media.ends_with("+json"))
+    });
+    let Some((_, media)) = json else {
+        let media: Vec<&str> = content
+            .into_iter()
+            .flat_map(|c| c.keys())
+            .map(String::as_str)
+            .collect();
+        typer.skipped.push(format!(
+            "a body of type {}: no arguments are declared, so it streams to the upstream unread (and its path and query parameters are not seen by policies)",
+            media.join(" or ")
+        ));
+        return Ok(Body::Streams);
+    };
+    let schema = media
+        .get("schema")
+        .map(|s| inline_within(doc, s, 0, &mut tally.budget))
+        .transpose()?
+        .unwrap_or(Value::Null);
+    let examples = request_examples(doc, media)?;
+    let schema = examples::with_examples(schema, &examples, &mut typer.skipped);
+    let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
+        || schema.get("properties").is_some()
+        || schema.get("allOf").is_some();
+    if !is_object {
+        typer.skipped.push(
+            "the JSON body is not an object: toolgate refuses a JSON body that is not an object (400), and streams a body of another type unread".into(),
+        );
+        return Ok(Body::Unread);
+    }
+    let fields = typer
+        .fields(&schema, "body", 1)
+        .into_iter()
+        .map(|f| Field {
+            required: f.required && body_required,
+            ..f
+        })
+        .collect();
+    Ok(Body::Fields(fields))
 }
 
 /// The media type's example requests: `example`, and the `value` of each of `examples`.

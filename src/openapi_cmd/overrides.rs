@@ -255,7 +255,7 @@ mod tests {
             serde_json::json!({"tools": {"create": {"add": {"x": "Set<"}}}}),
         )
         .unwrap();
-        let err = bad.apply(&mut tools).err().expect("refused");
+        let err = bad.apply(&mut tools).expect_err("refused");
         assert!(err.contains("not a Cedar type"), "{err}");
         let smuggled: Overrides = serde_json::from_value(serde_json::json!({"tools": {"create": {
             "add": {"x": "String }; entity Evil = { y: Long"}
