@@ -72,7 +72,7 @@ pub fn run(
     }
     let doc = Document::read(spec)?;
     openapi_version(&doc.root).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let url = base_url(&doc.root, url).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let url = base_url(&doc.root, spec, url)?;
     let mut notes = Vec::new();
     let mut tools = operations(&doc, &mut notes)?;
     if tools.is_empty() {
@@ -251,7 +251,7 @@ fn openapi_version(doc: &Value) -> Result<&str, String> {
     Err(match doc.get("swagger") {
         Some(swagger) => format!(
             "Swagger {}: only OpenAPI 3.0 and 3.1 documents are read: convert it first (e.g. `npx swagger2openapi SPEC -o openapi.yaml`) and import the result",
-            one_line(&swagger.to_string())
+            one_line(&swagger.as_str().map_or_else(|| swagger.to_string(), String::from))
         ),
         None => format!(
             "openapi `{}`: only OpenAPI 3.0 and 3.1 documents are read",
@@ -265,10 +265,15 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// `--url`, or else the document's first server URL; absolute http(s) either way.
-fn base_url(doc: &Value, given: Option<&str>) -> Result<String, String> {
+fn base_url(doc: &Value, spec: &Path, given: Option<&str>) -> Result<String, String> {
     let url = match given {
         Some(url) => url.to_string(),
-        None => server_url(doc).ok_or("no absolute http(s) server URL in `servers`: give --url")?,
+        None => server_url(doc).ok_or_else(|| {
+            format!(
+                "{}: no absolute http(s) server URL in `servers`: give --url",
+                spec.display()
+            )
+        })?,
     };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(format!("--url {url}: an http:// or https:// URL"));
