@@ -45,13 +45,11 @@ pub struct Typer {
 }
 
 impl Typer {
-    /// The properties of an object schema as Cedar attributes (`allOf` parts merged).
+    /// The properties of an object schema as Cedar attributes (`allOf` parts merged, at any
+    /// depth).
     pub fn fields(&mut self, schema: &Value, at: &str, depth: usize) -> Vec<Field> {
         let mut fields = Vec::new();
-        let parts: Vec<&Value> = match schema.get("allOf").and_then(Value::as_array) {
-            Some(parts) => parts.iter().chain([schema]).collect(),
-            None => vec![schema],
-        };
+        let parts = all_of_parts(schema, 0);
         let required: Vec<&str> = parts
             .iter()
             .filter_map(|p| p.get("required").and_then(Value::as_array))
@@ -66,15 +64,38 @@ impl Typer {
                 if fields.iter().any(|f: &Field| &f.name == name) {
                     continue;
                 }
+                // readOnly says the server sets it in its answers, not that a request never
+                // carries it: a reference's readOnly `id` (PagerDuty's `service: {id, type}`,
+                // Asana's `memberships[].section.gid`) is what the request sends to name the
+                // object. Declared, then, and optional: OpenAPI applies `required` to it in
+                // responses only.
+                let read_only = prop.get("readOnly").and_then(Value::as_bool) == Some(true);
                 if let Some(ty) = self.cedar_type(prop, &format!("{at}.{name}"), depth) {
                     fields.push(Field {
                         name: name.clone(),
-                        required: required.contains(&name.as_str()),
+                        required: required.contains(&name.as_str()) && !read_only,
                         ty,
                         sensitive: looks_sensitive(name, prop),
                     });
                 }
             }
+        }
+        for name in required {
+            if fields.iter().any(|f| f.name == name) {
+                continue;
+            }
+            // The document disagrees with itself (Box's `lock` requires a `type` it never
+            // describes): declared, so a call sending it is not refused, and optional, so one
+            // leaving it out is not denied on the document's word.
+            self.skipped.push(format!(
+                "{at}.{name}: required but not described: declared as an optional String"
+            ));
+            fields.push(Field {
+                name: name.to_string(),
+                required: false,
+                ty: "String".into(),
+                sensitive: looks_sensitive(name, &Value::Null),
+            });
         }
         fields
     }
@@ -154,6 +175,24 @@ impl Typer {
             }
         })
     }
+}
+
+/// An object schema's parts: those of its `allOf`, theirs at any depth, then its own (in
+/// that order, the first to name a property declares it).
+pub fn all_of_parts(schema: &Value, depth: usize) -> Vec<&Value> {
+    let mut parts = Vec::new();
+    if depth <= MAX_DEPTH {
+        for part in schema
+            .get("allOf")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            parts.extend(all_of_parts(part, depth + 1));
+        }
+    }
+    parts.push(schema);
+    parts
 }
 
 /// `{ a: Long, b?: String }`.
@@ -313,6 +352,34 @@ mod tests {
         assert_eq!(
             typer.skipped,
             ["op.either: oneOf of several types: policies read it as its JSON text (@json)"]
+        );
+    }
+
+    #[test]
+    fn references_keep_their_read_only_ids_and_undescribed_required_names() {
+        // PagerDuty's ServiceReference: allOf [Reference (allOf [Tag's part, required]), type].
+        let reference = json!({"allOf": [
+            {"allOf": [
+                {"type": "object", "properties": {
+                    "id": {"type": "string", "readOnly": true},
+                    "summary": {"type": "string", "readOnly": true}
+                }},
+                {"type": "object", "required": ["type", "id"]}
+            ]},
+            {"type": "object", "properties": {"type": {"type": "string"}}}
+        ]});
+        let body = json!({"type": "object", "required": ["service", "kind"], "properties": {
+            "service": reference,
+            "title": {"type": "string"}
+        }});
+        let mut typer = Typer::default();
+        assert_eq!(
+            render_record(&typer.fields(&body, "body", 0)),
+            "{ service: { id?: String, summary?: String, type: String }, title?: String, kind?: String }"
+        );
+        assert_eq!(
+            typer.skipped,
+            ["body.kind: required but not described: declared as an optional String"]
         );
     }
 }

@@ -4,22 +4,27 @@
 //! reported; a re-run on a newer document reports what changed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use toolgate_policy::{ActionContext, SchemaInfo};
+use toolgate_policy::{ActionContext, AttrType, SchemaInfo};
 
 use crate::cedar_types::{
-    action_declaration, looks_sensitive, one_line, render_record, Field, Typer,
+    action_declaration, looks_sensitive, one_line, quote, render_record, Field, Typer,
 };
+
+mod document;
+mod examples;
+mod overrides;
+
+use document::{yaml_to_json, Document, MAX_REF_DEPTH};
+use overrides::Overrides;
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
-/// `$ref`s followed inside one another at most this deep (a recursive schema stops there).
-const MAX_REF_DEPTH: usize = 16;
 
 #[derive(Serialize)]
 struct UpstreamEntry {
@@ -65,24 +70,205 @@ pub fn run(
     {
         return Err(format!("--upstream `{upstream}`: a name of [A-Za-z0-9_-]"));
     }
-    let text = std::fs::read_to_string(spec).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let yaml: serde_norway::Value =
-        serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
-    let doc = yaml_to_json(yaml);
-    let version = doc.get("openapi").and_then(Value::as_str).unwrap_or("");
-    if !(version.starts_with("3.0.") || version.starts_with("3.1.")) {
-        let seen = doc
-            .get("swagger")
-            .map(|v| format!("Swagger {v}"))
-            .unwrap_or_else(|| format!("openapi `{version}`"));
-        return Err(format!(
-            "{}: {seen}: only OpenAPI 3.0 and 3.1 documents are read",
-            spec.display()
-        ));
+    let doc = Document::read(spec)?;
+    openapi_version(&doc.root).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let url = base_url(&doc.root, spec, url)?;
+    let mut notes = Vec::new();
+    let mut tools = operations(&doc, &mut notes)?;
+    if tools.is_empty() {
+        return Err(format!("{}: no operations under `paths`", spec.display()));
     }
-    let url = match url {
+    if let Some(webhooks) = doc.root.get("webhooks").and_then(Value::as_object) {
+        for name in webhooks.keys() {
+            notes.push(format!(
+                "webhook `{name}`: the API calls out, not an operation an agent calls"
+            ));
+        }
+    }
+    let overrides_name = format!("{upstream}.overrides.yaml");
+    let overrides_path = out.join(&overrides_name);
+    let overrides = match Overrides::read(&overrides_path)? {
+        Some(overrides) => Some(overrides.apply(&mut tools)?),
+        None => None,
+    };
+    let origin = origin(
+        &doc.root,
+        spec,
+        overrides.is_some().then_some(&overrides_name),
+    );
+    let entry = UpstreamEntry {
+        name: upstream.to_string(),
+        audience: audience.unwrap_or(&url).to_string(),
+        url,
+        kind: "rest",
+        routes: tools.iter().map(|t| t.route.clone()).collect(),
+    };
+    let imported = Imported {
+        upstream,
+        origin: &origin,
+        tools: &tools,
+    };
+    let written = imported.write(&entry, out)?;
+    imported.report(&written, &notes);
+    if let Some(conflicts) = overrides {
+        println!("applied {}", overrides_path.display());
+        for line in conflicts {
+            println!("  {}", one_line(&line));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The document, for the written files' comments (on one line: they are the document's
+/// words), and the overrides file when one was applied.
+fn origin(doc: &Value, spec: &Path, overrides: Option<&String>) -> String {
+    let text = |pointer: &str, default: &'static str| {
+        doc.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let mut origin = format!(
+        "{} {} ({}, openapi {})",
+        text("/info/title", "an OpenAPI document"),
+        text("/info/version", ""),
+        spec.file_name().unwrap_or_default().to_string_lossy(),
+        text("/openapi", "")
+    );
+    if let Some(overrides) = overrides {
+        origin.push_str(&format!(" with the changes in {overrides}"));
+    }
+    one_line(&origin)
+}
+
+/// What an import made, before it is written.
+struct Imported<'a> {
+    upstream: &'a str,
+    /// The document, for the files' comments.
+    origin: &'a str,
+    tools: &'a [Tool],
+}
+
+/// What an import wrote.
+struct Written {
+    routes: PathBuf,
+    schema: PathBuf,
+    policies: PathBuf,
+    /// The starter policies were written (there were none).
+    starter: bool,
+    /// Since the files of a previous import, if there were some.
+    changes: Option<Vec<String>>,
+}
+
+impl Imported<'_> {
+    fn schema(&self) -> Result<String, String> {
+        let mut schema = format!(
+            "// Generated by `toolgate import openapi` from {}: one action per operation.\nnamespace Toolgate {{\n",
+            self.origin
+        );
+        for tool in self.tools {
+            schema.push_str(&action_declaration(
+                &format!("{}/{}", self.upstream, tool.route.tool),
+                tool.summary.as_deref(),
+                &render_record(&tool.args),
+            ));
+        }
+        schema.push_str("}\n");
+        if schema.len() > MAX_SCHEMA_BYTES {
+            return Err(format!(
+                "the schema would be {} MiB, more than {} MiB: the document's types fan out too far",
+                schema.len() >> 20,
+                MAX_SCHEMA_BYTES >> 20
+            ));
+        }
+        Ok(schema)
+    }
+
+    fn write(&self, entry: &UpstreamEntry, out: &Path) -> Result<Written, String> {
+        let routes_yaml = format!(
+            "# Generated by `toolgate import openapi` from {}.\n# A list with one upstream: put the entry under `upstreams:` in the config.\n{}",
+            self.origin,
+            serde_norway::to_string(&vec![entry]).map_err(|e| e.to_string())?
+        );
+        let schema = self.schema()?;
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let upstream = self.upstream;
+        let routes = out.join(format!("{upstream}.upstream.yaml"));
+        let schema_path = out.join(format!("{upstream}.cedarschema"));
+        let policies = out.join(format!("{upstream}.cedar"));
+        let changes = changes_since(&routes, &schema_path, upstream, self.tools, &schema)?;
+        write(&routes, &routes_yaml)?;
+        write(&schema_path, &schema)?;
+        // The team's own policies are never overwritten.
+        let starter = !policies.exists();
+        if starter {
+            write(&policies, &starter_policies(upstream, self.tools))?;
+        }
+        Ok(Written {
+            routes,
+            schema: schema_path,
+            policies,
+            starter,
+            changes,
+        })
+    }
+
+    fn report(&self, written: &Written, notes: &[String]) {
+        println!(
+            "imported {} operations of {} as upstream `{}`",
+            self.tools.len(),
+            self.origin,
+            self.upstream
+        );
+        println!("wrote {}", written.routes.display());
+        println!("wrote {}", written.schema.display());
+        if written.starter {
+            println!("wrote {} (permits nothing yet)", written.policies.display());
+        } else {
+            println!("kept {} (your policies)", written.policies.display());
+        }
+        if !notes.is_empty() {
+            println!("notes (read as JSON text where Cedar has no type; left out where toolgate does not read it):");
+            for line in notes {
+                println!("  {line}");
+            }
+        }
+        if let Some(changes) = &written.changes {
+            println!("since the last import:");
+            for line in changes {
+                println!("  {line}");
+            }
+        }
+    }
+}
+
+/// The document's OpenAPI version, 3.0 or 3.1; anything else is refused, saying what to do.
+fn openapi_version(doc: &Value) -> Result<&str, String> {
+    let version = doc.get("openapi").and_then(Value::as_str).unwrap_or("");
+    if version.starts_with("3.0.") || version.starts_with("3.1.") {
+        return Ok(version);
+    }
+    Err(match doc.get("swagger") {
+        Some(swagger) => format!(
+            "Swagger {}: only OpenAPI 3.0 and 3.1 documents are read: convert it first (e.g. `npx swagger2openapi SPEC -o openapi.yaml`) and import the result",
+            one_line(&swagger.as_str().map_or_else(|| swagger.to_string(), String::from))
+        ),
+        None => format!(
+            "openapi `{}`: only OpenAPI 3.0 and 3.1 documents are read",
+            one_line(version)
+        ),
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `--url`, or else the document's first server URL; absolute http(s) either way.
+fn base_url(doc: &Value, spec: &Path, given: Option<&str>) -> Result<String, String> {
+    let url = match given {
         Some(url) => url.to_string(),
-        None => server_url(&doc).ok_or_else(|| {
+        None => server_url(doc).ok_or_else(|| {
             format!(
                 "{}: no absolute http(s) server URL in `servers`: give --url",
                 spec.display()
@@ -92,103 +278,7 @@ pub fn run(
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(format!("--url {url}: an http:// or https:// URL"));
     }
-    let mut skipped = Vec::new();
-    let tools = operations(&doc, &mut skipped)?;
-    if tools.is_empty() {
-        return Err(format!("{}: no operations under `paths`", spec.display()));
-    }
-    if let Some(webhooks) = doc.get("webhooks").and_then(Value::as_object) {
-        for name in webhooks.keys() {
-            skipped.push(format!(
-                "webhook `{name}`: the API calls out, not an operation an agent calls"
-            ));
-        }
-    }
-
-    let title = doc
-        .pointer("/info/title")
-        .and_then(Value::as_str)
-        .unwrap_or("an OpenAPI document");
-    let doc_version = doc
-        .pointer("/info/version")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    // The document's words go into comments: on one line each.
-    let origin = one_line(&format!(
-        "{title} {doc_version} ({}, openapi {version})",
-        spec.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let entry = UpstreamEntry {
-        name: upstream.to_string(),
-        audience: audience.unwrap_or(&url).to_string(),
-        url,
-        kind: "rest",
-        routes: tools.iter().map(|t| t.route.clone()).collect(),
-    };
-    let routes_yaml = format!(
-        "# Generated by `toolgate import openapi` from {origin}.\n# A list with one upstream: put the entry under `upstreams:` in the config.\n{}",
-        serde_norway::to_string(&vec![entry]).map_err(|e| e.to_string())?
-    );
-    let mut schema = format!(
-        "// Generated by `toolgate import openapi` from {origin}: one action per operation.\nnamespace Toolgate {{\n"
-    );
-    for tool in &tools {
-        schema.push_str(&action_declaration(
-            &format!("{upstream}/{}", tool.route.tool),
-            tool.summary.as_deref(),
-            &render_record(&tool.args),
-        ));
-    }
-    schema.push_str("}\n");
-    if schema.len() > MAX_SCHEMA_BYTES {
-        return Err(format!(
-            "the schema would be {} MiB, more than {} MiB: the document's types fan out too far",
-            schema.len() >> 20,
-            MAX_SCHEMA_BYTES >> 20
-        ));
-    }
-
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let routes_path = out.join(format!("{upstream}.upstream.yaml"));
-    let schema_path = out.join(format!("{upstream}.cedarschema"));
-    let policy_path = out.join(format!("{upstream}.cedar"));
-    let changes = changes_since(&routes_path, &schema_path, upstream, &tools, &schema)?;
-    write(&routes_path, &routes_yaml)?;
-    write(&schema_path, &schema)?;
-    // The team's own policies are never overwritten.
-    let starter = !policy_path.exists();
-    if starter {
-        write(&policy_path, &starter_policies(upstream, &tools))?;
-    }
-
-    println!(
-        "imported {} operations of {origin} as upstream `{upstream}`",
-        tools.len()
-    );
-    println!("wrote {}", routes_path.display());
-    println!("wrote {}", schema_path.display());
-    if starter {
-        println!("wrote {} (permits nothing yet)", policy_path.display());
-    } else {
-        println!("kept {} (your policies)", policy_path.display());
-    }
-    if !skipped.is_empty() {
-        println!("notes (read as JSON text where Cedar has no type; left out where toolgate does not read it):");
-        for line in &skipped {
-            println!("  {line}");
-        }
-    }
-    if let Some(changes) = changes {
-        println!("since the last import:");
-        for line in changes {
-            println!("  {line}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    Ok(url)
 }
 
 /// The first server's URL, its variables at their defaults, when it is absolute.
@@ -206,15 +296,16 @@ fn server_url(doc: &Value) -> Option<String> {
 }
 
 /// Every operation under `paths`, in path order, then method order.
-fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, String> {
-    let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
+fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, String> {
+    let Some(paths) = doc.root.get("paths").and_then(Value::as_object) else {
         return Ok(Vec::new());
     };
     let mut tools: Vec<Tool> = Vec::new();
     let mut names = BTreeSet::new();
-    // One expansion budget for the whole document: references fanning out across operations
-    // are bounded as those within one.
-    let mut budget = MAX_INLINED_NODES;
+    let mut tally = Tally {
+        budget: MAX_INLINED_NODES,
+        standard_headers: 0,
+    };
     for (path, item) in paths {
         if let Some(why) = unroutable(path) {
             skipped.push(format!(
@@ -235,19 +326,7 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
                 continue;
             };
             let operation = resolve(doc, operation, 0)?;
-            let base = operation
-                .get("operationId")
-                .and_then(Value::as_str)
-                .map(tool_name)
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| tool_name(&format!("{method}{path}")));
-            let mut name = base.clone();
-            for n in 2.. {
-                if names.insert(name.clone()) {
-                    break;
-                }
-                name = format!("{base}_{n}");
-            }
+            let name = unique_name(&mut names, &operation, method, path);
             let mut typer = Typer::default();
             let operation = Operation {
                 name: &name,
@@ -256,12 +335,50 @@ fn operations(doc: &Value, skipped: &mut Vec<String>) -> Result<Vec<Tool>, Strin
                 shared: &shared,
                 operation: &operation,
             };
-            let tool = operation_tool(doc, &operation, &mut typer, &mut budget)?;
+            let tool = operation_tool(doc, &operation, &mut typer, &mut tally)?;
             skipped.extend(typer.skipped.into_iter().map(|s| format!("{name}: {s}")));
             tools.push(tool);
         }
     }
+    if tally.standard_headers > 0 {
+        skipped.push(format!(
+            "{} header parameters named Accept, Content-Type or Authorization: not arguments (OpenAPI ignores them; the agent's client and the gateway set these headers)",
+            tally.standard_headers
+        ));
+    }
     Ok(tools)
+}
+
+/// The tool's name: its operationId (or method and path), numbered after the first use.
+fn unique_name(
+    names: &mut BTreeSet<String>,
+    operation: &Value,
+    method: &str,
+    path: &str,
+) -> String {
+    let base = operation
+        .get("operationId")
+        .and_then(Value::as_str)
+        .map(tool_name)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| tool_name(&format!("{method}{path}")));
+    let mut name = base.clone();
+    for n in 2.. {
+        if names.insert(name.clone()) {
+            break;
+        }
+        name = format!("{base}_{n}");
+    }
+    name
+}
+
+/// What is counted over the whole document.
+struct Tally {
+    /// Values `$ref` expansion may still make: references fanning out across operations are
+    /// bounded as those within one.
+    budget: usize,
+    /// Header parameters named Accept, Content-Type or Authorization, which OpenAPI ignores.
+    standard_headers: usize,
 }
 
 /// Why toolgate cannot route a path template as written, if it cannot.
@@ -271,6 +388,10 @@ fn unroutable(path: &str) -> Option<&'static str> {
     }
     if path.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Some("control characters or spaces");
+    }
+    if path.contains('#') {
+        // Slack and Box describe variants of one operation as `/path#variant`.
+        return Some("it has a #fragment, which HTTP never sends: its operations could not be told apart from those of the path without it");
     }
     let partial = path.split('/').any(|segment| {
         let whole = segment.starts_with('{')
@@ -311,10 +432,10 @@ struct Operation<'a> {
 }
 
 fn operation_tool(
-    doc: &Value,
+    doc: &Document,
     op: &Operation<'_>,
     typer: &mut Typer,
-    budget: &mut usize,
+    tally: &mut Tally,
 ) -> Result<Tool, String> {
     let Operation {
         name,
@@ -323,169 +444,22 @@ fn operation_tool(
         shared,
         operation,
     } = *op;
-    let mut parameters: Vec<Value> = Vec::new();
-    for list in [shared, operation.get("parameters").unwrap_or(&Value::Null)] {
-        for parameter in list.as_array().into_iter().flatten() {
-            let parameter = resolve(doc, parameter, 0)?;
-            let key = |p: &Value| (p.get("name").cloned(), p.get("in").cloned());
-            // An operation's parameter replaces the path item's of the same name and place.
-            parameters.retain(|p| key(p) != key(&parameter));
-            parameters.push(parameter);
-        }
-    }
-    // toolgate's template names are [A-Za-z0-9_]: others are renamed (the upstream never sees
-    // them, only the segments).
-    let mut template = String::new();
-    let mut renamed = BTreeMap::new();
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        template.push('/');
-        match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            Some(param) => {
-                let safe: String = param
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                if safe != param {
-                    typer
-                        .skipped
-                        .push(format!("path parameter `{param}` is named `{safe}`"));
-                }
-                template.push_str(&format!("{{{safe}}}"));
-                renamed.insert(param.to_string(), safe);
-            }
-            None => template.push_str(segment),
-        }
-    }
-    if template.is_empty() {
-        template.push('/');
-    }
+    let parameters = merged_parameters(doc, shared, operation)?;
+    let (template, renamed) = route_template(path, typer);
 
-    let mut args: Vec<Field> = Vec::new();
-    let mut query = Vec::new();
-    let mut headers = Vec::new();
-    for parameter in &parameters {
-        let pname = parameter.get("name").and_then(Value::as_str).unwrap_or("");
-        let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
-        let mut schema = parameter
-            .get("schema")
-            .map(|s| inline_within(doc, s, 0, budget))
-            .transpose()?
-            .unwrap_or_else(|| serde_json::json!({"type": "string"}));
-        // `statuses[]` is the parameter `statuses`, a set, as toolgate reads queries.
-        let pname = pname.strip_suffix("[]").unwrap_or(pname);
-        let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
-        // A query list is a set where its items come one per name (`form`, exploded: OpenAPI's
-        // default); one value the upstream splits (`a,b`) is declared as that one text.
-        let exploded = parameter.get("explode").and_then(Value::as_bool) != Some(false)
-            && parameter
-                .get("style")
-                .and_then(Value::as_str)
-                .is_none_or(|style| style == "form");
-        if is_array && (place != "query" || !exploded) {
-            typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an array the upstream splits from one value (`a,b`): declared as that one text, which policies read whole"
-            ));
-            schema = serde_json::json!({"type": "string"});
-        }
-        if schema.get("type").and_then(Value::as_str) == Some("object") {
-            typer.skipped.push(format!(
-                "{place} parameter `{pname}` is an object: not read from a path or query"
-            ));
-            continue;
-        }
-        match place {
-            "path" => {
-                let Some(safe) = renamed.get(pname) else {
-                    typer
-                        .skipped
-                        .push(format!("path parameter `{pname}` is not in the path"));
-                    continue;
-                };
-                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
-                    let sensitive = looks_sensitive(pname, &schema);
-                    add(
-                        &mut args,
-                        typer,
-                        Field { name: safe.clone(), required: true, ty, sensitive },
-                    );
-                }
-            }
-            "header" if !header_argument_allowed(pname) => typer.skipped.push(format!(
-                "header parameter `{pname}`: toolgate does not forward it as the agent's (OpenAPI ignores Accept, Content-Type and Authorization; the gateway sets or drops the others it refuses, names with `_` among them)"
-            )),
-            "query" | "header" => {
-                let required = parameter
-                    .get("required")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
-                    let sensitive = looks_sensitive(pname, &schema);
-                    let field = Field { name: pname.to_string(), required, ty, sensitive };
-                    match place {
-                        "query" => query.push(field),
-                        _ => headers.push(field),
-                    }
-                }
-            }
-            "cookie" => typer.skipped.push(format!(
-                "cookie parameter `{pname}`: toolgate never forwards cookies, so calls that need it fail"
-            )),
-            other => typer.skipped.push(format!(
-                "{other} parameter `{pname}`: toolgate does not read it, so calls that need it fail"
-            )),
-        }
-    }
+    let Parameters {
+        mut args,
+        mut query,
+        headers,
+    } = parameter_fields(doc, &parameters, &renamed, typer, tally)?;
 
     // The JSON body's fields, when there is a JSON object body.
-    let mut body_fields = None;
-    let mut body_streams = false;
-    if let Some(body) = operation.get("requestBody") {
-        let body = resolve(doc, body, 0)?;
-        let body_required = body
-            .get("required")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let content = body.get("content").and_then(Value::as_object);
-        let json = content.and_then(|c| {
-            c.iter()
-                .find(|(media, _)| *media == "application/json" || media.ends_with("+json"))
-        });
-        match json {
-            Some((_, media)) => {
-                let schema = media
-                    .get("schema")
-                    .map(|s| inline_within(doc, s, 0, budget))
-                    .transpose()?
-                    .unwrap_or(Value::Null);
-                let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
-                    || schema.get("properties").is_some()
-                    || schema.get("allOf").is_some();
-                if is_object {
-                    let fields = typer
-                        .fields(&schema, "body", 1)
-                        .into_iter()
-                        .map(|f| Field {
-                            required: f.required && body_required,
-                            ..f
-                        })
-                        .collect::<Vec<_>>();
-                    body_fields = Some(fields);
-                } else {
-                    typer.skipped.push(
-                        "the JSON body is not an object: toolgate refuses a JSON body that is not an object (400), and streams a body of another type unread".into(),
-                    );
-                }
-            }
-            None => {
-                let media: Vec<&String> = content.into_iter().flat_map(|c| c.keys()).collect();
-                typer.skipped.push(format!(
-                    "a body of type {}: no arguments are declared, so it streams to the upstream unread (and its path and query parameters are not seen by policies)",
-                    media.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(" or ")
-                ));
-                body_streams = true;
-            }
-        }
-    }
+    let body = request_body(doc, operation, typer, tally)?;
+    let body_streams = matches!(body, Body::Streams);
+    let body_fields = match body {
+        Body::Fields(fields) => Some(fields),
+        Body::Unread | Body::Streams => None,
+    };
 
     let method_upper = method.to_ascii_uppercase();
     let query_by_default = matches!(method_upper.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS");
@@ -547,11 +521,260 @@ fn operation_tool(
     })
 }
 
-/// A header parameter toolgate can take as an argument and forward as decided.
-fn header_argument_allowed(name: &str) -> bool {
-    // OpenAPI ignores `in: header` parameters named Accept, Content-Type and Authorization.
-    toolgate_gateway::config::header_argument_name(name).is_ok()
-        && !name.eq_ignore_ascii_case("accept")
+/// The path item's parameters and the operation's, an operation's replacing the path
+/// item's of the same name and place.
+fn merged_parameters(
+    doc: &Document,
+    shared: &Value,
+    operation: &Value,
+) -> Result<Vec<Value>, String> {
+    let mut parameters: Vec<Value> = Vec::new();
+    for list in [shared, operation.get("parameters").unwrap_or(&Value::Null)] {
+        for parameter in list.as_array().into_iter().flatten() {
+            let parameter = resolve(doc, parameter, 0)?;
+            let key = |p: &Value| (p.get("name").cloned(), p.get("in").cloned());
+            parameters.retain(|p| key(p) != key(&parameter));
+            parameters.push(parameter);
+        }
+    }
+    Ok(parameters)
+}
+
+/// toolgate's route template for a path, and the path parameters' names in it: toolgate's
+/// are [A-Za-z0-9_], others are renamed (the upstream never sees them, only the segments).
+fn route_template(path: &str, typer: &mut Typer) -> (String, BTreeMap<String, String>) {
+    let mut template = String::new();
+    let mut renamed = BTreeMap::new();
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        template.push('/');
+        match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(param) => {
+                let safe: String = param
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                if safe != param {
+                    typer
+                        .skipped
+                        .push(format!("path parameter `{param}` is named `{safe}`"));
+                }
+                template.push_str(&format!("{{{safe}}}"));
+                renamed.insert(param.to_string(), safe);
+            }
+            None => template.push_str(segment),
+        }
+    }
+    if template.is_empty() {
+        template.push('/');
+    }
+    (template, renamed)
+}
+
+/// An operation's parameters as arguments: the path's (in `args`), the query's, the headers'.
+struct Parameters {
+    args: Vec<Field>,
+    query: Vec<Field>,
+    headers: Vec<Field>,
+}
+
+fn parameter_fields(
+    doc: &Document,
+    parameters: &[Value],
+    renamed: &BTreeMap<String, String>,
+    typer: &mut Typer,
+    tally: &mut Tally,
+) -> Result<Parameters, String> {
+    let mut args: Vec<Field> = Vec::new();
+    let mut query = Vec::new();
+    let mut headers = Vec::new();
+    for parameter in parameters {
+        let pname = parameter.get("name").and_then(Value::as_str).unwrap_or("");
+        let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
+        let schema = parameter
+            .get("schema")
+            .map(|s| inline_within(doc, s, 0, &mut tally.budget))
+            .transpose()?
+            .unwrap_or_else(|| serde_json::json!({"type": "string"}));
+        if place == "header" && is_standard_header(pname) {
+            tally.standard_headers += 1;
+            continue;
+        }
+        let schema = parameter_schema(parameter, schema, typer);
+        // `statuses[]` is the parameter `statuses`, as the gateway reads queries.
+        let pname = pname.strip_suffix("[]").unwrap_or(pname);
+        if schema.get("type").and_then(Value::as_str) == Some("object") {
+            typer.skipped.push(format!(
+                "{place} parameter `{pname}` is an object: not read from a path or query"
+            ));
+            continue;
+        }
+        match place {
+            "path" => {
+                let Some(safe) = renamed.get(pname) else {
+                    typer
+                        .skipped
+                        .push(format!("path parameter `{pname}` is not in the path"));
+                    continue;
+                };
+                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
+                    let sensitive = looks_sensitive(pname, &schema);
+                    add(
+                        &mut args,
+                        typer,
+                        Field { name: safe.clone(), required: true, ty, sensitive },
+                    );
+                }
+            }
+            "header" if toolgate_gateway::config::header_argument_name(pname).is_err() => typer.skipped.push(format!(
+                "header parameter `{pname}`: toolgate does not forward it as the agent's (the gateway sets or drops the headers it refuses, names with `_` among them)"
+            )),
+            "query" | "header" => {
+                let required = parameter
+                    .get("required")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                if let Some(ty) = typer.cedar_type(&schema, pname, 1) {
+                    let sensitive = looks_sensitive(pname, &schema);
+                    let field = Field { name: pname.to_string(), required, ty, sensitive };
+                    match place {
+                        "query" => query.push(field),
+                        _ => headers.push(field),
+                    }
+                }
+            }
+            "cookie" => typer.skipped.push(format!(
+                "cookie parameter `{pname}`: toolgate never forwards cookies, so calls that need it fail"
+            )),
+            other => typer.skipped.push(format!(
+                "{other} parameter `{pname}`: toolgate does not read it, so calls that need it fail"
+            )),
+        }
+    }
+    Ok(Parameters {
+        args,
+        query,
+        headers,
+    })
+}
+
+/// What an operation's request body gives its tool.
+enum Body {
+    /// No body, or a JSON one that is not an object.
+    Unread,
+    /// A JSON object: its fields are arguments.
+    Fields(Vec<Field>),
+    /// Another media type: it streams to the upstream unread.
+    Streams,
+}
+
+fn request_body(
+    doc: &Document,
+    operation: &Value,
+    typer: &mut Typer,
+    tally: &mut Tally,
+) -> Result<Body, String> {
+    let Some(body) = operation.get("requestBody") else {
+        return Ok(Body::Unread);
+    };
+    let body = resolve(doc, body, 0)?;
+    let body_required = body
+        .get("required")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let content = body.get("content").and_then(Value::as_object);
+    let json = content.and_then(|c| {
+        c.iter()
+            .find(|(media, _)| *media == "application/json" || media.ends_with("+json"))
+    });
+    let Some((_, media)) = json else {
+        let media: Vec<&str> = content
+            .into_iter()
+            .flat_map(|c| c.keys())
+            .map(String::as_str)
+            .collect();
+        typer.skipped.push(format!(
+            "a body of type {}: no arguments are declared, so it streams to the upstream unread (and its path and query parameters are not seen by policies)",
+            media.join(" or ")
+        ));
+        return Ok(Body::Streams);
+    };
+    let schema = media
+        .get("schema")
+        .map(|s| inline_within(doc, s, 0, &mut tally.budget))
+        .transpose()?
+        .unwrap_or(Value::Null);
+    let examples = request_examples(doc, media)?;
+    let schema = examples::with_examples(schema, &examples, &mut typer.skipped);
+    let is_object = schema.get("type").and_then(Value::as_str) == Some("object")
+        || schema.get("properties").is_some()
+        || schema.get("allOf").is_some();
+    if !is_object {
+        typer.skipped.push(
+            "the JSON body is not an object: toolgate refuses a JSON body that is not an object (400), and streams a body of another type unread".into(),
+        );
+        return Ok(Body::Unread);
+    }
+    let fields = typer
+        .fields(&schema, "body", 1)
+        .into_iter()
+        .map(|f| Field {
+            required: f.required && body_required,
+            ..f
+        })
+        .collect();
+    Ok(Body::Fields(fields))
+}
+
+/// The media type's example requests: `example`, and the `value` of each of `examples`.
+fn request_examples(doc: &Document, media: &Value) -> Result<Vec<Value>, String> {
+    let mut found: Vec<Value> = media.get("example").cloned().into_iter().collect();
+    for example in media
+        .get("examples")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|e| e.values())
+    {
+        if let Some(value) = resolve(doc, example, 0)?.get("value") {
+            found.push(value.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// A parameter's schema as the gateway reads the parameter: a query parameter given once per
+/// value (`a=1&a=2`, `a[]=1&a[]=2`) is a set; a list in one value (`a,b`) is that one text.
+fn parameter_schema(parameter: &Value, schema: Value, typer: &mut Typer) -> Value {
+    let name = parameter.get("name").and_then(Value::as_str).unwrap_or("");
+    let place = parameter.get("in").and_then(Value::as_str).unwrap_or("");
+    let is_array = schema.get("type").and_then(Value::as_str) == Some("array");
+    let explode = parameter.get("explode").and_then(Value::as_bool);
+    let form = parameter
+        .get("style")
+        .and_then(Value::as_str)
+        .is_none_or(|style| style == "form");
+    // The gateway reads `a[]` as a list always. PagerDuty writes `statuses[]` with a scalar
+    // schema and `explode: true` for one value per name; an array is exploded by default.
+    let repeated = place == "query"
+        && (name.ends_with("[]")
+            || explode == Some(true)
+            || (is_array && explode != Some(false) && form));
+    match (is_array, repeated) {
+        (false, true) => serde_json::json!({"type": "array", "items": schema}),
+        (true, false) => {
+            typer.skipped.push(format!(
+                "{place} parameter `{name}` is an array the upstream splits from one value (`a,b`): declared as that one text, which policies read whole"
+            ));
+            serde_json::json!({"type": "string"})
+        }
+        _ => schema,
+    }
+}
+
+/// A header OpenAPI ignores as a parameter: the agent's client and the gateway set it.
+fn is_standard_header(name: &str) -> bool {
+    ["accept", "content-type", "authorization"]
+        .iter()
+        .any(|standard| name.eq_ignore_ascii_case(standard))
 }
 
 /// Adds an argument, unless one of that name is there already (noted).
@@ -567,15 +790,15 @@ fn add(args: &mut Vec<Field>, typer: &mut Typer, field: Field) {
 }
 
 /// A value with its own `$ref` (if any) followed, siblings kept over the target's fields.
-fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+fn resolve(doc: &Document, value: &Value, depth: usize) -> Result<Value, String> {
     let Some(reference) = value.get("$ref").and_then(Value::as_str) else {
         return Ok(value.clone());
     };
     if depth > MAX_REF_DEPTH {
         return Ok(Value::Object(Map::new()));
     }
-    let target = pointer(doc, reference)?;
-    let mut resolved = resolve(doc, target, depth + 1)?;
+    let target = doc.target(reference)?;
+    let mut resolved = resolve(doc, &target, depth + 1)?;
     if let (Value::Object(resolved), Value::Object(siblings)) = (&mut resolved, value) {
         for (key, sibling) in siblings {
             if key != "$ref" {
@@ -590,7 +813,7 @@ fn resolve(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
 /// where Cedar could not follow it anyway), in at most `MAX_INLINED_NODES` values: references
 /// that fan out at every level would otherwise multiply past any memory.
 #[cfg(test)]
-fn inline(doc: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+fn inline(doc: &Document, value: &Value, depth: usize) -> Result<Value, String> {
     let mut budget = MAX_INLINED_NODES;
     inline_within(doc, value, depth, &mut budget)
 }
@@ -601,7 +824,7 @@ const MAX_INLINED_NODES: usize = 200_000;
 const MAX_SCHEMA_BYTES: usize = 4 << 20;
 
 fn inline_within(
-    doc: &Value,
+    doc: &Document,
     value: &Value,
     depth: usize,
     budget: &mut usize,
@@ -627,47 +850,6 @@ fn inline_within(
         ),
         other => other,
     })
-}
-
-/// The value a local `$ref` (`#/components/...`) names.
-fn pointer<'a>(doc: &'a Value, reference: &str) -> Result<&'a Value, String> {
-    let Some(path) = reference.strip_prefix('#') else {
-        return Err(format!(
-            "$ref `{reference}`: only references inside the document (#/...) are read"
-        ));
-    };
-    let decoded = percent_encoding::percent_decode_str(path)
-        .decode_utf8()
-        .map_err(|_| format!("$ref `{reference}`: not UTF-8"))?;
-    doc.pointer(&decoded)
-        .ok_or_else(|| format!("$ref `{reference}`: nothing there"))
-}
-
-/// YAML as JSON (OpenAPI's YAML is JSON's data model; keys like `200` become strings).
-fn yaml_to_json(value: serde_norway::Value) -> Value {
-    use serde_norway::Value as Y;
-    match value {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => serde_json::to_value(&n).unwrap_or(Value::Null),
-        Y::String(s) => Value::String(s),
-        Y::Sequence(items) => Value::Array(items.into_iter().map(yaml_to_json).collect()),
-        Y::Mapping(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        Y::String(s) => s,
-                        other => serde_norway::to_string(&other)
-                            .unwrap_or_default()
-                            .trim()
-                            .to_string(),
-                    };
-                    (key, yaml_to_json(v))
-                })
-                .collect(),
-        ),
-        Y::Tagged(tagged) => yaml_to_json(tagged.value),
-    }
 }
 
 fn starter_policies(upstream: &str, tools: &[Tool]) -> String {
@@ -753,10 +935,8 @@ fn changes_since(
                 if was != now {
                     what.push(format!("{was} is now {now}"));
                 }
-                let args =
-                    |m: &BTreeMap<String, ActionContext>| m.get(&action).map(|a| a.args.clone());
-                if args(&before) != args(&after) {
-                    what.push("its arguments changed".to_string());
+                if let (Some(before), Some(after)) = (before.get(&action), after.get(&action)) {
+                    what.extend(argument_changes(before, after));
                 }
                 if !what.is_empty() {
                     changes.push(format!("changed {action}: {}", what.join("; ")));
@@ -778,6 +958,59 @@ fn changes_since(
     Ok(Some(changes))
 }
 
+/// How one action's arguments changed: added, removed, retyped (or made optional), or only
+/// their `@sensitive`/`@json` annotations.
+fn argument_changes(before: &ActionContext, after: &ActionContext) -> Vec<String> {
+    let declared = |name: &str, (ty, required): &(AttrType, bool)| {
+        let optional = if *required { "" } else { "?" };
+        one_line(&format!("`{name}{optional}: {}`", cedar_text(ty)))
+    };
+    let mut changes = Vec::new();
+    for (name, now) in &after.args {
+        match before.args.get(name) {
+            None => changes.push(format!("argument {} added", declared(name, now))),
+            Some(was) if was != now => changes.push(format!(
+                "argument {} is now {}",
+                declared(name, was),
+                declared(name, now)
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in before.args.keys().filter(|n| !after.args.contains_key(*n)) {
+        changes.push(one_line(&format!("argument `{name}` removed")));
+    }
+    if changes.is_empty()
+        && (before.sensitive != after.sensitive || before.free_form != after.free_form)
+    {
+        changes.push("@sensitive or @json annotations of its arguments changed".to_string());
+    }
+    changes
+}
+
+/// A declared type as the schema writes it.
+fn cedar_text(ty: &AttrType) -> String {
+    match ty {
+        AttrType::Long => "Long".into(),
+        AttrType::Bool => "Bool".into(),
+        AttrType::String => "String".into(),
+        AttrType::Set(item) => format!("Set<{}>", cedar_text(item)),
+        AttrType::Record(fields) if fields.is_empty() => "{}".into(),
+        AttrType::Record(fields) => {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(name, (ty, required))| {
+                    let optional = if *required { "" } else { "?" };
+                    format!("{}{optional}: {}", quote(name), cedar_text(ty))
+                })
+                .collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        AttrType::Entity(name) => name.to_string(),
+        AttrType::Unreadable(name) | AttrType::Extension(name) => name.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -792,10 +1025,10 @@ mod tests {
 
     #[test]
     fn refs_are_followed_with_their_siblings_and_external_ones_refused() {
-        let doc = serde_json::json!({"components": {"schemas": {
+        let doc = Document::in_memory(serde_json::json!({"components": {"schemas": {
             "Id": {"type": "integer"},
             "Node": {"type": "object", "properties": {"next": {"$ref": "#/components/schemas/Node"}}}
-        }}});
+        }}}));
         let id = inline(
             &doc,
             &serde_json::json!({"$ref": "#/components/schemas/Id", "description": "x"}),
@@ -825,7 +1058,7 @@ mod tests {
             schemas.insert(format!("L{level}"), serde_json::json!({"allOf": next}));
         }
         schemas.insert("L16".into(), serde_json::json!({"type": "string"}));
-        let fan = serde_json::json!({"components": {"schemas": schemas}});
+        let fan = Document::in_memory(serde_json::json!({"components": {"schemas": schemas}}));
         let refused = inline(
             &fan,
             &serde_json::json!({"$ref": "#/components/schemas/L0"}),
@@ -850,11 +1083,20 @@ mod declaration_tests {
     fn header_parameters_query_arrays_and_maps_are_declared() {
         let doc = json!({"paths": {"/incidents": {
             "get": {"operationId": "listIncidents", "parameters": [
-                {"name": "statuses[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
-                {"name": "ids", "in": "query", "explode": false, "schema": {"type": "array", "items": {"type": "integer"}}}
+                {"name": "service_ids[]", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                {"name": "ids", "in": "query", "explode": false, "schema": {"type": "array", "items": {"type": "integer"}}},
+                // PagerDuty's: one enum value per `statuses[]`.
+                {"name": "statuses[]", "in": "query", "explode": true, "schema": {"type": "string", "enum": ["triggered", "resolved"]}},
+                {"name": "urgency", "in": "query", "explode": true, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                {"name": "Accept", "in": "header", "required": true, "schema": {"type": "string"}},
+                {"name": "content-type", "in": "header", "schema": {"type": "string"}}
             ]},
             "post": {"operationId": "createIncident",
-                "parameters": [{"name": "From", "in": "header", "required": true, "schema": {"type": "string"}}],
+                "parameters": [
+                    {"name": "From", "in": "header", "required": true, "schema": {"type": "string"}},
+                    {"name": "Accept", "in": "header", "schema": {"type": "string"}}
+                ],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["incident"], "properties": {"incident": {
                         "type": "object", "required": ["type", "body"], "properties": {
@@ -863,15 +1105,27 @@ mod declaration_tests {
                         }}}}}}}}
         }}});
         let mut notes = Vec::new();
-        let tools = operations(&doc, &mut notes).unwrap();
+        let tools = operations(&Document::in_memory(doc), &mut notes).unwrap();
         let list = tools
             .iter()
             .find(|t| t.route.tool == "listIncidents")
             .unwrap();
-        // Exploded (the default), a set; `explode: false`, the one text the upstream splits.
+        // Exploded (the default), a set; `explode: false`, the one text the upstream splits;
+        // one value a name, written `name[]` or `explode: true`, a set.
         assert_eq!(
             render_record(&list.args),
-            "{ statuses?: Set<String>, ids?: String }"
+            "{ service_ids?: Set<String>, ids?: String, statuses?: Set<String>, urgency?: Set<String>, limit?: Long }"
+        );
+        // Accept and Content-Type are counted in one line, not a note each.
+        assert!(
+            !notes
+                .iter()
+                .any(|n| n.contains("`Accept`") || n.contains("`content-type`")),
+            "{notes:?}"
+        );
+        assert!(
+            notes.contains(&"3 header parameters named Accept, Content-Type or Authorization: not arguments (OpenAPI ignores them; the agent's client and the gateway set these headers)".to_string()),
+            "{notes:?}"
         );
         let create = tools
             .iter()
@@ -901,9 +1155,11 @@ mod declaration_tests {
         }
         let doc = json!({"paths": paths, "components": {"schemas": {
             "Wide": {"type": "object", "properties": wide}}}});
-        let err = operations(&doc, &mut Vec::new()).err().expect("refused");
-        assert!(err.contains("expand"), "{err}");
         let one = json!({"paths": {"/op": doc["paths"]["/op0"].clone()}, "components": doc["components"].clone()});
-        assert!(operations(&one, &mut Vec::new()).is_ok());
+        let err = operations(&Document::in_memory(doc), &mut Vec::new())
+            .err()
+            .expect("refused");
+        assert!(err.contains("expand"), "{err}");
+        assert!(operations(&Document::in_memory(one), &mut Vec::new()).is_ok());
     }
 }
