@@ -2,9 +2,10 @@
 //! (offline, `kubernetes-validate`) as written and as `kubectl kustomize` renders them, no Secret
 //! applied by a kustomization (the examples and the documented secretGenerator make the ones
 //! the pods read), restricted containers with no CPU limit on the proxy, the edge's Redis
-//! password wired from its Secret to the gateway's store URL, PodMonitors valid against the
-//! Prometheus Operator's CRD, the TLS overlay's mounted files served, the shipped configs and
-//! policies accepted by `toolgate check`, a dashboard whose queries parse, stay readable with
+//! password in one Secret that Redis and the gateway (a mounted file the config names) both
+//! read, PodMonitors valid against the Prometheus Operator's CRD, the TLS overlay's mounted files
+//! served, the shipped configs and policies accepted by `toolgate check`, every file they name
+//! mounted into the gateway's container, a dashboard whose queries parse, stay readable with
 //! hundreds of tools and read only metrics, labels and values a live gateway exports, the binary
 //! run the way the image runs it (its audit on stdout brought back out by the documented
 //! filter), and ConfigMap updates (the kubelet's `..data` swap) reloaded.
@@ -65,11 +66,10 @@ fn example_secrets() -> Vec<serde_norway::Value> {
     secrets
 }
 
-/// Files in a shape's folder that are deliberately not among its kustomization's resources.
+/// Files in a shape's folder that are deliberately not among its kustomization's resources:
+/// the example Secrets (a re-apply must never overwrite the real ones with placeholders).
 fn not_applied(name: &str) -> bool {
-    // An example Secret: a re-apply must never overwrite the real one with placeholders. And the
-    // edge's config: it names the Redis password, so it goes into a Secret made out of band.
-    name.ends_with(".example.yaml") || name == "toolgate.yaml"
+    name.ends_with(".example.yaml")
 }
 
 /// What `kubectl kustomize DIR` renders: the objects `kubectl apply -k DIR` would apply.
@@ -130,8 +130,11 @@ fn manifests_validate_against_the_kubernetes_schemas() {
             "{shape}: the kustomization lists every manifest but the examples"
         );
         // The files as written, the examples too (they are applied by hand, so valid as well).
-        let examples = examples.iter().filter(|f| f.ends_with(".example.yaml"));
-        let files: Vec<PathBuf> = listed.iter().chain(examples).map(|f| dir.join(f)).collect();
+        let files: Vec<PathBuf> = listed
+            .iter()
+            .chain(&examples)
+            .map(|f| dir.join(f))
+            .collect();
         let (clean, said) = validate(&files);
         assert!(clean, "{shape}: {said}");
         // And what the kustomization renders, as `kubectl apply -k` would send it.
@@ -177,14 +180,38 @@ fn a_reapply_never_overwrites_a_real_secret() {
             !kinds.contains(&"Secret"),
             "{name} applies a Secret: {kinds:?}"
         );
-        // Every Secret the pods read is one an example shows how to make.
+        // Every Secret the pods read is one an example shows how to make, with every key they
+        // name.
         for secret in secrets_read(&objects) {
             assert!(
                 examples.contains(&secret),
                 "{name}: {secret} is in no example: {examples:?}"
             );
         }
+        for (secret, key) in secret_keys_read(&objects) {
+            let example = example_secrets()
+                .into_iter()
+                .find(|e| e["metadata"]["name"] == secret.as_str())
+                .unwrap();
+            assert!(
+                !example["stringData"][key.as_str()].is_null(),
+                "{name}: the example {secret} has no key {key}"
+            );
+        }
     }
+    // The edge's config is no Secret: it holds none (the Redis password is a file it names).
+    let edge = kustomize(&deploy().join("kubernetes/edge"));
+    assert_eq!(
+        secrets_read(&edge),
+        ["toolgate-redis", "toolgate-secrets"],
+        "the edge's Secrets"
+    );
+    let mounts = gateway_mounts(&edge);
+    let config = mounts
+        .iter()
+        .find(|(at, _, _)| at == "/etc/toolgate/config")
+        .map(|(_, volume, _)| volume["configMap"]["name"].as_str());
+    assert_eq!(config, Some(Some("toolgate-config")));
 }
 
 /// The overlay a kustomization's comment shows for generating its Secrets: the lines that
@@ -234,6 +261,17 @@ fn the_documented_secret_generator_makes_the_secrets_the_pods_read() {
             secrets_read(&objects),
             "{shape}: the Secrets the pods read"
         );
+        // With the keys the pods name (`password=redis.password` makes the key `password`).
+        for (secret, key) in secret_keys_read(&objects) {
+            let generated = objects
+                .iter()
+                .find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == secret.as_str())
+                .unwrap();
+            assert!(
+                !generated["data"][key.as_str()].is_null(),
+                "{shape}: {secret} has no key {key}: {generated:?}"
+            );
+        }
         // Under their own names (no hash suffix): updated in place, and reloaded.
         let examples: Vec<String> = example_secrets()
             .iter()
@@ -288,6 +326,37 @@ fn the_gateway_and_redis_run_restricted_with_no_cpu_limit() {
         }
     }
     assert_eq!(seen, ["edge/toolgate", "edge/redis", "sidecar/toolgate"]);
+}
+
+/// The keys of Secrets the rendered workloads name one by one: (Secret, key), from an env
+/// var's secretKeyRef or a volume's items.
+fn secret_keys_read(objects: &[serde_norway::Value]) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    let mut add = |name: &serde_norway::Value, key: &serde_norway::Value| {
+        keys.push((
+            name.as_str().unwrap().to_string(),
+            key.as_str().unwrap().to_string(),
+        ));
+    };
+    for spec in objects.iter().map(|o| &o["spec"]["template"]["spec"]) {
+        for volume in spec["volumes"].as_sequence().into_iter().flatten() {
+            let secret = &volume["secret"];
+            for item in secret["items"].as_sequence().into_iter().flatten() {
+                add(&secret["secretName"], &item["key"]);
+            }
+        }
+        for container in containers(spec) {
+            for env in container["env"].as_sequence().into_iter().flatten() {
+                let from = &env["valueFrom"]["secretKeyRef"];
+                if !from.is_null() {
+                    add(&from["name"], &from["key"]);
+                }
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// The names of the Secrets the rendered workloads mount or read keys of.
@@ -443,24 +512,98 @@ fn the_pod_monitors_validate_against_the_prometheus_operator_crd() {
     }
 }
 
-/// A shape's config, as the pod reads it: the edge's is a file of its own (kept in a Secret,
-/// since it names the Redis password), the sidecar's is in its ConfigMap.
+/// A shape's config as its ConfigMap has it (it names no secret: those are files the config
+/// names, mounted from Secrets).
 fn shipped_config(shape: &str) -> serde_norway::Value {
     let dir = deploy().join("kubernetes").join(shape);
-    let file = dir.join("toolgate.yaml");
-    if file.exists() {
-        return documents(&file).remove(0);
-    }
-    let text = documents(&dir.join("configmap.yaml"))
+    config_in(&documents(&dir.join("configmap.yaml")))
+}
+
+/// The gateway's config in these objects: the key `toolgate.yaml` of their ConfigMap (the file
+/// `serve --config` reads, as every_file_the_configs_name_is_mounted_into_the_gateway checks).
+fn config_in(objects: &[serde_norway::Value]) -> serde_norway::Value {
+    let text = objects
         .iter()
-        .find_map(|d| d["data"]["toolgate.yaml"].as_str().map(String::from))
-        .expect("a toolgate.yaml in the ConfigMap");
-    serde_norway::from_str(&text).unwrap()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .find_map(|o| o["data"]["toolgate.yaml"].as_str())
+        .expect("a ConfigMap holding toolgate.yaml");
+    serde_norway::from_str(text).unwrap()
+}
+
+/// The gateway container of the rendered workload and its pod spec.
+fn gateway_container(
+    objects: &[serde_norway::Value],
+) -> (&serde_norway::Value, &serde_norway::Value) {
+    let spec = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .map(|d| &d["spec"]["template"]["spec"])
+        .expect("a Deployment");
+    let container = containers(spec)
+        .into_iter()
+        .find(|c| c["name"] == "toolgate")
+        .expect("the toolgate container");
+    (container, spec)
+}
+
+/// What the gateway container sees under each of its mount paths: (mountPath, volume,
+/// readOnly).
+fn gateway_mounts(objects: &[serde_norway::Value]) -> Vec<(String, serde_norway::Value, bool)> {
+    let (container, spec) = gateway_container(objects);
+    container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let volume = spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .unwrap_or_else(|| panic!("no volume {:?}", m["name"]))
+                .clone();
+            let path = m["mountPath"].as_str().unwrap().to_string();
+            (path, volume, m["readOnly"] == true)
+        })
+        .collect()
+}
+
+/// Where in the gateway container the key `key` of Secret `secret` is a file, if it is.
+fn secret_key_path(objects: &[serde_norway::Value], secret: &str, key: &str) -> Option<String> {
+    gateway_mounts(objects)
+        .into_iter()
+        .find_map(|(at, volume, _)| {
+            let source = &volume["secret"];
+            if source["secretName"] != secret {
+                return None;
+            }
+            let file = match source["items"].as_sequence() {
+                // With items, only the keys listed, each at its path.
+                Some(items) => items
+                    .iter()
+                    .find(|i| i["key"] == key)
+                    .map(|i| i["path"].as_str().unwrap().to_string())?,
+                None => key.to_string(),
+            };
+            Some(format!("{at}/{file}"))
+        })
+}
+
+/// Every string of a config that names a path under /etc/toolgate/.
+fn container_paths(value: &serde_norway::Value, found: &mut Vec<String>) {
+    use serde_norway::Value as Y;
+    match value {
+        Y::String(s) if s.starts_with("/etc/toolgate/") => found.push(s.clone()),
+        Y::Sequence(items) => items.iter().for_each(|v| container_paths(v, found)),
+        Y::Mapping(map) => map.iter().for_each(|(_, v)| container_paths(v, found)),
+        _ => {}
+    }
 }
 
 /// Lays a shape out in `root` as its pod mounts it under /etc/toolgate/: the ConfigMaps'
-/// policies, the Secret's files made for real, and the config with every /etc/toolgate/ path
-/// moved under `root`. Returns the config, for the caller to amend and write.
+/// policies, the Secrets' files made for real (the Redis password too, where the config names
+/// one), and the config with every /etc/toolgate/ path moved under `root`. Returns the config,
+/// for the caller to amend and write.
 fn lay_out(shape: &str, root: &Path) -> serde_norway::Value {
     let (policies, secrets) = (root.join("policies"), root.join("secrets"));
     std::fs::create_dir_all(&policies).unwrap();
@@ -483,6 +626,11 @@ fn lay_out(shape: &str, root: &Path) -> serde_norway::Value {
     std::fs::write(secrets.join("crm.key"), "crm-test-key").unwrap();
     let mut config = shipped_config(shape);
     relocate(&mut config, root);
+    if let Some(file) = config["tasks"]["store_password_file"].as_str() {
+        let file = Path::new(file);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, "0123456789abcdef").unwrap();
+    }
     config
 }
 
@@ -527,6 +675,73 @@ fn the_shipped_configs_and_policies_pass_toolgate_check() {
     }
 }
 
+#[test]
+fn every_file_the_configs_name_is_mounted_into_the_gateway() {
+    let examples = example_secrets();
+    for name in SHAPES.iter().chain(&OVERLAYS) {
+        let objects = kustomize(&deploy().join("kubernetes").join(name));
+        let (container, _) = gateway_container(&objects);
+        // The config the gateway reads is the ConfigMap's, at the path `serve --config` names.
+        let args: Vec<&str> = container["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--config").unwrap();
+        let mut paths = vec![args[at + 1].to_string()];
+        container_paths(&config_in(&objects), &mut paths);
+        assert!(paths.len() >= 5, "{name}: {paths:?}");
+        let mounts = gateway_mounts(&objects);
+        for path in &paths {
+            // The mount it is under, and the name it has there.
+            let (volume, rest) = mounts
+                .iter()
+                .find_map(|(at, volume, read_only)| {
+                    let rest = path.strip_prefix(at.as_str())?;
+                    let rest = rest.strip_prefix('/').or(rest.is_empty().then_some(rest))?;
+                    assert!(read_only, "{name}: {at} is writable");
+                    Some((volume, rest))
+                })
+                .unwrap_or_else(|| panic!("{name}: {path} is on no mount of the gateway"));
+            if rest.is_empty() || rest.ends_with('/') {
+                continue; // the directory itself (policies/)
+            }
+            if let Some(map) = volume["configMap"]["name"].as_str() {
+                let data = objects
+                    .iter()
+                    .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == map)
+                    .map(|o| &o["data"])
+                    .unwrap_or_else(|| panic!("{name}: no ConfigMap {map}"));
+                assert!(
+                    !data[rest].is_null(),
+                    "{name}: {path}: no key {rest} in {map}"
+                );
+                continue;
+            }
+            // A Secret's key (the item mounted at that name, or the key of that name) that its
+            // example shows.
+            let key = match volume["secret"]["items"].as_sequence() {
+                Some(items) => items
+                    .iter()
+                    .find(|i| i["path"] == rest)
+                    .and_then(|i| i["key"].as_str())
+                    .unwrap_or_else(|| panic!("{name}: {path}: no item at {rest}")),
+                None => rest,
+            };
+            let secret = volume["secret"]["secretName"].as_str().unwrap();
+            let example = examples
+                .iter()
+                .find(|e| e["metadata"]["name"] == secret)
+                .unwrap_or_else(|| panic!("{name}: no example of {secret}"));
+            assert!(
+                !example["stringData"][key].is_null(),
+                "{name}: {path}: {secret} has no key {key}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_overlay_mounts_what_the_config_names() {
     // Where the overlay mounts the kubernetes.io/tls Secret in the gateway's container.
@@ -560,15 +775,35 @@ async fn the_tls_overlay_mounts_what_the_config_names() {
         .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "toolgate");
     assert_eq!(service.unwrap()["spec"]["ports"][0]["appProtocol"], "https");
 
-    // The edge's config with the `tls:` the overlay documents passes `toolgate check`.
+    // The overlay's config is the edge's and a `tls:` block naming the Secret's files where
+    // they are mounted; with it, the edge's config passes `toolgate check`.
+    let mut config = config_in(&objects);
+    let block = config
+        .as_mapping_mut()
+        .unwrap()
+        .remove("tls")
+        .expect("a tls: block in the overlay's config");
+    assert_eq!(
+        config,
+        shipped_config("edge"),
+        "the overlay's config but tls:"
+    );
+    let secret = tls["metadata"]["name"].as_str().unwrap();
+    for (field, key) in [("cert", "tls.crt"), ("key", "tls.key")] {
+        let file = secret_key_path(&objects, secret, key);
+        assert_eq!(block[field].as_str(), file.as_deref(), "tls.{field}");
+    }
     let dir = TempDir::new("k8s-edge-tls");
-    let tls: serde_norway::Value = serde_norway::from_str(&format!(
-        "{{ cert: {mount}/tls.crt, key: {mount}/tls.key }}"
-    ))
-    .unwrap();
     let mut config = lay_out("edge", &dir.0);
-    config["tls"] = tls.clone();
+    config["tls"] = block;
     relocate(&mut config, &dir.0);
+    // Those files hold a certificate and key as a CA issues them (what the Secret's tls.crt
+    // and tls.key become); `toolgate check` reads them.
+    let files = dir.0.join(mount.strip_prefix("/etc/toolgate/").unwrap());
+    std::fs::create_dir_all(&files).unwrap();
+    let pki = Pki::new(&files);
+    std::fs::copy(pki.dir.join("server.pem"), files.join("tls.crt")).unwrap();
+    std::fs::copy(pki.dir.join("server.key"), files.join("tls.key")).unwrap();
     let out = toolgate_check(&config, &dir.0);
     assert!(
         out.status.success(),
@@ -576,13 +811,7 @@ async fn the_tls_overlay_mounts_what_the_config_names() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // A gateway given those file names, holding a certificate and key as a CA issues them
-    // (what the Secret's tls.crt and tls.key become), serves TLS with them.
-    let files = dir.0.join(mount.strip_prefix("/etc/toolgate/").unwrap());
-    std::fs::create_dir_all(&files).unwrap();
-    let pki = Pki::new(&files);
-    std::fs::copy(pki.dir.join("server.pem"), files.join("tls.crt")).unwrap();
-    std::fs::copy(pki.dir.join("server.key"), files.join("tls.key")).unwrap();
+    // A gateway given those file names serves TLS with them.
     let upstream = Upstream::start().await;
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,
@@ -633,8 +862,8 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
         .find(|e| e["name"] == "REDIS_PASSWORD")
         .map(|e| e["valueFrom"]["secretKeyRef"].clone())
         .expect("REDIS_PASSWORD from a Secret");
-    assert_eq!(from_secret["name"], "toolgate-redis");
-    assert_eq!(from_secret["key"], "password");
+    let (secret, key) = (from_secret["name"].as_str(), from_secret["key"].as_str());
+    assert_eq!((secret, key), (Some("toolgate-redis"), Some("password")));
     let args: Vec<String> = redis["args"]
         .as_sequence()
         .unwrap()
@@ -646,20 +875,31 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
         .position(|a| a == "--requirepass")
         .expect("--requirepass");
     assert_eq!(args[at + 1], "$(REDIS_PASSWORD)");
-    // The gateway's store URL names the Service and carries a password: redis://:PASSWORD@host:port.
-    let store = shipped_config("edge")["tasks"]["store"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (userinfo, host) = store
-        .strip_prefix("redis://")
-        .and_then(|rest| rest.rsplit_once('@'))
-        .unwrap_or_else(|| panic!("no password in {store}"));
-    assert!(userinfo.starts_with(':') && userinfo.len() > 1, "{store}");
-    assert_eq!(host, "toolgate-redis.toolgate.svc.cluster.local:6379");
+    // The gateway reads the same key of the same Secret, mounted read-only where the config's
+    // store_password_file names it; the store URL names the Service and carries no password.
+    let objects = kustomize(&deploy().join("kubernetes/edge"));
+    let mounted = secret_key_path(&objects, "toolgate-redis", "password")
+        .expect("the Secret's key `password` mounted in the gateway");
+    let config = config_in(&objects);
+    let tasks = &config["tasks"];
+    assert_eq!(
+        tasks["store_password_file"].as_str(),
+        Some(mounted.as_str())
+    );
+    let store = tasks["store"].as_str().unwrap();
+    assert_eq!(
+        store, "redis://toolgate-redis.toolgate.svc.cluster.local:6379",
+        "no password in the URL"
+    );
+    let read_only = gateway_mounts(&objects)
+        .into_iter()
+        .find(|(at, _, _)| mounted.starts_with(&format!("{at}/")))
+        .map(|(_, _, read_only)| read_only);
+    assert_eq!(read_only, Some(true), "{mounted}");
 
-    // Run as the manifest runs it (the kubelet's expansion made here), then a gateway with the
-    // config's URL form: the password in it is taken, a wrong one is refused (fail closed).
+    // Run as the manifest runs it (the kubelet's expansion made here), then a gateway whose
+    // config names its password file as the edge's does (the mount made here, under its own
+    // folder): the right password is taken, a wrong one refused (fail closed).
     let password = "0123456789abcdef0123456789abcdef";
     let data = TempDir::new("redis-password");
     let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
@@ -684,13 +924,28 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
     })
     .await;
     let upstream = Upstream::start().await;
-    for (given, status) in [(password, 201), ("not-the-password", 503)] {
+    // A Secret's file as the kubelet writes it (the key's bytes as they are), and one ending
+    // in a newline (a Secret made from a file): the gateway drops the newline.
+    let given = [
+        (password.to_string(), 201),
+        (format!("{password}\n"), 201),
+        ("not-the-password".to_string(), 503),
+    ];
+    for (n, (given, status)) in given.iter().enumerate() {
+        let mount = TempDir::new(&format!("redis-secret-{n}"));
+        let mut tasks = tasks.clone();
+        relocate(&mut tasks, &mount.0);
+        let file = PathBuf::from(tasks["store_password_file"].as_str().unwrap());
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, given).unwrap();
+        tasks["store"] = format!("redis://127.0.0.1:{port}").into();
+        let extra = format!("tasks: {}\n", serde_json::to_string(&tasks).unwrap());
         let gw = Gateway::start(GatewayOptions {
             upstream: upstream.addr,
             extra_policies: &[],
             inbound: None,
             mcp: None,
-            extra_config: &format!("tasks:\n  store: redis://:{given}@127.0.0.1:{port}\n"),
+            extra_config: &extra,
         })
         .await;
         let body = br#"{"intent": "read invoice 1", "ttl_seconds": 60}"#;
@@ -700,14 +955,11 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
             ("content-type", "application/json"),
         ];
         let answer = send("POST", &gw.url("/v1/tasks"), &headers, body).await;
-        assert_eq!(
-            answer.status,
-            status,
-            "{given}: {}",
-            String::from_utf8_lossy(&answer.body)
-        );
-        if status == 503 {
+        let said = String::from_utf8_lossy(&answer.body).to_string();
+        assert_eq!(answer.status, *status, "{given:?}: {said}");
+        if *status == 503 {
             assert_eq!(answer.json()["error"], "task_store_unavailable");
+            assert!(!said.contains(given.as_str()), "{said}");
         }
     }
 }
