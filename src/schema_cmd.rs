@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use toolgate_mcp::SseSplitter;
 
-use crate::cedar_types::cedar_schema_for_tools;
+use crate::cedar_types::{cedar_schema_for_server, McpServer};
 
 const PROTOCOL_VERSION: &str = "2025-06-18";
 
@@ -22,27 +22,33 @@ pub async fn run(
     from: Option<&Path>,
     headers: &[String],
 ) -> Result<ExitCode, String> {
-    let tools = match (url, from) {
-        (Some(url), None) => fetch_tools(url, headers).await?,
+    let server = match (url, from) {
+        (Some(url), None) => fetch_server(url, headers).await?,
         (None, Some(path)) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let answer: Value =
+            let saved: Value =
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            // A whole JSON-RPC answer, its result, or just the tools array.
-            let tools = answer
-                .pointer("/result/tools")
-                .or_else(|| answer.get("tools"))
-                .unwrap_or(&answer);
-            tools
-                .as_array()
-                .cloned()
-                .ok_or("no tools array in the file")?
+            saved_server(&saved).ok_or("no tools array in the file")?
         }
         _ => return Err("give exactly one of --url and --from".into()),
     };
-    print!("{}", cedar_schema_for_tools(upstream, &tools));
+    print!("{}", cedar_schema_for_server(upstream, &server));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a saved file holds: a tools/list answer (whole, its result, or the tools array), or
+/// an object with `tools` and, optionally, `resourceTemplates` and `prompts` (each a
+/// listing's array; present means the server offers resources or prompts).
+fn saved_server(saved: &Value) -> Option<McpServer> {
+    let listing = saved.get("result").unwrap_or(saved);
+    let tools = listing.get("tools").unwrap_or(listing).as_array()?.clone();
+    let array = |key: &str| listing.get(key).and_then(Value::as_array).cloned();
+    Some(McpServer {
+        tools,
+        templates: array("resourceTemplates"),
+        prompts: array("prompts"),
+    })
 }
 
 struct Session {
@@ -132,7 +138,7 @@ fn event_json(event: &[u8]) -> Option<Value> {
     serde_json::from_str(&data.join("\n")).ok()
 }
 
-async fn fetch_tools(url: &str, headers: &[String]) -> Result<Vec<Value>, String> {
+async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -152,17 +158,48 @@ async fn fetch_tools(url: &str, headers: &[String]) -> Result<Vec<Value>, String
             .collect::<Result<_, String>>()?,
         session_id: None,
     };
-    session
+    let initialized = session
         .post(
             json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
             "clientInfo": {"name": "toolgate-schema", "version": env!("CARGO_PKG_VERSION")}}}),
         )
-        .await?;
+        .await?
+        .ok_or("no initialize answer")?;
     session
         .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         .await?;
-    let mut tools = Vec::new();
+    let offers = |capability: &str| {
+        initialized
+            .pointer(&format!("/result/capabilities/{capability}"))
+            .is_some()
+    };
+    let tools = list_all(&mut session, "tools/list", "tools").await?;
+    let templates = match offers("resources") {
+        true => Some(
+            list_all(
+                &mut session,
+                "resources/templates/list",
+                "resourceTemplates",
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let prompts = match offers("prompts") {
+        true => Some(list_all(&mut session, "prompts/list", "prompts").await?),
+        false => None,
+    };
+    Ok(McpServer {
+        tools,
+        templates,
+        prompts,
+    })
+}
+
+/// Every page of a listing (`method`), the items under `key`.
+async fn list_all(session: &mut Session, method: &str, key: &str) -> Result<Vec<Value>, String> {
+    let mut items = Vec::new();
     let mut cursor: Option<Value> = None;
     for page in 2..1000 {
         let params = match &cursor {
@@ -170,12 +207,12 @@ async fn fetch_tools(url: &str, headers: &[String]) -> Result<Vec<Value>, String
             None => json!({}),
         };
         let answer = session
-            .post(json!({"jsonrpc": "2.0", "id": page, "method": "tools/list", "params": params}))
+            .post(json!({"jsonrpc": "2.0", "id": page, "method": method, "params": params}))
             .await?
-            .ok_or("no tools/list answer")?;
-        tools.extend(
+            .ok_or_else(|| format!("no {method} answer"))?;
+        items.extend(
             answer
-                .pointer("/result/tools")
+                .pointer(&format!("/result/{key}"))
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default(),
@@ -188,5 +225,5 @@ async fn fetch_tools(url: &str, headers: &[String]) -> Result<Vec<Value>, String
             break;
         }
     }
-    Ok(tools)
+    Ok(items)
 }

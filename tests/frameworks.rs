@@ -560,3 +560,50 @@ async fn the_python_mcp_sdk_runs_only_what_the_policy_saw() {
         "{greeting}"
     );
 }
+
+/// `toolgate schema mcp --url` on the official Python SDK's server: its resources and prompts
+/// become `tools/resources/read` and `tools/prompts/get`, typed from its templates and prompt
+/// arguments, and `toolgate check` takes the fragment beside `toolgate init`'s base schema.
+#[tokio::test]
+async fn schema_mcp_declares_the_servers_resources_and_prompts() {
+    let (_server, port) = start_program("the MCP SDK server", || {
+        python("venv-mcp2", "mcp_server.py")
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let out = toolgate(&["schema", "mcp", "--upstream", "tools", "--url", &url]);
+    let fragment = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "action \"tools/resources/read\" in [call]",
+        "args: { uri: String }",
+        "//   template: notes://{user}/salary",
+        "//   template: file:///public/{folder}/{name}",
+        "action \"tools/prompts/get\" in [call]",
+        "args: { name: String, arguments?: { name?: String, topic?: String } }",
+    ] {
+        assert!(fragment.contains(expected), "{expected} not in\n{fragment}");
+    }
+    let dir = TempDir::new("schema-mcp");
+    let project = dir.0.join("project");
+    assert!(toolgate(&["init", &project.to_string_lossy()])
+        .status
+        .success());
+    std::fs::write(project.join("policies/tools.cedarschema"), &fragment).unwrap();
+    std::fs::write(
+        project.join("policies/tools.cedar"),
+        "@id(\"reads\") permit (principal, action == Toolgate::Action::\"tools/resources/read\", resource)\nwhen { context.args.uri like \"file:///public/*\" };\n@id(\"greet\") permit (principal, action == Toolgate::Action::\"tools/prompts/get\", resource)\nwhen { context.args.name == \"greet\" && context.args has arguments && context.args.arguments has name };\n",
+    )
+    .unwrap();
+    let config = project.join("toolgate.yaml");
+    let checked = toolgate(&["check", "--config", &config.to_string_lossy()]);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
