@@ -124,7 +124,7 @@ enum Command {
         #[command(subcommand)]
         source: ImportSource,
     },
-    /// Generate a Cedar schema fragment (print it to stdout).
+    /// Print a schema: a Cedar fragment for an MCP server's tools, or the config's JSON Schema.
     Schema {
         #[command(subcommand)]
         source: SchemaSource,
@@ -219,6 +219,9 @@ enum AuditQuery {
 
 #[derive(Subcommand)]
 enum SchemaSource {
+    /// The JSON Schema of toolgate.yaml, for editors (e.g. a `# yaml-language-server: $schema=`
+    /// line) and CI.
+    Config,
     /// One action per tool of an MCP server, `args` typed from each tool's inputSchema.
     Mcp {
         /// The upstream name the tools are served under (actions are `<upstream>/<tool>`).
@@ -315,6 +318,16 @@ fn main() -> ExitCode {
                     suggest,
                 },
         } => audit_cmd::report(&audit, &config, since.as_deref(), suggest),
+        Command::Schema {
+            source: SchemaSource::Config,
+        } => {
+            let schema = schemars::schema_for!(toolgate_gateway::Config);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema {
             source:
                 SchemaSource::Mcp {

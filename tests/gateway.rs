@@ -1540,3 +1540,57 @@ async fn agent_claim_discovery_and_leeway_as_identity_providers_issue_tokens() {
         token(json!({"sub": "s", "azp": "assistant", "on_behalf_of": "alice", "exp": now - 5}));
     assert_eq!(get(&url, &expired).await.status, 401);
 }
+
+/// `toolgate schema config`: a JSON Schema (2020-12) that editors and CI can check a config
+/// with. The configs toolgate itself writes and runs pass it; an unknown key or a wrong type
+/// fails it, as `check` does.
+#[tokio::test]
+async fn the_config_schema_accepts_real_configs_and_refuses_what_check_refuses() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream).await;
+    let dir = TempDir::new("config-schema");
+    let schema = toolgate(&["schema", "config"]);
+    assert!(schema.status.success());
+    std::fs::write(dir.0.join("schema.json"), &schema.stdout).unwrap();
+    let project = dir.0.join("project");
+    assert!(toolgate(&["init", &project.to_string_lossy()])
+        .status
+        .success());
+    let as_json = |path: &std::path::Path| -> Value {
+        let yaml: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_json::to_value(yaml).unwrap()
+    };
+    let good = [
+        as_json(&project.join("toolgate.yaml")),
+        as_json(&gw.dir.0.join("toolgate.yaml")),
+    ];
+    let mut unknown_key = good[0].clone();
+    unknown_key["limits"] = json!({"max_bodies": 1});
+    let mut wrong_type = good[0].clone();
+    wrong_type["credentials"]["ttl_seconds"] = json!("sixty");
+    let python = repo().join(".toolgate-test/venv-k8s/bin/python");
+    assert!(python.exists(), "run scripts/test-deps.sh (jsonschema)");
+    for (config, valid) in [
+        (&good[0], true),
+        (&good[1], true),
+        (&unknown_key, false),
+        (&wrong_type, false),
+    ] {
+        std::fs::write(dir.0.join("config.json"), config.to_string()).unwrap();
+        let out = std::process::Command::new(&python)
+            .current_dir(&dir.0)
+            .args([
+                "-c",
+                "import json, jsonschema; jsonschema.Draft202012Validator(json.load(open('schema.json'))).validate(json.load(open('config.json')))",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success(),
+            valid,
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

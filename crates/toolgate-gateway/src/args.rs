@@ -61,7 +61,7 @@ pub enum Origin {
 }
 
 /// An upstream's (or route's) word on arguments the schema does not declare.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Undeclared {
     /// 400 `undeclared_argument` (the default).

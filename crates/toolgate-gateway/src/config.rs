@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listen")]
@@ -62,7 +62,7 @@ impl PartialEq for Source {
 }
 
 /// Where and how traces are sent (read at start).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Traces {
     /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans are posted to
@@ -140,7 +140,7 @@ impl Traces {
 }
 
 /// Logging (read at start): `RUST_LOG` wins over `level`; `TOOLGATE_LOG_FORMAT` over `format`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
@@ -150,7 +150,7 @@ pub struct Log {
     pub level: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -161,7 +161,7 @@ pub enum LogFormat {
 
 /// Hot reload: policies, JWKS files and the config file are watched (and SIGHUP and
 /// `POST /admin/reload` reload them too).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reload {
     #[serde(default = "default_true")]
@@ -187,7 +187,7 @@ fn default_debounce() -> u64 {
     300
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     #[serde(default)]
@@ -201,7 +201,7 @@ fn default_token_cache() -> usize {
     toolgate_identity::CACHE_CAPACITY
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtIssuer {
     pub issuer: String,
@@ -320,7 +320,7 @@ impl Inbound {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub signing_key: PathBuf,
@@ -332,14 +332,14 @@ pub struct Credentials {
     pub ttl_seconds: u64,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamKind {
     Rest,
     Mcp,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -392,7 +392,7 @@ impl UpstreamConfig {
 }
 
 /// How a forwarded call is credentialed (CONTRACT.md, `credential:`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialMode {
     /// toolgate's own per-call ES256 token.
@@ -418,7 +418,7 @@ impl CredentialMode {
 }
 
 /// `inject` with `scheme:` instead of `header:`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InjectScheme {
     Bearer,
@@ -426,7 +426,7 @@ pub enum InjectScheme {
 }
 
 /// The scope asked of a token endpoint.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ScopeFrom {
     /// The tool action plus the `@grants` of the permits that decided.
@@ -434,7 +434,7 @@ pub enum ScopeFrom {
     Decision,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
     #[serde(default)]
@@ -473,7 +473,7 @@ fn default_token_timeout() -> u64 {
 }
 
 /// Outbound TLS settings of one upstream (and its token endpoint).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundTls {
     #[serde(default)]
@@ -606,7 +606,7 @@ fn default_response_idle() -> u64 {
     300
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub tool: String,
@@ -636,7 +636,7 @@ pub struct RouteConfig {
 }
 
 /// Where an upstream reads a route's arguments besides the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ArgumentsIn {
     Query,
@@ -653,7 +653,7 @@ impl RouteConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tasks {
     #[serde(default = "default_task_store")]
@@ -743,7 +743,7 @@ fn default_intent_bytes() -> usize {
     4096
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// A file to append to, or "-" for stdout.
@@ -763,14 +763,14 @@ impl Default for Audit {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// The largest body read to find arguments (413 beyond).
