@@ -639,32 +639,14 @@ async fn jwks_url_is_refetched_on_unknown_kid_once_per_interval() {
     let second = toolgate_credential::SigningKey::generate().unwrap().0;
     let served = Arc::new(Mutex::new(json!({"keys": [first.public_jwk()]})));
     let fetches = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let jwks_addr = listener.local_addr().unwrap();
-    {
+    let jwks_addr = {
         let (served, fetches) = (served.clone(), fetches.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (served, fetches) = (served.clone(), fetches.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_req| {
-                        fetches.fetch_add(1, Ordering::SeqCst);
-                        let body = served.lock().unwrap().to_string();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(body)),
-                            ))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-                });
-            }
-        });
-    }
+        document_server(move |_| {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            served.lock().unwrap().to_string()
+        })
+        .await
+    };
     let upstream = Upstream::start().await;
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,
@@ -1478,34 +1460,21 @@ fn check_warns_of_what_it_cannot_promise() {
 #[tokio::test]
 async fn agent_claim_discovery_and_leeway_as_identity_providers_issue_tokens() {
     let key = toolgate_credential::SigningKey::generate().unwrap().0;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let idp = listener.local_addr().unwrap();
-    let discovery = json!({"issuer": IDP, "jwks_uri": format!("http://{idp}/keys")});
-    let jwks = json!({"keys": [key.public_jwk()]});
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (discovery, jwks) = (discovery.clone(), jwks.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let body = match req.uri().path() {
-                        "/.well-known/openid-configuration" => discovery.to_string(),
-                        "/keys" => jwks.to_string(),
-                        _ => String::new(),
-                    };
-                    async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
+    // Its discovery document names the JWKS by an address known only once it listens.
+    let idp_addr = std::sync::Arc::new(std::sync::OnceLock::new());
+    let idp = {
+        let (idp_addr, jwks) = (idp_addr.clone(), json!({"keys": [key.public_jwk()]}));
+        document_server(move |path| match path {
+            "/.well-known/openid-configuration" => {
+                let at = idp_addr.get().map(ToString::to_string).unwrap_or_default();
+                json!({"issuer": IDP, "jwks_uri": format!("http://{at}/keys")}).to_string()
+            }
+            "/keys" => jwks.to_string(),
+            _ => String::new(),
+        })
+        .await
+    };
+    idp_addr.set(idp).unwrap();
     let upstream = Upstream::start().await;
     let gw = Gateway::start(GatewayOptions {
         upstream: upstream.addr,

@@ -378,6 +378,37 @@ pub fn named<'a>(spans: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {name} span in {spans:#?}"))
 }
 
+// ---------------------------------------------------------------- documents over HTTP
+
+/// A server on loopback answering every GET with `document(path)` (an identity provider's
+/// JWKS or discovery document); its address.
+pub async fn document_server(
+    document: impl Fn(&str) -> String + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let document = Arc::new(document);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let document = document.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let body = document(req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            body,
+                        ))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 // ---------------------------------------------------------------- keys and tokens
 
 /// The test identity provider's ES256 key, and its JWKS (with the committed RSA/EdDSA keys).
