@@ -110,7 +110,8 @@ enum Command {
         /// Seconds until the token expires.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        /// Extra claims, NAME=VALUE (VALUE parsed as JSON when it is JSON).
+        /// Extra claims, NAME=VALUE (VALUE parsed as JSON when it is JSON); they win over the
+        /// defaults, so `--claim exp=1` makes an expired token.
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
@@ -551,14 +552,6 @@ fn token(
     let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string())?;
     let now = toolgate_identity::unix_now();
     let mut claims = Map::new();
-    for pair in extra {
-        let (name, value) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("--claim {pair}: expected NAME=VALUE"))?;
-        let value =
-            serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
-        claims.insert(name.to_string(), value);
-    }
     claims.insert("iss".into(), json!(iss));
     claims.insert("sub".into(), json!(sub));
     claims.insert("aud".into(), json!(aud));
@@ -566,6 +559,15 @@ fn token(
     claims.insert("exp".into(), json!(now + ttl));
     if let Some(agent) = act {
         claims.insert("act".into(), json!({"sub": agent}));
+    }
+    // Last, so a test token can say anything: `--claim exp=1` is an expired one.
+    for pair in extra {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--claim {pair}: expected NAME=VALUE"))?;
+        let value =
+            serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        claims.insert(name.to_string(), value);
     }
     println!("{}", key.sign("JWT", &claims).map_err(|e| e.to_string())?);
     Ok(ExitCode::SUCCESS)

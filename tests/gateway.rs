@@ -1435,6 +1435,23 @@ fn check_warns_of_what_it_cannot_promise() {
     let text = std::fs::read_to_string(&config).unwrap();
     let text = text.replace("upstreams:\n", "tasks:\n  store: redis://127.0.0.1:6379\nupstreams:\n  - name: tools\n    url: http://127.0.0.1:9002/mcp\n    audience: https://tools.internal\n    kind: mcp\n");
     std::fs::write(&config, text).unwrap();
+    // Not read: an annotation toolgate does not know, a policy file in a sub-folder.
+    let policy = project.join("policies/example.cedar");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(
+            "@id(\"example-read\")",
+            "@id(\"example-read\")\n@rate_limit(\"10/minute\")",
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(project.join("policies/more")).unwrap();
+    std::fs::write(
+        project.join("policies/more/extra.cedar"),
+        "forbid (principal, action, resource);",
+    )
+    .unwrap();
     let out = toolgate(&["check", "--config", &config.to_string_lossy()]);
     let warned = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{warned}");
@@ -1443,15 +1460,42 @@ fn check_warns_of_what_it_cannot_promise() {
         "{warned}"
     );
     assert!(
+        warned.contains("policy `example-read`: @rate_limit is not read by toolgate"),
+        "{warned}"
+    );
+    assert!(warned.contains("more/extra.cedar: not loaded"), "{warned}");
+    assert!(
         warned.contains("tasks.store: the Redis task store"),
         "{warned}"
     );
     assert!(
         warned
             .lines()
-            .all(|l| l.starts_with(&format!("warning: {}:", config.display()))),
+            .all(|l| l.starts_with(&format!("warning: {}", project.display()))),
         "{warned}"
     );
+    // `toolgate token --claim` wins over the defaults: an expired test token.
+    let token = toolgate(&[
+        "token",
+        "--config",
+        &config.to_string_lossy(),
+        "--key",
+        &project.join("idp.pem").to_string_lossy(),
+        "--sub",
+        "alice",
+        "--claim",
+        "exp=1",
+    ]);
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let payload = token.split('.').nth(1).unwrap();
+    use base64::Engine as _;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["exp"], 1, "{claims}");
 }
 
 /// Identity as Okta, Entra ID and Keycloak issue it: the agent named by `agent_claim` (a

@@ -271,7 +271,47 @@ pub fn check_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
             ));
         }
     }
-    warnings.iter().map(|w| config.locate(w)).collect()
+    let mut warnings: Vec<String> = warnings.iter().map(|w| config.locate(w)).collect();
+    warnings.extend(policy_warnings(config, engine));
+    warnings
+}
+
+/// What the policy folder holds that toolgate does not read: annotations it does not know
+/// (the policy decides as written, without them), policy files in sub-folders.
+fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+    let mut warnings: Vec<String> = engine
+        .sources()
+        .flat_map(|(id, source)| {
+            source.unread_annotations.iter().map(move |key| {
+                format!(
+                    "{}:{}: policy `{id}`: @{key} is not read by toolgate; the policy decides as if it were absent",
+                    source.file.display(),
+                    source.line
+                )
+            })
+        })
+        .collect();
+    let mut folders = vec![(config.policies.clone(), 0)];
+    while let Some((folder, depth)) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() && depth < 4 {
+                folders.push((path, depth + 1));
+            } else if depth > 0
+                && path
+                    .extension()
+                    .is_some_and(|e| e == "cedar" || e == "cedarschema")
+            {
+                warnings.push(format!(
+                    "{}: not loaded: only the files directly in {} are read",
+                    path.display(),
+                    config.policies.display()
+                ));
+            }
+        }
+    }
+    warnings.sort();
+    warnings
 }
 
 /// Sets up each upstream as `serve` would (secrets, keys, TLS files read now): what fails.

@@ -136,7 +136,7 @@ impl Gateway {
         // gateway: it says so in the log and in toolgate_config_watch_active.
         let watch = self.watch_files().unwrap_or_else(|why| {
             tracing::warn!(
-                "{why}: files are NOT watched; changes take effect only on POST /admin/reload"
+                "{why}: files are NOT watched; changes take effect only on POST /admin/reload or SIGHUP"
             );
             None
         });

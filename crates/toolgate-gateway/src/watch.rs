@@ -22,7 +22,9 @@ impl Gateway {
     #[allow(clippy::too_many_lines)] // start-up, not the request path
     pub fn watch_files(self: &Arc<Self>) -> Result<Option<FileWatch>, String> {
         if !self.config.reload.watch {
-            tracing::info!("reload.watch is off: changes take effect on POST /admin/reload");
+            tracing::info!(
+                "reload.watch is off: changes take effect on POST /admin/reload or SIGHUP"
+            );
             return Ok(None);
         }
         let policy_dir = canonical(&self.policy_dir);

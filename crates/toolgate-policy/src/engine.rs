@@ -241,6 +241,11 @@ impl PolicyEngine {
         }
     }
 
+    /// Every policy's source, by id.
+    pub fn sources(&self) -> impl Iterator<Item = (&PolicyId, &PolicySource)> {
+        self.sources.iter()
+    }
+
     pub fn source(&self, policy_id: &str) -> Option<&PolicySource> {
         self.sources.get(&PolicyId::new(policy_id))
     }

@@ -73,6 +73,8 @@ pub struct PolicySource {
     /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
     /// records it, so a later reader can tell whether the policy changed since.
     pub version: String,
+    /// Annotations toolgate does not read (a typo, or a feature it lacks): `check` says so.
+    pub unread_annotations: Vec<String>,
 }
 
 /// The parsed (and, once validated, trusted) content of a policy directory.
@@ -482,6 +484,7 @@ pub fn parse_policy_file(
         cursor = offset;
         // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
         let (mut id, mut grants, mut shadow, mut reason) = (None, Vec::new(), false, None);
+        let mut unread_annotations = Vec::new();
         for (key, value) in policy.annotations() {
             match key {
                 "id" => id = Some(value.to_string()),
@@ -499,7 +502,8 @@ pub fn parse_policy_file(
                         ))
                     }
                 },
-                _ => {}
+                "doc" => {}
+                other => unread_annotations.push(other.to_string()),
             }
         }
         let id = id.unwrap_or_else(|| format!("{stem}.{index}"));
@@ -512,6 +516,7 @@ pub fn parse_policy_file(
                 shadow,
                 reason,
                 version: policy_version(policy),
+                unread_annotations,
             },
         ));
     }
