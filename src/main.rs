@@ -7,6 +7,7 @@ mod cedar_types;
 mod demo;
 mod init_cmd;
 mod openapi_cmd;
+mod pin_cmd;
 mod policy_test;
 mod schema_cmd;
 
@@ -143,6 +144,20 @@ enum Command {
         /// The project folder (created if missing).
         #[arg(default_value = ".")]
         dir: PathBuf,
+    },
+    /// Ask each MCP upstream for its tools and write their definitions into the config's
+    /// `tool_pins:` lock file (review it): a tool whose live definition differs is then hidden
+    /// and refused. Exit 1 when an upstream cannot be reached (its pins are kept).
+    Pin {
+        /// The config naming the upstreams and the lock file.
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        /// Only this upstream (the others' pins are kept).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Extra request headers for the upstreams, `NAME: VALUE` (a token they need).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Dev helper: write a new P-256 key (PKCS#8 PEM) and its public JWKS.
     Keygen {
@@ -281,6 +296,12 @@ fn main() -> ExitCode {
         } => token(&config, &key, sub, act, aud, iss, ttl, &claims),
         Command::Keygen { private, jwks } => keygen(&private, jwks.as_deref()),
         Command::Init { dir } => init_cmd::run(&dir),
+        Command::Pin {
+            config,
+            upstream,
+            headers,
+        } => runtime()
+            .and_then(|rt| rt.block_on(pin_cmd::run(&config, upstream.as_deref(), &headers))),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(

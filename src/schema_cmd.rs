@@ -138,7 +138,7 @@ fn event_json(event: &[u8]) -> Option<Value> {
     serde_json::from_str(&data.join("\n")).ok()
 }
 
-async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, String> {
+pub async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()

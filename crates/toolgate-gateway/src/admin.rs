@@ -277,6 +277,13 @@ impl Gateway {
             key_errors,
             ..ReloadReport::default()
         };
+        if let Some(path) = &self.config.tool_pins {
+            match crate::pins::ToolPins::load(path) {
+                Ok(pins) => self.pins.store(Some(Arc::new(pins))),
+                // The pins in force stay: a broken lock file unlocks nothing.
+                Err(e) => report.config_errors.push(e),
+            }
+        }
         if let Some(path) = &self.config_path {
             match Config::load(path) {
                 Err(e) => report.config_errors.push(e),

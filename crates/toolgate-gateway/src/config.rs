@@ -42,6 +42,10 @@ pub struct Config {
     /// OpenTelemetry traces over OTLP/HTTP; absent: off.
     #[serde(default)]
     pub traces: Option<Traces>,
+    /// The lock file of pinned MCP tool definitions (`toolgate pin` writes it). Set: a tool
+    /// whose live definition is not its pin is hidden and refused.
+    #[serde(default)]
+    pub tool_pins: Option<PathBuf>,
     /// The file it was read from, for problems found later to name their line.
     #[serde(skip)]
     pub source: Source,
@@ -1051,6 +1055,9 @@ impl Config {
             resolve(p);
         }
         if let Some(p) = self.tasks.store_password_file.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.tool_pins.as_mut() {
             resolve(p);
         }
         for upstream in &mut self.upstreams {

@@ -11,6 +11,7 @@ pub mod config;
 mod conn_io;
 mod mcp;
 pub mod metrics;
+pub mod pins;
 mod pipeline;
 mod rest;
 pub mod routes;
@@ -71,6 +72,8 @@ pub struct Gateway {
     tracer: Option<trace::Tracer>,
     /// MCP tools' input schemas, as their servers listed them (for `ambiguous_argument`).
     tool_schemas: Arc<mcp::ToolSchemas>,
+    /// The pinned tool definitions (`tool_pins:`), re-read at every reload; None: not pinned.
+    pins: arc_swap::ArcSwapOption<pins::ToolPins>,
 }
 
 /// Why the gateway did not start: what failed, with its cause kept as the error's source
@@ -165,6 +168,9 @@ fn local_files_problems(config: &Config) -> Vec<String> {
     if let Err(why) = config.tasks.store_url() {
         errors.push(why);
     }
+    if let Some(Err(why)) = config.tool_pins.as_deref().map(pins::ToolPins::load) {
+        errors.push(why);
+    }
     if let Some(tls) = &config.tls {
         if let Err(why) = server::tls_acceptor(&tls.cert, &tls.key) {
             errors.push(format!("tls: {why}"));
@@ -222,6 +228,7 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
     }
     errors.extend(local_files_problems(config));
     errors.extend(check_upstreams(config));
+    errors.extend(pins_against_schema(config, &engine));
     let errors: Vec<String> = errors.iter().map(|e| config.locate(e)).collect();
     if errors.is_empty() {
         Ok(engine)
@@ -312,6 +319,43 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
     }
     warnings.sort();
     warnings
+}
+
+/// A pinned tool's input schema and its declared arguments must name the same arguments:
+/// else the policies were written for another tool than the one reviewed.
+fn pins_against_schema(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+    let Some(Ok(file)) = config.tool_pins.as_deref().map(pins::PinFile::read) else {
+        return Vec::new(); // unreadable: local_files_problems says so
+    };
+    let mut errors = Vec::new();
+    for (upstream, tools) in &file.upstreams {
+        for (tool, pin) in tools {
+            let action = format!("{upstream}/{tool}");
+            let Some(declared) = engine.schema_info().actions.get(&action) else {
+                continue;
+            };
+            let pinned: std::collections::BTreeSet<&str> = pin
+                .definition
+                .pointer("/inputSchema/properties")
+                .and_then(serde_json::Value::as_object)
+                .map(|p| p.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            let declared: std::collections::BTreeSet<&str> =
+                declared.args.keys().map(String::as_str).collect();
+            if pinned != declared {
+                let only = |a: &std::collections::BTreeSet<&str>,
+                            b: &std::collections::BTreeSet<&str>| {
+                    a.difference(b).copied().collect::<Vec<_>>().join(", ")
+                };
+                errors.push(format!(
+                    "tool_pins: {action}: the pinned input schema and the Cedar schema disagree (only pinned: [{}]; only declared: [{}]); regenerate one of them",
+                    only(&pinned, &declared),
+                    only(&declared, &pinned)
+                ));
+            }
+        }
+    }
+    errors
 }
 
 /// Sets up each upstream as `serve` would (secrets, keys, TLS files read now): what fails.
@@ -415,6 +459,12 @@ impl Gateway {
             Some(path) => Some(read_admin_token(path)?),
             None => None,
         };
+        let pins = match &config.tool_pins {
+            Some(path) => {
+                Some(pins::ToolPins::load(path).map_err(|e| StartError::Invalid(vec![e]))?)
+            }
+            None => None,
+        };
         let store = config
             .tasks
             .store_url()
@@ -465,6 +515,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             tracer,
             tool_schemas: Default::default(),
+            pins: arc_swap::ArcSwapOption::from(pins.map(Arc::new)),
             config,
             config_path,
         }))

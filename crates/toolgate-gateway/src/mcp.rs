@@ -74,6 +74,7 @@ impl ToolSchemas {
                 let entry = json!({
                     "inputSchema": tool.get("inputSchema"),
                     "outputSchema": tool.get("outputSchema"),
+                    "definition_sha256": crate::pins::live_digest(tool),
                 });
                 map.insert((upstream.to_string(), name.to_string()), Arc::new(entry));
             }
@@ -419,7 +420,7 @@ impl Gateway {
         let filter = answer_filter(
             Listings::All,
             true,
-            Visibility::new(ctx, upstream, tasks),
+            Visibility::new(ctx, upstream, tasks, self.pinned()),
             Some(self.learn_tools(upstream)),
         );
         rewrite_answer(response, filter, Vec::new(), false).await
@@ -568,7 +569,7 @@ impl Gateway {
             decided: plan.decided_ids,
         };
         let tasks = TaskHandles::new(binder, answers_to, plan.owned_tasks);
-        let visible = Visibility::new(ctx, upstream, tasks);
+        let visible = Visibility::new(ctx, upstream, tasks, self.pinned());
         let filter = answer_filter(
             listings,
             plan.listens,
@@ -576,6 +577,14 @@ impl Gateway {
             Some(self.learn_tools(upstream)),
         );
         rewrite_answer(response, filter, plan.answered, batch).await
+    }
+
+    /// The pins in force, with where to count what they hide.
+    fn pinned(&self) -> Option<Pinned> {
+        self.pins.load_full().map(|pins| Pinned {
+            pins,
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Where the tools an upstream lists are remembered.
@@ -715,6 +724,9 @@ impl Gateway {
             ArgsPlace::Arguments => Some(self.tool_schemas.get(upstream.name(), tool.tool())),
             _ => None,
         };
+        if let Some(listed) = &listed {
+            self.pinned_tool(upstream, tool, listed.as_deref(), id, line)?;
+        }
         let rules = Rules {
             undeclared: upstream.config.undeclared_arguments.unwrap_or_default(),
             reads: ctx.engine.arg_reads(tool.as_str()),
@@ -750,6 +762,50 @@ impl Gateway {
         Ok((
             rendered_message(message, place, rendered.forward),
             decision.grants,
+        ))
+    }
+}
+
+impl Gateway {
+    /// With `tool_pins:`, a tool is called only as pinned: its definition, as this gateway
+    /// last saw it listed, is its pin. Unseen since start or since `list_changed` is refused
+    /// too: nothing the server says unlocks a tool, only a reloaded lock file.
+    fn pinned_tool(
+        &self,
+        upstream: &Upstream,
+        tool: &ActionId,
+        listed: Option<&Value>,
+        id: Option<&Value>,
+        line: &mut AuditRecord,
+    ) -> Result<(), Value> {
+        let Some(pins) = self.pins.load_full() else {
+            return Ok(());
+        };
+        let live = listed
+            .and_then(|entry| entry.get("definition_sha256"))
+            .and_then(Value::as_str);
+        let name = tool.tool();
+        let (code, why) = match live {
+            Some(live) if pins.allows(upstream.name(), name, live) => return Ok(()),
+            Some(_) => (
+                "tool_definition_changed",
+                "its definition is not the pinned one (tool_pins)",
+            ),
+            None => (
+                "tool_definition_unverified",
+                "its definition has not been listed through the gateway since it started or since the server's tools changed: list tools first",
+            ),
+        };
+        self.metrics
+            .pin_refusals
+            .with_label_values(&[upstream.name(), pins.label(upstream.name(), name), "call"])
+            .inc();
+        line.errors.push(format!("{code}: {why}"));
+        Err(error_response(
+            id,
+            code::INVALID_PARAMS,
+            &format!("tool {name} refused: {why}"),
+            Some(json!({ "error": code })),
         ))
     }
 }
@@ -921,6 +977,7 @@ fn answer_filter(
             if let Some((schemas, upstream)) = &schemas {
                 schemas.learn(upstream, message);
             }
+            visible.hide_unpinned(message);
             filter_listing(message, &|item| visible.item(item));
         }
         let tasks = visible.tasks.apply(message);
@@ -949,17 +1006,56 @@ struct Visibility {
     client_ip: IpAddr,
     /// The task handles the caller may be given on this answer or stream.
     tasks: TaskHandles,
+    pinned: Option<Pinned>,
+}
+
+/// The pinned tool definitions in force, and the metrics that count what they hide.
+struct Pinned {
+    pins: Arc<crate::pins::ToolPins>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Visibility {
-    fn new(ctx: &CallContext<'_>, upstream: &Upstream, tasks: TaskHandles) -> Arc<Visibility> {
+    fn new(
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        tasks: TaskHandles,
+        pinned: Option<Pinned>,
+    ) -> Arc<Visibility> {
         Arc::new(Visibility {
             engine: ctx.engine.clone(),
             caller: ctx.caller.clone(),
             upstream: upstream.name().to_string(),
             client_ip: ctx.client.ip,
             tasks,
+            pinned,
         })
+    }
+
+    /// Removes from a `tools/list` answer every tool whose definition is not its pin.
+    fn hide_unpinned(&self, message: &mut Value) {
+        let Some(Pinned { pins, metrics }) = &self.pinned else {
+            return;
+        };
+        let Some(tools) = message
+            .pointer_mut("/result/tools")
+            .and_then(Value::as_array_mut)
+        else {
+            return;
+        };
+        tools.retain(|tool| {
+            let name = tool.get("name").and_then(Value::as_str).unwrap_or_default();
+            let pinned = pins.allows(&self.upstream, name, &crate::pins::live_digest(tool));
+            if !pinned {
+                let label = pins.label(&self.upstream, name);
+                metrics
+                    .pin_refusals
+                    .with_label_values(&[&self.upstream, label, "listing"])
+                    .inc();
+                tracing::warn!(upstream = %self.upstream, tool = %label, "a listed tool's definition is not its pin: hidden");
+            }
+            pinned
+        });
     }
 
     /// An item of a listing: shown where the call that reads it would be permitted (a tool

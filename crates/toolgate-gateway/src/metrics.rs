@@ -26,6 +26,8 @@ pub struct Metrics {
     /// 1 while the config, policy and key files are watched for changes; 0 when watching is
     /// off or failed (reload then only by `POST /admin/reload`).
     pub watching: IntGauge,
+    /// Tools whose live definition is not their pin: hidden from a listing, or a call refused.
+    pub pin_refusals: IntCounterVec,
     pub minted: IntCounter,
     pub reloads: IntCounterVec,
     pub reload_duration: Histogram,
@@ -138,6 +140,13 @@ impl Metrics {
             watching: register_int_gauge_with_registry!(
                 "toolgate_config_watch_active",
                 "1 while config, policy and key files are watched for changes; 0 when watching is off or could not start.",
+                r
+            )
+            .expect("metric"),
+            pin_refusals: register_int_counter_vec_with_registry!(
+                "toolgate_tool_pin_refusals_total",
+                "Tools whose live definition is not their pin (tool_pins), by upstream, tool (unpinned: a tool with no pin) and where: hidden from a listing, or a call refused.",
+                &["upstream", "tool", "where"],
                 r
             )
             .expect("metric"),

@@ -40,6 +40,7 @@ impl Gateway {
             self.config_path
                 .as_deref()
                 .into_iter()
+                .chain(self.config.tool_pins.as_deref())
                 .flat_map(watched_forms),
         );
         files.extend(
