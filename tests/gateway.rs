@@ -376,9 +376,13 @@ async fn framing_errors_and_upstream_failures() {
     let token = gw.idp.delegated();
     let auth = format!("Bearer {token}");
 
-    assert_eq!(
-        get(&gw.url("/billing/nowhere"), &token).await.json(),
-        json!({"error": "tool_not_found"})
+    // Named by its decision id, as every refusal with an audit line is.
+    let not_found = get(&gw.url("/billing/nowhere"), &token).await.json();
+    assert_eq!(not_found["error"], "tool_not_found");
+    let id = not_found["decision_id"].as_str().unwrap();
+    assert!(
+        gw.audit(1).await.iter().any(|l| l["decision_id"] == id),
+        "{not_found}"
     );
     assert_eq!(get(&gw.url("/nosuchupstream/x"), &token).await.status, 404);
     assert_eq!(
@@ -1606,4 +1610,45 @@ async fn the_config_schema_accepts_real_configs_and_refuses_what_check_refuses()
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `/readyz` says not ready while no issuer's keys are loaded (the identity provider not yet
+/// reached): such a replica would answer every call 401. Ready once the keys come.
+#[tokio::test]
+async fn not_ready_until_some_issuer_has_keys() {
+    use std::sync::{Arc, Mutex};
+    let key = toolgate_credential::SigningKey::generate().unwrap().0;
+    let served = Arc::new(Mutex::new(String::from("not yet")));
+    let jwks = {
+        let served = served.clone();
+        document_server(move |_| served.lock().unwrap().clone()).await
+    };
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[],
+        inbound: Some(format!(
+            "inbound:\n  jwt:\n    - issuer: {IDP}\n      jwks_url: http://{jwks}/jwks.json\n      jwks_refetch_seconds: 1\n      audiences: [{AUDIENCE}]\n"
+        )),
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let ready = || async { send("GET", &gw.admin_url("/readyz"), &[], b"").await };
+    let waiting = ready().await;
+    assert_eq!(waiting.status, 503);
+    assert!(waiting.json()["reason"].as_str().unwrap().contains("keys"));
+    *served.lock().unwrap() = json!({"keys": [key.public_jwk()]}).to_string();
+    // An unknown kid fetches the keys again.
+    let token = key
+        .sign(
+            "JWT",
+            &with_defaults(json!({"sub": "alice", "act": {"sub": "assistant"}})),
+        )
+        .unwrap();
+    assert_eq!(
+        get(&gw.url("/billing/invoices/1"), &token).await.status,
+        200
+    );
+    assert_eq!(ready().await.status, 200);
 }

@@ -96,7 +96,12 @@ impl Gateway {
             }
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
-                if self.ready.load(Ordering::SeqCst) {
+                if !self.auth.has_keys() {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "not ready", "reason": "no issuer's keys are loaded yet (jwks_url or discovery not reached)"}),
+                    )
+                } else if self.ready.load(Ordering::SeqCst) {
                     json_response(
                         StatusCode::OK,
                         &json!({"status": "ready", "policies": self.policy.load().policy_count()}),

@@ -206,7 +206,14 @@ impl Refusal {
         decision_id: &str,
         resource_metadata: Option<&str>,
     ) -> Response<Body> {
-        let mut response = json_response(self.status(), &self.body(decision_id));
+        let mut body = self.body(decision_id);
+        // Every refusal that has an audit line names it, so `toolgate audit why` finds it.
+        if let (false, Some(fields)) = (decision_id.is_empty(), body.as_object_mut()) {
+            fields
+                .entry("decision_id")
+                .or_insert_with(|| Value::String(decision_id.to_string()));
+        }
+        let mut response = json_response(self.status(), &body);
         self.add_headers(response.headers_mut(), resource_metadata);
         response
     }

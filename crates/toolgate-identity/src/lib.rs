@@ -249,6 +249,14 @@ impl Authenticator {
         Ok(caller)
     }
 
+    /// Whether some issuer has keys to verify with: with none, every call would be a 401
+    /// (an identity provider not reached yet).
+    pub fn has_keys(&self) -> bool {
+        self.issuers
+            .iter()
+            .any(|issuer| !issuer.keys.load().is_empty())
+    }
+
     /// Verified tokens remembered now.
     pub fn cached_tokens(&self) -> usize {
         self.cache.len()
