@@ -630,7 +630,29 @@ mod tests {
     /// policies (`gone` names a permit they do not have).
     fn suggested(agent: &str, calls: &[(&str, &[&str])]) -> String {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let engine = PolicyEngine::load(&dir).unwrap();
+        suggested_by(&PolicyEngine::load(&dir).unwrap(), agent, calls)
+    }
+
+    /// `suggested`, with these policy files beside the examples.
+    fn suggested_with(extra: &[(&str, &str)], agent: &str, calls: &[(&str, &[&str])]) -> String {
+        let dir = std::env::temp_dir().join(format!("toolgate-suggest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        for (name, text) in extra {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let engine = PolicyEngine::load(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        suggested_by(&engine.unwrap(), agent, calls)
+    }
+
+    fn suggested_by(engine: &PolicyEngine, agent: &str, calls: &[(&str, &[&str])]) -> String {
         let mut usage = Usage::default();
         for (action, policies) in calls {
             usage.actions.insert(action.to_string(), (1, 0, "t".into()));
@@ -643,12 +665,12 @@ mod tests {
         };
         let (changed, mut taken) = (BTreeSet::new(), HashSet::new());
         let mut cx = SuggestContext {
-            engine: &engine,
+            engine,
             window: "the last 1h",
             changed: &changed,
             taken: &mut taken,
         };
-        agent_report(&mut out, &engine, agent, &usage).unwrap();
+        agent_report(&mut out, engine, agent, &usage).unwrap();
         suggest_for(&mut out, &mut cx, agent, &usage).unwrap();
         out.take()
     }
@@ -721,6 +743,36 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_permit_now_in_shadow_is_narrowed_in_shadow_and_one_now_a_forbid_is_not() {
+        // The examples' billing.cedar replaced: `billing-read` is now a shadow permit, and
+        // `billing-refund` names a forbid.
+        let text = suggested_with(
+            &[(
+                "billing.cedar",
+                "@id(\"billing-read\")\n@mode(\"shadow\")\npermit (principal in Toolgate::Team::\"finance-agents\", action, resource) when { context has user };\n\
+                 @id(\"billing-refund\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context.args.amount > 500 };\n",
+            )],
+            "assistant",
+            &[
+                ("billing/get_invoice", &["billing-read"]),
+                ("billing/refund", &["billing-refund"]),
+            ],
+        );
+        let policies = parsed(&text);
+        assert_eq!(policies.len(), 2, "{text}");
+        assert_eq!(policies[0].annotation("mode"), Some("shadow"), "{text}");
+        assert!(
+            text.contains("Like billing-read now, it is @mode(\"shadow\")"),
+            "{text}"
+        );
+        assert!(
+            text.contains("billing/refund: billing-refund is now a forbid"),
+            "{text}"
+        );
+        assert_eq!(policies[1].annotation("mode"), None, "{text}");
     }
 
     #[test]

@@ -290,9 +290,10 @@ fn unconditioned(
     let mut comment = vec![
         format!("Suggested for agent {agent:?}: a permit WITHOUT CONDITIONS."),
         format!(
-            "Calls to these actions in {} were allowed through no permit that can be narrowed:",
+            "Some calls to these actions in {} were allowed only through permits that",
             cx.window
         ),
+        "cannot be narrowed now:".to_string(),
     ];
     for (action, reasons) in uncovered {
         let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
