@@ -1,7 +1,7 @@
 //! `toolgate audit why` and `toolgate audit report`: reading the audit log back. Both stream
 //! the file (one line at a time, each parsed into only the fields they read).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::BufRead;
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,6 +11,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use toolgate_gateway::Config;
 use toolgate_policy::PolicyEngine;
+
+use crate::audit_suggest::{suggestions, Allowed, Context as SuggestContext, Suggestion};
 
 /// The fields of an audit line these commands read; the rest is skipped unparsed.
 #[derive(Deserialize)]
@@ -279,7 +281,7 @@ fn printable(text: &str) -> String {
 /// zero-width marks).
 fn unprintable(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// What revocation means for a token an upstream verifies by itself.
@@ -389,7 +391,110 @@ pub fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
 struct Usage {
     /// Action → (allowed calls, denied calls, last time).
     actions: BTreeMap<String, (u64, u64, String)>,
+    /// The permits behind its allowed calls to declared actions (for `--suggest`).
+    allowed: Allowed,
 }
+
+/// The report's reading of the audit file.
+#[derive(Default)]
+struct Usages {
+    agents: BTreeMap<String, Usage>,
+    lines: u64,
+    unreadable: usize,
+    /// Permits whose version now differs from the one some allowed call recorded.
+    changed: BTreeSet<String>,
+}
+
+/// Reads the tool calls of the window (`from` on) per agent.
+fn read_usage(
+    audit: &Path,
+    engine: &PolicyEngine,
+    from: Option<DateTime<Utc>>,
+) -> Result<Usages, String> {
+    let mut read = Usages::default();
+    read.unreadable = each_line(audit, |line| {
+        read.lines += 1;
+        let (Some(agent), true) = (&line.agent, line.is_tool_call()) else {
+            return;
+        };
+        if let Some(from) = from {
+            match DateTime::parse_from_rfc3339(&line.time) {
+                Ok(at) if at >= from => {}
+                _ => return,
+            }
+        }
+        // An undeclared name is an agent's word (an unknown MCP tool): one bucket for all.
+        let declared = line.action.as_deref().filter(|a| engine.has_action(a));
+        let usage = read.agents.entry(agent.clone()).or_default();
+        let action = declared.unwrap_or("(undeclared tools)");
+        let entry = usage.actions.entry(action.to_string()).or_default();
+        if line.decision == "allow" {
+            entry.0 += 1;
+            if let Some(action) = declared {
+                usage.allowed.record(action, &line.policies);
+            }
+            for (id, version) in &line.policy_versions {
+                if engine.source(id).is_none_or(|s| s.version != *version) {
+                    read.changed.insert(id.clone());
+                }
+            }
+        } else {
+            entry.1 += 1;
+        }
+        if line.time > entry.2 {
+            entry.2 = line.time.clone();
+        }
+    })?;
+    Ok(read)
+}
+
+/// Where the report goes: plain text, or (`--suggest`) a Cedar policy file in which every
+/// report line is a `//` comment. Every line is printable (control characters, line breaks
+/// among them, escaped): a name can neither drive a terminal nor end a comment.
+struct Out {
+    comments: bool,
+    text: String,
+}
+
+impl Out {
+    fn line(&mut self, text: &str) {
+        if self.comments {
+            self.text.push_str("// ");
+        }
+        self.text.push_str(&printable(text));
+        self.text.push('\n');
+    }
+
+    fn blank(&mut self) {
+        self.text.push('\n');
+    }
+
+    /// A suggested policy: its comment, then its Cedar text, line by line (Cedar prints line
+    /// breaks in strings escaped, and what `printable` escapes can only be in a string
+    /// literal, where Cedar reads its `\u{..}` escapes back).
+    fn policy(&mut self, suggestion: &Suggestion) {
+        for line in &suggestion.comment {
+            self.line(line);
+        }
+        for line in suggestion.policy.lines() {
+            self.text.push_str(&printable(line));
+            self.text.push('\n');
+        }
+    }
+
+    fn take(&mut self) -> String {
+        std::mem::take(&mut self.text)
+    }
+}
+
+/// What the `--suggest` file says first.
+const SUGGEST_HEADER: &[&str] = &[
+    "toolgate audit report --suggest: the report as comments, then per agent the suggested",
+    "permits. Each narrowed copy keeps the conditions of the permit it narrows: enforce the",
+    "copies and remove the permits they narrow (an agent no copy names then loses what those",
+    "permits allowed it). A permit WITHOUT CONDITIONS is suggested only where no permit that",
+    "allowed the calls can be narrowed any more, and its comment says so.",
+];
 
 pub fn report(
     audit: &Path,
@@ -404,45 +509,73 @@ pub fn report(
         .map(parse_duration)
         .transpose()?
         .and_then(|window| Utc::now().checked_sub_signed(window));
-    let mut agents: BTreeMap<String, Usage> = BTreeMap::new();
-    let mut lines = 0u64;
-    let unreadable = each_line(audit, |line| {
-        lines += 1;
-        let (Some(agent), true) = (&line.agent, line.is_tool_call()) else {
-            return;
-        };
-        // An undeclared name is an agent's word (an unknown MCP tool): one bucket for all.
-        let action = match line.action.as_deref() {
-            Some(action) if engine.has_action(action) => action.to_string(),
-            _ => "(undeclared tools)".to_string(),
-        };
-        if let Some(from) = from {
-            match DateTime::parse_from_rfc3339(&line.time) {
-                Ok(at) if at >= from => {}
-                _ => return,
-            }
-        }
-        let entry = agents
-            .entry(agent.clone())
-            .or_default()
-            .actions
-            .entry(action)
-            .or_default();
-        if line.decision == "allow" {
-            entry.0 += 1;
-        } else {
-            entry.1 += 1;
-        }
-        if line.time > entry.2 {
-            entry.2 = line.time.clone();
-        }
-    })?;
+    let read = read_usage(audit, &engine, from)?;
     let window = since.map_or_else(|| "the whole file".to_string(), |s| format!("the last {s}"));
-    println!(
-        "# {} lines read from {} ({unreadable} unreadable); window: {window}",
-        lines,
-        audit.display()
-    );
+    let mut out = Out {
+        comments: suggest,
+        text: String::new(),
+    };
+    if suggest {
+        SUGGEST_HEADER.iter().for_each(|l| out.line(l));
+    }
+    out.line(&format!(
+        "# {} lines read from {} ({} unreadable); window: {window}",
+        read.lines,
+        audit.display(),
+        read.unreadable,
+    ));
+    print!("{}", out.take());
+    let mut taken = HashSet::new();
+    let mut cx = SuggestContext {
+        engine: &engine,
+        window: &window,
+        changed: &read.changed,
+        taken: &mut taken,
+    };
+    for (agent, usage) in &read.agents {
+        agent_report(&mut out, &engine, agent, usage)?;
+        if suggest {
+            suggest_for(&mut out, &mut cx, agent, usage)?;
+        }
+        print!("{}", out.take());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The suggested policies for one agent, each after its comment.
+fn suggest_for(
+    out: &mut Out,
+    cx: &mut SuggestContext<'_>,
+    agent: &str,
+    usage: &Usage,
+) -> Result<(), String> {
+    for suggestion in suggestions(cx, agent, &usage.allowed)? {
+        out.blank();
+        out.policy(&suggestion);
+    }
+    Ok(())
+}
+
+/// One agent's part of the report: what it called, and what it may call but never did.
+fn agent_report(
+    out: &mut Out,
+    engine: &PolicyEngine,
+    agent: &str,
+    usage: &Usage,
+) -> Result<(), String> {
+    out.blank();
+    out.line(&format!("agent {agent}"));
+    out.line("  called:");
+    for (action, (allowed, denied, last)) in &usage.actions {
+        let denied = if *denied > 0 {
+            format!(", {denied} denied")
+        } else {
+            String::new()
+        };
+        out.line(&format!(
+            "    {action}: {allowed} allowed{denied}, last {last}"
+        ));
+    }
     let mut tools: Vec<&str> = engine
         .schema_info()
         .actions
@@ -451,104 +584,224 @@ pub fn report(
         .filter(|a| a.contains('/'))
         .collect();
     tools.sort();
-    for (agent, usage) in &agents {
-        println!("\nagent {}", printable(agent));
-        println!("  called:");
-        for (action, (allowed, denied, last)) in &usage.actions {
-            let denied = if *denied > 0 {
-                format!(", {denied} denied")
-            } else {
-                String::new()
-            };
-            println!(
-                "    {}: {allowed} allowed{denied}, last {}",
-                printable(action),
-                printable(last)
-            );
-        }
-        let permitted = engine.permits_in_scope(agent, &tools)?;
-        let unused: Vec<_> = permitted
-            .iter()
-            .filter(|(action, permits)| {
-                !permits.is_empty()
-                    && usage
-                        .actions
-                        .get(action)
-                        .is_none_or(|(allowed, _, _)| *allowed == 0)
-            })
-            .collect();
-        if unused.is_empty() {
-            println!("  permitted but never called: none");
-        } else {
-            println!("  permitted but never called:");
-            for (action, permits) in unused {
-                let by: Vec<String> = permits
-                    .iter()
-                    .map(|id| match engine.source(id) {
-                        Some(s) => format!("{id} ({}:{})", s.file.display(), s.line),
-                        None => id.clone(),
-                    })
-                    .collect();
-                println!("    {action}: by {}", by.join(", "));
-            }
-        }
-        if suggest {
-            let used: Vec<&String> = usage
-                .actions
-                .iter()
-                .filter(|(action, (allowed, _, _))| *allowed > 0 && engine.has_action(action))
-                .map(|(action, _)| action)
-                .collect();
-            if !used.is_empty() {
-                println!("\n{}", suggested_permit(agent, &used, &window)?);
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A permit covering exactly what `agent` was allowed to call, as Cedar text.
-fn suggested_permit(agent: &str, used: &[&String], window: &str) -> Result<String, String> {
-    let principal = toolgate_policy::uid("Agent", agent)?;
-    let actions: Vec<String> = used
+    let permitted = engine.permits_in_scope(agent, &tools)?;
+    let unused: Vec<_> = permitted
         .iter()
-        .map(|a| toolgate_policy::uid("Action", a).map(|u| u.to_string()))
-        .collect::<Result<_, _>>()?;
-    // Readable, and unique: agents whose ids read alike (`a.b`, `a_b`) get different ids.
-    let readable: String = agent
-        .chars()
-        .take(40)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
+        .filter(|(action, permits)| {
+            !permits.is_empty()
+                && usage
+                    .actions
+                    .get(action)
+                    .is_none_or(|(allowed, _, _)| *allowed == 0)
         })
         .collect();
-    let digest = {
-        use sha2::Digest as _;
-        let d = sha2::Sha256::digest(agent.as_bytes());
-        format!("{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
-    };
-    let id = format!("{readable}-{digest}");
-    Ok(format!(
-        "// Suggested: what agent {agent:?} was allowed to call in {window}, and nothing more.\n\
-         @id(\"suggested-{id}\")\n\
-         permit (\n  principal == {principal},\n  action in [{}],\n  resource\n);",
-        actions.join(", ")
-    ))
+    if unused.is_empty() {
+        out.line("  permitted but never called: none");
+        return Ok(());
+    }
+    out.line("  permitted but never called:");
+    for (action, permits) in unused {
+        let by: Vec<String> = permits
+            .iter()
+            .map(|id| match engine.source(id) {
+                Some(s) => format!("{id} ({}:{})", s.file.display(), s.line),
+                None => id.clone(),
+            })
+            .collect();
+        out.line(&format!("    {action}: by {}", by.join(", ")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn control_characters_are_never_printed() {
         assert_eq!(printable("tools/add"), "tools/add");
         assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\u{a}");
         assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(printable("a\u{2028}b"), "a\\u{2028}b");
+    }
+
+    /// The `--suggest` output for one agent's usage, against the repository's example
+    /// policies (`gone` names a permit they do not have).
+    fn suggested(agent: &str, calls: &[(&str, &[&str])]) -> String {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        suggested_by(&PolicyEngine::load(&dir).unwrap(), agent, calls)
+    }
+
+    /// `suggested`, with these policy files beside the examples.
+    fn suggested_with(extra: &[(&str, &str)], agent: &str, calls: &[(&str, &[&str])]) -> String {
+        let dir = std::env::temp_dir().join(format!("toolgate-suggest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+        for (name, text) in extra {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let engine = PolicyEngine::load(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        suggested_by(&engine.unwrap(), agent, calls)
+    }
+
+    fn suggested_by(engine: &PolicyEngine, agent: &str, calls: &[(&str, &[&str])]) -> String {
+        let mut usage = Usage::default();
+        for (action, policies) in calls {
+            usage.actions.insert(action.to_string(), (1, 0, "t".into()));
+            let policies: Vec<String> = policies.iter().map(|p| p.to_string()).collect();
+            usage.allowed.record(action, &policies);
+        }
+        let mut out = Out {
+            comments: true,
+            text: String::new(),
+        };
+        let (changed, mut taken) = (BTreeSet::new(), HashSet::new());
+        let mut cx = SuggestContext {
+            engine,
+            window: "the last 1h",
+            changed: &changed,
+            taken: &mut taken,
+        };
+        agent_report(&mut out, engine, agent, &usage).unwrap();
+        suggest_for(&mut out, &mut cx, agent, &usage).unwrap();
+        out.take()
+    }
+
+    /// The policies of a `--suggest` output, parsed as `toolgate check` parses a file.
+    fn parsed(text: &str) -> Vec<cedar_policy::Policy> {
+        toolgate_policy::parse_policy_file(Path::new("suggested.cedar"), text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .into_iter()
+            .map(|(policy, _)| policy)
+            .collect()
+    }
+
+    #[test]
+    fn suggested_copies_keep_the_conditions_of_the_permits_they_narrow() {
+        let text = suggested(
+            "assistant",
+            &[
+                ("billing/get_invoice", &["billing-read"]),
+                ("billing/refund", &["billing-refund"]),
+                ("billing/list_invoices", &["billing-read"]),
+                ("billing/list_invoices", &["gone"]),
+            ],
+        );
+        assert!(!text.contains("nothing more"), "{text}");
+        let policies = parsed(&text);
+        let ids: Vec<String> = policies.iter().map(|p| p.id().to_string()).collect();
+        assert_eq!(ids.len(), 3, "{text}");
+        let original = |id: &str| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+            let engine = PolicyEngine::load(&dir).unwrap();
+            engine.policy(id).unwrap().to_json().unwrap()
+        };
+        let copy = policies[0].to_json().unwrap();
+        assert!(
+            ids[0].starts_with("suggested-assistant-billing-read-"),
+            "{ids:?}"
+        );
+        assert_eq!(
+            copy["principal"],
+            json!({"op": "==", "entity": {"type": "Toolgate::Agent", "id": "assistant"}})
+        );
+        let actions = ["billing/get_invoice", "billing/list_invoices"]
+            .map(|a| json!({"type": "Toolgate::Action", "id": a}));
+        assert_eq!(copy["action"], json!({"op": "in", "entities": actions}));
+        let read = original("billing-read");
+        assert_eq!(copy["resource"], read["resource"]);
+        // The team scope as a condition, then the permit's own.
+        let conditions = copy["conditions"].as_array().unwrap();
+        assert_eq!(conditions[1..], read["conditions"].as_array().unwrap()[..]);
+        assert_eq!(
+            policies[0].annotation("grants"),
+            Some("invoices:read"),
+            "{text}"
+        );
+        assert_eq!(policies[0].annotation("id"), Some(ids[0].as_str()));
+        assert!(text.contains("It narrows permit billing-read ("), "{text}");
+        assert!(text.contains("principal in Toolgate::Team::\"finance-agents\""));
+        assert!(ids[1].starts_with("suggested-assistant-billing-refund-"));
+        // A call allowed only through a permit gone since: the wide permit, said plainly.
+        assert_eq!(ids[2], "suggested-assistant-a39a7ffa");
+        let wide = policies[2].to_json().unwrap();
+        assert_eq!(wide["conditions"], json!([]));
+        // (Cedar reads a one-entity list as `in` that entity.)
+        assert_eq!(wide["action"]["entity"], actions[1], "{wide}");
+        for expected in [
+            "a permit WITHOUT CONDITIONS",
+            "billing/list_invoices: gone is no longer in the policy set",
+            "wider than whatever allowed those calls",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_permit_now_in_shadow_is_narrowed_in_shadow_and_one_now_a_forbid_is_not() {
+        // The examples' billing.cedar replaced: `billing-read` is now a shadow permit, and
+        // `billing-refund` names a forbid.
+        let text = suggested_with(
+            &[(
+                "billing.cedar",
+                "@id(\"billing-read\")\n@mode(\"shadow\")\npermit (principal in Toolgate::Team::\"finance-agents\", action, resource) when { context has user };\n\
+                 @id(\"billing-refund\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context.args.amount > 500 };\n",
+            )],
+            "assistant",
+            &[
+                ("billing/get_invoice", &["billing-read"]),
+                ("billing/refund", &["billing-refund"]),
+            ],
+        );
+        let policies = parsed(&text);
+        assert_eq!(policies.len(), 2, "{text}");
+        assert_eq!(policies[0].annotation("mode"), Some("shadow"), "{text}");
+        assert!(
+            text.contains("Like billing-read now, it is @mode(\"shadow\")"),
+            "{text}"
+        );
+        assert!(
+            text.contains("billing/refund: billing-refund is now a forbid"),
+            "{text}"
+        );
+        assert_eq!(policies[1].annotation("mode"), None, "{text}");
+    }
+
+    #[test]
+    fn a_name_never_leaves_its_comment() {
+        let agent =
+            "evil\n@id(\"x\")\npermit (principal, action, resource);\r\u{2028}\u{202e}\u{1b}[2J";
+        let text = suggested(agent, &[("billing/get_invoice", &["billing-read"])]);
+        assert!(
+            !text.chars().any(|c| unprintable(c) && c != '\n'),
+            "{text:?}"
+        );
+        // One policy: the suggested one, for exactly this agent.
+        let policies = parsed(&text);
+        assert_eq!(policies.len(), 1, "{text}");
+        let principal = policies[0].to_json().unwrap()["principal"].clone();
+        assert_eq!(principal["entity"]["id"], agent, "{text}");
+        // Every other line is a comment (or empty).
+        let policy_lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("@id("))
+            .collect();
+        assert!(policy_lines.last().unwrap().ends_with(';'), "{text}");
+        for line in text.lines().take(text.lines().count() - policy_lines.len()) {
+            assert!(line.is_empty() || line.starts_with("// "), "{line:?}");
+        }
+        assert!(
+            text.contains(r#"// agent evil\u{a}@id("x")\u{a}permit"#),
+            "{text}"
+        );
     }
 
     #[test]

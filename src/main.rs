@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_cmd;
+mod audit_suggest;
 mod authorize;
 mod cedar_types;
 mod demo;
@@ -227,7 +228,9 @@ enum AuditQuery {
         /// Only lines this recent: 7d, 12h, 30m (default: the whole file).
         #[arg(long)]
         since: Option<String>,
-        /// Also print, per agent, a permit covering exactly the actions it was allowed.
+        /// Print a Cedar file `toolgate check` accepts: the report as `//` comments, then per
+        /// agent each permit that allowed its calls narrowed to it and those actions, its
+        /// conditions kept (a permit without conditions only where none can be, said so).
         #[arg(long)]
         suggest: bool,
     },

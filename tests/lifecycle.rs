@@ -275,13 +275,17 @@ async fn audit_why_and_report_read_what_a_running_gateway_wrote() {
         !report.contains("    billing/get_invoice: by"),
         "a called action is not unused:\n{report}"
     );
-    // The suggested permit covers exactly the allowed calls, and `toolgate check` takes it.
+    // The suggested permit covers exactly the allowed calls, keeps billing-read's (rewritten)
+    // condition, and `toolgate check` takes the whole output as it is.
     let suggested = &report[report.find("// Suggested").expect("a suggestion")..];
-    assert!(
-        suggested.contains(r#"action in [Toolgate::Action::"billing/get_invoice"]"#),
-        "{suggested}"
-    );
-    std::fs::write(gw.dir.0.join("policies/suggested.cedar"), suggested).unwrap();
+    for expected in [
+        r#"action in [Toolgate::Action::"billing/get_invoice"]"#,
+        "when { (context has user) && (context.env.hour >= 0) }",
+        "// billing-read changed since some of these calls: its conditions are kept as they are now.",
+    ] {
+        assert!(suggested.contains(expected), "missing {expected:?} in:\n{suggested}");
+    }
+    std::fs::write(gw.dir.0.join("policies/suggested.cedar"), &report).unwrap();
     let config = gw.dir.0.join("toolgate.yaml");
     let check = toolgate(&["check", "--config", config.to_str().unwrap()]);
     assert!(
@@ -301,4 +305,192 @@ async fn audit_why_and_report_read_what_a_running_gateway_wrote() {
         "soon",
     ]);
     assert!(!bad.status.success());
+}
+
+/// The gateway's config, keys and policies (not its audit) copied to a new directory.
+fn copy_project(gw: &Gateway) -> TempDir {
+    let copy = TempDir::new("suggest");
+    for sub in ["", "policies"] {
+        std::fs::create_dir_all(copy.0.join(sub)).unwrap();
+        for entry in std::fs::read_dir(gw.dir.0.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() && path != gw.audit_path {
+                std::fs::copy(&path, copy.0.join(sub).join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    copy
+}
+
+/// Rewrites a policy file without the policies `ids`, each kept one as written.
+fn remove_policies(file: &std::path::Path, ids: &[&str]) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let kept: Vec<String> = toolgate_policy::parse_policy_file(file, &text)
+        .unwrap()
+        .into_iter()
+        .filter(|(policy, _)| !ids.contains(&policy.id().to_string().as_str()))
+        .map(|(policy, _)| policy.to_string())
+        .collect();
+    assert_eq!(kept.len(), text.matches("@id(").count() - ids.len());
+    std::fs::write(file, kept.join("\n\n")).unwrap();
+}
+
+/// `toolgate authorize` with the config in `dir`: the JSON answer for `request`.
+fn authorize(dir: &std::path::Path, request: &Value) -> Value {
+    let path = dir.join("request.json");
+    std::fs::write(&path, request.to_string()).unwrap();
+    let config = dir.join("toolgate.yaml");
+    let out = toolgate(&[
+        "authorize",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// Calls by `assistant`: through billing-read and billing-refund (with a user), one refused
+/// (billing-read wants a user), one through `temp-list` alone (no user). Waits for the audit.
+async fn calls_for_the_suggestion(gw: &Gateway) {
+    let delegated = gw.idp.delegated();
+    let own = gw.idp.sign(json!({"sub": "assistant"}));
+    let url = gw.url("/billing/invoices/42");
+    assert_eq!(get(&url, &delegated).await.status, 200);
+    assert_eq!(get(&url, &own).await.status, 403);
+    let refund = send(
+        "POST",
+        &gw.url("/billing/refunds"),
+        &[
+            ("authorization", &format!("Bearer {delegated}")),
+            ("content-type", "application/json"),
+        ],
+        br#"{"invoice_id": 42, "amount": 100}"#,
+    )
+    .await;
+    assert_eq!(refund.status, 200);
+    assert_eq!(get(&gw.url("/billing/invoices"), &own).await.status, 200);
+    let listed = gw
+        .audit_line(|l| l["action"] == "billing/list_invoices")
+        .await;
+    assert_eq!(listed["policies"], json!(["temp-list"]), "{listed}");
+}
+
+#[tokio::test]
+async fn audit_report_suggests_permits_that_keep_their_conditions() {
+    let upstream = Upstream::start().await;
+    let temporary = "@id(\"temp-list\")\npermit (principal == Toolgate::Agent::\"assistant\", action == Toolgate::Action::\"billing/list_invoices\", resource);\n";
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("temporary.cedar", temporary)],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    calls_for_the_suggestion(&gw).await;
+
+    // In a copy of the project, temp-list is gone: the report is read against that set.
+    let copy = copy_project(&gw);
+    std::fs::remove_file(copy.0.join("policies/temporary.cedar")).unwrap();
+    let config = copy.0.join("toolgate.yaml");
+    let out = toolgate(&[
+        "audit",
+        "report",
+        "--suggest",
+        "--audit",
+        gw.audit_path.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let suggested = String::from_utf8(out.stdout).unwrap();
+    for expected in [
+        "// agent assistant",
+        "//     billing/get_invoice: 1 allowed, 1 denied, last ",
+        "// It narrows permit billing-read (",
+        "// It narrows permit billing-refund (",
+        "// Suggested for agent \"assistant\": a permit WITHOUT CONDITIONS.",
+        "//   billing/list_invoices: temp-list is no longer in the policy set",
+    ] {
+        assert!(
+            suggested.contains(expected),
+            "missing {expected:?} in:\n{suggested}"
+        );
+    }
+    assert!(!suggested.contains("nothing more"), "{suggested}");
+
+    // The file replaces the permits it narrows, and `toolgate check` takes it as it is.
+    remove_policies(
+        &copy.0.join("policies/billing.cedar"),
+        &["billing-read", "billing-refund"],
+    );
+    std::fs::write(copy.0.join("policies/suggested.cedar"), &suggested).unwrap();
+    let check = toolgate(&["check", "--config", config.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}\n{suggested}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // What the narrowed permits' conditions refused is still refused; the rest is allowed.
+    let invoice = json!({"invoice_id": 7});
+    let refund = |amount: i64| json!({"invoice_id": 7, "amount": amount});
+    for (request, decision, by) in [
+        (
+            json!({"agent": "assistant", "user": "alice", "action": "billing/get_invoice", "args": invoice}),
+            "allow",
+            "suggested-assistant-billing-read-",
+        ),
+        (
+            json!({"agent": "assistant", "action": "billing/get_invoice", "args": invoice}),
+            "deny",
+            "",
+        ),
+        (
+            json!({"agent": "assistant", "user": "alice", "action": "billing/refund", "args": refund(100)}),
+            "allow",
+            "suggested-assistant-billing-refund-",
+        ),
+        (
+            json!({"agent": "assistant", "action": "billing/refund", "args": refund(100)}),
+            "deny",
+            "",
+        ),
+        (
+            json!({"agent": "assistant", "user": "alice", "action": "billing/refund", "args": refund(600)}),
+            "deny",
+            "refund-limit",
+        ),
+        // Never allowed through billing-read, and temp-list is gone: not permitted.
+        (
+            json!({"agent": "intern-bot", "user": "alice", "action": "billing/get_invoice", "args": invoice}),
+            "deny",
+            "",
+        ),
+        // What temp-list allowed: the permit without conditions, as its comment says.
+        (
+            json!({"agent": "assistant", "action": "billing/list_invoices"}),
+            "allow",
+            "suggested-assistant-",
+        ),
+    ] {
+        let answer = authorize(&copy.0, &request);
+        assert_eq!(answer["decision"], decision, "{request}: {answer}");
+        let policies = answer["policies"].as_array().unwrap();
+        assert_eq!(policies.is_empty(), by.is_empty(), "{request}: {answer}");
+        assert!(
+            policies.iter().all(|p| p.as_str().unwrap().starts_with(by)),
+            "{request}: {answer}"
+        );
+    }
 }

@@ -269,6 +269,15 @@ impl PolicyEngine {
         self.info.actions.contains_key(action)
     }
 
+    /// A loaded policy by id, enforced or `@mode("shadow")`.
+    pub fn policy(&self, policy_id: &str) -> Option<&Policy> {
+        let all = match &self.shadow {
+            Some((all, _)) => &all.all,
+            None => &self.enforced.all,
+        };
+        all.policy(&PolicyId::new(policy_id))
+    }
+
     /// For each of `actions` (tool actions, `"<upstream>/<tool>"`), the enforced permit
     /// policies whose scope admits `agent` calling it on its tool: those that could permit the
     /// call, their `when`/`unless` conditions aside (scope and entity hierarchy only); none
@@ -280,17 +289,41 @@ impl PolicyEngine {
     ) -> Result<Vec<(String, Vec<String>)>, String> {
         let mut scopes = PolicySet::new();
         for policy in self.enforced.all.policies() {
-            let mut json = policy.to_json().map_err(|e| error_chain(&e))?;
-            let unconditional = json["conditions"].as_array().is_none_or(Vec::is_empty);
+            let unconditional = !policy.has_non_scope_constraint();
             // A forbid counts only when nothing can narrow it: then it always wins.
             if policy.effect() != cedar_policy::Effect::Permit && !unconditional {
                 continue;
             }
-            json["conditions"] = json!([]);
-            let scope = Policy::from_json(Some(policy.id().clone()), json)
-                .map_err(|e| format!("policy {}: {}", policy.id(), error_chain(&e)))?;
-            let _ = scopes.add(scope);
+            let _ = scopes.add(scope_only(policy, false)?);
         }
+        self.admitted(&scopes, agent, actions)
+    }
+
+    /// For each of `actions`, those of the policies `policy_ids` (enforced or shadow, permit or
+    /// forbid) whose scope admits `agent` calling it on its tool with the current entities,
+    /// their conditions aside. An id not loaded admits nothing.
+    pub fn scopes_admitting(
+        &self,
+        policy_ids: &[&str],
+        agent: &str,
+        actions: &[&str],
+    ) -> Result<Vec<(String, Vec<String>)>, String> {
+        let mut scopes = PolicySet::new();
+        for policy in policy_ids.iter().filter_map(|id| self.policy(id)) {
+            let _ = scopes.add(scope_only(policy, true)?);
+        }
+        self.admitted(&scopes, agent, actions)
+    }
+
+    /// For each of `actions`, the policies of `scopes` that determine Cedar's verdict on
+    /// `agent` calling it on its tool, with no context (so only scopes can decide): the
+    /// permits that admit it, or none when the verdict is deny.
+    fn admitted(
+        &self,
+        scopes: &PolicySet,
+        agent: &str,
+        actions: &[&str],
+    ) -> Result<Vec<(String, Vec<String>)>, String> {
         let principal = uid("Agent", agent)?;
         let mut added: HashMap<EntityUid, Entity> = HashMap::new();
         let mut absent = |id: EntityUid, parents: HashSet<EntityUid>| {
@@ -323,7 +356,7 @@ impl PolicyEngine {
                 let request =
                     Request::new(principal.clone(), action, resource, Context::empty(), None)
                         .map_err(|e| error_chain(&e))?;
-                let response = self.authorizer.is_authorized(&request, &scopes, &entities);
+                let response = self.authorizer.is_authorized(&request, scopes, &entities);
                 let mut permits: Vec<String> = match response.decision() {
                     CedarDecision::Allow => response
                         .diagnostics()
@@ -714,6 +747,18 @@ impl PolicyEngine {
 }
 
 /// The ids of the policies that erred in a response (Cedar skips them; toolgate denies).
+/// `policy` with its conditions dropped (its scope alone), under the same id; a permit when
+/// `as_permit`, else with its own effect.
+fn scope_only(policy: &Policy, as_permit: bool) -> Result<Policy, String> {
+    let mut json = policy.to_json().map_err(|e| error_chain(&e))?;
+    json["conditions"] = json!([]);
+    if as_permit {
+        json["effect"] = json!("permit");
+    }
+    Policy::from_json(Some(policy.id().clone()), json)
+        .map_err(|e| format!("policy {}: {}", policy.id(), error_chain(&e)))
+}
+
 fn erring_policies(response: &cedar_policy::Response) -> Vec<String> {
     response
         .diagnostics()
@@ -1593,6 +1638,39 @@ mod load_tests {
         // An agent the entities do not know is in no team either.
         let stranger = engine.permits_in_scope("nobody", &actions).unwrap();
         assert!(stranger.iter().all(|(_, permits)| permits.is_empty()));
+    }
+
+    #[test]
+    fn scopes_admitting_names_the_given_policies_whatever_their_effect_or_mode() {
+        let dir = dir_with(&[(
+            "more.cedar",
+            "@id(\"shadow-permit\")\n@mode(\"shadow\")\npermit (principal in Toolgate::Team::\"finance-agents\", action, resource) when { false };\n\
+             @id(\"no-refunds\")\nforbid (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context has user };\n",
+        )]);
+        let engine = PolicyEngine::load(&dir.0).unwrap();
+        assert!(engine.policy("shadow-permit").is_some());
+        assert!(engine.policy("billing-read").is_some());
+        assert!(engine.policy("gone").is_none());
+        let actions = ["billing/get_invoice", "billing/refund"];
+        let ids = ["billing-read", "shadow-permit", "no-refunds", "gone"];
+        let admitted: HashMap<String, Vec<String>> = engine
+            .scopes_admitting(&ids, "assistant", &actions)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            admitted["billing/get_invoice"],
+            ["billing-read", "shadow-permit"]
+        );
+        assert_eq!(admitted["billing/refund"], ["no-refunds", "shadow-permit"]);
+        // Not in the team: only the forbid's scope (any principal) admits it.
+        let intern: HashMap<String, Vec<String>> = engine
+            .scopes_admitting(&ids, "intern-bot", &actions)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(intern["billing/get_invoice"].is_empty());
+        assert_eq!(intern["billing/refund"], ["no-refunds"]);
     }
 
     #[test]
