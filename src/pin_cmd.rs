@@ -1,6 +1,7 @@
 //! `toolgate pin`: asks each MCP upstream for its tools and writes their definitions into the
 //! lock file the config names (`tool_pins:`), for people to review in version control.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -37,7 +38,7 @@ pub async fn run(
     for upstream in upstreams {
         match crate::schema_cmd::fetch_server(&upstream.url, headers).await {
             Ok(server) => {
-                let pins = server
+                let pins: BTreeMap<String, Pin> = server
                     .tools
                     .iter()
                     .filter_map(|tool| {
@@ -45,7 +46,11 @@ pub async fn run(
                         Some((name.to_string(), Pin::of(tool)))
                     })
                     .collect();
-                println!("{}: {} tools pinned", upstream.name, server.tools.len());
+                let before = file.upstreams.get(&upstream.name);
+                println!("{}: {} tools pinned", upstream.name, pins.len());
+                for line in changes(before, &pins) {
+                    println!("  {line}");
+                }
                 file.upstreams.insert(upstream.name.clone(), pins);
             }
             Err(e) => {
@@ -64,4 +69,22 @@ pub async fn run(
         0 => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
+}
+
+/// What a review must look at: the tools added, changed and removed since the last pin.
+fn changes(before: Option<&BTreeMap<String, Pin>>, now: &BTreeMap<String, Pin>) -> Vec<String> {
+    let empty = BTreeMap::new();
+    let before = before.unwrap_or(&empty);
+    let mut lines = Vec::new();
+    for (name, pin) in now {
+        match before.get(name) {
+            None => lines.push(format!("added: {name}")),
+            Some(old) if old.sha256 != pin.sha256 => lines.push(format!("changed: {name}")),
+            Some(_) => {}
+        }
+    }
+    for name in before.keys().filter(|name| !now.contains_key(*name)) {
+        lines.push(format!("removed: {name}"));
+    }
+    lines
 }

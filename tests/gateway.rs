@@ -1351,6 +1351,34 @@ async fn check_and_serve_agree_on_every_broken_config() {
             "tasks.store_password_file",
         ),
         (
+            "an audit path that is a folder",
+            |t| t.replace("path: audit.jsonl", "path: policies"),
+            "",
+            "a folder, not a file",
+        ),
+        (
+            "a Redis URL whose password holds a slash",
+            |t| {
+                t.replace(
+                    "limits:\n",
+                    "tasks:\n  store: \"redis://:pa/ss@127.0.0.1:6390\"\nlimits:\n",
+                )
+            },
+            "",
+            "redis://***@127.0.0.1:6390",
+        ),
+        (
+            "a JWKS fetched over plain http off loopback",
+            |t| {
+                t.replace(
+                    "jwks_file: idp.jwks.json",
+                    "jwks_url: http://idp.example/jwks.json",
+                )
+            },
+            "",
+            "jwks_url must be an https:// URL",
+        ),
+        (
             "a policy directory that does not exist",
             |t| t.replace("policies: policies/", "policies: nowhere/"),
             "nowhere",
@@ -1417,6 +1445,10 @@ async fn check_and_serve_agree_on_every_broken_config() {
         assert!(!output.status.success(), "{name}: serve started");
         let refused = String::from_utf8_lossy(&output.stderr);
         assert!(refused.contains(said), "{name}: serve said {refused}");
+        assert!(
+            !problems.contains("pa/ss") && !refused.contains("pa/ss"),
+            "{name}: a password said"
+        );
     }
     drop(policies);
 }
@@ -1451,6 +1483,8 @@ fn check_warns_of_what_it_cannot_promise() {
     )
     .unwrap();
     std::fs::create_dir(project.join("policies/more")).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("..", project.join("policies/more/up")).unwrap();
     std::fs::write(
         project.join("policies/more/extra.cedar"),
         "forbid (principal, action, resource);",
@@ -1468,6 +1502,11 @@ fn check_warns_of_what_it_cannot_promise() {
         "{warned}"
     );
     assert!(warned.contains("more/extra.cedar: not loaded"), "{warned}");
+    assert_eq!(
+        warned.matches("not loaded").count(),
+        1,
+        "a link was followed: {warned}"
+    );
     assert!(
         warned.contains("tasks.store: the Redis task store"),
         "{warned}"

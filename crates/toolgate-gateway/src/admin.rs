@@ -135,6 +135,7 @@ impl Gateway {
             Err(refusal) => Err(refusal),
         };
         let response = result.unwrap_or_else(|refusal| {
+            record.unauthenticated = matches!(refusal, Refusal::AdminUnauthorized);
             record.decision = Verdict::Deny;
             record.errors.push(crate::answer::error_chain(&refusal));
             refusal.into_response(&record.decision_id, None)
@@ -283,8 +284,23 @@ impl Gateway {
             ..ReloadReport::default()
         };
         if let Some(path) = &self.config.tool_pins {
-            match crate::pins::ToolPins::load(path) {
-                Ok(pins) => self.pins.store(Some(Arc::new(pins))),
+            // Refused as `check` and start refuse it: a lock file the schema disagrees with.
+            let disagrees = crate::pins::PinFile::read(path)
+                .map(|file| crate::pin_file_against_schema(&file, &self.policy.load()))
+                .unwrap_or_default();
+            let loaded = match disagrees.is_empty() {
+                true => crate::pins::ToolPins::load(path),
+                false => Err(disagrees.join("; ")),
+            };
+            match loaded {
+                Ok(pins) => {
+                    // Only a lock file that says something new lifts what was refused.
+                    let new = self.pins.load().as_deref() != Some(&pins);
+                    self.pins.store(Some(Arc::new(pins)));
+                    if new {
+                        self.tool_schemas.pins_reloaded();
+                    }
+                }
                 // The pins in force stay: a broken lock file unlocks nothing.
                 Err(e) => report.config_errors.push(e),
             }

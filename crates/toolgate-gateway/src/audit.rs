@@ -97,6 +97,10 @@ pub struct AuditRecord {
     /// The request's trace, when traces are on and this one is recorded.
     #[serde(skip)]
     pub trace: crate::trace::TraceSlot,
+    /// Refused for want of a valid token (not an upstream's own 401): counted apart from
+    /// the decisions.
+    #[serde(skip)]
+    pub unauthenticated: bool,
 }
 
 impl AuditRecord {

@@ -262,24 +262,9 @@ impl JwtIssuer {
 
     fn problems(&self) -> Vec<String> {
         let at = format!("inbound.jwt {}", self.issuer);
-        let mut errors = Vec::new();
+        let mut errors = self.key_source_problems(&at);
         if !(1..=3600).contains(&self.jwks_refetch_seconds) {
             errors.push(format!("{at}: jwks_refetch_seconds must be 1..3600"));
-        }
-        let sources = [
-            self.jwks_file.is_some(),
-            self.jwks_url.is_some(),
-            self.discovery_url.is_some(),
-        ];
-        if sources.iter().filter(|&&s| s).count() > 1 {
-            errors.push(format!(
-                "{at}: set at most one of jwks_file, jwks_url, discovery_url"
-            ));
-        }
-        if !sources.contains(&true) && !self.issuer.starts_with("https://") {
-            errors.push(format!(
-                "{at}: set one of jwks_file, jwks_url, discovery_url (discovery at the issuer needs an https:// issuer)"
-            ));
         }
         if self.audiences.is_empty() {
             errors.push(format!("{at}: audiences must not be empty"));
@@ -302,6 +287,45 @@ impl JwtIssuer {
             {
                 errors.push(format!(
                     "{at}: {field} must be a claim path such as azp or act.sub"
+                ));
+            }
+        }
+        errors
+    }
+
+    /// At most one key source, fetched over https (http only on loopback): whoever can change
+    /// the keys in transit can sign any token.
+    fn key_source_problems(&self, at: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        let sources = [
+            self.jwks_file.is_some(),
+            self.jwks_url.is_some(),
+            self.discovery_url.is_some(),
+        ];
+        if sources.iter().filter(|&&s| s).count() > 1 {
+            errors.push(format!(
+                "{at}: set at most one of jwks_file, jwks_url, discovery_url"
+            ));
+        }
+        if !sources.contains(&true) && !self.issuer.starts_with("https://") {
+            errors.push(format!(
+                "{at}: set one of jwks_file, jwks_url, discovery_url (discovery at the issuer needs an https:// issuer)"
+            ));
+        }
+        let secure = |u: &url::Url| {
+            u.scheme() == "https"
+                || (u.scheme() == "http" && toolgate_credential::tls::plain_http_allowed(u))
+        };
+        for (field, url) in [
+            ("jwks_url", &self.jwks_url),
+            ("discovery_url", &self.discovery_url),
+        ] {
+            if url
+                .as_deref()
+                .is_some_and(|u| !url::Url::parse(u).is_ok_and(|u| secure(&u)))
+            {
+                errors.push(format!(
+                    "{at}: {field} must be an https:// URL (http:// only on loopback)"
                 ));
             }
         }
@@ -951,6 +975,8 @@ impl Config {
             "admin_token_file",
             self.admin_token_file == other.admin_token_file,
         );
+        // The lock file itself is re-read at reload; which file (or whether any) is not.
+        differs("tool_pins", self.tool_pins == other.tool_pins);
         changed
     }
 

@@ -165,8 +165,14 @@ fn local_files_problems(config: &Config) -> Vec<String> {
             errors.push(e.to_string());
         }
     }
-    if let Err(why) = config.tasks.store_url() {
-        errors.push(why);
+    match config.tasks.store_url() {
+        Ok(url) if url.starts_with("redis://") => {
+            if let Err(why) = toolgate_tasks::RedisStore::check_url(&url) {
+                errors.push(format!("tasks.store: {why}"));
+            }
+        }
+        Ok(_) => {}
+        Err(why) => errors.push(why),
     }
     if let Some(Err(why)) = config.tool_pins.as_deref().map(pins::ToolPins::load) {
         errors.push(why);
@@ -179,6 +185,12 @@ fn local_files_problems(config: &Config) -> Vec<String> {
     if config.audit.path != "-" {
         let audit = std::path::Path::new(&config.audit.path);
         let folder = audit.parent().filter(|p| !p.as_os_str().is_empty());
+        if audit.is_dir() {
+            errors.push(format!(
+                "audit.path {}: a folder, not a file (serve would not start)",
+                audit.display()
+            ));
+        }
         if folder.is_some_and(|f| !f.is_dir()) {
             errors.push(format!(
                 "audit.path {}: its folder does not exist (serve would not start)",
@@ -302,7 +314,9 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
     while let Some((folder, depth)) = folders.pop() {
         for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
             let path = entry.path();
-            if path.is_dir() && depth < 4 {
+            // A linked folder is not followed: a link back up would be walked forever.
+            let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if path.is_dir() && !linked && depth < 4 {
                 folders.push((path, depth + 1));
             } else if depth > 0
                 && path
@@ -324,9 +338,14 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
 /// A pinned tool's input schema and its declared arguments must name the same arguments:
 /// else the policies were written for another tool than the one reviewed.
 fn pins_against_schema(config: &Config, engine: &PolicyEngine) -> Vec<String> {
-    let Some(Ok(file)) = config.tool_pins.as_deref().map(pins::PinFile::read) else {
-        return Vec::new(); // unreadable: local_files_problems says so
-    };
+    match config.tool_pins.as_deref().map(pins::PinFile::read) {
+        Some(Ok(file)) => pin_file_against_schema(&file, engine),
+        _ => Vec::new(), // none, or unreadable: local_files_problems says so
+    }
+}
+
+/// `pins_against_schema` for a lock file read: what `check`, start and reload refuse.
+pub(crate) fn pin_file_against_schema(file: &pins::PinFile, engine: &PolicyEngine) -> Vec<String> {
     let mut errors = Vec::new();
     for (upstream, tools) in &file.upstreams {
         for (tool, pin) in tools {

@@ -40,45 +40,71 @@ use crate::rest::check_json_body_headers;
 use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
 
-/// MCP tools' input schemas by upstream and tool, as the servers listed them: where a string
-/// argument may also be read as JSON of another type. Bounded; past it, starts again empty.
+/// MCP tools' input schemas, as their servers listed them: where a string argument may also
+/// be read as JSON of another type, and what the pins are checked against. Bounded per
+/// upstream; past it, that upstream's start again empty.
 #[derive(Default)]
-pub(crate) struct ToolSchemas(
-    std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Value>>>,
-);
+pub(crate) struct ToolSchemas {
+    listed: std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Value>>>,
+    /// Tools once listed unlike their pin: refused until the lock file is reloaded, whatever
+    /// the server lists after (a server that reverts cannot unlock a tool).
+    changed: std::sync::RwLock<std::collections::HashSet<(String, String)>>,
+}
 
-const MAX_TOOL_SCHEMAS: usize = 10_000;
+const MAX_TOOL_SCHEMAS_PER_UPSTREAM: usize = 2_000;
 
 impl ToolSchemas {
     /// The tool's listing entry (its `inputSchema`, `outputSchema`, ...), when seen.
     fn get(&self, upstream: &str, tool: &str) -> Option<Arc<Value>> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.listed.read().unwrap_or_else(|e| e.into_inner());
         map.get(&(upstream.to_string(), tool.to_string())).cloned()
     }
 
     fn forget(&self, upstream: &str) {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.listed.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|(up, _), _| up != upstream);
     }
 
-    fn learn(&self, upstream: &str, listing: &Value) {
+    fn learn(&self, upstream: &str, listing: &Value, pins: Option<&crate::pins::ToolPins>) {
         let Some(tools) = listing.pointer("/result/tools").and_then(Value::as_array) else {
             return;
         };
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() + tools.len() > MAX_TOOL_SCHEMAS {
-            map.clear();
+        let mut map = self.listed.write().unwrap_or_else(|e| e.into_inner());
+        let held = map.keys().filter(|(up, _)| up == upstream).count();
+        if held + tools.len() > MAX_TOOL_SCHEMAS_PER_UPSTREAM {
+            map.retain(|(up, _), _| up != upstream);
         }
         for tool in tools {
-            if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                let entry = json!({
-                    "inputSchema": tool.get("inputSchema"),
-                    "outputSchema": tool.get("outputSchema"),
-                    "definition_sha256": crate::pins::live_digest(tool),
-                });
-                map.insert((upstream.to_string(), name.to_string()), Arc::new(entry));
+            let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                continue;
+            };
+            let key = (upstream.to_string(), name.to_string());
+            let digest = crate::pins::live_digest(tool);
+            if pins.is_some_and(|pins| !pins.allows(upstream, name, &digest)) {
+                let mut changed = self.changed.write().unwrap_or_else(|e| e.into_inner());
+                if changed.len() < MAX_TOOL_SCHEMAS_PER_UPSTREAM * 4 {
+                    changed.insert(key.clone());
+                }
             }
+            let entry = json!({
+                "inputSchema": tool.get("inputSchema"),
+                "outputSchema": tool.get("outputSchema"),
+                "definition_sha256": digest,
+            });
+            map.insert(key, Arc::new(entry));
         }
+    }
+
+    /// Whether the tool was ever listed unlike its pin since the pins were last loaded.
+    fn was_changed(&self, upstream: &str, tool: &str) -> bool {
+        let changed = self.changed.read().unwrap_or_else(|e| e.into_inner());
+        changed.contains(&(upstream.to_string(), tool.to_string()))
+    }
+
+    /// New pins: what was refused under the old ones is judged again by its next listing.
+    pub(crate) fn pins_reloaded(&self) {
+        let mut changed = self.changed.write().unwrap_or_else(|e| e.into_inner());
+        changed.clear();
     }
 }
 
@@ -503,10 +529,12 @@ impl Gateway {
             .map(|(line, slot)| Unfinished::new(self, line, slot))
             .collect();
         record.decision = Verdict::Allow;
-        // The ids answered: their answers' task handles are the caller's.
+        // The requests forwarded: only their ids may be answered, and their answers' task
+        // handles are the caller's.
         let answers_to = plan
             .forward
             .iter()
+            .filter(|m| m.get("method").is_some())
             .filter_map(|m| m.get("id").cloned())
             .collect();
         let body = forwarded_body(&mut parts.headers, &mut plan, batch, &raw)?;
@@ -555,18 +583,20 @@ impl Gateway {
         }: Answer,
         binder: Binder,
     ) -> Result<Response<Body>, Refusal> {
-        // An event stream is always read: whatever it carries is filtered.
-        let nothing_to_rewrite = plan.list_ids.is_empty()
-            && plan.decided_ids.is_empty()
-            && plan.answered.is_empty()
-            && !plan.listens
-            && !is_event_stream(response.headers());
-        if nothing_to_rewrite {
-            return Ok(response);
+        // Nothing asked, nothing to answer: whatever the body holds stays with the gateway.
+        if answers_to.is_empty() && plan.answered.is_empty() && !is_event_stream(response.headers())
+        {
+            let (mut parts, _) = response.into_parts();
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.remove(header::CONTENT_TYPE);
+            return Ok(Response::from_parts(parts, full(Bytes::new())));
         }
+        // Every answer is read and filtered: a server may answer one request with another's
+        // id, or with a listing where none was asked for.
         let listings = Listings::Ids {
             listings: plan.list_ids,
             decided: plan.decided_ids,
+            requests: answers_to.clone(),
         };
         let tasks = TaskHandles::new(binder, answers_to, plan.owned_tasks);
         let visible = Visibility::new(ctx, upstream, tasks, self.pinned());
@@ -785,8 +815,9 @@ impl Gateway {
             .and_then(|entry| entry.get("definition_sha256"))
             .and_then(Value::as_str);
         let name = tool.tool();
+        let changed = self.tool_schemas.was_changed(upstream.name(), name);
         let (code, why) = match live {
-            Some(live) if pins.allows(upstream.name(), name, live) => return Ok(()),
+            Some(live) if pins.allows(upstream.name(), name, live) && !changed => return Ok(()),
             Some(_) => (
                 "tool_definition_changed",
                 "its definition is not the pinned one (tool_pins)",
@@ -929,7 +960,7 @@ struct Answer {
     response: Response<Body>,
     plan: Plan,
     batch: bool,
-    /// The ids of the messages forwarded.
+    /// The ids of the requests forwarded.
     answers_to: Vec<Value>,
 }
 
@@ -939,6 +970,9 @@ enum Listings {
     Ids {
         listings: Vec<Value>,
         decided: Vec<Value>,
+        /// Every request of the POST: an answer to any other id is dropped (a client that
+        /// matches ids loosely, `"5"` for 5, would take it for one it never let through).
+        requests: Vec<Value>,
     },
     /// Any listing answer (a stream that may replay earlier answers).
     All,
@@ -956,11 +990,22 @@ fn answer_filter(
 ) -> Rewrite {
     Arc::new(move |message: &mut Value| {
         let id = message.get("id");
+        let answer = message.get("method").is_none();
         let (listing, decided) = match &listings {
-            Listings::Ids { listings, decided } => (
-                id.is_some_and(|id| listings.contains(id)),
-                id.is_some_and(|id| decided.contains(id)),
-            ),
+            Listings::Ids {
+                listings,
+                decided,
+                requests,
+            } => {
+                if answer && !id.is_some_and(|id| requests.contains(id)) {
+                    *message = Value::Null;
+                    return true;
+                }
+                (
+                    id.is_some_and(|id| listings.contains(id)) || is_listing(message),
+                    id.is_some_and(|id| decided.contains(id)),
+                )
+            }
             Listings::All => (is_listing(message), false),
         };
         let method = message
@@ -974,10 +1019,14 @@ fn answer_filter(
             schemas.forget(upstream);
         }
         if listing {
-            if let Some((schemas, upstream)) = &schemas {
-                schemas.learn(upstream, message);
+            // Learned only from answers to this POST's own requests: a stream may replay
+            // an old listing (`Last-Event-ID`), which must not stand for the tools today.
+            let own = matches!(listings, Listings::Ids { .. });
+            if let (Some((schemas, upstream)), true) = (&schemas, own) {
+                let pins = visible.pinned.as_ref().map(|p| &*p.pins);
+                schemas.learn(upstream, message, pins);
             }
-            visible.hide_unpinned(message);
+            visible.hide_unpinned(message, schemas.as_ref().map(|(s, _)| &**s));
             filter_listing(message, &|item| visible.item(item));
         }
         let tasks = visible.tasks.apply(message);
@@ -1032,8 +1081,9 @@ impl Visibility {
         })
     }
 
-    /// Removes from a `tools/list` answer every tool whose definition is not its pin.
-    fn hide_unpinned(&self, message: &mut Value) {
+    /// Removes from a `tools/list` answer every tool whose definition is not its pin, or was
+    /// not since the pins were loaded.
+    fn hide_unpinned(&self, message: &mut Value, schemas: Option<&ToolSchemas>) {
         let Some(Pinned { pins, metrics }) = &self.pinned else {
             return;
         };
@@ -1045,14 +1095,15 @@ impl Visibility {
         };
         tools.retain(|tool| {
             let name = tool.get("name").and_then(Value::as_str).unwrap_or_default();
-            let pinned = pins.allows(&self.upstream, name, &crate::pins::live_digest(tool));
+            let pinned = pins.allows(&self.upstream, name, &crate::pins::live_digest(tool))
+                && !schemas.is_some_and(|s| s.was_changed(&self.upstream, name));
             if !pinned {
                 let label = pins.label(&self.upstream, name);
                 metrics
                     .pin_refusals
                     .with_label_values(&[&self.upstream, label, "listing"])
                     .inc();
-                tracing::warn!(upstream = %self.upstream, tool = %label, "a listed tool's definition is not its pin: hidden");
+                tracing::debug!(upstream = %self.upstream, tool = %label, "a listed tool's definition is not its pin: hidden");
             }
             pinned
         });
@@ -1328,7 +1379,7 @@ mod tests {
             {"name": "pay", "inputSchema": {"type": "object"}, "outputSchema": {"type": "object"}},
             {"name": "add", "inputSchema": {"type": "object"}},
         ]}});
-        schemas.learn("tools", &listing);
+        schemas.learn("tools", &listing, None);
         let pay = schemas.get("tools", "pay").unwrap();
         assert!(input_schema(Some(&pay)).is_some());
         assert!(pay.get("outputSchema").is_some_and(|s| !s.is_null()));

@@ -125,7 +125,8 @@ impl Gateway {
                 if !matches!(refusal, Refusal::Forbidden(_)) {
                     record.errors.push(error_chain(&refusal));
                 }
-                let metadata = matches!(refusal, Refusal::Unauthenticated(_))
+                record.unauthenticated = matches!(refusal, Refusal::Unauthenticated(_));
+                let metadata = (record.unauthenticated)
                     .then(|| self.metadata_url(&routing, host.as_ref(), &record.path));
                 refusal.into_response(&record.decision_id, metadata.as_deref())
             }
@@ -565,7 +566,7 @@ impl Gateway {
     /// The one place an outcome is recorded: the decision metric and the audit line, in the
     /// room reserved for it (`None`: any room left).
     pub(crate) fn finish(&self, mut record: AuditRecord, slot: Option<AuditSlot>) {
-        if record.status == StatusCode::UNAUTHORIZED.as_u16() {
+        if record.unauthenticated {
             self.metrics.unauthenticated.inc();
         } else {
             self.count_decision(&record);

@@ -70,9 +70,9 @@ pub struct Caller {
     pub claims: Arc<Map<String, Value>>,
     pub exp: u64,
     /// Where the agent's and the user's own claims are: the object holding the claim that
-    /// named each (a dotted path; empty: the token's claims).
-    agent_object: String,
-    user_object: String,
+    /// named each (a dotted path; empty: the token's claims; none: no claims of their own).
+    agent_object: Option<String>,
+    user_object: Option<String>,
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -87,14 +87,18 @@ impl Caller {
     /// The claims that describe the agent: the object holding the claim that named it (the
     /// `act` object when delegated), else the token's.
     pub fn agent_claims(&self) -> &Map<String, Value> {
-        object_at(&self.claims, &self.agent_object)
+        match &self.agent_object {
+            Some(path) => object_at(&self.claims, path),
+            None => &NO_CLAIMS,
+        }
     }
 
     /// The claims that describe the delegating user: by default the token's own.
     pub fn user_claims(&self) -> Option<&Map<String, Value>> {
-        self.user
-            .as_ref()
-            .map(|_| object_at(&self.claims, &self.user_object))
+        self.user.as_ref().map(|_| match &self.user_object {
+            Some(path) => object_at(&self.claims, path),
+            None => &*NO_CLAIMS,
+        })
     }
 }
 
@@ -366,7 +370,9 @@ impl Authenticator {
 
 /// The `jwks_uri` of an OpenID Connect discovery document, which must be the configured
 /// issuer's own (OIDC Discovery §4.3: its `issuer` is exactly the one asked about).
-fn discovered_jwks_uri(doc: &[u8], issuer: &str) -> Result<String, String> {
+/// `local`: the discovery document itself came from loopback, so may name a loopback JWKS
+/// (a remote one may not: that would be a request into this host).
+fn discovered_jwks_uri(doc: &[u8], issuer: &str, local: bool) -> Result<String, String> {
     let doc: Value = serde_json::from_slice(doc).map_err(|e| format!("not JSON: {e}"))?;
     if doc.get("issuer").and_then(Value::as_str) != Some(issuer) {
         return Err(format!("its issuer is not {issuer}"));
@@ -376,24 +382,27 @@ fn discovered_jwks_uri(doc: &[u8], issuer: &str) -> Result<String, String> {
         .and_then(Value::as_str)
         .ok_or("no jwks_uri")?;
     let parsed: hyper::Uri = uri.parse().map_err(|e| format!("jwks_uri {uri}: {e}"))?;
-    let loopback = parsed.host().is_some_and(|host| {
-        host == "localhost"
-            || host
-                .trim_matches(['[', ']'])
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
     let secure = match parsed.scheme_str() {
-        Some("https") => true,
-        Some("http") => loopback,
+        Some("https") => !is_loopback(&parsed) || local,
+        Some("http") => is_loopback(&parsed) && local,
         _ => false,
     };
     if !secure {
         return Err(format!(
-            "jwks_uri {uri} must be https:// (http:// only on loopback)"
+            "jwks_uri {uri} must be https:// (http:// only on loopback, named by a loopback document)"
         ));
     }
     Ok(uri.to_string())
+}
+
+fn is_loopback(uri: &hyper::Uri) -> bool {
+    uri.host().is_some_and(|host| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 /// One base64url JSON part of a compact JWT (0: header, 1: payload), not yet verified.
@@ -454,16 +463,28 @@ pub fn caller_from_claims(
                 Some(path) if claim_at(&claims, path).is_some() => Some((id(path)?, path)),
                 _ => None,
             };
+            // The token's own claims describe whom its `sub` names: the user when there is
+            // one (a user-editable `name` must never read as the agent's), else the agent.
+            let described = |path: &str, alone: bool| match parent_of(path) {
+                "" if path == "sub" || alone => Some(String::new()),
+                "" => None,
+                object => Some(object.to_string()),
+            };
             (
                 id(agent_claim)?,
-                parent_of(agent_claim),
+                described(agent_claim, user.is_none()),
                 user.as_ref().map(|(user, _)| user.clone()),
-                user.map_or("", |(_, path)| parent_of(path)),
+                user.and_then(|(_, path)| described(path, false)),
             )
         }
         None => match claims.get("act") {
-            None => (id("sub")?, "", None, ""),
-            Some(Value::Object(_)) => (id("act.sub")?, "act", Some(id("sub")?), ""),
+            None => (id("sub")?, Some(String::new()), None, None),
+            Some(Value::Object(_)) => (
+                id("act.sub")?,
+                Some("act".to_string()),
+                Some(id("sub")?),
+                Some(String::new()),
+            ),
             Some(_) => return Err(AuthError::InvalidClaims("`act` must be an object".into())),
         },
     };
@@ -474,8 +495,8 @@ pub fn caller_from_claims(
         agent,
         user,
         issuer: issuer.issuer.clone(),
-        agent_object: agent_object.to_string(),
-        user_object: user_object.to_string(),
+        agent_object,
+        user_object,
         claims: Arc::new(claims),
         exp,
     })
@@ -488,7 +509,8 @@ async fn load_keys(fetcher: &fetch::Fetcher, issuer: &IssuerConfig) -> Result<Ke
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
         KeySource::Url(url) => fetcher.get(url).await?,
         KeySource::Discovery(url) => {
-            let jwks_uri = discovered_jwks_uri(&fetcher.get(url).await?, &issuer.issuer)
+            let local = url.parse::<hyper::Uri>().is_ok_and(|u| is_loopback(&u));
+            let jwks_uri = discovered_jwks_uri(&fetcher.get(url).await?, &issuer.issuer, local)
                 .map_err(|why| format!("{url}: {why}"))?;
             fetcher.get(&jwks_uri).await?
         }
@@ -554,6 +576,17 @@ mod tests {
             (c.agent.as_str(), c.user.as_deref()),
             ("p:billing-agent", Some("p:service-account-7"))
         );
+        // The token's own claims describe its subject, the user: never the agent (a
+        // user-editable claim must not read as the agent's).
+        assert!(c.agent_claims().is_empty());
+        assert_eq!(c.user_claims().unwrap().get("team"), Some(&json!("x")));
+        let elsewhere = ClaimNames {
+            agent: Some("azp".into()),
+            user: Some("on_behalf_of".into()),
+        };
+        let token = json!({"sub": "svc", "azp": "a", "on_behalf_of": "alice", "team": "x"});
+        let c = caller_from_claims(claims(token), &issuer("idp", "", elsewhere), 0).unwrap();
+        assert!(c.agent_claims().is_empty() && c.user_claims().unwrap().is_empty());
         // A nested path; a user claim the token lacks means no user; a missing agent claim
         // is refused.
         let nested = ClaimNames {

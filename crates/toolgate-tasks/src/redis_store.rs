@@ -53,6 +53,14 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 impl RedisStore {
     /// Opens the store; a Redis that is down now is connected to later (calls fail closed meanwhile).
     /// `url` may carry a password (`redis://:PASSWORD@host`): it is never said in errors.
+    /// Whether `url` is one Redis takes (nothing is connected): `check` refuses what `serve`
+    /// would.
+    pub fn check_url(url: &str) -> Result<(), String> {
+        redis::Client::open(url)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", redacted(url)))
+    }
+
     pub async fn open(url: &str, bounds: Bounds) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", redacted(url))))?;
@@ -301,8 +309,9 @@ pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority].rfind('@') {
+    // The last `@` of the whole text: a password may hold `/`, `?` or `#` that a parser
+    // would take for the end of the authority.
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
@@ -315,7 +324,12 @@ mod redaction_tests {
         for (url, shown) in [
             ("redis://:s3cret@redis:6379/0", "redis://***@redis:6379/0"),
             ("redis://user:s3cret@redis", "redis://***@redis"),
-            ("redis://s3cret@redis/a@b", "redis://***@redis/a@b"),
+            ("redis://s3cret@redis/0", "redis://***@redis/0"),
+            (
+                "redis://:pa/ss@127.0.0.1:6390",
+                "redis://***@127.0.0.1:6390",
+            ),
+            ("redis://:p?a#s@redis", "redis://***@redis"),
             ("redis://redis:6379", "redis://redis:6379"),
         ] {
             assert_eq!(super::redacted(url), shown);
