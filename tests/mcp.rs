@@ -120,10 +120,9 @@ async fn raw_gateway(upstream: &Upstream) -> Gateway {
     raw_gateway_with(upstream, "/mcp", "").await
 }
 
-/// `raw_gateway` with the MCP server at `path` of the upstream (one with `held` in it holds
-/// every call until released), and `extra_config` appended to its config.
-async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -> Gateway {
-    // The fragment from a saved tools/list answer (`--from`).
+/// The Cedar fragment `toolgate schema mcp --from` writes for the test servers' tools
+/// (add, pay, admin_reset, whoami, count), from a saved tools/list answer.
+fn tools_schema() -> String {
     let dir = TempDir::new("mcp-schema");
     let saved = dir.0.join("tools.json");
     std::fs::write(
@@ -151,7 +150,13 @@ async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let schema = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `raw_gateway` with the MCP server at `path` of the upstream (one with `held` in it holds
+/// every call until released), and `extra_config` appended to its config.
+async fn raw_gateway_with(upstream: &Upstream, path: &str, extra_config: &str) -> Gateway {
+    let schema = tools_schema();
     Gateway::start(GatewayOptions {
         upstream: upstream.addr,
         extra_policies: &[("tools.cedarschema", &schema), ("mcp.cedar", MCP_POLICIES)],
@@ -748,25 +753,7 @@ async fn a_tool_changed_after_pinning_is_hidden_and_refused_until_pinned_again()
     let lock_dir = TempDir::new("pins");
     let lock = lock_dir.0.join("pins.yaml");
     std::fs::write(&lock, "upstreams: {}\n").unwrap();
-    let schema = {
-        let saved = lock_dir.0.join("tools.json");
-        std::fs::write(&saved, json!({"tools": [
-            {"name": "add", "inputSchema": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}},
-            {"name": "pay", "inputSchema": {"type": "object", "properties": {"amount": {"type": "integer"}, "to": {"type": "string"}}, "required": ["amount", "to"]}},
-            // Named by MCP_POLICIES; this server does not offer them.
-            {"name": "whoami", "inputSchema": {"type": "object"}},
-            {"name": "count", "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}}}
-        ]}).to_string()).unwrap();
-        let out = toolgate(&[
-            "schema",
-            "mcp",
-            "--upstream",
-            "tools",
-            "--from",
-            saved.to_str().unwrap(),
-        ]);
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let schema = tools_schema();
     let upstream = Upstream::start().await;
     let extra = format!("tool_pins: {}\n", lock.display());
     let gw = Gateway::start(GatewayOptions {
