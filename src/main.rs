@@ -71,6 +71,10 @@ enum Command {
         /// The config file whose policies, keys and files are checked as serve loads them.
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
+        /// Also reach the network dependencies as serve does: each issuer's keys (jwks_url,
+        /// discovery), the Redis store, each token endpoint.
+        #[arg(long)]
+        online: bool,
     },
     /// Run policy test files (YAML: request + expected decision); prints `N passed, N failed`.
     Test {
@@ -280,7 +284,7 @@ fn main() -> ExitCode {
             admin_listen,
             keep,
         } => runtime().and_then(|rt| rt.block_on(demo::run(listen, admin_listen, keep.as_deref()))),
-        Command::Check { config } => return check(&config),
+        Command::Check { config, online } => return check(&config, online),
         Command::Test { path } => policy_test::run(&path),
         Command::Authorize {
             config,
@@ -527,7 +531,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn check(config_path: &Path) -> ExitCode {
+fn check(config_path: &Path, online: bool) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -537,8 +541,21 @@ fn check(config_path: &Path) -> ExitCode {
     };
     match toolgate_gateway::check(&config, &mut Default::default()) {
         Ok(engine) => {
-            for warning in toolgate_gateway::check_warnings(&config, &engine) {
+            for warning in toolgate_gateway::check_warnings(&config, &engine, online) {
                 eprintln!("warning: {warning}");
+            }
+            let unreached = match online {
+                true => match runtime() {
+                    Ok(rt) => rt.block_on(toolgate_gateway::check_online(&config)),
+                    Err(e) => vec![e],
+                },
+                false => Vec::new(),
+            };
+            for e in &unreached {
+                eprintln!("{e}");
+            }
+            if !unreached.is_empty() {
+                return ExitCode::FAILURE;
             }
             println!("ok: {} policies valid", engine.policy_count());
             ExitCode::SUCCESS

@@ -1691,3 +1691,51 @@ async fn not_ready_until_some_issuer_has_keys() {
     );
     assert_eq!(ready().await.status, 200);
 }
+
+/// `check --online` reaches what `serve` reaches over the network: an issuer's keys, the
+/// Redis store. Reached, it passes with no "not checked" warning; unreached, it fails,
+/// naming each at its line, where plain `check` only warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_reaches_what_serve_reaches() {
+    let key = toolgate_credential::SigningKey::generate().unwrap().0;
+    let jwks = json!({"keys": [key.public_jwk()]}).to_string();
+    let idp = document_server(move |_| jwks.clone()).await;
+    let dir = TempDir::new("online");
+    let project = dir.0.join("project");
+    assert!(toolgate(&["init", &project.to_string_lossy()])
+        .status
+        .success());
+    let config = project.join("toolgate.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let reached = text.replace(
+        "jwks_file: idp.jwks.json",
+        &format!("jwks_url: http://{idp}/jwks.json"),
+    );
+    std::fs::write(&config, &reached).unwrap();
+    let path = config.to_string_lossy().to_string();
+    let online = toolgate(&["check", "--config", &path, "--online"]);
+    let said = String::from_utf8_lossy(&online.stderr);
+    assert!(online.status.success(), "{said}");
+    assert!(!said.contains("not checked"), "{said}");
+
+    let unreached = reached.replace(&idp.to_string(), "127.0.0.1:1").replace(
+        "upstreams:\n",
+        "tasks:\n  store: redis://127.0.0.1:1\nupstreams:\n",
+    );
+    std::fs::write(&config, unreached).unwrap();
+    let offline = toolgate(&["check", "--config", &path]);
+    let warned = String::from_utf8_lossy(&offline.stderr);
+    assert!(
+        offline.status.success() && warned.contains("not checked here"),
+        "{warned}"
+    );
+    let online = toolgate(&["check", "--config", &path, "--online"]);
+    let said = String::from_utf8_lossy(&online.stderr);
+    assert!(!online.status.success(), "{said}");
+    assert!(said.contains(&format!("{path}:")), "{said}");
+    assert!(said.contains("inbound.jwt https://idp.example:"), "{said}");
+    assert!(
+        said.contains("tasks.store: task store unavailable"),
+        "{said}"
+    );
+}

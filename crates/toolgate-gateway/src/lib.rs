@@ -252,12 +252,14 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
 /// What a passing `check` cannot promise, or what works but is likely not meant: network
 /// dependencies `serve` reaches only once running, and MCP upstreams whose tools no policy
 /// can show.
-pub fn check_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+pub fn check_warnings(config: &Config, engine: &PolicyEngine, online: bool) -> Vec<String> {
     let mut warnings = Vec::new();
     let mut remote = |place: String, what: &str| {
-        warnings.push(format!(
-            "{place}: {what} is reached over the network once serving; not checked here"
-        ));
+        if !online {
+            warnings.push(format!(
+                "{place}: {what} is reached over the network once serving; not checked here (--online checks it)"
+            ));
+        }
     };
     for jwt in &config.inbound.jwt {
         let at = format!("inbound.jwt {}", jwt.issuer);
@@ -377,6 +379,87 @@ pub(crate) fn pin_file_against_schema(file: &pins::PinFile, engine: &PolicyEngin
     errors
 }
 
+/// The inbound issuers as the authenticator takes them.
+fn issuer_configs(config: &Config) -> Vec<IssuerConfig> {
+    config
+        .inbound
+        .jwt
+        .iter()
+        .zip(config.inbound.id_prefixes())
+        .map(|(j, id_prefix)| IssuerConfig {
+            id_prefix,
+            refetch_interval: std::time::Duration::from_secs(j.jwks_refetch_seconds),
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            keys: j.key_source(),
+            names: toolgate_identity::ClaimNames {
+                agent: j.agent_claim.clone(),
+                user: j.user_claim.clone(),
+            },
+            leeway_seconds: j.clock_leeway_seconds,
+        })
+        .collect()
+}
+
+/// `check --online`: the network dependencies reached as `serve` reaches them: each issuer's
+/// keys fetched (through discovery where so configured), the Redis store asked, each token
+/// endpoint connected to (any HTTP answer will do).
+pub async fn check_online(config: &Config) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (jwt, issuer) in config.inbound.jwt.iter().zip(issuer_configs(config)) {
+        if !matches!(issuer.keys, KeySource::File(_)) {
+            if let Err(why) = toolgate_identity::fetch_keys(&issuer).await {
+                errors.push(format!("inbound.jwt {}: {why}", jwt.issuer));
+            }
+        }
+    }
+    if let Ok(url) = config
+        .tasks
+        .store_url()
+        .map(|u| u.starts_with("redis://").then_some(u))
+    {
+        let asked = match url {
+            Some(url) => match toolgate_tasks::Store::open(&url, config.tasks.bounds()).await {
+                Ok(store) => store.get("toolgate-check-online").await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        };
+        if let Err(e) = asked {
+            errors.push(format!("tasks.store: {e}"));
+        }
+    }
+    let timeout = std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
+    for up in &config.upstreams {
+        let Some(endpoint) = &up.credential.token_endpoint else {
+            continue;
+        };
+        let tls = up.tls.as_ref().map(|t| t.files()).unwrap_or_default();
+        let reached = match (
+            upstream::client(timeout, &tls),
+            endpoint.parse::<http::Uri>(),
+        ) {
+            (Ok(client), Ok(uri)) => {
+                let asked = client.get(uri);
+                match tokio::time::timeout(timeout * 2, asked).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(answer::error_chain(&e)),
+                    Err(_) => Err("no answer in time".to_string()),
+                }
+            }
+            (Err(e), _) => Err(answer::error_chain(&e)),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        if let Err(why) = reached {
+            errors.push(format!(
+                "upstream {}: credential: token_endpoint {endpoint}: {why}",
+                up.name
+            ));
+        }
+    }
+    errors.iter().map(|e| config.locate(e)).collect()
+}
+
 /// Sets up each upstream as `serve` would (secrets, keys, TLS files read now): what fails.
 fn check_upstreams(config: &Config) -> Vec<String> {
     let timeout = std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
@@ -453,27 +536,10 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()?;
         let minter = Minter::new(key, config.issuer.clone(), config.credentials.ttl_seconds)
             .with_previous_keys(previous);
-        let issuers = config
-            .inbound
-            .jwt
-            .iter()
-            .zip(config.inbound.id_prefixes())
-            .map(|(j, id_prefix)| IssuerConfig {
-                id_prefix,
-                refetch_interval: std::time::Duration::from_secs(j.jwks_refetch_seconds),
-                issuer: j.issuer.clone(),
-                audiences: j.audiences.clone(),
-                keys: j.key_source(),
-                names: toolgate_identity::ClaimNames {
-                    agent: j.agent_claim.clone(),
-                    user: j.user_claim.clone(),
-                },
-                leeway_seconds: j.clock_leeway_seconds,
-            })
-            .collect();
-        let auth = Authenticator::with_cache(issuers, config.inbound.token_cache_size)
-            .await
-            .map_err(StartError::Inbound)?;
+        let auth =
+            Authenticator::with_cache(issuer_configs(&config), config.inbound.token_cache_size)
+                .await
+                .map_err(StartError::Inbound)?;
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(read_admin_token(path)?),
             None => None,

@@ -502,6 +502,15 @@ pub fn caller_from_claims(
     })
 }
 
+/// An issuer's keys fetched now, as `serve` fetches them (`check --online`): how many.
+pub async fn fetch_keys(issuer: &IssuerConfig) -> Result<usize, String> {
+    let keys = load_keys(&fetch::Fetcher::new(), issuer).await?;
+    match keys.len() {
+        0 => Err("no usable key in the JWKS".into()),
+        n => Ok(n),
+    }
+}
+
 async fn load_keys(fetcher: &fetch::Fetcher, issuer: &IssuerConfig) -> Result<KeySet, String> {
     let doc = match &issuer.keys {
         KeySource::File(path) => tokio::fs::read(path)
