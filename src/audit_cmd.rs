@@ -13,6 +13,7 @@ use toolgate_gateway::Config;
 use toolgate_policy::PolicyEngine;
 
 use crate::audit_suggest::{suggestions, Allowed, Context as SuggestContext, Suggestion};
+use crate::cedar_types::printable;
 
 /// The fields of an audit line these commands read; the rest is skipped unparsed.
 #[derive(Deserialize)]
@@ -261,29 +262,6 @@ pub fn why(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `text` with control characters escaped (`\u{1b}`), so it cannot drive a terminal.
-fn printable(text: &str) -> String {
-    if !text.chars().any(unprintable) {
-        return text.to_string();
-    }
-    text.chars()
-        .map(|c| {
-            if unprintable(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-/// Control characters, and the invisible ones that reorder or hide text (bidi overrides,
-/// zero-width marks).
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-}
-
 /// What revocation means for a token an upstream verifies by itself.
 const SIGNATURE_ONLY: &str =
     "; introspection says inactive, but an upstream that only checks its signature takes it until";
@@ -477,6 +455,9 @@ impl Out {
             self.line(line);
         }
         for line in suggestion.policy.lines() {
+            if suggestion.disabled {
+                self.text.push_str("// ");
+            }
             self.text.push_str(&printable(line));
             self.text.push('\n');
         }
@@ -616,6 +597,7 @@ fn agent_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cedar_types::unprintable;
     use serde_json::json;
 
     #[test]
@@ -696,7 +678,9 @@ mod tests {
             ],
         );
         assert!(!text.contains("nothing more"), "{text}");
-        let policies = parsed(&text);
+        // The wide permit comes commented out; enabled, it is the third policy.
+        assert_eq!(parsed(&text).len(), 2, "{text}");
+        let policies = parsed(&enabled(&text));
         let ids: Vec<String> = policies.iter().map(|p| p.id().to_string()).collect();
         assert_eq!(ids.len(), 3, "{text}");
         let original = |id: &str| {
@@ -718,9 +702,14 @@ mod tests {
         assert_eq!(copy["action"], json!({"op": "in", "entities": actions}));
         let read = original("billing-read");
         assert_eq!(copy["resource"], read["resource"]);
-        // The team scope as a condition, then the permit's own.
+        // The team scope as a condition, these actions exactly (not their member actions),
+        // then the permit's own.
         let conditions = copy["conditions"].as_array().unwrap();
-        assert_eq!(conditions[1..], read["conditions"].as_array().unwrap()[..]);
+        assert_eq!(conditions[2..], read["conditions"].as_array().unwrap()[..]);
+        assert!(
+            conditions[1].to_string().contains("billing/list_invoices"),
+            "{text}"
+        );
         assert_eq!(
             policies[0].annotation("grants"),
             Some("invoices:read"),
@@ -761,8 +750,9 @@ mod tests {
                 ("billing/refund", &["billing-refund"]),
             ],
         );
+        // The refund's permit is now a forbid: its suggestion is commented out.
         let policies = parsed(&text);
-        assert_eq!(policies.len(), 2, "{text}");
+        assert_eq!(policies.len(), 1, "{text}");
         assert_eq!(policies[0].annotation("mode"), Some("shadow"), "{text}");
         assert!(
             text.contains("Like billing-read now, it is @mode(\"shadow\")"),
@@ -772,7 +762,26 @@ mod tests {
             text.contains("billing/refund: billing-refund is now a forbid"),
             "{text}"
         );
-        assert_eq!(policies[1].annotation("mode"), None, "{text}");
+        assert_eq!(parsed(&enabled(&text)).len(), 2, "{text}");
+    }
+
+    /// The file with its commented-out suggestions enabled, as a person would.
+    fn enabled(text: &str) -> String {
+        let mut out = String::new();
+        let mut policy = false;
+        for line in text.lines() {
+            let body = line.strip_prefix("// ");
+            policy |= body.is_some_and(|b| b.starts_with("@id(\"suggested-"));
+            match body {
+                Some(body) if policy => out.push_str(body),
+                _ => out.push_str(line),
+            }
+            if policy && line.ends_with(';') {
+                policy = false;
+            }
+            out.push('\n');
+        }
+        out
     }
 
     #[test]
@@ -784,7 +793,10 @@ mod tests {
             !text.chars().any(|c| unprintable(c) && c != '\n'),
             "{text:?}"
         );
-        // One policy: the suggested one, for exactly this agent.
+        // The agent's permit no longer admits it: the one suggestion is commented out, and
+        // enabled it is one policy, for exactly this agent.
+        assert!(parsed(&text).is_empty(), "{text}");
+        let text = enabled(&text);
         let policies = parsed(&text);
         assert_eq!(policies.len(), 1, "{text}");
         let principal = policies[0].to_json().unwrap()["principal"].clone();

@@ -47,6 +47,8 @@ pub struct Context<'a> {
 pub struct Suggestion {
     pub comment: Vec<String>,
     pub policy: String,
+    /// Printed commented out: nothing in force may come of it without a person's edit.
+    pub disabled: bool,
 }
 
 /// A permit of the audit lines that the current policy set still has, and how far it still
@@ -214,6 +216,7 @@ fn narrowed_copy(
     Ok(Suggestion {
         comment,
         policy: pretty(&policy),
+        disabled: false,
     })
 }
 
@@ -248,23 +251,34 @@ fn narrow(
         None => None,
     };
     est["principal"] = json!({"op": "==", "entity": entity_json("Agent", agent)});
-    est["action"] = json!({
-        "op": "in",
-        "entities": actions.iter().map(|a| entity_json("Action", a)).collect::<Vec<_>>(),
-    });
+    // `action in [A]` would also admit A's member actions: only these actions, exactly.
+    est["action"] = match actions {
+        [one] => json!({"op": "==", "entity": entity_json("Action", one)}),
+        _ => json!({
+            "op": "in",
+            "entities": actions.iter().map(|a| entity_json("Action", a)).collect::<Vec<_>>(),
+        }),
+    };
+    let exactly = actions
+        .iter()
+        .map(|a| json!({"==": {"left": {"Var": "action"}, "right": {"Value": {"__entity": entity_json("Action", a)}}}}))
+        .reduce(|left, right| json!({"||": {"left": left, "right": right}}));
     if !est["annotations"].is_object() {
         est["annotations"] = json!({});
     }
     est["annotations"]["id"] = json!(id);
+    let mut conditions = Vec::new();
     if let Some(entity) = group {
-        let member = json!({"kind": "when", "body": {"in": {
+        conditions.push(json!({"kind": "when", "body": {"in": {
             "left": {"Var": "principal"},
             "right": {"Value": {"__entity": entity}},
-        }}});
-        let mut conditions = vec![member];
-        conditions.extend(est["conditions"].as_array().cloned().unwrap_or_default());
-        est["conditions"] = Value::Array(conditions);
+        }}}));
     }
+    if let (Some(exactly), true) = (exactly, actions.len() > 1) {
+        conditions.push(json!({"kind": "when", "body": exactly}));
+    }
+    conditions.extend(est["conditions"].as_array().cloned().unwrap_or_default());
+    est["conditions"] = Value::Array(conditions);
     Ok((est, membership))
 }
 
@@ -302,11 +316,16 @@ fn unconditioned(
     comment.extend([
         "It is wider than whatever allowed those calls: any arguments, with or without a"
             .to_string(),
-        "user or a task. Narrow it by hand before enforcing it.".to_string(),
+        "user or a task; and the permits behind them are gone or no longer admit the agent"
+            .to_string(),
+        "(perhaps on purpose), or the audit lines name none. So it is commented out: narrow it"
+            .to_string(),
+        "by hand, and enforce it only if the access is still meant.".to_string(),
     ]);
     Ok(Suggestion {
         comment,
         policy: pretty(&policy),
+        disabled: true,
     })
 }
 
@@ -399,7 +418,7 @@ mod tests {
             "@grants(\"refunds:write\")",
             "@reason(\"too much\")",
             "principal == Toolgate::Agent::\"bot\"",
-            "action in [Toolgate::Action::\"billing/refund\"]",
+            "action == Toolgate::Action::\"billing/refund\"",
             "resource in Toolgate::Upstream::\"billing\"",
             "when { principal in Toolgate::Team::\"t\" }",
             "when { context has user }",

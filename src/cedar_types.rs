@@ -168,6 +168,10 @@ impl Typer {
                 render_record(&self.fields(prop, at, depth + 1))
             }
             other => {
+                // Named only if it reads as a type name: a document's text is not echoed.
+                let named = other.len() <= 24
+                    && other.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+                let other = if named { other } else { "(not a type name)" };
                 self.skipped.push(format!(
                     "{at}: type {other}: policies read it as its JSON text (@json)"
                 ));
@@ -333,28 +337,87 @@ fn prompts_get(upstream: &str, prompts: &[Value]) -> String {
 /// a Cedar comment, a `\n` any) become spaces.
 pub fn one_line(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if unprintable(c) { ' ' } else { c })
         .collect()
 }
 
-/// A Cedar identifier as is, anything else as a string literal.
-pub fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
-        s.to_string()
-    } else {
-        serde_json::to_string(s).unwrap_or_default()
+/// Text from a document or a log, safe to print to a terminal or a CI log: what would act
+/// rather than show (controls, line and paragraph separators, bidi overrides) escaped.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(unprintable) {
+        return text.to_string();
     }
+    text.chars()
+        .map(|c| match unprintable(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
+/// Controls, and the format characters that move or hide text (YAML and terminals take
+/// U+2028 for a line break; bidi overrides reorder what is shown).
+pub fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Words Cedar reserves: written as string literals where a name is expected.
+const RESERVED: [&str; 10] = [
+    "true", "false", "if", "then", "else", "in", "is", "like", "has", "__cedar",
+];
+
+/// A Cedar identifier as is, anything else (a reserved word too) as a string literal.
+pub fn quote(s: &str) -> String {
+    let identifier = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !RESERVED.contains(&s);
+    match identifier {
+        true => s.to_string(),
+        false => cedar_string(s),
+    }
+}
+
+/// A Cedar string literal, with Cedar's own escapes (`\u{..}`, not JSON's `\u00..`).
+pub fn cedar_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Names from a document stay names: a reserved word or a control character is quoted
+    /// with Cedar's escapes, and a line or paragraph separator never ends a comment.
+    #[test]
+    fn document_text_stays_what_it_is() {
+        assert_eq!(quote("amount"), "amount");
+        assert_eq!(quote("in"), "\"in\"");
+        assert_eq!(quote("a\u{1}b\"c"), "\"a\\u{1}b\\\"c\"");
+        assert_eq!(
+            one_line("API\u{2028}url: https://evil\u{202e}"),
+            "API url: https://evil "
+        );
+        assert_eq!(printable("a\u{2029}b"), "a\\u{2029}b");
+    }
 
     fn tools_only(tools: Vec<Value>) -> McpServer {
         McpServer {

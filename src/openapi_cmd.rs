@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use toolgate_policy::{ActionContext, AttrType, SchemaInfo};
 
 use crate::cedar_types::{
-    action_declaration, looks_sensitive, one_line, quote, render_record, Field, Typer,
+    action_declaration, looks_sensitive, one_line, printable, quote, render_record, Field, Typer,
 };
 
 mod document;
@@ -230,13 +230,13 @@ impl Imported<'_> {
         if !notes.is_empty() {
             println!("notes (read as JSON text where Cedar has no type; left out where toolgate does not read it):");
             for line in notes {
-                println!("  {line}");
+                println!("  {}", printable(line));
             }
         }
         if let Some(changes) = &written.changes {
             println!("since the last import:");
             for line in changes {
-                println!("  {line}");
+                println!("  {}", printable(line));
             }
         }
     }

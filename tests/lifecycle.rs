@@ -279,7 +279,7 @@ async fn audit_why_and_report_read_what_a_running_gateway_wrote() {
     // condition, and `toolgate check` takes the whole output as it is.
     let suggested = &report[report.find("// Suggested").expect("a suggestion")..];
     for expected in [
-        r#"action in [Toolgate::Action::"billing/get_invoice"]"#,
+        r#"action == Toolgate::Action::"billing/get_invoice""#,
         "when { (context has user) && (context.env.hour >= 0) }",
         "// billing-read changed since some of these calls: its conditions are kept as they are now.",
     ] {
@@ -477,11 +477,12 @@ async fn audit_report_suggests_permits_that_keep_their_conditions() {
             "deny",
             "",
         ),
-        // What temp-list allowed: the permit without conditions, as its comment says.
+        // What temp-list allowed, now gone: only a commented-out permit without conditions,
+        // which nothing enforces until a person enables it.
         (
             json!({"agent": "assistant", "action": "billing/list_invoices"}),
-            "allow",
-            "suggested-assistant-",
+            "deny",
+            "",
         ),
     ] {
         let answer = authorize(&copy.0, &request);

@@ -103,6 +103,14 @@ impl Document {
                 self.folder.display()
             ));
         }
+        // Only documents: a folder beside a spec is often a home or a repository, with keys
+        // (`.ssh/id_rsa`, `gcp-key.json` names no schema) and devices or FIFOs in it.
+        if let Err(why) = is_document(&path, &self.folder) {
+            return Err(format!(
+                "$ref `{reference}`: {}: {why}: not read",
+                path.display()
+            ));
+        }
         if let Some(read) = self.files.borrow().get(&path) {
             return Ok((path, read.clone()));
         }
@@ -114,6 +122,30 @@ impl Document {
         let read = Rc::new(read_file(&path)?);
         self.files.borrow_mut().insert(path.clone(), read.clone());
         Ok((path, read))
+    }
+}
+
+/// Whether `path` (canonical, inside `folder`) may be read as part of a document: a regular
+/// `.yaml`, `.yml` or `.json` file, with no hidden file or folder on the way.
+fn is_document(path: &Path, folder: &Path) -> Result<(), &'static str> {
+    let inside = path.strip_prefix(folder).unwrap_or(path);
+    if inside
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+    {
+        return Err("a hidden file or folder");
+    }
+    let document = path.extension().is_some_and(|e| {
+        ["yaml", "yml", "json"]
+            .iter()
+            .any(|d| e.eq_ignore_ascii_case(d))
+    });
+    if !document {
+        return Err("not a .yaml, .yml or .json file");
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        _ => Err("not a regular file"),
     }
 }
 
@@ -283,12 +315,16 @@ mod tests {
         let dir = Scratch::new("refused");
         let root = dir.write("schemas/api.yaml", "openapi: 3.1.0\n");
         dir.write("outside.yaml", "X: {type: string}\n");
+        dir.write("schemas/.secret.yaml", "X: {type: string}\n");
+        dir.write("schemas/key.pem", "-----BEGIN PRIVATE KEY-----\n");
         let doc = Document::read(&root).unwrap();
         for (reference, says) in [
             ("https://example.com/x.yaml#/X", "over the network"),
             ("file:///etc/passwd", "over the network"),
             ("../outside.yaml#/X", "outside"),
             ("/etc/hostname", "outside"),
+            (".secret.yaml", "hidden"),
+            ("key.pem", "not a .yaml"),
             ("nope.yaml#/X", "nope.yaml"),
             ("#/nope", "nothing there"),
         ] {

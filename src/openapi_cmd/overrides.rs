@@ -168,7 +168,15 @@ fn override_field(tool: &str, key: &str, ty: &str) -> Result<Field, String> {
                             .and_then(|v| v.as_object())
                             .map_or(0, |m| m.len())
                     };
-                    count("commonTypes") == 1 && count("entityTypes") == 0 && count("actions") == 0
+                    // The record has exactly the one attribute: `String, other: Long` would
+                    // declare another argument unseen by the conflict report.
+                    let attributes = ns
+                        .pointer("/commonTypes/Checked/attributes")
+                        .and_then(|a| a.as_object());
+                    count("commonTypes") == 1
+                        && count("entityTypes") == 0
+                        && count("actions") == 0
+                        && attributes.is_some_and(|a| a.len() == 1 && a.contains_key(name))
                 })
         });
     if !one_type {
@@ -262,6 +270,12 @@ mod tests {
         }}}))
         .unwrap();
         assert!(smuggled.apply(&mut tools).is_err());
+        // A second attribute in the type's text: it would declare another argument.
+        let another: Overrides = serde_json::from_value(serde_json::json!({"tools": {"create": {
+            "replace": {"kind": "String, size: Long"}
+        }}}))
+        .unwrap();
+        assert!(another.apply(&mut tools).is_err());
         assert!(serde_json::from_value::<Overrides>(
             serde_json::json!({"tools": {"create": {"rename": {}}}})
         )
