@@ -4,7 +4,9 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use toolgate_identity::{Authenticator, IssuerConfig, KeySource, REFETCH_INTERVAL};
+use toolgate_identity::{
+    Authenticator, ClaimNames, IssuerConfig, KeySource, LEEWAY_SECONDS, REFETCH_INTERVAL,
+};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()
@@ -23,6 +25,8 @@ static AUTHENTICATOR: LazyLock<Authenticator> = LazyLock::new(|| {
             keys: KeySource::File(jwks),
             id_prefix: String::new(),
             refetch_interval: REFETCH_INTERVAL,
+            names: ClaimNames::default(),
+            leeway_seconds: LEEWAY_SECONDS,
         }]))
         .unwrap()
 });
