@@ -29,7 +29,13 @@ pub struct Document {
     folder: PathBuf,
     /// Files read so far, by canonical path.
     files: RefCell<BTreeMap<PathBuf, Rc<Value>>>,
+    /// Bytes (about) copied out of `$ref` targets so far: a small document whose references
+    /// each name a large value would otherwise copy it past any memory.
+    copied: std::cell::Cell<usize>,
 }
+
+/// The most `$ref` targets may copy, in all, for one import.
+const MAX_COPIED_BYTES: usize = 256 << 20;
 
 impl Document {
     pub fn read(path: &Path) -> Result<Document, String> {
@@ -44,6 +50,7 @@ impl Document {
             root,
             folder,
             files: RefCell::default(),
+            copied: Default::default(),
         })
     }
 
@@ -54,12 +61,26 @@ impl Document {
             root,
             folder: PathBuf::from("/nonexistent-toolgate-test-folder"),
             files: RefCell::default(),
+            copied: Default::default(),
         }
     }
 
     /// The value a `$ref` names. Taken from another file, its own references are rewritten to
     /// name their files by path, so they resolve wherever the value ends up.
     pub fn target(&self, reference: &str) -> Result<Value, String> {
+        let target = self.target_uncounted(reference)?;
+        let copied = self.copied.get().saturating_add(approximate_size(&target));
+        if copied > MAX_COPIED_BYTES {
+            return Err(format!(
+                "$ref `{reference}`: the document's references copy more than {} MiB",
+                MAX_COPIED_BYTES >> 20
+            ));
+        }
+        self.copied.set(copied);
+        Ok(target)
+    }
+
+    fn target_uncounted(&self, reference: &str) -> Result<Value, String> {
         let (file, fragment) = reference.rsplit_once('#').unwrap_or((reference, ""));
         let fragment = percent_decode_str(fragment)
             .decode_utf8()
@@ -122,6 +143,21 @@ impl Document {
         let read = Rc::new(read_file(&path)?);
         self.files.borrow_mut().insert(path.clone(), read.clone());
         Ok((path, read))
+    }
+}
+
+/// About how many bytes a value holds (its JSON text's length, give or take punctuation).
+fn approximate_size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(approximate_size).sum::<usize>() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 3 + approximate_size(v))
+                .sum::<usize>()
+                + 2
+        }
+        _ => 8,
     }
 }
 
@@ -308,6 +344,19 @@ mod tests {
             doc.target(owner).unwrap(),
             serde_json::json!({"type": "string"})
         );
+    }
+
+    /// References that each copy a large value stop at a bound, before memory does.
+    #[test]
+    fn references_copy_a_bounded_amount() {
+        let big = "x".repeat(1 << 20);
+        let doc = Document::in_memory(serde_json::json!({"components": {"big": big}}));
+        let copies = (0..400)
+            .map(|_| doc.target("#/components/big"))
+            .take_while(Result::is_ok)
+            .count();
+        assert!((200..300).contains(&copies), "{copies}");
+        assert!(doc.target("#/components/big").unwrap_err().contains("MiB"));
     }
 
     #[test]
