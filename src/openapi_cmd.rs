@@ -302,6 +302,7 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
     };
     let mut tools: Vec<Tool> = Vec::new();
     let mut names = BTreeSet::new();
+    let shared_names = shared_names(doc, paths)?;
     let mut tally = Tally {
         budget: MAX_INLINED_NODES,
         standard_headers: 0,
@@ -326,7 +327,7 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
                 continue;
             };
             let operation = resolve(doc, operation, 0)?;
-            let name = unique_name(&mut names, &operation, method, path);
+            let name = unique_name(&mut names, &shared_names, &operation, method, path);
             let mut typer = Typer::default();
             let operation = Operation {
                 name: &name,
@@ -349,19 +350,48 @@ fn operations(doc: &Document, skipped: &mut Vec<String>) -> Result<Vec<Tool>, St
     Ok(tools)
 }
 
-/// The tool's name: its operationId (or method and path), numbered after the first use.
-fn unique_name(
-    names: &mut BTreeSet<String>,
-    operation: &Value,
-    method: &str,
-    path: &str,
-) -> String {
-    let base = operation
+/// The name an operation asks for: its operationId, else its method and path.
+fn base_name(operation: &Value, method: &str, path: &str) -> String {
+    operation
         .get("operationId")
         .and_then(Value::as_str)
         .map(tool_name)
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| tool_name(&format!("{method}{path}")));
+        .unwrap_or_else(|| tool_name(&format!("{method}{path}")))
+}
+
+/// The names several operations ask for: none of them gets the bare name, so an operation
+/// added later can never take over a name (and the permits naming it) from another route.
+fn shared_names(doc: &Document, paths: &Map<String, Value>) -> Result<BTreeSet<String>, String> {
+    let mut seen = BTreeSet::new();
+    let mut shared = BTreeSet::new();
+    for (path, item) in paths {
+        let item = resolve(doc, item, 0)?;
+        for method in METHODS {
+            if let Some(operation) = item.get(method) {
+                let base = base_name(&resolve(doc, operation, 0)?, method, path);
+                if !seen.insert(base.clone()) {
+                    shared.insert(base);
+                }
+            }
+        }
+    }
+    Ok(shared)
+}
+
+/// The tool's name: its operationId (or method and path); where several operations ask for
+/// one, each gets it with its own method and path; numbered only if that still collides.
+fn unique_name(
+    names: &mut BTreeSet<String>,
+    shared: &BTreeSet<String>,
+    operation: &Value,
+    method: &str,
+    path: &str,
+) -> String {
+    let mut base = base_name(operation, method, path);
+    if shared.contains(&base) {
+        base = tool_name(&format!("{base}_{method}{path}"));
+    }
     let mut name = base.clone();
     for n in 2.. {
         if names.insert(name.clone()) {
@@ -1078,6 +1108,34 @@ mod tests {
 mod declaration_tests {
     use super::*;
     use serde_json::json;
+
+    /// A name stays with its route: operations that share an operationId each get it with
+    /// their method and path, so one added later never takes a name from another route.
+    #[test]
+    fn shared_operation_ids_never_move_a_name_to_another_route() {
+        let names = |doc: serde_json::Value| -> Vec<(String, String, String)> {
+            let tools = operations(&Document::in_memory(doc), &mut Vec::new()).unwrap();
+            tools
+                .iter()
+                .map(|t| {
+                    (
+                        t.route.tool.clone(),
+                        t.route.method.clone(),
+                        t.route.path.clone(),
+                    )
+                })
+                .collect()
+        };
+        let v1 = serde_json::json!({"paths": {"/users": {"get": {"operationId": "users_list"}}}});
+        assert_eq!(names(v1)[0].0, "users_list");
+        let v2 = serde_json::json!({"paths": {
+            "/admin/users": {"delete": {"operationId": "users_list"}},
+            "/users": {"get": {"operationId": "users_list"}}
+        }});
+        let v2 = names(v2);
+        assert!(v2.iter().all(|(name, _, _)| name != "users_list"), "{v2:?}");
+        assert_eq!(v2.len(), 2);
+    }
 
     #[test]
     fn header_parameters_query_arrays_and_maps_are_declared() {
