@@ -285,13 +285,13 @@ impl Gateway {
         };
         if let Some(path) = &self.config.tool_pins {
             // Refused as `check` and start refuse it: a lock file the schema disagrees with.
-            let disagrees = crate::pins::PinFile::read(path)
-                .map(|file| crate::pin_file_against_schema(&file, &self.policy.load()))
-                .unwrap_or_default();
-            let loaded = match disagrees.is_empty() {
-                true => crate::pins::ToolPins::load(path),
-                false => Err(disagrees.join("; ")),
-            };
+            let loaded = crate::pins::PinFile::read(path).and_then(|file| {
+                let disagrees = crate::pin_file_against_schema(&file, &self.policy.load());
+                match disagrees.is_empty() {
+                    true => Ok(crate::pins::ToolPins::of(file)),
+                    false => Err(disagrees.join("; ")),
+                }
+            });
             match loaded {
                 Ok(pins) => {
                     // Only a lock file that says something new lifts what was refused.

@@ -320,7 +320,7 @@ fn render_set(
 }
 
 /// A JSON value with every object's keys in sorted order.
-fn sorted(value: &Value) -> Value {
+pub(crate) fn sorted(value: &Value) -> Value {
     match value {
         Value::Object(fields) => {
             let mut keys: Vec<&String> = fields.keys().collect();

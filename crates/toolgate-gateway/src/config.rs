@@ -241,6 +241,14 @@ fn default_clock_leeway() -> u64 {
     toolgate_identity::LEEWAY_SECONDS
 }
 
+/// A URL a secret or a key may travel over: https, or plain http on loopback.
+fn secure_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.scheme() == "https"
+            || (u.scheme() == "http" && toolgate_credential::tls::plain_http_allowed(&u))
+    })
+}
+
 /// The longest clock leeway allowed: beyond it an expired token lives on noticeably.
 const MAX_CLOCK_LEEWAY_SECONDS: u64 = 300;
 
@@ -312,18 +320,11 @@ impl JwtIssuer {
                 "{at}: set one of jwks_file, jwks_url, discovery_url (discovery at the issuer needs an https:// issuer)"
             ));
         }
-        let secure = |u: &url::Url| {
-            u.scheme() == "https"
-                || (u.scheme() == "http" && toolgate_credential::tls::plain_http_allowed(u))
-        };
         for (field, url) in [
             ("jwks_url", &self.jwks_url),
             ("discovery_url", &self.discovery_url),
         ] {
-            if url
-                .as_deref()
-                .is_some_and(|u| !url::Url::parse(u).is_ok_and(|u| secure(&u)))
-            {
+            if url.as_deref().is_some_and(|u| !secure_url(u)) {
                 errors.push(format!(
                     "{at}: {field} must be an https:// URL (http:// only on loopback)"
                 ));
@@ -588,15 +589,10 @@ impl CredentialConfig {
         if oauth {
             match &self.token_endpoint {
                 None => errors.push(format!("{at}: mode {mode} needs token_endpoint")),
-                Some(url) => match url::Url::parse(url) {
-                    Ok(parsed)
-                        if parsed.scheme() == "https"
-                            || (parsed.scheme() == "http"
-                                && toolgate_credential::tls::plain_http_allowed(&parsed)) => {}
-                    _ => errors.push(format!(
-                        "{at}.token_endpoint {url:?} must be an https:// URL (http:// only on loopback)"
-                    )),
-                },
+                Some(url) if secure_url(url) => {}
+                Some(url) => errors.push(format!(
+                    "{at}.token_endpoint {url:?} must be an https:// URL (http:// only on loopback)"
+                )),
             }
             if self.client_id.as_deref().is_none_or(str::is_empty) {
                 errors.push(format!("{at}: mode {mode} needs client_id"));

@@ -77,8 +77,12 @@ pub struct ToolPins(HashMap<(String, String), String>);
 
 impl ToolPins {
     pub fn load(path: &Path) -> Result<ToolPins, String> {
-        let file = PinFile::read(path)?;
-        Ok(ToolPins(
+        PinFile::read(path).map(ToolPins::of)
+    }
+
+    /// The digests of a lock file read.
+    pub fn of(file: PinFile) -> ToolPins {
+        ToolPins(
             file.upstreams
                 .into_iter()
                 .flat_map(|(upstream, tools)| {
@@ -87,7 +91,7 @@ impl ToolPins {
                         .map(move |(tool, pin)| ((upstream.clone(), tool), pin.sha256))
                 })
                 .collect(),
-        ))
+        )
     }
 
     /// Whether a live definition (its digest) is the pinned one; no pin is no match.
@@ -114,23 +118,7 @@ impl ToolPins {
 /// `icons`, `execution` too), with object keys in sorted order at every depth, so the same
 /// definition always reads the same, however the server orders its JSON.
 pub fn definition(tool: &Value) -> Value {
-    sorted(tool)
-}
-
-fn sorted(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            Value::Object(
-                keys.into_iter()
-                    .map(|k| (k.clone(), sorted(&map[k])))
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
-        other => other.clone(),
-    }
+    crate::args::sorted(tool)
 }
 
 /// The SHA-256 (hex) of a definition's JSON text.
