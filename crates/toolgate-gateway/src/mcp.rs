@@ -989,6 +989,11 @@ fn answer_filter(
     schemas: Option<(Arc<ToolSchemas>, String)>,
 ) -> Rewrite {
     Arc::new(move |message: &mut Value| {
+        // What a client could read otherwise than the gateway filters is not passed on.
+        if !toolgate_mcp::server_message_is_plain(message) {
+            *message = Value::Null;
+            return true;
+        }
         let id = message.get("id");
         let answer = message.get("method").is_none();
         let (listing, decided) = match &listings {

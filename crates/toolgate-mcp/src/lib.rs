@@ -558,6 +558,24 @@ pub fn is_listing(message: &Value) -> bool {
     })
 }
 
+/// Whether a server's message reads the same to every client: no member a case-folding
+/// reader (Go's `encoding/json`) takes for a known one (`Result`, `Tools`), a `method` that is a
+/// string if present. The gateway filters the exact members; a variant would pass unfiltered.
+pub fn server_message_is_plain(message: &Value) -> bool {
+    const ENVELOPE: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+    let Some(fields) = message.as_object() else {
+        return false;
+    };
+    let method_ok = fields.get("method").is_none_or(Value::is_string);
+    let result_ok = match fields.get("result") {
+        Some(Value::Object(result)) => {
+            json::misspelled(result, LISTINGS.iter().map(|(member, _)| *member)).is_none()
+        }
+        _ => true,
+    };
+    method_ok && result_ok && json::misspelled(fields, ENVELOPE).is_none()
+}
+
 /// Removes from a listing answer every item `keep` refuses (and any without its key). Returns
 /// how many were removed.
 pub fn filter_listing(response: &mut Value, keep: &dyn Fn(Listed<'_>) -> bool) -> usize {
@@ -636,6 +654,22 @@ pub fn tool_input_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_messages_a_case_folding_client_reads_otherwise_are_not_plain() {
+        assert!(server_message_is_plain(
+            &json!({"jsonrpc":"2.0","id":1,"result":{"tools":[]}})
+        ));
+        for odd in [
+            json!({"jsonrpc":"2.0","id":1,"result":{"tools":[],"Tools":[{"name":"x"}]}}),
+            json!({"jsonrpc":"2.0","id":1,"Result":{"tools":[]}}),
+            json!({"jsonrpc":"2.0","id":6,"ID":5,"result":{}}),
+            json!({"jsonrpc":"2.0","id":5,"method":null,"result":{}}),
+            json!([1]),
+        ] {
+            assert!(!server_message_is_plain(&odd), "{odd}");
+        }
+    }
 
     #[test]
     fn parses_single_and_batch() {
