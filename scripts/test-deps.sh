@@ -78,6 +78,17 @@ if [ "$(node -p "require('./$node_dir/node_modules/express/package.json').versio
   (cd "$node_dir" && npm install --silent --no-audit --no-fund "express@$express_version")
 fi
 
+# MCP servers nobody here wrote, for the stdio and federation tests (tests/stdio.rs): the reference
+# memory server (stdio only) and the everything server (stdio and streamable HTTP).
+for server in "server-memory@2026.8.31" "server-everything@2026.8.31"; do
+  name=${server%@*}
+  version=${server#*@}
+  if [ "$(node -p "require('./$node_dir/node_modules/@modelcontextprotocol/$name/package.json').version" 2>/dev/null)" != "$version" ]; then
+    echo "test-deps: installing @modelcontextprotocol/$server into $node_dir"
+    (cd "$node_dir" && npm install --silent --no-audit --no-fund "@modelcontextprotocol/$server")
+  fi
+done
+
 # FastAPI on Pydantic 2, served by uvicorn (tests/frameworks.rs).
 python_venv .toolgate-test/venv-fastapi fastapi 0.163.2 fastapi uvicorn==0.54.0
 

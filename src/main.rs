@@ -487,6 +487,7 @@ async fn serve(config: Config, config_path: &Path) -> Result<ExitCode, String> {
     tracing::info!("shutting down: draining connections");
     running.shutdown.trigger();
     running.wait().await;
+    gateway.stop_processes().await;
     gateway.finish_audit().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -358,7 +358,14 @@ impl Gateway {
         }
         let connect_timeout =
             std::time::Duration::from_secs(self.config.limits.upstream_connect_seconds);
-        match Routing::new(&new.upstreams, &self.client, connect_timeout, &self.minter) {
+        let previous = self.routing.load_full();
+        let shared = crate::upstream::Shared {
+            client: &self.client,
+            connect_timeout,
+            metrics: Some(&self.metrics),
+            previous: Some(&previous),
+        };
+        match Routing::new(&new.upstreams, &shared, &self.minter) {
             Ok(routing) => {
                 self.routing.store(Arc::new(routing));
                 report.applied.push("upstreams".into());

@@ -372,8 +372,22 @@ pub enum UpstreamKind {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
+    /// The server's URL; a `command:` upstream has none.
+    #[serde(default)]
     pub url: String,
+    /// `aud` of the credentials minted for it (optional on a `command:` upstream).
+    #[serde(default)]
     pub audience: String,
+    /// An MCP server the gateway runs itself, spoken to over stdin/stdout, instead of `url`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// A `command:` server's environment (besides PATH, HOME, LANG and TMPDIR): `{session}`,
+    /// `{agent}` and `{user}` in values are replaced, encoded to be safe in a file name.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// How a `command:` server's processes are run.
+    #[serde(default)]
+    pub process: ProcessConfig,
     #[serde(default = "default_kind")]
     pub kind: UpstreamKind,
     #[serde(default)]
@@ -406,7 +420,99 @@ pub struct UpstreamConfig {
     pub forward_headers: Vec<String>,
 }
 
+/// A `command:` upstream's processes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// One process for every session: for servers that keep no per-client state. Otherwise
+    /// each agent session gets its own.
+    #[serde(default)]
+    pub shared: bool,
+    /// A session's process ends after this long without a message.
+    #[serde(default = "default_process_idle")]
+    pub idle_seconds: u64,
+    /// The most processes of this upstream at once; a new session past it is refused (503).
+    #[serde(default = "default_max_processes")]
+    pub max: usize,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            shared: false,
+            idle_seconds: default_process_idle(),
+            max: default_max_processes(),
+        }
+    }
+}
+
+fn default_process_idle() -> u64 {
+    300
+}
+
+fn default_max_processes() -> usize {
+    16
+}
+
+/// The placeholders a `command:` upstream's `env` values may hold.
+pub const ENV_PLACEHOLDERS: [&str; 3] = ["{session}", "{agent}", "{user}"];
+
 impl UpstreamConfig {
+    /// What is wrong with a `command:` upstream (one the gateway runs over stdio).
+    fn command_problems(&self, at: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut refuse = |why: String| errors.push(format!("{at}: {why}"));
+        let command = self.command.as_deref().unwrap_or_default();
+        if command.first().is_none_or(|program| program.is_empty()) {
+            refuse("command must name a program".into());
+        }
+        if command.iter().any(|part| part.contains('\0')) {
+            refuse("command must not hold a NUL byte".into());
+        }
+        if !self.url.is_empty() {
+            refuse("give url or command, not both".into());
+        }
+        if self.kind != UpstreamKind::Mcp {
+            refuse("command is for kind: mcp upstreams".into());
+        }
+        if self.credential.mode == Some(CredentialMode::Mint) {
+            refuse("credential mode mint needs a url: a process has no headers (use mode: inject with env_var)".into());
+        }
+        if matches!(
+            self.credential.mode,
+            Some(CredentialMode::Exchange | CredentialMode::ClientCredentials)
+        ) {
+            refuse("credential modes exchange and client_credentials need a url".into());
+        }
+        if self.tls.is_some() {
+            refuse("tls does not apply to a command".into());
+        }
+        if !self.forward_headers.is_empty() {
+            refuse("forward_headers does not apply to a command".into());
+        }
+        for (name, value) in &self.env {
+            if !env_name(name) {
+                refuse(format!("env: {name:?} is not a variable name"));
+            }
+            if value.contains('\0') {
+                refuse(format!("env.{name} must not hold a NUL byte"));
+            }
+            let per_session = ENV_PLACEHOLDERS.iter().any(|p| value.contains(p));
+            if per_session && self.process.shared {
+                refuse(format!(
+                    "env.{name}: {{session}}, {{agent}} and {{user}} need a process per session (process.shared is true)"
+                ));
+            }
+        }
+        if self.process.idle_seconds == 0 {
+            refuse("process.idle_seconds must be positive".into());
+        }
+        if self.process.max == 0 {
+            refuse("process.max must be positive".into());
+        }
+        errors
+    }
+
     /// The secret, key and TLS files this upstream reads (watched, and read again on reload).
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         let c = &self.credential;
@@ -466,8 +572,12 @@ pub enum ScopeFrom {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
+    /// Absent: `mint`, except on a `command:` upstream, which then gets no credential.
     #[serde(default)]
-    pub mode: CredentialMode,
+    pub mode: Option<CredentialMode>,
+    /// inject on a `command:` upstream: the environment variable that carries the secret.
+    #[serde(default)]
+    pub env_var: Option<String>,
     /// inject: the header that carries the secret (or `scheme`).
     #[serde(default)]
     pub header: Option<String>,
@@ -539,12 +649,17 @@ impl OutboundTls {
 }
 
 impl CredentialConfig {
+    /// The mode in force (`mint` unless said).
+    pub fn mode(&self) -> CredentialMode {
+        self.mode.unwrap_or_default()
+    }
+
     /// What is wrong with this upstream's `credential:` for its mode.
     #[allow(clippy::too_many_lines)] // config checking, not the request path: one rule a line
-    fn problems(&self, upstream: &str) -> Vec<String> {
+    fn problems(&self, upstream: &str, runs_command: bool) -> Vec<String> {
         let mut errors = Vec::new();
         let at = format!("upstream {upstream}: credential");
-        let mode = self.mode.as_str();
+        let mode = self.mode().as_str();
         let set = |present: bool, name: &str, errors: &mut Vec<String>| {
             if present {
                 errors.push(format!("{at}.{name} does not apply to mode {mode}"));
@@ -555,17 +670,33 @@ impl CredentialConfig {
                 errors.push(format!("{at}: mode {mode} needs exactly one of {names}"));
             }
         };
-        let inject = self.mode == CredentialMode::Inject;
+        let inject = self.mode() == CredentialMode::Inject;
         let oauth = matches!(
-            self.mode,
+            self.mode(),
             CredentialMode::Exchange | CredentialMode::ClientCredentials
         );
-        if inject {
+        if inject && runs_command {
+            // A process's secret goes in its environment: there are no headers.
+            set(self.header.is_some(), "header", &mut errors);
+            set(self.scheme.is_some(), "scheme", &mut errors);
+            match self.env_var.as_deref() {
+                None => errors.push(format!("{at}: mode inject on a command needs env_var")),
+                Some(name) if !env_name(name) => {
+                    errors.push(format!("{at}.env_var {name:?} is not a variable name"))
+                }
+                Some(_) => {}
+            }
+        } else if inject {
+            set(self.env_var.is_some(), "env_var", &mut errors);
             one_of(
                 self.header.is_some() as usize + self.scheme.is_some() as usize,
                 "header, scheme",
                 &mut errors,
             );
+        } else {
+            set(self.env_var.is_some(), "env_var", &mut errors);
+        }
+        if inject {
             one_of(
                 self.secret_file.is_some() as usize + self.secret_env.is_some() as usize,
                 "secret_file, secret_env",
@@ -1228,25 +1359,29 @@ impl Config {
             if !names.insert(up.name.as_str()) {
                 errors.push(format!("{at}: duplicate name"));
             }
-            if !(up.url.starts_with("http://") || up.url.starts_with("https://"))
+            if up.command.is_some() {
+                errors.extend(up.command_problems(&at));
+            } else if !(up.url.starts_with("http://") || up.url.starts_with("https://"))
                 || up.url.parse::<http::Uri>().is_err()
             {
                 errors.push(format!("{at}: url must be an http:// or https:// URL"));
+            } else if up.audience.is_empty() {
+                errors.push(format!("{at}: audience must not be empty"));
             }
             if up.timeout_seconds == 0 {
                 errors.push(format!("{at}: timeout_seconds must be positive"));
             }
-            errors.extend(up.credential.problems(&up.name));
+            errors.extend(up.credential.problems(&up.name, up.command.is_some()));
             let plain = up.url.starts_with("http://");
             errors.extend(up.tls.as_ref().and_then(|tls| tls.problem(&at)));
             // A long-lived secret, or a token for more than one call, never crosses a network
             // in the clear (a minted credential lives one call and one audience).
             let loopback = url::Url::parse(&up.url)
                 .is_ok_and(|u| toolgate_credential::tls::plain_http_allowed(&u));
-            if plain && !loopback && up.credential.mode != CredentialMode::Mint {
+            if plain && !loopback && up.credential.mode() != CredentialMode::Mint {
                 errors.push(format!(
                     "{at}: mode {} needs an https:// url (http:// only on loopback)",
-                    up.credential.mode.as_str()
+                    up.credential.mode().as_str()
                 ));
             }
             if up.kind == UpstreamKind::Mcp && !up.routes.is_empty() {
@@ -1306,6 +1441,12 @@ pub fn header_argument_name(name: &str) -> Result<(), &'static str> {
         return Err("the gateway removes or sets this header itself");
     }
     Ok(())
+}
+
+/// A portable environment variable name.
+fn env_name(name: &str) -> bool {
+    name.bytes().next().is_some_and(|b| !b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn valid_name(name: &str) -> bool {

@@ -16,6 +16,7 @@ mod pipeline;
 mod rest;
 pub mod routes;
 mod server;
+mod stdio;
 mod tasks;
 pub mod trace;
 mod upstream;
@@ -471,7 +472,15 @@ fn check_upstreams(config: &Config) -> Vec<String> {
         .upstreams
         .iter()
         // Only whether each can be set up matters here, not what its secret is named.
-        .filter_map(|up| Upstream::new(up.clone(), &shared, timeout, &|_| String::new()).err())
+        .filter_map(|up| {
+            let shared = upstream::Shared {
+                client: &shared,
+                connect_timeout: timeout,
+                metrics: None,
+                previous: None,
+            };
+            Upstream::new(up.clone(), &shared, &|_| String::new()).err()
+        })
         .map(|e| answer::error_chain(&e))
         .collect();
     if let Some(Err(e)) = config.traces.as_ref().map(|t| trace_client(t, timeout)) {
@@ -497,10 +506,11 @@ pub(crate) struct Routing {
 
 impl Routing {
     /// Sets up every upstream (reading its secrets and TLS files now), or says which cannot be.
+    /// A reload keeps the stdio servers of `previous` whose command, environment and secret
+    /// are unchanged (their sessions go on).
     pub fn new(
         upstreams: &[config::UpstreamConfig],
-        shared: &HttpClient,
-        connect_timeout: std::time::Duration,
+        shared: &upstream::Shared<'_>,
         minter: &Minter,
     ) -> Result<Self, upstream::SetupError> {
         let name_secret = |secret: &str| minter.secret_id(secret);
@@ -508,9 +518,15 @@ impl Routing {
             routes: RouteTable::new(upstreams),
             upstreams: upstreams
                 .iter()
-                .map(|u| Upstream::new(u.clone(), shared, connect_timeout, &name_secret))
+                .map(|u| Upstream::new(u.clone(), shared, &name_secret))
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// The stdio server running for upstream `name`.
+    pub(crate) fn process(&self, name: &str) -> Option<Arc<stdio::StdioServer>> {
+        let upstream = self.upstreams.iter().find(|u| u.name() == name)?;
+        upstream.stdio().cloned()
     }
 }
 
@@ -561,9 +577,15 @@ impl Gateway {
             std::time::Duration::from_secs(config.limits.upstream_connect_seconds);
         let client = upstream::client(connect_timeout, &Default::default())
             .map_err(StartError::OutboundTls)?;
-        let routing = Routing::new(&config.upstreams, &client, connect_timeout, &minter)
-            .map_err(StartError::Upstreams)?;
         let metrics = Arc::new(Metrics::new());
+        let shared = upstream::Shared {
+            client: &client,
+            connect_timeout,
+            metrics: Some(&metrics),
+            previous: None,
+        };
+        let routing =
+            Routing::new(&config.upstreams, &shared, &minter).map_err(StartError::Upstreams)?;
         let tracer = match &config.traces {
             Some(traces) => {
                 let client = trace_client(traces, connect_timeout).map_err(StartError::Traces)?;
@@ -623,6 +645,16 @@ impl Gateway {
         if let Some(tracer) = &self.tracer {
             // Best effort, briefly: a hung collector must not hold the exit.
             tracer.flush(std::time::Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Ends the processes of `command:` upstreams; call once the listeners have drained.
+    pub async fn stop_processes(&self) {
+        let routing = self.routing.load_full();
+        for upstream in &routing.upstreams {
+            if let Some(server) = upstream.stdio() {
+                server.shutdown().await;
+            }
         }
     }
 

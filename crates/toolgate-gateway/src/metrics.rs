@@ -4,7 +4,7 @@ use prometheus::{
     register_histogram_vec_with_registry, register_histogram_with_registry,
     register_int_counter_vec_with_registry, register_int_counter_with_registry,
     register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, Histogram,
-    HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,6 +28,9 @@ pub struct Metrics {
     pub watching: IntGauge,
     /// Tools whose live definition is not their pin: hidden from a listing, or a call refused.
     pub pin_refusals: IntCounterVec,
+    /// Processes of `command:` upstreams running, and those started again after a crash.
+    pub processes: IntGaugeVec,
+    pub process_restarts: IntCounterVec,
     pub minted: IntCounter,
     pub reloads: IntCounterVec,
     pub reload_duration: Histogram,
@@ -147,6 +150,20 @@ impl Metrics {
                 "toolgate_tool_pin_refusals_total",
                 "Tools whose live definition is not their pin (tool_pins), by upstream, tool (unpinned: a tool with no pin) and where: hidden from a listing, or a call refused.",
                 &["upstream", "tool", "where"],
+                r
+            )
+            .expect("metric"),
+            processes: register_int_gauge_vec_with_registry!(
+                "toolgate_mcp_processes",
+                "Processes of command: (stdio) MCP upstreams running, by upstream.",
+                &["upstream"],
+                r
+            )
+            .expect("metric"),
+            process_restarts: register_int_counter_vec_with_registry!(
+                "toolgate_mcp_process_restarts_total",
+                "Processes of command: (stdio) MCP upstreams started again after they exited unasked, by upstream.",
+                &["upstream"],
                 r
             )
             .expect("metric"),

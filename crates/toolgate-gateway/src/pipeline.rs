@@ -399,14 +399,20 @@ impl Gateway {
         let credential = self.credential(ctx, upstream, scope, record).await;
         record.trace.step("credential", started);
         let (credential, id) = credential?;
-        record.credential_mode = Some(upstream.config.credential.mode.as_str());
-        record.credential_id = Some(id.clone());
+        record.credential_mode = match upstream.credentials {
+            Credentials::Process(None) => None,
+            _ => Some(upstream.config.credential.mode().as_str()),
+        };
+        record.credential_id = id.clone();
         if let Some(task) = &ctx.task {
             // A minted credential is listed in its task, atomically with the task being live:
             // unrecorded, it could not be revoked when the task ends (fail closed). Other
             // modes' credentials are not toolgate's to revoke: the task must still be live.
             let joined = match upstream.credentials {
-                Credentials::Mint => self.tasks.add_credential(task, &id, unix_now()).await?,
+                Credentials::Mint => {
+                    let id = id.as_deref().unwrap_or_default();
+                    self.tasks.add_credential(task, id, unix_now()).await?
+                }
                 _ => match self.tasks.get(&task.id).await? {
                     Some(now) if now.is_live(unix_now()) => Joined::Recorded,
                     _ => Joined::Ended,
@@ -444,7 +450,9 @@ impl Gateway {
             }
         }
         let started = Instant::now();
-        let result = upstream.forward(request, credential, &ctx.client).await;
+        let result = upstream
+            .forward(request, credential, &ctx.client, ctx.caller)
+            .await;
         record.trace.step_as("forward", span, started);
         self.metrics
             .upstream_duration
@@ -464,12 +472,12 @@ impl Gateway {
         upstream: &Upstream,
         scope: Vec<String>,
         record: &mut AuditRecord,
-    ) -> Result<((HeaderName, HeaderValue), String), Refusal> {
+    ) -> Result<(Option<(HeaderName, HeaderValue)>, Option<String>), Refusal> {
         let bearer = |token: &str| {
             let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(InternalError::CredentialHeader)?;
             value.set_sensitive(true);
-            Ok::<_, Refusal>((header::AUTHORIZATION, value))
+            Ok::<_, Refusal>(Some((header::AUTHORIZATION, value)))
         };
         match &upstream.credentials {
             Credentials::Mint => {
@@ -480,9 +488,10 @@ impl Gateway {
                     ctx.task.as_ref(),
                     record,
                 )?;
-                Ok((bearer(&minted.token)?, minted.claims.jti))
+                Ok((bearer(&minted.token)?, Some(minted.claims.jti)))
             }
-            Credentials::Inject(secret, id) => Ok((secret.header(), id.clone())),
+            Credentials::Inject(secret, id) => Ok((Some(secret.header()), Some(id.clone()))),
+            Credentials::Process(id) => Ok((None, id.clone())),
             Credentials::Token { endpoint, exchange } => {
                 let now = unix_now();
                 let caller = ctx.caller;
@@ -522,7 +531,7 @@ impl Gateway {
                         .token(Grant::ClientCredentials, &scope, "", task, None, now)
                         .await?
                 };
-                Ok((bearer(&issued.token)?, issued.id))
+                Ok((bearer(&issued.token)?, Some(issued.id)))
             }
         }
     }

@@ -264,6 +264,9 @@ mod tests {
         };
         RouteTable::new(&[UpstreamConfig {
             name: "billing".into(),
+            command: None,
+            env: Default::default(),
+            process: Default::default(),
             url: "http://127.0.0.1:1".into(),
             audience: "a".into(),
             kind: UpstreamKind::Rest,

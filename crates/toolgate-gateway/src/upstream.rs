@@ -21,6 +21,8 @@ use toolgate_credential::tls::{TlsError, TlsFiles};
 use crate::answer::{Body, Refusal, UpstreamError};
 use crate::config::{CredentialMode, InjectScheme, UpstreamConfig};
 use crate::conn_io::IdleDeadline;
+use crate::stdio::{Opener, Spec, StdioServer};
+use toolgate_identity::Caller;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): never passed on, in either direction.
 const HOP_BY_HOP: [&str; 7] = [
@@ -172,9 +174,16 @@ pub struct Upstream {
     base: String,
     /// `max_in_flight` places, when the upstream has a limit of its own.
     places: Option<Arc<Semaphore>>,
-    /// The shared pool, or the upstream's own when it has TLS settings of its own.
-    client: HttpClient,
+    transport: Transport,
     pub credentials: Credentials,
+}
+
+/// How calls reach the server.
+enum Transport {
+    /// The shared pool, or the upstream's own when it has TLS settings of its own.
+    Http(Box<HttpClient>),
+    /// A `command:` server, run by the gateway.
+    Stdio(Arc<StdioServer>),
 }
 
 /// Where a forwarded call's credential comes from (`credential.mode`).
@@ -189,6 +198,9 @@ pub enum Credentials {
         /// RFC 8693 exchange (else client credentials).
         exchange: bool,
     },
+    /// A `command:` server: none per call; its secret, if any, is in its environment (named
+    /// for the audit).
+    Process(Option<String>),
 }
 
 /// Why an upstream cannot be set up (its secrets, keys or TLS files): start and reload refuse.
@@ -216,12 +228,12 @@ impl Credentials {
         let c = &config.credential;
         let name = || config.name.clone();
         let incomplete = |what| SetupError::Incomplete(config.name.clone(), what);
-        let source = |file: &Option<std::path::PathBuf>, env: &Option<String>| match (file, env) {
-            (Some(path), _) => Ok(SecretSource::File(path.clone())),
-            (None, Some(var)) => Ok(SecretSource::Env(var.clone())),
-            (None, None) => Err(incomplete("no secret file or variable")),
-        };
-        Ok(match c.mode {
+        let source = |file, env| secret_source(config, file, env);
+        if config.command.is_some() {
+            let secret = process_secret(config)?;
+            return Ok(Credentials::Process(secret.map(|(_, s)| name_secret(&s))));
+        }
+        Ok(match c.mode() {
             CredentialMode::Mint => Credentials::Mint,
             CredentialMode::Inject => {
                 let placement = match (&c.header, c.scheme) {
@@ -269,11 +281,49 @@ impl Credentials {
                 .map_err(|e| SetupError::Endpoint(name(), e))?;
                 Credentials::Token {
                     endpoint: Box::new(endpoint),
-                    exchange: c.mode == CredentialMode::Exchange,
+                    exchange: c.mode() == CredentialMode::Exchange,
                 }
             }
         })
     }
+}
+
+/// A `command:` upstream's secret (`credential: {mode: inject, env_var}`): the variable and
+/// its value.
+fn process_secret(config: &UpstreamConfig) -> Result<Option<(String, String)>, SetupError> {
+    let c = &config.credential;
+    let (Some(CredentialMode::Inject), Some(var)) = (c.mode, &c.env_var) else {
+        return Ok(None);
+    };
+    let source = secret_source(config, &c.secret_file, &c.secret_env)?;
+    let secret = Secret::read(&source).map_err(|e| SetupError::Secret(config.name.clone(), e))?;
+    Ok(Some((var.clone(), secret.expose().to_string())))
+}
+
+/// Where a secret is read from: its file, or else its environment variable.
+fn secret_source(
+    config: &UpstreamConfig,
+    file: &Option<std::path::PathBuf>,
+    env: &Option<String>,
+) -> Result<SecretSource, SetupError> {
+    match (file, env) {
+        (Some(path), _) => Ok(SecretSource::File(path.clone())),
+        (None, Some(var)) => Ok(SecretSource::Env(var.clone())),
+        (None, None) => Err(SetupError::Incomplete(
+            config.name.clone(),
+            "no secret file or variable",
+        )),
+    }
+}
+
+/// What every upstream of one config shares: the connection pool, and (when they are to run,
+/// not only be checked) the metrics and the stdio servers already running, by name.
+pub(crate) struct Shared<'a> {
+    pub client: &'a HttpClient,
+    pub connect_timeout: Duration,
+    pub metrics: Option<&'a Arc<crate::metrics::Metrics>>,
+    /// The routing being replaced: its stdio servers go on where unchanged.
+    pub previous: Option<&'a crate::Routing>,
 }
 
 /// A call's place among an upstream's `max_in_flight`; given back when dropped.
@@ -284,25 +334,47 @@ impl Upstream {
     /// own, its own connection pool; else it shares `shared`.
     pub fn new(
         config: UpstreamConfig,
-        shared: &HttpClient,
-        connect_timeout: Duration,
+        shared: &Shared<'_>,
         name_secret: &dyn Fn(&str) -> String,
     ) -> Result<Self, SetupError> {
         let base = config.url.trim_end_matches('/').to_string();
         let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
-        let client = match &config.tls {
-            Some(tls) => client(connect_timeout, &tls.files())
-                .map_err(|e| SetupError::Tls(config.name.clone(), e))?,
-            None => shared.clone(),
-        };
         let credentials = Credentials::new(&config, name_secret)?;
+        let transport = if config.command.is_some() {
+            let spec = Spec::new(&config, process_secret(&config)?);
+            let running = shared.previous.and_then(|p| p.process(&config.name));
+            match running {
+                Some(server) if server.runs(&spec) => Transport::Stdio(server),
+                _ => match shared.metrics {
+                    Some(metrics) => {
+                        Transport::Stdio(StdioServer::new(&config.name, spec, metrics.clone()))
+                    }
+                    // Only checked, never run.
+                    None => Transport::Http(Box::new(shared.client.clone())),
+                },
+            }
+        } else {
+            Transport::Http(Box::new(match &config.tls {
+                Some(tls) => client(shared.connect_timeout, &tls.files())
+                    .map_err(|e| SetupError::Tls(config.name.clone(), e))?,
+                None => shared.client.clone(),
+            }))
+        };
         Ok(Upstream {
             config,
             base,
             places,
-            client,
+            transport,
             credentials,
         })
+    }
+
+    /// The upstream's stdio server, when it runs a command.
+    pub(crate) fn stdio(&self) -> Option<&Arc<StdioServer>> {
+        match &self.transport {
+            Transport::Stdio(server) => Some(server),
+            Transport::Http(_) => None,
+        }
     }
 
     /// A place for one more call, if the upstream's own limit has one left.
@@ -325,6 +397,10 @@ impl Upstream {
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
         // Nothing after `/<upstream>` means the upstream URL itself (`/mcp`, not `/mcp/`).
         let mut uri = format!("{}{path}", self.base);
+        if uri.is_empty() {
+            // A `command:` server has no URL: the request only carries the path to it.
+            uri.push('/');
+        }
         if let Some(q) = query {
             uri.push('?');
             uri.push_str(q);
@@ -337,8 +413,9 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut request: Request<Body>,
-        credential: (HeaderName, HeaderValue),
+        credential: Option<(HeaderName, HeaderValue)>,
         agent: &ClientView,
+        caller: &Caller,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
@@ -362,13 +439,25 @@ impl Upstream {
             headers.remove(name);
         }
         // `insert` replaces any value the agent sent under the same name.
-        headers.insert(credential.0, credential.1);
+        if let Some((name, value)) = credential {
+            headers.insert(name, value);
+        }
         headers.insert("x-forwarded-for", agent.ip_header());
         headers.insert("x-forwarded-proto", HeaderValue::from_static(agent.scheme));
         *request.version_mut() = http::Version::HTTP_11;
 
+        let client = match &self.transport {
+            Transport::Http(client) => client,
+            Transport::Stdio(server) => {
+                let opener = Opener {
+                    agent: &caller.agent,
+                    user: caller.user.as_deref(),
+                };
+                return Ok(server.handle(request, opener).await);
+            }
+        };
         let timeout = Duration::from_secs(self.config.timeout_seconds);
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => return Err(Refusal::UpstreamTimeout),
             Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
             Ok(Ok(response)) => response,
@@ -503,6 +592,9 @@ mod tests {
     fn uri_keeps_base_path_and_query() {
         let mut config = crate::config::UpstreamConfig {
             name: "b".into(),
+            command: None,
+            env: Default::default(),
+            process: Default::default(),
             url: "http://127.0.0.1:9/api/".into(),
             audience: "a".into(),
             kind: crate::config::UpstreamKind::Rest,
@@ -516,16 +608,22 @@ mod tests {
             undeclared_arguments: None,
             forward_headers: Vec::new(),
         };
-        let shared = client(Duration::from_secs(1), &TlsFiles::default()).unwrap();
+        let client = client(Duration::from_secs(1), &TlsFiles::default()).unwrap();
+        let shared = Shared {
+            client: &client,
+            connect_timeout: Duration::from_secs(1),
+            metrics: None,
+            previous: None,
+        };
         let name = |s: &str| s.to_string();
-        let up = Upstream::new(config.clone(), &shared, Duration::from_secs(1), &name).unwrap();
+        let up = Upstream::new(config.clone(), &shared, &name).unwrap();
         assert_eq!(
             up.uri("/invoices/4%202", Some("x=1")).unwrap(),
             "http://127.0.0.1:9/api/invoices/4%202?x=1"
         );
         config.url = "http://127.0.0.1:9".into();
         assert_eq!(
-            Upstream::new(config, &shared, Duration::from_secs(1), &name)
+            Upstream::new(config, &shared, &name)
                 .unwrap()
                 .uri("", None)
                 .unwrap(),
