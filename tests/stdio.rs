@@ -324,3 +324,155 @@ async fn progress_reaches_the_caller_under_its_own_token() {
     let input = std::fs::read_to_string(records.0.join("input.jsonl")).unwrap();
     assert!(!input.contains("tok-1") && !input.contains("call-1"), "{input}");
 }
+
+const MEMORY_SCHEMA: &str = r#"namespace Toolgate {
+  action "memory/create_entities" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo } };
+  action "memory/delete_entities" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo, args: { entityNames: Set<String> } } };
+  action "memory/read_graph" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo } };
+}"#;
+const MEMORY_POLICIES: &str = r#"
+@id("memory-write") permit (principal, action in [Toolgate::Action::"memory/create_entities",
+  Toolgate::Action::"memory/read_graph"], resource);
+@id("memory-delete") permit (principal, action == Toolgate::Action::"memory/delete_entities", resource)
+unless { context.args.entityNames.contains("protected") };
+@id("memory-hide") forbid (principal, action == Toolgate::Action::"list",
+  resource == Toolgate::Tool::"memory/delete_relations");
+"#;
+
+/// Runs tests/stdio/memory_client.py (the Python SDK 1.x) against `url` (bounded).
+async fn memory_client(url: &str, token: &str, entity: &str) -> Value {
+    let mut command = std::process::Command::new(python());
+    command
+        .arg(repo().join("tests/stdio/memory_client.py"))
+        .args([url, token, entity]);
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .expect("the client finished within 60 s")
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_memory_server_over_stdio_keeps_each_agent_apart() {
+    let server = repo()
+        .join(".toolgate-test/node/node_modules/@modelcontextprotocol/server-memory/dist/index.js");
+    assert!(server.exists(), "run scripts/test-deps.sh (server-memory)");
+    let rest = Upstream::start().await;
+    let files = TempDir::new("memory-files");
+    // create_entities carries records the schema does not declare: forwarded, unseen.
+    let upstream = format!(
+        r#"  - name: memory
+    kind: mcp
+    command: [node, "{server}"]
+    env: {{ MEMORY_FILE_PATH: "{files}/memory-{{agent}}.jsonl" }}
+    undeclared_arguments: forward
+"#,
+        server = server.display(),
+        files = files.0.display(),
+    );
+    let gw = Gateway::start_with_upstreams(
+        GatewayOptions {
+            upstream: rest.addr,
+            extra_policies: &[
+                ("memory.cedarschema", MEMORY_SCHEMA),
+                ("memory.cedar", MEMORY_POLICIES),
+            ],
+            inbound: None,
+            mcp: None,
+            extra_config: "",
+        },
+        &upstream,
+    )
+    .await;
+    let url = gw.url("/memory");
+    let assistant = gw.idp.delegated();
+    let planner = gw
+        .idp
+        .sign(json!({"sub": "bob", "act": {"sub": "planner/v2"}}));
+
+    let out = memory_client(&url, &assistant, "ada").await;
+    assert_eq!(out["server"], "memory-server");
+    let tools = out["tools"].as_array().unwrap();
+    assert!(tools.contains(&json!("create_entities")), "{out}");
+    assert!(!tools.contains(&json!("delete_relations")), "hidden: {out}");
+    assert_eq!(out["create"]["ok"], true, "{out}");
+    assert_eq!(out["delete_protected"]["ok"], false, "{out}");
+    assert_eq!(out["delete_temp"]["ok"], true, "{out}");
+    assert_eq!(out["graph"], json!(["ada", "protected"]));
+
+    // Another agent's process has its own file: it never sees ada.
+    let out = memory_client(&url, &planner, "grace").await;
+    assert_eq!(out["graph"], json!(["grace", "protected"]), "{out}");
+    assert!(files.0.join("memory-assistant.jsonl").exists());
+    // `planner/v2` is one safe file name, not a folder.
+    assert!(files.0.join("memory-planner%2Fv2.jsonl").exists());
+    drop(rest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_what_a_command_upstream_cannot_do() {
+    let (gw, _records) = recorder_gateway("{ idle_seconds: 60 }").await;
+    let good = gw.dir.0.join("toolgate.yaml");
+    let out = toolgate(&["check", "--config", good.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let credential = |t: String, with: &str| {
+        let start = t.find("    credential: { mode: inject, env_var").unwrap();
+        let end = start + t[start..].find('\n').unwrap();
+        format!("{}{with}{}", &t[..start], &t[end..])
+    };
+    for (edit, says) in [
+        (
+            credential as fn(String, &str) -> String,
+            ("    credential: { mode: mint }", "mint needs a url"),
+        ),
+        (
+            credential,
+            (
+                "    credential: { mode: inject, secret_env: HOME }",
+                "needs env_var",
+            ),
+        ),
+        (
+            credential,
+            (
+                "    credential: { mode: inject, env_var: A, header: X-Key, secret_env: HOME }",
+                "header does not apply",
+            ),
+        ),
+        (
+            |t, with| t.replace("    process: { idle_seconds: 60 }", with),
+            ("    process: { shared: true }", "need a process per session"),
+        ),
+        (
+            |t, with| t.replace("    process: { idle_seconds: 60 }", with),
+            ("    url: http://127.0.0.1:9/mcp", "not both"),
+        ),
+        (
+            |t, with| t.replace("  - name: rec\n    kind: mcp", with),
+            ("  - name: rec\n    kind: rest", "kind: mcp"),
+        ),
+    ] {
+        let config = gw.edited_config("bad.yaml", |t| edit(t, says.0));
+        let out = toolgate(&["check", "--config", config.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}", says.0);
+        assert!(text.contains(says.1), "{}: {text}", says.0);
+    }
+}
