@@ -36,7 +36,7 @@ pub async fn run(
     }
     let mut unreachable = 0;
     for upstream in upstreams {
-        match crate::schema_cmd::fetch_server(&upstream.url, headers).await {
+        match crate::schema_cmd::fetch_upstream(upstream, headers).await {
             Ok(server) => {
                 let pins: BTreeMap<String, Pin> = server
                     .tools

@@ -51,20 +51,75 @@ fn saved_server(saved: &Value) -> Option<McpServer> {
     })
 }
 
+/// Where a session's messages go: a server's URL, or a `command:` server run here.
+enum Server {
+    Url {
+        client: Client<
+            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+            Full<Bytes>,
+        >,
+        url: String,
+    },
+    Command(toolgate_gateway::LocalServer, String),
+}
+
 struct Session {
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-    url: String,
+    server: Server,
     headers: Vec<(String, String)>,
     session_id: Option<String>,
 }
 
 impl Session {
+    fn name(&self) -> &str {
+        match &self.server {
+            Server::Url { url, .. } => url,
+            Server::Command(_, name) => name,
+        }
+    }
+
+    /// One request to the server: its status, headers and whole body.
+    async fn send(
+        &self,
+        request: http::request::Builder,
+        body: Bytes,
+    ) -> Result<(http::response::Parts, Bytes), String> {
+        let within = Duration::from_secs(15);
+        let timed_out = |_| format!("{}: timed out", self.name());
+        let (parts, body) = match &self.server {
+            Server::Url { client, url } => {
+                let request = request
+                    .uri(url)
+                    .body(Full::new(body))
+                    .map_err(|e| e.to_string())?;
+                let response = tokio::time::timeout(within, client.request(request))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(|e| format!("{url}: {e}"))?;
+                let (parts, body) = response.into_parts();
+                (
+                    parts,
+                    body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+                )
+            }
+            Server::Command(server, _) => {
+                let body = Full::new(body).map_err(|never| match never {}).boxed();
+                let request = request.uri("/").body(body).map_err(|e| e.to_string())?;
+                let response = tokio::time::timeout(within, server.exchange(request))
+                    .await
+                    .map_err(timed_out)?;
+                let (parts, body) = response.into_parts();
+                (
+                    parts,
+                    body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+                )
+            }
+        };
+        Ok((parts, body))
+    }
+
     /// POSTs one message; returns the response with `id` (from JSON or SSE), if one is expected.
     async fn post(&mut self, message: Value) -> Result<Option<Value>, String> {
-        let mut request = http::Request::post(&self.url)
+        let mut request = http::Request::post("/")
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
             .header("mcp-protocol-version", PROTOCOL_VERSION);
@@ -74,36 +129,24 @@ impl Session {
         if let Some(id) = &self.session_id {
             request = request.header("mcp-session-id", id.as_str());
         }
-        let request = request
-            .body(Full::new(Bytes::from(message.to_string())))
-            .map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(request))
-            .await
-            .map_err(|_| format!("{}: timed out", self.url))?
-            .map_err(|e| format!("{}: {e}", self.url))?;
-        if let Some(id) = response
-            .headers()
+        let (parts, body) = self.send(request, Bytes::from(message.to_string())).await?;
+        if let Some(id) = parts
+            .headers
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
         {
             self.session_id = Some(id.to_string());
         }
-        let status = response.status();
-        let sse = response
-            .headers()
+        let status = parts.status;
+        let sse = parts
+            .headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with("text/event-stream"));
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
         if !status.is_success() {
             return Err(format!(
                 "{}: HTTP {status}: {}",
-                self.url,
+                self.name(),
                 String::from_utf8_lossy(&body)
             ));
         }
@@ -138,15 +181,36 @@ fn event_json(event: &[u8]) -> Option<Value> {
     serde_json::from_str(&data.join("\n")).ok()
 }
 
+/// What an MCP server at `url` offers.
 pub async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .build();
-    let mut session = Session {
+    let server = Server::Url {
         client: Client::builder(TokioExecutor::new()).build(https),
         url: url.to_string(),
+    };
+    fetch(server, headers).await
+}
+
+/// What a configured MCP upstream offers: asked at its URL, or of its command, run here.
+pub async fn fetch_upstream(
+    upstream: &toolgate_gateway::config::UpstreamConfig,
+    headers: &[String],
+) -> Result<McpServer, String> {
+    if upstream.command.is_none() {
+        return fetch_server(&upstream.url, headers).await;
+    }
+    let local = toolgate_gateway::LocalServer::start(upstream)?;
+    let server = Server::Command(local, upstream.name.clone());
+    fetch(server, headers).await
+}
+
+async fn fetch(server: Server, headers: &[String]) -> Result<McpServer, String> {
+    let mut session = Session {
+        server,
         headers: headers
             .iter()
             .map(|h| {
@@ -158,6 +222,15 @@ pub async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, St
             .collect::<Result<_, String>>()?,
         session_id: None,
     };
+    let offered = offered(&mut session).await;
+    if let Server::Command(local, _) = &session.server {
+        local.shutdown().await;
+    }
+    offered
+}
+
+/// The server's tools, resource templates and prompts, after the handshake.
+async fn offered(session: &mut Session) -> Result<McpServer, String> {
     let initialized = session
         .post(
             json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -174,20 +247,13 @@ pub async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, St
             .pointer(&format!("/result/capabilities/{capability}"))
             .is_some()
     };
-    let tools = list_all(&mut session, "tools/list", "tools").await?;
+    let tools = list_all(session, "tools/list", "tools").await?;
     let templates = match offers("resources") {
-        true => Some(
-            list_all(
-                &mut session,
-                "resources/templates/list",
-                "resourceTemplates",
-            )
-            .await?,
-        ),
+        true => Some(list_all(session, "resources/templates/list", "resourceTemplates").await?),
         false => None,
     };
     let prompts = match offers("prompts") {
-        true => Some(list_all(&mut session, "prompts/list", "prompts").await?),
+        true => Some(list_all(session, "prompts/list", "prompts").await?),
         false => None,
     };
     Ok(McpServer {

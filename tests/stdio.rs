@@ -305,7 +305,13 @@ async fn progress_reaches_the_caller_under_its_own_token() {
         ("mcp-protocol-version", "2025-06-18"),
         ("mcp-session-id", session.as_str()),
     ];
-    let answer = send("POST", &gw.url("/rec"), &headers, message.to_string().as_bytes()).await;
+    let answer = send(
+        "POST",
+        &gw.url("/rec"),
+        &headers,
+        message.to_string().as_bytes(),
+    )
+    .await;
     assert_eq!(answer.status, 200);
     let events: Vec<Value> = String::from_utf8(answer.body.to_vec())
         .unwrap()
@@ -322,7 +328,10 @@ async fn progress_reaches_the_caller_under_its_own_token() {
     assert_eq!(text(&events[2]), "done");
     // The server saw the gateway's own ids and token, never the agent's.
     let input = std::fs::read_to_string(records.0.join("input.jsonl")).unwrap();
-    assert!(!input.contains("tok-1") && !input.contains("call-1"), "{input}");
+    assert!(
+        !input.contains("tok-1") && !input.contains("call-1"),
+        "{input}"
+    );
 }
 
 const MEMORY_SCHEMA: &str = r#"namespace Toolgate {
@@ -458,7 +467,10 @@ async fn check_refuses_what_a_command_upstream_cannot_do() {
         ),
         (
             |t, with| t.replace("    process: { idle_seconds: 60 }", with),
-            ("    process: { shared: true }", "need a process per session"),
+            (
+                "    process: { shared: true }",
+                "need a process per session",
+            ),
         ),
         (
             |t, with| t.replace("    process: { idle_seconds: 60 }", with),
@@ -475,4 +487,24 @@ async fn check_refuses_what_a_command_upstream_cannot_do() {
         assert!(!out.status.success(), "{}", says.0);
         assert!(text.contains(says.1), "{}: {text}", says.0);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_asks_a_command_upstream_by_running_it() {
+    let (gw, records) = recorder_gateway("{ idle_seconds: 60 }").await;
+    let config = gw.edited_config("pinned.yaml", |t| t + "tool_pins: tools.lock\n");
+    let out = toolgate(&["pin", "--config", config.to_str().unwrap()]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("rec: 4 tools pinned"), "{said}");
+    let lock = std::fs::read_to_string(gw.dir.0.join("tools.lock")).unwrap();
+    for tool in ["echo", "pid", "crash", "slow"] {
+        assert!(lock.contains(&format!("    {tool}:")), "{lock}");
+    }
+    // The process ran as `toolgate` itself, and ended with the command.
+    let started = starts(&records.0);
+    let pin_run = started.last().unwrap();
+    assert_eq!(pin_run["env"]["WHO"], "toolgate/");
+    assert!(!alive(pin_run["pid"].as_u64().unwrap()));
 }

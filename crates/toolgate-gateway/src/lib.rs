@@ -17,6 +17,7 @@ mod rest;
 pub mod routes;
 mod server;
 mod stdio;
+pub use stdio::LocalServer;
 mod tasks;
 pub mod trace;
 mod upstream;

@@ -70,6 +70,34 @@ impl Spec {
     }
 }
 
+/// A `command:` upstream run for the gateway's own commands (`pin`, `schema mcp`), not for
+/// agents: one exchange at a time, its processes ended by `shutdown`.
+pub struct LocalServer(Arc<StdioServer>);
+
+impl LocalServer {
+    /// Starts serving `config` (its secret read now); needs a tokio runtime.
+    pub fn start(config: &UpstreamConfig) -> Result<LocalServer, String> {
+        let secret =
+            crate::upstream::process_secret(config).map_err(|e| crate::answer::error_chain(&e))?;
+        let spec = Spec::new(config, secret);
+        let metrics = Arc::new(Metrics::new());
+        Ok(LocalServer(StdioServer::new(&config.name, spec, metrics)))
+    }
+
+    /// One MCP HTTP exchange, as `toolgate` itself (`{agent}` is `toolgate`).
+    pub async fn exchange(&self, request: Request<Body>) -> Response<Body> {
+        let opener = Opener {
+            agent: "toolgate",
+            user: None,
+        };
+        self.0.handle(request, opener).await
+    }
+
+    pub async fn shutdown(&self) {
+        self.0.shutdown().await;
+    }
+}
+
 /// Who a session is for: what `{agent}` and `{user}` in `env` become.
 pub struct Opener<'a> {
     pub agent: &'a str,

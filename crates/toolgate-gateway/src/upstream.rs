@@ -290,7 +290,9 @@ impl Credentials {
 
 /// A `command:` upstream's secret (`credential: {mode: inject, env_var}`): the variable and
 /// its value.
-fn process_secret(config: &UpstreamConfig) -> Result<Option<(String, String)>, SetupError> {
+pub(crate) fn process_secret(
+    config: &UpstreamConfig,
+) -> Result<Option<(String, String)>, SetupError> {
     let c = &config.credential;
     let (Some(CredentialMode::Inject), Some(var)) = (c.mode, &c.env_var) else {
         return Ok(None);
