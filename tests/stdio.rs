@@ -126,6 +126,13 @@ async fn a_stdio_server_is_decided_credentialed_and_restarted_after_a_crash() {
     let (gw, records) = recorder_gateway("{ idle_seconds: 60 }").await;
     let token = gw.idp.delegated();
 
+    // `{user}` in its env keeps users apart: a caller acting for no user has no folder of
+    // its own, and is refused rather than given the one every user's is in.
+    let userless = gw.idp.sign(json!({"sub": "solo-agent"}));
+    let refused = open(&gw, &userless).await;
+    assert_eq!(refused.status, 403, "{:?}", refused.body);
+    assert!(starts(&records.0).is_empty());
+
     let opened = open(&gw, &token).await;
     assert_eq!(opened.status, 200, "{:?}", opened.body);
     assert_eq!(opened.json()["result"]["serverInfo"]["name"], "recorder");
@@ -505,6 +512,6 @@ async fn pin_asks_a_command_upstream_by_running_it() {
     // The process ran as `toolgate` itself, and ended with the command.
     let started = starts(&records.0);
     let pin_run = started.last().unwrap();
-    assert_eq!(pin_run["env"]["WHO"], "toolgate/");
+    assert_eq!(pin_run["env"]["WHO"], "toolgate/toolgate");
     assert!(!alive(pin_run["pid"].as_u64().unwrap()));
 }

@@ -22,7 +22,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
@@ -32,10 +32,15 @@ use crate::metrics::Metrics;
 
 /// The most one line a process writes may hold; a longer one ends the process.
 const MAX_LINE: usize = 16 << 20;
+/// The most of one stderr line logged at once (a longer one is logged in parts).
+const MAX_STDERR_LINE: usize = 2_000;
 /// The most sessions of a shared process (each is only an id and a listener).
 const MAX_SHARED_SESSIONS: usize = 10_000;
 /// Messages waiting for a slow reader of one answer stream before more are dropped.
 const STREAM_QUEUE: usize = 256;
+/// Of a stream's queue, what only answers may take: a batch's answers (at most 64 requests)
+/// always fit, however many notifications an agent leaves unread.
+const ANSWER_ROOM: usize = 64;
 /// How long a process is given to end at shutdown before it is killed.
 const END_GRACE: Duration = Duration::from_secs(2);
 /// The environment a process gets from the gateway's own (the rest is never passed: the
@@ -84,11 +89,11 @@ impl LocalServer {
         Ok(LocalServer(StdioServer::new(&config.name, spec, metrics)))
     }
 
-    /// One MCP HTTP exchange, as `toolgate` itself (`{agent}` is `toolgate`).
+    /// One MCP HTTP exchange, as `toolgate` itself (`{agent}` and `{user}` are `toolgate`).
     pub async fn exchange(&self, request: Request<Body>) -> Response<Body> {
         let opener = Opener {
             agent: "toolgate",
-            user: None,
+            user: Some("toolgate"),
         };
         self.0.handle(request, opener).await
     }
@@ -133,6 +138,8 @@ struct Slot {
     handshake: Mutex<Option<Handshake>>,
     /// Exits in a row, each soon after its start: the backoff before the next start.
     crashes: AtomicU64,
+    /// The last start failed (no process, or no handshake).
+    start_failed: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -144,6 +151,8 @@ struct Handshake {
 struct Running {
     inbox: Arc<Inbox>,
     child: Child,
+    /// The process group the child leads (`process_group(0)`).
+    group: Option<i32>,
     started: Instant,
 }
 
@@ -157,6 +166,8 @@ struct Inbox {
     listeners: Mutex<HashMap<String, mpsc::Sender<Value>>>,
     shared: bool,
     alive: AtomicBool,
+    /// How long a write may wait for the process to read.
+    write_within: Duration,
 }
 
 /// A request sent to the process, waiting for its answer.
@@ -209,7 +220,7 @@ impl StdioServer {
                 };
                 self.post(session, &body, wants_stream, opener).await
             }
-            (Method::GET, Some(session)) => self.listen(&session),
+            (Method::GET, Some(session)) => self.listen(&session).await,
             (Method::DELETE, Some(session)) => {
                 self.end(&session.id);
                 Response::new(full(Bytes::new()))
@@ -313,6 +324,15 @@ impl StdioServer {
                 "too many sessions: every process of this server is taken",
             ));
         }
+        let names = |placeholder| self.spec.env.iter().any(|(_, v)| v.contains(placeholder));
+        let no_user = opener.user.is_none_or(str::is_empty);
+        if (names("{user}") && no_user) || (names("{agent}") && opener.agent.is_empty()) {
+            // An empty segment would name the folder every user's folder is in.
+            return Err(Refused(
+                StatusCode::FORBIDDEN,
+                "this server keeps each caller's state apart ({user} or {agent} in its env), and the caller has none",
+            ));
+        }
         let slot = if self.spec.process.shared {
             let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             shared
@@ -358,25 +378,41 @@ impl StdioServer {
                 return Ok(running.inbox.clone());
             }
         }
-        if let Some(exited) = process.take() {
+        let ran = match process.take() {
+            Some(exited) => Some(exited.started.elapsed()),
+            // A start that failed waits as a crash does: a server that cannot start is not
+            // started again on every request.
+            None => slot.failed_start().then_some(Duration::ZERO),
+        };
+        if let Some(ran) = ran {
             self.metrics
                 .process_restarts
                 .with_label_values(&[&self.name])
                 .inc();
-            let backoff = slot.backoff(exited.started.elapsed());
+            let backoff = slot.backoff(ran);
             tracing::warn!(upstream = %self.name, session, ?backoff, "the server process exited; starting it again");
-            drop(exited);
             tokio::time::sleep(backoff).await;
         }
-        let mut running = self.spawn(&slot.env, session)?;
-        let handshake = slot.handshake();
-        match self.initialize(&running.inbox, handshake).await {
-            Ok(result) => slot.initialized(result),
+        let started = match self.spawn(&slot.env, session) {
+            Ok(running) => {
+                let handshake = slot.handshake();
+                self.initialize(&running.inbox, handshake)
+                    .await
+                    .map(|result| (running, result))
+            }
+            Err(why) => Err(why),
+        };
+        let running = match started {
+            Ok((running, result)) => {
+                slot.initialized(result);
+                running
+            }
             Err(why) => {
-                let _ = running.child.start_kill();
+                slot.start_failed.store(true, Ordering::Relaxed);
                 return Err(why);
             }
-        }
+        };
+        slot.start_failed.store(false, Ordering::Relaxed);
         let inbox = running.inbox.clone();
         *process = Some(running);
         Ok(inbox)
@@ -423,15 +459,18 @@ impl StdioServer {
             listeners: Mutex::new(HashMap::new()),
             shared: self.spec.process.shared,
             alive: AtomicBool::new(true),
+            write_within: self.spec.timeout,
         });
         let gauge = self.metrics.processes.with_label_values(&[&self.name]);
         gauge.inc();
         tokio::spawn(read_stdout(inbox.clone(), stdout, gauge));
         tokio::spawn(log_stderr(self.name.clone(), session.to_string(), stderr));
         tracing::info!(upstream = %self.name, session, pid = child.id(), "started the server process");
+        let group = child.id().and_then(|pid| i32::try_from(pid).ok());
         Ok(Running {
             inbox,
             child,
+            group,
             started: Instant::now(),
         })
     }
@@ -441,13 +480,18 @@ impl StdioServer {
         let (to, mut answers) = mpsc::channel(STREAM_QUEUE);
         let mut request = handshake.initialize;
         inbox.send_request(&mut request, "", to).await?;
-        let answer = loop {
-            match tokio::time::timeout(self.spec.timeout, answers.recv()).await {
-                Err(_) => return Err("the server did not answer initialize in time".into()),
-                Ok(None) => return Err("the server exited before it answered initialize".into()),
-                Ok(Some(m)) if is_answer(&m) => break m,
-                Ok(Some(_)) => continue,
+        let answered = async {
+            while let Some(message) = answers.recv().await {
+                if is_answer(&message) {
+                    return Some(message);
+                }
             }
+            None
+        };
+        let answer = match tokio::time::timeout(self.spec.timeout, answered).await {
+            Err(_) => return Err("the server did not answer initialize in time".into()),
+            Ok(None) => return Err("the server exited before it answered initialize".into()),
+            Ok(Some(answer)) => answer,
         };
         let Some(result) = answer.get("result").cloned() else {
             let error = answer.get("error").cloned().unwrap_or(Value::Null);
@@ -506,16 +550,14 @@ impl StdioServer {
     }
 
     /// A session's GET stream: what the server says outside any answer.
-    fn listen(&self, session: &Session) -> Response<Body> {
+    async fn listen(&self, session: &Session) -> Response<Body> {
         let (to, from) = mpsc::channel(STREAM_QUEUE);
-        let Ok(process) = session.slot.process.try_lock() else {
-            return rpc_error(StatusCode::SERVICE_UNAVAILABLE, "the server is starting");
+        // Started (again) if need be: a stream on an exited process would never carry anything.
+        let inbox = match self.started(&session.slot, &session.id).await {
+            Ok(inbox) => inbox,
+            Err(why) => return rpc_error(StatusCode::SERVICE_UNAVAILABLE, &why),
         };
-        let Some(running) = process.as_ref() else {
-            return rpc_error(StatusCode::SERVICE_UNAVAILABLE, "the server is not running");
-        };
-        running
-            .inbox
+        inbox
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -542,11 +584,16 @@ impl StdioServer {
             }
         }
         for running in &ending {
-            signal_group(&running.child, Signal::Term);
+            signal_group(running.group, Signal::Term);
         }
         let deadline = tokio::time::Instant::now() + END_GRACE;
-        for mut running in ending {
+        for running in &mut ending {
             let _ = tokio::time::timeout_at(deadline, running.child.wait()).await;
+        }
+        // What ignored the request (a server under `npx`, say) is ended now, the leader
+        // reaped or not: its group id stays taken while any member lives.
+        for running in &ending {
+            signal_group(running.group, Signal::Kill);
         }
     }
 
@@ -579,9 +626,15 @@ impl StdioServer {
             tracing::info!(upstream = %self.name, session = %id, "session idle: ending it");
             self.end(&id);
         }
-        if self.spec.process.shared && self.sessions.lock().is_ok_and(|s| s.is_empty()) {
-            if let Some(slot) = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                self.stop_slot(&slot);
+        if self.spec.process.shared {
+            // Under the sessions' lock, as `open` takes a slot: no session joins one ending.
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if sessions.is_empty() {
+                let slot = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+                drop(sessions);
+                if let Some(slot) = slot {
+                    self.stop_slot(&slot);
+                }
             }
         }
     }
@@ -612,7 +665,12 @@ impl Slot {
             process: tokio::sync::Mutex::new(None),
             handshake: Mutex::new(None),
             crashes: AtomicU64::new(0),
+            start_failed: AtomicBool::new(false),
         }
+    }
+
+    fn failed_start(&self) -> bool {
+        self.start_failed.load(Ordering::Relaxed)
     }
 
     /// The first `initialize` given is the one every start of the process is sent.
@@ -660,7 +718,11 @@ impl Slot {
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            pending.values().any(|p| p.session == session)
+            // A request no one waits for any more (the agent went away, or gave up) does not
+            // keep a session alive.
+            pending
+                .values()
+                .any(|p| p.session == session && !p.to.is_closed())
         })
     }
 }
@@ -669,7 +731,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.inbox.alive.store(false, Ordering::Release);
         // The group too: `npx` and shells leave the server itself as their child.
-        signal_group(&self.child, Signal::Kill);
+        signal_group(self.group, Signal::Kill);
     }
 }
 
@@ -678,19 +740,17 @@ enum Signal {
     Kill,
 }
 
-/// Signals the process group the child leads (`process_group(0)`). Only while the child is
-/// not yet reaped, so the id cannot have become another group's.
-fn signal_group(child: &Child, signal: Signal) {
+/// Signals a process group (`None`: the child never started).
+fn signal_group(group: Option<i32>, signal: Signal) {
     use rustix::process::{kill_process_group, Pid, Signal as Sig};
-    let pid = child.id().and_then(|pid| Pid::from_raw(pid as i32));
-    let Some(pid) = pid else {
+    let Some(group) = group.and_then(Pid::from_raw) else {
         return;
     };
     let signal = match signal {
         Signal::Term => Sig::TERM,
         Signal::Kill => Sig::KILL,
     };
-    let _ = kill_process_group(pid, signal);
+    let _ = kill_process_group(group, signal);
 }
 
 impl Inbox {
@@ -703,9 +763,15 @@ impl Inbox {
             stdin.write_all(&line).await?;
             stdin.flush().await
         };
-        written
-            .await
-            .map_err(|_| "the server process is not reading its input".to_string())
+        match tokio::time::timeout(self.write_within, written).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the server process is not reading its input".into()),
+            Err(_) => {
+                // Stuck: taken for exited, so the next request starts it again.
+                self.alive.store(false, Ordering::Release);
+                Err("the server process stopped reading its input".into())
+            }
+        }
     }
 
     /// Sends a request under an id of the gateway's; its answer (and its progress) go to `to`.
@@ -763,6 +829,11 @@ impl Inbox {
         match own {
             Some(own) => {
                 message["params"]["requestId"] = json!(own);
+                // A server need not answer a cancelled request: it waits no longer.
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&own);
                 true
             }
             None => false,
@@ -775,7 +846,7 @@ impl Inbox {
     }
 
     /// Where one line the server wrote goes.
-    async fn deliver(&self, mut message: Value) {
+    async fn deliver(self: &Arc<Self>, mut message: Value) {
         if is_answer(&message) {
             let own = message.get("id").and_then(Value::as_u64);
             let pending = own.and_then(|own| {
@@ -784,7 +855,8 @@ impl Inbox {
             });
             if let Some(pending) = pending {
                 message["id"] = pending.id;
-                let _ = pending.to.send(message).await;
+                // Room is kept for it (`ANSWER_ROOM`): the reader never waits on an agent.
+                let _ = pending.to.try_send(message);
             }
             return;
         }
@@ -800,7 +872,7 @@ impl Inbox {
             };
             if let Some((Some(token), to)) = target {
                 message["params"]["progressToken"] = token;
-                let _ = to.try_send(message);
+                note(&to, message);
             }
             return;
         }
@@ -810,14 +882,22 @@ impl Inbox {
     /// A request or notification of the server's own, not tied to a request's progress: to
     /// the latest request's stream, else the session's GET stream. A shared process's requests
     /// are answered by the gateway (no one session asked), its notifications go to all.
-    async fn unasked(&self, message: Value) {
+    async fn unasked(self: &Arc<Self>, message: Value) {
         let is_request = message.get("id").is_some();
         if self.shared {
             if is_request {
                 let id = message.get("id").cloned().unwrap_or(Value::Null);
                 let refused = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
                     "message": "a shared server cannot ask one agent (process.shared)"}});
-                let _ = self.write(&refused).await;
+                // Written by another task: the reader never waits on the server's input.
+                let inbox = self.clone();
+                tokio::spawn(async move { inbox.write(&refused).await });
+                return;
+            }
+            // Only what is every session's news: a log line or a resource update may be one
+            // session's business.
+            let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+            if !method.ends_with("/list_changed") {
                 return;
             }
             let listeners: Vec<_> = self
@@ -836,17 +916,16 @@ impl Inbox {
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             pending
                 .iter()
+                .filter(|(_, p)| !p.to.is_closed())
                 .max_by_key(|(own, _)| **own)
                 .map(|(_, p)| p.to.clone())
         };
         let to = latest.or_else(|| {
             let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-            listeners.values().next().cloned()
+            listeners.values().find(|l| !l.is_closed()).cloned()
         });
         match to {
-            Some(to) => {
-                let _ = to.try_send(message);
-            }
+            Some(to) => note(&to, message),
             None => {
                 tracing::debug!(upstream = %self.upstream, "a server message with no one to take it was dropped")
             }
@@ -868,6 +947,13 @@ impl Inbox {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+}
+
+/// A server message other than an answer, unless the stream's room is the answers'.
+fn note(to: &mpsc::Sender<Value>, message: Value) {
+    if to.capacity() > ANSWER_ROOM {
+        let _ = to.try_send(message);
     }
 }
 
@@ -924,11 +1010,25 @@ async fn read_line(
 }
 
 /// The server's stderr, in the gateway's log.
+/// Read to its end whatever it holds (bytes that are not UTF-8, lines of any length): a pipe
+/// left unread would stop the server.
 async fn log_stderr(upstream: String, session: String, stderr: tokio::process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line: String = line.chars().take(2_000).collect();
-        tracing::info!(upstream = %upstream, session = %session, "server stderr: {line}");
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_STDERR_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await;
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                tracing::info!(upstream = %upstream, session = %session, "server stderr: {text}");
+            }
+        }
     }
 }
 
@@ -1046,19 +1146,18 @@ async fn collected(
     within: Duration,
 ) -> Response<Body> {
     let mut answers = Vec::new();
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, from.recv()).await {
-            Ok(Some(message)) if is_answer(&message) => answers.push(message),
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                return rpc_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the server did not answer in time",
-                )
+    let all = async {
+        while let Some(message) = from.recv().await {
+            if is_answer(&message) {
+                answers.push(message);
             }
         }
+    };
+    if tokio::time::timeout(within, all).await.is_err() {
+        return rpc_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the server did not answer in time",
+        );
     }
     if batch {
         return json_response(StatusCode::OK, &Value::Array(answers));

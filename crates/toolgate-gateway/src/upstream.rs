@@ -455,7 +455,12 @@ impl Upstream {
                     agent: &caller.agent,
                     user: caller.user.as_deref(),
                 };
-                return Ok(server.handle(request, opener).await);
+                // Streams come back at once; what is waited for (a start, a JSON answer) is
+                // bounded as a URL's headers are.
+                let timeout = Duration::from_secs(self.config.timeout_seconds);
+                return tokio::time::timeout(timeout, server.handle(request, opener))
+                    .await
+                    .map_err(|_| Refusal::UpstreamTimeout);
             }
         };
         let timeout = Duration::from_secs(self.config.timeout_seconds);
