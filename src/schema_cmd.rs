@@ -54,9 +54,11 @@ fn saved_server(saved: &Value) -> Option<McpServer> {
 /// Where a session's messages go: a server's URL, or a `command:` server run here.
 enum Server {
     Url {
-        client: Client<
-            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-            Full<Bytes>,
+        client: Box<
+            Client<
+                hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+                Full<Bytes>,
+            >,
         >,
         url: String,
     },
@@ -189,7 +191,7 @@ pub async fn fetch_server(url: &str, headers: &[String]) -> Result<McpServer, St
         .enable_http1()
         .build();
     let server = Server::Url {
-        client: Client::builder(TokioExecutor::new()).build(https),
+        client: Box::new(Client::builder(TokioExecutor::new()).build(https)),
         url: url.to_string(),
     };
     fetch(server, headers).await

@@ -22,6 +22,9 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
     };
     RouteTable::new(&[UpstreamConfig {
         name: "billing".into(),
+        command: None,
+        env: Default::default(),
+        process: Default::default(),
         url: "http://127.0.0.1:1".into(),
         audience: "a".into(),
         kind: UpstreamKind::Rest,
