@@ -365,7 +365,7 @@ impl Gateway {
             metrics: Some(&self.metrics),
             previous: Some(&previous),
         };
-        match Routing::new(&new.upstreams, &shared, &self.minter) {
+        match Routing::new(new, &shared, &self.minter) {
             Ok(routing) => {
                 self.routing.store(Arc::new(routing));
                 report.applied.push("upstreams".into());

@@ -101,6 +101,10 @@ pub struct AuditRecord {
     /// the decisions.
     #[serde(skip)]
     pub unauthenticated: bool,
+    /// A federated endpoint's request, relayed to its members as their own requests: those
+    /// are recorded, this one is not.
+    #[serde(skip)]
+    pub relayed: bool,
 }
 
 impl AuditRecord {

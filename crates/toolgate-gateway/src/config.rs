@@ -46,6 +46,9 @@ pub struct Config {
     /// whose live definition is not its pin is hidden and refused.
     #[serde(default)]
     pub tool_pins: Option<PathBuf>,
+    /// Agent-facing MCP endpoints over several MCP upstreams each (`/<name>`).
+    #[serde(default)]
+    pub mcp_endpoints: Vec<McpEndpoint>,
     /// The file it was read from, for problems found later to name their line.
     #[serde(skip)]
     pub source: Source,
@@ -418,6 +421,15 @@ pub struct UpstreamConfig {
     /// Non-standard agent headers passed on to this upstream (others are dropped).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+}
+
+/// One MCP endpoint over several MCP upstreams: agents connect to `/<name>` and see every
+/// member's tools as `<upstream>__<tool>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpEndpoint {
+    pub name: String,
+    pub upstreams: Vec<String>,
 }
 
 /// A `command:` upstream's processes.
@@ -1413,11 +1425,60 @@ impl Config {
                 }
             }
         }
+        errors.extend(self.endpoint_problems());
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
         }
+    }
+
+    /// What is wrong with `mcp_endpoints:`.
+    fn endpoint_problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut names = HashSet::new();
+        for endpoint in &self.mcp_endpoints {
+            let at = format!("mcp_endpoints: {}", endpoint.name);
+            if !valid_name(&endpoint.name) || RESERVED_PATHS.contains(&endpoint.name.as_str()) {
+                errors.push(format!(
+                    "{at}: name must be [A-Za-z0-9_-], not a reserved path"
+                ));
+            }
+            if self.upstreams.iter().any(|u| u.name == endpoint.name) {
+                errors.push(format!(
+                    "{at}: an upstream has this name (both would be /{})",
+                    endpoint.name
+                ));
+            }
+            if !names.insert(endpoint.name.as_str()) {
+                errors.push(format!("{at}: duplicate name"));
+            }
+            if endpoint.upstreams.is_empty() {
+                errors.push(format!(
+                    "{at}: upstreams must name at least one MCP upstream"
+                ));
+            }
+            let mut members = HashSet::new();
+            for member in &endpoint.upstreams {
+                match self.upstreams.iter().find(|u| &u.name == member) {
+                    None => errors.push(format!("{at}: no upstream named {member}")),
+                    Some(up) if up.kind != UpstreamKind::Mcp => {
+                        errors.push(format!("{at}: {member} is not kind: mcp"))
+                    }
+                    Some(_) => {}
+                }
+                // `<upstream>__<tool>` is read back at the first `__`.
+                if member.contains("__") {
+                    errors.push(format!(
+                        "{at}: {member}: a member's name must not hold `__`"
+                    ));
+                }
+                if !members.insert(member.as_str()) {
+                    errors.push(format!("{at}: {member} is named twice"));
+                }
+            }
+        }
+        errors
     }
 }
 

@@ -9,6 +9,7 @@ pub mod args;
 pub mod audit;
 pub mod config;
 mod conn_io;
+mod federation;
 mod mcp;
 pub mod metrics;
 pub mod pins;
@@ -45,6 +46,8 @@ use upstream::{HttpClient, Upstream};
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
+    /// Itself, for the federated endpoints' calls to their members (made as agents' calls).
+    me: std::sync::Weak<Gateway>,
     /// The config the gateway started with; only `upstreams` reloads (into `routing`).
     config: Config,
     config_path: Option<PathBuf>,
@@ -74,6 +77,8 @@ pub struct Gateway {
     tracer: Option<trace::Tracer>,
     /// MCP tools' input schemas, as their servers listed them (for `ambiguous_argument`).
     tool_schemas: Arc<mcp::ToolSchemas>,
+    /// What the federated endpoints learned from their members' listings.
+    federation: federation::Learned,
     /// The pinned tool definitions (`tool_pins:`), re-read at every reload; None: not pinned.
     pins: arc_swap::ArcSwapOption<pins::ToolPins>,
 }
@@ -503,6 +508,8 @@ fn trace_client(
 pub(crate) struct Routing {
     pub routes: RouteTable,
     pub upstreams: Vec<Upstream>,
+    /// `mcp_endpoints:`, each over several MCP upstreams.
+    pub endpoints: Vec<config::McpEndpoint>,
 }
 
 impl Routing {
@@ -510,18 +517,27 @@ impl Routing {
     /// A reload keeps the stdio servers of `previous` whose command, environment and secret
     /// are unchanged (their sessions go on).
     pub fn new(
-        upstreams: &[config::UpstreamConfig],
+        config: &Config,
         shared: &upstream::Shared<'_>,
         minter: &Minter,
     ) -> Result<Self, upstream::SetupError> {
         let name_secret = |secret: &str| minter.secret_id(secret);
         Ok(Routing {
-            routes: RouteTable::new(upstreams),
-            upstreams: upstreams
+            routes: RouteTable::new(&config.upstreams),
+            upstreams: config
+                .upstreams
                 .iter()
                 .map(|u| Upstream::new(u.clone(), shared, &name_secret))
                 .collect::<Result<_, _>>()?,
+            endpoints: config.mcp_endpoints.clone(),
         })
+    }
+
+    /// The federated endpoint a path names (`/<name>` or `/<name>/`).
+    pub(crate) fn endpoint(&self, path: &str) -> Option<&config::McpEndpoint> {
+        let name = path.strip_prefix('/')?;
+        let name = name.strip_suffix('/').unwrap_or(name);
+        self.endpoints.iter().find(|e| e.name == name)
     }
 
     /// The stdio server running for upstream `name`.
@@ -585,8 +601,7 @@ impl Gateway {
             metrics: Some(&metrics),
             previous: None,
         };
-        let routing =
-            Routing::new(&config.upstreams, &shared, &minter).map_err(StartError::Upstreams)?;
+        let routing = Routing::new(&config, &shared, &minter).map_err(StartError::Upstreams)?;
         let tracer = match &config.traces {
             Some(traces) => {
                 let client = trace_client(traces, connect_timeout).map_err(StartError::Traces)?;
@@ -603,7 +618,8 @@ impl Gateway {
                     path: config.audit.path.clone(),
                     source,
                 })?;
-        Ok(Arc::new(Gateway {
+        Ok(Arc::new_cyclic(|me| Gateway {
+            me: me.clone(),
             policy_dir: config.policies.clone(),
             routing: ArcSwap::from_pointee(routing),
             policy: ArcSwap::from_pointee(engine),
@@ -623,6 +639,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             tracer,
             tool_schemas: Default::default(),
+            federation: Default::default(),
             pins: arc_swap::ArcSwapOption::from(pins.map(Arc::new)),
             config,
             config_path,

@@ -116,7 +116,7 @@ const TASK: &str = "mcp-task";
 /// `<id>.<tag>`, a tag keyed by the gateway of the upstream, the caller and the id. Another
 /// caller's (or a made-up) id is unknown, with no state to share between replicas.
 #[derive(Clone)]
-struct Binder {
+pub(crate) struct Binder {
     minter: Arc<toolgate_credential::Minter>,
     upstream: String,
     issuer: String,
@@ -126,12 +126,17 @@ struct Binder {
 
 impl Binder {
     fn new(gateway: &Gateway, ctx: &CallContext<'_>, upstream: &Upstream) -> Binder {
+        Binder::for_caller(gateway, ctx.caller, upstream.name())
+    }
+
+    /// Ids given out at endpoint `name` (an upstream's, or a federated one's) to `caller`.
+    pub(crate) fn for_caller(gateway: &Gateway, caller: &Caller, name: &str) -> Binder {
         Binder {
             minter: gateway.minter.clone(),
-            upstream: upstream.name().to_string(),
-            issuer: ctx.caller.issuer.clone(),
-            agent: ctx.caller.agent.clone(),
-            user: ctx.caller.user.clone().unwrap_or_default(),
+            upstream: name.to_string(),
+            issuer: caller.issuer.clone(),
+            agent: caller.agent.clone(),
+            user: caller.user.clone().unwrap_or_default(),
         }
     }
 
@@ -140,12 +145,12 @@ impl Binder {
         json!([kind, self.upstream, self.issuer, self.agent, self.user, id]).to_string()
     }
 
-    fn bind(&self, kind: &str, id: &str) -> String {
+    pub(crate) fn bind(&self, kind: &str, id: &str) -> String {
         format!("{id}.{}", self.minter.session_tag(&self.binding(kind, id)))
     }
 
     /// The server's id inside a bound one, when it was bound to this caller.
-    fn unbind<'a>(&self, kind: &str, bound: &'a str) -> Option<&'a str> {
+    pub(crate) fn unbind<'a>(&self, kind: &str, bound: &'a str) -> Option<&'a str> {
         let (id, tag) = bound.rsplit_once('.')?;
         self.minter
             .is_session_tag(&self.binding(kind, id), tag)
@@ -230,7 +235,7 @@ impl TaskHandles {
 /// The most a JSON (non-streamed) MCP answer may hold when it must be rewritten.
 const MAX_JSON_ANSWER: usize = 16 << 20;
 /// The MCP session header, bound to its caller on the way out and checked on the way in.
-const SESSION_HEADER: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
+pub(crate) const SESSION_HEADER: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
 /// The most one SSE event may hold when the stream must be rewritten.
 const MAX_SSE_EVENT: usize = 16 << 20;
 
@@ -885,7 +890,7 @@ fn rendered_message(message: &Value, place: ArgsPlace, forward: Map<String, Valu
     out
 }
 
-type Rewrite = Arc<dyn Fn(&mut Value) -> bool + Send + Sync>;
+pub(crate) type Rewrite = Arc<dyn Fn(&mut Value) -> bool + Send + Sync>;
 
 /// The HTTP status of the gateway's own answer to a single message: as an MCP server answers
 /// an unknown method (404) or a malformed request (400); a policy's denial is a JSON-RPC error
@@ -1153,7 +1158,7 @@ impl Visibility {
 }
 
 /// Filters `tools/list` answers and adds the gateway's own answers, for JSON and SSE alike.
-async fn rewrite_answer(
+pub(crate) async fn rewrite_answer(
     response: Response<Body>,
     rewrite: Rewrite,
     answered: Vec<Value>,

@@ -146,6 +146,16 @@ impl Gateway {
         response
     }
 
+    /// `handle`, boxed: a federated endpoint's calls to its members come back through it
+    /// (and its future must not hold itself).
+    pub(crate) fn handle_boxed(
+        self: Arc<Self>,
+        request: Request<http_body_util::Full<Bytes>>,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+        Box::pin(self.handle(request, peer))
+    }
+
     /// The documents served to anyone: the credential keys (JWKS) and the RFC 9728 metadata.
     fn public_document(&self, request: &Request<Body>) -> Option<Response<Body>> {
         if request.method() != Method::GET {
@@ -195,6 +205,12 @@ impl Gateway {
         // classify
         if is_own_endpoint(request.uri().path()) {
             return self.own_endpoint(request, &caller, client, record).await;
+        }
+        if let Some(endpoint) = routing.endpoint(request.uri().path()) {
+            let endpoint = endpoint.clone();
+            return self
+                .federated(endpoint, request, &caller, client_ip, record)
+                .await;
         }
         let started = Instant::now();
         let call = classify(routing, &request);
@@ -575,6 +591,10 @@ impl Gateway {
     /// The one place an outcome is recorded: the decision metric and the audit line, in the
     /// room reserved for it (`None`: any room left).
     pub(crate) fn finish(&self, mut record: AuditRecord, slot: Option<AuditSlot>) {
+        if record.relayed {
+            // Its calls to the members wrote their own lines, each with its decision.
+            return;
+        }
         if record.unauthenticated {
             self.metrics.unauthenticated.inc();
         } else {

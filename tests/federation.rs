@@ -1,0 +1,213 @@
+//! One MCP endpoint over several servers nobody here wrote (`mcp_endpoints:`): the Python
+//! SDK's FastMCP server (tests/mcp/server.py) and the reference everything server over
+//! streamable HTTP, and the reference memory server over stdio, behind `/all`, used by the
+//! official Python SDK client (tests/federation/client.py). scripts/test-deps.sh installs them.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const POLICIES: &str = r#"
+@id("fed-add") permit (principal, action == Toolgate::Action::"tools/add", resource);
+@id("fed-pay-small") permit (principal, action == Toolgate::Action::"tools/pay", resource)
+when { context.args.amount < 100 };
+@id("fed-hide-admin") forbid (principal, action == Toolgate::Action::"list",
+  resource == Toolgate::Tool::"tools/admin_reset");
+@id("fed-every") permit (principal, action in [Toolgate::Action::"every/echo",
+  Toolgate::Action::"every/trigger-long-running-operation",
+  Toolgate::Action::"every/prompts/get", Toolgate::Action::"every/resources/read"], resource);
+@id("fed-memory") permit (principal, action == Toolgate::Action::"memory/read_graph", resource);
+"#;
+
+const MEMORY_SCHEMA: &str = r#"namespace Toolgate {
+  action "memory/read_graph" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo } };
+}"#;
+
+fn node_modules() -> std::path::PathBuf {
+    repo().join(".toolgate-test/node/node_modules/@modelcontextprotocol")
+}
+
+/// The schema fragment `toolgate schema mcp` writes for the server at `url`.
+fn schema_of(upstream: &str, url: &str) -> String {
+    let out = toolgate(&["schema", "mcp", "--upstream", upstream, "--url", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn start_everything() -> (Killed, String) {
+    let server = node_modules().join("server-everything/dist/index.js");
+    assert!(
+        server.exists(),
+        "run scripts/test-deps.sh (server-everything)"
+    );
+    start_mcp_server("the everything server", |port| {
+        let mut command = Command::new("node");
+        command
+            .arg(&server)
+            .arg("streamableHttp")
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await
+}
+
+async fn start_fastmcp() -> (Killed, String) {
+    start_mcp_server("the FastMCP server", |port| {
+        let mut command = Command::new(python());
+        command
+            .arg(repo().join("tests/mcp/server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await
+}
+
+/// Reads one JSON line the client printed (bounded).
+async fn line_of(
+    lines: &mut std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) -> Value {
+    let line = tokio::task::block_in_place(|| lines.next())
+        .expect("the client printed a line")
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
+    let (mut fastmcp, tools_url) = start_fastmcp().await;
+    let (_everything, every_url) = start_everything().await;
+    let memory = node_modules().join("server-memory/dist/index.js");
+    let files = TempDir::new("fed-memory");
+    let schemas = [
+        schema_of("tools", &tools_url),
+        schema_of("every", &every_url),
+        MEMORY_SCHEMA.to_string(),
+    ];
+    let rest = Upstream::start().await;
+    let more = format!(
+        r#"  - name: every
+    url: {every_url}
+    audience: https://every.internal
+    kind: mcp
+  - name: memory
+    kind: mcp
+    command: [node, "{memory}"]
+    env: {{ MEMORY_FILE_PATH: "{files}/memory-{{agent}}.jsonl" }}
+"#,
+        memory = memory.display(),
+        files = files.0.display(),
+    );
+    let gw = Gateway::start_with_upstreams(
+        GatewayOptions {
+            upstream: rest.addr,
+            extra_policies: &[
+                ("tools.cedarschema", &schemas[0]),
+                ("every.cedarschema", &schemas[1]),
+                ("memory.cedarschema", &schemas[2]),
+                ("fed.cedar", POLICIES),
+            ],
+            inbound: None,
+            mcp: Some(tools_url),
+            extra_config: "mcp_endpoints:\n  - name: all\n    upstreams: [tools, every, memory]\n",
+        },
+        &more,
+    )
+    .await;
+
+    let mut client = Killed(
+        Command::new(python())
+            .arg(repo().join("tests/federation/client.py"))
+            .args([gw.url("/all"), gw.idp.delegated()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(client.0.stdout.take().unwrap()).lines();
+    let before = tokio::time::timeout(Duration::from_secs(60), line_of(&mut lines))
+        .await
+        .expect("the client's first part within 60 s");
+
+    assert_eq!(before["server"], "toolgate/all", "{before}");
+    let tools: Vec<&str> = before["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    // Every member's tools under `<upstream>__<tool>`, filtered per caller as on their own
+    // endpoints (admin_reset is hidden; only declared tools are listed).
+    for expected in [
+        "tools__add",
+        "tools__pay",
+        "every__echo",
+        "memory__read_graph",
+    ] {
+        assert!(tools.contains(&expected), "{expected}: {tools:?}");
+    }
+    assert!(!tools.contains(&"tools__admin_reset"), "{tools:?}");
+    // Decided as on each server's own endpoint: the action stays `<upstream>/<tool>`.
+    assert_eq!(before["add"]["text"], json!(["5"]), "{before}");
+    assert_eq!(before["pay_large"]["ok"], false, "{before}");
+    assert_eq!(before["pay_large"]["code"], -32003, "{before}");
+    assert_eq!(before["echo"]["text"], json!(["Echo: hi"]), "{before}");
+    assert_eq!(before["sum"]["ok"], false, "not permitted: {before}");
+    assert_eq!(before["graph"]["ok"], true, "{before}");
+    assert_eq!(before["long"]["ok"], true, "{before}");
+    assert_eq!(before["progress"].as_array().unwrap().len(), 2, "{before}");
+    assert!(
+        before["prompts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("every__simple-prompt")),
+        "{before}"
+    );
+    assert!(!before["prompt"].as_array().unwrap().is_empty(), "{before}");
+    assert!(before["resources"].as_u64().unwrap() > 0, "{before}");
+    assert_eq!(before["read"]["contents"], 1, "{before}");
+
+    // Audited under each member's own name.
+    let line = gw
+        .audit_line(|l| l["action"] == "every/echo" && l["decision"] == "allow")
+        .await;
+    assert_eq!(line["upstream"], "every");
+    let line = gw
+        .audit_line(|l| l["action"] == "tools/pay" && l["decision"] == "deny")
+        .await;
+    assert_eq!(line["upstream"], "tools");
+
+    // A member killed mid-session: its tools leave the listing, its calls get a clear error,
+    // and the others go on in the same session.
+    drop(fastmcp.0.kill());
+    let _ = fastmcp.0.wait();
+    let mut stdin = client.0.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(60), line_of(&mut lines))
+        .await
+        .expect("the client's second part within 60 s");
+    let tools = after["tools"].as_array().unwrap();
+    assert!(
+        !tools
+            .iter()
+            .any(|t| t.as_str().unwrap().starts_with("tools__")),
+        "{after}"
+    );
+    assert!(tools.contains(&json!("every__echo")), "{after}");
+    assert_eq!(after["add"]["ok"], false, "{after}");
+    assert_eq!(after["echo"]["text"], json!(["Echo: still"]), "{after}");
+    drop(rest);
+}
