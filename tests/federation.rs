@@ -86,9 +86,17 @@ async fn line_of(
     serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
-    let (mut fastmcp, tools_url) = start_fastmcp().await;
+/// The three servers, and a gateway with `/all` over them (what it needs kept alive with it).
+struct Federation {
+    gw: Gateway,
+    fastmcp: Killed,
+    _everything: Killed,
+    _rest: Upstream,
+    _files: TempDir,
+}
+
+async fn federation() -> Federation {
+    let (fastmcp, tools_url) = start_fastmcp().await;
     let (_everything, every_url) = start_everything().await;
     let memory = node_modules().join("server-memory/dist/index.js");
     let files = TempDir::new("fed-memory");
@@ -128,6 +136,19 @@ async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
     )
     .await;
 
+    Federation {
+        gw,
+        fastmcp,
+        _everything,
+        _rest: rest,
+        _files: files,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
+    let mut fed = federation().await;
+    let gw = &fed.gw;
     let mut client = Killed(
         Command::new(python())
             .arg(repo().join("tests/federation/client.py"))
@@ -192,8 +213,8 @@ async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
 
     // A member killed mid-session: its tools leave the listing, its calls get a clear error,
     // and the others go on in the same session.
-    drop(fastmcp.0.kill());
-    let _ = fastmcp.0.wait();
+    drop(fed.fastmcp.0.kill());
+    let _ = fed.fastmcp.0.wait();
     let mut stdin = client.0.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     let after = tokio::time::timeout(Duration::from_secs(60), line_of(&mut lines))
@@ -209,5 +230,70 @@ async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
     assert!(tools.contains(&json!("every__echo")), "{after}");
     assert_eq!(after["add"]["ok"], false, "{after}");
     assert_eq!(after["echo"]["text"], json!(["Echo: still"]), "{after}");
-    drop(rest);
+}
+
+/// Runs a client program to completion (bounded); what it printed, as JSON.
+async fn run_client(mut command: Command) -> Value {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .expect("the client finished within 60 s")
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_sdk_and_the_2026_python_sdk_use_it_too() {
+    let fed = federation().await;
+    let url = fed.gw.url("/all");
+    let token = fed.gw.idp.delegated();
+
+    // The TypeScript SDK 1.x (2025-11-25): progress, prompts and resources across members.
+    let node = repo().join(".toolgate-test/node");
+    let script = node.join("ts_fed_client.mjs");
+    std::fs::copy(repo().join("tests/federation/ts_client.mjs"), &script).unwrap();
+    let mut command = Command::new("node");
+    command.arg(&script).args([&url, &token]);
+    let ts = run_client(command).await;
+    assert_eq!(ts["server"], "toolgate/all", "{ts}");
+    assert_eq!(ts["add"]["text"], json!(["5"]), "{ts}");
+    assert_eq!(ts["pay_large"]["code"], -32003, "{ts}");
+    assert_eq!(ts["echo"]["text"], json!(["Echo: hi"]), "{ts}");
+    assert_eq!(ts["progress"].as_array().unwrap().len(), 2, "{ts}");
+    assert!(
+        ts["prompts"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("every__simple-prompt")),
+        "{ts}"
+    );
+    assert_eq!(ts["read"], 1, "{ts}");
+
+    // The Python SDK 2.x asks for 2026-07-28 first (`server/discover`) and falls back to the
+    // handshake the endpoint speaks.
+    let python2 = repo().join(".toolgate-test/venv-mcp2/bin/python");
+    let mut command = Command::new(python2);
+    command
+        .arg(repo().join("tests/federation/py2_client.py"))
+        .args([&url, &token]);
+    let py = run_client(command).await;
+    assert_eq!(py["add"]["text"], json!(["5"]), "{py}");
+    assert_eq!(py["pay_large"]["code"], -32003, "{py}");
+    assert_eq!(py["echo"]["text"], json!(["Echo: hi"]), "{py}");
+    assert!(
+        py["tools"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("memory__read_graph")),
+        "{py}"
+    );
 }
