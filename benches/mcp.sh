@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MCP tools/call through toolgate vs direct, on loopback. nginx plays an MCP server that
+# MCP tools/call through toolgate vs direct, on loopback, and through a federated endpoint
+# (`mcp_endpoints:`) over the same server: the added cost of the relay. nginx plays an MCP server that
 # answers every POST with a fixed JSON-RPC result, so the figure is the gateway's overhead
 # (authenticate, parse, authorize, mint, forward), not a tool's work.
 # Usage: benches/mcp.sh [seconds] [connections]. Installs wrk and nginx if missing.
@@ -63,6 +64,9 @@ upstreams:
     url: http://127.0.0.1:$up/mcp
     audience: https://tools.bench
     kind: mcp
+mcp_endpoints:
+  - name: all
+    upstreams: [tools]
 audit:
   path: audit.jsonl
 YAML
@@ -82,9 +86,20 @@ curl -sf -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application
   -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":3}}}' \
   "http://127.0.0.1:$gw/tools" | grep -q '"result"' || { echo "gateway did not allow the call" >&2; exit 1; }
 
-run() { wrk_run -t2 -c"$connections" -d"${seconds}s" --latency -s "$work/call.lua" "$1"; }
+# The federated endpoint's session (it holds the member's), and its call as `tools__add`.
+session=$(curl -sf -D - -o /dev/null -X POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -H 'Accept: application/json, text/event-stream' \
+  -d '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}' \
+  "http://127.0.0.1:$gw/all" | tr -d '\r' | sed -n 's/^mcp-session-id: //Ip')
+[ -n "$session" ] || { echo "the federated endpoint gave no session" >&2; exit 1; }
+sed -e 's/"name":"add"/"name":"tools__add"/' "$work/call.lua" > "$work/federated.lua"
+echo "wrk.headers[\"Mcp-Session-Id\"] = \"$session\"" >> "$work/federated.lua"
+
+run() { wrk_run -t2 -c"$connections" -d"${seconds}s" --latency -s "${2:-$work/call.lua}" "$1"; }
 echo "== direct: wrk -> nginx ($connections connections, ${seconds}s)"
 run "http://127.0.0.1:$up/mcp"
 echo "== through toolgate: wrk -> toolgate -> nginx"
 run "http://127.0.0.1:$gw/tools"
+echo "== federated: wrk -> toolgate /all -> toolgate /tools (in process) -> nginx"
+run "http://127.0.0.1:$gw/all" "$work/federated.lua"
 echo "audit lines written: $(wc -l < "$work/audit.jsonl")"

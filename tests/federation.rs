@@ -297,3 +297,126 @@ async fn the_typescript_sdk_and_the_2026_python_sdk_use_it_too() {
         "{py}"
     );
 }
+
+const REC_SCHEMA: &str = r#"namespace Toolgate {
+  action "rec/later" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo } };
+  action "rec/ask" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo } };
+}"#;
+const REC_POLICIES: &str = r#"
+@id("rec-all") permit (principal, action in [Toolgate::Action::"rec/later", Toolgate::Action::"rec/ask"], resource);
+"#;
+
+/// Reads SSE events from `body` until one holds `wanted` (bounded); the text read.
+async fn read_until(body: &mut hyper::body::Incoming, wanted: &str) -> String {
+    let mut text = String::new();
+    let reading = async {
+        while !text.contains(wanted) {
+            let frame = http_body_util::BodyExt::frame(body)
+                .await
+                .expect("stream open")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .unwrap_or_else(|_| panic!("no {wanted} within 10 s"));
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_requests_and_news_reach_the_agent_and_its_answers_go_back() {
+    let rest = Upstream::start().await;
+    let recorder = repo().join("tests/stdio/recorder.py");
+    let records = TempDir::new("fed-records");
+    let more = format!(
+        "  - name: rec\n    kind: mcp\n    command: [\"{}\", \"{}\"]\n    env: {{ RECORD_DIR: \"{}\" }}\n",
+        python().display(),
+        recorder.display(),
+        records.0.display()
+    );
+    let gw = Gateway::start_with_upstreams(
+        GatewayOptions {
+            upstream: rest.addr,
+            extra_policies: &[("rec.cedarschema", REC_SCHEMA), ("rec.cedar", REC_POLICIES)],
+            inbound: None,
+            mcp: None,
+            extra_config: "mcp_endpoints:\n  - name: all\n    upstreams: [rec]\n",
+        },
+        &more,
+    )
+    .await;
+    let token = gw.idp.delegated();
+    let auth = format!("Bearer {token}");
+    let client = http_client(false);
+    let request = |method: &str, session: Option<&str>, body: String| {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(gw.url("/all"))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18");
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        request
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {"elicitation": {}},
+        "clientInfo": {"name": "fed-test", "version": "1"}}});
+    let opened = client
+        .request(request("POST", None, initialize.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), 200);
+    let session = opened.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // The session's stream carries a member's news (its tools changed).
+    let listening = client
+        .request(request("GET", Some(&session), String::new()))
+        .await
+        .unwrap();
+    assert_eq!(listening.status(), 200);
+    let mut news = listening.into_body();
+    let later = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "rec__later", "arguments": {}}});
+    let answered = client
+        .request(request("POST", Some(&session), later.to_string()))
+        .await
+        .unwrap();
+    let mut answer = answered.into_body();
+    read_until(&mut answer, "\"ok\"").await;
+    read_until(&mut news, "notifications/tools/list_changed").await;
+
+    // A member's own request reaches the agent under the member's name, and the agent's
+    // answer goes back to that member, which then answers the call.
+    let ask = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "rec__ask", "arguments": {}}});
+    let asked = client
+        .request(request("POST", Some(&session), ask.to_string()))
+        .await
+        .unwrap();
+    let mut stream = asked.into_body();
+    let text = read_until(&mut stream, "elicitation/create").await;
+    assert!(text.contains(r#""id":"rec/\"ask-1\"""#), "{text}");
+    let reply = json!({"jsonrpc": "2.0", "id": "rec/\"ask-1\"",
+        "result": {"action": "accept", "content": {"name": "Ada"}}});
+    let replied = client
+        .request(request("POST", Some(&session), reply.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(replied.status(), 202);
+    let text = read_until(&mut stream, "Ada").await;
+    assert!(text.contains(r#""id":3"#), "{text}");
+    drop(rest);
+}

@@ -151,7 +151,7 @@ async fn a_stdio_server_is_decided_credentialed_and_restarted_after_a_crash() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["echo", "pid", "crash", "slow"]);
+    assert_eq!(names, ["echo", "pid", "crash", "slow", "later", "ask"]);
 
     // Decided as any MCP upstream's calls: allowed, and denied without reaching the process.
     let echoed = call(&gw, &token, &session, "echo", json!({"text": "hello"})).await;
@@ -504,7 +504,7 @@ async fn pin_asks_a_command_upstream_by_running_it() {
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("rec: 4 tools pinned"), "{said}");
+    assert!(said.contains("rec: 6 tools pinned"), "{said}");
     let lock = std::fs::read_to_string(gw.dir.0.join("tools.lock")).unwrap();
     for tool in ["echo", "pid", "crash", "slow"] {
         assert!(lock.contains(&format!("    {tool}:")), "{lock}");

@@ -3,11 +3,13 @@
 Plain Python (no SDK), so that it can misbehave on purpose. At start it appends its pid and
 environment to $RECORD_DIR/starts.jsonl; every line it reads goes to $RECORD_DIR/input.jsonl.
 Tools: echo {text}, pid {}, crash {} (exits without answering), slow {} (progress, then an
-answer), ask {} (asks the client for its roots first).
+answer), later {} (answers, then says its tools changed), ask {} (asks the client to elicit a
+name first, and answers with what the client said).
 """
 import json
 import os
 import sys
+import threading
 
 record_dir = os.environ["RECORD_DIR"]
 with open(os.path.join(record_dir, "starts.jsonl"), "a") as f:
@@ -19,12 +21,17 @@ TOOLS = [
     {"name": "pid", "description": "The server's process id.", "inputSchema": {"type": "object", "properties": {}}},
     {"name": "crash", "description": "Exits at once.", "inputSchema": {"type": "object", "properties": {}}},
     {"name": "slow", "description": "Reports progress, then answers.", "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "later", "description": "Answers, then says its tools changed.", "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "ask", "description": "Asks the client first.", "inputSchema": {"type": "object", "properties": {}}},
 ]
+writing = threading.Lock()
+asking = None
 
 
 def send(message):
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    with writing:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
 
 
 def text(request_id, value):
@@ -58,5 +65,16 @@ for line in sys.stdin:
                     send({"jsonrpc": "2.0", "method": "notifications/progress",
                           "params": {"progressToken": token, "progress": step, "total": 2}})
             text(request_id, "done")
+        elif name == "later":
+            text(request_id, "ok")
+            threading.Timer(0.3, send, [{"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]).start()
+        elif name == "ask":
+            asking = request_id
+            send({"jsonrpc": "2.0", "id": "ask-1", "method": "elicitation/create", "params": {
+                "message": "Your name?",
+                "requestedSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}})
+    elif method is None and request_id == "ask-1" and asking is not None:
+        text(asking, json.dumps(message.get("result")))
+        asking = None
     elif request_id is not None and method is not None:
         send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": "method not found"}})
