@@ -420,3 +420,39 @@ async fn a_members_requests_and_news_reach_the_agent_and_its_answers_go_back() {
     assert!(text.contains(r#""id":3"#), "{text}");
     drop(rest);
 }
+
+#[tokio::test]
+async fn check_refuses_an_endpoint_that_cannot_be_served() {
+    let rest = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: rest.addr,
+        extra_policies: &[],
+        inbound: None,
+        mcp: Some("http://127.0.0.1:9/mcp".into()),
+        extra_config: "",
+    })
+    .await;
+    for (endpoints, says) in [
+        (
+            "[{name: all, upstreams: [nowhere]}]",
+            "no upstream named nowhere",
+        ),
+        (
+            "[{name: all, upstreams: [billing]}]",
+            "billing is not kind: mcp",
+        ),
+        (
+            "[{name: tools, upstreams: [tools]}]",
+            "an upstream has this name",
+        ),
+        ("[{name: all, upstreams: []}]", "at least one MCP upstream"),
+        ("[{name: v1, upstreams: [tools]}]", "reserved path"),
+        ("[{name: all, upstreams: [tools, tools]}]", "named twice"),
+    ] {
+        let config = gw.edited_config("bad.yaml", |t| t + &format!("mcp_endpoints: {endpoints}\n"));
+        let out = toolgate(&["check", "--config", config.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{endpoints}");
+        assert!(text.contains(says), "{endpoints}: {text}");
+    }
+}
