@@ -1468,9 +1468,9 @@ impl Config {
                     Some(_) => {}
                 }
                 // `<upstream>__<tool>` is read back at the first `__`.
-                if member.contains("__") {
+                if member.contains("__") || member.ends_with('_') {
                     errors.push(format!(
-                        "{at}: {member}: a member's name must not hold `__`"
+                        "{at}: {member}: a member's name must not hold `__` nor end in `_`"
                     ));
                 }
                 if !members.insert(member.as_str()) {

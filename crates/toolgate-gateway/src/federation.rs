@@ -42,6 +42,10 @@ const FEDERATED: &str = "mcp-fed-session";
 const MAX_NAME: usize = 64;
 /// The most listing pages read from one member for one listing.
 const MAX_PAGES: usize = 50;
+/// The most items of one listing from one member.
+const MAX_ITEMS: usize = 10_000;
+/// The revisions the endpoint speaks (the handshake ones), oldest first.
+const REVISIONS: [&str; 4] = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
 /// The most of one member's answer read whole (a listing, an answer to a request).
 const MAX_ANSWER: usize = 16 << 20;
 /// The most names and URIs remembered per gateway (then forgotten and learned again).
@@ -69,8 +73,19 @@ struct Member {
 /// What the endpoint learned from listings: long names cut, URIs and templates by member.
 #[derive(Default)]
 pub(crate) struct Learned {
+    /// (endpoint, cut name) → (member, its own name).
     names: std::sync::Mutex<std::collections::HashMap<(String, String), (String, String)>>,
-    uris: std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
+    /// (endpoint, caller, URI) → its member, as this caller's listings said; and the fixed
+    /// starts of templates, apart: one caller's (or member's) listing never routes another's.
+    uris: std::sync::Mutex<std::collections::HashMap<(String, String, String), Owner>>,
+    templates: std::sync::Mutex<std::collections::HashMap<(String, String, String), Owner>>,
+}
+
+/// Who lists a URI: one member, or several (then it is refused rather than guessed).
+#[derive(Clone, PartialEq)]
+enum Owner {
+    Member(String),
+    Ambiguous,
 }
 
 impl Learned {
@@ -84,6 +99,20 @@ impl Learned {
             map.clear();
         }
         map.insert(key, value);
+    }
+
+    /// Remembers `member` as the owner of `key`; a second member makes it ambiguous.
+    fn own(
+        map: &std::sync::Mutex<std::collections::HashMap<(String, String, String), Owner>>,
+        key: (String, String, String),
+        member: &str,
+    ) {
+        let owner = match Learned::recall(map, &key) {
+            Some(Owner::Member(known)) if known != member => Owner::Ambiguous,
+            Some(Owner::Ambiguous) => Owner::Ambiguous,
+            _ => Owner::Member(member.to_string()),
+        };
+        Learned::remember(map, key, owner);
     }
 
     fn recall<K: std::hash::Hash + Eq, V: Clone>(
@@ -107,6 +136,8 @@ struct Federated {
     /// The revision the agent asked for (members are asked in their own).
     version: Option<HeaderValue>,
     binder: Binder,
+    /// Who calls (issuer, agent, user): what this caller's listings taught is this caller's.
+    caller: String,
 }
 
 impl Gateway {
@@ -120,7 +151,6 @@ impl Gateway {
         record: &mut AuditRecord,
     ) -> Result<Response<Body>, Refusal> {
         let gateway = self.me.upgrade().ok_or(Refusal::AuditUnavailable)?;
-        record.relayed = true;
         let mut carried = HeaderMap::new();
         for name in CARRIED {
             for value in request.headers().get_all(name) {
@@ -135,6 +165,7 @@ impl Gateway {
             version: request.headers().get("mcp-protocol-version").cloned(),
             binder,
             endpoint,
+            caller: json!([caller.issuer, caller.agent, caller.user]).to_string(),
         };
         let members = match request.headers().get(SESSION_HEADER) {
             None => None,
@@ -144,11 +175,14 @@ impl Gateway {
             },
         };
         let method = request.method().clone();
+        // From here each member's request writes its own line (a refusal above has this one).
+        record.relayed = true;
         match (method, members) {
             (Method::POST, members) => {
                 let limit = self.body_limit(self.config.limits.max_body_bytes);
-                let body = read_limited(request.into_body(), limit).await?;
-                Ok(fed.post(&body, members).await)
+                let body = read_limited(request.into_body(), limit).await;
+                record.relayed = body.is_ok();
+                Ok(fed.post(&body?, members).await)
             }
             (Method::GET, Some(members)) => Ok(fed.listen(&members).await),
             (Method::DELETE, Some(members)) => {
@@ -259,7 +293,11 @@ impl Federated {
             "tools/call" | "prompts/get" => self.named(members, message, id).await,
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 let uri = message.pointer("/params/uri").and_then(Value::as_str);
-                match uri.and_then(|uri| self.owner_of(members, uri)) {
+                let owner = match uri {
+                    Some(uri) => self.owner_listed(members, uri).await,
+                    None => None,
+                };
+                match owner {
                     Some(owner) => self.relay(members, &owner, message).await,
                     None => rpc(
                         StatusCode::OK,
@@ -385,15 +423,22 @@ impl Federated {
                 }
                 item["name"] = json!(outer);
             }
-            Renamed::Uris | Renamed::Templates => {
-                let field = match renamed {
-                    Renamed::Uris => "uri",
-                    _ => "uriTemplate",
-                };
-                let uri = item.get(field)?.as_str()?;
-                // A template is routed by what comes before its first variable.
-                let key = uri.split('{').next().unwrap_or(uri).to_string();
-                Learned::remember(&learned.uris, (endpoint, key), member.to_string());
+            Renamed::Uris => {
+                let uri = item.get("uri")?.as_str()?.to_string();
+                Learned::own(&learned.uris, (endpoint, self.caller.clone(), uri), member);
+            }
+            Renamed::Templates => {
+                let template = item.get("uriTemplate")?.as_str()?;
+                // Routed by what comes before its first variable: a scheme and more, never a
+                // bare `{x}` or `file://` that would take every URI.
+                let start = template.split('{').next().unwrap_or_default();
+                let fixed = start
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| !rest.is_empty());
+                if fixed {
+                    let key = (endpoint, self.caller.clone(), start.to_string());
+                    Learned::own(&learned.templates, key, member);
+                }
             }
         }
         Some(item)
@@ -405,7 +450,7 @@ impl Federated {
             .pointer("/params/name")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let Some((member, inner)) = self.inner_name(outer) else {
+        let Some((member, inner)) = self.inner_name_listed(members, outer).await else {
             let why = format!("unknown tool or prompt: {outer} (names are <upstream>__<name>)");
             return rpc(StatusCode::OK, Some(id), code::INVALID_PARAMS, &why);
         };
@@ -430,15 +475,16 @@ impl Federated {
                     .get("name")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                self.inner_name(outer).map(|(member, inner)| {
+                let named = self.inner_name_listed(members, outer).await;
+                named.map(|(member, inner)| {
                     message["params"]["ref"]["name"] = json!(inner);
                     member
                 })
             }
-            Some("ref/resource") => reference
-                .get("uri")
-                .and_then(Value::as_str)
-                .and_then(|uri| self.owner_of(members, uri)),
+            Some("ref/resource") => match reference.get("uri").and_then(Value::as_str) {
+                Some(uri) => self.owner_listed(members, uri).await,
+                None => None,
+            },
             _ => None,
         };
         match member {
@@ -454,41 +500,76 @@ impl Federated {
 
     /// The member and its own name for `<upstream>__<name>` (or a cut name listed earlier).
     fn inner_name(&self, outer: &str) -> Option<(String, String)> {
-        let key = (self.endpoint.name.clone(), outer.to_string());
-        if let Some(found) = Learned::recall(&self.gateway.federation.names, &key) {
-            return Some(found);
-        }
         let (member, inner) = outer.split_once("__")?;
         let known = self.endpoint.upstreams.iter().any(|m| m == member);
-        (known && !inner.is_empty()).then(|| (member.to_string(), inner.to_string()))
+        if !known || inner.is_empty() {
+            return None;
+        }
+        let key = (self.endpoint.name.clone(), outer.to_string());
+        match Learned::recall(&self.gateway.federation.names, &key) {
+            // A cut name stays its member's: another's listing cannot take it over.
+            Some(found) if found.0 == member => Some(found),
+            _ => Some((member.to_string(), inner.to_string())),
+        }
+    }
+
+    /// `inner_name`, after listing again when the name is one cut here that this replica has
+    /// not seen listed (another replica's, or forgotten).
+    async fn inner_name_listed(&self, members: &Members, outer: &str) -> Option<(String, String)> {
+        let cut = outer.len() == MAX_NAME;
+        let key = (self.endpoint.name.clone(), outer.to_string());
+        if cut && Learned::recall(&self.gateway.federation.names, &key).is_none() {
+            let relist = json!({"jsonrpc": "2.0", "id": 0, "method": "tools/list"});
+            self.merged(members, &relist, "tools", Renamed::Names).await;
+            let relist = json!({"jsonrpc": "2.0", "id": 0, "method": "prompts/list"});
+            self.merged(members, &relist, "prompts", Renamed::Names)
+                .await;
+        }
+        self.inner_name(outer)
     }
 
     /// The member that lists `uri` (or a template it starts with); with one member offering
     /// resources, that one.
     fn owner_of(&self, members: &Members, uri: &str) -> Option<String> {
-        let uris = self
-            .gateway
-            .federation
-            .uris
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let exact = uris.get(&(self.endpoint.name.clone(), uri.to_string()));
-        let by_template = || {
-            uris.iter()
-                .filter(|((endpoint, prefix), _)| {
+        if let [only] = members.0.keys().collect::<Vec<_>>()[..] {
+            return Some(only.clone());
+        }
+        let learned = &self.gateway.federation;
+        let key = (
+            self.endpoint.name.clone(),
+            self.caller.clone(),
+            uri.to_string(),
+        );
+        let owner = Learned::recall(&learned.uris, &key).or_else(|| {
+            let templates = learned.templates.lock().unwrap_or_else(|e| e.into_inner());
+            templates
+                .iter()
+                .filter(|((endpoint, caller, start), _)| {
                     endpoint == &self.endpoint.name
-                        && !prefix.is_empty()
-                        && uri.starts_with(prefix.as_str())
+                        && caller == &self.caller
+                        && uri.starts_with(start.as_str())
                 })
-                .max_by_key(|((_, prefix), _)| prefix.len())
-                .map(|(_, member)| member)
-        };
-        let found = exact.or_else(by_template).cloned();
-        drop(uris);
-        found.or_else(|| match members.0.keys().collect::<Vec<_>>()[..] {
-            [only] => Some(only.clone()),
+                .max_by_key(|((_, _, start), _)| start.len())
+                .map(|(_, owner)| owner.clone())
+        });
+        match owner? {
+            Owner::Member(member) if members.0.contains_key(&member) => Some(member),
             _ => None,
-        })
+        }
+    }
+
+    /// `owner_of`, after listing resources again when this replica has not seen `uri` listed.
+    async fn owner_listed(&self, members: &Members, uri: &str) -> Option<String> {
+        if let Some(owner) = self.owner_of(members, uri) {
+            return Some(owner);
+        }
+        let relist = json!({"jsonrpc": "2.0", "id": 0, "method": "resources/list"});
+        self.merged(members, &relist, "resources", Renamed::Uris)
+            .await;
+        let relist = json!({"jsonrpc": "2.0", "id": 0, "method": "resources/templates/list"});
+        self.merged(members, &relist, "resourceTemplates", Renamed::Templates)
+            .await;
+        self.owner_of(members, uri)
     }
 
     /// Relays one request to a member; its answer (JSON or a stream) comes back as it comes,
@@ -535,7 +616,7 @@ impl Federated {
         for name in members.0.keys() {
             let asking = self.asker(name, Some(members));
             let message = message.clone();
-            sent.spawn(async move { asking.answer(&message).await });
+            sent.spawn(async move { asking.answer(&message).await.map(|(answer, _)| answer) });
         }
         while sent.join_next().await.is_some() {}
     }
@@ -645,15 +726,18 @@ impl Asker {
         request
     }
 
-    /// One exchange with the member's endpoint, bounded by the member's `timeout_seconds`.
+    /// The member's `timeout_seconds`.
+    fn timeout(&self) -> Duration {
+        let routing = self.gateway.routing.load();
+        let member = routing.upstreams.iter().find(|u| u.name() == self.member);
+        Duration::from_secs(member.map_or(30, |u| u.config.timeout_seconds))
+    }
+
+    /// One exchange with the member's endpoint, its head bounded by the member's
+    /// `timeout_seconds`.
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<Response<Body>, String> {
-        let timeout = {
-            let routing = self.gateway.routing.load();
-            let member = routing.upstreams.iter().find(|u| u.name() == self.member);
-            Duration::from_secs(member.map_or(30, |u| u.config.timeout_seconds))
-        };
         let handled = self.gateway.clone().handle_boxed(request, self.peer);
-        tokio::time::timeout(timeout, handled)
+        tokio::time::timeout(self.timeout(), handled)
             .await
             .map_err(|_| format!("{} did not answer in time", self.member))
     }
@@ -672,54 +756,34 @@ impl Asker {
             .await
     }
 
-    /// Sends a request and reads its answer whole (JSON, or the matching event of a stream).
-    async fn answer(&self, message: &Value) -> Result<Value, String> {
-        let response = self.send(message).await?;
-        let status = response.status();
-        let sse = is_event_stream(response.headers());
-        let body = crate::pipeline::collect_at_most(response.into_body(), MAX_ANSWER)
+    /// Sends a request and reads its answer: the whole exchange within the member's
+    /// `timeout_seconds`, read only until the message answering it (a stream may stay open).
+    /// A notification's is `Null`. With the member's `Mcp-Session-Id`, when it gave one.
+    async fn answer(&self, message: &Value) -> Result<(Value, Option<String>), String> {
+        let exchange = async {
+            let response = self.send(message).await?;
+            let session = response
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let Some(id) = message.get("id") else {
+                return Ok((Value::Null, session));
+            };
+            let status = response.status();
+            let answer = answer_in(response, id).await?;
+            let answer = answer.ok_or_else(|| format!("HTTP {status}, no answer"))?;
+            Ok((answer, session))
+        };
+        tokio::time::timeout(self.timeout(), exchange)
             .await
-            .map_err(|_| format!("{}: the answer could not be read", self.member))?;
-        let Some(id) = message.get("id") else {
-            return Ok(Value::Null);
-        };
-        let messages: Vec<Value> = if sse {
-            let mut splitter = SseSplitter::new(MAX_ANSWER);
-            let mut events = splitter.push(&body).map_err(|e| e.to_string())?;
-            events.push(splitter.finish());
-            events.iter().filter_map(|e| event_json(e)).collect()
-        } else {
-            serde_json::from_slice(&body).into_iter().collect()
-        };
-        messages
-            .into_iter()
-            .find(|m| m.get("id") == Some(id) && m.get("method").is_none())
-            .ok_or_else(|| format!("{}: HTTP {status}, no answer", self.member))
+            .map_err(|_| "no answer in time".to_string())?
+            .map_err(|why: String| format!("{}: {why}", self.member))
     }
 
     /// The member's session: its `initialize` (and `initialized`); its result.
     async fn open(mut self, message: Value) -> Result<(Member, Value), String> {
-        let response = self.send(&message).await?;
-        let session = response
-            .headers()
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let sse = is_event_stream(response.headers());
-        let body = crate::pipeline::collect_at_most(response.into_body(), MAX_ANSWER)
-            .await
-            .map_err(|_| "the answer could not be read".to_string())?;
-        let answer: Value = if sse {
-            let mut splitter = SseSplitter::new(MAX_ANSWER);
-            let mut events = splitter.push(&body).map_err(|e| e.to_string())?;
-            events.push(splitter.finish());
-            events
-                .iter()
-                .find_map(|e| event_json(e))
-                .unwrap_or(Value::Null)
-        } else {
-            serde_json::from_slice(&body).map_err(|_| "the answer is not JSON".to_string())?
-        };
+        let (answer, session) = self.answer(&message).await?;
         let Some(result) = answer.get("result").cloned() else {
             return Err(format!(
                 "initialize refused: {}",
@@ -729,7 +793,8 @@ impl Asker {
         let version = result
             .get("protocolVersion")
             .and_then(Value::as_str)
-            .unwrap_or("2025-03-26")
+            .filter(|v| REVISIONS.contains(v))
+            .ok_or("initialize: not a protocol revision this endpoint speaks")?
             .to_string();
         self.session = session.clone();
         self.version = HeaderValue::from_str(&version).ok();
@@ -742,13 +807,16 @@ impl Asker {
     async fn all_pages(&self, method: &str, key: &str) -> Result<Vec<Value>, String> {
         let mut items = Vec::new();
         let mut cursor: Option<Value> = None;
-        for page in 0..MAX_PAGES {
+        let mut cursors = Vec::new();
+        for _ in 0..MAX_PAGES {
             let params = match &cursor {
                 Some(cursor) => json!({"cursor": cursor}),
                 None => json!({}),
             };
-            let asked = json!({"jsonrpc": "2.0", "id": page, "method": method, "params": params});
-            let answer = self.answer(&asked).await?;
+            // An id of the gateway's own: never one the agent uses in the member's session.
+            let id = format!("toolgate-{}", uuid::Uuid::new_v4().simple());
+            let asked = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+            let (answer, _) = self.answer(&asked).await?;
             if let Some(error) = answer.get("error") {
                 // A member that offers none of these has none to list.
                 if error.get("code") == Some(&json!(code::METHOD_NOT_FOUND)) {
@@ -764,18 +832,54 @@ impl Asker {
                 .pointer("/result/nextCursor")
                 .filter(|c| !c.is_null())
                 .cloned();
-            if cursor.is_none() {
-                break;
+            // A cursor seen before would list the same pages again.
+            match &cursor {
+                Some(next) if !cursors.contains(next) && items.len() < MAX_ITEMS => {
+                    cursors.push(next.clone())
+                }
+                _ => break,
             }
         }
         Ok(items)
     }
 }
 
+/// The message answering `id` in a member's answer (JSON, or an event of a stream), read
+/// only as far as it.
+async fn answer_in(response: Response<Body>, id: &Value) -> Result<Option<Value>, String> {
+    let answers = |m: &Value| m.get("id") == Some(id) && m.get("method").is_none();
+    if !is_event_stream(response.headers()) {
+        let body = crate::pipeline::collect_at_most(response.into_body(), MAX_ANSWER)
+            .await
+            .map_err(|_| "the answer could not be read".to_string())?;
+        let answer: Option<Value> = serde_json::from_slice(&body).ok();
+        return Ok(answer.filter(answers));
+    }
+    let mut body = response.into_body();
+    let mut splitter = SseSplitter::new(MAX_ANSWER);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let events = splitter.push(&data).map_err(|e| e.to_string())?;
+        if let Some(answer) = events.iter().filter_map(|e| event_json(e)).find(answers) {
+            return Ok(Some(answer));
+        }
+    }
+    Ok(event_json(&splitter.finish()).filter(answers))
+}
+
 /// A member's failure as a JSON-RPC error on the agent's request, HTTP 200: a client takes an
 /// HTTP error for the endpoint's (a 404 for its session's end), not for one member's.
 async fn failed(member: &str, id: &Value, response: Response<Body>) -> Response<Body> {
     let status = response.status();
+    if status == StatusCode::NOT_FOUND {
+        // The member's session is gone (restarted, ended): so is the endpoint's, as the agent
+        // reads a 404, and it opens a new one with every member.
+        let why = format!("{member}: the session ended; initialize again");
+        return rpc(StatusCode::NOT_FOUND, Some(id), code::INVALID_REQUEST, &why);
+    }
     let body = crate::pipeline::collect_at_most(response.into_body(), MAX_ANSWER).await;
     let said: Option<Value> = body.ok().and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(answer) = said
@@ -796,7 +900,15 @@ async fn failed(member: &str, id: &Value, response: Response<Body>) -> Response<
 /// A member's GET stream into the merged one, its requests renamed; ends with it.
 async fn relay_stream(member: String, mut body: Body, to: mpsc::Sender<Bytes>) {
     let mut splitter = SseSplitter::new(MAX_ANSWER);
-    while let Some(Ok(frame)) = body.frame().await {
+    loop {
+        // Ended with the agent's stream too: a member's stream may never end on its own.
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = to.closed() => return,
+        };
+        let Some(Ok(frame)) = frame else {
+            return;
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -877,8 +989,9 @@ fn merged_initialize(endpoint: &str, asked: Option<&str>, results: &[(String, Va
         .iter()
         .filter_map(|(_, r)| r.get("protocolVersion").and_then(Value::as_str))
         .chain(asked)
+        .filter(|v| REVISIONS.contains(v))
         .min()
-        .unwrap_or("2025-06-18");
+        .unwrap_or(REVISIONS[REVISIONS.len() - 1]);
     let instructions: Vec<String> = results
         .iter()
         .filter_map(|(name, r)| Some(format!("{name}: {}", r.get("instructions")?.as_str()?)))
