@@ -734,8 +734,13 @@ audit:
 
     /// Another `toolgate serve` on the same config (keys, policies, store): a second replica.
     pub async fn replica(&self) -> (Child, SocketAddr) {
-        let (child, addr, _) = spawn_serve(&self.dir.0.join("toolgate.yaml")).await;
+        let (child, addr, _) = self.replica_with_admin().await;
         (child, addr)
+    }
+
+    /// `replica`, with its admin listener's address.
+    pub async fn replica_with_admin(&self) -> (Child, SocketAddr, SocketAddr) {
+        spawn_serve(&self.dir.0.join("toolgate.yaml")).await
     }
 
     pub fn url(&self, path: &str) -> String {

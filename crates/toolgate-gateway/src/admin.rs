@@ -209,10 +209,58 @@ impl Gateway {
                 };
                 self.end_task(id, state, record).await
             }
+            (method, ["admin", "approvals", ..]) => {
+                let path: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+                self.approvals_route(method, &path[2..], request, record)
+                    .await
+            }
             (Method::POST, ["admin", "tasks", id, "approve"]) => {
                 let body =
                     admin_body(request, true, self.body_limit(crate::tasks::MAX_TASK_BODY)).await?;
                 self.approve(id, body, record).await
+            }
+            _ => Err(Refusal::NotFound("not_found")),
+        }
+    }
+
+    /// `GET /admin/approvals[/{id}]`, `POST /admin/approvals/{id}/approve|deny` with
+    /// `{approver, note?, uses?}`: approvals of single calls.
+    async fn approvals_route(
+        &self,
+        method: Method,
+        rest: &[String],
+        request: Request<Incoming>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        let now = toolgate_identity::unix_now();
+        match (method, rest.as_slice()) {
+            (Method::GET, []) => {
+                record.action = Some("approvals".into());
+                let all = self.tasks.approvals(now, 500).await?;
+                let listed: Vec<_> = all
+                    .iter()
+                    .map(|a| crate::approvals::approval_json(a, now))
+                    .collect();
+                Ok(json_response(StatusCode::OK, &json!({"approvals": listed})))
+            }
+            (Method::GET, [id]) => {
+                record.approval_id = Some(id.to_string());
+                match self.tasks.approval(id).await? {
+                    Some(a) => Ok(json_response(
+                        StatusCode::OK,
+                        &crate::approvals::approval_json(&a, now),
+                    )),
+                    None => Err(Refusal::NotFound("approval_not_found")),
+                }
+            }
+            (Method::POST, [id, verb @ ("approve" | "deny")]) => {
+                let limit = self.body_limit(crate::tasks::MAX_TASK_BODY);
+                let body = admin_body(request, true, limit).await?;
+                let approve = *verb == "approve";
+                let approval = self.decide_approval(id, approve, &body, record).await?;
+                let shown = crate::approvals::approval_json(&approval, now);
+                Ok(json_response(StatusCode::OK, &shown))
             }
             _ => Err(Refusal::NotFound("not_found")),
         }

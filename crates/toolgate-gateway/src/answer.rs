@@ -48,6 +48,9 @@ pub enum Refusal {
     HeadersTooLarge,
     #[error("request URI too long")]
     UriTooLong,
+    /// The state does not allow it (an approval no longer pending): 409.
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
     /// A bound on what a caller may hold (tasks, credentials in a task): 429.
     #[error("limit reached: {0}")]
     TooMany(&'static str),
@@ -104,6 +107,8 @@ fn token_refusal_body(error: &TokenError, decision_id: &str) -> Value {
 pub struct Denial {
     pub reason: Option<String>,
     pub evaluation_error: bool,
+    /// A person may lift this deny: the pending approval of this call.
+    pub approval_id: Option<String>,
 }
 
 impl Denial {
@@ -111,12 +116,28 @@ impl Denial {
         Denial {
             reason: decision.reason.clone(),
             evaluation_error: decision.is_evaluation_error(),
+            approval_id: None,
         }
+    }
+
+    /// The deny of a call a person may approve: `approval_required`, with the approval's id
+    /// and the asking policy's `@approval` text.
+    pub fn of_call(decision: &toolgate_policy::Decision, approval_id: Option<String>) -> Denial {
+        let mut denial = Denial::of(decision);
+        if approval_id.is_some() {
+            denial.reason = decision.approval.clone().or(denial.reason);
+            denial.approval_id = approval_id;
+        }
+        denial
     }
 
     /// The 403 body (and, less `error`, a JSON-RPC error's `data`).
     pub fn body(&self, decision_id: &str) -> Value {
         let mut body = json!({"error": "forbidden", "decision_id": decision_id});
+        if let Some(id) = &self.approval_id {
+            body["error"] = json!("approval_required");
+            body["approval_id"] = json!(id);
+        }
         if let Some(reason) = &self.reason {
             body["reason"] = json!(reason);
         }
@@ -174,6 +195,7 @@ impl Refusal {
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Conflict(_) => StatusCode::CONFLICT,
             Refusal::AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -251,6 +273,7 @@ impl Refusal {
             Refusal::HeadersTooLarge => json!({"error": "headers_too_large"}),
             Refusal::UriTooLong => json!({"error": "uri_too_long"}),
             Refusal::RequestTimeout => json!({"error": "request_timeout"}),
+            Refusal::Conflict(what) => json!({"error": what}),
             Refusal::TooMany(what) | Refusal::AtCapacity(what) => {
                 json!({"error": what, "decision_id": decision_id})
             }

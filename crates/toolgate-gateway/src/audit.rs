@@ -71,6 +71,12 @@ pub struct AuditRecord {
     pub intent: Option<String>,
     /// The human approval the decision relied on, if the call ran in an approved task.
     pub approval: Option<toolgate_tasks::Approval>,
+    /// The approval of this one call: asked for (`requested`), used (`used`), or decided by
+    /// an operator (`approved`, `denied`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_step: Option<&'static str>,
     pub jti: Option<String>,
     /// Which `credential.mode` served the call (`mint`, `inject`, `exchange`,
     /// `client_credentials`), and the credential's id: the `jti` of a JWT, else a hash.

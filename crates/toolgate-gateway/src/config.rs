@@ -49,6 +49,9 @@ pub struct Config {
     /// Agent-facing MCP endpoints over several MCP upstreams each (`/<name>`).
     #[serde(default)]
     pub mcp_endpoints: Vec<McpEndpoint>,
+    /// Approvals of single calls that `@approval` policies ask for.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
     /// The file it was read from, for problems found later to name their line.
     #[serde(skip)]
     pub source: Source,
@@ -421,6 +424,44 @@ pub struct UpstreamConfig {
     /// Non-standard agent headers passed on to this upstream (others are dropped).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+}
+
+/// `approvals:`: how long a person has to decide, and how many may wait.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// A pending approval expires after this long; an approved one, this long after it was
+    /// asked for.
+    #[serde(default = "default_approval_seconds")]
+    pub expires_seconds: u64,
+    /// Pending approvals one agent may have (429 `too_many_pending_approvals` beyond).
+    #[serde(default = "default_pending_per_agent")]
+    pub max_pending_per_agent: usize,
+    /// Approvals remembered at once (429 beyond).
+    #[serde(default = "default_pending_total")]
+    pub max_pending: usize,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig {
+            expires_seconds: default_approval_seconds(),
+            max_pending_per_agent: default_pending_per_agent(),
+            max_pending: default_pending_total(),
+        }
+    }
+}
+
+fn default_approval_seconds() -> u64 {
+    3600
+}
+
+fn default_pending_per_agent() -> usize {
+    20
+}
+
+fn default_pending_total() -> usize {
+    10_000
 }
 
 /// One MCP endpoint over several MCP upstreams: agents connect to `/<name>` and see every
@@ -1116,6 +1157,7 @@ impl Config {
         );
         // The lock file itself is re-read at reload; which file (or whether any) is not.
         differs("tool_pins", self.tool_pins == other.tool_pins);
+        differs("approvals", self.approvals == other.approvals);
         changed
     }
 

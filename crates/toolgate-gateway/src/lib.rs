@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod answer;
+mod approvals;
 pub mod args;
 pub mod audit;
 pub mod config;

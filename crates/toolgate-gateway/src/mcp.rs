@@ -414,7 +414,7 @@ impl Gateway {
             Ok(payload) => payload,
             Err(refused) => return Ok(refused),
         };
-        let plan = self.plan(ctx, upstream, &payload, &binder, record);
+        let plan = self.plan(ctx, upstream, &payload, &binder, record).await;
         let batch = matches!(payload, Payload::Batch(_));
         if plan.forward.is_empty() {
             return Ok(self.answer_alone(plan, batch));
@@ -651,7 +651,7 @@ impl Gateway {
     }
 
     /// Classifies and authorizes each message.
-    fn plan(
+    async fn plan(
         &self,
         ctx: &CallContext<'_>,
         upstream: &Upstream,
@@ -710,7 +710,8 @@ impl Gateway {
             let tool = ActionId::new(upstream.name(), &action);
             line.action = Some(tool.to_string());
             line.resource = Some(tool.to_string());
-            match self.decide_message(ctx, upstream, &message, &tool, args, place, line) {
+            let decided = self.decide_message(ctx, upstream, &message, &tool, args, place, line);
+            match decided.await {
                 Ok((forward, grants)) => plan.decided(&tool, id, forward, grants),
                 Err(answer) => plan.answered.push(answer),
             }
@@ -735,7 +736,7 @@ impl Gateway {
     /// Reads one message's arguments as declared and decides it: the message to forward,
     /// rendered from the decided arguments, with the grants; or the gateway's own answer.
     #[allow(clippy::too_many_arguments)]
-    fn decide_message(
+    async fn decide_message(
         &self,
         ctx: &CallContext<'_>,
         upstream: &Upstream,
@@ -781,18 +782,21 @@ impl Gateway {
                 return Err(argument_answer(id, place, &refusal, !has_output_schema));
             }
         };
-        let decision = self.authorize(ctx, tool.as_str(), tool.resource(), rendered.policy, line);
-        if !decision.allowed {
-            let mut data = Denial::of(&decision).body(&line.decision_id);
-            if let Some(data) = data.as_object_mut() {
-                data.remove("error");
+        let decided = self
+            .decide_call(ctx, tool.as_str(), tool.resource(), rendered.policy, line)
+            .await;
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(refusal) => {
+                line.errors.push(error_chain(&refusal));
+                let why = refusal.to_string();
+                return Err(error_response(id, code::FORBIDDEN, &why, None));
             }
-            return Err(error_response(
-                id,
-                code::FORBIDDEN,
-                "forbidden by policy",
-                Some(data),
-            ));
+        };
+        let decision = decided.decision;
+        if !decision.allowed {
+            let denial = Denial::of_call(&decision, decided.approval_id);
+            return Err(denied(id, &denial, &line.decision_id));
         }
         Ok((
             rendered_message(message, place, rendered.forward),
@@ -847,6 +851,22 @@ impl Gateway {
 }
 
 /// A listed tool's input schema, when it has one.
+/// A deny as the JSON-RPC error MCP clients read: `forbidden by policy` (the data less its
+/// `error`), or `approval required` (the data naming the approval).
+fn denied(id: Option<&Value>, denial: &Denial, decision_id: &str) -> Value {
+    let mut data = denial.body(decision_id);
+    let message = match denial.approval_id {
+        Some(_) => "approval required",
+        None => {
+            if let Some(data) = data.as_object_mut() {
+                data.remove("error");
+            }
+            "forbidden by policy"
+        }
+    };
+    error_response(id, code::FORBIDDEN, message, Some(data))
+}
+
 fn input_schema(entry: Option<&Value>) -> Option<&Value> {
     entry
         .and_then(|e| e.get("inputSchema"))

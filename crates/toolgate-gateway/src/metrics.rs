@@ -28,6 +28,10 @@ pub struct Metrics {
     pub watching: IntGauge,
     /// Tools whose live definition is not their pin: hidden from a listing, or a call refused.
     pub pin_refusals: IntCounterVec,
+    /// Approvals of single calls by step (requested, approved, denied, used), and how long a
+    /// person took to decide.
+    pub approvals: IntCounterVec,
+    pub approval_wait: Histogram,
     /// Processes of `command:` upstreams running, and those started again after a crash.
     pub processes: IntGaugeVec,
     pub process_restarts: IntCounterVec,
@@ -150,6 +154,20 @@ impl Metrics {
                 "toolgate_tool_pin_refusals_total",
                 "Tools whose live definition is not their pin (tool_pins), by upstream, tool (unpinned: a tool with no pin) and where: hidden from a listing, or a call refused.",
                 &["upstream", "tool", "where"],
+                r
+            )
+            .expect("metric"),
+            approvals: register_int_counter_vec_with_registry!(
+                "toolgate_approvals_total",
+                "Approvals of single calls by step: requested (a new pending one), approved, denied, used.",
+                &["step"],
+                r
+            )
+            .expect("metric"),
+            approval_wait: register_histogram_with_registry!(
+                "toolgate_approval_wait_seconds",
+                "Time from an approval's request to a person's decision.",
+                vec![10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0],
                 r
             )
             .expect("metric"),

@@ -329,9 +329,13 @@ impl Gateway {
         .await;
         record.trace.step("read_arguments", started);
         let (request, args) = read?;
-        let decision = self.authorize(ctx, tool.as_str(), tool.resource(), args, record);
+        let decided = self
+            .decide_call(ctx, tool.as_str(), tool.resource(), args, record)
+            .await?;
+        let decision = decided.decision;
         if !decision.allowed {
-            return Err(Refusal::Forbidden(Denial::of(&decision)));
+            let denial = Denial::of_call(&decision, decided.approval_id);
+            return Err(Refusal::Forbidden(denial));
         }
         let mut scope = vec![tool.to_string()];
         scope.extend(decision.grants);
@@ -347,6 +351,31 @@ impl Gateway {
         args: Map<String, Value>,
         record: &mut AuditRecord,
     ) -> Decision {
+        self.authorize_with(ctx, action, resource, args, record, None)
+    }
+
+    /// `authorize`, with a person's approval of this call in `context.approval`.
+    pub(crate) fn authorize_approved(
+        &self,
+        ctx: &CallContext<'_>,
+        action: &str,
+        resource: Resource<'_>,
+        args: Map<String, Value>,
+        record: &mut AuditRecord,
+        approval: toolgate_policy::ApprovalContext,
+    ) -> Decision {
+        self.authorize_with(ctx, action, resource, args, record, Some(approval))
+    }
+
+    fn authorize_with(
+        &self,
+        ctx: &CallContext<'_>,
+        action: &str,
+        resource: Resource<'_>,
+        args: Map<String, Value>,
+        record: &mut AuditRecord,
+        approval: Option<toolgate_policy::ApprovalContext>,
+    ) -> Decision {
         let started = Instant::now();
         let declared = ctx.engine.schema_info().actions.get(action);
         let mut secrets = Vec::new();
@@ -357,6 +386,7 @@ impl Gateway {
             secrets = sensitive;
         }
         let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
+        request.approval = approval;
         request.task = ctx
             .task
             .as_ref()
@@ -906,6 +936,7 @@ pub(crate) fn authz_request<'a>(
         },
         task: None,
         issuer: &caller.issuer,
+        approval: None,
     }
 }
 

@@ -71,6 +71,18 @@ pub struct AuthzRequest<'a> {
     pub task: Option<TaskContext>,
     /// The `iss` of the token that authenticated the caller (`context.issuer` where declared).
     pub issuer: &'a str,
+    /// A person's approval of exactly this call (`context.approval` where declared).
+    pub approval: Option<ApprovalContext>,
+}
+
+/// `context.approval`: who approved this call, when, and what they noted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApprovalContext {
+    pub id: String,
+    pub by: String,
+    /// When it was approved (seconds since the epoch).
+    pub at: u64,
+    pub note: Option<String>,
 }
 
 /// The verdict. `allowed` is true only when Cedar allowed and nothing erred.
@@ -86,6 +98,9 @@ pub struct Decision {
     pub shadow: Option<ShadowDecision>,
     /// On a deny: the `@reason` of the first determining policy that has one, for the agent.
     pub reason: Option<String>,
+    /// On a deny determined only by `@approval` forbids (nothing erred): the first one's text.
+    /// A person may lift it for this one call.
+    pub approval: Option<String>,
 }
 
 /// The decision the enforced and the shadow policies together would make, where it differs
@@ -109,6 +124,7 @@ impl Decision {
             grants: Vec::new(),
             shadow: None,
             reason: None,
+            approval: None,
         }
     }
 
@@ -473,6 +489,14 @@ impl PolicyEngine {
                 .iter()
                 .find_map(|id| self.source(id)?.reason.clone())
         };
+        let approval = match allowed || !errors.is_empty() || determining.is_empty() {
+            true => None,
+            false => determining
+                .iter()
+                .map(|id| self.source(id).and_then(|s| s.approval.clone()))
+                .collect::<Option<Vec<_>>>()
+                .and_then(|texts| texts.into_iter().next()),
+        };
         let decision = Decision {
             allowed,
             policies: determining,
@@ -480,6 +504,7 @@ impl PolicyEngine {
             grants,
             shadow: None,
             reason,
+            approval,
         };
         (response, decision)
     }
@@ -855,6 +880,14 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
             value["owner_user"] = json!(user);
         }
         ctx.insert("task".into(), value);
+    }
+    if let Some(approval) = &req.approval {
+        let at = chrono::DateTime::from_timestamp(approval.at as i64, 0).unwrap_or_default();
+        let mut value = json!({"id": approval.id, "by": approval.by, "at": utc_millis(at)});
+        if let Some(note) = &approval.note {
+            value["note"] = json!(note);
+        }
+        ctx.insert("approval".into(), value);
     }
     // Kept only where the action's context declares it, like every key here.
     ctx.insert("issuer".into(), Value::String(req.issuer.to_string()));
@@ -1258,6 +1291,7 @@ mod tests {
             env: env(),
             task: None,
             issuer: "",
+            approval: None,
         }
     }
 
@@ -1511,6 +1545,7 @@ mod load_tests {
             },
             task: None,
             issuer: "",
+            approval: None,
         })
     }
 
@@ -1594,6 +1629,7 @@ mod load_tests {
             },
             task: None,
             issuer: "",
+            approval: None,
         };
         assert_eq!(engine.authorize_unindexed(&request), indexed);
     }
@@ -1774,6 +1810,7 @@ mod load_tests {
                 ..TaskContext::default()
             }),
             issuer,
+            approval: None,
         };
         assert!(
             engine
@@ -1835,6 +1872,7 @@ mod load_tests {
             },
             task: None,
             issuer: "",
+            approval: None,
         };
         let d = engine.authorize(&req);
         assert!(!d.allowed, "an erroring forbid must deny: {d:?}");

@@ -11,8 +11,9 @@ pub mod testing;
 mod validate;
 
 pub use engine::{
-    coerce, coerce_record, described, uid, utc_millis, At, AuthzRequest, CedarOutcome, Decision,
-    Env, PolicyEngine, Principal, Resource, ShadowDecision, TaskContext, NAMESPACE,
+    coerce, coerce_record, described, uid, utc_millis, ApprovalContext, At, AuthzRequest,
+    CedarOutcome, Decision, Env, PolicyEngine, Principal, Resource, ShadowDecision, TaskContext,
+    NAMESPACE,
 };
 pub use load::{
     error_chain, load_dir, load_dir_cached, load_schema, parse_fragment, parse_policy_file,

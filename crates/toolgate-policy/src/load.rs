@@ -70,6 +70,8 @@ pub struct PolicySource {
     pub shadow: bool,
     /// `@reason("...")`: told to the agent when this policy determines a deny.
     pub reason: Option<String>,
+    /// `@approval("...")` on a forbid: a person may lift its deny for one call.
+    pub approval: Option<String>,
     /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
     /// records it, so a later reader can tell whether the policy changed since.
     pub version: String,
@@ -484,12 +486,14 @@ pub fn parse_policy_file(
         cursor = offset;
         // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
         let (mut id, mut grants, mut shadow, mut reason) = (None, Vec::new(), false, None);
+        let mut approval = None;
         let mut unread_annotations = Vec::new();
         for (key, value) in policy.annotations() {
             match key {
                 "id" => id = Some(value.to_string()),
                 "grants" => grants = value.split_whitespace().map(String::from).collect(),
                 "reason" => reason = Some(value.to_string()),
+                "approval" => approval = Some(value.to_string()),
                 // A mistyped mode must not quietly enforce (or quietly not).
                 "mode" => match value {
                     "enforce" => shadow = false,
@@ -515,6 +519,7 @@ pub fn parse_policy_file(
                 grants,
                 shadow,
                 reason,
+                approval,
                 version: policy_version(policy),
                 unread_annotations,
             },

@@ -141,6 +141,7 @@ proptest! {
                 env: Env { source_ip: "10.0.0.1".parse().unwrap(), time: "2026-11-23T10:00:00Z".parse().unwrap() },
                 task: None,
                 issuer: "",
+                approval: None,
             };
             prop_assert_eq!(engine.authorize(&request), engine.authorize_unindexed(&request), "{:?}", policies);
         }

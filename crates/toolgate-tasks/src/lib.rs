@@ -3,6 +3,7 @@
 //! (several replicas share it). Any doubt about a task's state is an error, never "active".
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 mod memory;
 mod redis_store;
 
@@ -263,6 +264,69 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.approve(id, approval)),
             Store::Redis(r) => r.approve(id, approval).await,
+        }
+    }
+
+    /// Records a pending approval of one call (or finds the same call's pending one).
+    pub async fn ask_approval(
+        &self,
+        approval: &approvals::CallApproval,
+        bounds: approvals::ApprovalBounds,
+        now: u64,
+    ) -> Result<approvals::Asked, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.ask(approval.clone(), bounds, now)),
+            Store::Redis(r) => r.ask_approval(approval, bounds, now).await,
+        }
+    }
+
+    pub async fn approval(&self, id: &str) -> Result<Option<approvals::CallApproval>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.get(id)),
+            Store::Redis(r) => r.approval(id).await,
+        }
+    }
+
+    /// The latest approval asked for this call (`CallApproval::key`), whatever its state.
+    pub async fn approval_of_call(
+        &self,
+        key: &str,
+    ) -> Result<Option<approvals::CallApproval>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.of_call(key)),
+            Store::Redis(r) => r.approval_of_call(key).await,
+        }
+    }
+
+    /// A person's decision on a pending, unexpired approval (`None`: there is none such).
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        decided: &approvals::Decided,
+    ) -> Result<Option<approvals::CallApproval>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.decide(id, decided)),
+            Store::Redis(r) => r.decide_approval(id, decided).await,
+        }
+    }
+
+    /// Takes one use of an approved approval, atomically across replicas.
+    pub async fn consume_approval(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.consume(id, now)),
+            Store::Redis(r) => r.consume_approval(id, now).await,
+        }
+    }
+
+    /// Approvals remembered (up to a day past their expiry), newest first.
+    pub async fn approvals(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<approvals::CallApproval>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.approvals.all(now).into_iter().take(limit).collect()),
+            Store::Redis(r) => r.approvals(now, limit).await,
         }
     }
 

@@ -19,6 +19,7 @@ pub struct MemoryStore {
     bounds: Bounds,
     last_sweep: AtomicU64,
     pub(crate) events: broadcast::Sender<Revocation>,
+    pub(crate) approvals: crate::approvals::MemoryApprovals,
 }
 
 impl MemoryStore {
@@ -29,6 +30,7 @@ impl MemoryStore {
             bounds,
             last_sweep: AtomicU64::new(0),
             events: broadcast::channel(1024).0,
+            approvals: Default::default(),
         }
     }
 

@@ -336,3 +336,225 @@ mod redaction_tests {
         }
     }
 }
+
+/// Call approvals: the request itself (`toolgate:approval:<id>`, never rewritten), its state
+/// (a hash beside it, changed only by the scripts below), the call's key to its id, and the
+/// pending ones by expiry, in all and per agent (the bounds).
+mod approvals {
+    use super::{bounded, RedisStore};
+    use crate::approvals::{ApprovalBounds, Asked, CallApproval, Decided, Status};
+    use crate::{StoreError, RETENTION_SECONDS};
+    use redis::AsyncCommands;
+
+    const ALL: &str = "toolgate:approvals";
+
+    fn record(id: &str) -> String {
+        format!("toolgate:approval:{id}")
+    }
+
+    fn state(id: &str) -> String {
+        format!("toolgate:approval:{id}:state")
+    }
+
+    fn call(key: &str) -> String {
+        format!("toolgate:approval-call:{key}")
+    }
+
+    fn agent(agent: &str) -> String {
+        format!("toolgate:approvals:agent:{agent}")
+    }
+
+    fn corrupt(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt(e.to_string())
+    }
+
+    impl RedisStore {
+        pub async fn ask_approval(
+            &self,
+            approval: &CallApproval,
+            bounds: ApprovalBounds,
+            now: u64,
+        ) -> Result<Asked, StoreError> {
+            static ASK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+                redis::Script::new(
+                    r#"
+                    local existing = redis.call('GET', KEYS[1])
+                    if existing then
+                      local st = redis.call('HMGET', 'toolgate:approval:' .. existing .. ':state', 'status', 'expires_at')
+                      if st[1] == 'pending' and tonumber(st[2]) > tonumber(ARGV[3]) then return {1, existing} end
+                    end
+                    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+                    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
+                    if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) or redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
+                      return {2, ''}
+                    end
+                    redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
+                    redis.call('HSET', KEYS[5], 'status', 'pending', 'expires_at', ARGV[4], 'uses_left', 0)
+                    redis.call('EXPIRE', KEYS[5], ARGV[2])
+                    redis.call('SET', KEYS[1], ARGV[5], 'EX', ARGV[2])
+                    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+                    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+                    redis.call('EXPIRE', KEYS[3], ARGV[2])
+                    return {0, ARGV[5]}
+                    "#,
+                )
+            });
+            let mut conn = self.connection().await?;
+            let json = serde_json::to_string(approval).map_err(corrupt)?;
+            let ttl = approval.expires_at.saturating_sub(now) + RETENTION_SECONDS;
+            let (outcome, id): (i64, String) = bounded(
+                ASK.key(call(&approval.key()))
+                    .key(ALL)
+                    .key(agent(&approval.agent))
+                    .key(record(&approval.id))
+                    .key(state(&approval.id))
+                    .arg(json)
+                    .arg(ttl)
+                    .arg(now)
+                    .arg(approval.expires_at)
+                    .arg(&approval.id)
+                    .arg(bounds.per_agent)
+                    .arg(bounds.total)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+            Ok(match outcome {
+                0 => Asked::New(id),
+                1 => Asked::Pending(id),
+                _ => Asked::AtLimit,
+            })
+        }
+
+        pub async fn approval(&self, id: &str) -> Result<Option<CallApproval>, StoreError> {
+            let mut conn = self.connection().await?;
+            let (json, fields): (Option<String>, std::collections::HashMap<String, String>) =
+                bounded(
+                    redis::pipe()
+                        .get(record(id))
+                        .hgetall(state(id))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let Some(json) = json else {
+                return Ok(None);
+            };
+            let mut approval: CallApproval = serde_json::from_str(&json).map_err(corrupt)?;
+            approval.status = match fields.get("status").map(String::as_str) {
+                Some("approved") => Status::Approved,
+                Some("denied") => Status::Denied,
+                Some("used") => Status::Used,
+                _ => Status::Pending,
+            };
+            approval.uses_left = fields
+                .get("uses_left")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            approval.decided_by = fields.get("decided_by").cloned();
+            approval.decided_at = fields.get("decided_at").and_then(|n| n.parse().ok());
+            approval.note = fields.get("note").cloned();
+            Ok(Some(approval))
+        }
+
+        pub async fn approval_of_call(
+            &self,
+            key: &str,
+        ) -> Result<Option<CallApproval>, StoreError> {
+            let mut conn = self.connection().await?;
+            let id: Option<String> = bounded(conn.get(call(key))).await?;
+            match id {
+                Some(id) => self.approval(&id).await,
+                None => Ok(None),
+            }
+        }
+
+        pub async fn decide_approval(
+            &self,
+            id: &str,
+            decided: &Decided,
+        ) -> Result<Option<CallApproval>, StoreError> {
+            static DECIDE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+                redis::Script::new(
+                    r#"
+                    local st = redis.call('HMGET', KEYS[1], 'status', 'expires_at')
+                    if st[1] ~= 'pending' or tonumber(st[2]) <= tonumber(ARGV[1]) then return 0 end
+                    redis.call('HSET', KEYS[1], 'status', ARGV[2], 'decided_by', ARGV[3], 'decided_at', ARGV[1], 'uses_left', ARGV[4])
+                    if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'note', ARGV[5]) end
+                    redis.call('ZREM', KEYS[2], ARGV[6])
+                    return 1
+                    "#,
+                )
+            });
+            let Some(mut approval) = self.approval(id).await? else {
+                return Ok(None);
+            };
+            decided.apply(&mut approval);
+            let status = if decided.approve {
+                "approved"
+            } else {
+                "denied"
+            };
+            let mut conn = self.connection().await?;
+            let done: i64 = bounded(
+                DECIDE
+                    .key(state(id))
+                    .key(agent(&approval.agent))
+                    .arg(decided.at)
+                    .arg(status)
+                    .arg(&decided.by)
+                    .arg(approval.uses_left)
+                    .arg(decided.note.as_deref().unwrap_or(""))
+                    .arg(id)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+            Ok((done == 1).then_some(approval))
+        }
+
+        pub async fn consume_approval(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+            static CONSUME: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+                redis::Script::new(
+                    r#"
+                    local st = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'uses_left')
+                    if st[1] ~= 'approved' or tonumber(st[2]) <= tonumber(ARGV[1]) or tonumber(st[3]) < 1 then return 0 end
+                    local left = redis.call('HINCRBY', KEYS[1], 'uses_left', -1)
+                    if left == 0 then redis.call('HSET', KEYS[1], 'status', 'used') end
+                    return 1
+                    "#,
+                )
+            });
+            let mut conn = self.connection().await?;
+            let taken: i64 =
+                bounded(CONSUME.key(state(id)).arg(now).invoke_async(&mut conn)).await?;
+            Ok(taken == 1)
+        }
+
+        /// Approvals not yet expired a day ago, newest first (at most `limit`).
+        pub async fn approvals(
+            &self,
+            now: u64,
+            limit: usize,
+        ) -> Result<Vec<CallApproval>, StoreError> {
+            let mut conn = self.connection().await?;
+            let since = now.saturating_sub(RETENTION_SECONDS);
+            let ids: Vec<String> = bounded(
+                redis::cmd("ZRANGE")
+                    .arg(ALL)
+                    .arg("+inf")
+                    .arg(since)
+                    .arg("BYSCORE")
+                    .arg("REV")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            let mut all = Vec::new();
+            for id in ids {
+                all.extend(self.approval(&id).await?);
+            }
+            all.sort_by_key(|a| std::cmp::Reverse(a.created_at));
+            Ok(all)
+        }
+    }
+}

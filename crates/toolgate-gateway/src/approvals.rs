@@ -1,0 +1,222 @@
+//! Approvals bound to one call. A deny that only `@approval` forbids determine records a
+//! pending approval of exactly this call (agent, user, action, argument digest, the asking
+//! policies by id and version) and answers `approval_required`. Once a person approved it, the
+//! same call is decided again with `context.approval`, and one use is taken atomically in the
+//! store, only while the same policies, at the same versions, alone deny it.
+
+use serde_json::{json, Map, Value};
+use toolgate_policy::{ApprovalContext, Decision, Resource};
+use toolgate_tasks::approvals::{
+    args_digest, call_key, ApprovalBounds, Asked, CallApproval, Decided, Status,
+};
+
+use crate::answer::Refusal;
+use crate::audit::AuditRecord;
+use crate::pipeline::CallContext;
+use crate::Gateway;
+
+/// What an approval is asked for: the call's arguments, their digest, the asking policies.
+struct CallAsked {
+    digest: String,
+    args: Map<String, Value>,
+    policies: Vec<(String, String)>,
+}
+
+/// A call's decision, and the approval it asked for (its deny is then `approval_required`).
+pub(crate) struct CallDecision {
+    pub decision: Decision,
+    pub approval_id: Option<String>,
+}
+
+impl Gateway {
+    /// Decides a call. Only a deny that `@approval` forbids alone determine reaches the
+    /// store: an approved approval of this very call is used, else one is asked for.
+    pub(crate) async fn decide_call(
+        &self,
+        ctx: &CallContext<'_>,
+        action: &str,
+        resource: Resource<'_>,
+        args: Map<String, Value>,
+        record: &mut AuditRecord,
+    ) -> Result<CallDecision, Refusal> {
+        let digest = args_digest(&args);
+        let decision = self.authorize(ctx, action, resource.clone(), args.clone(), record);
+        if decision.allowed || decision.approval.is_none() {
+            return Ok(CallDecision {
+                decision,
+                approval_id: None,
+            });
+        }
+        let now = toolgate_identity::unix_now();
+        let caller = ctx.caller;
+        let key = call_key(&caller.agent, caller.user.as_deref(), action, &digest);
+        let asking = self.policy_versions(ctx, &decision.policies);
+        if let Some(approved) = self.tasks.approval_of_call(&key).await? {
+            // Only what the person saw: the same policies, unchanged, alone deny the call.
+            if approved.usable(now) && approved.policies == asking {
+                let with = ApprovalContext {
+                    id: approved.id.clone(),
+                    by: approved.decided_by.clone().unwrap_or_default(),
+                    at: approved.decided_at.unwrap_or(now),
+                    note: approved.note.clone(),
+                };
+                // Decided on a copy of the line: unless the approval is taken, the line keeps
+                // the deny it records.
+                let mut line = record.clone();
+                let decision =
+                    self.authorize_approved(ctx, action, resource, args.clone(), &mut line, with);
+                if decision.allowed && self.tasks.consume_approval(&approved.id, now).await? {
+                    *record = line;
+                    self.metrics.approvals.with_label_values(&["used"]).inc();
+                    record.approval_id = Some(approved.id);
+                    record.approval_step = Some("used");
+                    return Ok(CallDecision {
+                        decision,
+                        approval_id: None,
+                    });
+                }
+            }
+        }
+        let asked = CallAsked {
+            digest,
+            args,
+            policies: asking,
+        };
+        let id = self.ask(ctx, action, &decision, asked, now, record).await?;
+        Ok(CallDecision {
+            decision,
+            approval_id: Some(id),
+        })
+    }
+
+    /// Records (or finds) the pending approval of this call; its id.
+    async fn ask(
+        &self,
+        ctx: &CallContext<'_>,
+        action: &str,
+        decision: &Decision,
+        asked: CallAsked,
+        now: u64,
+        record: &mut AuditRecord,
+    ) -> Result<String, Refusal> {
+        let caller = ctx.caller;
+        let approval = CallApproval {
+            id: uuid::Uuid::new_v4().to_string(),
+            agent: caller.agent.clone(),
+            user: caller.user.clone(),
+            task: ctx.task.as_ref().map(|t| t.id.clone()),
+            action: action.to_string(),
+            digest: asked.digest,
+            args: Value::Object(asked.args),
+            reason: decision.approval.clone().unwrap_or_default(),
+            policies: asked.policies,
+            created_at: now,
+            expires_at: now + self.config.approvals.expires_seconds,
+            status: Status::Pending,
+            decided_by: None,
+            decided_at: None,
+            note: None,
+            uses_left: 0,
+        };
+        let bounds = ApprovalBounds {
+            per_agent: self.config.approvals.max_pending_per_agent,
+            total: self.config.approvals.max_pending,
+        };
+        let id = match self.tasks.ask_approval(&approval, bounds, now).await? {
+            Asked::New(id) => {
+                self.metrics
+                    .approvals
+                    .with_label_values(&["requested"])
+                    .inc();
+                id
+            }
+            Asked::Pending(id) => id,
+            Asked::AtLimit => return Err(Refusal::TooMany("too_many_pending_approvals")),
+        };
+        record.approval_id = Some(id.clone());
+        record.approval_step = Some("requested");
+        Ok(id)
+    }
+
+    /// The policies by id and their versions, as the approval records them.
+    fn policy_versions(&self, ctx: &CallContext<'_>, ids: &[String]) -> Vec<(String, String)> {
+        ids.iter()
+            .map(|id| {
+                let version = ctx.engine.source(id).map(|s| s.version.clone());
+                (id.clone(), version.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// An operator's decision on a pending approval (the admin API and the console).
+    pub(crate) async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        body: &Value,
+        record: &mut AuditRecord,
+    ) -> Result<CallApproval, Refusal> {
+        record.action = Some(if approve { "approve_call" } else { "deny_call" }.into());
+        record.approval_id = Some(id.to_string());
+        record.approval_step = Some(if approve { "approved" } else { "denied" });
+        let by = body
+            .get("approver")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim();
+        if by.is_empty() {
+            return Err(Refusal::BadRequest("a decision names its approver".into()));
+        }
+        let uses = match body.get("uses") {
+            None | Some(Value::Null) => 1,
+            Some(n) => n
+                .as_u64()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| Refusal::BadRequest("uses must be 1..100".into()))?
+                as u32,
+        };
+        let note = body.get("note").and_then(Value::as_str).map(str::to_string);
+        let decided = Decided {
+            approve,
+            by: by.to_string(),
+            note,
+            uses,
+            at: toolgate_identity::unix_now(),
+        };
+        let decided_approval = self.tasks.decide_approval(id, &decided).await?;
+        let Some(approval) = decided_approval else {
+            return Err(match self.tasks.approval(id).await? {
+                Some(_) => Refusal::Conflict("approval_not_pending"),
+                None => Refusal::NotFound("approval_not_found"),
+            });
+        };
+        record.user = approval.user.clone();
+        record.resource = Some(approval.action.clone());
+        let step = if approve { "approved" } else { "denied" };
+        self.metrics.approvals.with_label_values(&[step]).inc();
+        let waited = decided.at.saturating_sub(approval.created_at);
+        self.metrics.approval_wait.observe(waited as f64);
+        Ok(approval)
+    }
+}
+
+/// An approval as the admin API and the console show it.
+pub(crate) fn approval_json(approval: &CallApproval, now: u64) -> Value {
+    json!({
+        "id": approval.id,
+        "state": approval.state(now),
+        "agent": approval.agent,
+        "user": approval.user,
+        "task_id": approval.task,
+        "action": approval.action,
+        "args": approval.args,
+        "reason": approval.reason,
+        "policies": approval.policies.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        "created_at": approval.created_at,
+        "expires_at": approval.expires_at,
+        "decided_by": approval.decided_by,
+        "decided_at": approval.decided_at,
+        "note": approval.note,
+        "uses_left": approval.uses_left,
+    })
+}

@@ -1,0 +1,250 @@
+//! Approvals bound to the call (`@approval` forbids): with Redis and two replicas, a refund
+//! over the limit waits for a person, is seen from either replica, runs once on the other
+//! replica after approval, and never with other arguments; deny and expiry are honoured; the
+//! audit tells each step.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The example refund limit, made one a person may lift for one call.
+const BILLING: &str = r#"
+@id("billing-refund")
+permit (principal in Toolgate::Team::"finance-agents", action == Toolgate::Action::"billing/refund", resource)
+when { context has user };
+
+@id("refund-limit")
+@approval("refunds above 500 need a person")
+forbid (principal, action == Toolgate::Action::"billing/refund", resource)
+when { context.args.amount > 500 }
+unless { context has approval };
+"#;
+
+/// The example schema, with `context.approval` declared for refunds.
+fn schema() -> String {
+    let schema = std::fs::read_to_string(repo().join("policies/schema.cedarschema")).unwrap();
+    let refund = "args: { invoice_id: Long, amount: Long, reason?: String } }";
+    assert!(schema.contains(refund));
+    schema.replace(
+        refund,
+        "args: { invoice_id: Long, amount: Long, reason?: String }, approval?: { id: String, by: String, at: datetime, note?: String } }",
+    )
+}
+
+async fn gateway(upstream: &Upstream, extra_config: &str) -> Gateway {
+    let schema = schema();
+    Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("billing.cedar", BILLING), ("schema.cedarschema", &schema)],
+        inbound: None,
+        mcp: None,
+        extra_config,
+    })
+    .await
+}
+
+async fn refund(addr: SocketAddr, token: &str, amount: u64) -> Answer {
+    let auth = format!("Bearer {token}");
+    let body = json!({"invoice_id": 7, "amount": amount}).to_string();
+    send(
+        "POST",
+        &format!("http://{addr}/billing/refunds"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+async fn admin(admin: SocketAddr, method: &str, path: &str, body: Value) -> Answer {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let mut headers = vec![("authorization", auth.as_str())];
+    if !body.is_empty() {
+        headers.push(("content-type", "application/json"));
+    }
+    send(method, &format!("http://{admin}{path}"), &headers, &body).await
+}
+
+fn approval_id(answer: &Answer) -> String {
+    assert_eq!(answer.status, 403, "{:?}", answer.body);
+    let body = answer.json();
+    assert_eq!(body["error"], "approval_required", "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("refunds above 500 need a"),
+        "{body}"
+    );
+    body["approval_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_lets_exactly_that_call_through_once_on_any_replica() {
+    let data = TempDir::new("approvals-redis");
+    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
+        let mut command = Command::new("redis-server");
+        command
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&data.0)
+            .stdout(Stdio::null());
+        command
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &format!("tasks:\n  store: redis://127.0.0.1:{port}\n"),
+    )
+    .await;
+    let (mut other, other_addr, other_admin) = gw.replica_with_admin().await;
+    let token = gw.idp.delegated();
+
+    // 1. Over the limit: a pending approval, and the same id for a retry of the same call.
+    let id = approval_id(&refund(gw.addr, &token, 900).await);
+    assert_eq!(approval_id(&refund(other_addr, &token, 900).await), id);
+    assert!(upstream.requests().is_empty(), "nothing forwarded");
+
+    // 2. Seen from either replica, with its arguments.
+    let listed = admin(other_admin, "GET", "/admin/approvals", Value::Null)
+        .await
+        .json();
+    let pending = listed["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(pending["args"]["amount"], 900);
+    assert_eq!(pending["action"], "billing/refund");
+    assert_eq!(pending["policies"], json!(["refund-limit"]));
+
+    // 3. Approved on one replica: the same call runs on the other, once.
+    let decided = admin(
+        gw.admin,
+        "POST",
+        &format!("/admin/approvals/{id}/approve"),
+        json!({"approver": "carol", "note": "customer called"}),
+    )
+    .await;
+    assert_eq!(decided.status, 200, "{:?}", decided.body);
+    assert_eq!(decided.json()["state"], "approved");
+    let ran = refund(other_addr, &token, 900).await;
+    assert_eq!(ran.status, 200, "{:?}", ran.body);
+    assert_eq!(upstream.requests().len(), 1);
+    let again = approval_id(&refund(gw.addr, &token, 900).await);
+    assert_ne!(again, id, "used once: the next call asks anew");
+    assert_eq!(upstream.requests().len(), 1);
+
+    // 4. Other arguments never ride on it: a new approval of their own.
+    let other_call = approval_id(&refund(gw.addr, &token, 901).await);
+    assert_ne!(other_call, id);
+    assert_ne!(other_call, again);
+
+    // 5. A denied approval lets nothing through; a decision on it again is refused.
+    let denied = admin(
+        other_admin,
+        "POST",
+        &format!("/admin/approvals/{other_call}/deny"),
+        json!({"approver": "carol", "note": "no"}),
+    )
+    .await;
+    assert_eq!(denied.status, 200, "{:?}", denied.body);
+    assert_eq!(refund(gw.addr, &token, 901).await.status, 403);
+    let twice = admin(
+        gw.admin,
+        "POST",
+        &format!("/admin/approvals/{other_call}/approve"),
+        json!({"approver": "mallory"}),
+    )
+    .await;
+    assert_eq!(twice.status, 409, "{:?}", twice.body);
+    assert_eq!(upstream.requests().len(), 1);
+
+    // 6. A policy changed in between decides again: the approval lifted the policy as it was.
+    let asked = approval_id(&refund(gw.addr, &token, 950).await);
+    let decided = admin(
+        gw.admin,
+        "POST",
+        &format!("/admin/approvals/{asked}/approve"),
+        json!({"approver": "carol"}),
+    )
+    .await;
+    assert_eq!(decided.status, 200);
+    let policies = gw.dir.0.join("policies/billing.cedar");
+    let changed = BILLING.replace("need a person", "need a second person");
+    std::fs::write(&policies, changed).unwrap();
+    let reloaded = admin(gw.admin, "POST", "/admin/reload", Value::Null).await;
+    assert_eq!(reloaded.status, 200, "{:?}", reloaded.body);
+    let after = refund(gw.addr, &token, 950).await;
+    assert_eq!(after.status, 403, "{:?}", after.body);
+    assert_ne!(after.json()["approval_id"], asked.as_str());
+    assert_eq!(upstream.requests().len(), 1);
+
+    // 7. The audit tells each step: asked, approved (by whom), used by the call.
+    let asked = gw
+        .audit_line(|l| l["approval_id"] == id.as_str() && l["approval_step"] == "requested")
+        .await;
+    assert_eq!(asked["action"], "billing/refund");
+    assert_eq!(asked["decision"], "deny");
+    let approved = gw
+        .audit_line(|l| l["approval_id"] == id.as_str() && l["approval_step"] == "approved")
+        .await;
+    assert_eq!(approved["action"], "approve_call");
+    let _ = other.kill();
+    let _ = other.wait();
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(&metrics, "toolgate_approvals_total{step=\"approved\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_approval_cannot_be_decided() {
+    let upstream = Upstream::start().await;
+    let gw = gateway(&upstream, "approvals:\n  expires_seconds: 1\n").await;
+    let token = gw.idp.delegated();
+    let id = approval_id(&refund(gw.addr, &token, 900).await);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let late = admin(
+        gw.admin,
+        "POST",
+        &format!("/admin/approvals/{id}/approve"),
+        json!({"approver": "carol"}),
+    )
+    .await;
+    assert_eq!(late.status, 409, "{:?}", late.body);
+    let listed = admin(
+        gw.admin,
+        "GET",
+        &format!("/admin/approvals/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(listed.json()["state"], "expired");
+    assert!(upstream.requests().is_empty());
+}
