@@ -248,3 +248,100 @@ async fn an_expired_approval_cannot_be_decided() {
     assert_eq!(listed.json()["state"], "expired");
     assert!(upstream.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_call_asks_for_approval_in_its_json_rpc_error_and_runs_once_approved() {
+    let (_server, url) = start_mcp_server("the FastMCP server", |port| {
+        let mut command = Command::new(python());
+        command
+            .arg(repo().join("tests/mcp/server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    })
+    .await;
+    let schema = r#"namespace Toolgate {
+  action "tools/pay" in [call] appliesTo { principal: Agent, resource: Tool,
+    context: { user?: User, env: Env, task?: TaskInfo, args: { amount: Long, to: String },
+      approval?: { id: String, by: String } } };
+}"#;
+    let policies = r#"
+@id("pay") permit (principal, action == Toolgate::Action::"tools/pay", resource);
+@id("pay-limit") @approval("payments above 100 need a person")
+forbid (principal, action == Toolgate::Action::"tools/pay", resource)
+when { context.args.amount > 100 } unless { context has approval };
+"#;
+    let rest = Upstream::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        upstream: rest.addr,
+        extra_policies: &[("tools.cedarschema", schema), ("pay.cedar", policies)],
+        inbound: None,
+        mcp: Some(url),
+        extra_config: "",
+    })
+    .await;
+    let auth = format!("Bearer {}", gw.idp.delegated());
+    let post = |session: Option<String>, body: Value| {
+        let auth = auth.clone();
+        let url = gw.url("/tools");
+        async move {
+            let mut headers = vec![
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+                ("mcp-protocol-version", "2025-06-18"),
+            ];
+            if let Some(session) = &session {
+                headers.push(("mcp-session-id", session.as_str()));
+            }
+            send("POST", &url, &headers, body.to_string().as_bytes()).await
+        }
+    };
+    let opened = post(
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "approvals-test", "version": "1"}}}),
+    )
+    .await;
+    let session = opened.headers["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let pay = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "pay", "arguments": {"amount": 500, "to": "bob"}}});
+    let events = |answer: &Answer| -> Value {
+        let text = String::from_utf8_lossy(&answer.body).to_string();
+        let data = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .last()
+            .map(str::to_string)
+            .unwrap_or(text);
+        serde_json::from_str(&data).unwrap()
+    };
+    let asked = events(&post(Some(session.clone()), pay.clone()).await);
+    assert_eq!(asked["error"]["message"], "approval required", "{asked}");
+    let data = &asked["error"]["data"];
+    assert_eq!(data["error"], "approval_required");
+    assert_eq!(data["reason"], "payments above 100 need a person");
+    let id = data["approval_id"].as_str().unwrap().to_string();
+
+    let approved = gw
+        .admin(
+            "POST",
+            &format!("/admin/approvals/{id}/approve"),
+            json!({"approver": "carol"}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(approved.status, 200, "{:?}", approved.body);
+    let paid = events(&post(Some(session.clone()), pay.clone()).await);
+    assert!(paid.get("result").is_some(), "{paid}");
+    let again = events(&post(Some(session), pay).await);
+    assert_eq!(
+        again["error"]["message"], "approval required",
+        "used once: {again}"
+    );
+    drop(rest);
+}
