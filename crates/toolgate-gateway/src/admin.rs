@@ -32,7 +32,7 @@ async fn admin_body(
     crate::rest::strict_json(&bytes)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -112,6 +112,9 @@ impl Gateway {
                         &json!({"status": "not ready"}),
                     )
                 }
+            }
+            (_, path) if path == "/console" || path.starts_with("/console/") => {
+                self.console(request).await
             }
             _ => self.admin_operation(request).await,
         }

@@ -290,7 +290,15 @@ pub struct AuditSink {
     /// `audit.buffer`.
     capacity: usize,
     metrics: Arc<Metrics>,
+    /// The last lines written, for the console (newest last).
+    recent: Recent,
 }
+
+/// The last `RECENT` audit lines written, kept by the writer thread off the request path.
+type Recent = Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
+/// Audit lines the console can show.
+const RECENT: usize = 500;
 
 impl AuditSink {
     /// Starts the writer thread. `path` is a file to append to, or "-" for stdout.
@@ -307,10 +315,12 @@ impl AuditSink {
         let out = target.open()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (done, finished) = tokio::sync::oneshot::channel();
+        let recent = Recent::default();
         let writer = Writer {
             target,
             out,
             metrics: metrics.clone(),
+            recent: recent.clone(),
         };
         // Its own thread: plain blocking writes, so a write that returned has reached the
         // kernel (no runtime buffer to lose it in), and a slow disk never holds a worker.
@@ -326,6 +336,7 @@ impl AuditSink {
             room: room.clone(),
             capacity: buffer.max(1),
             metrics,
+            recent,
         };
         Ok((sink, AuditWriter { tx, room, finished }))
     }
@@ -373,6 +384,16 @@ impl AuditSink {
         }
     }
 
+    /// The last audit lines written, newest first.
+    pub fn recent(&self) -> Vec<serde_json::Value> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .iter()
+            .rev()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
     /// Reopens the audit file (after a rotation): on reload and SIGHUP.
     pub fn reopen(&self) {
         let _ = self.tx.send(Message::Reopen);
@@ -404,6 +425,7 @@ struct Writer {
     target: Target,
     out: Box<dyn Write + Send>,
     metrics: Arc<Metrics>,
+    recent: Recent,
 }
 
 /// Records written at once at most.
@@ -445,9 +467,21 @@ impl Writer {
             return;
         }
         let mut buf = Vec::with_capacity(batch.len() * 512);
+        let mut lines = Vec::with_capacity(batch.len());
         for queued in batch.iter() {
+            let start = buf.len();
             if serde_json::to_writer(&mut buf, &queued.record).is_ok() {
+                lines.push(String::from_utf8_lossy(&buf[start..]).into_owned());
                 buf.push(b'\n');
+            }
+        }
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            for line in lines {
+                if recent.len() == RECENT {
+                    recent.pop_front();
+                }
+                recent.push_back(line);
             }
         }
         let mut delay = Duration::from_millis(100);

@@ -55,6 +55,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Every shadow flip counted so far, over policies and directions.
+    pub fn shadow_flips_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.shadow_flips
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     #[allow(clippy::too_many_lines)] // start-up: one registration a few lines
     pub fn new() -> Self {
         let r = Registry::new();

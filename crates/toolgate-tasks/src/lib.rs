@@ -218,6 +218,14 @@ impl Store {
         }
     }
 
+    /// The most recently started tasks (live and ended), newest first.
+    pub async fn recent(&self, limit: usize) -> Result<Vec<Task>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.recent(limit)),
+            Store::Redis(r) => r.recent(limit).await,
+        }
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.get(id)),

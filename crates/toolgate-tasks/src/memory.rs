@@ -56,6 +56,14 @@ impl MemoryStore {
         Created::Yes
     }
 
+    /// The most recently started tasks, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<Task> {
+        let mut all: Vec<Task> = self.tasks.iter().map(|e| e.0.clone()).collect();
+        all.sort_by_key(|t| std::cmp::Reverse(t.created_at));
+        all.truncate(limit);
+        all
+    }
+
     pub fn get(&self, id: &str) -> Option<Task> {
         self.tasks.get(id).map(|e| e.0.clone())
     }

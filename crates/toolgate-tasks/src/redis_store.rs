@@ -139,6 +139,26 @@ impl RedisStore {
         })
     }
 
+    /// The tasks whose keys expire last (the most recently started, mostly), newest first.
+    pub async fn recent(&self, limit: usize) -> Result<Vec<Task>, StoreError> {
+        let mut conn = self.connection().await?;
+        let ids: Vec<String> = bounded(
+            redis::cmd("ZRANGE")
+                .arg(REMEMBERED_KEY)
+                .arg(0)
+                .arg(limit.saturating_sub(1))
+                .arg("REV")
+                .query_async(&mut conn),
+        )
+        .await?;
+        let mut tasks = Vec::new();
+        for id in ids {
+            tasks.extend(self.get(&id).await?);
+        }
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
+        Ok(tasks)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
         let mut conn = self.connection().await?;
         let (task, end, approvals): (Option<String>, Option<String>, Vec<String>) = bounded(
