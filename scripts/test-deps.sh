@@ -9,6 +9,7 @@
 # comes with this machine kind, from the Google Cloud CLI packages, and is checked, not installed),
 # and the upstream frameworks the gateway is proven against (tests/frameworks.rs): FastAPI with
 # Pydantic 2 (.toolgate-test/venv-fastapi) and Express 5 with qs (.toolgate-test/node).
+# Debian's Chromium with Playwright (.toolgate-test/venv-browser) for the operator console.
 # Idempotent; needs root (or sudo) and the Debian package registry.
 set -euo pipefail
 
@@ -19,6 +20,8 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+# Debian's Chromium: the console is tested in a real browser (tests/console.rs, via Playwright).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
@@ -35,7 +38,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   rm -f "$log"
 fi
-for tool in promtool redis-server node npm curl jq; do
+for tool in promtool redis-server node npm curl jq chromium; do
   command -v $tool >/dev/null 2>&1 || { echo "test-deps: $tool is still missing" >&2; exit 1; }
 done
 # Debian's kubernetes-client is too old (kustomize 2: no `patches`, no `components`).
@@ -91,6 +94,9 @@ done
 
 # FastAPI on Pydantic 2, served by uvicorn (tests/frameworks.rs).
 python_venv .toolgate-test/venv-fastapi fastapi 0.163.2 fastapi uvicorn==0.54.0
+
+# Playwright drives Debian's Chromium (no browser is downloaded) for the console's browser test.
+python_venv .toolgate-test/venv-browser playwright 1.57.0 playwright
 
 # The Kubernetes schemas, offline, for the manifests under deploy/ (tests/deploy.rs); its
 # jsonschema also checks the PodMonitors against the Prometheus Operator's CRD (tests/data).
