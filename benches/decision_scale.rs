@@ -46,6 +46,7 @@ fn request(claims: &Map<String, serde_json::Value>) -> AuthzRequest<'_> {
         },
         task: None,
         issuer: "",
+        approval: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn authorize(c: &mut Criterion) {
         },
         task: None,
         issuer: "",
+        approval: None,
     };
     assert!(engine.authorize(&request).allowed);
     let mut group = c.benchmark_group("authorize");

@@ -48,6 +48,10 @@ struct Line {
     path: String,
     #[serde(default)]
     status: u16,
+    approval_id: Option<String>,
+    approval_step: Option<String>,
+    /// An operator's decision: who, and the note.
+    approval: Option<Value>,
 }
 
 impl Line {
@@ -97,7 +101,14 @@ pub fn why(
 ) -> Result<ExitCode, String> {
     let mut found = Vec::new();
     let mut tasks: HashMap<String, TaskStory> = HashMap::new();
+    let mut approvals: HashMap<String, Vec<String>> = HashMap::new();
     each_line(audit, |line| {
+        if let (Some(approval), Some(step)) = (&line.approval_id, &line.approval_step) {
+            approvals
+                .entry(approval.clone())
+                .or_default()
+                .push(approval_step(&line, step));
+        }
         if let Some(task) = &line.task_id {
             let ok = (200..300).contains(&line.status);
             match line.action.as_deref() {
@@ -226,6 +237,13 @@ pub fn why(
                 ),
             );
         }
+        if let Some(approval) = &line.approval_id {
+            let steps = approvals.get(approval).map(|s| s.join(", "));
+            say(
+                "approval:",
+                format!("{approval}: {}", steps.unwrap_or_default()),
+            );
+        }
         let story = line.task_id.as_ref().and_then(|t| tasks.get(t));
         if let Some(task) = &line.task_id {
             let mut text = task.clone();
@@ -260,6 +278,30 @@ pub fn why(
         print!("{out}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One step of a call's approval as the audit tells it: asked for, decided (by whom, with
+/// which note), used.
+fn approval_step(line: &Line, step: &str) -> String {
+    let by = line
+        .approval
+        .as_ref()
+        .and_then(|a| a.get("approver"))
+        .and_then(Value::as_str);
+    let note = line
+        .approval
+        .as_ref()
+        .and_then(|a| a.get("note"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    let mut text = format!("{step} {}", line.time);
+    if let Some(by) = by {
+        text.push_str(&format!(" by {by}"));
+    }
+    if let Some(note) = note {
+        text.push_str(&format!(" ({note:?})"));
+    }
+    text
 }
 
 /// What revocation means for a token an upstream verifies by itself.

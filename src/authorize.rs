@@ -102,6 +102,7 @@ impl RequestFile {
                 owner_user: t.owner_user.clone().or_else(|| self.user.clone()),
             }),
             issuer: &self.issuer,
+            approval: None,
         };
         Ok(engine.authorize(&request))
     }

@@ -213,6 +213,21 @@ async fn an_approval_lets_exactly_that_call_through_once_on_any_replica() {
         .audit_line(|l| l["approval_id"] == id.as_str() && l["approval_step"] == "approved")
         .await;
     assert_eq!(approved["action"], "approve_call");
+    // `audit why` on the call that ran tells its approval's story.
+    let used = gw
+        .audit_line(|l| l["approval_id"] == id.as_str() && l["approval_step"] == "used")
+        .await;
+    let audit = gw.audit_path.to_str().unwrap();
+    let decision = used["decision_id"].as_str().unwrap();
+    let why = toolgate(&["audit", "why", decision, "--audit", audit]);
+    let said = String::from_utf8_lossy(&why.stdout);
+    assert!(why.status.success(), "{said}");
+    assert!(said.contains("approval:"), "{said}");
+    assert!(
+        said.contains("requested ") && said.contains("used "),
+        "{said}"
+    );
+    assert!(said.contains("by carol (\"customer called\")"), "{said}");
     let _ = other.kill();
     let _ = other.wait();
     let metrics = gw.metrics().await;

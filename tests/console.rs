@@ -42,7 +42,10 @@ async fn refund(addr: SocketAddr, token: &str) -> Answer {
     send(
         "POST",
         &format!("http://{addr}/billing/refunds"),
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         body.as_bytes(),
     )
     .await
@@ -74,7 +77,10 @@ async fn sign_in(gw: &Gateway) -> String {
     .await;
     assert_eq!(signed.status, 303);
     let cookie = signed.headers["set-cookie"].to_str().unwrap().to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     cookie.split(';').next().unwrap().to_string()
 }
 
@@ -92,7 +98,10 @@ async fn the_console_refuses_forged_changes_escapes_agents_and_is_not_on_the_age
     let html = String::from_utf8_lossy(&login.body).to_string();
     assert!(html.contains("type=\"password\""), "{html}");
     let csp = login.headers["content-security-policy"].to_str().unwrap();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     let wrong = send(
         "POST",
         &gw.admin_url("/console/login"),
@@ -104,7 +113,13 @@ async fn the_console_refuses_forged_changes_escapes_agents_and_is_not_on_the_age
     assert!(!wrong.headers.contains_key("set-cookie"));
 
     let cookie = sign_in(&gw).await;
-    let page = send("GET", &gw.admin_url("/console"), &[("cookie", &cookie)], b"").await;
+    let page = send(
+        "GET",
+        &gw.admin_url("/console"),
+        &[("cookie", &cookie)],
+        b"",
+    )
+    .await;
     let html = String::from_utf8_lossy(&page.body).to_string();
     assert!(html.contains(&id), "the pending approval is shown");
     // The agent's words are text, never markup; no inline script at all.
@@ -180,7 +195,10 @@ async fn an_operator_approves_in_a_real_browser_and_the_agent_retry_succeeds() {
     let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(seen["action"], "billing/refund", "{seen}");
     assert!(seen["args"].as_str().unwrap().contains("900"), "{seen}");
-    assert!(seen["args"].as_str().unwrap().contains("<script>"), "shown as text: {seen}");
+    assert!(
+        seen["args"].as_str().unwrap().contains("<script>"),
+        "shown as text: {seen}"
+    );
     assert_eq!(seen["injected_elements"], 0, "{seen}");
     assert_eq!(seen["xss"], Value::Null, "{seen}");
     assert_eq!(seen["reason"], "refunds above 500 need a person");

@@ -192,6 +192,13 @@ impl Gateway {
         };
         record.user = approval.user.clone();
         record.resource = Some(approval.action.clone());
+        // Who decided, and their note, as task approvals are recorded.
+        record.approval = Some(toolgate_tasks::Approval {
+            approver: decided.by.clone(),
+            actions: vec![approval.action.clone()],
+            at: decided.at,
+            note: decided.note.clone().unwrap_or_default(),
+        });
         let step = if approve { "approved" } else { "denied" };
         self.metrics.approvals.with_label_values(&[step]).inc();
         let waited = decided.at.saturating_sub(approval.created_at);
