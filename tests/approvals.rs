@@ -330,8 +330,8 @@ when { context.args.amount > 100 } unless { context has approval };
         let text = String::from_utf8_lossy(&answer.body).to_string();
         let data = text
             .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("data: "))
             .map(str::to_string)
             .unwrap_or(text);
         serde_json::from_str(&data).unwrap()
