@@ -262,6 +262,25 @@ async fn an_expired_approval_cannot_be_decided() {
     .await;
     assert_eq!(listed.json()["state"], "expired");
     assert!(upstream.requests().is_empty());
+
+    // `check` warns of a policy that reads context.approval without asking for one.
+    std::fs::write(
+        gw.dir.0.join("policies/lenient.cedar"),
+        "@id(\"lenient\") permit (principal, action == Toolgate::Action::\"billing/refund\", resource) when { context has approval };\n",
+    )
+    .unwrap();
+    let checked = toolgate(&[
+        "check",
+        "--config",
+        gw.dir.0.join("toolgate.yaml").to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&checked.stdout).to_string()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        said.contains("policy `lenient` reads context.approval but has no @approval"),
+        "{said}"
+    );
+    assert!(!said.contains("policy `refund-limit` reads"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,4 +378,44 @@ when { context.args.amount > 100 } unless { context has approval };
         "used once: {again}"
     );
     drop(rest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_new_approval_is_posted_to_the_webhook_signed_once() {
+    let upstream = Upstream::start().await;
+    let hook = Upstream::start().await;
+    let secret = TempDir::new("approval-hook");
+    let secret_file = secret.0.join("hook.secret");
+    std::fs::write(&secret_file, "hook-shared-secret\n").unwrap();
+    let config = format!(
+        "approvals:\n  webhook_url: http://{}/hooks/approvals\n  webhook_secret_file: {}\n  console_url: https://ops.example/console\n",
+        hook.addr,
+        secret_file.display()
+    );
+    let gw = gateway(&upstream, &config).await;
+    let token = gw.idp.delegated();
+    let id = approval_id(&refund(gw.addr, &token, 900).await);
+    // A retry of the same call is the same approval: no second message.
+    assert_eq!(approval_id(&refund(gw.addr, &token, 900).await), id);
+    hook.wait_for_requests(1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = hook.requests();
+    assert_eq!(sent.len(), 1);
+    let message = &sent[0];
+    assert_eq!(message.uri, "/hooks/approvals");
+    let body: Value = serde_json::from_slice(&message.body).unwrap();
+    assert_eq!(body["approval_id"], id.as_str());
+    assert_eq!(body["action"], "billing/refund");
+    assert_eq!(
+        body["console"],
+        format!("https://ops.example/console#approval-{id}")
+    );
+    // The receiver checks the signature over `timestamp.body` with the shared secret.
+    let timestamp = message.headers["toolgate-timestamp"].to_str().unwrap();
+    let signed = format!("{timestamp}.{}", String::from_utf8_lossy(&message.body));
+    let expected = toolgate_credential::hmac_sha256_hex(b"hook-shared-secret", signed.as_bytes());
+    assert_eq!(
+        message.headers["toolgate-signature"].to_str().unwrap(),
+        format!("sha256={expected}")
+    );
 }

@@ -25,6 +25,13 @@ pub enum CredentialError {
     Sign(String),
 }
 
+/// HMAC-SHA256 of `data` under `key`, in lowercase hex (a webhook's signature).
+pub fn hmac_sha256_hex(key: &[u8], data: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let tag = ring::hmac::sign(&key, data);
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A P-256 private key with its public JWK; `kid` is the RFC 7638 thumbprint.
 /// The key pair is parsed once: jsonwebtoken's `encode` re-parses a PKCS#8 key (a base-point
 /// multiplication) on every call, which was most of the cost of a mint.

@@ -128,6 +128,7 @@ impl Gateway {
                     .approvals
                     .with_label_values(&["requested"])
                     .inc();
+                self.notify(&approval);
                 id
             }
             Asked::Pending(id) => id,
@@ -204,6 +205,59 @@ impl Gateway {
         let waited = decided.at.saturating_sub(approval.created_at);
         self.metrics.approval_wait.observe(waited as f64);
         Ok(approval)
+    }
+}
+
+impl Gateway {
+    /// POSTs a new pending approval to `approvals.webhook_url`, signed, off the request path
+    /// (best effort: the approval waits in the console whatever the webhook does).
+    fn notify(&self, approval: &CallApproval) {
+        let config = &self.config.approvals;
+        let (Some(url), Some(secret_file)) = (&config.webhook_url, &config.webhook_secret_file)
+        else {
+            return;
+        };
+        let secret = match std::fs::read(secret_file) {
+            Ok(secret) => secret.trim_ascii().to_vec(),
+            Err(e) => {
+                tracing::warn!(file = %secret_file.display(), error = %e, "approval webhook secret unreadable: not sent");
+                return;
+            }
+        };
+        let console = config
+            .console_url
+            .as_deref()
+            .map(|base| format!("{}#approval-{}", base.trim_end_matches('/'), approval.id));
+        let body = json!({
+            "approval_id": approval.id, "agent": approval.agent, "user": approval.user,
+            "action": approval.action, "reason": approval.reason,
+            "expires_at": approval.expires_at, "console": console,
+        })
+        .to_string();
+        let timestamp = toolgate_identity::unix_now().to_string();
+        let signed = format!("{timestamp}.{body}");
+        let signature = toolgate_credential::hmac_sha256_hex(&secret, signed.as_bytes());
+        let request = http::Request::post(url.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("toolgate-timestamp", &timestamp)
+            .header("toolgate-signature", format!("sha256={signature}"))
+            .body(crate::answer::full(body));
+        let Ok(request) = request else {
+            return;
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let sent =
+                tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request));
+            match sent.await {
+                Ok(Ok(response)) if response.status().is_success() => {}
+                Ok(Ok(response)) => {
+                    tracing::warn!(status = %response.status(), "approval webhook refused the message")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "approval webhook not reached"),
+                Err(_) => tracing::warn!("approval webhook did not answer in time"),
+            }
+        });
     }
 }
 

@@ -440,6 +440,39 @@ pub struct ApprovalsConfig {
     /// Approvals remembered at once (429 beyond).
     #[serde(default = "default_pending_total")]
     pub max_pending: usize,
+    /// Each new pending approval is POSTed here (JSON), for chat or paging tools.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// The shared secret the webhook's `Toolgate-Signature` is made with (needed with
+    /// `webhook_url`).
+    #[serde(default)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Where operators reach the console (the link a webhook message carries).
+    #[serde(default)]
+    pub console_url: Option<String>,
+}
+
+impl ApprovalsConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.expires_seconds == 0 {
+            errors.push("approvals.expires_seconds must be positive".to_string());
+        }
+        match (&self.webhook_url, &self.webhook_secret_file) {
+            (Some(url), _) if !secure_url(url) => errors.push(format!(
+                "approvals.webhook_url {url:?} must be an https:// URL (http:// only on loopback)"
+            )),
+            (Some(_), None) => errors.push(
+                "approvals.webhook_url needs webhook_secret_file (its messages are signed)"
+                    .to_string(),
+            ),
+            (None, Some(_)) => {
+                errors.push("approvals.webhook_secret_file needs webhook_url".to_string())
+            }
+            _ => {}
+        }
+        errors
+    }
 }
 
 impl Default for ApprovalsConfig {
@@ -448,6 +481,9 @@ impl Default for ApprovalsConfig {
             expires_seconds: default_approval_seconds(),
             max_pending_per_agent: default_pending_per_agent(),
             max_pending: default_pending_total(),
+            webhook_url: None,
+            webhook_secret_file: None,
+            console_url: None,
         }
     }
 }
@@ -1468,6 +1504,7 @@ impl Config {
             }
         }
         errors.extend(self.endpoint_problems());
+        errors.extend(self.approvals.problems());
         if errors.is_empty() {
             Ok(())
         } else {

@@ -340,7 +340,7 @@ fn approvals_section(
         let policies: Vec<&str> = a.policies.iter().map(|(id, _)| id.as_str()).collect();
         let _ = write!(
             html,
-            "<article class=\"approval\" data-approval=\"{id}\"><h3>{action}</h3><p><span class=\"who\">{agent}</span> for <span class=\"who\">{user}</span>{task}</p><p class=\"reason\">{reason}</p><p>Asked by {policies}; {left} left.</p><pre class=\"args\">{args}</pre>\
+            "<article class=\"approval\" id=\"approval-{id}\" data-approval=\"{id}\"><h3>{action}</h3><p><span class=\"who\">{agent}</span> for <span class=\"who\">{user}</span>{task}</p><p class=\"reason\">{reason}</p><p>Asked by {policies}; {left} left.</p><pre class=\"args\">{args}</pre>\
              <form method=\"post\" action=\"/console/approvals/{id}/approve\">{csrf}<label>Approver <input name=\"approver\" required></label><label>Note <input name=\"note\"></label><label>Uses <input name=\"uses\" type=\"number\" min=\"1\" max=\"100\" value=\"1\"></label><button class=\"approve\">Approve</button></form>\
              <form method=\"post\" action=\"/console/approvals/{id}/deny\">{csrf}<label>Approver <input name=\"approver\" required></label><label>Note <input name=\"note\"></label><button class=\"deny\">Deny</button></form></article>",
             id = esc(&a.id),

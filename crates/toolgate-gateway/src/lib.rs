@@ -321,6 +321,18 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
             })
         })
         .collect();
+    warnings.extend(
+        engine
+            .sources()
+            .filter(|(_, source)| source.reads_approval && source.approval.is_none())
+            .map(|(id, source)| {
+                format!(
+                    "{}:{}: policy `{id}` reads context.approval but has no @approval: a call's approval is only given where @approval forbids alone deny it",
+                    source.file.display(),
+                    source.line
+                )
+            }),
+    );
     let mut folders = vec![(config.policies.clone(), 0)];
     while let Some((folder, depth)) = folders.pop() {
         for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {

@@ -72,6 +72,8 @@ pub struct PolicySource {
     pub reason: Option<String>,
     /// `@approval("...")` on a forbid: a person may lift its deny for one call.
     pub approval: Option<String>,
+    /// The policy reads `context.approval` (which only `@approval` forbids are given).
+    pub reads_approval: bool,
     /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
     /// records it, so a later reader can tell whether the policy changed since.
     pub version: String,
@@ -519,6 +521,10 @@ pub fn parse_policy_file(
                 grants,
                 shadow,
                 reason,
+                reads_approval: {
+                    let text = policy.to_string();
+                    text.contains("context.approval") || text.contains("has approval")
+                },
                 approval,
                 version: policy_version(policy),
                 unread_annotations,
