@@ -419,3 +419,44 @@ async fn each_new_approval_is_posted_to_the_webhook_signed_once() {
         format!("sha256={expected}")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_that_cannot_lift_the_deny_and_a_denied_call_are_not_asked_again() {
+    // This forbid asks for a person but never reads `context.approval`: an approval cannot
+    // lift it, and asking again would never end.
+    let stubborn = BILLING.replace("unless { context has approval };", ";");
+    let upstream = Upstream::start().await;
+    let schema = schema();
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[
+            ("billing.cedar", &stubborn),
+            ("schema.cedarschema", &schema),
+        ],
+        inbound: None,
+        mcp: None,
+        extra_config: "",
+    })
+    .await;
+    let token = gw.idp.delegated();
+    let id = approval_id(&refund(gw.addr, &token, 900).await);
+    let approve = json!({"approver": "carol"});
+    let path = format!("/admin/approvals/{id}/approve");
+    assert_eq!(admin(gw.admin, "POST", &path, approve).await.status, 200);
+    let still = refund(gw.addr, &token, 900).await;
+    assert_eq!(still.status, 403);
+    assert_eq!(still.json()["error"], "forbidden", "{:?}", still.body);
+
+    // A person's no to a call holds for that call: it is not asked again while it stands.
+    let other = approval_id(&refund(gw.addr, &token, 950).await);
+    let deny = json!({"approver": "carol", "note": "no"});
+    let path = format!("/admin/approvals/{other}/deny");
+    assert_eq!(admin(gw.admin, "POST", &path, deny).await.status, 200);
+    let refused = refund(gw.addr, &token, 950).await;
+    assert_eq!(refused.json()["error"], "forbidden", "{:?}", refused.body);
+    let listed = admin(gw.admin, "GET", "/admin/approvals", Value::Null)
+        .await
+        .json();
+    assert_eq!(listed["approvals"].as_array().unwrap().len(), 2, "{listed}");
+    assert!(upstream.requests().is_empty());
+}

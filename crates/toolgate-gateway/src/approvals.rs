@@ -37,49 +37,51 @@ impl Gateway {
         action: &str,
         resource: Resource<'_>,
         args: Map<String, Value>,
+        forwarded: Option<Map<String, Value>>,
         record: &mut AuditRecord,
     ) -> Result<CallDecision, Refusal> {
-        let digest = args_digest(&args);
-        let decision = self.authorize(ctx, action, resource.clone(), args.clone(), record);
+        let mut decision = self.authorize(ctx, action, resource.clone(), args.clone(), record);
+        let plain = |decision| CallDecision {
+            decision,
+            approval_id: None,
+        };
         if decision.allowed || decision.approval.is_none() {
-            return Ok(CallDecision {
-                decision,
-                approval_id: None,
-            });
+            return Ok(plain(decision));
         }
+        // The call is identified by what it forwards: one that forwards what no policy saw
+        // (undeclared arguments, a streamed body) cannot be approved as a whole.
+        let Some(forwarded) = forwarded else {
+            record.errors.push(
+                "no approval can lift this deny: the call forwards what no policy reads (undeclared_arguments: forward, or a body not read as arguments)".into(),
+            );
+            decision.approval = None;
+            return Ok(plain(decision));
+        };
+        let digest = args_digest(&forwarded);
         let now = toolgate_identity::unix_now();
         let caller = ctx.caller;
-        let key = call_key(&caller.agent, caller.user.as_deref(), action, &digest);
+        let task = ctx.task.as_ref().map(|t| t.id.as_str());
+        let key = call_key(&caller.agent, caller.user.as_deref(), task, action, &digest);
         let asking = self.policy_versions(ctx, &decision.policies);
-        if let Some(approved) = self.tasks.approval_of_call(&key).await? {
-            // Only what the person saw: the same policies, unchanged, alone deny the call.
-            if approved.usable(now) && approved.policies == asking {
-                let with = ApprovalContext {
-                    id: approved.id.clone(),
-                    by: approved.decided_by.clone().unwrap_or_default(),
-                    at: approved.decided_at.unwrap_or(now),
-                    note: approved.note.clone(),
-                };
-                // Decided on a copy of the line: unless the approval is taken, the line keeps
-                // the deny it records.
-                let mut line = record.clone();
-                let decision =
-                    self.authorize_approved(ctx, action, resource, args.clone(), &mut line, with);
-                if decision.allowed && self.tasks.consume_approval(&approved.id, now).await? {
-                    *record = line;
-                    self.metrics.approvals.with_label_values(&["used"]).inc();
-                    record.approval_id = Some(approved.id);
-                    record.approval_step = Some("used");
-                    return Ok(CallDecision {
-                        decision,
-                        approval_id: None,
-                    });
-                }
+        let latest = self.tasks.approval_of_call(&key).await?;
+        if let Some(latest) = &latest {
+            if latest.status == Status::Denied && now < latest.expires_at {
+                // A person said no to this very call: it is not asked again until that expires.
+                record.approval_id = Some(latest.id.clone());
+                decision.approval = None;
+                decision.reason = Some(format!("a person denied this call ({})", latest.id));
+                return Ok(plain(decision));
+            }
+        }
+        if let Some(approved) = latest.filter(|a| a.usable(now) && a.policies == asking) {
+            let call = (action, resource, args);
+            if let Some(decided) = self.use_approval(ctx, call, approved, now, record).await? {
+                return Ok(decided);
             }
         }
         let asked = CallAsked {
             digest,
-            args,
+            args: forwarded,
             policies: asking,
         };
         let id = self.ask(ctx, action, &decision, asked, now, record).await?;
@@ -87,6 +89,53 @@ impl Gateway {
             decision,
             approval_id: Some(id),
         })
+    }
+
+    /// Decides the call again with its approval (given by a person for the same policies,
+    /// unchanged, alone denying it), and takes one use. `None`: the use was taken meanwhile
+    /// (by another replica): the call asks anew.
+    async fn use_approval(
+        &self,
+        ctx: &CallContext<'_>,
+        (action, resource, args): (&str, Resource<'_>, Map<String, Value>),
+        approved: CallApproval,
+        now: u64,
+        record: &mut AuditRecord,
+    ) -> Result<Option<CallDecision>, Refusal> {
+        let with = ApprovalContext {
+            id: approved.id.clone(),
+            by: approved.decided_by.clone().unwrap_or_default(),
+            at: approved.decided_at.unwrap_or(now),
+            note: approved.note.clone(),
+        };
+        // Decided on a copy of the line: unless the approval is taken, the line keeps the deny
+        // it records.
+        let mut line = record.clone();
+        let mut decision = self.authorize_approved(ctx, action, resource, args, &mut line, with);
+        if !decision.allowed {
+            // Approved, and still denied (no permit, or the policy does not read
+            // `context.approval`): asking again would never end.
+            record.errors.push(format!(
+                "approval {} given, and the call is still denied with it",
+                approved.id
+            ));
+            decision.approval = None;
+            return Ok(Some(CallDecision {
+                decision,
+                approval_id: None,
+            }));
+        }
+        if !self.tasks.consume_approval(&approved.id, now).await? {
+            return Ok(None);
+        }
+        *record = line;
+        self.metrics.approvals.with_label_values(&["used"]).inc();
+        record.approval_id = Some(approved.id);
+        record.approval_step = Some("used");
+        Ok(Some(CallDecision {
+            decision,
+            approval_id: None,
+        }))
     }
 
     /// Records (or finds) the pending approval of this call; its id.
@@ -217,13 +266,6 @@ impl Gateway {
         else {
             return;
         };
-        let secret = match std::fs::read(secret_file) {
-            Ok(secret) => secret.trim_ascii().to_vec(),
-            Err(e) => {
-                tracing::warn!(file = %secret_file.display(), error = %e, "approval webhook secret unreadable: not sent");
-                return;
-            }
-        };
         let console = config
             .console_url
             .as_deref()
@@ -234,19 +276,28 @@ impl Gateway {
             "expires_at": approval.expires_at, "console": console,
         })
         .to_string();
-        let timestamp = toolgate_identity::unix_now().to_string();
-        let signed = format!("{timestamp}.{body}");
-        let signature = toolgate_credential::hmac_sha256_hex(&secret, signed.as_bytes());
-        let request = http::Request::post(url.as_str())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header("toolgate-timestamp", &timestamp)
-            .header("toolgate-signature", format!("sha256={signature}"))
-            .body(crate::answer::full(body));
-        let Ok(request) = request else {
-            return;
-        };
+        let (url, secret_file) = (url.clone(), secret_file.clone());
         let client = self.client.clone();
         tokio::spawn(async move {
+            // Read when sent (off the request path): a rotated secret is used at once.
+            let secret = match tokio::fs::read(&secret_file).await {
+                Ok(secret) => secret.trim_ascii().to_vec(),
+                Err(e) => {
+                    tracing::warn!(file = %secret_file.display(), error = %e, "approval webhook secret unreadable: not sent");
+                    return;
+                }
+            };
+            let timestamp = toolgate_identity::unix_now().to_string();
+            let signed = format!("{timestamp}.{body}");
+            let signature = toolgate_credential::hmac_sha256_hex(&secret, signed.as_bytes());
+            let request = http::Request::post(url.as_str())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header("toolgate-timestamp", &timestamp)
+                .header("toolgate-signature", format!("sha256={signature}"))
+                .body(crate::answer::full(body));
+            let Ok(request) = request else {
+                return;
+            };
             let sent =
                 tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request));
             match sent.await {

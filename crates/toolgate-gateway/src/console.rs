@@ -106,7 +106,10 @@ impl Gateway {
             return page(StatusCode::FORBIDDEN, "Sign in", &login_form(Some(why)));
         };
         let presented = form.get("token").map(String::as_str).unwrap_or("");
-        if !crate::admin::constant_time_eq(presented.trim().as_bytes(), expected.as_bytes()) {
+        let right =
+            crate::admin::constant_time_eq(presented.trim().as_bytes(), expected.as_bytes());
+        self.audit_sign_in(right);
+        if !right {
             tracing::warn!("console sign-in refused: wrong admin token");
             return page(
                 StatusCode::UNAUTHORIZED,
@@ -120,11 +123,15 @@ impl Gateway {
             return page(StatusCode::FORBIDDEN, "Sign in", &login_form(None));
         };
         let tag = self.minter.session_tag(&binding);
-        let secure = if self.config.tls.is_some() {
-            "; Secure"
-        } else {
-            ""
-        };
+        // The admin listener speaks plain HTTP; a console reached over TLS (a proxy in front)
+        // says so by its `approvals.console_url`.
+        let behind_tls = self
+            .config
+            .approvals
+            .console_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"));
+        let secure = if behind_tls { "; Secure" } else { "" };
         let cookie = format!(
             "{COOKIE}={expires}.{nonce}.{tag}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECONDS}{secure}"
         );
@@ -135,6 +142,26 @@ impl Gateway {
         response
     }
 
+    /// A sign-in, as the audit records an admin token presented on the admin API.
+    fn audit_sign_in(&self, right: bool) {
+        let mut record = AuditRecord {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            time: toolgate_policy::utc_millis(chrono::Utc::now()),
+            method: "POST".into(),
+            path: "/console/login".into(),
+            agent: Some("console".into()),
+            action: Some("sign_in".into()),
+            decision: Verdict::of(right),
+            unauthenticated: !right,
+            ..AuditRecord::default()
+        };
+        record.status = if right { 303 } else { 401 };
+        if !right {
+            record.errors.push("admin token missing or wrong".into());
+        }
+        self.finish(record, None);
+    }
+
     /// A change (decide an approval, end a task, sign out): its synchroniser token first.
     async fn console_change(
         &self,
@@ -142,6 +169,11 @@ impl Gateway {
         session: &Session,
     ) -> Response<Body> {
         let path = request.uri().path().to_string();
+        // Room for its audit line first: an operator's change is never made unrecorded.
+        let slot = match self.audit_room() {
+            Ok(slot) => slot,
+            Err(refusal) => return refusal.into_response("", None),
+        };
         let mut record = AuditRecord {
             agent: Some("console".into()),
             decision: Verdict::Allow,
@@ -164,7 +196,7 @@ impl Gateway {
                 .errors
                 .push("console change without its synchroniser token".into());
             record.status = StatusCode::FORBIDDEN.as_u16();
-            self.finish(record, None);
+            self.finish(record, Some(slot));
             return page(
                 StatusCode::FORBIDDEN,
                 "Refused",
@@ -188,7 +220,7 @@ impl Gateway {
             }
         };
         record.status = response.status().as_u16();
-        self.finish(record, None);
+        self.finish(record, Some(slot));
         response
     }
 

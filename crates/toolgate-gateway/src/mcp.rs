@@ -782,17 +782,15 @@ impl Gateway {
                 return Err(argument_answer(id, place, &refusal, !has_output_schema));
             }
         };
-        let decided = self
-            .decide_call(ctx, tool.as_str(), tool.resource(), rendered.policy, line)
-            .await;
-        let decided = match decided {
-            Ok(decided) => decided,
-            Err(refusal) => {
-                line.errors.push(error_chain(&refusal));
-                let why = refusal.to_string();
-                return Err(error_response(id, code::FORBIDDEN, &why, None));
-            }
-        };
+        // The forwarded arguments identify the call, when no policy left any of them unseen.
+        let seen = rules.undeclared == crate::args::Undeclared::Refuse;
+        let forwarded = seen.then(|| rendered.forward.clone());
+        let (action, policy) = (tool.as_str(), rendered.policy);
+        let decided = self.decide_call(ctx, action, tool.resource(), policy, forwarded, line);
+        let decided = decided.await.map_err(|refusal| {
+            line.errors.push(error_chain(&refusal));
+            error_response(id, code::FORBIDDEN, &refusal.to_string(), None)
+        })?;
         let decision = decided.decision;
         if !decision.allowed {
             let denial = Denial::of_call(&decision, decided.approval_id);

@@ -329,8 +329,13 @@ impl Gateway {
         .await;
         record.trace.step("read_arguments", started);
         let (request, args) = read?;
+        // What is forwarded is what the policy saw only when nothing undeclared passes and
+        // the body is read as declared arguments (not streamed).
+        let seen = route.undeclared == crate::args::Undeclared::Refuse
+            && context.is_some_and(|c| !c.args.is_empty());
+        let forwarded = seen.then(|| args.clone());
         let decided = self
-            .decide_call(ctx, tool.as_str(), tool.resource(), args, record)
+            .decide_call(ctx, tool.as_str(), tool.resource(), args, forwarded, record)
             .await?;
         let decision = decided.decision;
         if !decision.allowed {

@@ -53,9 +53,11 @@ pub enum Status {
 impl CallApproval {
     /// What identifies the call: agent, user, action and argument digest.
     pub fn key(&self) -> String {
+        let task = self.task.as_deref();
         call_key(
             &self.agent,
             self.user.as_deref(),
+            task,
             &self.action,
             &self.digest,
         )
@@ -81,10 +83,16 @@ impl CallApproval {
     }
 }
 
-/// The key of one call: a digest of who, what and the argument digest, with no two different
-/// calls writing the same text.
-pub fn call_key(agent: &str, user: Option<&str>, action: &str, digest: &str) -> String {
-    let text = serde_json::json!([agent, user, action, digest]).to_string();
+/// The key of one call: a digest of who, in which task, what and the argument digest, with no
+/// two different calls writing the same text.
+pub fn call_key(
+    agent: &str,
+    user: Option<&str>,
+    task: Option<&str>,
+    action: &str,
+    digest: &str,
+) -> String {
+    let text = serde_json::json!([agent, user, task, action, digest]).to_string();
     hex(&Sha256::digest(text.as_bytes()))
 }
 
@@ -181,8 +189,8 @@ mod tests {
         assert_eq!(args_digest(&a), args_digest(&b));
         assert_ne!(args_digest(&a), args_digest(&c));
         assert_ne!(
-            call_key("a", Some("u"), "x/y", "d"),
-            call_key("a", None, "x/y", "d")
+            call_key("a", Some("u"), None, "x/y", "d"),
+            call_key("a", None, None, "x/y", "d")
         );
     }
 }
