@@ -253,6 +253,11 @@ async fn an_expired_approval_cannot_be_decided() {
     )
     .await;
     assert_eq!(late.status, 409, "{:?}", late.body);
+    assert_eq!(late.json()["error"], "approval_expired");
+    let ended = gw
+        .audit_line(|l| l["approval_id"] == id.as_str() && l["approval_step"] == "expired")
+        .await;
+    assert_eq!(ended["action"], "approve_call");
     let listed = admin(
         gw.admin,
         "GET",

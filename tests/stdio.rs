@@ -516,3 +516,54 @@ async fn pin_asks_a_command_upstream_by_running_it() {
     assert_eq!(pin_run["env"]["WHO"], "toolgate/toolgate");
     assert!(!alive(pin_run["pid"].as_u64().unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_process_serves_every_session_and_keeps_their_ids_apart() {
+    let rest = Upstream::start().await;
+    let records = TempDir::new("stdio-shared");
+    let upstream = format!(
+        "  - name: rec\n    kind: mcp\n    command: [\"{}\", \"{}\"]\n    env: {{ RECORD_DIR: \"{}\" }}\n    process: {{ shared: true }}\n",
+        python().display(),
+        repo().join("tests/stdio/recorder.py").display(),
+        records.0.display()
+    );
+    let gw = Gateway::start_with_upstreams(
+        GatewayOptions {
+            upstream: rest.addr,
+            extra_policies: &[("rec.cedarschema", SCHEMA), ("rec.cedar", POLICIES)],
+            inbound: None,
+            mcp: None,
+            extra_config: "",
+        },
+        &upstream,
+    )
+    .await;
+    let alice = gw.idp.delegated();
+    let bob = gw
+        .idp
+        .sign(json!({"sub": "bob", "act": {"sub": "planner"}}));
+    let first = session_of(&open(&gw, &alice).await);
+    let second = session_of(&open(&gw, &bob).await);
+    assert_ne!(first, second);
+    // Both callers use the same id (7) at once: each gets its own answer.
+    let (a, b) = tokio::join!(
+        call(&gw, &alice, &first, "echo", json!({"text": "from alice"})),
+        call(&gw, &bob, &second, "echo", json!({"text": "from bob"})),
+    );
+    assert_eq!(text(&a), "from alice");
+    assert_eq!(text(&b), "from bob");
+    let pid_a = text(&call(&gw, &alice, &first, "pid", json!({})).await).to_string();
+    let pid_b = text(&call(&gw, &bob, &second, "pid", json!({})).await).to_string();
+    assert_eq!(pid_a, pid_b, "one process for every session");
+    assert_eq!(starts(&records.0).len(), 1);
+    // A session is still its caller's: bob cannot use alice's.
+    let foreign = rpc(
+        &gw,
+        &bob,
+        Some(&first),
+        json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(foreign.status, 404);
+    drop(rest);
+}

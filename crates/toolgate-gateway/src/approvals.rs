@@ -236,6 +236,11 @@ impl Gateway {
         let decided_approval = self.tasks.decide_approval(id, &decided).await?;
         let Some(approval) = decided_approval else {
             return Err(match self.tasks.approval(id).await? {
+                Some(found) if found.state(decided.at) == "expired" => {
+                    // The first word on an expired approval records its end.
+                    record.approval_step = Some("expired");
+                    Refusal::Conflict("approval_expired")
+                }
                 Some(_) => Refusal::Conflict("approval_not_pending"),
                 None => Refusal::NotFound("approval_not_found"),
             });
