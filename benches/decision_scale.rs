@@ -47,6 +47,7 @@ fn request(claims: &Map<String, serde_json::Value>) -> AuthzRequest<'_> {
         task: None,
         issuer: "",
         approval: None,
+        usage: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn authorize(c: &mut Criterion) {
         task: None,
         issuer: "",
         approval: None,
+        usage: None,
     };
     assert!(engine.authorize(&request).allowed);
     let mut group = c.benchmark_group("authorize");

@@ -103,6 +103,7 @@ impl RequestFile {
             }),
             issuer: &self.issuer,
             approval: None,
+            usage: None,
         };
         Ok(engine.authorize(&request))
     }

@@ -48,6 +48,9 @@ pub enum Refusal {
     HeadersTooLarge,
     #[error("request URI too long")]
     UriTooLong,
+    /// A `@rate_limit` policy's deny: 429 with `Retry-After` and the `RateLimit` headers.
+    #[error("rate limited")]
+    RateLimited(Box<crate::usage::Limited>),
     /// The state does not allow it (an approval no longer pending): 409.
     #[error("conflict: {0}")]
     Conflict(&'static str),
@@ -196,6 +199,7 @@ impl Refusal {
             Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Conflict(_) => StatusCode::CONFLICT,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -274,6 +278,7 @@ impl Refusal {
             Refusal::UriTooLong => json!({"error": "uri_too_long"}),
             Refusal::RequestTimeout => json!({"error": "request_timeout"}),
             Refusal::Conflict(what) => json!({"error": what}),
+            Refusal::RateLimited(limited) => limited.body(decision_id),
             Refusal::TooMany(what) | Refusal::AtCapacity(what) => {
                 json!({"error": what, "decision_id": decision_id})
             }
@@ -299,6 +304,9 @@ impl Refusal {
         | Refusal::NoUpstreamToken(TokenError::Timeout(_) | TokenError::Unreachable(_)) = self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Refusal::RateLimited(limited) = self {
+            limited.add_headers(headers);
         }
         if let Refusal::AdminUnauthorized = self {
             headers.insert(

@@ -12,7 +12,7 @@ use toolgate_tasks::approvals::{
 
 use crate::answer::Refusal;
 use crate::audit::AuditRecord;
-use crate::pipeline::CallContext;
+use crate::pipeline::{CallContext, Extra};
 use crate::Gateway;
 
 /// What an approval is asked for: the call's arguments, their digest, the asking policies.
@@ -26,6 +26,8 @@ struct CallAsked {
 pub(crate) struct CallDecision {
     pub decision: Decision,
     pub approval_id: Option<String>,
+    /// A `@rate_limit` deny: when to come back.
+    pub limited: Option<crate::usage::Limited>,
 }
 
 impl Gateway {
@@ -40,10 +42,64 @@ impl Gateway {
         forwarded: Option<Map<String, Value>>,
         record: &mut AuditRecord,
     ) -> Result<CallDecision, Refusal> {
-        let mut decision = self.authorize(ctx, action, resource.clone(), args.clone(), record);
+        let counted = self.reserve_usage(ctx, action, &args).await?;
+        let usage = (!counted.is_empty()).then(|| counted.now());
+        record.usage = usage.clone();
+        let call = (action, resource.clone(), args.clone());
+        let decided = self
+            .decide_approved(ctx, call, forwarded, usage, record)
+            .await;
+        let mut decided = match decided {
+            Ok(decided) if decided.decision.allowed => {
+                record.usage_reserved = counted.reserved;
+                return Ok(decided);
+            }
+            other => {
+                // Denied (or refused): what it reserved is given back.
+                self.release_usage(&counted.reserved).await;
+                other?
+            }
+        };
+        if decided.decision.rate_limited {
+            let allows = |values| {
+                let mut scratch = record.clone();
+                let extra = Extra {
+                    approval: None,
+                    usage: Some(values),
+                };
+                let args = args.clone();
+                self.authorize_with(ctx, action, resource.clone(), args, &mut scratch, extra)
+                    .allowed
+            };
+            let limited = counted.retry_after(allows);
+            if let Some((name, ..)) = &limited.counter {
+                self.metrics.rate_limited.with_label_values(&[name]).inc();
+            }
+            decided.limited = Some(limited);
+        }
+        Ok(decided)
+    }
+
+    /// Decides a call with its usage; a deny `@approval` forbids alone determine is looked up
+    /// in the store: an approved approval of this very call is used, else one is asked for.
+    async fn decide_approved(
+        &self,
+        ctx: &CallContext<'_>,
+        (action, resource, args): (&str, Resource<'_>, Map<String, Value>),
+        forwarded: Option<Map<String, Value>>,
+        usage: Option<Map<String, Value>>,
+        record: &mut AuditRecord,
+    ) -> Result<CallDecision, Refusal> {
+        let extra = Extra {
+            approval: None,
+            usage: usage.clone(),
+        };
+        let mut decision =
+            self.authorize_with(ctx, action, resource.clone(), args.clone(), record, extra);
         let plain = |decision| CallDecision {
             decision,
             approval_id: None,
+            limited: None,
         };
         if decision.allowed || decision.approval.is_none() {
             return Ok(plain(decision));
@@ -75,7 +131,8 @@ impl Gateway {
         }
         if let Some(approved) = latest.filter(|a| a.usable(now) && a.policies == asking) {
             let call = (action, resource, args);
-            if let Some(decided) = self.use_approval(ctx, call, approved, now, record).await? {
+            let used = self.use_approval(ctx, call, approved, usage, now, record);
+            if let Some(decided) = used.await? {
                 return Ok(decided);
             }
         }
@@ -88,6 +145,7 @@ impl Gateway {
         Ok(CallDecision {
             decision,
             approval_id: Some(id),
+            limited: None,
         })
     }
 
@@ -99,6 +157,7 @@ impl Gateway {
         ctx: &CallContext<'_>,
         (action, resource, args): (&str, Resource<'_>, Map<String, Value>),
         approved: CallApproval,
+        usage: Option<Map<String, Value>>,
         now: u64,
         record: &mut AuditRecord,
     ) -> Result<Option<CallDecision>, Refusal> {
@@ -111,7 +170,11 @@ impl Gateway {
         // Decided on a copy of the line: unless the approval is taken, the line keeps the deny
         // it records.
         let mut line = record.clone();
-        let mut decision = self.authorize_approved(ctx, action, resource, args, &mut line, with);
+        let extra = Extra {
+            approval: Some(with),
+            usage,
+        };
+        let mut decision = self.authorize_with(ctx, action, resource, args, &mut line, extra);
         if !decision.allowed {
             // Approved, and still denied (no permit, or the policy does not read
             // `context.approval`): asking again would never end.
@@ -123,6 +186,7 @@ impl Gateway {
             return Ok(Some(CallDecision {
                 decision,
                 approval_id: None,
+                limited: None,
             }));
         }
         if !self.tasks.consume_approval(&approved.id, now).await? {
@@ -135,6 +199,7 @@ impl Gateway {
         Ok(Some(CallDecision {
             decision,
             approval_id: None,
+            limited: None,
         }))
     }
 

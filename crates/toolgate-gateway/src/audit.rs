@@ -77,6 +77,13 @@ pub struct AuditRecord {
     pub approval_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_step: Option<&'static str>,
+    /// The usage counters the decision read, as it read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Map<String, serde_json::Value>>,
+    /// What an allowed call reserved in its counters: given back if it never reaches the
+    /// upstream.
+    #[serde(skip)]
+    pub usage_reserved: Vec<toolgate_tasks::usage::Reservation>,
     pub jti: Option<String>,
     /// Which `credential.mode` served the call (`mint`, `inject`, `exchange`,
     /// `client_credentials`), and the credential's id: the `jti` of a JWT, else a hash.

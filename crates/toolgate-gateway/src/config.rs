@@ -52,6 +52,9 @@ pub struct Config {
     /// Approvals of single calls that `@approval` policies ask for.
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// Counters policies read as `context.usage.<name>`.
+    #[serde(default)]
+    pub usage: UsageConfig,
     /// The file it was read from, for problems found later to name their line.
     #[serde(skip)]
     pub source: Source,
@@ -424,6 +427,72 @@ pub struct UpstreamConfig {
     /// Non-standard agent headers passed on to this upstream (others are dropped).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+}
+
+/// `usage:`: the counters policies read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    #[serde(default)]
+    pub counters: Vec<Counter>,
+}
+
+/// One counter: calls (or a summed argument) per key, in a sliding window.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Counter {
+    /// `context.usage.<name>`.
+    pub name: String,
+    /// What the key is made of: agent, user, tool, upstream, task, issuer.
+    #[serde(default)]
+    pub per: Vec<KeyPart>,
+    pub window_seconds: u64,
+    /// Counted only for these actions (default: every call).
+    #[serde(default)]
+    pub actions: Option<Vec<String>>,
+    /// Adds this declared `Long` argument instead of counting calls.
+    #[serde(default)]
+    pub sum: Option<String>,
+    /// For the `RateLimit` headers only: the policies decide.
+    #[serde(default)]
+    pub limit: Option<u64>,
+}
+
+/// What a counter's key may hold: only what the gateway authenticated or classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyPart {
+    Agent,
+    User,
+    Tool,
+    Upstream,
+    Task,
+    Issuer,
+}
+
+impl UsageConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut names = HashSet::new();
+        for counter in &self.counters {
+            let at = format!("usage.counters: {}", counter.name);
+            let named = !counter.name.is_empty()
+                && counter
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !named {
+                errors.push(format!("{at}: name must be [a-z0-9_]"));
+            }
+            if !names.insert(counter.name.as_str()) {
+                errors.push(format!("{at}: duplicate name"));
+            }
+            if counter.window_seconds == 0 || counter.window_seconds > 31 * 86_400 {
+                errors.push(format!("{at}: window_seconds must be 1 to 31 days"));
+            }
+        }
+        errors
+    }
 }
 
 /// `approvals:`: how long a person has to decide, and how many may wait.
@@ -1194,6 +1263,7 @@ impl Config {
         // The lock file itself is re-read at reload; which file (or whether any) is not.
         differs("tool_pins", self.tool_pins == other.tool_pins);
         differs("approvals", self.approvals == other.approvals);
+        differs("usage", self.usage == other.usage);
         changed
     }
 
@@ -1505,6 +1575,7 @@ impl Config {
         }
         errors.extend(self.endpoint_problems());
         errors.extend(self.approvals.problems());
+        errors.extend(self.usage.problems());
         if errors.is_empty() {
             Ok(())
         } else {

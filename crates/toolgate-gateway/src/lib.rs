@@ -20,6 +20,7 @@ mod rest;
 pub mod routes;
 mod server;
 mod stdio;
+mod usage;
 pub use stdio::LocalServer;
 mod tasks;
 pub mod trace;

@@ -311,6 +311,12 @@ impl Plan {
         None
     }
 
+    /// A message refused before any decision: the gateway's answer, the reason recorded.
+    fn refuse(&mut self, record: &mut AuditRecord, why: String, answer: Value) {
+        record.errors.push(why);
+        self.answered.push(answer);
+    }
+
     /// A message the policy allowed, forwarded as rendered.
     fn decided(
         &mut self,
@@ -687,37 +693,68 @@ impl Gateway {
                     continue;
                 }
                 Ok(Intent::Unknown(m)) => {
-                    record.errors.push(format!("method not allowed: {m}"));
-                    let message = format!("method not found: {m}");
-                    let answer = error_response(id, code::METHOD_NOT_FOUND, &message, None);
-                    plan.answered.push(answer);
+                    let (why, said) = (
+                        format!("method not allowed: {m}"),
+                        format!("method not found: {m}"),
+                    );
+                    plan.refuse(
+                        record,
+                        why,
+                        error_response(id, code::METHOD_NOT_FOUND, &said, None),
+                    );
                     continue;
                 }
                 Err(e) => {
-                    record.errors.push(e.message.clone());
-                    plan.answered
-                        .push(error_response(id, e.code, &e.message, None));
+                    let answer = error_response(id, e.code, &e.message, None);
+                    plan.refuse(record, e.message, answer);
                     continue;
                 }
             };
-            // One audit line per decision: the request's own for a single message.
-            let mut own = batch.then(|| AuditRecord {
-                decision_id: uuid::Uuid::now_v7().to_string(),
-                errors: Vec::new(),
-                ..record.clone()
-            });
-            let line = own.as_mut().unwrap_or(record);
-            let tool = ActionId::new(upstream.name(), &action);
-            line.action = Some(tool.to_string());
-            line.resource = Some(tool.to_string());
-            let decided = self.decide_message(ctx, upstream, &message, &tool, args, place, line);
-            match decided.await {
-                Ok((forward, grants)) => plan.decided(&tool, id, forward, grants),
-                Err(answer) => plan.answered.push(answer),
-            }
-            plan.decisions.extend(own);
+            let id = id.cloned();
+            let deciding = (message.as_ref(), id.as_ref(), action, args, place);
+            self.plan_decision(ctx, upstream, &mut plan, batch, deciding, record)
+                .await;
         }
         plan
+    }
+
+    /// Decides one message into the plan, on its own audit line in a batch.
+    async fn plan_decision(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        plan: &mut Plan,
+        batch: bool,
+        (message, id, action, args, place): (
+            &Value,
+            Option<&Value>,
+            String,
+            Map<String, Value>,
+            ArgsPlace,
+        ),
+        record: &mut AuditRecord,
+    ) {
+        // One audit line per decision: the request's own for a single message.
+        let mut own = batch.then(|| AuditRecord {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            errors: Vec::new(),
+            ..record.clone()
+        });
+        let line = own.as_mut().unwrap_or(record);
+        let tool = ActionId::new(upstream.name(), &action);
+        line.action = Some(tool.to_string());
+        line.resource = Some(tool.to_string());
+        let decided = self.decide_message(ctx, upstream, message, &tool, args, place, line);
+        match decided.await {
+            Ok((forward, grants)) => plan.decided(&tool, id, forward, grants),
+            Err(answer) => plan.answered.push(answer),
+        }
+        if let Some(own) = own.as_mut() {
+            // A batch is forwarded once, under the request's line: given back with it.
+            let reserved = std::mem::take(&mut own.usage_reserved);
+            record.usage_reserved.extend(reserved);
+        }
+        plan.decisions.extend(own);
     }
 
     /// Counts an agent's message by upstream and method; its method (`response` for an
@@ -791,11 +828,10 @@ impl Gateway {
             line.errors.push(error_chain(&refusal));
             error_response(id, code::FORBIDDEN, &refusal.to_string(), None)
         })?;
-        let decision = decided.decision;
-        if !decision.allowed {
-            let denial = Denial::of_call(&decision, decided.approval_id);
-            return Err(denied(id, &denial, &line.decision_id));
+        if !decided.decision.allowed {
+            return Err(denied(id, decided, &line.decision_id));
         }
+        let decision = decided.decision;
         Ok((
             rendered_message(message, place, rendered.forward),
             decision.grants,
@@ -850,8 +886,14 @@ impl Gateway {
 
 /// A listed tool's input schema, when it has one.
 /// A deny as the JSON-RPC error MCP clients read: `forbidden by policy` (the data less its
-/// `error`), or `approval required` (the data naming the approval).
-fn denied(id: Option<&Value>, denial: &Denial, decision_id: &str) -> Value {
+/// `error`), `approval required` (the data naming the approval), or `rate limited` (the data
+/// with `retry_after`).
+fn denied(id: Option<&Value>, decided: crate::approvals::CallDecision, decision_id: &str) -> Value {
+    if let Some(limited) = decided.limited {
+        let data = limited.body(decision_id);
+        return error_response(id, code::FORBIDDEN, "rate limited", Some(data));
+    }
+    let denial = Denial::of_call(&decided.decision, decided.approval_id);
     let mut data = denial.body(decision_id);
     let message = match denial.approval_id {
         Some(_) => "approval required",

@@ -31,6 +31,8 @@ pub struct Metrics {
     /// Approvals of single calls by step (requested, approved, denied, used), and how long a
     /// person took to decide.
     pub approvals: IntCounterVec,
+    /// Calls a `@rate_limit` policy denied, by the counter it read.
+    pub rate_limited: IntCounterVec,
     pub approval_wait: Histogram,
     /// Processes of `command:` upstreams running, and those started again after a crash.
     pub processes: IntGaugeVec,
@@ -172,6 +174,13 @@ impl Metrics {
                 "toolgate_approvals_total",
                 "Approvals of single calls by step: requested (a new pending one), approved, denied, used.",
                 &["step"],
+                r
+            )
+            .expect("metric"),
+            rate_limited: register_int_counter_vec_with_registry!(
+                "toolgate_rate_limited_total",
+                "Calls a @rate_limit policy denied (429), by the first counter the call read.",
+                &["counter"],
                 r
             )
             .expect("metric"),

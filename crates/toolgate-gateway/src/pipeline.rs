@@ -59,6 +59,15 @@ impl Call {
     }
 }
 
+/// What a call's decision reads beyond its arguments.
+#[derive(Default, Clone)]
+pub(crate) struct Extra {
+    /// A person's approval of this call (`context.approval`).
+    pub approval: Option<toolgate_policy::ApprovalContext>,
+    /// Its usage counters before it (`context.usage`).
+    pub usage: Option<Map<String, Value>>,
+}
+
 /// What every decision of one request shares: who calls, from where, under which policies,
 /// in which task.
 pub(crate) struct CallContext<'a> {
@@ -337,6 +346,9 @@ impl Gateway {
         let decided = self
             .decide_call(ctx, tool.as_str(), tool.resource(), args, forwarded, record)
             .await?;
+        if let Some(limited) = decided.limited {
+            return Err(Refusal::RateLimited(Box::new(limited)));
+        }
         let decision = decided.decision;
         if !decision.allowed {
             let denial = Denial::of_call(&decision, decided.approval_id);
@@ -356,30 +368,18 @@ impl Gateway {
         args: Map<String, Value>,
         record: &mut AuditRecord,
     ) -> Decision {
-        self.authorize_with(ctx, action, resource, args, record, None)
+        self.authorize_with(ctx, action, resource, args, record, Extra::default())
     }
 
-    /// `authorize`, with a person's approval of this call in `context.approval`.
-    pub(crate) fn authorize_approved(
+    /// `authorize`, with what only a call has: a person's approval of it, its usage counters.
+    pub(crate) fn authorize_with(
         &self,
         ctx: &CallContext<'_>,
         action: &str,
         resource: Resource<'_>,
         args: Map<String, Value>,
         record: &mut AuditRecord,
-        approval: toolgate_policy::ApprovalContext,
-    ) -> Decision {
-        self.authorize_with(ctx, action, resource, args, record, Some(approval))
-    }
-
-    fn authorize_with(
-        &self,
-        ctx: &CallContext<'_>,
-        action: &str,
-        resource: Resource<'_>,
-        args: Map<String, Value>,
-        record: &mut AuditRecord,
-        approval: Option<toolgate_policy::ApprovalContext>,
+        extra: Extra,
     ) -> Decision {
         let started = Instant::now();
         let declared = ctx.engine.schema_info().actions.get(action);
@@ -391,7 +391,8 @@ impl Gateway {
             secrets = sensitive;
         }
         let mut request = authz_request(ctx.caller, action, resource, args, ctx.client.ip);
-        request.approval = approval;
+        request.approval = extra.approval;
+        request.usage = extra.usage;
         request.task = ctx
             .task
             .as_ref()
@@ -438,6 +439,28 @@ impl Gateway {
     /// task (refused if the task ended meanwhile), and sends the request with it in place of
     /// whatever the agent sent.
     pub(crate) async fn forward(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        request: Request<Body>,
+        scope: Vec<String>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
+        let reserved = std::mem::take(&mut record.usage_reserved);
+        let result = self
+            .forward_reserved(ctx, upstream, request, scope, record)
+            .await;
+        // What never reached the upstream (or that it failed) counts against no limit.
+        let failed = result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
+        if failed {
+            self.release_usage(&reserved).await;
+        }
+        result
+    }
+
+    async fn forward_reserved(
         &self,
         ctx: &CallContext<'_>,
         upstream: &Upstream,
@@ -942,6 +965,7 @@ pub(crate) fn authz_request<'a>(
         task: None,
         issuer: &caller.issuer,
         approval: None,
+        usage: None,
     }
 }
 

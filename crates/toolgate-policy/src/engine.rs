@@ -73,6 +73,8 @@ pub struct AuthzRequest<'a> {
     pub issuer: &'a str,
     /// A person's approval of exactly this call (`context.approval` where declared).
     pub approval: Option<ApprovalContext>,
+    /// Usage counters' values before this call (`context.usage` where declared).
+    pub usage: Option<Map<String, Value>>,
 }
 
 /// `context.approval`: who approved this call, when, and what they noted.
@@ -101,6 +103,8 @@ pub struct Decision {
     /// On a deny determined only by `@approval` forbids (nothing erred): the first one's text.
     /// A person may lift it for this one call.
     pub approval: Option<String>,
+    /// On a deny (nothing erred) that a `@rate_limit` policy determined: a limit reached.
+    pub rate_limited: bool,
 }
 
 /// The decision the enforced and the shadow policies together would make, where it differs
@@ -125,6 +129,7 @@ impl Decision {
             shadow: None,
             reason: None,
             approval: None,
+            rate_limited: false,
         }
     }
 
@@ -497,6 +502,11 @@ impl PolicyEngine {
                 .collect::<Option<Vec<_>>>()
                 .and_then(|texts| texts.into_iter().next()),
         };
+        let rate_limited = !allowed
+            && errors.is_empty()
+            && determining
+                .iter()
+                .any(|id| self.source(id).is_some_and(|s| s.rate_limit));
         let decision = Decision {
             allowed,
             policies: determining,
@@ -505,6 +515,7 @@ impl PolicyEngine {
             shadow: None,
             reason,
             approval,
+            rate_limited,
         };
         (response, decision)
     }
@@ -888,6 +899,9 @@ fn raw_context(req: &AuthzRequest<'_>, user: Option<&EntityUid>) -> Map<String, 
             value["note"] = json!(note);
         }
         ctx.insert("approval".into(), value);
+    }
+    if let Some(usage) = &req.usage {
+        ctx.insert("usage".into(), Value::Object(usage.clone()));
     }
     // Kept only where the action's context declares it, like every key here.
     ctx.insert("issuer".into(), Value::String(req.issuer.to_string()));
@@ -1292,6 +1306,7 @@ mod tests {
             task: None,
             issuer: "",
             approval: None,
+            usage: None,
         }
     }
 
@@ -1546,6 +1561,7 @@ mod load_tests {
             task: None,
             issuer: "",
             approval: None,
+            usage: None,
         })
     }
 
@@ -1630,6 +1646,7 @@ mod load_tests {
             task: None,
             issuer: "",
             approval: None,
+            usage: None,
         };
         assert_eq!(engine.authorize_unindexed(&request), indexed);
     }
@@ -1811,6 +1828,7 @@ mod load_tests {
             }),
             issuer,
             approval: None,
+            usage: None,
         };
         assert!(
             engine
@@ -1873,6 +1891,7 @@ mod load_tests {
             task: None,
             issuer: "",
             approval: None,
+            usage: None,
         };
         let d = engine.authorize(&req);
         assert!(!d.allowed, "an erroring forbid must deny: {d:?}");

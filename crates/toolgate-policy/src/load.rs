@@ -72,6 +72,8 @@ pub struct PolicySource {
     pub reason: Option<String>,
     /// `@approval("...")` on a forbid: a person may lift its deny for one call.
     pub approval: Option<String>,
+    /// `@rate_limit`: its deny is a limit reached (429, `Retry-After`), not a refusal.
+    pub rate_limit: bool,
     /// The policy reads `context.approval` (which only `@approval` forbids are given).
     pub reads_approval: bool,
     /// A fingerprint of what the policy says (its Cedar text, annotations included): the audit
@@ -489,6 +491,7 @@ pub fn parse_policy_file(
         // `annotation(key)` parses the key with Cedar's grammar on every call; iterate instead.
         let (mut id, mut grants, mut shadow, mut reason) = (None, Vec::new(), false, None);
         let mut approval = None;
+        let mut rate_limit = false;
         let mut unread_annotations = Vec::new();
         for (key, value) in policy.annotations() {
             match key {
@@ -496,6 +499,7 @@ pub fn parse_policy_file(
                 "grants" => grants = value.split_whitespace().map(String::from).collect(),
                 "reason" => reason = Some(value.to_string()),
                 "approval" => approval = Some(value.to_string()),
+                "rate_limit" => rate_limit = true,
                 // A mistyped mode must not quietly enforce (or quietly not).
                 "mode" => match value {
                     "enforce" => shadow = false,
@@ -521,6 +525,7 @@ pub fn parse_policy_file(
                 grants,
                 shadow,
                 reason,
+                rate_limit,
                 reads_approval: {
                     let text = policy.to_string();
                     text.contains("context.approval") || text.contains("has approval")

@@ -142,6 +142,7 @@ proptest! {
                 task: None,
                 issuer: "",
                 approval: None,
+                usage: None,
             };
             prop_assert_eq!(engine.authorize(&request), engine.authorize_unindexed(&request), "{:?}", policies);
         }

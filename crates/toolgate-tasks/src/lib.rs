@@ -6,6 +6,7 @@
 pub mod approvals;
 mod memory;
 mod redis_store;
+pub mod usage;
 
 use std::time::Duration;
 
@@ -335,6 +336,32 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.approvals.all(now).into_iter().take(limit).collect()),
             Store::Redis(r) => r.approvals(now, limit).await,
+        }
+    }
+
+    /// Adds each reservation's amount to its counter, atomically; what each counter's two
+    /// windows held before.
+    pub async fn reserve_usage(
+        &self,
+        reservations: &[usage::Reservation],
+    ) -> Result<Vec<usage::Windows>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.counters.reserve(reservations)),
+            Store::Redis(r) => r.reserve_usage(reservations).await,
+        }
+    }
+
+    /// Gives reserved amounts back (the call was denied, or never reached the upstream).
+    pub async fn release_usage(
+        &self,
+        reservations: &[usage::Reservation],
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.counters.release(reservations);
+                Ok(())
+            }
+            Store::Redis(r) => r.release_usage(reservations).await,
         }
     }
 

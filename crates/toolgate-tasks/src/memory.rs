@@ -20,6 +20,7 @@ pub struct MemoryStore {
     last_sweep: AtomicU64,
     pub(crate) events: broadcast::Sender<Revocation>,
     pub(crate) approvals: crate::approvals::MemoryApprovals,
+    pub(crate) counters: crate::usage::MemoryCounters,
 }
 
 impl MemoryStore {
@@ -31,6 +32,7 @@ impl MemoryStore {
             last_sweep: AtomicU64::new(0),
             events: broadcast::channel(1024).0,
             approvals: Default::default(),
+            counters: Default::default(),
         }
     }
 

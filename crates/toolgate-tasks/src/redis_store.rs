@@ -578,3 +578,71 @@ mod approvals {
         }
     }
 }
+
+/// Usage counters: one key per counter and fixed window, kept two windows; one script per call
+/// adds every amount and reads each counter's two windows before it.
+mod usage {
+    use super::{bounded, RedisStore};
+    use crate::usage::{Reservation, Windows};
+    use crate::StoreError;
+
+    fn key(reservation: &Reservation, window: u64) -> String {
+        format!("toolgate:usage:{}:{window}", reservation.key)
+    }
+
+    impl RedisStore {
+        pub async fn reserve_usage(
+            &self,
+            reservations: &[Reservation],
+        ) -> Result<Vec<Windows>, StoreError> {
+            static RESERVE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+                redis::Script::new(
+                    r#"
+                    local out = {}
+                    for i = 1, #ARGV, 2 do
+                      local current = KEYS[i]
+                      local previous = KEYS[i + 1]
+                      local after = redis.call('INCRBY', current, ARGV[i])
+                      redis.call('PEXPIRE', current, ARGV[i + 1])
+                      out[#out + 1] = after - tonumber(ARGV[i])
+                      out[#out + 1] = tonumber(redis.call('GET', previous) or '0')
+                    end
+                    return out
+                    "#,
+                )
+            });
+            if reservations.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut invocation = RESERVE.prepare_invoke();
+            for r in reservations {
+                invocation
+                    .key(key(r, r.window))
+                    .key(key(r, r.window.saturating_sub(1)))
+                    .arg(r.amount)
+                    .arg(r.window_ms * 2 + 1_000);
+            }
+            let mut conn = self.connection().await?;
+            let counts: Vec<i64> = bounded(invocation.invoke_async(&mut conn)).await?;
+            Ok(counts
+                .chunks(2)
+                .map(|pair| Windows {
+                    current: pair[0],
+                    previous: pair.get(1).copied().unwrap_or(0),
+                })
+                .collect())
+        }
+
+        pub async fn release_usage(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
+            if reservations.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for r in reservations {
+                pipe.decr(key(r, r.window), r.amount).ignore();
+            }
+            let mut conn = self.connection().await?;
+            bounded(pipe.query_async::<()>(&mut conn)).await
+        }
+    }
+}

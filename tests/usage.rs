@@ -1,0 +1,185 @@
+//! Usage counters as policy (`context.usage`, `@rate_limit`): with Redis and two replicas, a
+//! per-agent call limit answers 429 with `Retry-After` and the `RateLimit` headers whichever
+//! replica is used, a summed budget never overshoots under concurrent calls, and Redis down
+//! refuses counted calls (503) rather than let them pass uncounted.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+const LIMITS: &str = r#"
+@id("calls-per-minute") @rate_limit
+forbid (principal, action == Toolgate::Action::"billing/get_invoice", resource)
+when { context has usage && context.usage has calls_per_minute && context.usage.calls_per_minute >= 3 };
+
+@id("refund-budget")
+forbid (principal, action == Toolgate::Action::"billing/refund", resource)
+when { context has usage && context.usage has refund_total && context.usage.refund_total + context.args.amount > 1000 };
+"#;
+
+const COUNTERS: &str = "usage:
+  counters:
+    - name: calls_per_minute
+      per: [agent, tool]
+      window_seconds: 60
+      limit: 3
+    - name: refund_total
+      per: [user]
+      window_seconds: 86400
+      actions: [billing/refund]
+      sum: amount
+";
+
+fn schema() -> String {
+    let schema = std::fs::read_to_string(repo().join("policies/schema.cedarschema")).unwrap();
+    schema
+        .replace(
+            "args: { invoice_id: Long } }",
+            "args: { invoice_id: Long }, usage?: { calls_per_minute?: Long } }",
+        )
+        .replace(
+            "args: { invoice_id: Long, amount: Long, reason?: String } }",
+            "args: { invoice_id: Long, amount: Long, reason?: String }, usage?: { refund_total?: Long } }",
+        )
+}
+
+async fn get_invoice(addr: SocketAddr, token: &str) -> Answer {
+    let auth = format!("Bearer {token}");
+    send(
+        "GET",
+        &format!("http://{addr}/billing/invoices/7"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await
+}
+
+async fn refund(addr: SocketAddr, token: String, amount: u64) -> Answer {
+    let auth = format!("Bearer {token}");
+    let body = json!({"invoice_id": 7, "amount": amount}).to_string();
+    send(
+        "POST",
+        &format!("http://{addr}/billing/refunds"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_replicas_and_a_budget_never_overshoots() {
+    let data = TempDir::new("usage-redis");
+    let (mut redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
+        let mut command = Command::new("redis-server");
+        command
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&data.0)
+            .stdout(Stdio::null());
+        command
+    })
+    .await;
+    let upstream = Upstream::start().await;
+    let schema = schema();
+    let config = format!("tasks:\n  store: redis://127.0.0.1:{port}\n{COUNTERS}");
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[("schema.cedarschema", &schema), ("limits.cedar", LIMITS)],
+        inbound: None,
+        mcp: None,
+        extra_config: &config,
+    })
+    .await;
+    let (other, other_addr) = gw.replica().await;
+    // Killed however the test ends: a replica left running would hold the test's output open.
+    let _other = Killed(other);
+    let token = gw.idp.delegated();
+
+    // Three calls a minute, whichever replica takes them; the fourth is a 429.
+    for addr in [other_addr, gw.addr, other_addr] {
+        assert_eq!(get_invoice(addr, &token).await.status, 200);
+    }
+    let limited = get_invoice(gw.addr, &token).await;
+    assert_eq!(limited.status, 429, "{:?}", limited.body);
+    let body = limited.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["counter"], "calls_per_minute");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=120).contains(&retry), "{retry}");
+    assert_eq!(body["retry_after"], retry);
+    assert_eq!(
+        limited.headers["ratelimit-policy"].to_str().unwrap(),
+        "\"calls_per_minute\";q=3;w=60"
+    );
+    assert!(limited.headers["ratelimit"]
+        .to_str()
+        .unwrap()
+        .starts_with("\"calls_per_minute\";r=0;t="));
+    let line = gw
+        .audit_line(|l| l["status"] == 429 && l["action"] == "billing/get_invoice")
+        .await;
+    assert_eq!(line["usage"]["calls_per_minute"], 3);
+    assert_eq!(upstream.requests().len(), 3);
+
+    // A summed budget: ten concurrent refunds of 200 over both replicas, 1000 in all.
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let addr = if i % 2 == 0 { gw.addr } else { other_addr };
+        calls.push(tokio::spawn(refund(addr, token.clone(), 200)));
+    }
+    let mut allowed = 0;
+    for call in calls {
+        let answer = call.await.unwrap();
+        match answer.status.as_u16() {
+            200 => allowed += 1,
+            403 => {}
+            other => panic!("{other}: {:?}", answer.body),
+        }
+    }
+    assert!(
+        (1..=5).contains(&allowed),
+        "{allowed} refunds of 200 within 1000"
+    );
+    let refunded = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("refunds"))
+        .count();
+    assert_eq!(
+        refunded, allowed,
+        "what was allowed, and only that, was forwarded"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "toolgate_rate_limited_total{counter=\"calls_per_minute\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+
+    // Redis gone: a counted call is refused, never let through uncounted.
+    drop(redis.0.kill());
+    let _ = redis.0.wait();
+    let refused = get_invoice(gw.addr, &token).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+}
