@@ -1478,7 +1478,7 @@ fn check_warns_of_what_it_cannot_promise() {
         &policy,
         text.replace(
             "@id(\"example-read\")",
-            "@id(\"example-read\")\n@rate_limit(\"10/minute\")",
+            "@id(\"example-read\")\n@ratelimit(\"10/minute\")",
         ),
     )
     .unwrap();
@@ -1498,7 +1498,7 @@ fn check_warns_of_what_it_cannot_promise() {
         "{warned}"
     );
     assert!(
-        warned.contains("policy `example-read`: @rate_limit is not read by toolgate"),
+        warned.contains("policy `example-read`: @ratelimit is not read by toolgate"),
         "{warned}"
     );
     assert!(warned.contains("more/extra.cedar: not loaded"), "{warned}");
