@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use toolgate_mcp::SseSplitter;
+use toolgate_mcp::{event_json, SseSplitter};
 
 use crate::cedar_types::{cedar_schema_for_server, McpServer};
 
@@ -172,15 +172,6 @@ impl Session {
         }
         Ok(Some(answer))
     }
-}
-
-fn event_json(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
-        .collect();
-    serde_json::from_str(&data.join("\n")).ok()
 }
 
 /// What an MCP server at `url` offers.

@@ -114,11 +114,7 @@ impl Gateway {
                 }
             }
             // Browsers ask for it on every page: not an operation, not a line in the audit.
-            (&Method::GET, "/favicon.ico") => {
-                let mut response = Response::new(crate::answer::full(bytes::Bytes::new()));
-                *response.status_mut() = StatusCode::NOT_FOUND;
-                response
-            }
+            (&Method::GET, "/favicon.ico") => crate::answer::empty(StatusCode::NOT_FOUND),
             (_, path) if path == "/console" || path.starts_with("/console/") => {
                 self.console(request).await
             }

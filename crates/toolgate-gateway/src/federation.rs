@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use toolgate_identity::Caller;
-use toolgate_mcp::{code, error_response, Payload, SseSplitter};
+use toolgate_mcp::{code, error_response, event_json, Payload, SseSplitter};
 
 use crate::answer::{full, is_event_stream, json_response, Body, Refusal};
 use crate::audit::AuditRecord;
@@ -1007,15 +1007,6 @@ fn merged_initialize(endpoint: &str, asked: Option<&str>, results: &[(String, Va
     result
 }
 
-fn event_json(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
-        .collect();
-    serde_json::from_str(&data.join("\n")).ok()
-}
-
 fn answered(id: &Value, result: Value) -> Response<Body> {
     json_response(
         StatusCode::OK,
@@ -1037,7 +1028,5 @@ fn not_found(id: Option<&Value>, method: &str) -> Response<Body> {
 }
 
 fn accepted() -> Response<Body> {
-    let mut response = Response::new(full(Bytes::new()));
-    *response.status_mut() = StatusCode::ACCEPTED;
-    response
+    crate::answer::empty(StatusCode::ACCEPTED)
 }

@@ -1094,9 +1094,7 @@ fn rpc_error(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 fn accepted() -> Response<Body> {
-    let mut response = Response::new(full(Bytes::new()));
-    *response.status_mut() = StatusCode::ACCEPTED;
-    response
+    crate::answer::empty(StatusCode::ACCEPTED)
 }
 
 fn accepts_event_stream(headers: &http::HeaderMap) -> bool {

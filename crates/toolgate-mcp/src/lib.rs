@@ -8,7 +8,7 @@ mod uri;
 
 use serde_json::{json, Map, Value};
 
-pub use sse::{rewrite_event_data, SseSplitter};
+pub use sse::{event_json, rewrite_event_data, SseSplitter};
 pub use uri::{canonical_uri, expand_template};
 
 /// JSON-RPC error codes toolgate answers with.

@@ -124,6 +124,16 @@ fn without_data(lines: &[&str]) -> Vec<u8> {
 /// Applies `rewrite` to the event's JSON data. Returns the new event text when `rewrite`
 /// changed something (it says so by returning true), or `None` to pass the event unchanged.
 /// A rewrite that replaces the message with `null` drops the event (empty text).
+/// The JSON message an SSE event carries (its `data:` lines joined), if it is JSON.
+pub fn event_json(event: &[u8]) -> Option<serde_json::Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
+        .collect();
+    serde_json::from_str(&data.join("\n")).ok()
+}
+
 pub fn rewrite_event_data(
     event: &[u8],
     rewrite: impl FnOnce(&mut Value) -> bool,
