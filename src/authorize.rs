@@ -37,6 +37,10 @@ pub struct RequestFile {
     /// The issuer of the caller's token (`context.issuer` where the schema declares it).
     #[serde(default)]
     pub issuer: String,
+    /// Usage counters' values before the call (`context.usage` where the schema declares it),
+    /// to test limits offline.
+    #[serde(default)]
+    pub usage: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -103,7 +107,7 @@ impl RequestFile {
             }),
             issuer: &self.issuer,
             approval: None,
-            usage: None,
+            usage: self.usage.clone(),
         };
         Ok(engine.authorize(&request))
     }

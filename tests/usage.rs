@@ -177,6 +177,27 @@ async fn limits_hold_across_replicas_and_a_budget_never_overshoots() {
         "{metrics}"
     );
 
+    // Limits are tested offline with the counters' values given (`authorize --request`).
+    let config = gw.dir.0.join("toolgate.yaml");
+    for (calls, decided) in [(2, "allow"), (3, "deny")] {
+        let request = gw.dir.0.join("limited.yaml");
+        std::fs::write(
+            &request,
+            format!("agent: assistant\nuser: alice\naction: billing/get_invoice\nargs: {{invoice_id: 7}}\nusage: {{calls_per_minute: {calls}}}\n"),
+        )
+        .unwrap();
+        let out = toolgate(&[
+            "authorize",
+            "--config",
+            config.to_str().unwrap(),
+            "--request",
+            request.to_str().unwrap(),
+        ]);
+        let said: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(said["decision"], decided, "{said}");
+    }
+
     // Redis gone: a counted call is refused, never let through uncounted.
     drop(redis.0.kill());
     let _ = redis.0.wait();
