@@ -194,7 +194,7 @@ pub async fn fetch_upstream(
     headers: &[String],
 ) -> Result<McpServer, String> {
     if upstream.command.is_none() {
-        return fetch_server(&upstream.url, headers).await;
+        return fetch_server(upstream.primary_url(), headers).await;
     }
     let local = toolgate_gateway::LocalServer::start(upstream)?;
     let server = Server::Command(local, upstream.name.clone());

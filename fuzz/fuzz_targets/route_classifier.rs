@@ -19,6 +19,7 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         undeclared_arguments: None,
         header_arguments: Vec::new(),
         forward_headers: Vec::new(),
+        retry: false,
     };
     RouteTable::new(&[UpstreamConfig {
         name: "billing".into(),
@@ -42,6 +43,9 @@ static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
         tls: None,
         undeclared_arguments: None,
         forward_headers: Vec::new(),
+        urls: Vec::new(),
+        balance: Default::default(),
+        passive_health: Default::default(),
     }])
 });
 

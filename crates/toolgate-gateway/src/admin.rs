@@ -88,6 +88,7 @@ impl Gateway {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 self.metrics.audit_backlog.set(self.audit.backlog() as i64);
+                self.set_endpoint_health();
                 text_response(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -100,6 +101,11 @@ impl Gateway {
                     json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &json!({"status": "not ready", "reason": "no issuer's keys are loaded yet (jwks_url or discovery not reached)"}),
+                    )
+                } else if let Some(reason) = self.unhealthy_upstreams() {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "not ready", "reason": reason}),
                     )
                 } else if self.ready.load(Ordering::SeqCst) {
                     json_response(
@@ -119,6 +125,38 @@ impl Gateway {
                 self.console(request).await
             }
             _ => self.admin_operation(request).await,
+        }
+    }
+
+    /// The upstreams whose every endpoint is ejected, said for `/readyz`.
+    fn unhealthy_upstreams(&self) -> Option<String> {
+        let routing = self.routing.load();
+        let names: Vec<&str> = routing
+            .upstreams
+            .iter()
+            .filter(|u| u.endpoints.none_healthy())
+            .map(|u| u.name())
+            .collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "no healthy endpoint (every one ejected after failing) for upstream {}",
+                names.join(", ")
+            )
+        })
+    }
+
+    /// `toolgate_upstream_endpoint_healthy`, as of now: an ejection ends by itself.
+    fn set_endpoint_health(&self) {
+        let routing = self.routing.load();
+        self.metrics.endpoint_healthy.reset();
+        for upstream in &routing.upstreams {
+            for (index, endpoint) in upstream.endpoints.iter().enumerate() {
+                let healthy = !upstream.endpoints.ejected(index);
+                self.metrics
+                    .endpoint_healthy
+                    .with_label_values(&[upstream.name(), &endpoint.label])
+                    .set(i64::from(healthy));
+            }
         }
     }
 

@@ -93,6 +93,10 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_exp: Option<u64>,
     pub upstream_status: Option<u16>,
+    /// The endpoints tried for the call (more than one: retried where nothing had reached
+    /// the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     pub eval_us: Option<u64>,
     /// What the decision would have been with the `@mode("shadow")` policies enforced too,
     /// where that differs, and its determining and erring policies.

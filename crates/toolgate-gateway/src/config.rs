@@ -384,6 +384,15 @@ pub struct UpstreamConfig {
     /// The server's URL; a `command:` upstream has none.
     #[serde(default)]
     pub url: String,
+    /// Several endpoints of one server, instead of `url`: balanced, passively health-checked.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// How calls are spread over the healthy endpoints.
+    #[serde(default)]
+    pub balance: Balance,
+    /// When an endpoint is set aside after failing.
+    #[serde(default)]
+    pub passive_health: PassiveHealth,
     /// `aud` of the credentials minted for it (optional on a `command:` upstream).
     #[serde(default)]
     pub audience: String,
@@ -427,6 +436,45 @@ pub struct UpstreamConfig {
     /// Non-standard agent headers passed on to this upstream (others are dropped).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+}
+
+/// How an upstream's calls are spread over its healthy endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest calls in flight (ties in turn).
+    LeastRequests,
+}
+
+/// An endpoint that fails `failures` times in a row (no connection, or a 5xx answer) is
+/// ejected: no call goes to it for `eject_seconds`, unless no endpoint is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealth {
+    #[serde(default = "default_health_failures")]
+    pub failures: u32,
+    #[serde(default = "default_eject_seconds")]
+    pub eject_seconds: u64,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            failures: default_health_failures(),
+            eject_seconds: default_eject_seconds(),
+        }
+    }
+}
+
+fn default_health_failures() -> u32 {
+    5
+}
+
+fn default_eject_seconds() -> u64 {
+    30
 }
 
 /// `usage:`: the counters policies read.
@@ -616,6 +664,63 @@ fn default_max_processes() -> usize {
 pub const ENV_PLACEHOLDERS: [&str; 3] = ["{session}", "{agent}", "{user}"];
 
 impl UpstreamConfig {
+    /// The server's endpoints: `urls`, or else `url` (none for a `command:` upstream).
+    pub fn endpoint_urls(&self) -> Vec<&str> {
+        if self.urls.is_empty() && !self.url.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The server's URL as one name (a token exchange's `resource`, `toolgate pin`): the
+    /// first endpoint.
+    pub fn primary_url(&self) -> &str {
+        self.urls.first().unwrap_or(&self.url)
+    }
+
+    /// What is wrong with the endpoints of an upstream reached over HTTP.
+    fn endpoint_url_problems(&self, at: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        if !self.url.is_empty() && !self.urls.is_empty() {
+            errors.push(format!("{at}: give url or urls, not both"));
+        }
+        let mut paths = HashSet::new();
+        for url in self.endpoint_urls() {
+            let parsed = url::Url::parse(url);
+            let http = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<http::Uri>().is_ok();
+            let Ok(parsed) = parsed.ok().filter(|_| http).ok_or(()) else {
+                errors.push(format!("{at}: url {url:?} must be an http:// or https:// URL"));
+                continue;
+            };
+            paths.insert(parsed.path().trim_end_matches('/').to_string());
+            // A long-lived secret, or a token for more than one call, never crosses a network
+            // in the clear (a minted credential lives one call and one audience).
+            let plain = parsed.scheme() == "http";
+            let loopback = toolgate_credential::tls::plain_http_allowed(&parsed);
+            if plain && !loopback && self.credential.mode() != CredentialMode::Mint {
+                errors.push(format!(
+                    "{at}: mode {} needs an https:// url (http:// only on loopback): {url}",
+                    self.credential.mode().as_str()
+                ));
+            }
+        }
+        if self.endpoint_urls().is_empty() {
+            errors.push(format!("{at}: url must be an http:// or https:// URL"));
+        }
+        if paths.len() > 1 {
+            // A call's path is rendered once, then sent to whichever endpoint serves it.
+            errors.push(format!("{at}: urls must all have the same path"));
+        }
+        if self.passive_health.failures == 0 || self.passive_health.eject_seconds == 0 {
+            errors.push(format!(
+                "{at}: passive_health.failures and eject_seconds must be positive"
+            ));
+        }
+        errors
+    }
+
     /// What is wrong with a `command:` upstream (one the gateway runs over stdio).
     fn command_problems(&self, at: &str) -> Vec<String> {
         let mut errors = Vec::new();
@@ -627,7 +732,7 @@ impl UpstreamConfig {
         if command.iter().any(|part| part.contains('\0')) {
             refuse("command must not hold a NUL byte".into());
         }
-        if !self.url.is_empty() {
+        if !self.url.is_empty() || !self.urls.is_empty() {
             refuse("give url or command, not both".into());
         }
         if self.kind != UpstreamKind::Mcp {
@@ -946,6 +1051,9 @@ pub struct RouteConfig {
     /// Non-standard agent headers passed on for this route (besides the upstream's).
     #[serde(default)]
     pub forward_headers: Vec<String>,
+    /// An idempotent route's call answered 502 or 503 is tried again on another endpoint.
+    #[serde(default)]
+    pub retry: bool,
 }
 
 /// Where an upstream reads a route's arguments besides the path.
@@ -1521,29 +1629,17 @@ impl Config {
             }
             if up.command.is_some() {
                 errors.extend(up.command_problems(&at));
-            } else if !(up.url.starts_with("http://") || up.url.starts_with("https://"))
-                || up.url.parse::<http::Uri>().is_err()
-            {
-                errors.push(format!("{at}: url must be an http:// or https:// URL"));
-            } else if up.audience.is_empty() {
-                errors.push(format!("{at}: audience must not be empty"));
+            } else {
+                errors.extend(up.endpoint_url_problems(&at));
+                if up.audience.is_empty() {
+                    errors.push(format!("{at}: audience must not be empty"));
+                }
             }
             if up.timeout_seconds == 0 {
                 errors.push(format!("{at}: timeout_seconds must be positive"));
             }
             errors.extend(up.credential.problems(&up.name, up.command.is_some()));
-            let plain = up.url.starts_with("http://");
             errors.extend(up.tls.as_ref().and_then(|tls| tls.problem(&at)));
-            // A long-lived secret, or a token for more than one call, never crosses a network
-            // in the clear (a minted credential lives one call and one audience).
-            let loopback = url::Url::parse(&up.url)
-                .is_ok_and(|u| toolgate_credential::tls::plain_http_allowed(&u));
-            if plain && !loopback && up.credential.mode() != CredentialMode::Mint {
-                errors.push(format!(
-                    "{at}: mode {} needs an https:// url (http:// only on loopback)",
-                    up.credential.mode().as_str()
-                ));
-            }
             if up.kind == UpstreamKind::Mcp && !up.routes.is_empty() {
                 errors.push(format!("{at}: routes are for rest upstreams only"));
             }
@@ -1557,6 +1653,16 @@ impl Config {
                 if route.method.parse::<http::Method>().is_err() {
                     errors.push(format!(
                         "{at}: tool {}: invalid method `{}`",
+                        route.tool, route.method
+                    ));
+                }
+                let idempotent = route
+                    .method
+                    .parse::<http::Method>()
+                    .is_ok_and(|m| m.is_idempotent());
+                if route.retry && !idempotent {
+                    errors.push(format!(
+                        "{at}: tool {}: retry is for idempotent methods only (GET, HEAD, OPTIONS, PUT, DELETE): a {} may have acted before its 502",
                         route.tool, route.method
                     ));
                 }

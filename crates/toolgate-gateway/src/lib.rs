@@ -10,6 +10,7 @@ pub mod args;
 pub mod audit;
 pub mod config;
 mod conn_io;
+mod endpoints;
 mod console;
 mod federation;
 mod mcp;

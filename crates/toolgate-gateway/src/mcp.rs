@@ -37,6 +37,7 @@ use crate::answer::{
 use crate::audit::{AuditRecord, Verdict};
 use crate::pipeline::{authz_request, read_limited, ActionId, CallContext, Collected, Unfinished};
 use crate::rest::check_json_body_headers;
+use crate::endpoints::{Dispatch, Served};
 use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
 
@@ -403,13 +404,17 @@ impl Gateway {
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
         if let Some(bound) = parts.headers.get(SESSION_HEADER) {
-            let Some(session) = Self::session_of(&binder, bound) else {
+            let Some((session, endpoint)) = Self::session_of(&binder, upstream, bound) else {
                 record
                     .errors
                     .push("Mcp-Session-Id was not issued to this caller".into());
                 return Err(Refusal::NotFound("session_not_found"));
             };
             parts.headers.insert(SESSION_HEADER, session);
+            parts.extensions.insert(Dispatch {
+                endpoint,
+                retry_unavailable: false,
+            });
         }
         if parts.method != Method::POST {
             return self
@@ -450,7 +455,7 @@ impl Gateway {
         let opens_stream = parts.method == Method::GET;
         let request = Request::from_parts(parts, full(Bytes::new()));
         let mut response = self.forward(ctx, upstream, request, scope, record).await?;
-        self.bind_session(binder, response.headers_mut());
+        Self::bind_session(binder, upstream, &mut response);
         if !(opens_stream && is_event_stream(response.headers())) {
             return Ok(response);
         }
@@ -570,7 +575,7 @@ impl Gateway {
             .await;
         finish_lines(lines, &forwarded, record, errors_before);
         let mut response = forwarded?;
-        self.bind_session(&binder, response.headers_mut());
+        Self::bind_session(&binder, upstream, &mut response);
         let answer = Answer {
             response,
             plan,
@@ -635,12 +640,24 @@ impl Gateway {
 
     /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this
     /// caller can use it (checked by `session_of`, with no state to share between replicas).
-    fn bind_session(&self, binder: &Binder, headers: &mut http::HeaderMap) {
+    /// With several endpoints the id bound is `<id>.<endpoint key>`: the session's calls go
+    /// back to the endpoint that holds it.
+    fn bind_session(binder: &Binder, upstream: &Upstream, response: &mut Response<Body>) {
+        let endpoint = response
+            .extensions()
+            .get::<Served>()
+            .and_then(|served| served.endpoint.clone())
+            .filter(|_| upstream.endpoints.len() > 1);
+        let headers = response.headers_mut();
         let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
             headers.remove(SESSION_HEADER);
             return;
         };
-        match HeaderValue::from_str(&binder.bind(SESSION, session)) {
+        let id = match endpoint {
+            Some(key) => format!("{session}.{key}"),
+            None => session.to_string(),
+        };
+        match HeaderValue::from_str(&binder.bind(SESSION, &id)) {
             Ok(value) => {
                 headers.insert(SESSION_HEADER, value);
             }
@@ -650,10 +667,24 @@ impl Gateway {
         }
     }
 
-    /// The server's session id inside a bound one, when it was bound to this caller.
-    fn session_of(binder: &Binder, bound: &HeaderValue) -> Option<HeaderValue> {
-        let session = binder.unbind(SESSION, bound.to_str().ok()?)?;
-        HeaderValue::from_str(session).ok()
+    /// The server's session id inside a bound one, when it was bound to this caller, and the
+    /// endpoint that holds it.
+    fn session_of(
+        binder: &Binder,
+        upstream: &Upstream,
+        bound: &HeaderValue,
+    ) -> Option<(HeaderValue, Option<String>)> {
+        let id = binder.unbind(SESSION, bound.to_str().ok()?)?;
+        let (session, endpoint) = match id.rsplit_once('.') {
+            Some((session, key))
+                if upstream.endpoints.len() > 1 && upstream.endpoints.index_of(key).is_some() =>
+            {
+                (session, Some(key.to_string()))
+            }
+            // Made before the upstream had several endpoints: any may hold it.
+            _ => (id, None),
+        };
+        Some((HeaderValue::from_str(session).ok()?, endpoint))
     }
 
     /// Classifies and authorizes each message.
@@ -1014,6 +1045,7 @@ fn finish_lines(
             line.credential_id = record.credential_id.clone();
             line.credential_exp = record.credential_exp;
             line.upstream_status = record.upstream_status;
+            line.attempts = record.attempts;
             line.errors.extend(failure.iter().cloned());
         }
         pending.done();

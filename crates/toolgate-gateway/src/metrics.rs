@@ -34,6 +34,11 @@ pub struct Metrics {
     /// Calls a `@rate_limit` policy denied, by the counter it read.
     pub rate_limited: IntCounterVec,
     pub approval_wait: Histogram,
+    /// Calls tried again on another endpoint, ejections of endpoints that kept failing, and
+    /// whether each endpoint takes calls now (set when scraped).
+    pub upstream_retries: IntCounterVec,
+    pub endpoint_ejections: IntCounterVec,
+    pub endpoint_healthy: IntGaugeVec,
     /// Processes of `command:` upstreams running, and those started again after a crash.
     pub processes: IntGaugeVec,
     pub process_restarts: IntCounterVec,
@@ -188,6 +193,27 @@ impl Metrics {
                 "toolgate_approval_wait_seconds",
                 "Time from an approval's request to a person's decision.",
                 vec![10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0],
+                r
+            )
+            .expect("metric"),
+            upstream_retries: register_int_counter_vec_with_registry!(
+                "toolgate_upstream_retries_total",
+                "Calls tried again on another endpoint (nothing reached the one tried, or a retry route's 502/503), by upstream.",
+                &["upstream"],
+                r
+            )
+            .expect("metric"),
+            endpoint_ejections: register_int_counter_vec_with_registry!(
+                "toolgate_upstream_endpoint_ejections_total",
+                "Endpoints set aside after failing passive_health.failures times in a row, by upstream and endpoint.",
+                &["upstream", "endpoint"],
+                r
+            )
+            .expect("metric"),
+            endpoint_healthy: register_int_gauge_vec_with_registry!(
+                "toolgate_upstream_endpoint_healthy",
+                "1 while an upstream's endpoint takes calls, 0 while it is ejected.",
+                &["upstream", "endpoint"],
                 r
             )
             .expect("metric"),

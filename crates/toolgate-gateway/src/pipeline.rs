@@ -30,6 +30,7 @@ use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
 use crate::routes::{Classified, ClassifyError};
 use crate::trace::{Outcome, TRACEPARENT, TRACESTATE};
+use crate::endpoints::Served;
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 
@@ -512,8 +513,18 @@ impl Gateway {
             }
         }
 
-        // forward
-        let mut request = request;
+        self.send(ctx, upstream, request, credential, record).await
+    }
+
+    /// Sends the call, its credential in place, under the trace's forward step.
+    async fn send(
+        &self,
+        ctx: &CallContext<'_>,
+        upstream: &Upstream,
+        mut request: Request<Body>,
+        credential: Option<(HeaderName, HeaderValue)>,
+        record: &mut AuditRecord,
+    ) -> Result<Response<Body>, Refusal> {
         let span = record.trace.span_id();
         if let Some(traceparent) = span.and_then(|id| record.trace.traceparent(id)) {
             // The upstream's work continues this trace, under the forward step; the caller's
@@ -524,16 +535,20 @@ impl Gateway {
             }
         }
         let started = Instant::now();
+        let mut served = Served::default();
         let result = upstream
-            .forward(request, credential, &ctx.client, ctx.caller)
+            .forward(request, credential, &ctx.client, ctx.caller, &mut served)
             .await;
+        record.attempts = Some(served.attempts).filter(|&n| n > 0);
         record.trace.step_as("forward", span, started);
         self.metrics
             .upstream_duration
             .with_label_values(&[upstream.name()])
             .observe(started.elapsed().as_secs_f64());
-        let response = result?;
+        let mut response = result?;
         record.upstream_status = Some(response.status().as_u16());
+        // Where an MCP session was made: its calls go back there.
+        response.extensions_mut().insert(served);
         Ok(response)
     }
 
@@ -593,7 +608,7 @@ impl Gateway {
                         subject_token: subject,
                         actor_token: &actor,
                         audience: &upstream.config.audience,
-                        resource: &upstream.config.url,
+                        resource: upstream.config.primary_url(),
                     };
                     // Never used past the agent's own token.
                     let until = Some(caller.exp);

@@ -107,6 +107,7 @@ struct Route {
     undeclared: Undeclared,
     header_arguments: Vec<String>,
     forward_headers: Vec<String>,
+    retry: bool,
 }
 
 /// A classified REST call.
@@ -129,6 +130,8 @@ pub struct Classified {
     pub header_arguments: Vec<String>,
     /// Non-standard agent headers let through on this route (besides the upstream's).
     pub forward_headers: Vec<String>,
+    /// A 502/503 answer is tried again on another endpoint (an idempotent route).
+    pub retry: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +170,7 @@ impl RouteTable {
                             .unwrap_or_default(),
                         header_arguments: r.header_arguments.clone(),
                         forward_headers: r.forward_headers.clone(),
+                        retry: r.retry,
                     })
                 })
                 .collect();
@@ -241,6 +245,7 @@ impl RouteTable {
             undeclared: route.undeclared,
             header_arguments: route.header_arguments.clone(),
             forward_headers: route.forward_headers.clone(),
+            retry: route.retry,
         })
     }
 }
@@ -261,6 +266,7 @@ mod tests {
             undeclared_arguments: None,
             header_arguments: Vec::new(),
             forward_headers: Vec::new(),
+            retry: false,
         };
         RouteTable::new(&[UpstreamConfig {
             name: "billing".into(),
@@ -285,6 +291,9 @@ mod tests {
             tls: None,
             undeclared_arguments: None,
             forward_headers: Vec::new(),
+            urls: Vec::new(),
+            balance: Default::default(),
+            passive_health: Default::default(),
         }])
     }
 

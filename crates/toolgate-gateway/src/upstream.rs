@@ -21,6 +21,7 @@ use toolgate_credential::tls::{TlsError, TlsFiles};
 use crate::answer::{Body, Refusal, UpstreamError};
 use crate::config::{CredentialMode, InjectScheme, UpstreamConfig};
 use crate::conn_io::IdleDeadline;
+use crate::endpoints::{Dispatch, Endpoints, InFlight, Outcome, Served};
 use crate::stdio::{Opener, Spec, StdioServer};
 use toolgate_identity::Caller;
 
@@ -171,7 +172,10 @@ pub fn client(connect_timeout: Duration, tls: &TlsFiles) -> Result<HttpClient, T
 /// An upstream, ready to take calls.
 pub struct Upstream {
     pub config: UpstreamConfig,
+    /// The first endpoint's URL: calls' URIs are formed with it, then sent to any endpoint.
     base: String,
+    pub(crate) endpoints: Endpoints,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     /// `max_in_flight` places, when the upstream has a limit of its own.
     places: Option<Arc<Semaphore>>,
     transport: Transport,
@@ -339,7 +343,8 @@ impl Upstream {
         shared: &Shared<'_>,
         name_secret: &dyn Fn(&str) -> String,
     ) -> Result<Self, SetupError> {
-        let base = config.url.trim_end_matches('/').to_string();
+        let base = config.primary_url().trim_end_matches('/').to_string();
+        let endpoints = Endpoints::new(&config);
         let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
         let credentials = Credentials::new(&config, name_secret)?;
         let transport = if config.command.is_some() {
@@ -365,6 +370,8 @@ impl Upstream {
         Ok(Upstream {
             config,
             base,
+            endpoints,
+            metrics: shared.metrics.cloned(),
             places,
             transport,
             credentials,
@@ -411,13 +418,16 @@ impl Upstream {
             .map_err(|e| Refusal::BadRequest(format!("cannot form upstream URI: {e}")))
     }
 
-    /// Sends the call with its credential (a header) in place of whatever the agent sent.
-    pub async fn forward(
+    /// Sends the call with its credential (a header) in place of whatever the agent sent, to
+    /// one endpoint after the other while nothing of it reached the one tried (`served` says
+    /// where it went, and after how many attempts).
+    pub(crate) async fn forward(
         &self,
         mut request: Request<Body>,
         credential: Option<(HeaderName, HeaderValue)>,
         agent: &ClientView,
         caller: &Caller,
+        served: &mut Served,
     ) -> Result<Response<Body>, Refusal> {
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
@@ -458,29 +468,142 @@ impl Upstream {
                 // Streams come back at once; what is waited for (a start, a JSON answer) is
                 // bounded as a URL's headers are.
                 let timeout = Duration::from_secs(self.config.timeout_seconds);
+                served.attempts = 1;
                 return tokio::time::timeout(timeout, server.handle(request, opener))
                     .await
                     .map_err(|_| Refusal::UpstreamTimeout);
             }
         };
+        self.send(client, request, served).await
+    }
+
+    /// Tries the endpoints in the balance's order. Another is tried only when the connection
+    /// to the last failed (nothing of the call was written), or when it answered 502/503 to a
+    /// call whose route allows it; and only with a body that can be sent again.
+    async fn send(
+        &self,
+        client: &HttpClient,
+        request: Request<Body>,
+        served: &mut Served,
+    ) -> Result<Response<Body>, Refusal> {
+        let dispatch = request
+            .extensions()
+            .get::<Dispatch>()
+            .cloned()
+            .unwrap_or_default();
+        let order = self.endpoints.order(dispatch.endpoint.as_deref());
+        let (parts, body) = request.into_parts();
         let timeout = Duration::from_secs(self.config.timeout_seconds);
-        let response = match tokio::time::timeout(timeout, client.request(request)).await {
-            Err(_) => return Err(Refusal::UpstreamTimeout),
-            Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
-            Ok(Ok(response)) => response,
-        };
-        let idle = Duration::from_secs(self.config.response_idle_seconds);
-        Ok(into_downstream(response, idle))
+        let mut body = Replay::new(body, order.len() > 1, timeout).await?;
+        for (n, &index) in order.iter().enumerate() {
+            if n > 0 {
+                if let Some(metrics) = &self.metrics {
+                    metrics.upstream_retries.with_label_values(&[self.name()]).inc();
+                }
+            }
+            let endpoint = self.endpoints.get(index);
+            served.attempts += 1;
+            served.endpoint = Some(endpoint.key.clone());
+            let again = n + 1 < order.len() && body.can_replay();
+            let Some(sent) = body.take() else {
+                break;
+            };
+            let mut attempt = Request::new(sent);
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = endpoint.rebase(&parts.uri);
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = parts.headers.clone();
+            let in_flight = self.endpoints.enter(index);
+            let result = tokio::time::timeout(timeout, client.request(attempt)).await;
+            let outcome = match &result {
+                Ok(Ok(response)) if !response.status().is_server_error() => Outcome::Answered,
+                _ => Outcome::Failed,
+            };
+            self.record(index, outcome);
+            match result {
+                Err(_) => return Err(Refusal::UpstreamTimeout),
+                Ok(Err(e)) if e.is_connect() && again => continue,
+                Ok(Err(e)) => return Err(UpstreamError::Send(e).into()),
+                Ok(Ok(response))
+                    if again
+                        && dispatch.retry_unavailable
+                        && matches!(response.status().as_u16(), 502 | 503) =>
+                {
+                    continue
+                }
+                Ok(Ok(response)) => {
+                    let idle = Duration::from_secs(self.config.response_idle_seconds);
+                    return Ok(into_downstream(response, idle, in_flight));
+                }
+            }
+        }
+        // Only with no endpoint to try: a session's endpoint is gone from the config, so the
+        // session is unknown here.
+        Err(Refusal::NotFound("session_not_found"))
+    }
+
+    /// Records an endpoint's outcome, and says so when it ejected the endpoint.
+    fn record(&self, index: usize, outcome: Outcome) {
+        if !self.endpoints.record(index, outcome) {
+            return;
+        }
+        let endpoint = &self.endpoints.get(index).label;
+        tracing::warn!(upstream = self.name(), endpoint, "endpoint ejected after failing");
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .endpoint_ejections
+                .with_label_values(&[self.name(), endpoint])
+                .inc();
+        }
     }
 }
 
-fn into_downstream(response: Response<Incoming>, idle: Duration) -> Response<Body> {
+/// A request body that may have to be sent again: kept whole when small enough and another
+/// endpoint may be tried; else sent once, as it streams.
+enum Replay {
+    Once(Option<Body>),
+    Kept(bytes::Bytes),
+}
+
+/// A body larger than this (or of unknown length) is streamed, and its call never retried.
+const REPLAY_LIMIT: u64 = 1 << 20;
+
+impl Replay {
+    async fn new(body: Body, may_retry: bool, within: Duration) -> Result<Replay, Refusal> {
+        let small = http_body::Body::size_hint(&body).exact().is_some_and(|n| n <= REPLAY_LIMIT);
+        if !(may_retry && small) {
+            return Ok(Replay::Once(Some(body)));
+        }
+        let limit = crate::pipeline::BodyLimit {
+            bytes: REPLAY_LIMIT as usize,
+            within,
+        };
+        Ok(Replay::Kept(crate::pipeline::read_limited(body, limit).await?))
+    }
+
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Replay::Once(body) => body.take(),
+            Replay::Kept(bytes) => Some(crate::answer::full(bytes.clone())),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        matches!(self, Replay::Kept(_))
+    }
+}
+
+fn into_downstream(
+    response: Response<Incoming>,
+    idle: Duration,
+    in_flight: InFlight,
+) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // A proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the upstream spoke: an
     // HTTP/1.0 upstream must not turn the agent's keep-alive HTTP/1.1 into a closing 1.0.
     parts.version = http::Version::default();
-    Response::from_parts(parts, IdleBody::new(body, idle).boxed())
+    Response::from_parts(parts, IdleBody::new(body, idle, in_flight).boxed())
 }
 
 /// An upstream's answer, ended with an error once none of it has come for `idle`: a stalled
@@ -488,13 +611,16 @@ fn into_downstream(response: Response<Incoming>, idle: Duration) -> Response<Bod
 struct IdleBody {
     inner: Incoming,
     deadline: IdleDeadline,
+    /// The call counts as in flight at its endpoint until its answer is done with.
+    _in_flight: InFlight,
 }
 
 impl IdleBody {
-    fn new(inner: Incoming, idle: Duration) -> Self {
+    fn new(inner: Incoming, idle: Duration, in_flight: InFlight) -> Self {
         IdleBody {
             inner,
             deadline: IdleDeadline::new(idle),
+            _in_flight: in_flight,
         }
     }
 }
@@ -603,6 +729,9 @@ mod tests {
             env: Default::default(),
             process: Default::default(),
             url: "http://127.0.0.1:9/api/".into(),
+            urls: Vec::new(),
+            balance: Default::default(),
+            passive_health: Default::default(),
             audience: "a".into(),
             kind: crate::config::UpstreamKind::Rest,
             routes: vec![],
