@@ -83,6 +83,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Recorded>>>,
     released: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Its accept loop and connections, ended at once by `kill`.
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 /// What an MCP server replays on a GET with `Last-Event-ID` (asked for with `X-Test-Replay`):
@@ -156,17 +158,40 @@ impl Upstream {
         Upstream::start_with(Some(acceptor)).await
     }
 
+    /// The same upstream on a given address (one a killed upstream had).
+    pub async fn start_at(addr: SocketAddr) -> Upstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Upstream::serve(listener, None)
+    }
+
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Upstream::serve(listener, tls)
+    }
+
+    /// Ends the server as a crash would: its port refuses connections, and the connections
+    /// it had are closed with whatever they were doing.
+    pub fn kill(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn serve(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let released = Arc::new(tokio::sync::watch::Sender::new(false));
         let release = released.clone();
-        tokio::spawn(async move {
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let connections = tasks.clone();
+        let accepting = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (log, release, tls) = (log.clone(), release.clone(), tls.clone());
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, release) = (log.clone(), release.clone());
                         async move {
@@ -226,12 +251,15 @@ impl Upstream {
                     });
                     serve_test_connection(stream, tls, service).await;
                 });
+                connections.lock().unwrap().push(connection.abort_handle());
             }
         });
+        tasks.lock().unwrap().push(accepting.abort_handle());
         Upstream {
             addr,
             seen,
             released,
+            tasks,
         }
     }
 

@@ -691,7 +691,9 @@ impl UpstreamConfig {
             let http = (url.starts_with("http://") || url.starts_with("https://"))
                 && url.parse::<http::Uri>().is_ok();
             let Ok(parsed) = parsed.ok().filter(|_| http).ok_or(()) else {
-                errors.push(format!("{at}: url {url:?} must be an http:// or https:// URL"));
+                errors.push(format!(
+                    "{at}: url {url:?} must be an http:// or https:// URL"
+                ));
                 continue;
             };
             paths.insert(parsed.path().trim_end_matches('/').to_string());

@@ -147,7 +147,9 @@ impl Endpoints {
     pub fn record(&self, index: usize, outcome: Outcome) -> bool {
         let endpoint = &self.list[index];
         if outcome == Outcome::Answered {
+            // An answer proves it healthy, ejected or not (tried when none was healthy).
             endpoint.failures.store(0, Ordering::Relaxed);
+            endpoint.ejected_until.store(0, Ordering::Relaxed);
             return false;
         }
         let failures = endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -261,6 +263,10 @@ mod tests {
         e.record(1, Outcome::Failed);
         e.record(1, Outcome::Failed);
         assert!(e.none_healthy());
-        assert_eq!(e.order(None).len(), 2, "none healthy: every endpoint is tried");
+        assert_eq!(
+            e.order(None).len(),
+            2,
+            "none healthy: every endpoint is tried"
+        );
     }
 }

@@ -35,9 +35,9 @@ use crate::answer::{
     Refusal, UpstreamError,
 };
 use crate::audit::{AuditRecord, Verdict};
+use crate::endpoints::{Dispatch, Served};
 use crate::pipeline::{authz_request, read_limited, ActionId, CallContext, Collected, Unfinished};
 use crate::rest::check_json_body_headers;
-use crate::endpoints::{Dispatch, Served};
 use crate::upstream::{keep_standard_headers, Upstream};
 use crate::Gateway;
 

@@ -28,9 +28,9 @@ use crate::answer::{
 };
 use crate::audit::{AuditRecord, AuditSlot, Verdict};
 use crate::config::{Limits, UpstreamKind};
+use crate::endpoints::Served;
 use crate::routes::{Classified, ClassifyError};
 use crate::trace::{Outcome, TRACEPARENT, TRACESTATE};
-use crate::endpoints::Served;
 use crate::upstream::{strip_hop_by_hop, ClientView, Credentials, Upstream};
 use crate::{Gateway, Routing};
 

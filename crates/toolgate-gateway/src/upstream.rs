@@ -498,7 +498,10 @@ impl Upstream {
         for (n, &index) in order.iter().enumerate() {
             if n > 0 {
                 if let Some(metrics) = &self.metrics {
-                    metrics.upstream_retries.with_label_values(&[self.name()]).inc();
+                    metrics
+                        .upstream_retries
+                        .with_label_values(&[self.name()])
+                        .inc();
                 }
             }
             let endpoint = self.endpoints.get(index);
@@ -548,7 +551,11 @@ impl Upstream {
             return;
         }
         let endpoint = &self.endpoints.get(index).label;
-        tracing::warn!(upstream = self.name(), endpoint, "endpoint ejected after failing");
+        tracing::warn!(
+            upstream = self.name(),
+            endpoint,
+            "endpoint ejected after failing"
+        );
         if let Some(metrics) = &self.metrics {
             metrics
                 .endpoint_ejections
@@ -570,7 +577,9 @@ const REPLAY_LIMIT: u64 = 1 << 20;
 
 impl Replay {
     async fn new(body: Body, may_retry: bool, within: Duration) -> Result<Replay, Refusal> {
-        let small = http_body::Body::size_hint(&body).exact().is_some_and(|n| n <= REPLAY_LIMIT);
+        let small = http_body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n <= REPLAY_LIMIT);
         if !(may_retry && small) {
             return Ok(Replay::Once(Some(body)));
         }
@@ -578,7 +587,9 @@ impl Replay {
             bytes: REPLAY_LIMIT as usize,
             within,
         };
-        Ok(Replay::Kept(crate::pipeline::read_limited(body, limit).await?))
+        Ok(Replay::Kept(
+            crate::pipeline::read_limited(body, limit).await?,
+        ))
     }
 
     fn take(&mut self) -> Option<Body> {
