@@ -72,7 +72,7 @@ async fn call_at(gateway: &str, token: &str, n: usize) -> Answer {
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         send("GET", &format!("{gateway}/pool/items/{n}"), &headers, b"").await
     } else {
         let body = json!({ "n": n }).to_string();
@@ -326,7 +326,7 @@ async fn mcp_sessions_stay_on_their_endpoint_and_no_message_is_sent_twice() {
             let answer = send("POST", &gw_url, &headers, add(id).to_string().as_bytes()).await;
             (started, answer.status.as_u16())
         }));
-        if calls.len() % 4 == 0 {
+        if calls.len().is_multiple_of(4) {
             for call in calls.drain(..) {
                 let (started, status) = call.await.unwrap();
                 assert!(
