@@ -204,3 +204,104 @@ async fn limits_hold_across_replicas_and_a_budget_never_overshoots() {
     let refused = get_invoice(gw.addr, &token).await;
     assert_eq!(refused.status, 503, "{:?}", refused.body);
 }
+
+const GROUP_LIMITS: &str = r#"
+@id("calls-per-minute") @rate_limit
+forbid (principal, action == Toolgate::Action::"billing/get_invoice", resource)
+when { context has usage && context.usage has calls_per_minute && context.usage.calls_per_minute >= 3 }
+unless { principal in Toolgate::Team::"finance-agents" && context has usage && context.usage has calls_per_minute && context.usage.calls_per_minute < 5 };
+
+@id("intern-reads")
+permit (principal == Toolgate::Agent::"intern-bot", action == Toolgate::Action::"billing/get_invoice", resource);
+"#;
+
+/// A group's exception to a limit (memory store); the limit tested offline by a policy test
+/// file and `authorize --explain` with `usage:`; `check` refusing a `sum:` the action does not
+/// declare as a Long.
+#[tokio::test]
+async fn a_group_exception_and_limits_tested_offline() {
+    let upstream = Upstream::start().await;
+    let schema = schema();
+    let gw = Gateway::start(GatewayOptions {
+        upstream: upstream.addr,
+        extra_policies: &[
+            ("schema.cedarschema", &schema),
+            ("limits.cedar", GROUP_LIMITS),
+        ],
+        inbound: None,
+        mcp: None,
+        extra_config: COUNTERS,
+    })
+    .await;
+    // The finance team's agent has 5 calls a minute; an agent outside it, 3.
+    let intern = gw.idp.sign(json!({"sub": "intern-bot"}));
+    for (token, allowed) in [(intern, 3), (gw.idp.delegated(), 5)] {
+        for n in 0..allowed {
+            assert_eq!(get_invoice(gw.addr, &token).await.status, 200, "call {n}");
+        }
+        let limited = get_invoice(gw.addr, &token).await;
+        assert_eq!(limited.status, 429, "{:?}", limited.body);
+    }
+
+    // The same limits as policy tests, with the counters' values given.
+    let tests = gw.dir.0.join("limits.test.yaml");
+    std::fs::write(
+        &tests,
+        r#"policies: policies
+tests:
+  - name: the finance agent's fifth call
+    request: { agent: assistant, user: alice, action: billing/get_invoice, args: { invoice_id: 7 }, usage: { calls_per_minute: 4 } }
+    expect: allow
+  - name: its sixth
+    request: { agent: assistant, user: alice, action: billing/get_invoice, args: { invoice_id: 7 }, usage: { calls_per_minute: 5 } }
+    expect: deny
+    policies: [calls-per-minute]
+  - name: the intern's fourth
+    request: { agent: intern-bot, action: billing/get_invoice, args: { invoice_id: 7 }, usage: { calls_per_minute: 3 } }
+    expect: deny
+    policies: [calls-per-minute]
+"#,
+    )
+    .unwrap();
+    let out = toolgate(&["test", tests.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = gw.dir.0.join("limited.yaml");
+    std::fs::write(
+        &request,
+        "agent: intern-bot\naction: billing/get_invoice\nargs: {invoice_id: 7}\nusage: {calls_per_minute: 3}\n",
+    )
+    .unwrap();
+    let config = gw.dir.0.join("toolgate.yaml");
+    let out = toolgate(&[
+        "authorize",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        request.to_str().unwrap(),
+        "--explain",
+    ]);
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(said["decision"], "deny", "{said}");
+    assert_eq!(said["policies"][0]["id"], "calls-per-minute", "{said}");
+    assert!(said["policies"][0]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("limits.cedar"));
+
+    // A sum over an argument the counted action does not declare as a Long would count 0
+    // for what is forwarded: refused.
+    let config = gw.edited_config("bad.yaml", |t| t.replace("sum: amount", "sum: total"));
+    let out = toolgate(&["check", "--config", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("sum: total is not a Long argument of billing/refund"),
+        "{text}"
+    );
+}

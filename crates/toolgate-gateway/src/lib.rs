@@ -252,6 +252,7 @@ pub fn check(config: &Config, cache: &mut LoadCache) -> Result<PolicyEngine, Vec
     errors.extend(local_files_problems(config));
     errors.extend(check_upstreams(config));
     errors.extend(pins_against_schema(config, &engine));
+    errors.extend(sums_against_schema(config, &engine));
     let errors: Vec<String> = errors.iter().map(|e| config.locate(e)).collect();
     if errors.is_empty() {
         Ok(engine)
@@ -358,6 +359,41 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
     }
     warnings.sort();
     warnings
+}
+
+/// A counter's `sum:` must be a `Long` argument of every action that reads the counter: an
+/// undeclared one (forwarded unseen, `undeclared_arguments: forward`) or another type would
+/// count 0 for an amount the upstream acts on.
+fn sums_against_schema(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+    let mut errors = Vec::new();
+    for counter in &config.usage.counters {
+        let Some(sum) = &counter.sum else {
+            continue;
+        };
+        for (action, context) in &engine.schema_info().actions {
+            let reads = matches!(
+                context.keys.get("usage"),
+                Some((toolgate_policy::AttrType::Record(usage), _)) if usage.contains_key(&counter.name)
+            );
+            let counted = counter
+                .actions
+                .as_ref()
+                .is_none_or(|a| a.iter().any(|x| x == action));
+            if !(reads && counted) {
+                continue;
+            }
+            if !matches!(
+                context.args.get(sum),
+                Some((toolgate_policy::AttrType::Long, _))
+            ) {
+                errors.push(format!(
+                    "usage.counters: {}: sum: {sum} is not a Long argument of {action}, which reads the counter: declare context.args.{sum}: Long for it (an undeclared amount would count 0)",
+                    counter.name
+                ));
+            }
+        }
+    }
+    errors
 }
 
 /// A pinned tool's input schema and its declared arguments must name the same arguments:
