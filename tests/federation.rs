@@ -210,6 +210,11 @@ async fn one_endpoint_over_three_real_servers_decides_each_call_as_its_own() {
         .audit_line(|l| l["action"] == "tools/pay" && l["decision"] == "deny")
         .await;
     assert_eq!(line["upstream"], "tools");
+    // What the endpoint answers itself has a line of its own.
+    let own = gw
+        .audit_line(|l| l["path"] == "/all" && l["action"] == "mcp:notifications/initialized")
+        .await;
+    assert_eq!(own["decision"], "allow", "{own}");
 
     // A member killed mid-session: its tools leave the listing, its calls get a clear error,
     // and the others go on in the same session.

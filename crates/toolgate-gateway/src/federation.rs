@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use toolgate_identity::Caller;
 use toolgate_mcp::{code, error_response, event_json, Payload, SseSplitter};
 
 use crate::answer::{full, is_event_stream, json_response, Body, Refusal};
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Verdict};
 use crate::config::McpEndpoint;
 use crate::mcp::{rewrite_answer, Binder, Rewrite, SESSION_HEADER};
 use crate::pipeline::read_limited;
@@ -138,6 +139,8 @@ struct Federated {
     binder: Binder,
     /// Who calls (issuer, agent, user): what this caller's listings taught is this caller's.
     caller: String,
+    /// Set once a member was asked anything: its requests then write the audit lines.
+    relayed: Arc<AtomicBool>,
 }
 
 impl Gateway {
@@ -166,6 +169,7 @@ impl Gateway {
             binder,
             endpoint,
             caller: json!([caller.issuer, caller.agent, caller.user]).to_string(),
+            relayed: Arc::default(),
         };
         let members = match request.headers().get(SESSION_HEADER) {
             None => None,
@@ -175,14 +179,17 @@ impl Gateway {
             },
         };
         let method = request.method().clone();
-        // From here each member's request writes its own line (a refusal above has this one).
-        record.relayed = true;
-        match (method, members) {
+        // A request relayed to members is recorded by their requests, each with its decision;
+        // what the endpoint answers itself has this line.
+        let answered = match (method, members) {
             (Method::POST, members) => {
                 let limit = self.body_limit(self.config.limits.max_body_bytes);
-                let body = read_limited(request.into_body(), limit).await;
-                record.relayed = body.is_ok();
-                Ok(fed.post(&body?, members).await)
+                let body = read_limited(request.into_body(), limit).await?;
+                let response = fed.post(&body, members).await;
+                if !fed.relayed.load(Ordering::Relaxed) {
+                    record_own_answer(&body, &response, record);
+                }
+                Ok(response)
             }
             (Method::GET, Some(members)) => Ok(fed.listen(&members).await),
             (Method::DELETE, Some(members)) => {
@@ -196,7 +203,21 @@ impl Gateway {
                 "Mcp-Session-Id is required",
             )),
             _ => Err(Refusal::MethodNotAllowed("GET, POST, DELETE")),
-        }
+        };
+        record.relayed = fed.relayed.load(Ordering::Relaxed);
+        answered
+    }
+}
+
+/// The audit line of a message the endpoint answered itself (a ping, `initialized`, an
+/// unknown method): no policy decided it; it passed when answered without an HTTP error.
+fn record_own_answer(body: &[u8], response: &Response<Body>, record: &mut AuditRecord) {
+    let method = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|m| m.get("method").and_then(Value::as_str).map(str::to_string));
+    record.action = Some(format!("mcp:{}", method.as_deref().unwrap_or("answer")));
+    if response.status().is_success() {
+        record.decision = Verdict::Allow;
     }
 }
 
@@ -666,6 +687,7 @@ impl Federated {
 
     fn asker(&self, member: &str, members: Option<&Members>) -> Asker {
         let session = members.and_then(|m| m.0.get(member)).cloned();
+        self.relayed.store(true, Ordering::Relaxed);
         Asker {
             gateway: self.gateway.clone(),
             member: member.to_string(),
