@@ -70,7 +70,7 @@ start_nginx() {
 wrk_run() { # wrk arguments...
   local out
   out=$(wrk "$@")
-  echo "$out" | grep -E "Requests/sec|^ +(50|99)%|Non-2xx|errors" || true
+  echo "$out" | grep -E "Requests/sec|requests in|^ +(50|99)%|Non-2xx|errors" || true
   if echo "$out" | grep -qE "Non-2xx|Socket errors"; then
     echo "wrk saw refused requests or socket errors: the figure above is not valid" >&2
     exit 1
@@ -103,4 +103,25 @@ upstreams:
     routes:
       - { tool: get_invoice, method: GET, path: "/invoices/{invoice_id}" }
 YAML
+}
+
+# Starts redis-server on a free port (again elsewhere if that port was taken meanwhile); sets
+# $redis_port. Installed with `apt-get install redis-server` when missing.
+start_redis() {
+  command -v redis-server >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  }
+  local pid
+  for _ in 1 2 3 4 5; do
+    redis_port=$(free_port)
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >"$work/redis.out" 2>&1 &
+    pid=$!
+    for _ in $(seq 50); do
+      python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$redis_port" 2>/dev/null && break
+      kill -0 $pid 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 $pid 2>/dev/null && return
+  done
+  cat "$work/redis.out" >&2; echo "redis-server did not start" >&2; exit 1
 }

@@ -25,19 +25,7 @@ http { access_log off; server { listen 127.0.0.1:@PORT@; location / { default_ty
 NGINX
 start_nginx
 up=$nginx_port
-# redis-server on a free port: started again elsewhere if that port was taken meanwhile.
-for _ in 1 2 3 4 5; do
-  redis_port=$(free_port)
-  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >"$work/redis.out" 2>&1 &
-  redis_pid=$!
-  for _ in $(seq 50); do
-    python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$redis_port" 2>/dev/null && break
-    kill -0 $redis_pid 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -0 $redis_pid 2>/dev/null && break
-done
-kill -0 $redis_pid 2>/dev/null || { cat "$work/redis.out" >&2; echo "redis-server did not start" >&2; exit 1; }
+start_redis
 cp -r policies "$work/policies"
 bench_keys
 

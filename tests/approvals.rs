@@ -94,23 +94,7 @@ fn approval_id(answer: &Answer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_lets_exactly_that_call_through_once_on_any_replica() {
     let data = TempDir::new("approvals-redis");
-    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
-        let mut command = Command::new("redis-server");
-        command
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&data.0)
-            .stdout(Stdio::null());
-        command
-    })
-    .await;
+    let (_redis, port) = start_redis(&data.0, &[]).await;
     let upstream = Upstream::start().await;
     let gw = gateway(
         &upstream,

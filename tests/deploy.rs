@@ -902,27 +902,12 @@ async fn the_edge_redis_asks_for_the_password_the_config_carries() {
     // folder): the right password is taken, a wrong one refused (fail closed).
     let password = "0123456789abcdef0123456789abcdef";
     let data = TempDir::new("redis-password");
-    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
-        let mut command = Command::new("redis-server");
-        command
-            .args(
-                args.iter()
-                    .map(|a| a.replace("$(REDIS_PASSWORD)", password)),
-            )
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&data.0)
-            .stdout(std::process::Stdio::null());
-        command
-    })
-    .await;
+    let manifest_args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("$(REDIS_PASSWORD)", password))
+        .collect();
+    let manifest_args: Vec<&str> = manifest_args.iter().map(String::as_str).collect();
+    let (_redis, port) = start_redis(&data.0, &manifest_args).await;
     let upstream = Upstream::start().await;
     // A Secret's file as the kubelet writes it (the key's bytes as they are), and one ending
     // in a newline (a Secret made from a file): the gateway drops the newline.

@@ -216,6 +216,8 @@ async fn an_endpoint_killed_mid_load_loses_no_retryable_call_and_comes_back() {
         "{:?}",
         ready.body
     );
+    let gateway_only = send("GET", &gw.admin_url("/readyz?upstreams=false"), &[], b"").await;
+    assert_eq!(gateway_only.status, 200, "{:?}", gateway_only.body);
 
     // a comes back on its port: once its ejection has run out, calls reach it again.
     let revived = Upstream::start_at(a.addr).await;

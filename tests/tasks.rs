@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -386,36 +385,13 @@ struct Redis {
     dir: std::path::PathBuf,
 }
 
-fn redis_command(dir: &std::path::Path, port: u16) -> Command {
-    let mut command = Command::new("redis-server");
-    command
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            // Every acknowledged write is in the file before the reply: with the default
-            // (everysec) Redis may postpone the write under disk load and lose it at the kill.
-            "--appendfsync",
-            "always",
-            "--dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null());
-    command
-}
+/// Every acknowledged write is in the file before the reply: with the default (everysec)
+/// Redis may postpone the write under disk load and lose it at the kill.
+const DURABLE: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "always"];
 
 impl Redis {
     async fn start(dir: &std::path::Path) -> Redis {
-        let (server, port) =
-            start_on_free_port("redis-server (scripts/test-deps.sh installs it)", |port| {
-                redis_command(dir, port)
-            })
-            .await;
+        let (server, port) = start_redis(dir, &DURABLE).await;
         Redis {
             server: Some(server),
             port,
@@ -430,7 +406,11 @@ impl Redis {
     /// Starts it again on the same port (the replicas know it by that), with its data.
     async fn restart(&mut self) {
         self.kill();
-        let mut server = Killed(redis_command(&self.dir, self.port).spawn().unwrap());
+        let mut server = Killed(
+            redis_command(&self.dir, self.port, &DURABLE)
+                .spawn()
+                .unwrap(),
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
@@ -619,12 +599,7 @@ async fn replicas_share_tasks_through_redis_and_fail_closed_without_it() {
 async fn the_redis_password_is_read_from_its_file() {
     let data = TempDir::new("redis-auth");
     let password = "a-password/with:odd@characters";
-    let (_redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
-        let mut command = redis_command(&data.0, port);
-        command.args(["--requirepass", password]);
-        command
-    })
-    .await;
+    let (_redis, port) = start_redis(&data.0, &["--requirepass", password]).await;
     let upstream = Upstream::start().await;
     let secret = data.0.join("redis.password");
     std::fs::write(&secret, format!("{password}\n")).unwrap();

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
 use common::*;
 use serde_json::json;
@@ -76,23 +75,7 @@ async fn refund(addr: SocketAddr, token: String, amount: u64) -> Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_hold_across_replicas_and_a_budget_never_overshoots() {
     let data = TempDir::new("usage-redis");
-    let (mut redis, port) = start_on_free_port("redis-server (scripts/test-deps.sh)", |port| {
-        let mut command = Command::new("redis-server");
-        command
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&data.0)
-            .stdout(Stdio::null());
-        command
-    })
-    .await;
+    let (mut redis, port) = start_redis(&data.0, &[]).await;
     let upstream = Upstream::start().await;
     let schema = schema();
     let config = format!("tasks:\n  store: redis://127.0.0.1:{port}\n{COUNTERS}");

@@ -646,6 +646,33 @@ pub async fn start_on_free_port(
     panic!("{what} exited at start five times");
 }
 
+/// redis-server on loopback `port`, its files in `dir`, no snapshots; `extra` arguments after.
+pub fn redis_command(dir: &Path, port: u16, extra: &[&str]) -> Command {
+    let mut command = Command::new("redis-server");
+    command
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null());
+    command
+}
+
+/// A redis-server of the test's own on a free port (installed by scripts/test-deps.sh).
+pub async fn start_redis(dir: &Path, extra: &[&str]) -> (Killed, u16) {
+    start_on_free_port("redis-server (scripts/test-deps.sh installs it)", |port| {
+        redis_command(dir, port, extra)
+    })
+    .await
+}
+
 /// Starts a program that takes its port as its last argument, quiet, on a free port.
 pub async fn start_program(what: &str, program: impl Fn() -> Command) -> (Killed, u16) {
     start_on_free_port(what, |port| {

@@ -102,7 +102,10 @@ impl Gateway {
                         StatusCode::SERVICE_UNAVAILABLE,
                         &json!({"status": "not ready", "reason": "no issuer's keys are loaded yet (jwks_url or discovery not reached)"}),
                     )
-                } else if let Some(reason) = self.unhealthy_upstreams() {
+                } else if let Some(reason) = self
+                    .unhealthy_upstreams()
+                    .filter(|_| request.uri().query() != Some("upstreams=false"))
+                {
                     json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &json!({"status": "not ready", "reason": reason}),
