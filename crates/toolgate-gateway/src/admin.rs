@@ -484,6 +484,16 @@ impl Gateway {
         self.metrics
             .reload_duration
             .observe(started.elapsed().as_secs_f64());
+        // A counter's `sum:` is checked against the new schema as at start.
+        let loaded = loaded.map_err(|e| e.problems.iter().map(ToString::to_string).collect());
+        let loaded = loaded.and_then(|engine| {
+            let errors = crate::sums_against_schema(&self.config, &engine);
+            if errors.is_empty() {
+                Ok(engine)
+            } else {
+                Err(errors)
+            }
+        });
         match loaded {
             Ok(engine) => {
                 let count = engine.policy_count();
@@ -493,9 +503,8 @@ impl Gateway {
                 tracing::info!(policies = count, "policies reloaded");
                 Ok(count)
             }
-            Err(e) => {
+            Err(errors) => {
                 self.metrics.reloads.with_label_values(&["error"]).inc();
-                let errors: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
                 tracing::error!(errors = ?errors, "policy reload refused; the active set stays");
                 Err(errors)
             }

@@ -120,8 +120,10 @@ pub struct AuditRecord {
     pub unauthenticated: bool,
     /// A federated endpoint's request, relayed to its members as their own requests: those
     /// are recorded, this one is not.
+    /// Set (shared with the relay) once a member was asked: read when the line is written,
+    /// so a request the agent abandons mid-relay is not recorded twice.
     #[serde(skip)]
-    pub relayed: bool,
+    pub relayed: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl AuditRecord {

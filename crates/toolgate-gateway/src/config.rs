@@ -696,6 +696,12 @@ impl UpstreamConfig {
                 ));
                 continue;
             };
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                // It would be in metrics, logs and session ids: credentials go in `credential:`.
+                errors.push(format!(
+                    "{at}: url {url:?} must not hold a user or password"
+                ));
+            }
             paths.insert(parsed.path().trim_end_matches('/').to_string());
             // A long-lived secret, or a token for more than one call, never crosses a network
             // in the clear (a minted credential lives one call and one audience).
@@ -715,9 +721,10 @@ impl UpstreamConfig {
             // A call's path is rendered once, then sent to whichever endpoint serves it.
             errors.push(format!("{at}: urls must all have the same path"));
         }
-        if self.passive_health.failures == 0 || self.passive_health.eject_seconds == 0 {
+        let health = self.passive_health;
+        if !(1..=1000).contains(&health.failures) || !(1..=86400).contains(&health.eject_seconds) {
             errors.push(format!(
-                "{at}: passive_health.failures and eject_seconds must be positive"
+                "{at}: passive_health.failures must be 1..1000 and eject_seconds 1..86400"
             ));
         }
         errors

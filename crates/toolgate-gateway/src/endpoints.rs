@@ -62,13 +62,19 @@ impl Drop for InFlight {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Answered,
-    /// No connection, a connection lost, a timeout, or a 5xx answer.
+    /// No connection, a connection lost, a timeout, or a 502/503/504: the endpoint's own
+    /// failure. A 500 is not counted: an agent can provoke one with any bad input.
     Failed,
 }
 
+/// At most this many endpoints are tried for one call.
+pub(crate) const MAX_ATTEMPTS: usize = 3;
+
 impl Endpoints {
     /// The endpoints of an HTTP upstream (none for a `command:` one); `check` has vetted them.
-    pub fn new(config: &UpstreamConfig) -> Endpoints {
+    /// `name_secret` keys their names in session ids, so that an id does not tell the agent
+    /// the address behind it.
+    pub fn new(config: &UpstreamConfig, name_secret: &dyn Fn(&str) -> String) -> Endpoints {
         let list = config
             .endpoint_urls()
             .into_iter()
@@ -76,8 +82,13 @@ impl Endpoints {
             .filter_map(|uri| {
                 let parts = uri.into_parts();
                 let (scheme, authority) = (parts.scheme?, parts.authority?);
+                let key = name_secret(&format!("endpoint {scheme}://{authority}"));
                 Some(Endpoint {
-                    key: endpoint_key(&scheme, &authority),
+                    key: key
+                        .chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .take(16)
+                        .collect(),
                     label: authority.to_string(),
                     scheme,
                     authority,
@@ -112,9 +123,25 @@ impl Endpoints {
         self.list.iter().position(|e| e.key == key)
     }
 
-    /// The endpoints a call may try, in order: the healthy ones as the balance picks them,
-    /// then the ejected ones (with none healthy, trying beats refusing). A session's call may
-    /// only go to the endpoint that holds the session.
+    /// Keeps what `previous` (the same upstream before a reload) learned of the endpoints
+    /// that are still there: their health, their calls in flight, the turn.
+    pub fn inherit(&mut self, previous: &Endpoints) {
+        self.epoch = previous.epoch;
+        self.next = AtomicUsize::new(previous.next.load(Ordering::Relaxed));
+        for endpoint in &mut self.list {
+            if let Some(old) = previous.list.iter().find(|e| e.key == endpoint.key) {
+                endpoint.in_flight = old.in_flight.clone();
+                let failures = old.failures.load(Ordering::Relaxed);
+                endpoint.failures = AtomicU32::new(failures);
+                let until = old.ejected_until.load(Ordering::Relaxed);
+                endpoint.ejected_until = AtomicU64::new(until);
+            }
+        }
+    }
+
+    /// The endpoints a call may try, in order (at most `MAX_ATTEMPTS`): the healthy ones as
+    /// the balance picks them, then the ejected ones (with none healthy, trying beats
+    /// refusing). A session's call may only go to the endpoint that holds the session.
     pub fn order(&self, pinned: Option<&str>) -> Vec<usize> {
         if let Some(key) = pinned {
             return self.index_of(key).into_iter().collect();
@@ -133,6 +160,7 @@ impl Endpoints {
             healthy.sort_by_key(|&i| self.list[i].in_flight.load(Ordering::Relaxed));
         }
         healthy.extend(ejected);
+        healthy.truncate(MAX_ATTEMPTS);
         healthy
     }
 
@@ -143,8 +171,12 @@ impl Endpoints {
         InFlight(counter)
     }
 
-    /// Records how endpoint `index` answered; true when this failure ejected it.
+    /// Records how endpoint `index` answered; true when this failure ejected it. A lone
+    /// endpoint is never ejected: there is nowhere else to send its calls.
     pub fn record(&self, index: usize, outcome: Outcome) -> bool {
+        if self.list.len() < 2 {
+            return false;
+        }
         let endpoint = &self.list[index];
         if outcome == Outcome::Answered {
             // An answer proves it healthy, ejected or not (tried when none was healthy).
@@ -157,12 +189,19 @@ impl Endpoints {
             return false;
         }
         // Back after a while; one more failure then ejects it again.
-        let until = self.now_ms() + self.health.eject_seconds * 1000;
+        let now = self.now_ms();
+        let until = now.saturating_add(self.health.eject_seconds.saturating_mul(1000));
         endpoint
             .failures
-            .store(self.health.failures - 1, Ordering::Relaxed);
-        endpoint.ejected_until.store(until, Ordering::Relaxed);
-        true
+            .store(self.health.failures.saturating_sub(1), Ordering::Relaxed);
+        let was = endpoint.ejected_until.swap(until, Ordering::Relaxed);
+        was <= now
+    }
+
+    /// Whether endpoint `index` may take a call tried again after a 502/503: not an ejected
+    /// one, which would only multiply the load on what is failing.
+    pub fn takes_retries(&self, index: usize) -> bool {
+        !self.ejected(index)
     }
 
     /// Whether endpoint `index` is ejected now.
@@ -195,14 +234,6 @@ impl Endpoint {
     }
 }
 
-/// A short name for an endpoint, from its scheme and authority: what a bound session id
-/// carries to come back to the endpoint that holds the session.
-fn endpoint_key(scheme: &Scheme, authority: &Authority) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{scheme}://{authority}").as_bytes());
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +244,12 @@ mod tests {
             urls.join(", ")
         ))
         .unwrap();
-        Endpoints::new(&UpstreamConfig { balance, ..config })
+        Endpoints::new(&UpstreamConfig { balance, ..config }, &|s| {
+            format!(
+                "{:x}",
+                s.len() * 7919 + s.bytes().map(usize::from).sum::<usize>()
+            )
+        })
     }
 
     #[test]
@@ -232,6 +268,19 @@ mod tests {
             assert_eq!(order.last(), Some(&1), "ejected: tried last, not never");
         }
         assert!(!e.none_healthy());
+    }
+
+    #[test]
+    fn a_lone_endpoint_is_never_ejected_and_an_ejection_is_said_once() {
+        let lone = endpoints(&["http://a:1"], Balance::RoundRobin);
+        for _ in 0..5 {
+            assert!(!lone.record(0, Outcome::Failed));
+        }
+        assert!(!lone.none_healthy());
+        let e = endpoints(&["http://a:1", "http://b:1"], Balance::RoundRobin);
+        e.record(0, Outcome::Failed);
+        assert!(e.record(0, Outcome::Failed));
+        assert!(!e.record(0, Outcome::Failed), "already ejected");
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Gateway {
             caller: json!([caller.issuer, caller.agent, caller.user]).to_string(),
             relayed: Arc::default(),
         };
+        record.relayed = Some(fed.relayed.clone());
         let members = match request.headers().get(SESSION_HEADER) {
             None => None,
             Some(bound) => match fed.members_of(bound) {
@@ -204,7 +205,6 @@ impl Gateway {
             )),
             _ => Err(Refusal::MethodNotAllowed("GET, POST, DELETE")),
         };
-        record.relayed = fed.relayed.load(Ordering::Relaxed);
         answered
     }
 }

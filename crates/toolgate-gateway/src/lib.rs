@@ -364,7 +364,7 @@ fn policy_warnings(config: &Config, engine: &PolicyEngine) -> Vec<String> {
 /// A counter's `sum:` must be a `Long` argument of every action that reads the counter: an
 /// undeclared one (forwarded unseen, `undeclared_arguments: forward`) or another type would
 /// count 0 for an amount the upstream acts on.
-fn sums_against_schema(config: &Config, engine: &PolicyEngine) -> Vec<String> {
+pub(crate) fn sums_against_schema(config: &Config, engine: &PolicyEngine) -> Vec<String> {
     let mut errors = Vec::new();
     for counter in &config.usage.counters {
         let Some(sum) = &counter.sum else {

@@ -111,6 +111,8 @@ impl ToolSchemas {
 
 /// What a server gives a caller to come back with: a session, a task handle.
 const SESSION: &str = "mcp-session";
+/// A session held by one of several endpoints: `<id>.<endpoint key>` is bound.
+const SESSION_AT: &str = "mcp-session-at";
 const TASK: &str = "mcp-task";
 
 /// Ids a server gives out (session ids, task handles) bound to the caller they were given to:
@@ -404,7 +406,7 @@ impl Gateway {
         // A session is the caller's that the gateway gave it to: another caller's (or a made
         // up) id is unknown here, as a server says of a session it does not have.
         if let Some(bound) = parts.headers.get(SESSION_HEADER) {
-            let Some((session, endpoint)) = Self::session_of(&binder, upstream, bound) else {
+            let Some((session, endpoint)) = Self::session_of(&binder, bound) else {
                 record
                     .errors
                     .push("Mcp-Session-Id was not issued to this caller".into());
@@ -653,11 +655,11 @@ impl Gateway {
             headers.remove(SESSION_HEADER);
             return;
         };
-        let id = match endpoint {
-            Some(key) => format!("{session}.{key}"),
-            None => session.to_string(),
+        let bound = match endpoint {
+            Some(key) => binder.bind(SESSION_AT, &format!("{session}.{key}")),
+            None => binder.bind(SESSION, session),
         };
-        match HeaderValue::from_str(&binder.bind(SESSION, &id)) {
+        match HeaderValue::from_str(&bound) {
             Ok(value) => {
                 headers.insert(SESSION_HEADER, value);
             }
@@ -669,20 +671,17 @@ impl Gateway {
 
     /// The server's session id inside a bound one, when it was bound to this caller, and the
     /// endpoint that holds it.
-    fn session_of(
-        binder: &Binder,
-        upstream: &Upstream,
-        bound: &HeaderValue,
-    ) -> Option<(HeaderValue, Option<String>)> {
-        let id = binder.unbind(SESSION, bound.to_str().ok()?)?;
-        let (session, endpoint) = match id.rsplit_once('.') {
-            Some((session, key))
-                if upstream.endpoints.len() > 1 && upstream.endpoints.index_of(key).is_some() =>
-            {
+    fn session_of(binder: &Binder, bound: &HeaderValue) -> Option<(HeaderValue, Option<String>)> {
+        let bound = bound.to_str().ok()?;
+        // An endpoint no longer configured holds the session: the call finds no endpoint
+        // (404), rather than another that does not know it.
+        let (session, endpoint) = match binder.unbind(SESSION_AT, bound) {
+            Some(id) => {
+                let (session, key) = id.rsplit_once('.')?;
                 (session, Some(key.to_string()))
             }
-            // Made before the upstream had several endpoints: any may hold it.
-            _ => (id, None),
+            // One endpoint made it: whichever the upstream has now.
+            None => (binder.unbind(SESSION, bound)?, None),
         };
         Some((HeaderValue::from_str(session).ok()?, endpoint))
     }

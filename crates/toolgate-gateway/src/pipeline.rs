@@ -664,7 +664,8 @@ impl Gateway {
     /// The one place an outcome is recorded: the decision metric and the audit line, in the
     /// room reserved for it (`None`: any room left).
     pub(crate) fn finish(&self, mut record: AuditRecord, slot: Option<AuditSlot>) {
-        if record.relayed {
+        let relayed = record.relayed.as_ref();
+        if relayed.is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed)) {
             // Its calls to the members wrote their own lines, each with its decision.
             return;
         }

@@ -344,7 +344,13 @@ impl Upstream {
         name_secret: &dyn Fn(&str) -> String,
     ) -> Result<Self, SetupError> {
         let base = config.primary_url().trim_end_matches('/').to_string();
-        let endpoints = Endpoints::new(&config);
+        let mut endpoints = Endpoints::new(&config, name_secret);
+        let before = shared
+            .previous
+            .and_then(|p| p.upstreams.iter().find(|u| u.name() == config.name));
+        if let Some(before) = before {
+            endpoints.inherit(&before.endpoints);
+        }
         let places = config.max_in_flight.map(|n| Arc::new(Semaphore::new(n)));
         let credentials = Credentials::new(&config, name_secret)?;
         let transport = if config.command.is_some() {
@@ -519,7 +525,9 @@ impl Upstream {
             let in_flight = self.endpoints.enter(index);
             let result = tokio::time::timeout(timeout, client.request(attempt)).await;
             let outcome = match &result {
-                Ok(Ok(response)) if !response.status().is_server_error() => Outcome::Answered,
+                Ok(Ok(response)) if !matches!(response.status().as_u16(), 502..=504) => {
+                    Outcome::Answered
+                }
                 _ => Outcome::Failed,
             };
             self.record(index, outcome);
@@ -530,7 +538,8 @@ impl Upstream {
                 Ok(Ok(response))
                     if again
                         && dispatch.retry_unavailable
-                        && matches!(response.status().as_u16(), 502 | 503) =>
+                        && matches!(response.status().as_u16(), 502 | 503)
+                        && self.endpoints.takes_retries(order[n + 1]) =>
                 {
                     continue
                 }
