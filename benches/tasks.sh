@@ -16,14 +16,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; /usr/sbin/nginx -c "$work/nginx.conf" -s stop 2>/dev/null; rm -rf "$work"' EXIT
 source benches/lib.sh
 
-cat > "$work/nginx.conf.in" <<NGINX
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:@PORT@; location / { default_type application/json; return 200 '{"invoice_id":1,"amount":120}'; } } }
-NGINX
-start_nginx
+start_backend
 up=$nginx_port
 start_redis
 cp -r policies "$work/policies"

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The shadow policies of docs/policy-guide.md's worked example, as written there.
 fn guide_shadow_policies() -> String {
@@ -91,23 +91,9 @@ async fn shadow_policies_never_decide_and_the_audit_and_metrics_show_their_flips
     );
 
     // `toolgate authorize` says the same offline.
-    let request = gw.dir.0.join("request.json");
-    std::fs::write(
-        &request,
-        json!({"agent": "assistant", "user": "alice", "action": "billing/get_invoice",
-               "args": {"invoice_id": 7}})
-        .to_string(),
-    )
-    .unwrap();
-    let config = gw.dir.0.join("toolgate.yaml");
-    let out = toolgate(&[
-        "authorize",
-        "--config",
-        config.to_str().unwrap(),
-        "--request",
-        request.to_str().unwrap(),
-    ]);
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let request = json!({"agent": "assistant", "user": "alice", "action": "billing/get_invoice",
+                         "args": {"invoice_id": 7}});
+    let answer = authorize(&gw.dir.0, &request, &[]);
     assert_eq!(answer["decision"], "allow", "{answer}");
     assert_eq!(answer["shadow"]["decision"], "deny", "{answer}");
     assert_eq!(answer["shadow"]["flipped_by"], json!(["no-invoice-7"]));
@@ -335,26 +321,6 @@ fn remove_policies(file: &std::path::Path, ids: &[&str]) {
     std::fs::write(file, kept.join("\n\n")).unwrap();
 }
 
-/// `toolgate authorize` with the config in `dir`: the JSON answer for `request`.
-fn authorize(dir: &std::path::Path, request: &Value) -> Value {
-    let path = dir.join("request.json");
-    std::fs::write(&path, request.to_string()).unwrap();
-    let config = dir.join("toolgate.yaml");
-    let out = toolgate(&[
-        "authorize",
-        "--config",
-        config.to_str().unwrap(),
-        "--request",
-        path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
 /// Calls by `assistant`: through billing-read and billing-refund (with a user), one refused
 /// (billing-read wants a user), one through `temp-list` alone (no user). Waits for the audit.
 async fn calls_for_the_suggestion(gw: &Gateway) {
@@ -485,7 +451,7 @@ async fn audit_report_suggests_permits_that_keep_their_conditions() {
             "",
         ),
     ] {
-        let answer = authorize(&copy.0, &request);
+        let answer = authorize(&copy.0, &request, &[]);
         assert_eq!(answer["decision"], decision, "{request}: {answer}");
         let policies = answer["policies"].as_array().unwrap();
         assert_eq!(policies.is_empty(), by.is_empty(), "{request}: {answer}");

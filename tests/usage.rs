@@ -161,23 +161,10 @@ async fn limits_hold_across_replicas_and_a_budget_never_overshoots() {
     );
 
     // Limits are tested offline with the counters' values given (`authorize --request`).
-    let config = gw.dir.0.join("toolgate.yaml");
     for (calls, decided) in [(2, "allow"), (3, "deny")] {
-        let request = gw.dir.0.join("limited.yaml");
-        std::fs::write(
-            &request,
-            format!("agent: assistant\nuser: alice\naction: billing/get_invoice\nargs: {{invoice_id: 7}}\nusage: {{calls_per_minute: {calls}}}\n"),
-        )
-        .unwrap();
-        let out = toolgate(&[
-            "authorize",
-            "--config",
-            config.to_str().unwrap(),
-            "--request",
-            request.to_str().unwrap(),
-        ]);
-        let said: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        let request = json!({"agent": "assistant", "user": "alice", "action": "billing/get_invoice",
+                             "args": {"invoice_id": 7}, "usage": {"calls_per_minute": calls}});
+        let said = authorize(&gw.dir.0, &request, &[]);
         assert_eq!(said["decision"], decided, "{said}");
     }
 
@@ -253,23 +240,9 @@ tests:
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let request = gw.dir.0.join("limited.yaml");
-    std::fs::write(
-        &request,
-        "agent: intern-bot\naction: billing/get_invoice\nargs: {invoice_id: 7}\nusage: {calls_per_minute: 3}\n",
-    )
-    .unwrap();
-    let config = gw.dir.0.join("toolgate.yaml");
-    let out = toolgate(&[
-        "authorize",
-        "--config",
-        config.to_str().unwrap(),
-        "--request",
-        request.to_str().unwrap(),
-        "--explain",
-    ]);
-    let said: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let request = json!({"agent": "intern-bot", "action": "billing/get_invoice",
+                         "args": {"invoice_id": 7}, "usage": {"calls_per_minute": 3}});
+    let said = authorize(&gw.dir.0, &request, &["--explain"]);
     assert_eq!(said["decision"], "deny", "{said}");
     assert_eq!(said["policies"][0]["id"], "calls-per-minute", "{said}");
     assert!(said["policies"][0]["file"]

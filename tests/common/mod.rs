@@ -1027,6 +1027,29 @@ pub fn toolgate(args: &[&str]) -> std::process::Output {
         .expect("run toolgate")
 }
 
+/// `toolgate authorize` with the config in `dir` (`toolgate.yaml`), and `more` arguments:
+/// the JSON answer for `request`.
+pub fn authorize(dir: &Path, request: &Value, more: &[&str]) -> Value {
+    let path = dir.join("request.json");
+    std::fs::write(&path, request.to_string()).unwrap();
+    let config = dir.join("toolgate.yaml");
+    let mut args = vec![
+        "authorize",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    let out = toolgate(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
 // ---------------------------------------------------------------- HTTP client
 
 pub struct Answer {

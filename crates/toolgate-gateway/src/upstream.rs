@@ -501,6 +501,8 @@ impl Upstream {
         let (parts, body) = request.into_parts();
         let timeout = Duration::from_secs(self.config.timeout_seconds);
         let mut body = Replay::new(body, order.len() > 1, timeout).await?;
+        // `timeout_seconds` bounds the call, not each attempt: tries cannot add up.
+        let deadline = tokio::time::Instant::now() + timeout;
         for (n, &index) in order.iter().enumerate() {
             if n > 0 {
                 if let Some(metrics) = &self.metrics {
@@ -517,13 +519,9 @@ impl Upstream {
             let Some(sent) = body.take() else {
                 break;
             };
-            let mut attempt = Request::new(sent);
-            *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = endpoint.rebase(&parts.uri);
-            *attempt.version_mut() = parts.version;
-            *attempt.headers_mut() = parts.headers.clone();
+            let attempt = attempt_at(endpoint, &parts, sent);
             let in_flight = self.endpoints.enter(index);
-            let result = tokio::time::timeout(timeout, client.request(attempt)).await;
+            let result = tokio::time::timeout_at(deadline, client.request(attempt)).await;
             let outcome = match &result {
                 Ok(Ok(response)) if !matches!(response.status().as_u16(), 502..=504) => {
                     Outcome::Answered
@@ -572,6 +570,20 @@ impl Upstream {
                 .inc();
         }
     }
+}
+
+/// The request as sent to `endpoint`: its own scheme and authority, the same everything else.
+fn attempt_at(
+    endpoint: &crate::endpoints::Endpoint,
+    parts: &http::request::Parts,
+    body: Body,
+) -> Request<Body> {
+    let mut attempt = Request::new(body);
+    *attempt.method_mut() = parts.method.clone();
+    *attempt.uri_mut() = endpoint.rebase(&parts.uri);
+    *attempt.version_mut() = parts.version;
+    *attempt.headers_mut() = parts.headers.clone();
+    attempt
 }
 
 /// A request body that may have to be sent again: kept whole when small enough and another

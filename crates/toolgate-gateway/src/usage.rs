@@ -187,21 +187,29 @@ impl Gateway {
     /// The counter's key: its name and the parts the gateway authenticated or classified.
     fn counter_key(&self, ctx: &CallContext<'_>, counter: &Counter, action: &str) -> String {
         let caller = ctx.caller;
-        let parts: Vec<&str> = counter
-            .per
-            .iter()
-            .map(|part| match part {
-                KeyPart::Agent => caller.agent.as_str(),
-                KeyPart::User => caller.user.as_deref().unwrap_or(""),
-                KeyPart::Tool => action,
-                KeyPart::Upstream => action.split('/').next().unwrap_or(""),
-                KeyPart::Task => ctx.task.as_ref().map_or("", |t| t.id.as_str()),
-                KeyPart::Issuer => caller.issuer.as_str(),
-            })
-            .collect();
-        let text = serde_json::json!([counter.name, counter.per.len(), parts]).to_string();
-        let digest = sha2::Sha256::digest(text.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}:{hex}", counter.name)
+        let parts = counter.per.iter().map(|part| match part {
+            KeyPart::Agent => caller.agent.as_str(),
+            KeyPart::User => caller.user.as_deref().unwrap_or(""),
+            KeyPart::Tool => action,
+            KeyPart::Upstream => action.split('/').next().unwrap_or(""),
+            KeyPart::Task => ctx.task.as_ref().map_or("", |t| t.id.as_str()),
+            KeyPart::Issuer => caller.issuer.as_str(),
+        });
+        // Each part length-prefixed: no two different keys hash the same text.
+        let mut hasher = sha2::Sha256::new();
+        for part in std::iter::once(counter.name.as_str()).chain(parts) {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut key = String::with_capacity(counter.name.len() + 33);
+        key.push_str(&counter.name);
+        key.push(':');
+        for byte in &digest[..16] {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            key.push(char::from(HEX[usize::from(byte >> 4)]));
+            key.push(char::from(HEX[usize::from(byte & 15)]));
+        }
+        key
     }
 }
