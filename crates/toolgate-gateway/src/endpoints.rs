@@ -284,6 +284,28 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_what_was_learned_of_the_endpoints_still_there() {
+        let before = endpoints(&["http://a:1", "http://b:1"], Balance::RoundRobin);
+        before.record(0, Outcome::Failed);
+        before.record(0, Outcome::Failed);
+        let busy = before.enter(1);
+        let mut after = endpoints(
+            &["http://b:1", "http://a:1", "http://c:1"],
+            Balance::RoundRobin,
+        );
+        after.inherit(&before);
+        assert!(after.ejected(1), "a is still ejected");
+        assert!(!after.ejected(0) && !after.ejected(2));
+        assert_eq!(
+            after.get(0).in_flight.load(Ordering::Relaxed),
+            1,
+            "b's call"
+        );
+        drop(busy);
+        assert_eq!(after.get(0).in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn an_answer_resets_the_failures() {
         let e = endpoints(&["http://a:1", "http://b:1"], Balance::RoundRobin);
         e.record(0, Outcome::Failed);

@@ -210,13 +210,17 @@ impl Gateway {
 }
 
 /// The audit line of a message the endpoint answered itself (a ping, `initialized`, an
-/// unknown method): no policy decided it; it passed when answered without an HTTP error.
+/// unknown method): no policy decided it; it passed unless answered with an error.
 fn record_own_answer(body: &[u8], response: &Response<Body>, record: &mut AuditRecord) {
     let method = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|m| m.get("method").and_then(Value::as_str).map(str::to_string));
     record.action = Some(format!("mcp:{}", method.as_deref().unwrap_or("answer")));
-    if response.status().is_success() {
+    if let Some(OwnError(message)) = response.extensions().get::<OwnError>() {
+        record
+            .errors
+            .push(format!("answered by the federated endpoint: {message}"));
+    } else if response.status().is_success() {
         record.decision = Verdict::Allow;
     }
 }
@@ -1036,8 +1040,16 @@ fn answered(id: &Value, result: Value) -> Response<Body> {
     )
 }
 
+/// Marks an error the endpoint answered itself, for its audit line.
+#[derive(Clone)]
+struct OwnError(String);
+
 fn rpc(status: StatusCode, id: Option<&Value>, code: i64, message: &str) -> Response<Body> {
-    json_response(status, &error_response(id, code, message, None))
+    let mut response = json_response(status, &error_response(id, code, message, None));
+    response
+        .extensions_mut()
+        .insert(OwnError(message.to_string()));
+    response
 }
 
 fn not_found(id: Option<&Value>, method: &str) -> Response<Body> {
