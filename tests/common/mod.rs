@@ -77,6 +77,13 @@ pub struct Recorded {
     pub body: Bytes,
 }
 
+/// A recording upstream's accept loop and connections, and whether it was killed.
+#[derive(Default)]
+struct Tasks {
+    killed: bool,
+    running: Vec<tokio::task::AbortHandle>,
+}
+
 /// A real HTTP server that records every request. A request whose URI contains `held` is
 /// recorded, then answered only once the test calls `release`.
 pub struct Upstream {
@@ -84,7 +91,7 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Recorded>>>,
     released: Arc<tokio::sync::watch::Sender<bool>>,
     /// Its accept loop and connections, ended at once by `kill`.
-    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    tasks: Arc<Mutex<Tasks>>,
 }
 
 /// What an MCP server replays on a GET with `Last-Event-ID` (asked for with `X-Test-Replay`):
@@ -172,7 +179,9 @@ impl Upstream {
     /// Ends the server as a crash would: its port refuses connections, and the connections
     /// it had are closed with whatever they were doing.
     pub fn kill(&self) {
-        for task in self.tasks.lock().unwrap().drain(..) {
+        let mut tasks = self.tasks.lock().unwrap();
+        tasks.killed = true;
+        for task in tasks.running.drain(..) {
             task.abort();
         }
     }
@@ -186,7 +195,7 @@ impl Upstream {
         let log = seen.clone();
         let released = Arc::new(tokio::sync::watch::Sender::new(false));
         let release = released.clone();
-        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let tasks: Arc<Mutex<Tasks>> = Arc::default();
         let connections = tasks.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -251,10 +260,16 @@ impl Upstream {
                     });
                     serve_test_connection(stream, tls, service).await;
                 });
-                connections.lock().unwrap().push(connection.abort_handle());
+                // One accepted as the test killed the server goes with the others.
+                let mut connections = connections.lock().unwrap();
+                if connections.killed {
+                    connection.abort();
+                    break;
+                }
+                connections.running.push(connection.abort_handle());
             }
         });
-        tasks.lock().unwrap().push(accepting.abort_handle());
+        tasks.lock().unwrap().running.push(accepting.abort_handle());
         Upstream {
             addr,
             seen,

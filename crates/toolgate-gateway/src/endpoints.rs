@@ -62,8 +62,8 @@ impl Drop for InFlight {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Answered,
-    /// No connection, a connection lost, a timeout, or a 502/503/504: the endpoint's own
-    /// failure. A 500 is not counted: an agent can provoke one with any bad input.
+    /// No connection, or a 502/503/504: the endpoint's own failure. A 500, a timeout or a
+    /// broken upload is not counted: an agent can provoke those.
     Failed,
 }
 
@@ -126,6 +126,10 @@ impl Endpoints {
     /// Keeps what `previous` (the same upstream before a reload) learned of the endpoints
     /// that are still there: their health, their calls in flight, the turn.
     pub fn inherit(&mut self, previous: &Endpoints) {
+        if self.list.len() < 2 {
+            // A lone endpoint is never ejected, nor kept ejected.
+            return;
+        }
         self.epoch = previous.epoch;
         self.next = AtomicUsize::new(previous.next.load(Ordering::Relaxed));
         for endpoint in &mut self.list {
@@ -211,7 +215,7 @@ impl Endpoints {
 
     /// An upstream reached over HTTP whose every endpoint is ejected.
     pub fn none_healthy(&self) -> bool {
-        !self.list.is_empty() && (0..self.list.len()).all(|i| self.ejected(i))
+        self.list.len() > 1 && (0..self.list.len()).all(|i| self.ejected(i))
     }
 
     fn now_ms(&self) -> u64 {

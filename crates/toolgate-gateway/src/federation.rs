@@ -187,8 +187,12 @@ impl Gateway {
                 let limit = self.body_limit(self.config.limits.max_body_bytes);
                 let body = read_limited(request.into_body(), limit).await?;
                 let response = fed.post(&body, members).await;
-                if !fed.relayed.load(Ordering::Relaxed) {
+                // An error of its own is the endpoint's to record, even after members were
+                // asked (a listing to find an unknown name).
+                let own_error = response.extensions().get::<OwnError>().is_some();
+                if own_error || !fed.relayed.load(Ordering::Relaxed) {
                     record_own_answer(&body, &response, record);
+                    record.relayed = None;
                 }
                 Ok(response)
             }
@@ -214,9 +218,12 @@ impl Gateway {
 fn record_own_answer(body: &[u8], response: &Response<Body>, record: &mut AuditRecord) {
     let method = serde_json::from_slice::<Value>(body)
         .ok()
-        .and_then(|m| m.get("method").and_then(Value::as_str).map(str::to_string));
+        .and_then(|m| m.get("method").and_then(Value::as_str).map(str::to_string))
+        .filter(|m| m.len() <= 128);
     record.action = Some(format!("mcp:{}", method.as_deref().unwrap_or("answer")));
     if let Some(OwnError(message)) = response.extensions().get::<OwnError>() {
+        // Bounded: it may quote the agent's words.
+        let message: String = message.chars().take(256).collect();
         record
             .errors
             .push(format!("answered by the federated endpoint: {message}"));
@@ -691,8 +698,8 @@ impl Federated {
 
     fn asker(&self, member: &str, members: Option<&Members>) -> Asker {
         let session = members.and_then(|m| m.0.get(member)).cloned();
-        self.relayed.store(true, Ordering::Relaxed);
         Asker {
+            relayed: self.relayed.clone(),
             gateway: self.gateway.clone(),
             member: member.to_string(),
             peer: self.peer,
@@ -714,8 +721,21 @@ enum Renamed {
     Templates,
 }
 
+/// On a member request: set once the member's own audit line is certain, so the federated
+/// request's line is left to it.
+#[derive(Clone)]
+struct RelayedBy(Arc<AtomicBool>);
+
+/// Called once a request's audit line is certain: a member request tells its federated one.
+pub(crate) fn line_is_certain<B>(request: &Request<B>) {
+    if let Some(RelayedBy(relayed)) = request.extensions().get() {
+        relayed.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A member's own requests, as the caller, through the whole pipeline of its endpoint.
 struct Asker {
+    relayed: Arc<AtomicBool>,
     gateway: Arc<Gateway>,
     member: String,
     peer: SocketAddr,
@@ -727,6 +747,9 @@ struct Asker {
 impl Asker {
     fn request(&self, method: Method, body: Bytes) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(body));
+        request
+            .extensions_mut()
+            .insert(RelayedBy(self.relayed.clone()));
         *request.method_mut() = method;
         *request.uri_mut() = format!("/{}", self.member).parse().unwrap_or_default();
         let headers = request.headers_mut();

@@ -103,13 +103,9 @@ impl Gateway {
             return answer;
         }
         let routing = self.routing.load_full();
-        // An upstream's own in-flight limit, like the global one, before any work.
-        let _place = match routing.routes.upstream(request.uri().path()) {
-            Some((index, _)) => match routing.upstreams[index].admit() {
-                Some(place) => Some(place),
-                None => return crate::server::overloaded(&self.metrics),
-            },
-            None => None,
+        let _place = match self.admit(&routing, request.uri().path()) {
+            Ok(place) => place,
+            Err(NoPlace) => return crate::server::overloaded(&self.metrics),
         };
         // Kept for a 401's `resource_metadata`; the URL is built only then.
         let host = request_host(&request);
@@ -123,6 +119,7 @@ impl Gateway {
             },
             ..AuditRecord::begin(&request)
         };
+        crate::federation::line_is_certain(&request);
         let mut pending = Unfinished::new(&self, record, slot);
         let record = &mut pending.record;
         let mut upstream = None;
@@ -164,6 +161,22 @@ impl Gateway {
         peer: SocketAddr,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
         Box::pin(self.handle(request, peer))
+    }
+
+    /// An upstream's own in-flight limit, like the global one, before any work: a place, or
+    /// `NoPlace`.
+    fn admit(
+        &self,
+        routing: &Routing,
+        path: &str,
+    ) -> Result<Option<crate::upstream::Place>, NoPlace> {
+        match routing.routes.upstream(path) {
+            Some((index, _)) => match routing.upstreams[index].admit() {
+                Some(place) => Ok(Some(place)),
+                None => Err(NoPlace),
+            },
+            None => Ok(None),
+        }
     }
 
     /// The documents served to anyone: the credential keys (JWKS) and the RFC 9728 metadata.
@@ -1020,6 +1033,9 @@ where
     body.map_err(|e| Box::new(e) as crate::answer::BoxError)
         .boxed()
 }
+
+/// An upstream has no place left for one more call.
+pub(crate) struct NoPlace;
 
 /// How much of a request body is read, and for how long.
 #[derive(Debug, Clone, Copy)]

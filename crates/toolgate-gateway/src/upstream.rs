@@ -500,9 +500,9 @@ impl Upstream {
         let order = self.endpoints.order(dispatch.endpoint.as_deref());
         let (parts, body) = request.into_parts();
         let timeout = Duration::from_secs(self.config.timeout_seconds);
-        let mut body = Replay::new(body, order.len() > 1, timeout).await?;
         // `timeout_seconds` bounds the call, not each attempt: tries cannot add up.
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut body = Replay::new(body, order.len() > 1, timeout).await?;
         for (n, &index) in order.iter().enumerate() {
             if n > 0 {
                 if let Some(metrics) = &self.metrics {
@@ -522,13 +522,19 @@ impl Upstream {
             let attempt = attempt_at(endpoint, &parts, sent);
             let in_flight = self.endpoints.enter(index);
             let result = tokio::time::timeout_at(deadline, client.request(attempt)).await;
-            let outcome = match &result {
-                Ok(Ok(response)) if !matches!(response.status().as_u16(), 502..=504) => {
-                    Outcome::Answered
+            // Only what says the endpoint itself is failing: a slow tool or a broken upload
+            // is the agent's to cause, not the endpoint's health.
+            match &result {
+                Ok(Ok(response)) if matches!(response.status().as_u16(), 502..=504) => {
+                    self.record(index, Outcome::Failed)
                 }
-                _ => Outcome::Failed,
-            };
-            self.record(index, outcome);
+                Ok(Ok(_)) => self.record(index, Outcome::Answered),
+                Ok(Err(e)) if e.is_connect() => self.record(index, Outcome::Failed),
+                _ => {}
+            }
+            // A second try needs time to be worth it: else the first answer stands.
+            let time_left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let again = again && time_left >= timeout / 4;
             match result {
                 Err(_) => return Err(Refusal::UpstreamTimeout),
                 Ok(Err(e)) if e.is_connect() && again => continue,
