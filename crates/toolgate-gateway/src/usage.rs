@@ -187,17 +187,22 @@ impl Gateway {
     /// The counter's key: its name and the parts the gateway authenticated or classified.
     fn counter_key(&self, ctx: &CallContext<'_>, counter: &Counter, action: &str) -> String {
         let caller = ctx.caller;
-        let parts = counter.per.iter().map(|part| match part {
-            KeyPart::Agent => caller.agent.as_str(),
-            KeyPart::User => caller.user.as_deref().unwrap_or(""),
-            KeyPart::Tool => action,
-            KeyPart::Upstream => action.split('/').next().unwrap_or(""),
-            KeyPart::Task => ctx.task.as_ref().map_or("", |t| t.id.as_str()),
-            KeyPart::Issuer => caller.issuer.as_str(),
+        let parts = counter.per.iter().map(|part| {
+            let value = match part {
+                KeyPart::Agent => caller.agent.as_str(),
+                KeyPart::User => caller.user.as_deref().unwrap_or(""),
+                KeyPart::Tool => action,
+                KeyPart::Upstream => action.split('/').next().unwrap_or(""),
+                KeyPart::Task => ctx.task.as_ref().map_or("", |t| t.id.as_str()),
+                KeyPart::Issuer => caller.issuer.as_str(),
+            };
+            (*part as u8, value)
         });
-        // Each part length-prefixed: no two different keys hash the same text.
+        // Each part tagged with its kind and length-prefixed: no two different keys (nor a
+        // counter whose `per:` changed) hash the same text.
         let mut hasher = sha2::Sha256::new();
-        for part in std::iter::once(counter.name.as_str()).chain(parts) {
+        for (kind, part) in std::iter::once((u8::MAX, counter.name.as_str())).chain(parts) {
+            hasher.update([kind]);
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part.as_bytes());
         }
