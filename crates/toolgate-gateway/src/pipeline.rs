@@ -560,8 +560,10 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
         let mut response = result?;
         record.upstream_status = Some(response.status().as_u16());
-        // Where an MCP session was made: its calls go back there.
-        response.extensions_mut().insert(served);
+        if upstream.endpoints.len() > 1 {
+            // Where an MCP session was made: its calls go back there.
+            response.extensions_mut().insert(served);
+        }
         Ok(response)
     }
 

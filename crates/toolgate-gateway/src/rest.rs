@@ -92,10 +92,13 @@ pub(crate) async fn read_call(
     let query = render_query_arguments(parts.uri.query(), route, declared, &mut args)?;
     render_header_arguments(&mut parts.headers, route, declared, &mut args)?;
     parts.uri = upstream.uri(&path, query.as_deref())?;
-    parts.extensions.insert(crate::endpoints::Dispatch {
-        endpoint: None,
-        retry_unavailable: route.retry && parts.method.is_idempotent(),
-    });
+    if route.retry && parts.method.is_idempotent() {
+        // Only then: a request's extensions cost an allocation on every call.
+        parts.extensions.insert(crate::endpoints::Dispatch {
+            endpoint: None,
+            retry_unavailable: true,
+        });
+    }
 
     let media = media_type(&parts.headers)?;
     let json = media.as_deref().is_some_and(is_json);
