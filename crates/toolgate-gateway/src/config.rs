@@ -449,7 +449,7 @@ pub enum Balance {
     LeastRequests,
 }
 
-/// An endpoint that fails `failures` times in a row (no connection, a 502/503/504) is
+/// An endpoint that fails `failures` times in a row (no connection, a 502/503) is
 /// ejected: no call goes to it for `eject_seconds`, unless no endpoint is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

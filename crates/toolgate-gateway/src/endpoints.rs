@@ -62,8 +62,9 @@ impl Drop for InFlight {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Answered,
-    /// No connection, or a 502/503/504: the endpoint's own failure. A 500, a timeout or a
-    /// broken upload is not counted: an agent can provoke those.
+    /// No connection, or a 502/503: the endpoint's own failure. A 500, a timeout (a 504 from
+    /// a proxy in front of it too) or a broken upload is not counted: an agent can provoke
+    /// those with a slow or bad call.
     Failed,
 }
 

@@ -525,7 +525,7 @@ impl Upstream {
             // Only what says the endpoint itself is failing: a slow tool or a broken upload
             // is the agent's to cause, not the endpoint's health.
             match &result {
-                Ok(Ok(response)) if matches!(response.status().as_u16(), 502..=504) => {
+                Ok(Ok(response)) if matches!(response.status().as_u16(), 502 | 503) => {
                     self.record(index, Outcome::Failed)
                 }
                 Ok(Ok(_)) => self.record(index, Outcome::Answered),
