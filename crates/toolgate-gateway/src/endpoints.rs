@@ -203,12 +203,6 @@ impl Endpoints {
         was <= now
     }
 
-    /// Whether endpoint `index` may take a call tried again after a 502/503: not an ejected
-    /// one, which would only multiply the load on what is failing.
-    pub fn takes_retries(&self, index: usize) -> bool {
-        !self.ejected(index)
-    }
-
     /// Whether endpoint `index` is ejected now.
     pub fn ejected(&self, index: usize) -> bool {
         self.list[index].is_ejected(self.now_ms())

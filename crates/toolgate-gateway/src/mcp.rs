@@ -413,10 +413,12 @@ impl Gateway {
                 return Err(Refusal::NotFound("session_not_found"));
             };
             parts.headers.insert(SESSION_HEADER, session);
-            parts.extensions.insert(Dispatch {
-                endpoint,
-                retry_unavailable: false,
-            });
+            if endpoint.is_some() {
+                parts.extensions.insert(Dispatch {
+                    endpoint,
+                    retry_unavailable: false,
+                });
+            }
         }
         if parts.method != Method::POST {
             return self
@@ -457,7 +459,7 @@ impl Gateway {
         let opens_stream = parts.method == Method::GET;
         let request = Request::from_parts(parts, full(Bytes::new()));
         let mut response = self.forward(ctx, upstream, request, scope, record).await?;
-        Self::bind_session(binder, upstream, &mut response);
+        Self::bind_session(binder, &mut response);
         if !(opens_stream && is_event_stream(response.headers())) {
             return Ok(response);
         }
@@ -577,7 +579,7 @@ impl Gateway {
             .await;
         finish_lines(lines, &forwarded, record, errors_before);
         let mut response = forwarded?;
-        Self::bind_session(&binder, upstream, &mut response);
+        Self::bind_session(&binder, &mut response);
         let answer = Answer {
             response,
             plan,
@@ -642,14 +644,13 @@ impl Gateway {
 
     /// The server's `Mcp-Session-Id` as the caller gets it: `<id>.<tag>`, so that only this
     /// caller can use it (checked by `session_of`, with no state to share between replicas).
-    /// With several endpoints the id bound is `<id>.<endpoint key>`: the session's calls go
-    /// back to the endpoint that holds it.
-    fn bind_session(binder: &Binder, upstream: &Upstream, response: &mut Response<Body>) {
+    /// With several endpoints (an answer then says which one served it) the id bound is
+    /// `<id>.<endpoint key>`: the session's calls go back to the endpoint that holds it.
+    fn bind_session(binder: &Binder, response: &mut Response<Body>) {
         let endpoint = response
             .extensions()
             .get::<Served>()
-            .and_then(|served| served.endpoint.clone())
-            .filter(|_| upstream.endpoints.len() > 1);
+            .and_then(|served| served.endpoint.clone());
         let headers = response.headers_mut();
         let Some(session) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
             headers.remove(SESSION_HEADER);

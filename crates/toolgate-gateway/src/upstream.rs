@@ -543,7 +543,8 @@ impl Upstream {
                     if again
                         && dispatch.retry_unavailable
                         && matches!(response.status().as_u16(), 502 | 503)
-                        && self.endpoints.takes_retries(order[n + 1]) =>
+                        // Never onto an ejected one: that only adds load to what is failing.
+                        && !self.endpoints.ejected(order[n + 1]) =>
                 {
                     continue
                 }
